@@ -1,0 +1,184 @@
+"""`prefopt`: one subcommand per stage, plus run / check / sweep / report.
+
+    prefopt sft experiments/quickstart.yaml --sft.learning_rate=1e-3
+    accelerate launch -m prefopt dpo experiments/quickstart.yaml
+    prefopt run experiments/quickstart.yaml [--from STAGE | --only STAGE]
+    prefopt check experiments/simpo/gemma2_9b_it.yaml
+
+`prefopt STAGE --help` lists every key of that stage's section with its type, default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import typing
+from functools import lru_cache
+
+from prefopt.config import ConfigError
+from prefopt.data.errors import DataError
+
+STAGE_HELP = {
+    "task": "write the task's data files (gold-reward task: SFT demos, prompts, annotated preferences)",
+    "base": "train a byte-level BPE tokenizer and build (optionally pretrain) a tiny Llama, or name a real model",
+    "sft": "supervised fine-tuning with TRL's SFTTrainer (loss on completion tokens only; optional LoRA)",
+    "generate": "sample candidates per prompt (vLLM on GPUs, transformers here), in resumable shards",
+    "reward": "train a Bradley-Terry reward model with TRL's RewardTrainer",
+    "score": "score every candidate with a reward model (batched, cached, resumable)",
+    "pairs": "turn scored candidates into chosen/rejected pairs with provenance",
+    "dpo": "align with DPO / IPO / cDPO (TRL's DPOTrainer)",
+    "simpo": "align with SimPO (reference-free, length-normalised margin)",
+    "ppo": "align with PPO against the reward model (written here)",
+    "evaluate": "gold score, reward-model score, win rate and KL vs SFT, length; order-swapped judge",
+}
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal under a dataclass field), from the class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe_section(cls, prefix: str) -> list[str]:
+    """Lines of `--prefix.key  TYPE  (default: X)  meaning` for every key, nested sections included."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name == "trainer_args":
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(tp):
+            lines += describe_section(tp, key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        tname = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        lines.append(f"  --{key}={default!r}  [{tname}]")
+        if f.name in docs:
+            lines += ["      " + ln for ln in textwrap.wrap(docs[f.name], 100)]
+    trl = getattr(cls, "TRL_CONFIG", None)
+    if trl:
+        lines.append(f"  --{prefix}.<any {trl} field>  passed through to TRL, type-checked against it")
+    return lines
+
+
+def _section_class(stage: str):
+    from prefopt.experiment import ExperimentConfig
+
+    return typing.get_type_hints(ExperimentConfig)[stage]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prefopt.experiment import ORDER, ExperimentConfig
+
+    p = argparse.ArgumentParser(
+        prog="prefopt",
+        description="Preference optimisation, one stage at a time or as a whole experiment. "
+        "Every subcommand takes an experiment YAML followed by --section.key=value overrides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Top-level keys:\n" + "\n".join(describe_section(ExperimentConfig, "")[:40]),
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in ORDER:
+        sp = sub.add_parser(
+            stage,
+            help=STAGE_HELP[stage],
+            description=f"Run the `{stage}` stage: {STAGE_HELP[stage]}. Training stages also run under "
+            f"`accelerate launch -m prefopt {stage} CONFIG`.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"Options of the `{stage}` section (override with --{stage}.KEY=VALUE):\n"
+            + "\n".join(describe_section(_section_class(stage), stage)),
+        )
+        _common(sp)
+        sp.add_argument("--round", type=int, default=1, help="round of an iterative experiment (default 1)")
+    sp = sub.add_parser("run", help="run an experiment's stages in order, skipping finished ones",
+                        description="Run every stage of the experiment in order. A finished stage whose "
+                        "fingerprint (config section + inputs) is unchanged is skipped; a killed run resumes.")
+    _common(sp)
+    sp.add_argument("--from", dest="from_stage", choices=ORDER, help="rerun this stage and everything after it")
+    sp.add_argument("--only", choices=ORDER, help="run only this stage (its inputs must exist)")
+    sp.add_argument("--launcher", choices=["accelerate", "inline"], help="override launch.launcher")
+    sp = sub.add_parser("check", help="resolve and validate a config, print the plan, run nothing",
+                        description="Validate keys, types, paths and the global batch against the recipe's; "
+                        "print each stage with its fingerprint and whether it would run or be skipped.")
+    _common(sp)
+    sp = sub.add_parser("sweep", help="run a W&B sweep file locally (grid / random), no W&B server needed")
+    sp.add_argument("sweep_file", help="experiments/sweeps/*.yaml")
+    sp.add_argument("--max-trials", type=int, default=0, help="stop after this many trials (0: all / sweep's count)")
+    sp.add_argument("--dry-run", action="store_true", help="print the trials' commands, run nothing")
+    sp = sub.add_parser("report", help="write figures (PNG) and a markdown summary for a finished run directory")
+    sp.add_argument("run_dir", help="runs/<experiment>")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "sweep":
+            from prefopt.sweep import run_sweep
+
+            run_sweep(args.sweep_file, max_trials=args.max_trials, dry_run=args.dry_run, extra=rest)
+            return 0
+        if args.command == "report":
+            from prefopt.report import write_report
+
+            print(write_report(args.run_dir))
+            return 0
+        from prefopt.config import load_config
+
+        cfg = load_config(args.config, rest)
+        if args.command == "check":
+            from prefopt.pipeline import check
+
+            return check(cfg)
+        if args.command == "run":
+            from prefopt.pipeline import run_experiment
+
+            if args.launcher:
+                cfg.launch.launcher = args.launcher
+            run_experiment(cfg, from_stage=args.from_stage, only=args.only, overrides=rest)
+            return 0
+        from prefopt.stage import run_stage
+
+        summary = run_stage(cfg, args.command, args.round)
+        print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> {summary.get('dir', '')}")
+        return 0
+    except ConfigError as e:
+        print(f"prefopt: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"prefopt: data error: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""How a stage names a dataset in its config section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Format = Literal[
+    "auto",  # decided from the first row's keys
+    "alpaca",  # instruction / input / output (SFT) or instruction / input / chosen / rejected (preferences)
+    "prompt_completion",  # prompt / completion
+    "messages",  # chat messages [{role, content}]
+    "sharegpt",  # conversations [{from, value}] (+ chosen/rejected for LLaMA-Factory's preference form)
+    "preference",  # prompt / chosen / rejected as strings or message lists
+    "hh",  # Anthropic HH transcripts: chosen / rejected full "\n\nHuman: ... \n\nAssistant: ..." strings
+    "prompt",  # prompt alone (generation)
+]
+
+
+@dataclass
+class DatasetSpec:
+    path: str = ""
+    """A .json / .jsonl / .json.gz / .jsonl.gz file, or `stage:NAME/FILE` for a file an earlier stage wrote."""
+    format: Format = "auto"
+    """Row format; `auto` decides from the first row's keys."""
+    limit: int = 0
+    """Use only the first N rows (0: all)."""
+    skip_bad_rows: bool = False
+    """Skip rows that fail validation (their count is logged and written to the summary) instead of stopping."""

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from prefopt.models_config import LoraSpec
+from prefopt.train_args import TrainFields
+
+
+@dataclass
+class DPOStageConfig(TrainFields):
+    """The `dpo` stage (TRL's DPOTrainer). Any trl.DPOConfig field passes through."""
+
+    TRL_CONFIG = "trl.DPOConfig"
+
+    model: str = "stage:sft"
+    """The policy to align (also the reference unless `ref_model` is set)."""
+    pairs: str = "stage:pairs"
+    """Preference pairs: `stage:pairs` or a preference file."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    beta: float = 0.1
+    """KL strength: 0.1 (DPO paper); 0.01 for the SimPO paper's instruct-model baselines."""
+    loss_type: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"
+    """sigmoid: DPO. ipo: IPO (Azar et al. 2023). cdpo: conservative DPO with `label_smoothing`."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a label is flipped (0.1 is a common choice)."""
+    reference: Literal["loaded", "precomputed", "lora_base"] = "precomputed"
+    """loaded: keep a frozen reference model in memory. precomputed: one pass of reference log-probs before
+    training, then drop the model. lora_base: the LoRA base with the adapter disabled (needs lora.enabled)."""
+    ref_model: str = ""
+    """Reference checkpoint when it is not `model` (empty: same as `model`)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 16
+    trainer_args: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,173 @@
+"""The experiment: its config (one section per stage), the stage order, and where each stage's outputs live.
+
+A config value ``stage:NAME`` or ``stage:NAME/FILE`` refers to an earlier stage's output folder (or a file in it);
+the reference both locates the input and makes NAME an input of the stage for fingerprints and ordering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from prefopt.base.config import BaseConfig
+from prefopt.dpo.config import DPOStageConfig
+from prefopt.evaluate.config import EvaluateConfig
+from prefopt.generation.config import GenerateConfig
+from prefopt.pairs.config import PairsConfig
+from prefopt.ppo.config import PPOConfig
+from prefopt.reward.config import RewardStageConfig, ScoreConfig
+from prefopt.sft.config import SFTStageConfig
+from prefopt.simpo.config import SimPOConfig
+from prefopt.tasks.config import TaskConfig
+
+# Stage name -> (module with `run(ctx)`, launched through `accelerate launch` when the launcher says so)
+STAGES: dict[str, tuple[str, bool]] = {
+    "task": ("prefopt.tasks.recipe", False),
+    "base": ("prefopt.base.recipe", False),
+    "sft": ("prefopt.sft.recipe", True),
+    "generate": ("prefopt.generation.recipe", False),
+    "reward": ("prefopt.reward.recipe", True),
+    "score": ("prefopt.reward.score", False),
+    "pairs": ("prefopt.pairs.recipe", False),
+    "dpo": ("prefopt.dpo.recipe", True),
+    "simpo": ("prefopt.simpo.recipe", True),
+    "ppo": ("prefopt.ppo.recipe", True),
+    "evaluate": ("prefopt.evaluate.recipe", False),
+}
+ORDER = list(STAGES)
+# Stages that run again in every round of an iterative experiment (round i+1 samples from round i's policy).
+ROUND_STAGES = ["generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
+# Where a stage's model lands inside its folder.
+MODEL_SUBDIR = {"base": "model", "sft": "model", "reward": "model", "dpo": "model", "simpo": "model", "ppo": "model"}
+
+
+@dataclass
+class WandbConfig:
+    project: str = "prefopt"
+    entity: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when WANDB_API_KEY is set (or `wandb login` was run), offline otherwise."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LaunchConfig:
+    launcher: Literal["accelerate", "inline"] = "accelerate"
+    """How `prefopt run` starts training stages: `accelerate launch` subprocesses, or in this process."""
+    accelerate_config: str = ""
+    """An accelerate config file (experiments/accelerate/*.yaml); empty: accelerate's defaults."""
+    num_processes: int = 1
+    """Processes per training stage (GPUs; on CPU, processes)."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    """The experiment's name: its run directory (`<output_dir>/<name>`) and W&B group."""
+    seed: int = 42
+    """Seeds model construction and every stage."""
+    output_dir: str = "runs"
+    stages: list[str] = field(default_factory=lambda: list(ORDER))
+    """Stages to run, in pipeline order."""
+    iterations: int = 1
+    """Rounds of generate -> score -> pairs -> align; round i+1 samples from round i's policy."""
+    iterate_policy: str = "dpo"
+    """Which aligned policy feeds the next round's generation."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    simpo: SimPOConfig = field(default_factory=SimPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    config_path: str = field(default="", init=False)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown} in 'stages'; valid stages: {', '.join(ORDER)}")
+        self.stages = [s for s in ORDER if s in self.stages]
+        if self.iterations < 1:
+            raise ValueError("'iterations' must be >= 1")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def section(cfg: ExperimentConfig, stage: str):
+    return getattr(cfg, stage)
+
+
+def stage_dir(cfg: ExperimentConfig, stage: str, round_: int = 1) -> Path:
+    """`runs/<name>/<stage>`; in rounds after the first, `runs/<name>/round<k>/<stage>` for per-round stages."""
+    if round_ > 1 and stage in ROUND_STAGES:
+        return cfg.root / f"round{round_}" / stage
+    return cfg.root / stage
+
+
+def references(obj: Any) -> list[str]:
+    """Every `stage:NAME[/FILE]` string in a config section (recursively)."""
+    out: list[str] = []
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            out += references(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            out += references(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out += references(v)
+    elif isinstance(obj, str) and obj.startswith("stage:"):
+        out.append(obj)
+    return out
+
+
+def ref_stage(ref: str) -> str:
+    return ref[len("stage:"):].split("/", 1)[0]
+
+
+def stage_inputs(cfg: ExperimentConfig, stage: str) -> list[str]:
+    """The stages this stage reads, from the `stage:` references in its section (only those that will exist)."""
+    names = []
+    for ref in references(section(cfg, stage)):
+        name = ref_stage(ref)
+        if name not in STAGES:
+            raise ValueError(f"{stage}: '{ref}' names no stage; stages are {', '.join(ORDER)}")
+        if name not in names:
+            names.append(name)
+    if stage == "evaluate":  # policies whose stage is not run are dropped by the evaluate stage itself
+        names = [n for n in names if n in cfg.stages or n in ("task", "base")]
+    return names
+
+
+def resolve(cfg: ExperimentConfig, value: str, round_: int = 1, *, model: bool = True) -> str:
+    """Turn `stage:NAME[/FILE]` into a path; anything else (a folder, a hub id) is returned as it is.
+
+    `stage:sft` names the stage's model folder when the stage saves one (``model=True``), else its folder.
+    In round k > 1 a reference to a per-round stage resolves inside that round; a reference to the policy that
+    started the loop (`stage:sft` from `generate`) is redirected by the pipeline, not here."""
+    if not isinstance(value, str) or not value.startswith("stage:"):
+        return value
+    name, _, rest = value[len("stage:"):].partition("/")
+    folder = stage_dir(cfg, name, round_)
+    if rest:
+        return str(folder / rest)
+    if model and name == "base" and cfg.base.model:
+        return cfg.base.model  # a real checkpoint named in the config; nothing was built
+    if model and name in MODEL_SUBDIR:
+        return str(folder / MODEL_SUBDIR[name])
+    return str(folder)
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))

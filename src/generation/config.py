@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prefopt.data.spec import DatasetSpec
+
+
+@dataclass
+class GenerateConfig:
+    """The `generate` stage: sample candidates per prompt from a policy."""
+
+    model: str = "stage:sft"
+    """The policy that samples: a stage (`stage:sft`), a local folder or a hub id."""
+    prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/prompts.jsonl"))
+    """Prompts (any format the loaders read; only the prompt is used)."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """How a prompt is rendered for the model."""
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """`auto` picks vLLM when it can run (CUDA and vllm installed), else transformers."""
+    n: int = 4
+    """Candidates per prompt (ignored when `seeds` is set: one candidate per seed)."""
+    seeds: list[int] = field(default_factory=list)
+    """One sample per seed, as in the SimPO on-policy recipe (13, 21, 42, 79, 100)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    seed: int = 0
+    """Sampling seed when `seeds` is empty."""
+    batch_size: int = 64
+    """Prompts per generate call (transformers backend)."""
+    shard_size: int = 256
+    """Prompts per output shard; a killed run redoes at most the unfinished shard."""
+    drop_identical: bool = False
+    """Drop prompts whose candidates are all identical (no preference signal)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per model replica."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: fraction of GPU memory for weights and KV cache."""
+    dtype: str = "auto"
+    """vLLM / transformers dtype (auto, bfloat16, float16, float32)."""

@@ -1,0 +1,123 @@
+"""Load models and tokenizers by folder or hub id, and build a tiny base model here when none can be downloaded.
+
+Everywhere a model is named, a local folder (a stage's output) or a hub id of a real model works the same way:
+both go through `from_pretrained`. Stages pass models to each other only as saved checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+# A small chat template (ChatML-style) so chat-format data works with the tokenizer built here.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def load_tokenizer(path: str, padding_side: str = "right", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Llama-style tokenizers ship no pad token; EOS is the usual stand-in (masked out by attention).
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: int = 1):
+    """A sequence classifier with one output: the scalar reward. A causal LM folder gets a new score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer (digits split one per token, as Llama does) with pad/bos/eos and a chat
+    template, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    # The BOS token starts every sequence, as in Llama; EOS is appended by the stages that need it.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     intermediate_size=256, max_position_embeddings=256):
+    """A small Llama from a config (random init: seed first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed."""
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class PairsConfig:
+    """The `pairs` stage: turn scored candidates into chosen/rejected pairs."""
+
+    generate: str = "stage:generate"
+    score: str = "stage:score"
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
+    """best_vs_worst: the SimPO recipe. best_vs_random: best against a random other. all_pairs: every pair above
+    `margin`."""
+    margin: float = 0.0
+    """Drop pairs whose score difference is at most this (ties and near-ties)."""
+    max_pairs_per_prompt: int = 1
+    """At most k pairs per prompt."""
+    seed: int = 0

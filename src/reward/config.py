@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from prefopt.data.spec import DatasetSpec
+from prefopt.models_config import LoraSpec
+from prefopt.train_args import TrainFields
+
+
+@dataclass
+class RewardStageConfig(TrainFields):
+    """The `reward` stage: a Bradley-Terry reward model trained with TRL's RewardTrainer.
+
+    Any trl.RewardConfig field passes through."""
+
+    TRL_CONFIG = "trl.RewardConfig"
+
+    model: str = "stage:base"
+    """The model the reward model starts from (a sequence-classification head is added)."""
+    dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/preferences.jsonl"))
+    """Preference data (any preference format the loaders read)."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    eval_fraction: float = 0.1
+    """Held-out fraction for pairwise accuracy and margin."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    learning_rate: float = 5e-4
+    num_train_epochs: float = 2.0
+    per_device_train_batch_size: int = 32
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreConfig:
+    """The `score` stage: score every candidate with a reward model, cached by (prompt, response, RM hash)."""
+
+    reward_model: str = "stage:reward"
+    """`stage:reward`, or any AutoModelForSequenceClassification folder / hub id (ArmoRM, Skywork-Reward, ...)."""
+    candidates: str = "stage:generate"
+    """The generate stage whose shards are scored."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    batch_size: int = 64
+    trust_remote_code: bool = False
+    """Allow a hub reward model's own code (ArmoRM needs it); off unless the config says so."""
+    max_length: int = 512
