@@ -129,6 +129,10 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState()  # starts the process group now, so the barriers below hold across ranks
     main = is_main_process()
     d = prepare_dir(cfg, stage, round_, main)
     dist_barrier()
@@ -139,6 +143,10 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
     tracker = Tracker.start(cfg, stage, d, round_, extra) if main else NullTracker()
     ctx = StageContext(cfg=cfg, stage=stage, round=round_, dir=d, tracker=tracker, is_main=main)
     module = importlib.import_module(STAGES[stage][0])
+    # every process leaves a note, so a multi-process run shows that each rank took part
+    rank = int(os.environ.get("RANK", "0"))
+    (d / "_ranks").mkdir(exist_ok=True)
+    write_json(d / "_ranks" / f"rank-{rank}.json", {"rank": rank, "pid": os.getpid(), "world_size": extra["world_size"]})
     t0 = time.time()
     summary = module.run(ctx) or {}
     summary = {"stage": stage, "round": round_, **summary, "wall_seconds": round(time.time() - t0, 2), **extra}

@@ -4,23 +4,51 @@
     load_preferences(spec, template)  -> rows {"prompt", "chosen", "rejected", "meta"}
     load_prompts(spec, template)      -> rows {"prompt_id", "prompt", "meta"}
 
-`prompt` is canonical (see templates.py): an Alpaca-rendered string or a list of chat messages. `meta` keeps the
-original instruction/input where the format has them (AlpacaEval output rows need them).
-A bad row raises DataError naming the file, the row and the field, unless `spec.skip_bad_rows` is set; then it
-is counted in `LoadResult.skipped`. A dataset that ends up empty is always an error.
+Formats (DatasetSpec.format; `auto` decides from the first row's keys):
+
+    alpaca             instruction / input / output, or chosen / rejected instead of output; `en_*` fields (or
+                       `spec.field_prefix`) for bilingual files; Stanford's seed_tasks `instances[0]`
+    prompt_completion  prompt / completion
+    messages           [{role, content}]; the last (assistant) turn is the completion, earlier turns the prompt
+    sharegpt           conversations [{from, value}] (human / gpt / system), with LLaMA-Factory's preference form
+                       `chosen` / `rejected` {from: gpt, value}
+    preference         prompt / chosen / rejected, each a string or a message list
+    hh                 chosen / rejected full transcripts with a shared prompt: Anthropic HH strings
+                       ("\n\nHuman: ... \n\nAssistant: ...") or message lists (TRL's implicit-prompt form)
+    prompt             prompt alone
+
+`prompt` is canonical (see templates.py): with template `alpaca` a rendered string, with `chat` a list of chat
+messages. A `prompt` that is already a string in the file is used verbatim: it is the text the model sees (files
+written by earlier stages hold such rendered prompts). SFT from preference data trains on the chosen answer.
+`meta` keeps the original instruction/input where the format has them (AlpacaEval output rows need them).
+
+A bad row (invalid JSON or UTF-8, a missing, empty or wrongly typed field) raises DataError naming the file, the
+row (1-based line, or array index) and the field, unless `spec.skip_bad_rows` is set; then it is counted in
+`LoadResult.skipped`. `spec.dedup` drops exact duplicates (counted in `LoadResult.deduplicated`). A dataset that ends
+up empty is always an error.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from prefopt.data.clean import dedup_key
 from prefopt.data.errors import DataError
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
-from prefopt.utils import content_hash, open_text
+from prefopt.utils import content_hash
+
+TEMPLATES = ("alpaca", "chat")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclass
@@ -29,66 +57,293 @@ class LoadResult:
     rows: list[dict]
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    deduplicated: int = 0
 
     def __len__(self):
         return len(self.rows)
+
+    def stats(self) -> dict[str, int]:
+        """What a stage writes to its summary and logs."""
+        return {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class _BadRecord:
+    """A JSONL line that could not be read; it becomes a DataError (or a skip) when the loader reaches it."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(path, None, None, f"not a readable gzip file ({e})") from None
 
 
 def read_records(path: str | Path) -> list[tuple[int, Any]]:
     """(row number, parsed object) for a JSON array file or a JSONL file (optionally gzipped).
 
-    Row numbers are 1-based JSONL line numbers, or 1-based array indices for a JSON array."""
+    Row numbers are 1-based JSONL line numbers, or 1-based array indices for a JSON array. A JSONL line that is not
+    valid UTF-8 or JSON comes back as a bad record, so that `skip_bad_rows` can skip just that line."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(path, None, None, "file not found")
-    try:
-        with open_text(path) as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        line = None
+    raw = _read_bytes(path)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if raw.lstrip().startswith(b"["):
         try:
-            raw = path.read_bytes()
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
-        except Exception:  # noqa: BLE001
-            pass
-        raise DataError(path, line, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+            raise DataError(path, None, None, f"not valid UTF-8 at line {line} ({e.reason})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(path, None, None, f"invalid JSON array at line {e.lineno}: {e.msg}") from None
         return [(i + 1, row) for i, row in enumerate(data)]
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    out: list[tuple[int, Any]] = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line)))
+            out.append((n, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            out.append((n, _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)")))
         except json.JSONDecodeError as e:
-            out.append((n, _BadJSON(e.msg)))
+            out.append((n, _BadRecord(f"invalid JSON: {e.msg}")))
     return out
 
 
-class _BadJSON:
-    def __init__(self, msg: str):
-        self.msg = msg
+# ------------------------------------------------------------------------------------------------ fields
 
 
-def _text(row: dict, key: str, path, n, required: bool = True, allow_empty: bool = False) -> str:
-    if key not in row or row[key] is None:
+class _Row:
+    """One record being parsed; its errors name the file, the row and the field."""
+
+    def __init__(self, data: dict, path, n: int, prefix: str = ""):
+        self.data, self.path, self.n, self.prefix = data, path, n, prefix
+
+    def error(self, field: str | None, problem: str) -> DataError:
+        return DataError(self.path, self.n, field, problem)
+
+    def text(self, key: str, required: bool = True) -> str:
+        return _string(self.data.get(key), key, self, required)
+
+    def alpaca_prefix(self) -> str:
+        # Bilingual Alpaca files (alpaca-chinese-dataset) carry en_* and zh_* fields and no plain ones.
+        if self.prefix or "instruction" in self.data or "en_instruction" not in self.data:
+            return self.prefix
+        return "en_"
+
+
+def _string(value: Any, name: str, r: _Row, required: bool = True) -> str:
+    if value is None:
         if required:
-            raise DataError(path, n, key, "missing")
+            raise r.error(name, "missing")
         return ""
-    v = row[key]
-    if not isinstance(v, str):
-        raise DataError(path, n, key, f"expected a string, got {type(v).__name__}")
-    if required and not allow_empty and not v.strip():
-        raise DataError(path, n, key, "empty")
-    return v
+    if not isinstance(value, str):
+        raise r.error(name, f"expected a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise r.error(name, "empty")
+    return value
 
 
-def detect_format(row: Any, kind: str) -> str:
+def _messages(value: Any, name: str, r: _Row) -> list[dict]:
+    """A validated list of {role, content} messages (extra keys dropped)."""
+    if value is None:
+        raise r.error(name, "missing")
+    if not isinstance(value, list):
+        raise r.error(name, f"expected a list of messages, got {type(value).__name__}")
+    if not value:
+        raise r.error(name, "empty")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise r.error(f"{name}[{i}]", f"expected a message object, got {type(m).__name__}")
+        role = _string(m.get("role"), f"{name}[{i}].role", r)
+        if role not in ROLES:
+            raise r.error(f"{name}[{i}].role", f"unknown role '{role}' (expected one of {', '.join(ROLES)})")
+        out.append({"role": role, "content": _string(m.get("content"), f"{name}[{i}].content", r)})
+    return out
+
+
+def _sharegpt_turn(t: Any, name: str, r: _Row) -> dict:
+    if not isinstance(t, dict):
+        raise r.error(name, f"expected a {{from, value}} object, got {type(t).__name__}")
+    who = _string(t.get("from"), f"{name}.from", r)
+    if who not in SHAREGPT_ROLES:
+        raise r.error(f"{name}.from", f"unsupported speaker '{who}' (expected human, gpt or system)")
+    return {"role": SHAREGPT_ROLES[who], "content": _string(t.get("value"), f"{name}.value", r)}
+
+
+def _answer(value: Any, name: str, r: _Row) -> str:
+    """An answer given as a string, a message list ending with the assistant's turn, or one {from|role, ...} object."""
+    if isinstance(value, dict):
+        m = _sharegpt_turn(value, name, r) if "from" in value else _messages([value], name, r)[0]
+        value = [m]
+    if isinstance(value, list):
+        msgs = _messages(value, name, r)
+        if msgs[-1]["role"] != "assistant":
+            raise r.error(name, f"the last message must be the assistant's answer, not '{msgs[-1]['role']}'")
+        return msgs[-1]["content"]
+    return _string(value, name, r)
+
+
+def _chat_prompt(msgs: list[dict], name: str, r: _Row, template: str) -> str | list[dict]:
+    if not any(m["role"] == "user" for m in msgs) or msgs[-1]["role"] != "user":
+        raise r.error(name, "the prompt turns must end with a user turn")
+    return messages_to_prompt(msgs, template)
+
+
+def _prompt_value(value: Any, name: str, r: _Row, template: str) -> str | list[dict]:
+    """A `prompt` field: a string is used verbatim (already the model's input), a message list is rendered."""
+    if isinstance(value, list):
+        return _chat_prompt(_messages(value, name, r), name, r, template)
+    return _string(value, name, r)
+
+
+def _flat_answers(r: _Row, need: str, completion_key: str) -> dict:
+    """completion (falling back to `chosen`) or chosen/rejected, read from top-level fields."""
+    if need == "completion":
+        for key in (completion_key, "chosen"):
+            if r.data.get(key) is not None:
+                return {"completion": _answer(r.data[key], key, r)}
+        raise r.error(completion_key, "missing")
+    if need == "pair":
+        return {k: _answer(r.data.get(k), k, r) for k in ("chosen", "rejected")}
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------ formats
+# Each parser: (row, need, template) -> {"prompt", "meta", + "completion" | "chosen"/"rejected"}, where need is
+# "completion" (SFT), "pair" (preferences) or "prompt" (generation).
+
+
+def _parse_alpaca(r: _Row, need: str, template: str) -> dict:
+    p = r.alpaca_prefix()
+    instruction = r.text(p + "instruction")
+    src, where = r.data, ""
+    if p + "input" not in src and p + "output" not in src and isinstance(src.get("instances"), list):
+        # Stanford's seed_tasks.jsonl: input/output pairs under `instances`; the first one is the example.
+        if not src["instances"] or not isinstance(src["instances"][0], dict):
+            raise r.error("instances", "expected a non-empty list of {input, output} objects")
+        src, where = src["instances"][0], "instances[0]."
+    inp = _string(src.get(p + "input"), f"{where}{p}input", r, required=False)
+    out = {"prompt": make_prompt(instruction, inp, template), "meta": {"instruction": instruction, "input": inp}}
+    if where and need == "completion":
+        out["completion"] = _string(src.get("output"), "instances[0].output", r)
+        return out
+    return {**out, **_flat_answers(r, need, p + "output")}
+
+
+def _parse_prompt_field(r: _Row, need: str, template: str) -> dict:
+    out = {"prompt": _prompt_value(r.data.get("prompt"), "prompt", r, template), "meta": {}}
+    return {**out, **_flat_answers(r, need, "completion")}
+
+
+def _conversation(msgs: list[dict], name: str, r: _Row, need: str, template: str) -> dict:
+    """Chat turns -> prompt + answers: a trailing assistant turn is the answer, or `chosen`/`rejected` give it."""
+    ends_with_answer = msgs[-1]["role"] == "assistant"
+    context = msgs[:-1] if ends_with_answer else msgs
+    if not context:
+        raise r.error(name, "no prompt turns before the answer")
+    out = {"prompt": _chat_prompt(context, name, r, template), "meta": {}}
+    if need == "completion":
+        if ends_with_answer:
+            out["completion"] = msgs[-1]["content"]
+        elif r.data.get("chosen") is not None:
+            out["completion"] = _answer(r.data["chosen"], "chosen", r)
+        else:
+            raise r.error(name, "the last turn must be the assistant's answer")
+    elif need == "pair":
+        if ends_with_answer:
+            raise r.error(name, "a preference row's turns must end before the answer (given in chosen/rejected)")
+        out.update(_flat_answers(r, need, "completion"))
+    return out
+
+
+def _parse_messages(r: _Row, need: str, template: str) -> dict:
+    return _conversation(_messages(r.data.get("messages"), "messages", r), "messages", r, need, template)
+
+
+def _parse_sharegpt(r: _Row, need: str, template: str) -> dict:
+    turns = r.data.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise r.error("conversations", "missing" if turns is None else "expected a non-empty list of turns")
+    msgs = [_sharegpt_turn(t, f"conversations[{i}]", r) for i, t in enumerate(turns)]
+    system = r.data.get("system")  # LLaMA-Factory's optional system column
+    if system is not None and _string(system, "system", r, required=False).strip():
+        msgs.insert(0, {"role": "system", "content": system})
+    return _conversation(msgs, "conversations", r, need, template)
+
+
+def _hh_turns(transcript: str, r: _Row) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> user/assistant messages a, b, c."""
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip():
+        raise r.error("chosen", "text before the first '\\n\\nHuman:' turn")
+    msgs = [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2])
+    ]
+    return msgs[:-1]  # the final, empty "Assistant:" turn the answers continue
+
+
+def _parse_hh(r: _Row, need: str, template: str) -> dict:
+    chosen, rejected = r.data.get("chosen"), r.data.get("rejected")
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        c, j = _messages(chosen, "chosen", r), _messages(rejected, "rejected", r)
+        if c[:-1] != j[:-1]:
+            raise r.error("rejected", "does not share the chosen conversation's prompt turns")
+        answers = {"chosen": _answer(c, "chosen", r), "rejected": _answer(j, "rejected", r)}
+        prompt, meta = _chat_prompt(c[:-1], "chosen", r, template) if len(c) > 1 else None, {}
+        if prompt is None:
+            raise r.error("chosen", "no prompt turns before the answer")
+    else:
+        c, j = r.text("chosen"), r.text("rejected")
+        cut = c.rfind(HH_ASSISTANT)
+        if cut < 0:
+            raise r.error("chosen", "no '\\n\\nAssistant:' turn")
+        shared = c[: cut + len(HH_ASSISTANT)]
+        if j[: j.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)] != shared:
+            raise r.error("rejected", "does not share the chosen transcript's prompt (up to the last '\\n\\nAssistant:')")
+        answers = {"chosen": c[len(shared):].strip(), "rejected": j[len(shared):].strip()}
+        for k, v in answers.items():
+            if not v:
+                raise r.error(k, "empty final answer")
+        msgs = _hh_turns(shared, r)
+        if not msgs or msgs[-1]["role"] != "user":
+            raise r.error("chosen", "the prompt turns must end with a Human turn")
+        prompt, meta = messages_to_prompt(msgs, template), {"transcript_prompt": shared}
+    out = {"prompt": prompt, "meta": meta}
+    if need == "completion":
+        out["completion"] = answers["chosen"]
+    elif need == "pair":
+        out.update(answers)
+    return out
+
+
+PARSERS: dict[str, Callable[[_Row, str, str], dict]] = {
+    "alpaca": _parse_alpaca,
+    "prompt_completion": _parse_prompt_field,
+    "preference": _parse_prompt_field,
+    "prompt": _parse_prompt_field,
+    "messages": _parse_messages,
+    "sharegpt": _parse_sharegpt,
+    "hh": _parse_hh,
+}
+
+
+def detect_format(row: Any, prefix: str = "") -> str:
+    """The format a row's keys suggest ("unknown" if none)."""
     if not isinstance(row, dict):
         return "unknown"
     keys = set(row)
@@ -96,40 +351,57 @@ def detect_format(row: Any, kind: str) -> str:
         return "sharegpt"
     if "messages" in keys:
         return "messages"
-    if "instruction" in keys:
+    if {"instruction", "en_instruction", prefix + "instruction"} & keys:
         return "alpaca"
-    if kind == "preference" and {"chosen", "rejected"} <= keys and "prompt" not in keys:
-        return "hh"
-    if kind == "preference" and "prompt" in keys:
-        return "preference"
-    if "completion" in keys:
-        return "prompt_completion"
     if "prompt" in keys:
-        return "prompt"
+        if {"chosen", "rejected"} & keys:
+            return "preference"
+        return "prompt_completion" if "completion" in keys else "prompt"
+    if {"chosen", "rejected"} & keys:
+        return "hh"
     return "unknown"
 
 
-def _load(spec: DatasetSpec, kind: str, parse: Callable[[dict, str, Any, int], dict], resolve=None) -> LoadResult:
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResult:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if spec.format != "auto" and spec.format not in PARSERS:
+        raise DataError("<config>", None, "format", f"unknown format '{spec.format}' (one of auto, {', '.join(PARSERS)})")
     path = resolve(spec.path) if resolve else spec.path
     if not path:
         raise DataError("<config>", None, "path", "no dataset path given")
-    records = read_records(path)
     result = LoadResult(path=str(path), rows=[])
-    fmt = spec.format
-    for n, row in records:
+    fmt = None if spec.format == "auto" else spec.format  # with auto, the first good row fixes it
+    seen: set[str] = set()
+    for n, rec in read_records(path):
         try:
-            if isinstance(row, _BadJSON):
-                raise DataError(path, n, None, f"invalid JSON: {row.msg}")
-            if not isinstance(row, dict):
-                raise DataError(path, n, None, f"expected a JSON object, got {type(row).__name__}")
-            row_fmt = detect_format(row, kind) if fmt == "auto" else fmt
-            result.rows.append(parse(row, row_fmt, path, n))
+            if isinstance(rec, _BadRecord):
+                raise DataError(path, n, None, rec.problem)
+            if not isinstance(rec, dict):
+                raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
+            row_fmt = fmt or detect_format(rec, spec.field_prefix)
+            if row_fmt == "unknown":
+                raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set `format`")
+            r = _Row(rec, path, n, spec.field_prefix)
+            row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
+            fmt = row_fmt
         except DataError as e:
             if not spec.skip_bad_rows:
                 raise
             result.skipped += 1
             if len(result.skipped_reasons) < 20:
                 result.skipped_reasons.append(str(e))
+            continue
+        if spec.dedup:
+            key = dedup_key(row)
+            if key in seen:
+                result.deduplicated += 1
+                continue
+            seen.add(key)
+        result.rows.append(row)
         if spec.limit and len(result.rows) >= spec.limit:
             break
     if not result.rows:
@@ -137,80 +409,25 @@ def _load(spec: DatasetSpec, kind: str, parse: Callable[[dict, str, Any, int], d
     return result
 
 
-# ------------------------------------------------------------------------------------------------ SFT
-
-
-def _sft_row(template: str):
-    def parse(row: dict, fmt: str, path, n) -> dict:
-        if fmt == "alpaca":
-            instruction = _text(row, "instruction", path, n)
-            inp = _text(row, "input", path, n, required=False)
-            return {
-                "prompt": make_prompt(instruction, inp, template),
-                "completion": _text(row, "output", path, n),
-                "meta": {"instruction": instruction, "input": inp},
-            }
-        if fmt == "prompt_completion":
-            prompt = _text(row, "prompt", path, n)
-            return {"prompt": prompt, "completion": _text(row, "completion", path, n), "meta": {}}
-        raise DataError(path, n, None, f"format '{fmt}' is not readable as SFT data here")
-
-    return parse
+def _canonical(parsed: dict, rec: dict, need: str) -> dict:
+    """Key order and the prompt id: the row's own id if it has one, else a hash of the prompt."""
+    if need == "completion":
+        return {"prompt": parsed["prompt"], "completion": parsed["completion"], "meta": parsed["meta"]}
+    if need == "pair":
+        keys = ("prompt", "chosen", "rejected", "meta")
+        return {k: parsed[k] for k in keys}
+    pid = next((rec[k] for k in ("prompt_id", "id") if isinstance(rec.get(k), (str, int)) and str(rec[k])), None)
+    return {"prompt_id": str(pid) if pid is not None else content_hash(parsed["prompt"]), "prompt": parsed["prompt"],
+            "meta": parsed["meta"]}
 
 
 def load_sft(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:
-    return _load(spec, "sft", _sft_row(template), resolve)
-
-
-# ------------------------------------------------------------------------------------------------ preferences
-
-
-def _pref_row(template: str):
-    def parse(row: dict, fmt: str, path, n) -> dict:
-        if fmt == "alpaca":
-            instruction = _text(row, "instruction", path, n)
-            inp = _text(row, "input", path, n, required=False)
-            prompt = make_prompt(instruction, inp, template)
-            meta = {"instruction": instruction, "input": inp}
-        elif fmt == "preference":
-            prompt = _text(row, "prompt", path, n)
-            meta = {}
-        else:
-            raise DataError(path, n, None, f"format '{fmt}' is not readable as preference data here")
-        chosen = _text(row, "chosen", path, n)
-        rejected = _text(row, "rejected", path, n)
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta}
-
-    return parse
+    return _load(spec, "completion", template, resolve)
 
 
 def load_preferences(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:
-    return _load(spec, "preference", _pref_row(template), resolve)
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-
-
-def _prompt_row(template: str):
-    def parse(row: dict, fmt: str, path, n) -> dict:
-        if fmt == "alpaca":
-            instruction = _text(row, "instruction", path, n)
-            inp = _text(row, "input", path, n, required=False)
-            prompt = make_prompt(instruction, inp, template)
-            meta = {"instruction": instruction, "input": inp}
-        elif fmt in ("prompt", "prompt_completion", "preference"):
-            prompt = _text(row, "prompt", path, n)
-            meta = {}
-        elif fmt == "messages":
-            prompt = messages_to_prompt(row["messages"], template)
-            meta = {}
-        else:
-            raise DataError(path, n, None, f"format '{fmt}' has no prompt here")
-        pid = row.get("prompt_id") or row.get("id") or content_hash(prompt)
-        return {"prompt_id": str(pid), "prompt": prompt, "meta": meta}
-
-    return parse
+    return _load(spec, "pair", template, resolve)
 
 
 def load_prompts(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:
-    return _load(spec, "prompt", _prompt_row(template), resolve)
+    return _load(spec, "prompt", template, resolve)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 Format = Literal[
     "auto",  # decided from the first row's keys
@@ -12,7 +12,7 @@ Format = Literal[
     "messages",  # chat messages [{role, content}]
     "sharegpt",  # conversations [{from, value}] (+ chosen/rejected for LLaMA-Factory's preference form)
     "preference",  # prompt / chosen / rejected as strings or message lists
-    "hh",  # Anthropic HH transcripts: chosen / rejected full "\n\nHuman: ... \n\nAssistant: ..." strings
+    "hh",  # chosen / rejected full transcripts ("\n\nHuman: ... \n\nAssistant: ..." or message lists), no prompt
     "prompt",  # prompt alone (generation)
 ]
 
@@ -24,6 +24,11 @@ class DatasetSpec:
     format: Format = "auto"
     """Row format; `auto` decides from the first row's keys."""
     limit: int = 0
-    """Use only the first N rows (0: all)."""
+    """Use only the first N usable rows (0: all)."""
     skip_bad_rows: bool = False
     """Skip rows that fail validation (their count is logged and written to the summary) instead of stopping."""
+    dedup: bool = False
+    """Drop exact duplicate rows (same prompt and answers, ignoring whitespace); the count is reported."""
+    field_prefix: str = ""
+    """Alpaca fields with a prefix, e.g. `zh_` reads zh_instruction / zh_input / zh_output (alpaca-chinese-dataset).
+    Without one, `en_` fields are read where the plain ones are absent."""

@@ -1,0 +1,46 @@
+"""`prefopt check`: what can be validated before a GPU-hour is spent."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, references, section
+
+
+def _paths_in(obj, key=""):
+    """(key, value) for every string field that names a file or dataset path."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _paths_in(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, str) and key.endswith(".path"):
+        yield key, obj
+
+
+def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    warnings: list[str] = []
+    for stage in cfg.stages:
+        sec = section(cfg, stage)
+        # inputs that no stage of this experiment produces
+        for ref in references(sec):
+            name = ref_stage(ref)
+            if name not in cfg.stages and stage != "evaluate":
+                problems.append(f"{stage}: reads '{ref}' but stage '{name}' is not in this experiment's stages")
+        # dataset files that are neither produced here nor on disk
+        for key, value in _paths_in(sec, stage):
+            if value and not value.startswith("stage:") and not Path(value).exists():
+                warnings.append(f"{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
+        # the global batch the recipe states
+        if STAGES[stage][1] and hasattr(sec, "global_batch"):
+            got = sec.global_batch(cfg.launch.num_processes)
+            want = getattr(sec, "recipe_global_batch", 0)
+            if want and got != want:
+                warnings.append(
+                    f"{stage}: global batch is {got} (processes {cfg.launch.num_processes} x per-device "
+                    f"{sec.per_device_train_batch_size} x accumulation {sec.gradient_accumulation_steps}) but the "
+                    f"recipe states {want}; results (SimPO's especially) move with the global batch"
+                )
+    if cfg.launch.accelerate_config and not Path(cfg.launch.accelerate_config).exists():
+        problems.append(f"launch.accelerate_config: {cfg.launch.accelerate_config!r} does not exist")
+    return problems, warnings

@@ -1,0 +1,169 @@
+"""Evaluation figures: pure functions on scores and log-probs, plus the model-based ones (log-probs of given
+responses, perplexity, multiple-choice accuracy).
+
+Conventions. `scores[i][j]` is the score of sample j for prompt i; a prompt may have any number of samples.
+Log-probs are summed over the response tokens (the EOS token included when the model emitted one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+
+from prefopt.logps import completion_logps
+
+
+def mean_score(scores: Sequence[Sequence[float]]) -> float:
+    """Mean over every sample of every prompt (gold score or RM score)."""
+    flat = [float(s) for row in scores for s in row]
+    if not flat:
+        raise ValueError("no scores")
+    return sum(flat) / len(flat)
+
+
+def prompt_win_rate(policy: Sequence[float], baseline: Sequence[float]) -> float:
+    """P(score(y) > score(y')) for y from the policy, y' from the baseline, on one prompt; a tie counts 1/2.
+
+        w = 1/(n m) * sum_{j,k} ( 1[s_j > b_k] + 1/2 * 1[s_j = b_k] )
+
+    Every policy sample is compared with every baseline sample (all n*m pairs), so the figure is antisymmetric:
+    w(a, b) = 1 - w(b, a), and a policy compared with itself gets exactly 1/2."""
+    if not policy or not baseline:
+        raise ValueError("each side needs at least one sample")
+    total = 0.0
+    for s in policy:
+        for b in baseline:
+            total += 1.0 if s > b else 0.5 if s == b else 0.0
+    return total / (len(policy) * len(baseline))
+
+
+def win_rate(policy: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> float:
+    """Mean over prompts of `prompt_win_rate` (each prompt weighs the same)."""
+    if len(policy) != len(baseline):
+        raise ValueError(f"policy has {len(policy)} prompts, baseline {len(baseline)}")
+    if not policy:
+        raise ValueError("no prompts")
+    return sum(prompt_win_rate(p, b) for p, b in zip(policy, baseline)) / len(policy)
+
+
+def sequence_kl(policy_logps: Sequence[float], ref_logps: Sequence[float]) -> float:
+    """Monte-Carlo estimate of the sequence-level KL(pi || pi_ref) from samples y_i ~ pi(.|x_i):
+
+        KL ≈ 1/N * sum_i [ log pi(y_i|x_i) - log pi_ref(y_i|x_i) ]
+
+    with log pi(y|x) = sum_t log pi(y_t | x, y_<t). The estimate is unbiased only when the log-probs are those
+    of the distribution the samples were drawn from (see `response_logps`'s `temperature`); single terms may be
+    negative, the expectation is >= 0. Identical inputs give exactly 0."""
+    if len(policy_logps) != len(ref_logps):
+        raise ValueError(f"{len(policy_logps)} policy log-probs, {len(ref_logps)} reference log-probs")
+    if not policy_logps:
+        raise ValueError("no samples")
+    return sum(float(p) - float(r) for p, r in zip(policy_logps, ref_logps)) / len(policy_logps)
+
+
+def mean_length(token_counts: Sequence[int]) -> float:
+    """Mean response length in tokens (EOS included when emitted)."""
+    if not token_counts:
+        raise ValueError("no responses")
+    return sum(token_counts) / len(token_counts)
+
+
+# ------------------------------------------------------------------------------------------------ model-based
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
+                   desc: str | None = None) -> list[float]:
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) for each (prompt ids, response ids) pair, as floats.
+
+    Sequences are right-padded (positions need no shifting) and taken in the given order in fixed batches, so
+    two models scored on the same lists see exactly the same batches. `temperature` divides the logits: pass
+    the sampling temperature to get the log-probs of the distribution the responses came from."""
+    from tqdm.auto import tqdm
+
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError("prompt_ids and response_ids differ in length")
+    was_training = model.training
+    model.eval()  # dropout off: log-probs must be deterministic
+    device = _device(model)
+    out: list[float] = []
+    starts = range(0, len(prompt_ids), batch_size)
+    for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        comp = torch.zeros_like(ids)
+        for i, (p, q) in enumerate(zip(prompt_ids[s:s + batch_size], seqs)):
+            ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
+            attn[i, :len(q)] = 1
+            comp[i, len(p):len(q)] = 1
+        lp = completion_logps(model, ids.to(device), attn.to(device), comp.to(device), temperature)  # (B, T-1)
+        out += lp.sum(-1).float().cpu().tolist()
+    model.train(was_training)
+    return out
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> float:
+    """Corpus perplexity: exp of the mean negative log-likelihood per predicted token over all texts,
+
+        PPL = exp( - sum_i sum_{t>=1} log p(w_{i,t} | w_{i,<t}) / sum_i (T_i - 1) )
+
+    Each text is tokenized as the model sees it (with BOS when the tokenizer adds one); the first token is
+    context only. Texts of one token predict nothing and are rejected."""
+    ids = [_encode(tokenizer, t, True) for t in texts]
+    if any(len(x) < 2 for x in ids):
+        raise ValueError("every text needs at least two tokens (one to condition on, one to predict)")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logps = response_logps(model, [x[:1] for x in ids], [x[1:] for x in ids], pad, batch_size=batch_size)
+    n_tokens = sum(len(x) - 1 for x in ids)
+    return math.exp(-sum(logps) / n_tokens)
+
+
+def option_scores(model, tokenizer, question: str, options: Sequence[str],
+                  normalize: Literal["sum", "mean"] = "sum") -> list[float]:
+    """Each option's log-likelihood given the question: sum_t log p(o_t | q, o_<t), or that sum divided by the
+    option's token count (`mean`, so long options are not penalised for their length).
+
+    The option is tokenized on its own and appended to the question's ids, so every option is scored after the
+    same context; put any separating space at the start of the option (" Paris")."""
+    q = _encode(tokenizer, question, True)
+    opts = [_encode(tokenizer, o, False) for o in options]
+    if any(not o for o in opts):
+        raise ValueError("an option tokenizes to nothing")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logps = response_logps(model, [q] * len(opts), opts, pad, batch_size=len(opts))
+    if normalize == "mean":
+        return [lp / len(o) for lp, o in zip(logps, opts)]
+    if normalize != "sum":
+        raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+    return logps
+
+
+def multiple_choice_accuracy(model, tokenizer, questions: Sequence[dict],
+                             normalize: Literal["sum", "mean"] = "sum") -> dict:
+    """Multiple-choice accuracy from option log-likelihoods: the prediction is argmax_k score(option_k | q).
+
+    questions: [{"question": str, "options": [str, ...], "answer": index of the right option}].
+    Returns {"accuracy", "predictions"}; a tie goes to the first option."""
+    from tqdm.auto import tqdm
+
+    if not questions:
+        raise ValueError("no questions")
+    preds = []
+    for q in tqdm(questions, desc="multiple choice", leave=False, disable=len(questions) < 50):
+        scores = option_scores(model, tokenizer, q["question"], q["options"], normalize)
+        preds.append(max(range(len(scores)), key=lambda k: scores[k]))
+    correct = sum(int(p == int(q["answer"])) for p, q in zip(preds, questions))
+    return {"accuracy": correct / len(questions), "predictions": preds}

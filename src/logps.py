@@ -1,0 +1,59 @@
+"""Shared math on token log-probabilities: free functions used by DPO, SimPO, PPO and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[t] | ...) for each position, from logits already aligned with labels.
+
+    logits: (B, T, V), labels: (B, T) -> (B, T). Dividing by the sampling temperature makes these the log-probs
+    of the distribution the responses were actually sampled from (PPO needs that)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens of full sequences (prompt + completion).
+
+    input_ids, attention_mask, completion_mask: (B, T); completion_mask is 1 on completion tokens.
+    Returns (B, T-1): position t holds log p(input_ids[t+1]), zeroed where input_ids[t+1] is not completion."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
+    labels = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(logits.dtype)
+    return token_logps(logits, labels, temperature) * mask
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back (reward whitening)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened

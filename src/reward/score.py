@@ -1,0 +1,174 @@
+"""The `score` stage: score every generated candidate with a reward model, in batches, resumable and cached.
+
+    prefopt score experiments/quickstart.yaml
+    prefopt score experiments/quickstart.yaml --score.reward_model=Skywork/Skywork-Reward-Llama-3.1-8B
+
+Reads `generate/shard-*.jsonl` and writes one `score/shard-*.jsonl` per input shard, each written atomically:
+a killed run rescores at most the shard it was in, and finished shards are skipped. Every score is also kept in
+`<experiment>/cache/scores.jsonl`, keyed by (prompt, response, reward-model weights hash, max_length), so scoring
+the same candidates again (another round, a rerun after a config change elsewhere) costs no model call.
+
+What the reward model reads is what it was trained on (TRL's RewardTrainer): prompt text + response + EOS, right
+padded; the score is the classification head's first logit at the last non-pad token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from prefopt.utils import content_hash, iter_jsonl, weights_sha256, write_jsonl
+
+
+def reward_text(prompt: str, response: str, eos_token: str | None) -> str:
+    """The text a reward model scores: rendered prompt + response + EOS (as RewardTrainer builds it)."""
+    text = prompt + response
+    if eos_token and not text.endswith(eos_token):
+        text += eos_token
+    return text
+
+
+def load_scorer(path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) of any AutoModelForSequenceClassification folder or hub id, eval mode, on the GPU if any.
+
+    A folder that is a causal LM (no classification head) would get a random head: refused, train one first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from prefopt.models import load_tokenizer
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    if archs and all(a.endswith("ForCausalLM") for a in archs):
+        raise ValueError(f"{path} is a causal LM ({archs[0]}), not a reward model: train one with the `reward` stage "
+                         "or name a sequence-classification checkpoint")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    tok = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
+                progress=None) -> list[float]:
+    """Reward of each text (already `reward_text`), batched. Texts are sorted by length so batches pad little."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = [0.0] * len(texts)
+    tokenizer.padding_side = "right"  # the head reads the last non-pad token either way; right is what it trained on
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt", add_special_tokens=True).to(device)
+            res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            # Some hub reward models (ArmoRM) return a `score` field beside their multi-objective logits.
+            scores = getattr(res, "score", None)
+            scores = (scores if scores is not None else res.logits[:, 0]).float().reshape(-1).cpu().tolist()
+            for i, s in zip(idx, scores):
+                out[i] = s
+            if progress is not None:
+                progress.update(len(idx))
+    return out
+
+
+class ScoreCache:
+    """Scores already computed, keyed by (prompt, response, reward-model hash, max_length); an append-only JSONL."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.scores: dict[str, float] = {}
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                        self.scores[row["key"]] = row["score"]
+                    except (ValueError, KeyError):
+                        continue  # a line cut short by a kill: that score is recomputed
+
+    @staticmethod
+    def key(prompt: str, response: str, rm_sha: str, max_length: int) -> str:
+        return content_hash(prompt, response, rm_sha, max_length)
+
+    def get(self, key: str) -> float | None:
+        return self.scores.get(key)
+
+    def add(self, items: dict[str, float]) -> None:
+        if not items:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for k, v in items.items():
+                f.write(json.dumps({"key": k, "score": v}) + "\n")
+        self.scores.update(items)
+
+
+def input_shards(folder: str | Path) -> list[Path]:
+    shards = sorted(Path(folder).glob("shard-*.jsonl"))
+    if not shards:
+        raise FileNotFoundError(f"no candidate shards (shard-*.jsonl) in {folder}: run the generate stage first")
+    return shards
+
+
+def run(ctx) -> dict:
+    cfg = ctx.section
+    rm_path = ctx.resolve(cfg.reward_model)
+    rm_sha = weights_sha256(rm_path)
+    shards = input_shards(ctx.resolve(cfg.candidates, model=False))
+    cache = ScoreCache(ctx.cfg.root / "cache" / "scores.jsonl")
+    todo = [s for s in shards if not (ctx.dir / s.name).exists()]
+    total = sum(len(r["candidates"]) for s in todo for r in iter_jsonl(s))
+
+    model = tok = None
+    scored = cached = 0
+    all_scores: list[float] = []
+    bar = tqdm(total=total, desc="score", unit="cand", disable=not ctx.is_main)
+    for shard in todo:
+        rows = list(iter_jsonl(shard))
+        keys = [[cache.key(r["prompt"], c, rm_sha, cfg.max_length) for c in r["candidates"]] for r in rows]
+        missing = {}  # key -> text to score (a candidate repeated within a shard is scored once)
+        for r, ks in zip(rows, keys):
+            for c, k in zip(r["candidates"], ks):
+                if cache.get(k) is None and k not in missing:
+                    missing[k] = (r["prompt"], c)
+        cached += sum(len(ks) for ks in keys) - len(missing)
+        bar.update(sum(len(ks) for ks in keys) - len(missing))
+        if missing:
+            if model is None:  # loaded only when something needs scoring: a fully cached run loads nothing
+                model, tok = load_scorer(rm_path, cfg.trust_remote_code)
+            texts = [reward_text(p, c, tok.eos_token) for p, c in missing.values()]
+            new = score_texts(model, tok, texts, cfg.batch_size, cfg.max_length, progress=bar)
+            cache.add(dict(zip(missing, new)))
+            scored += len(new)
+        out = []
+        for r, ks in zip(rows, keys):
+            scores = [cache.get(k) for k in ks]
+            all_scores += scores
+            out.append({"prompt_id": r["prompt_id"], "scores": scores,
+                        "reward_model": {"path": str(rm_path), "sha256": rm_sha}})
+        write_jsonl(ctx.dir / shard.name, out)
+        ctx.tracker.log({"scored": scored, "cached": cached})
+    bar.close()
+
+    summary = {
+        "shards": len(shards),
+        "shards_skipped": len(shards) - len(todo),
+        "candidates": len(all_scores),
+        "scored": scored,
+        "cached": cached,
+        "reward_model": {"path": str(rm_path), "sha256": rm_sha},
+    }
+    if all_scores:
+        import statistics
+
+        summary["score/mean"] = statistics.fmean(all_scores)
+        summary["score/std"] = statistics.pstdev(all_scores)
+        summary["score/min"], summary["score/max"] = min(all_scores), max(all_scores)
+    return summary

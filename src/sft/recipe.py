@@ -1,0 +1,115 @@
+"""The `sft` stage: supervised fine-tuning with TRL's SFTTrainer, loss on completion tokens only.
+
+    prefopt sft experiments/quickstart.yaml --sft.learning_rate=1e-3
+    accelerate launch --config_file experiments/accelerate/fsdp.yaml -m prefopt sft experiments/alpaca/llama7b.yaml
+
+Setup: load the instruction data into prompt/completion rows (Alpaca rows rendered with the Alpaca template, or
+chat messages for the tokenizer's chat template), the model and tokenizer, optional LoRA. Train: SFTTrainer with
+`completion_only_loss=True`, so prompt tokens carry no loss. Save: the final model (LoRA merged) as an HF folder
+with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefopt.data.errors import DataError
+from prefopt.data.loaders import load_sft
+from prefopt.models import load_causal_lm, load_tokenizer, save_model
+from prefopt.train_args import hf_training_kwargs, last_checkpoint
+from prefopt.utils import seed_everything
+
+
+def to_trl_rows(rows: list[dict]) -> list[dict]:
+    """Canonical rows -> TRL's prompt-completion form. A chat prompt (messages) takes the completion as an
+    assistant message so TRL renders both with the chat template."""
+    out = []
+    for r in rows:
+        if isinstance(r["prompt"], list):
+            out.append({"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]})
+        else:
+            out.append({"prompt": r["prompt"], "completion": r["completion"]})
+    return out
+
+
+def lora_config(spec, task_type: str):
+    from peft import LoraConfig
+
+    targets = spec.target_modules
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type=task_type,
+    )
+
+
+def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed: int, callbacks=(),
+                  eval_fraction: float = 0.0):
+    """SFTTrainer for canonical rows, with every training argument set from the section."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list(to_trl_rows(rows))
+    eval_dataset = None
+    if eval_fraction > 0:
+        split = dataset.train_test_split(test_size=eval_fraction, seed=seed)
+        dataset, eval_dataset = split["train"], split["test"]
+    seed_everything(seed)  # before the model exists: LoRA init draws random numbers
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path)
+    args = SFTConfig(
+        **hf_training_kwargs(sec, output_dir, seed),
+        completion_only_loss=True,  # loss on completion tokens only (the prompt is masked)
+        packing=False,
+        eval_strategy="epoch" if eval_dataset is not None else "no",
+        **sec.trainer_args,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(sec.lora, "CAUSAL_LM") if sec.lora.enabled else None,
+        callbacks=list(callbacks),
+    )
+
+
+def run(ctx) -> dict:
+    from prefopt.tracking import trainer_callback
+
+    sec = ctx.section
+    data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
+    if data.skipped:
+        ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
+    trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
+                            callbacks=[trainer_callback(ctx.tracker)], eval_fraction=sec.eval_fraction)
+    kept = len(trainer.train_dataset) + (len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0)
+    if len(trainer.train_dataset) == 0:
+        raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
+                        "tokens, so no completion token is left to train on; raise sft.max_length")
+    resume = last_checkpoint(trainer.args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    summary = {
+        "train_rows": len(trainer.train_dataset),
+        "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+        "skipped_rows": data.skipped,
+        "dropped_fully_truncated": len(data.rows) - kept,  # prompts longer than max_length leave no completion
+        "skipped_examples": data.skipped_reasons[:5],
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "processes": trainer.accelerator.num_processes,
+        "resumed_from": resume,
+        "lora": sec.lora.enabled,
+    }
+    if trainer.eval_dataset is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        final = trainer.model
+        if sec.lora.enabled:
+            final = final.merge_and_unload()  # later stages load a plain checkpoint
+        save_model(final, trainer.processing_class, Path(ctx.dir) / "model")
+    summary["model"] = str(Path(ctx.dir) / "model")
+    return summary

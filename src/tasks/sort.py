@@ -1,0 +1,215 @@
+"""The `sort` task: sort a list of digits, in Alpaca format, with a gold reward a program computes.
+
+    instruction: "Sort the numbers in ascending order."   input: "3 1 2"   output: "1 2 3"
+
+Everything a CPU run needs to show that each stage really works:
+  - SFT demonstrations that are right only `demo_accuracy` of the time; the rest carry the mistakes a weak policy
+    makes (one adjacent swap, the input order copied, descending order, an element dropped or duplicated);
+  - a simulated annotator that prefers the response with the higher gold score and flips its label with probability
+    `noise` (AlpacaFarm's simulated annotators add label noise the same way, Dubois et al. 2023, Sec. 3);
+  - `gold_score`, the evaluation's ground truth.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+INSTRUCTIONS = [
+    "Sort the numbers in ascending order.",
+    "Sort these numbers from smallest to largest.",
+    "Arrange the numbers in ascending order.",
+    "Put the numbers in increasing order.",
+]
+MISTAKES = ["adjacent_swap", "copy_input", "descending", "drop", "duplicate"]
+
+_INPUT_RE = re.compile(r"### Input:\n(.*?)(?:\n\n### Response:|$)", re.S)
+_DIGITS_LINE = re.compile(r"^\s*\d+(?:\s+\d+)*\s*$")
+
+
+def format_list(xs: list[int]) -> str:
+    return " ".join(str(x) for x in xs)
+
+
+def parse_input(prompt: str) -> list[int]:
+    """The numbers to sort, from a rendered Alpaca prompt (the text after `### Input:`), a chat rendering (the last
+    line of digits), or the bare input `"3 1 2"`. Raises ValueError when there are none."""
+    m = _INPUT_RE.search(prompt)
+    if m:
+        text = m.group(1)
+    else:
+        lines = [ln for ln in prompt.splitlines() if _DIGITS_LINE.match(ln)]
+        if not lines:
+            raise ValueError(f"no list of numbers in prompt {prompt[:80]!r}")
+        text = lines[-1]
+    try:
+        return [int(t) for t in text.split()]
+    except ValueError:
+        raise ValueError(f"the input {text!r} is not a list of integers") from None
+
+
+def _in_order_fraction(ys: list[int]) -> float:
+    if len(ys) < 2:
+        return 1.0
+    return sum(a <= b for a, b in zip(ys, ys[1:])) / (len(ys) - 1)
+
+
+def _multiset_overlap(xs: list[int], ys: list[int]) -> float:
+    """|xs ∩ ys| / max(|xs|, |ys|) as multisets: 1 iff ys is a permutation of xs."""
+    if not xs and not ys:
+        return 1.0
+    common = sum((Counter(xs) & Counter(ys)).values())
+    return common / max(len(xs), len(ys))
+
+
+def score_numbers(xs: list[int], response: str) -> float:
+    """Gold score in [0, 1] of `response` for input `xs`.
+
+    1.0 iff the response, stripped, is exactly the sorted list joined by single spaces. Otherwise partial credit
+    below 1: 0.5 * (fraction of adjacent pairs in order) * (multiset overlap with the input), and 0 for a response
+    that is not a list of integers. Graded, so a reward model and the evaluation see degrees of wrong."""
+    text = response.strip()
+    if text == format_list(sorted(xs)):
+        return 1.0
+    try:
+        ys = [int(t) for t in text.split()]
+    except ValueError:
+        return 0.0
+    if not ys:
+        return 0.0
+    return 0.5 * _in_order_fraction(ys) * _multiset_overlap(xs, ys)
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Gold score of `response` to a rendered prompt (or bare input text); see `score_numbers`."""
+    return score_numbers(parse_input(prompt), response)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def random_input(rng: random.Random, min_len: int, max_len: int) -> list[int]:
+    return [rng.randrange(10) for _ in range(rng.randint(min_len, max_len))]
+
+
+def mistake(xs: list[int], kind: str, rng: random.Random) -> list[int] | None:
+    """One realistic wrong answer of type `kind`, or None when that kind cannot be wrong for `xs`."""
+    s = sorted(xs)
+    if kind == "adjacent_swap":
+        spots = [i for i in range(len(s) - 1) if s[i] != s[i + 1]]
+        if not spots:
+            return None
+        i = rng.choice(spots)
+        s[i], s[i + 1] = s[i + 1], s[i]
+        out = s
+    elif kind == "copy_input":
+        out = list(xs)
+    elif kind == "descending":
+        out = s[::-1]
+    elif kind == "drop":
+        if len(s) < 2:
+            return None
+        i = rng.randrange(len(s))
+        out = s[:i] + s[i + 1:]
+    elif kind == "duplicate":
+        i = rng.randrange(len(s))
+        out = s[: i + 1] + s[i:]
+    else:
+        raise ValueError(f"unknown mistake {kind!r}; mistakes are {MISTAKES}")
+    return None if out == sorted(xs) else out
+
+
+def wrong_answer(xs: list[int], rng: random.Random) -> tuple[str, str]:
+    """(response, mistake kind) for a random mistake that is really wrong for `xs`."""
+    kinds = list(MISTAKES)
+    rng.shuffle(kinds)
+    for kind in kinds:
+        out = mistake(xs, kind, rng)
+        if out is not None:
+            return format_list(out), kind
+    raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
+
+
+def response_pool(xs: list[int], rng: random.Random, size: int = 6) -> list[str]:
+    """Distinct candidate responses for one input: the correct answer plus up to `size - 1` mistakes."""
+    pool = [format_list(sorted(xs))]
+    for kind in MISTAKES:
+        out = mistake(xs, kind, rng)
+        if out is not None and format_list(out) not in pool:
+            pool.append(format_list(out))
+    return pool[:size]
+
+
+def annotate(score_a: float, score_b: float, noise: float, rng: random.Random) -> int:
+    """Simulated annotator: 0 if it prefers a, 1 if b. Prefers the higher gold score, picks at random on a tie,
+    and flips its label with probability `noise`."""
+    if score_a == score_b:
+        return rng.randrange(2)
+    label = 0 if score_a > score_b else 1
+    return 1 - label if rng.random() < noise else label
+
+
+class UniqueInputs:
+    """Draws inputs never drawn before (so SFT, preference, prompt and eval inputs are disjoint) while the space
+    allows; when it runs out, repeats are allowed and counted."""
+
+    def __init__(self, rng: random.Random, min_len: int, max_len: int, tries: int = 100):
+        self.rng, self.min_len, self.max_len, self.tries = rng, min_len, max_len, tries
+        self.used: set[tuple[int, ...]] = set()
+        self.repeats = 0
+
+    def draw(self) -> list[int]:
+        for _ in range(self.tries):
+            xs = random_input(self.rng, self.min_len, self.max_len)
+            if tuple(xs) not in self.used:
+                self.used.add(tuple(xs))
+                return xs
+        self.repeats += 1
+        return xs
+
+
+def make_data(cfg, seed: int) -> dict[str, list[dict]]:
+    """The task's files as rows: sft, prompts, eval_prompts, preferences (`cfg` is a TaskConfig)."""
+    rng = random.Random(seed)
+    inputs = UniqueInputs(rng, cfg.min_len, cfg.max_len)
+
+    def row(xs):
+        return {"instruction": rng.choice(INSTRUCTIONS), "input": format_list(xs)}
+
+    # Evaluation prompts are drawn first so they are the last to share an input when the space runs out.
+    eval_prompts = [{"prompt_id": f"sort-eval-{i:06d}", **row(inputs.draw())} for i in range(cfg.num_eval_prompts)]
+    prompts = [{"prompt_id": f"sort-{i:06d}", **row(inputs.draw())} for i in range(cfg.num_prompts)]
+
+    sft = []
+    for _ in range(cfg.num_sft):
+        xs = inputs.draw()
+        if rng.random() < cfg.demo_accuracy:
+            out, kind = format_list(sorted(xs)), "correct"
+        else:
+            out, kind = wrong_answer(xs, rng)
+        sft.append({**row(xs), "output": out, "kind": kind})
+
+    preferences = []
+    for _ in range(cfg.num_preferences):
+        xs = inputs.draw()
+        a, b = rng.sample(response_pool(xs, rng), 2)
+        ga, gb = score_numbers(xs, a), score_numbers(xs, b)
+        pick = annotate(ga, gb, cfg.annotator_noise, rng)
+        chosen, rejected = (a, b) if pick == 0 else (b, a)
+        gc, gr = (ga, gb) if pick == 0 else (gb, ga)
+        preferences.append({**row(xs), "chosen": chosen, "rejected": rejected,
+                            "chosen_gold": gc, "rejected_gold": gr})
+    return {"sft": sft, "prompts": prompts, "eval_prompts": eval_prompts, "preferences": preferences,
+            "_repeats": inputs.repeats}
+
+
+class SortTask:
+    name = "sort"
+    instructions = INSTRUCTIONS
+
+    @staticmethod
+    def gold_score(prompt: str, response: str) -> float:
+        return gold_score(prompt, response)
+
+    make_data = staticmethod(make_data)
