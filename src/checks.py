@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, references, section
+from prefopt.experiment import STAGES, ExperimentConfig, section, stage_inputs
 
 
 def _paths_in(obj, key=""):
@@ -23,10 +23,15 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     for stage in cfg.stages:
         sec = section(cfg, stage)
         # inputs that no stage of this experiment produces
-        for ref in references(sec):
-            name = ref_stage(ref)
+        try:
+            inputs = stage_inputs(cfg, stage)
+        except ValueError as e:
+            problems.append(str(e))
+            inputs = []
+        for name in inputs:
             if name not in cfg.stages and stage != "evaluate":
-                problems.append(f"{stage}: reads '{ref}' but stage '{name}' is not in this experiment's stages")
+                problems.append(f"{stage}: reads stage '{name}' (a `stage:{name}` reference) but '{name}' is not in "
+                                "this experiment's stages")
         # dataset files that are neither produced here nor on disk
         for key, value in _paths_in(sec, stage):
             if value and not value.startswith("stage:") and not Path(value).exists():

@@ -139,6 +139,8 @@ def ref_stage(ref: str) -> str:
 def stage_inputs(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The stages this stage reads, from the `stage:` references in its section (only those that will exist)."""
     names = []
+    if stage == "base" and cfg.base.model:
+        return names  # a named checkpoint: nothing is built, so no data is read
     for ref in references(section(cfg, stage)):
         name = ref_stage(ref)
         if name not in STAGES:

@@ -57,3 +57,13 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return whitened
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-prob and completion length of each sequence: (B,), (B,).
+
+    DPO uses the sum (log pi(y|x)); SimPO divides by the length (the average per-token log-prob)."""
+    per_token = completion_logps(model, input_ids, attention_mask, completion_mask)  # (B, T-1), 0 off-completion
+    lengths = completion_mask[:, 1:].sum(-1).to(per_token.dtype)
+    return per_token.sum(-1), lengths
