@@ -304,9 +304,9 @@ def _parse_hh(r: _Row, need: str, template: str) -> dict:
         if c[:-1] != j[:-1]:
             raise r.error("rejected", "does not share the chosen conversation's prompt turns")
         answers = {"chosen": _answer(c, "chosen", r), "rejected": _answer(j, "rejected", r)}
-        prompt, meta = _chat_prompt(c[:-1], "chosen", r, template) if len(c) > 1 else None, {}
-        if prompt is None:
+        if len(c) < 2:
             raise r.error("chosen", "no prompt turns before the answer")
+        prompt, meta = _chat_prompt(c[:-1], "chosen", r, template), {}
     else:
         c, j = r.text("chosen"), r.text("rejected")
         cut = c.rfind(HH_ASSISTANT)
@@ -314,7 +314,7 @@ def _parse_hh(r: _Row, need: str, template: str) -> dict:
             raise r.error("chosen", "no '\\n\\nAssistant:' turn")
         shared = c[: cut + len(HH_ASSISTANT)]
         if j[: j.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)] != shared:
-            raise r.error("rejected", "does not share the chosen transcript's prompt (up to the last '\\n\\nAssistant:')")
+            raise r.error("rejected", "does not share the chosen transcript's prompt (up to its last Assistant turn)")
         answers = {"chosen": c[len(shared):].strip(), "rejected": j[len(shared):].strip()}
         for k, v in answers.items():
             if not v:
@@ -369,7 +369,8 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     if spec.format != "auto" and spec.format not in PARSERS:
-        raise DataError("<config>", None, "format", f"unknown format '{spec.format}' (one of auto, {', '.join(PARSERS)})")
+        known = ", ".join(["auto", *PARSERS])
+        raise DataError("<config>", None, "format", f"unknown format '{spec.format}' (one of {known})")
     path = resolve(spec.path) if resolve else spec.path
     if not path:
         raise DataError("<config>", None, "path", "no dataset path given")

@@ -17,6 +17,7 @@ from pathlib import Path
 from prefopt.models import load_causal_lm, load_tokenizer, save_model
 from prefopt.preference_data import load_pairs
 from prefopt.tracking import trainer_callback
+from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
 
 
@@ -39,28 +40,10 @@ def build_dpo_config(sec, out_dir: Path, seed: int):
     """DPOConfig with every field that matters set from our section (TRL's own defaults differ: see train_args)."""
     from trl import DPOConfig
 
-    args = dict(
-        output_dir=str(out_dir),
-        learning_rate=sec.learning_rate,
-        num_train_epochs=sec.num_train_epochs,
-        max_steps=sec.max_steps,
-        per_device_train_batch_size=sec.per_device_train_batch_size,
-        gradient_accumulation_steps=sec.gradient_accumulation_steps,
-        lr_scheduler_type=sec.lr_scheduler_type,
-        warmup_ratio=sec.warmup_ratio,
-        weight_decay=sec.weight_decay,
-        max_grad_norm=sec.max_grad_norm,
-        max_length=sec.max_length,
-        bf16=sec.bf16,
-        gradient_checkpointing=sec.gradient_checkpointing,
-        logging_steps=sec.logging_steps,
-        save_strategy="steps",
-        save_steps=sec.save_steps,
-        save_total_limit=sec.save_total_limit,
-        seed=seed,
-        report_to="none",
-        disable_dropout=True,
+    args = hf_training_kwargs(sec, out_dir, seed)
+    args.update(
         beta=sec.beta,
+        disable_dropout=True,
         precompute_ref_log_probs=sec.reference == "precomputed",
         **trl_loss(sec.loss_type, sec.label_smoothing),
     )
@@ -70,7 +53,6 @@ def build_dpo_config(sec, out_dir: Path, seed: int):
 
 def run(ctx) -> dict:
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer
 
     sec = ctx.section
@@ -116,7 +98,7 @@ def run(ctx) -> dict:
         del ref_model
         gc.collect()
 
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = last_checkpoint(ckpt_dir)
     result = trainer.train(resume_from_checkpoint=last)
 
     out = ctx.dir / "model"

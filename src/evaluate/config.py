@@ -11,7 +11,10 @@ class JudgeConfig:
     model: str = ""
     """A local causal LM used as a pairwise judge (empty: no judging)."""
     max_prompts: int = 50
-    """Judge at most this many prompts per policy pair."""
+    """Judge at most this many prompts per policy pair (the first sample of each policy per prompt)."""
+    chat: bool = False
+    """Put the judging prompt in the judge tokenizer's chat template (instruct judges); off: plain text."""
+    batch_size: int = 8
 
 
 @dataclass
@@ -32,8 +35,18 @@ class EvaluateConfig:
     """Gold scorer; `auto` uses the experiment's task."""
     samples_per_prompt: int = 2
     temperature: float = 1.0
+    """Sampling temperature; the KL to the baseline is measured between the distributions at this temperature."""
     top_p: float = 1.0
     max_new_tokens: int = 32
     seed: int = 1234
+    """Sampling seed, the same for every policy."""
     batch_size: int = 64
+    """Prompts per generate call; sequences per log-prob / reward-model batch."""
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    """Generation backend; `auto` picks vLLM when it can run. Log-probs always use transformers."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the models loaded for log-probs (float32 on CPU whatever is asked)."""
+    rm_max_length: int = 512
+    """Tokens the reward model reads (prompt + response), as `score.max_length`."""
+    trust_remote_code: bool = False
     judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -21,12 +21,16 @@ class GenerateConfig:
     n: int = 4
     """Candidates per prompt (ignored when `seeds` is set: one candidate per seed)."""
     seeds: list[int] = field(default_factory=list)
-    """One sample per seed, as in the SimPO on-policy recipe (13, 21, 42, 79, 100)."""
+    """One sample per seed, as in the SimPO on-policy recipe (13, 21, 42, 79, 100); empty: `n` samples."""
     temperature: float = 1.0
+    """Sampling temperature; 0 is greedy. SimPO's on-policy data: 0.8."""
     top_p: float = 1.0
+    """Nucleus sampling threshold (1: off). SimPO's on-policy data: 0.95."""
     max_new_tokens: int = 32
+    """Longest response in tokens; a candidate cut here is recorded with `finished: false`."""
     seed: int = 0
-    """Sampling seed when `seeds` is empty."""
+    """Sampling seed when `seeds` is empty. Each shard's seed derives from it, the experiment seed, the round and
+    the shard index, so a resumed run redoes a shard exactly."""
     batch_size: int = 64
     """Prompts per generate call (transformers backend)."""
     shard_size: int = 256

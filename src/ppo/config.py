@@ -8,42 +8,76 @@ from prefopt.data.spec import DatasetSpec
 
 @dataclass
 class PPOConfig:
-    """The `ppo` stage: PPO with a learned reward model (Ouyang et al. 2022; Huang et al. 2024 'N+ details')."""
+    """The `ppo` stage: PPO with a learned reward model (Ouyang et al. 2022; Huang et al. 2024 'N+ details').
+
+    Defaults suit the tiny CPU quickstart (a few-M-parameter Llama, responses <= 16-32 tokens, ~1k episodes).
+    Huang et al. 2024 (Pythia 1B-6.9B, TL;DR): lr 3e-6, kl_coef 0.05, 4 PPO epochs, rollout 512, minibatch 64,
+    gamma 1, lam 0.95, clip 0.2, vf_coef 0.1, missing-EOS penalty, temperature 0.7."""
 
     policy: str = "stage:sft"
-    """Policy to optimise; also the frozen reference."""
+    """Policy to optimise; also the frozen reference (loaded a second time from the same checkpoint)."""
     reward_model: str = "stage:reward"
+    """Reward model: a sequence-classification checkpoint scoring prompt + response + EOS."""
     value_init: Literal["reward", "policy"] = "reward"
-    """Initialise the value model from the reward model (InstructGPT) or from the policy."""
+    """Initialise the value model from the reward model (InstructGPT) or from the policy (fresh head). Either
+    way it must share the policy's tokenizer."""
     prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/prompts.jsonl"))
+    """Prompts to sample rollouts on (any format the loaders read; only the prompt is used)."""
     template: Literal["alpaca", "chat"] = "alpaca"
-    total_episodes: int = 2048
-    """Responses sampled over the whole run."""
+    """How a prompt is rendered for the model."""
+    total_episodes: int = 1024
+    """Responses sampled over the whole run; iterations = total_episodes // rollout_batch_size."""
     rollout_batch_size: int = 64
     """Prompts per rollout (one response each)."""
     mini_batch_size: int = 16
-    """Responses per optimiser step inside a PPO epoch."""
+    """Responses per optimiser step inside a PPO epoch (also the chunk size of the rollout's forward passes)."""
     ppo_epochs: int = 4
-    """Passes over each rollout."""
-    learning_rate: float = 1e-4
+    """Passes over each rollout (Huang et al. 2024: 4)."""
+    learning_rate: float = 5e-5
+    """Policy AdamW learning rate (constant). 5e-5 suits a tiny model; ~1e-6..3e-6 for 1B+ models."""
     value_learning_rate: float = 1e-4
+    """Value-model AdamW learning rate (constant)."""
     max_new_tokens: int = 32
+    """Response length cap; responses cut here get `missing_eos_penalty`."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
     top_p: float = 1.0
+    """Nucleus sampling at rollout time (log-probs ignore it: keep 1.0 for exact on-policy log-probs)."""
     kl_coef: float = 0.05
-    """Per-token KL penalty coefficient (initial value when adaptive)."""
+    """Per-token KL penalty coefficient beta (initial value when adaptive)."""
     kl_target: float = 0.0
-    """> 0: adapt kl_coef toward this KL (Ziegler et al. 2019); 0: fixed coefficient."""
+    """> 0: adapt kl_coef toward this sequence KL (Ziegler et al. 2019 used 6 nats); 0: fixed coefficient."""
     kl_horizon: int = 10000
+    """Adaptive KL horizon in episodes (Ziegler et al. 2019: 10000)."""
     cliprange: float = 0.2
+    """Policy ratio clip epsilon (Schulman et al. 2017)."""
     cliprange_value: float = 0.2
+    """Value clip: new values stay within this of the rollout's values."""
     vf_coef: float = 0.5
+    """Weight of the value loss in policy loss + vf_coef * value loss."""
     gamma: float = 1.0
+    """Discount (1: the score at the last token counts fully for every token)."""
     lam: float = 0.95
+    """GAE lambda."""
     whiten_rewards: bool = False
+    """Whiten per-token rewards over each rollout before GAE (keeping their mean)."""
     missing_eos_penalty: float = 1.0
-    """Subtracted from the score of responses that never emit EOS."""
+    """Subtracted from the score of responses that never emit EOS (Huang et al. 2024, detail 4)."""
     max_grad_norm: float = 1.0
+    """Clip each model's gradient to this global norm; 0 disables clipping."""
     save_every: int = 10
-    """Checkpoint every this many PPO iterations (policy, value, optimizers, KL controller, RNG)."""
+    """Checkpoint every this many PPO iterations (policy, value, optimizers, KL controller, RNG, sampler)."""
+
+    def __post_init__(self):
+        if self.rollout_batch_size < 1 or self.mini_batch_size < 1:
+            raise ValueError("rollout_batch_size and mini_batch_size must be >= 1")
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        if self.total_episodes < self.rollout_batch_size:
+            raise ValueError(f"total_episodes ({self.total_episodes}) < rollout_batch_size "
+                             f"({self.rollout_batch_size}): not one iteration")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (log-probs are computed at it)")
+        if self.save_every < 1:
+            raise ValueError("save_every must be >= 1")

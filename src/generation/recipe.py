@@ -1,0 +1,178 @@
+"""The `generate` stage: sample candidates for every prompt from a policy, in resumable shards.
+
+    prefopt generate experiments/quickstart.yaml
+    prefopt generate experiments/quickstart.yaml --generate.backend=transformers --generate.n=8
+
+Setup: load the prompts (any format the loaders read), render each for the policy (Alpaca text, or the
+tokenizer's chat template), pick the backend (vLLM where it can run, else transformers).
+Loop: prompts are cut into shards of `shard_size`; a shard already on disk is kept, the others are sampled and
+written (atomically) as `shard-00000.jsonl`, ... One row per prompt:
+
+    {"prompt_id", "prompt", "candidates": [str], "candidate_lengths": [tokens], "finished": [bool],
+     "sampling": {...}, "seed", "generator": {"path", "sha256", "backend"}, "meta": {"instruction", "input"}}
+
+`seed` is the configured seed (an int), or with `seeds` the list of seeds, one per candidate in order.
+Resume: a shard's sampling is seeded from (configured seed, experiment seed and round, shard index), never from
+what ran before, so a killed run redone gives exactly the candidates it would have given: none lost, none
+duplicated, finished shards untouched.
+
+The SimPO on-policy recipe (Meng et al., 2024, Sec. 3 / their on-policy data scripts): one sample per seed,
+    generate: {seeds: [13, 21, 42, 79, 100], temperature: 0.8, top_p: 0.95, drop_identical: true}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefopt.data.loaders import load_prompts
+from prefopt.data.templates import render_prompt
+from prefopt.generation.base import Completion, Sampling, derive_seed
+from prefopt.generation.factory import make_generator, resolve_backend
+from prefopt.utils import read_jsonl, weights_sha256, write_jsonl
+
+
+def shard_path(d: Path, k: int) -> Path:
+    return Path(d) / f"shard-{k:05d}.jsonl"
+
+
+def shard_samplings(sec, base_seed: int, shard: int) -> list[Sampling]:
+    """The generate calls for one shard: one call with n samples, or (SimPO) one call with one sample per seed."""
+    common = dict(temperature=sec.temperature, top_p=sec.top_p, max_new_tokens=sec.max_new_tokens)
+    if sec.seeds:
+        return [Sampling(n=1, seed=derive_seed(s, base_seed, shard), **common) for s in sec.seeds]
+    return [Sampling(n=sec.n, seed=derive_seed(sec.seed, base_seed, shard), **common)]
+
+
+def all_identical(candidates: list[str]) -> bool:
+    """No preference can be read from a prompt whose candidates are all the same text (needs two or more)."""
+    return len(candidates) > 1 and len(set(candidates)) == 1
+
+
+def unique_prompts(rows: list[dict]) -> tuple[list[dict], int]:
+    """Keep the first row of each prompt_id: a prompt listed twice would give two rows with one id downstream."""
+    seen, out = set(), []
+    for r in rows:
+        if r["prompt_id"] not in seen:
+            seen.add(r["prompt_id"])
+            out.append(r)
+    return out, len(rows) - len(out)
+
+
+def finished_shard(path: Path, expected_ids: list[str], sha256: str) -> list[dict] | None:
+    """A shard written by an earlier run of this config, or None when it must be (re)done: missing, or made
+    from other prompts or other weights. Files are written atomically, so one that exists is whole."""
+    if not path.exists():
+        return None
+    rows = read_jsonl(path)
+    ids = iter(expected_ids)
+    in_order = all(any(r["prompt_id"] == e for e in ids) for r in rows)  # a subsequence: drops allowed
+    if not in_order or any(r["generator"]["sha256"] != sha256 for r in rows):
+        return None
+    return rows
+
+
+def make_rows(prompts: list[dict], rendered: list[str], outputs: list[list[list[Completion]]], sec,
+              samplings: list[Sampling], generator: dict) -> list[dict]:
+    """Rows of one shard from each generate call's completions (calls in order: their candidates concatenate)."""
+    sampling = {"n": sum(s.n for s in samplings), "temperature": sec.temperature, "top_p": sec.top_p,
+                "max_new_tokens": sec.max_new_tokens, "shard_seeds": [s.seed for s in samplings]}
+    sampling.update({"seeds": list(sec.seeds)} if sec.seeds else {"seed": sec.seed})
+    rows = []
+    for i, (p, text) in enumerate(zip(prompts, rendered)):
+        comps = [c for call in outputs for c in call[i]]
+        rows.append({
+            "prompt_id": p["prompt_id"],
+            "prompt": text,
+            "candidates": [c.text for c in comps],
+            "candidate_lengths": [len(c.token_ids) for c in comps],
+            "finished": [c.finished for c in comps],
+            "sampling": sampling,
+            "seed": list(sec.seeds) if sec.seeds else sec.seed,
+            "generator": generator,
+            "meta": p.get("meta", {}),
+        })
+    return rows
+
+
+def run(ctx) -> dict:
+    from tqdm.auto import tqdm
+
+    from prefopt.models import load_tokenizer
+
+    sec = ctx.section
+    if sec.shard_size < 1 or sec.n < 1 or sec.max_new_tokens < 1:
+        raise ValueError("generate: shard_size, n and max_new_tokens must be >= 1")
+    backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
+    model_path = ctx.resolve(sec.model)
+    loaded = load_prompts(sec.prompts, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
+    prompts, duplicates = unique_prompts(loaded.rows)
+    tokenizer = load_tokenizer(model_path)
+    rendered = [render_prompt(p["prompt"], tokenizer) for p in prompts]
+    generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend}
+    n_shards = (len(prompts) + sec.shard_size - 1) // sec.shard_size
+    passes = len(sec.seeds) or 1  # generate calls per shard
+
+    generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
+    new_tokens = new_prompts = resumed = 0
+    gen_seconds = 0.0
+    bar = tqdm(total=len(prompts) * passes, desc="generate", unit="prompt", dynamic_ncols=True)
+    t_start = time.time()
+
+    def progress(done: int, tokens: int) -> None:
+        nonlocal new_tokens
+        new_tokens += tokens
+        bar.update(done)
+        elapsed = max(time.time() - t_start, 1e-9)
+        bar.set_postfix({"prompts/s": f"{(bar.n - bar.initial) / passes / elapsed:.2f}",
+                         "tokens/s": f"{new_tokens / elapsed:.1f}"})
+
+    totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0}
+    for k in range(n_shards):
+        chunk = prompts[k * sec.shard_size:(k + 1) * sec.shard_size]
+        texts = rendered[k * sec.shard_size:(k + 1) * sec.shard_size]
+        path = shard_path(ctx.dir, k)
+        rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
+        if rows is not None:
+            resumed += 1
+            bar.update(len(chunk) * passes)
+            bar.initial = bar.n  # resumed prompts do not count towards this run's speed
+        else:
+            if generator is None:
+                generator = make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
+                                           tensor_parallel_size=sec.tensor_parallel_size,
+                                           gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed)
+            samplings = shard_samplings(sec, ctx.seed, k)
+            t0 = time.time()
+            outputs = [generator.generate(texts, s, progress=progress) for s in samplings]
+            gen_seconds += time.time() - t0
+            new_prompts += len(chunk)
+            rows = make_rows(chunk, texts, outputs, sec, samplings, generator_info)
+            if sec.drop_identical:
+                rows = [r for r in rows if not all_identical(r["candidates"])]
+            write_jsonl(path, rows)
+        totals["rows"] += len(rows)
+        totals["dropped"] += len(chunk) - len(rows)
+        totals["candidates"] += sum(len(r["candidates"]) for r in rows)
+        totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
+        totals["finished"] += sum(sum(r["finished"]) for r in rows)
+        ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
+                         "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
+    bar.close()
+
+    return {
+        "prompts": len(prompts),
+        "rows": totals["rows"],
+        "candidates": totals["candidates"],
+        "dropped_identical": totals["dropped"],
+        "duplicate_prompts": duplicates,
+        "skipped_bad_rows": loaded.skipped,
+        "tokens": totals["tokens"],
+        "finished_fraction": round(totals["finished"] / max(totals["candidates"], 1), 4),
+        "prompts_per_second": round(new_prompts / gen_seconds, 3) if gen_seconds else None,
+        "tokens_per_second": round(new_tokens / gen_seconds, 1) if gen_seconds else None,
+        "backend": backend,
+        "generator": generator_info,
+        "shards": n_shards,
+        "resumed_shards": resumed,
+    }

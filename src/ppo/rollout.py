@@ -1,0 +1,155 @@
+"""PPO's data side: the value model, batching prompt + response tokens, and collecting one scored rollout.
+
+Layout of a rollout batch: each row is `prompt tokens + response tokens`, right padded to T. Per-token tensors
+are (B, T-1): position t holds what belongs to the action input_ids[t+1] (its log-prob, the value of the state
+before it, its reward), and `mask` is 1 where input_ids[t+1] is a response token. Right padding keeps position
+ids natural, so prefopt.logps' conventions hold unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from prefopt.generation.base import Completion, Sampling
+from prefopt.logps import token_logps
+from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
+
+
+class ValueModel(nn.Module):
+    """V(s_t) for every position: a sequence-classification model's backbone with its scalar head applied per token.
+
+    Built from `load_reward_model(path)`: from the reward model itself (InstructGPT initialises the value function
+    from the RM) or from the policy checkpoint (a fresh head on the policy's backbone). It must share the policy's
+    tokenizer, since it reads the policy's tokens."""
+
+    def __init__(self, seq_cls_model):
+        super().__init__()
+        self.model = seq_cls_model
+        self.backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
+        self.head = seq_cls_model.score  # Linear(hidden, 1): the reward head, read at every position
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return self.head(hidden).squeeze(-1).float()  # (B, T)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        self.model.save_pretrained(path, **kwargs)
+
+
+def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + response rows: input_ids, attention_mask (B, T) and the action mask (B, T-1)."""
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    T = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    response = torch.zeros((len(rows), T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[i, : len(p) + len(r)] = 1
+        response[i, len(p): len(p) + len(r)] = 1.0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": response[:, 1:]}
+
+
+def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies (B, T-1) of the response tokens, at the sampling temperature.
+
+    The logits are divided by the temperature the responses were sampled at, so log pi is the log-prob of the
+    distribution that produced them (Huang et al. 2024, detail 23); zero outside `mask`."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    logits = logits / temperature
+    logps = token_logps(logits, input_ids[:, 1:]) * mask
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) * mask
+    return logps, entropy
+
+
+def trim(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `idx` of a batch, cut to their longest row (right padding: the cut columns are padding only)."""
+    T = int(batch["attention_mask"][idx].sum(1).max())
+    out = {}
+    for k, v in batch.items():
+        width = T if v.shape[1] == batch["attention_mask"].shape[1] else T - 1
+        out[k] = v[idx, :width]
+    return out
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes with everything PPO's update needs (per-token tensors are (B, T-1))."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    logps: torch.Tensor
+    ref_logps: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    scores: torch.Tensor
+    """Reward-model score (B,), before the missing-EOS penalty."""
+    finished: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name).dim() == 2}
+
+
+ScoreFn = Callable[[list[str], list[Completion]], torch.Tensor]
+
+
+def reward_model_scorer(rm, rm_tokenizer, batch_size: int = 64, max_length: int = 1024) -> ScoreFn:
+    """Scores (prompt, response) as the `score` stage does: prompt + response + EOS, head logit at the last token."""
+    from prefopt.reward.score import reward_text, score_texts
+
+    def score(prompts: list[str], completions: list[Completion]) -> torch.Tensor:
+        texts = [reward_text(p, c.text, rm_tokenizer.eos_token) for p, c in zip(prompts, completions)]
+        return torch.tensor(score_texts(rm, rm_tokenizer, texts, batch_size=batch_size, max_length=max_length))
+
+    return score
+
+
+@torch.no_grad()
+def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts: list[str], sampling: Sampling,
+            kl_coef: float, cfg) -> Rollout:
+    """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages.
+
+    `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, mini_batch_size)."""
+    device = next(policy.parameters()).device
+    completions = [c[0] for c in generator.generate(prompts, sampling)]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    # An empty response (a backend that drops a lone EOS) still needs one action to carry the score.
+    response_ids = [list(c.token_ids)[: sampling.max_new_tokens] or [tokenizer.eos_token_id] for c in completions]
+    batch = {k: v.to(device) for k, v in build_batch(prompt_ids, response_ids, tokenizer.pad_token_id).items()}
+    finished = torch.tensor([c.finished for c in completions], dtype=torch.bool, device=device)
+    scores = score_fn(prompts, completions).float().to(device)
+
+    # Forward passes in chunks of mini_batch_size rows: the rollout can be larger than fits at once.
+    chunks = {k: [] for k in ("logps", "ref_logps", "entropy", "values")}
+    for start in range(0, len(prompts), cfg.mini_batch_size):
+        idx = torch.arange(start, min(start + cfg.mini_batch_size, len(prompts)), device=device)
+        ids, am, m = batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"][idx]
+        logps, entropy = policy_forward(policy, ids, am, m, sampling.temperature)
+        ref_logps, _ = policy_forward(ref, ids, am, m, sampling.temperature)
+        chunks["logps"].append(logps)
+        chunks["entropy"].append(entropy)
+        chunks["ref_logps"].append(ref_logps)
+        chunks["values"].append(value(ids, am)[:, :-1] * m)
+    t = {k: torch.cat(v) for k, v in chunks.items()}
+
+    penalized = scores - cfg.missing_eos_penalty * (~finished).float()
+    mask = batch["mask"]
+    rewards, kl = kl_penalty_rewards(t["logps"], t["ref_logps"], penalized, mask, kl_coef)
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False) * mask
+    advantages, returns = gae(rewards, t["values"], mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask) * mask
+    return Rollout(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mask=mask,
+                   logps=t["logps"], ref_logps=t["ref_logps"], values=t["values"], entropy=t["entropy"],
+                   scores=scores, finished=finished, rewards=rewards, kl=kl, advantages=advantages, returns=returns)

@@ -1,0 +1,217 @@
+"""Evaluation figures on hand-made numbers, model-based figures against direct computation, and the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prefopt.evaluate import metrics as M
+
+# ------------------------------------------------------------------------------------------------ pure figures
+
+
+def test_mean_score_over_all_samples():
+    """(1 + 0 + 0.5) / 3 = 0.5: every sample weighs the same."""
+    assert M.mean_score([[1.0, 0.0], [0.5]]) == pytest.approx(0.5)
+
+
+def test_prompt_win_rate_all_pairs_ties_half():
+    """Policy [2, 1] vs baseline [1]: 2 > 1 wins (1), 1 = 1 ties (1/2) -> (1 + 0.5) / 2 = 0.75."""
+    assert M.prompt_win_rate([2.0, 1.0], [1.0]) == pytest.approx(0.75)
+    assert M.prompt_win_rate([0.0], [1.0, 2.0]) == 0.0
+    """[1, 3] vs [2, 0]: pairs (1,2)=0 (1,0)=1 (3,2)=1 (3,0)=1 -> 3/4."""
+    assert M.prompt_win_rate([1.0, 3.0], [2.0, 0.0]) == pytest.approx(0.75)
+
+
+def test_win_rate_mean_over_prompts_and_antisymmetric():
+    """Prompt 1: 0.75 (above); prompt 2: [0] vs [0] tie = 0.5 -> (0.75 + 0.5) / 2 = 0.625."""
+    a, b = [[2.0, 1.0], [0.0]], [[1.0], [0.0]]
+    assert M.win_rate(a, b) == pytest.approx(0.625)
+    assert M.win_rate(b, a) == pytest.approx(1 - 0.625)
+    assert M.win_rate(a, a) == 0.5  # a policy against itself, ties counting half
+    with pytest.raises(ValueError):
+        M.win_rate(a, b[:1])
+
+
+def test_sequence_kl_and_length():
+    """KL ≈ mean(logp - ref_logp) = ((-1+2) + (-2+2) + (-3+5)) / 3 = (1 + 0 + 2) / 3 = 1."""
+    assert M.sequence_kl([-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0]) == pytest.approx(1.0)
+    assert M.sequence_kl([-1.5, -7.25], [-1.5, -7.25]) == 0.0
+    assert M.mean_length([3, 4, 8]) == pytest.approx(5.0)
+
+
+# ------------------------------------------------------------------------------------------------ a unigram stub LM
+# Tokens a b c d have p = 1/2, 1/4, 1/8, 1/8 whatever came before; id 4 is BOS (never predicted).
+UNIGRAM = torch.tensor([0.5, 0.25, 0.125, 0.125]).log().tolist() + [-1e4]
+
+
+class UnigramLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None):
+        B, T = input_ids.shape
+        return SimpleNamespace(logits=torch.tensor(UNIGRAM).expand(B, T, -1).clone())
+
+
+class CharTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([4] if add_special_tokens else []) + ["abcd".index(ch) for ch in text]}
+
+
+def test_perplexity_hand_computed():
+    """Texts "ab", "cd" predict a, b, c, d: log-probs -(1 + 2 + 3 + 3) ln 2 over 4 tokens -> PPL = 2^(9/4)."""
+    assert M.perplexity(UnigramLM(), CharTokenizer(), ["ab", "cd"]) == pytest.approx(2 ** (9 / 4))
+
+
+def test_multiple_choice_sum_vs_mean_forced():
+    """Options "c" and "aaaa": sums log(1/8) = -3 ln2 vs 4 log(1/2) = -4 ln2 -> sum picks "c" (0);
+    per-token means -3 ln2 vs -ln2 -> mean picks "aaaa" (1)."""
+    model, tok = UnigramLM(), CharTokenizer()
+    q = [{"question": "ab", "options": ["c", "aaaa"], "answer": 0}]
+    ln2 = math.log(2)
+    assert M.option_scores(model, tok, "ab", ["c", "aaaa"]) == pytest.approx([-3 * ln2, -4 * ln2])
+    assert M.option_scores(model, tok, "ab", ["c", "aaaa"], "mean") == pytest.approx([-3 * ln2, -ln2])
+    assert M.multiple_choice_accuracy(model, tok, q)["accuracy"] == 1.0
+    out = M.multiple_choice_accuracy(model, tok, q, normalize="mean")
+    assert out["accuracy"] == 0.0 and out["predictions"] == [1]
+
+
+# ------------------------------------------------------------------------------------------------ a real tiny LM
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from prefopt.models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(str(tiny_model_dir), dtype="float32").eval(), load_tokenizer(str(tiny_model_dir))
+
+
+def _direct_logp(model, prompt, response, temperature=1.0):
+    """log p(response | prompt) one sequence at a time, no padding, written out."""
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0] / temperature  # (T, V)
+    logp = torch.log_softmax(logits.float(), -1)
+    return sum(logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(response))
+
+
+def test_response_logps_match_direct_computation(tiny):
+    """Batched, right-padded sequences of different lengths give each sequence's own log-prob (at T=1 and T=0.7)."""
+    model, tok = tiny
+    prompts = [tok("Sort 3 1 2")["input_ids"], tok("hello")["input_ids"], tok("The quick brown fox")["input_ids"]]
+    responses = [tok("1 2 3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                 tok(" there, how can I help you today?", add_special_tokens=False)["input_ids"],
+                 tok(" jumps", add_special_tokens=False)["input_ids"]]
+    for T in (1.0, 0.7):
+        got = M.response_logps(model, prompts, responses, pad_id=tok.pad_token_id, temperature=T, batch_size=2)
+        want = [_direct_logp(model, p, r, T) for p, r in zip(prompts, responses)]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_perplexity_and_choice_match_direct_computation(tiny):
+    model, tok = tiny
+    texts = ["The quick brown fox jumps", "hello there"]
+    ids = [tok(t)["input_ids"] for t in texts]
+    total = sum(_direct_logp(model, x[:1], x[1:]) for x in ids)
+    want = math.exp(-total / sum(len(x) - 1 for x in ids))
+    assert M.perplexity(model, tok, texts) == pytest.approx(want, rel=1e-4)
+
+    q = tok("Sort 3 1 2 ->")["input_ids"]
+    options = [" 1 2 3", " 3 2 1", " the lazy dog jumps"]
+    direct = [_direct_logp(model, q, tok(o, add_special_tokens=False)["input_ids"]) for o in options]
+    best = max(range(3), key=lambda k: direct[k])
+    questions = [{"question": "Sort 3 1 2 ->", "options": options, "answer": best},
+                 {"question": "Sort 3 1 2 ->", "options": options, "answer": (best + 1) % 3}]
+    out = M.multiple_choice_accuracy(model, tok, questions)
+    assert out["predictions"] == [best, best] and out["accuracy"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+PROMPTS = [
+    {"instruction": "Sort the numbers in ascending order.", "input": "3 1 2"},
+    {"instruction": "4 2 5", "input": ""},  # the sort task also reads a bare line of digits
+    {"instruction": "Sort the numbers in ascending order.", "input": "2 0"},
+]
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny_model_dir, tmp_path_factory):
+    """One evaluate run of two policies that are the same tiny model ("a" and the baseline "sft"), scored by the
+    sort task's gold and a (random) tiny reward model, with the tiny model itself as judge; a `stage:dpo` policy
+    whose stage is off must be dropped."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.models import load_tokenizer, save_model
+    from prefopt.stage import run_stage
+    from prefopt.utils import seed_everything
+
+    tmp = tmp_path_factory.mktemp("eval")
+    seed_everything(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    save_model(rm, load_tokenizer(str(tiny_model_dir)), tmp / "rm")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"a": str(tiny_model_dir), "sft": str(tiny_model_dir), "dpo": "stage:dpo"},
+                     "reward_model": str(tmp / "rm"), "task": "sort", "prompts": {"path": str(prompts)}, "samples_per_prompt": 2,
+                     "max_new_tokens": 6, "backend": "transformers", "judge": {"model": str(tiny_model_dir)}},
+    })
+    summary = run_stage(cfg, "evaluate")
+    return cfg.root / "evaluate", summary
+
+
+def test_stage_writes_alpaca_eval_files(stage_run):
+    d, _ = stage_run
+    assert not (d / "dpo.json").exists()  # its stage is not in the experiment
+    for name in ("a", "sft"):
+        rows = json.loads((d / f"{name}.json").read_text())
+        assert len(rows) == len(PROMPTS)
+        for row, src in zip(rows, PROMPTS):
+            assert row["instruction"] == src["instruction"]
+            assert row["generator"] == name
+            assert isinstance(row["output"], str)
+            if src["input"]:
+                assert row["input"] == src["input"]
+                assert list(row) == ["instruction", "input", "output", "generator"]
+            else:
+                assert "input" not in row
+                assert list(row) == ["instruction", "output", "generator"]
+    assert json.loads((d / "a.json").read_text()) == [{**r, "generator": "a"} for r in
+                                                       json.loads((d / "sft.json").read_text())]  # same seed
+
+
+def test_stage_summary_policy_against_itself(stage_run):
+    """The same model under two names: KL exactly 0, win rates 1/2 by RM, gold and judge (ties count half;
+    the same seed gives the same responses both sides), the figures the summary promises, the table, the figure."""
+    d, summary = stage_run
+    on_disk = json.loads((d / "summary.json").read_text())
+    assert set(on_disk["policies"]) == {"a", "sft"}
+    for name in ("a", "sft"):
+        p = on_disk["policies"][name]
+        assert p["kl_to_sft"] == 0.0
+        assert p["win_rate_vs_sft"] == 0.5 and p["win_rate_vs_sft_gold"] == 0.5
+        assert 0.0 <= p["gold_score"] <= 1.0 and math.isfinite(p["rm_score"])
+        assert 1 <= p["length"] <= 6
+    a = on_disk["policies"]["a"]
+    assert a["judge_win_rate"] == pytest.approx(0.5)
+    assert 0.0 <= a["judge_order_disagreement"] <= 1.0
+    assert "judge_win_rate" not in on_disk["policies"]["sft"]
+    samples = [json.loads(x) for x in (d / "samples_a.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * len(PROMPTS)
+    assert all(s["logp"] == s["ref_logp"] and s["logp"] < 0 for s in samples)
+    assert on_disk["policies"]["a"]["rm_score"] == on_disk["policies"]["sft"]["rm_score"]
+    table = (d / "table.md").read_text()
+    assert table.startswith("| policy |") and "| a |" in table and "| sft |" in table
+    assert (d / "evaluate.png").stat().st_size > 0

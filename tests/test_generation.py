@@ -1,0 +1,278 @@
+"""Generation: the transformers backend on the tiny model, the vLLM request building (no GPU here), backend
+choice, and the `generate` stage's shards, resume and SimPO recipe."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from prefopt.generation import Sampling, make_generator, resolve_backend
+from prefopt.generation import factory
+from prefopt.generation.hf import TransformersGenerator, left_pad
+from prefopt.generation.recipe import all_identical, unique_prompts
+from prefopt.generation.vllm_backend import VLLMGenerator, llm_kwargs, sampling_params_kwargs, to_completions
+from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.utils import read_jsonl, weights_sha256
+
+PROMPTS = ["### Instruction:\nSort 3 1 2\n\n### Response:\n", "hi", "The quick brown fox jumps over the lazy dog"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return TransformersGenerator(str(tiny_model_dir), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def sharp_gen(tiny_model_dir):
+    """The tiny model with weights scaled up: its greedy answers vary from prompt to prompt (the plain random
+    init repeats one token), so a padding bug shows in the output."""
+    model = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    return TransformersGenerator(model, load_tokenizer(str(tiny_model_dir)), batch_size=8)
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+def test_left_pad_shapes():
+    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_completions_shapes_eos_and_padding(tiny_model_dir):
+    """n completions per prompt; token_ids end at the first EOS (kept) or run to max_new_tokens; no padding.
+    The EOS embedding (tied to the output head) is scaled up so that some samples end early."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.eos_token_id] *= 40
+    model.train()
+    g = TransformersGenerator(model, tok, batch_size=2)
+    outs = g.generate(PROMPTS, Sampling(n=4, temperature=1.0, max_new_tokens=8, seed=3))
+    assert model.training, "generation must put the model back in the mode it was in"
+    assert [len(o) for o in outs] == [4, 4, 4]
+    comps = [c for o in outs for c in o]
+    assert any(c.finished for c in comps) and any(not c.finished for c in comps)
+    for c in comps:
+        assert 1 <= len(c.token_ids) <= 8
+        assert c.token_ids.count(tok.eos_token_id) == (1 if c.finished else 0)
+        if c.finished:
+            assert c.token_ids[-1] == tok.eos_token_id
+        else:
+            assert len(c.token_ids) == 8
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_same_seed_same_candidates(gen):
+    s = Sampling(n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=7)
+    first = gen.generate(PROMPTS, s)
+    torch.rand(100)  # whatever ran before must not matter
+    state = torch.get_rng_state()
+    again = gen.generate(PROMPTS, s)
+    assert torch.equal(state, torch.get_rng_state()), "generation must not move the caller's RNG"
+    assert [[c.token_ids for c in o] for o in again] == [[c.token_ids for c in o] for o in first]
+    other = gen.generate(PROMPTS, Sampling(n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=8))
+    assert [[c.token_ids for c in o] for o in other] != [[c.token_ids for c in o] for o in first]
+    # n samples of one prompt are distinct draws, not copies
+    assert len({tuple(c.token_ids) for c in first[2]}) > 1
+
+
+def test_left_padding_batched_equals_alone(sharp_gen):
+    long = "Below is an instruction that describes a task. Write a response that appropriately completes it. " * 2
+    short = ["Sort 3 1 2", "hi", "The quick brown fox"]
+    s = Sampling(n=1, temperature=0, max_new_tokens=12)
+    batched = sharp_gen.generate([long] + short, s)
+    for i, p in enumerate(short):
+        alone = sharp_gen.generate([p], s)[0][0].token_ids
+        assert batched[i + 1][0].token_ids == alone, p
+    assert len({tuple(b[0].token_ids) for b in batched}) == 4  # the outputs really differ between prompts
+
+
+def test_greedy_repeats_one_answer(gen):
+    outs = gen.generate(PROMPTS[:2], Sampling(n=3, temperature=0, max_new_tokens=5))
+    for o in outs:
+        assert len(o) == 3 and o[0].token_ids == o[1].token_ids == o[2].token_ids
+        assert o[0] is not o[1]
+
+
+# ------------------------------------------------------------------------------------------------ vLLM and backend choice
+
+
+def test_vllm_request_for_simpo_recipe():
+    s = Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=2048, seed=13)
+    assert sampling_params_kwargs(s) == {"n": 1, "temperature": 0.8, "top_p": 0.95, "max_tokens": 2048, "seed": 13}
+    assert sampling_params_kwargs(Sampling(n=5, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0))["n"] == 5
+    # greedy asks for one sequence (then repeated), with nucleus sampling off
+    assert sampling_params_kwargs(Sampling(n=4, temperature=0, top_p=0.9))["n"] == 1
+    assert llm_kwargs("/m", tensor_parallel_size=4, gpu_memory_utilization=0.85, dtype="bfloat16", seed=3) == {
+        "model": "/m", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85, "dtype": "bfloat16", "seed": 3}
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        llm_kwargs("/m", tensor_parallel_size=0)
+
+
+def _fake_vllm(calls):
+    """A stand-in for the vllm module that records what it is asked and returns RequestOutput-shaped objects."""
+    mod = types.ModuleType("vllm")
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"], calls["params"] = prompts, params.kw
+            outs = [types.SimpleNamespace(text=f"{p}-{j}", token_ids=[1, j, 2], finish_reason="stop" if j else "length")
+                    for p in prompts for j in range(params.kw["n"])]
+            n = params.kw["n"]
+            return [types.SimpleNamespace(outputs=outs[i * n:(i + 1) * n]) for i in range(len(prompts))]
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    mod.LLM, mod.SamplingParams = LLM, SamplingParams
+    return mod
+
+
+def test_vllm_generator_maps_outputs(monkeypatch):
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    g = VLLMGenerator("/m", tensor_parallel_size=2, seed=5)
+    assert calls["llm"]["tensor_parallel_size"] == 2 and calls["llm"]["model"] == "/m"
+    outs = g.generate(["a", "b"], Sampling(n=2, temperature=0.8, top_p=0.95, max_new_tokens=9, seed=13))
+    assert calls["params"] == {"n": 2, "temperature": 0.8, "top_p": 0.95, "max_tokens": 9, "seed": 13}
+    assert [[c.text for c in o] for o in outs] == [["a-0", "a-1"], ["b-0", "b-1"]]
+    assert [c.finished for c in outs[0]] == [False, True]  # "length" -> cut, "stop" -> EOS
+    greedy = g.generate(["a"], Sampling(n=3, temperature=0))
+    assert [c.text for c in greedy[0]] == ["a-0"] * 3
+    assert to_completions(types.SimpleNamespace(outputs=[]), 1) == []
+
+
+def test_auto_picks_transformers_here(monkeypatch):
+    assert resolve_backend("transformers") == "transformers"
+    assert resolve_backend("auto") == "transformers"  # no vllm, no CUDA on this machine
+    monkeypatch.setattr(factory, "vllm_unavailable_reason", lambda: None)
+    assert resolve_backend("auto") == "vllm"
+
+
+def test_clear_error_when_vllm_cannot_run(tiny_model_dir, monkeypatch):
+    with pytest.raises(ValueError) as e:
+        make_generator(str(tiny_model_dir), backend="vllm")
+    msg = str(e.value)
+    assert "not installed" in msg and "pip install -e .[vllm]" in msg and "backend: transformers" in msg
+    # installed but no GPU: says so
+    monkeypatch.setattr(factory.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_backend("vllm")
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        resolve_backend("hf")
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _experiment(tmp_path, tiny_model_dir, out="runs", **generate):
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        rows = [{"instruction": f"Sort the numbers {i} {i + 3} {i + 1}.", "input": "" if i % 2 else "ascending"}
+                for i in range(5)]
+        rows.append(dict(rows[0]))  # the same prompt twice: one row, counted
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = {"model": str(tiny_model_dir), "prompts": {"path": str(prompts)}, "backend": "transformers",
+               "n": 2, "max_new_tokens": 4, "shard_size": 2, "batch_size": 2, **generate}
+    return from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path / out), "wandb": {"mode": "disabled"},
+                                        "generate": section})
+
+
+def _rows(d):
+    return [r for p in sorted(d.glob("shard-*.jsonl")) for r in read_jsonl(p)]
+
+
+def test_stage_killed_then_resumed(tmp_path, tiny_model_dir, monkeypatch):
+    """Killed after the first shard: the rerun keeps that shard as it is and writes exactly the rest; the result
+    equals an uninterrupted run's."""
+    import prefopt.generation.recipe as recipe
+    from prefopt.stage import run_stage
+
+    cfg = _experiment(tmp_path, tiny_model_dir)
+    real_write, written = recipe.write_jsonl, []
+
+    def write_then_die(path, rows):
+        if written:
+            raise KeyboardInterrupt("killed")
+        written.append(path)
+        return real_write(path, rows)
+
+    monkeypatch.setattr(recipe, "write_jsonl", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, "generate")
+    monkeypatch.setattr(recipe, "write_jsonl", real_write)
+    d = tmp_path / "runs" / "t" / "generate"
+    first = d / "shard-00000.jsonl"
+    assert [p.name for p in d.glob("shard-*.jsonl")] == ["shard-00000.jsonl"]
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+
+    summary = run_stage(cfg, "generate")
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+    assert summary["resumed_shards"] == 1 and summary["shards"] == 3
+    rows = _rows(d)
+    ids = [r["prompt_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 5 and summary["duplicate_prompts"] == 1
+    assert summary["candidates"] == 10 == sum(len(r["candidates"]) for r in rows)
+    assert summary["tokens"] == sum(sum(r["candidate_lengths"]) for r in rows)
+
+    straight = run_stage(_experiment(tmp_path, tiny_model_dir, out="straight"), "generate")
+    assert straight["resumed_shards"] == 0
+    assert _rows(tmp_path / "straight" / "t" / "generate") == rows
+
+    r = rows[0]
+    assert set(r) >= {"prompt_id", "prompt", "candidates", "candidate_lengths", "finished", "sampling", "seed",
+                      "generator", "meta"}
+    assert r["generator"] == {"path": str(tiny_model_dir), "sha256": weights_sha256(tiny_model_dir),
+                              "backend": "transformers"}
+    assert r["meta"] == {"instruction": "Sort the numbers 0 3 1.", "input": "ascending"}
+    assert r["prompt"].endswith("### Input:\nascending\n\n### Response:\n")
+    assert r["sampling"]["n"] == 2 and r["seed"] == 0
+    assert all(1 <= n <= 4 for n in r["candidate_lengths"])
+
+
+def test_stage_simpo_recipe_and_drop_identical(tmp_path, tiny_model_dir):
+    """One sample per seed at T=0.8, top_p=0.95; with greedy decoding every prompt's five candidates are equal
+    and all are dropped."""
+    from prefopt.stage import run_stage
+
+    simpo = dict(seeds=[13, 21, 42, 79, 100], temperature=0.8, top_p=0.95, drop_identical=True, shard_size=5)
+    summary = run_stage(_experiment(tmp_path, tiny_model_dir, out="simpo", **simpo), "generate")
+    rows = _rows(tmp_path / "simpo" / "t" / "generate")
+    assert summary["dropped_identical"] == 5 - len(rows)
+    assert all(len(r["candidates"]) == 5 for r in rows) and rows
+    assert rows[0]["seed"] == [13, 21, 42, 79, 100] and len(rows[0]["sampling"]["shard_seeds"]) == 5
+    assert rows[0]["sampling"]["temperature"] == 0.8 and rows[0]["sampling"]["top_p"] == 0.95
+
+    greedy = run_stage(_experiment(tmp_path, tiny_model_dir, out="greedy", **{**simpo, "temperature": 0.0}),
+                       "generate")
+    assert greedy["dropped_identical"] == 5 and greedy["candidates"] == 0
+    assert _rows(tmp_path / "greedy" / "t" / "generate") == []
+
+
+def test_stage_vllm_asked_but_cannot_run(tmp_path, tiny_model_dir):
+    from prefopt.stage import run_stage
+
+    with pytest.raises(ValueError, match="cannot run"):
+        run_stage(_experiment(tmp_path, tiny_model_dir, backend="vllm"), "generate")
+
+
+def test_helpers():
+    assert all_identical(["a", "a"]) and not all_identical(["a", "b"]) and not all_identical(["a"])
+    rows, dup = unique_prompts([{"prompt_id": "x"}, {"prompt_id": "y"}, {"prompt_id": "x"}])
+    assert [r["prompt_id"] for r in rows] == ["x", "y"] and dup == 1
