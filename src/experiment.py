@@ -51,6 +51,8 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: online when WANDB_API_KEY is set (or `wandb login` was run), offline otherwise."""
     tags: list[str] = field(default_factory=list)
+    group: str = ""
+    """W&B group of the stage runs; empty: the experiment name. `prefopt sweep` sets it to the sweep's name."""
 
 
 @dataclass

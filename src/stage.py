@@ -132,7 +132,11 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        PartialState()  # starts the process group now, so the barriers below hold across ranks
+        import torch
+
+        # starts the process group now, so the barriers below hold across ranks; cpu=True without CUDA, else
+        # accelerate makes every CPU process its own single-process run (DistributedType.NO)
+        PartialState(cpu=not torch.cuda.is_available())
     main = is_main_process()
     d = prepare_dir(cfg, stage, round_, main)
     dist_barrier()

@@ -102,7 +102,7 @@ class Tracker:
             run = wandb.init(
                 project=cfg.wandb.project,
                 entity=cfg.wandb.entity,
-                group=cfg.name,
+                group=cfg.wandb.group or cfg.name,
                 job_type=stage,
                 name=name,
                 tags=list(cfg.wandb.tags) + ([f"round{round_}"] if round_ > 1 else []),

@@ -276,3 +276,12 @@ def test_helpers():
     assert all_identical(["a", "a"]) and not all_identical(["a", "b"]) and not all_identical(["a"])
     rows, dup = unique_prompts([{"prompt_id": "x"}, {"prompt_id": "y"}, {"prompt_id": "x"}])
     assert [r["prompt_id"] for r in rows] == ["x", "y"] and dup == 1
+
+
+def test_config_validation(tmp_path, tiny_model_dir):
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'seeds' must be distinct"):
+        _experiment(tmp_path, tiny_model_dir, seeds=[13, 13])
+    with pytest.raises(ConfigError, match="'top_p'"):
+        _experiment(tmp_path, tiny_model_dir, top_p=0.0)

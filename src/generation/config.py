@@ -36,10 +36,21 @@ class GenerateConfig:
     shard_size: int = 256
     """Prompts per output shard; a killed run redoes at most the unfinished shard."""
     drop_identical: bool = False
-    """Drop prompts whose candidates are all identical (no preference signal)."""
+    """Drop prompts whose candidates are all identical (no preference signal; needs two or more candidates)."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs per model replica."""
     gpu_memory_utilization: float = 0.9
     """vLLM: fraction of GPU memory for weights and KV cache."""
     dtype: str = "auto"
     """vLLM / transformers dtype (auto, bfloat16, float16, float32)."""
+
+    def __post_init__(self):
+        for name in ("n", "max_new_tokens", "batch_size", "shard_size", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"'temperature' must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"'top_p' must be in (0, 1], got {self.top_p}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"'seeds' must be distinct (equal seeds give equal samples), got {self.seeds}")

@@ -101,8 +101,6 @@ def run(ctx) -> dict:
     from prefopt.models import load_tokenizer
 
     sec = ctx.section
-    if sec.shard_size < 1 or sec.n < 1 or sec.max_new_tokens < 1:
-        raise ValueError("generate: shard_size, n and max_new_tokens must be >= 1")
     backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
     model_path = ctx.resolve(sec.model)
     loaded = load_prompts(sec.prompts, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
@@ -116,15 +114,19 @@ def run(ctx) -> dict:
     generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
     new_tokens = new_prompts = resumed = 0
     gen_seconds = 0.0
-    bar = tqdm(total=len(prompts) * passes, desc="generate", unit="prompt", dynamic_ncols=True)
-    t_start = time.time()
+    # With `seeds`, each prompt is sampled once per seed: the bar counts (prompt, seed) passes.
+    bar = tqdm(total=len(prompts) * passes, desc="generate", unit="prompt" if passes == 1 else "prompt·seed",
+               dynamic_ncols=True)
+    t_start = time.time()  # reset once the model is loaded: the speeds shown are sampling speeds
+    new_passes = 0
 
     def progress(done: int, tokens: int) -> None:
-        nonlocal new_tokens
+        nonlocal new_tokens, new_passes
         new_tokens += tokens
+        new_passes += done
         bar.update(done)
         elapsed = max(time.time() - t_start, 1e-9)
-        bar.set_postfix({"prompts/s": f"{(bar.n - bar.initial) / passes / elapsed:.2f}",
+        bar.set_postfix({"prompts/s": f"{new_passes / passes / elapsed:.2f}",
                          "tokens/s": f"{new_tokens / elapsed:.1f}"})
 
     totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0}
@@ -135,13 +137,13 @@ def run(ctx) -> dict:
         rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
         if rows is not None:
             resumed += 1
-            bar.update(len(chunk) * passes)
-            bar.initial = bar.n  # resumed prompts do not count towards this run's speed
+            bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
         else:
             if generator is None:
                 generator = make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
                                            tensor_parallel_size=sec.tensor_parallel_size,
                                            gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed)
+                t_start = time.time()
             samplings = shard_samplings(sec, ctx.seed, k)
             t0 = time.time()
             outputs = [generator.generate(texts, s, progress=progress) for s in samplings]
@@ -151,13 +153,13 @@ def run(ctx) -> dict:
             if sec.drop_identical:
                 rows = [r for r in rows if not all_identical(r["candidates"])]
             write_jsonl(path, rows)
+            ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
+                             "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
         totals["rows"] += len(rows)
         totals["dropped"] += len(chunk) - len(rows)
         totals["candidates"] += sum(len(r["candidates"]) for r in rows)
         totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
         totals["finished"] += sum(sum(r["finished"]) for r in rows)
-        ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
-                         "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
     bar.close()
 
     return {

@@ -11,8 +11,8 @@ class PPOConfig:
     """The `ppo` stage: PPO with a learned reward model (Ouyang et al. 2022; Huang et al. 2024 'N+ details').
 
     Defaults suit the tiny CPU quickstart (a few-M-parameter Llama, responses <= 16-32 tokens, ~1k episodes).
-    Huang et al. 2024 (Pythia 1B-6.9B, TL;DR): lr 3e-6, kl_coef 0.05, 4 PPO epochs, rollout 512, minibatch 64,
-    gamma 1, lam 0.95, clip 0.2, vf_coef 0.1, missing-EOS penalty, temperature 0.7."""
+    Huang et al. 2024 (Pythia 1B-6.9B on TL;DR; TRL's PPOTrainer defaults follow them): kl_coef 0.05, 4 PPO
+    epochs, gamma 1, lam 0.95, clip 0.2, vf_coef 0.1, temperature 0.7, missing-EOS penalty; lr ~3e-6."""
 
     policy: str = "stage:sft"
     """Policy to optimise; also the frozen reference (loaded a second time from the same checkpoint)."""
@@ -34,7 +34,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout (Huang et al. 2024: 4)."""
     learning_rate: float = 5e-5
-    """Policy AdamW learning rate (constant). 5e-5 suits a tiny model; ~1e-6..3e-6 for 1B+ models."""
+    """Policy AdamW learning rate (constant). 5e-5 suits a tiny model; ~3e-6 for 1B models (Huang et al. 2024)."""
     value_learning_rate: float = 1e-4
     """Value-model AdamW learning rate (constant)."""
     max_new_tokens: int = 32
@@ -54,7 +54,7 @@ class PPOConfig:
     cliprange_value: float = 0.2
     """Value clip: new values stay within this of the rollout's values."""
     vf_coef: float = 0.5
-    """Weight of the value loss in policy loss + vf_coef * value loss."""
+    """Weight of the value loss in policy loss + vf_coef * value loss (Huang et al. 2024: 0.1)."""
     gamma: float = 1.0
     """Discount (1: the score at the last token counts fully for every token)."""
     lam: float = 0.95

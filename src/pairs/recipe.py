@@ -1,0 +1,175 @@
+"""The `pairs` stage: scored candidates -> chosen/rejected pairs with their provenance.
+
+    prefopt pairs experiments/quickstart.yaml --pairs.strategy=all_pairs --pairs.margin=0.1
+
+Reads `generate/shard-*.jsonl` and `score/shard-*.jsonl` (joined on prompt_id), applies the strategy
+(strategies.py), and writes:
+  pairs.jsonl         one row per pair: prompt, chosen, rejected, both candidate indices, both scores, both
+                      lengths, generator and reward-model weight hashes, sampling seed
+  dataset/            the same rows as a HF dataset (datasets.load_from_disk)
+  pairs_summary.png   margin histogram and chosen-minus-rejected length gap (length exploitation shows here first)
+The DPO / SimPO stages read pairs.jsonl with load_preferences (format `preference`; prompts are rendered text).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from prefopt.pairs.strategies import drop_reason, select_pairs
+from prefopt.utils import iter_jsonl, write_jsonl
+
+
+def load_scored(gen_dir: str | Path, score_dir: str | Path) -> tuple[list[dict], int]:
+    """Generation rows with their `scores` and `reward_model` attached; and how many rows had no scores."""
+    scores = {}
+    for shard in sorted(Path(score_dir).glob("shard-*.jsonl")):
+        for row in iter_jsonl(shard):
+            scores[row["prompt_id"]] = row
+    shards = sorted(Path(gen_dir).glob("shard-*.jsonl"))
+    if not shards:
+        raise FileNotFoundError(f"no candidate shards (shard-*.jsonl) in {gen_dir}: run the generate stage first")
+    rows, missing = [], 0
+    for shard in shards:
+        for row in iter_jsonl(shard):
+            s = scores.get(row["prompt_id"])
+            if s is None or len(s["scores"]) != len(row["candidates"]):
+                missing += 1
+                continue
+            rows.append({**row, "scores": s["scores"], "reward_model": s["reward_model"]})
+    return rows, missing
+
+
+def length_counter(generator_path: str | None):
+    """(len function, unit): tokens with the generator's tokenizer when its folder is at hand, else characters."""
+    if generator_path and Path(generator_path).is_dir():
+        try:
+            from prefopt.models import load_tokenizer
+
+            tok = load_tokenizer(generator_path)
+            return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), "tokens"
+        except (OSError, ValueError):
+            pass
+    return len, "characters"
+
+
+def make_pairs(row: dict, strategy: str, margin: float, k: int, rng: random.Random, length) -> list[dict]:
+    """The pair rows of one scored prompt."""
+    cands, scores = row["candidates"], row["scores"]
+    seed = row.get("seed")
+    per_candidate_seed = isinstance(seed, list) and len(seed) == len(cands)
+    out = []
+    for c, r in select_pairs(strategy, scores, margin, k, texts=cands, rng=rng):
+        pair = {
+            "prompt_id": row["prompt_id"],
+            "prompt": row["prompt"],
+            "chosen": cands[c],
+            "rejected": cands[r],
+            "chosen_index": c,
+            "rejected_index": r,
+            "chosen_score": scores[c],
+            "rejected_score": scores[r],
+            "chosen_len": length(cands[c]),
+            "rejected_len": length(cands[r]),
+            "generator_sha256": (row.get("generator") or {}).get("sha256"),
+            "reward_model_sha256": row["reward_model"]["sha256"],
+            # one sample per seed (SimPO recipe): the seed that drew the chosen one, and the rejected one's beside it
+            "seed": seed[c] if per_candidate_seed else seed,
+        }
+        if per_candidate_seed:
+            pair["rejected_seed"] = seed[r]
+        out.append(pair)
+    return out
+
+
+def histogram(values: list[float], bins: int = 10) -> dict:
+    import numpy as np
+
+    if not values:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(values, bins=bins)
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def plot(margins: list[float], gaps: list[float], unit: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.hist(margins, bins=20, color="tab:blue")
+    a.set(title=f"score margin (n={len(margins)})", xlabel="chosen - rejected score", ylabel="pairs")
+    b.hist(gaps, bins=20, color="tab:orange")
+    b.axvline(0, color="k", lw=0.8)
+    mean_gap = statistics.fmean(gaps) if gaps else 0.0
+    b.set(title=f"length gap (mean {mean_gap:+.2f} {unit})", xlabel=f"chosen - rejected length ({unit})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(ctx) -> dict:
+    cfg = ctx.section
+    rows, missing = load_scored(ctx.resolve(cfg.generate, model=False), ctx.resolve(cfg.score, model=False))
+    gen_path = next((r.get("generator", {}).get("path") for r in rows if r.get("generator")), None)
+    length, unit = length_counter(gen_path)
+
+    pairs, dropped = [], Counter()
+    if missing:
+        dropped["missing_scores"] = missing
+    for row in tqdm(rows, desc="pairs", unit="prompt", disable=not ctx.is_main):
+        # a per-prompt generator: the same prompt gets the same pairs whatever order the shards are read in
+        rng = random.Random(f"{ctx.seed}-{cfg.seed}-{row['prompt_id']}")
+        new = make_pairs(row, cfg.strategy, cfg.margin, cfg.max_pairs_per_prompt, rng, length)
+        if not new:
+            dropped[drop_reason(row["scores"], cfg.margin, row["candidates"]) or "no_pair"] += 1
+        pairs += new
+
+    write_jsonl(ctx.dir / "pairs.jsonl", pairs)
+    save_dataset(pairs, ctx.dir / "dataset")
+    margins = [p["chosen_score"] - p["rejected_score"] for p in pairs]
+    gaps = [p["chosen_len"] - p["rejected_len"] for p in pairs]
+    png = plot(margins, gaps, unit, ctx.dir / "pairs_summary.png")
+    summary = {
+        "strategy": cfg.strategy,
+        "margin": cfg.margin,
+        "max_pairs_per_prompt": cfg.max_pairs_per_prompt,
+        "prompts": len(rows) + missing,
+        "prompts_with_pairs": len({p["prompt_id"] for p in pairs}),
+        "pairs": len(pairs),
+        "dropped": dict(dropped),
+        "length_unit": unit,
+        "length/chosen": statistics.fmean(p["chosen_len"] for p in pairs) if pairs else None,
+        "length/rejected": statistics.fmean(p["rejected_len"] for p in pairs) if pairs else None,
+        "length/gap_mean": statistics.fmean(gaps) if gaps else None,
+        "margin/mean": statistics.fmean(margins) if margins else None,
+        "margin/histogram": histogram(margins),
+        "length/gap_histogram": histogram(gaps),
+        "plot": png.name,
+    }
+    ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    ctx.tracker.log_image("pairs_summary", png)
+    ctx.tracker.log_artifact(ctx.dir / "pairs.jsonl", name=f"{ctx.cfg.name}-pairs-r{ctx.round}", type_="dataset")
+    return summary
+
+
+def save_dataset(pairs: list[dict], path: Path) -> None:
+    """HF dataset beside the JSONL (an empty one keeps the columns, so loading it never fails on the schema)."""
+    import shutil
+
+    from datasets import Dataset
+
+    if path.exists():
+        shutil.rmtree(path)
+    if pairs:
+        Dataset.from_list(pairs).save_to_disk(str(path))
+    else:
+        cols = ["prompt_id", "prompt", "chosen", "rejected", "chosen_index", "rejected_index", "chosen_score",
+                "rejected_score", "chosen_len", "rejected_len", "generator_sha256", "reward_model_sha256", "seed"]
+        Dataset.from_dict({c: [] for c in cols}).save_to_disk(str(path))

@@ -1,0 +1,81 @@
+"""Pair strategies: scores of one prompt's candidates -> (chosen index, rejected index) pairs. Pure functions.
+
+    best_vs_worst   the highest-scored candidate against the lowest (SimPO's on-policy recipe, Meng et al. 2024,
+                    Sec. 3 / App. B: 5 samples, the ArmoRM-best as chosen and the worst as rejected)
+    best_vs_random  the highest against up to k others drawn at random among those more than `margin` below it
+    all_pairs       every (i, j) with s_i - s_j > margin, largest gaps first, at most k
+
+A pair is kept only when s_chosen - s_rejected > margin (margin 0 drops exact ties). Candidates with the same
+text are one candidate (the first index keeps it): identical texts give a pair with nothing to learn.
+"""
+
+from __future__ import annotations
+
+import random
+
+STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
+
+
+def distinct(scores: list[float], texts: list[str] | None = None) -> list[int]:
+    """Indices of the candidates to pair: the first of each distinct text (all indices without texts)."""
+    if texts is None:
+        return list(range(len(scores)))
+    seen, out = set(), []
+    for i, t in enumerate(texts):
+        if t not in seen:
+            seen.add(t)
+            out.append(i)
+    return out
+
+
+def drop_reason(scores: list[float], margin: float, texts: list[str] | None = None) -> str | None:
+    """Why a prompt can give no pair, or None when it can: fewer_than_2_candidates, all_tied, below_margin."""
+    idx = distinct(scores, texts)
+    if len(idx) < 2:
+        return "fewer_than_2_candidates"
+    vals = [scores[i] for i in idx]
+    if max(vals) == min(vals):
+        return "all_tied"
+    if max(vals) - min(vals) <= margin:
+        return "below_margin"
+    return None
+
+
+def best_vs_worst(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
+                  rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """[(argmax, argmin)] when their gap exceeds `margin`, else []. One pair per prompt whatever k (k >= 1)."""
+    idx = distinct(scores, texts)
+    if len(idx) < 2 or k < 1:
+        return []
+    best = max(idx, key=lambda i: (scores[i], -i))  # first index wins a tie, so the choice is deterministic
+    worst = min(idx, key=lambda i: (scores[i], i))
+    return [(best, worst)] if scores[best] - scores[worst] > margin else []
+
+
+def best_vs_random(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
+                   rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """The best against up to k distinct others drawn (with `rng`) among those scored more than `margin` below."""
+    idx = distinct(scores, texts)
+    if len(idx) < 2 or k < 1:
+        return []
+    rng = rng or random.Random(0)
+    best = max(idx, key=lambda i: (scores[i], -i))
+    eligible = [j for j in idx if scores[best] - scores[j] > margin]
+    return [(best, j) for j in rng.sample(eligible, min(k, len(eligible)))]
+
+
+def all_pairs(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
+              rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """Every (i, j) with s_i - s_j > margin; the k with the largest gaps (ties by index)."""
+    idx = distinct(scores, texts)
+    pairs = [(i, j) for i in idx for j in idx if scores[i] - scores[j] > margin]
+    pairs.sort(key=lambda p: (-(scores[p[0]] - scores[p[1]]), p))
+    return pairs[:max(k, 0)]
+
+
+def select_pairs(strategy: str, scores: list[float], margin: float = 0.0, k: int = 1,
+                 texts: list[str] | None = None, rng: random.Random | None = None) -> list[tuple[int, int]]:
+    fns = {"best_vs_worst": best_vs_worst, "best_vs_random": best_vs_random, "all_pairs": all_pairs}
+    if strategy not in fns:
+        raise ValueError(f"unknown pair strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
+    return fns[strategy](scores, margin=margin, k=k, texts=texts, rng=rng)

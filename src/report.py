@@ -1,0 +1,98 @@
+"""`prefopt report RUN_DIR`: the analysis notebook's figures as PNGs and a markdown summary, for a finished run.
+
+    prefopt report runs/quickstart            # -> runs/quickstart/report/report.md (+ *.png beside it)
+    prefopt report runs/sweeps/dpo_beta       # a sweep: every trial's run, the frontier across trials
+
+The summary holds the evaluate table (every round), each stage's wall time and key figures from its summary.json,
+the chosen/rejected length gap of the pairs, and the figures of prefopt.analysis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from prefopt import analysis as A
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if pd.isna(v) else f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def markdown_table(df: pd.DataFrame) -> list[str]:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return lines
+
+
+def _load(run_dir: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
+    """A run directory, or a sweep folder (trials.csv) whose trials are loaded side by side."""
+    if (run_dir / "trials.csv").exists():
+        table, dirs = A.sweep_runs(run_dir)
+        return A.load_runs(dirs), table
+    return A.load_run(run_dir), None
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write `<run_dir>/report/report.md` and its PNG figures; returns the markdown file's path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    data, trials = _load(run_dir)
+    out = run_dir / "report"
+    figures = A.save_figures(data, out)
+
+    lines = [f"# Report: `{run_dir.name}`", "", f"Run directory: `{run_dir}`", ""]
+    stages = A.stage_table(data)
+    if len(stages):
+        lines += [f"Stage wall time in all: {stages['wall_seconds'].fillna(0).sum():.0f} s", ""]
+    if trials is not None:
+        lines += ["## Sweep trials", "", *markdown_table(trials.drop(columns=["run_dir"], errors="ignore")), ""]
+
+    lines += ["## Evaluation", ""]
+    ev = A.evaluate_table(data)
+    if ev.empty:
+        lines += ["No evaluate stage has finished in this run.", ""]
+    else:
+        if ev["run"].nunique() == 1:
+            ev = ev.drop(columns=["run"])
+        lines += [*markdown_table(ev), "",
+                  "gold_score: the task's programmatic reward; rm_score: the reward model's; win_rate_vs_sft: "
+                  "how often the policy's response outscores the SFT policy's on the same prompt (reward model); "
+                  "kl_to_sft: KL(policy || SFT) per response, Monte-Carlo; length: mean response tokens.", ""]
+
+    lines += ["## Stages", ""]
+    if stages.empty:
+        lines += ["No stage has a summary yet.", ""]
+    else:
+        rows = []
+        for row in stages.to_dict("records"):
+            figs = ", ".join(f"{k}={_fmt(v)}" for k, v in A.key_figures(row).items())
+            rows.append({"run": row["run"], "stage": row["stage"], "round": row["round"],
+                         "wall s": row["wall_seconds"], "key figures": figs or "-"})
+        table = pd.DataFrame(rows)
+        if table["run"].nunique() == 1:
+            table = table.drop(columns=["run"])
+        lines += [*markdown_table(table), ""]
+
+    pairs = data["pairs"].dropna(subset=["chosen_len", "rejected_len"])
+    if len(pairs):
+        gap = (pairs["chosen_len"] - pairs["rejected_len"]).mean()
+        longer = (pairs["chosen_len"] > pairs["rejected_len"]).mean()
+        lines += ["## Preference pairs", "",
+                  f"{len(pairs)} pairs; mean length chosen {pairs['chosen_len'].mean():.1f}, rejected "
+                  f"{pairs['rejected_len'].mean():.1f} tokens (gap {gap:+.2f}); the chosen response is the longer "
+                  f"one in {longer:.0%} of pairs. A large positive gap invites length exploitation.", ""]
+
+    lines += ["## Figures", ""]
+    for name, path in figures.items():
+        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({path.name})", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return str(md)

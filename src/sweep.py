@@ -1,0 +1,354 @@
+"""`prefopt sweep FILE`: run a W&B sweep file here, without a W&B server (grid and random search).
+
+    prefopt sweep experiments/sweeps/dpo_beta.yaml [--max-trials N] [--dry-run] [--section.key=value ...]
+
+The same file drives `wandb sweep` + `wandb agent` on a cluster. Locally:
+
+- the trials are the cartesian product of each parameter's `values` (grid), or `run_cap` / `--max-trials` draws
+  (random; seeded, so the same file gives the same trials);
+- the experiment is the one the sweep's `command` runs (`prefopt run CONFIG ...`); its fixed `--key=value`
+  arguments and the ones given here apply to every trial;
+- each trial is its own experiment, `<experiment>-<sweep>-t<k>`, so its own run directory, with W&B group = the
+  sweep name;
+- stages the swept keys do not reach (same fingerprint in every trial, e.g. task, base, sft, generate, reward) run
+  once, in the parent experiment's run directory `runs/<experiment>`, and each trial links to them
+  (`reuse_upstream`), so `prefopt run` skips them there: a trial trains only what its values change;
+- `runs/sweeps/<sweep>/trials.csv` and `trials.md` hold each trial's swept values and final evaluate figures,
+  rewritten after every trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import random
+import shlex
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefopt.config import ConfigError, load_config, load_yaml
+
+# W&B command macros that mean nothing here (the interpreter and `env` are this process)
+_DROPPED_MACROS = {"${env}", "${interpreter}"}
+# Figures of each evaluated policy that go into the trials table
+TABLE_FIGURES = ["gold_score", "rm_score", "win_rate_vs_sft", "kl_to_sft", "length"]
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file: what to vary and which experiment to run."""
+
+    name: str
+    method: str
+    parameters: dict[str, dict]
+    """Dotted config key -> W&B parameter spec (`values`, `value`, or `distribution` with `min`/`max`)."""
+    config: str
+    """The experiment YAML the sweep's command runs."""
+    fixed_args: list[str] = field(default_factory=list)
+    """`--key=value` arguments the command passes to every trial."""
+    metric: dict = field(default_factory=dict)
+    run_cap: int = 0
+    path: str = ""
+
+
+def _flatten_parameters(params: dict, prefix: str = "") -> dict[str, dict]:
+    """W&B allows nesting (`dpo: {parameters: {beta: {...}}}`); we use dotted keys either way."""
+    out = {}
+    for name, spec in params.items():
+        key = f"{prefix}{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"sweep parameter {key!r}: expected a mapping (values / value / distribution)")
+        if "parameters" in spec:
+            out.update(_flatten_parameters(spec["parameters"], key + "."))
+        else:
+            out[key] = spec
+    return out
+
+
+def parse_command(command: list, program: str | None) -> tuple[str, list[str]]:
+    """(experiment YAML, fixed `--key=value` args) from a sweep `command` such as
+    `[${env}, prefopt, run, experiments/quickstart.yaml, --stages=[...], ${args}]`."""
+    parts = []
+    for c in command:
+        c = str(c)
+        if c in _DROPPED_MACROS:
+            continue
+        if c == "${program}":
+            parts += shlex.split(program or "")
+            continue
+        if c.startswith("${"):  # ${args} and its variants: the swept values, added per trial
+            continue
+        parts.append(c)
+    if "run" not in parts:
+        raise ConfigError(f"sweep command {command!r} does not call `prefopt run CONFIG`; local sweeps need it")
+    i = parts.index("run")
+    if i + 1 >= len(parts):
+        raise ConfigError(f"sweep command {command!r}: `run` is not followed by an experiment YAML")
+    fixed = parts[i + 2:]
+    bad = [a for a in fixed if not a.startswith("--")]
+    if bad:
+        raise ConfigError(f"sweep command: expected --key=value arguments after the config, got {bad}")
+    return parts[i + 1], fixed
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    data = load_yaml(path)
+    method = data.get("method", "grid")
+    if method not in ("grid", "random", "bayes"):
+        raise ConfigError(f"{path}: method must be grid, random or bayes, got {method!r}")
+    if not data.get("parameters"):
+        raise ConfigError(f"{path}: no `parameters`")
+    config, fixed = parse_command(data.get("command") or ["${env}", "${program}", "${args}"], data.get("program"))
+    return Sweep(
+        name=str(data.get("name") or Path(path).stem),
+        method=method,
+        parameters=_flatten_parameters(data["parameters"]),
+        config=config,
+        fixed_args=fixed,
+        metric=data.get("metric") or {},
+        run_cap=int(data.get("run_cap") or 0),
+        path=str(path),
+    )
+
+
+def sample_value(spec: dict, rng: random.Random, key: str) -> Any:
+    """One draw from a W&B parameter spec (the distributions W&B's random search supports that we need)."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return rng.choice(list(spec["values"]))
+    dist = spec.get("distribution", "uniform")
+    try:
+        lo, hi = spec["min"], spec["max"]
+    except KeyError:
+        if dist == "normal":
+            return rng.gauss(spec.get("mu", 0.0), spec.get("sigma", 1.0))
+        raise ConfigError(f"sweep parameter {key!r}: `{dist}` needs `min` and `max`") from None
+    if dist == "uniform":
+        return rng.uniform(lo, hi)
+    if dist == "int_uniform":
+        return rng.randint(int(lo), int(hi))
+    if dist == "log_uniform_values":  # min/max are the values themselves
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    if dist == "log_uniform":  # min/max are natural logs (W&B's convention)
+        return math.exp(rng.uniform(lo, hi))
+    raise ConfigError(f"sweep parameter {key!r}: distribution {dist!r} is not supported locally "
+                      "(use values, uniform, int_uniform, log_uniform_values, log_uniform or normal)")
+
+
+def expand(sweep: Sweep, max_trials: int = 0, seed: int = 0) -> list[dict[str, Any]]:
+    """The trials, each a {dotted key: value} dict. Grid: every combination, in file order (the first parameter
+    varies slowest). Random (and bayes, which needs a server: run here as random): `max_trials`, else `run_cap`,
+    else 10 draws."""
+    keys = list(sweep.parameters)
+    if sweep.method == "grid":
+        axes = []
+        for k in keys:
+            spec = sweep.parameters[k]
+            if "value" in spec:
+                axes.append([spec["value"]])
+            elif "values" in spec:
+                axes.append(list(spec["values"]))
+            else:
+                raise ConfigError(f"grid sweep parameter {k!r} needs `values` (a distribution cannot be gridded)")
+        trials = [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
+        return trials[:max_trials] if max_trials > 0 else trials
+    if sweep.method == "bayes":
+        print(f"[sweep] {sweep.name}: bayes search needs a W&B server; drawing random trials instead", flush=True)
+    n = max_trials or sweep.run_cap or 10
+    rng = random.Random(seed)
+    return [{k: sample_value(sweep.parameters[k], rng, k) for k in keys} for _ in range(n)]
+
+
+def format_value(v: Any) -> str:
+    """A value as `wandb agent` would write it after `--key=` (str() of the Python value)."""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True).strip()
+    return str(v)
+
+
+def trial_name(base: str, sweep: str, k: int) -> str:
+    return f"{base}-{sweep}-t{k}"
+
+
+def trial_args(sweep: Sweep, parent, values: dict, k: int, extra: list[str]) -> list[str]:
+    """`prefopt run` arguments of trial k: fixed, extra, the swept values, its own name, the sweep's W&B group."""
+    tags = list(dict.fromkeys([*parent.wandb.tags, f"sweep-{sweep.name}"]))
+    return [
+        sweep.config,
+        *sweep.fixed_args,
+        *extra,
+        *(f"--{k_}={format_value(v)}" for k_, v in values.items()),
+        f"--name={trial_name(parent.name, sweep.name, k)}",
+        f"--wandb.group={sweep.name}",
+        f"--wandb.tags=[{','.join(tags)}]",
+    ]
+
+
+# --------------------------------------------------------------------------------------- sharing upstream stages
+
+
+def shared_steps(parent, trials) -> list[tuple[str, int]]:
+    """(stage, round) whose fingerprint is the parent's in every trial: the stages the sweep does not touch."""
+    from prefopt.pipeline import plan
+    from prefopt.stage import fingerprint
+
+    out = []
+    for s, r in plan(parent):
+        fp = fingerprint(parent, s, r)
+        if all((s in t.stages and fingerprint(t, s, r) == fp) for t in trials):
+            out.append((s, r))
+    return out
+
+
+def run_shared(parent, steps: list[tuple[str, int]], overrides: list[str]) -> None:
+    """Run the shared steps once, in the parent experiment's run directory, as `prefopt run` would (skipping
+    finished ones). Only these (stage, round) steps: a later round's generation depends on the swept policy."""
+    from prefopt.pipeline import experiment_lock, record_timing, run_one
+    from prefopt.stage import is_done
+
+    labels = ", ".join(s if r == 1 else f"{s}@round{r}" for s, r in steps)
+    print(f"[sweep] stages every trial shares, run once in {parent.root}: {labels}", flush=True)
+    with experiment_lock(parent.root):
+        for s, r in steps:
+            if is_done(parent, s, r):
+                print(f"[sweep] {s}: finished with the same fingerprint, skipped", flush=True)
+                continue
+            t0 = time.time()
+            run_one(parent, s, r, overrides)
+            record_timing(parent, s, r, time.time() - t0)
+
+
+def reuse_upstream(parent, trial) -> list[str]:
+    """Link each of the trial's stage folders to the parent's finished folder with the same fingerprint, so
+    `prefopt run` skips it. A stale link (its fingerprint no longer matches) is removed. Returns the labels linked."""
+    from prefopt.experiment import stage_dir
+    from prefopt.pipeline import plan
+    from prefopt.stage import fingerprint, is_done
+
+    linked = []
+    for s, r in plan(trial):
+        dst = stage_dir(trial, s, r)
+        same = s in parent.stages and fingerprint(parent, s, r) == fingerprint(trial, s, r) and is_done(parent, s, r)
+        if dst.is_symlink() and not same:
+            dst.unlink()  # made by an earlier sweep against another parent config
+        if not same or dst.exists():
+            continue  # the trial's own run (or a finished earlier one) stays as it is
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(stage_dir(parent, s, r).resolve(), target_is_directory=True)
+        linked.append(s if r == 1 else f"{s}@round{r}")
+    return linked
+
+
+# ----------------------------------------------------------------------------------------------------- the table
+
+
+def trial_figures(cfg) -> dict[str, Any]:
+    """The final round's evaluate figures, flattened as in the W&B run summary (`policies/dpo/gold_score`)."""
+    import json
+
+    from prefopt.experiment import stage_dir
+
+    path = stage_dir(cfg, "evaluate", cfg.iterations) / "summary.json"
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    out = {}
+    for name, figs in (summary.get("policies") or {}).items():
+        for f in TABLE_FIGURES:
+            if f in figs:
+                out[f"policies/{name}/{f}"] = figs[f]
+    return out
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_table(rows: list[dict], out_dir: Path, sweep: Sweep) -> tuple[Path, Path]:
+    """trials.csv (every column) and trials.md (sorted by the sweep's metric when it has one)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    csv_path = out_dir / "trials.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    metric, goal = sweep.metric.get("name"), sweep.metric.get("goal", "maximize")
+    ordered = rows
+    if metric and any(isinstance(r.get(metric), (int, float)) for r in rows):
+        sign = -1 if goal == "maximize" else 1
+        ordered = sorted(rows, key=lambda r: (not isinstance(r.get(metric), (int, float)),
+                                              sign * (r.get(metric) or 0.0)))
+    lines = [f"# Sweep `{sweep.name}` ({sweep.method}, {len(rows)} trials)", ""]
+    if metric:
+        lines += [f"Metric: `{metric}` ({goal}); rows best first.", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in ordered]
+    md_path = out_dir / "trials.md"
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return csv_path, md_path
+
+
+# ------------------------------------------------------------------------------------------------------ the run
+
+
+def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extra: list[str] | None = None,
+              seed: int = 0) -> list[dict]:
+    """Run every trial of the sweep file here, one after another; returns the table's rows."""
+    from prefopt.cli import main as cli_main
+
+    extra = list(extra or [])
+    sweep = load_sweep(path)
+    values = expand(sweep, max_trials, seed)
+    parent = load_config(sweep.config, [*sweep.fixed_args, *extra])
+    argvs = [trial_args(sweep, parent, v, k, extra) for k, v in enumerate(values, 1)]
+    print(f"[sweep] {sweep.name}: {sweep.method}, {len(values)} trial(s) of {parent.name} over "
+          f"{', '.join(sweep.parameters)}", flush=True)
+    if dry_run:
+        for argv in argvs:
+            print(shlex.join(["prefopt", "run", *argv]), flush=True)
+        return [dict(v) for v in values]
+
+    trials = [load_config(a[0], a[1:]) for a in argvs]
+    shared = shared_steps(parent, trials)
+    out_dir = Path(parent.output_dir) / "sweeps" / sweep.name
+    if shared:
+        run_shared(parent, shared, [*sweep.fixed_args, *extra])
+    rows = []
+    for k, (v, argv, cfg) in enumerate(zip(values, argvs, trials), 1):
+        linked = reuse_upstream(parent, cfg)
+        print(f"[sweep] trial {k}/{len(values)} {cfg.name}: "
+              + ", ".join(f"{key}={format_value(x)}" for key, x in v.items())
+              + (f" (reusing {', '.join(linked)})" if linked else ""), flush=True)
+        status = "ok"
+        try:
+            rc = cli_main(["run", *argv])
+            status = "ok" if rc == 0 else f"exit {rc}"
+        except SystemExit as e:  # a training subprocess failed; the next trial still runs, as with wandb agent
+            status = f"exit {e.code}"
+        except Exception:  # noqa: BLE001 - one broken trial must not lose the others' results
+            traceback.print_exc()
+            status = "error"
+        row = {"trial": k, "name": cfg.name, "status": status, **v, "run_dir": str(cfg.root), **trial_figures(cfg)}
+        rows.append(row)
+        csv_path, md_path = write_table(rows, out_dir, sweep)
+    if rows:
+        print(f"[sweep] {sweep.name}: {len(rows)} trial(s); table in {md_path} and {csv_path}", flush=True)
+        print(md_path.read_text(), flush=True)
+    return rows
+
