@@ -32,7 +32,7 @@ COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "simpo": "tab:orange", "ppo": "t
 
 TABLES = {
     "metrics": ["run", "stage", "round", "step", "time"],
-    "summaries": ["run", "stage", "round", "wall_seconds"],
+    "summaries": ["run", "stage", "round", "wall_seconds", "path"],
     "evaluate": ["run", "round", "policy", *EVAL_FIGURES],
     "pairs": ["run", "round", *PAIR_COLUMNS],
     "timings": ["run", "stage", "round", "seconds"],
@@ -91,7 +91,7 @@ def _frame(rows: list[dict], name: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for c in TABLES[name]:
         if c not in df.columns:
-            df[c] = pd.Series(dtype="float64" if c not in ("run", "stage", "policy") else "object")
+            df[c] = pd.Series(dtype="float64" if c not in ("run", "stage", "policy", "path") else "object")
     return df[TABLES[name] + [c for c in df.columns if c not in TABLES[name]]]
 
 
@@ -113,7 +113,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> dict[str, pd.DataF
         summary = _read_json(d / "summary.json")
         if summary is not None:
             flat = {k: v for k, v in flatten(summary).items() if not isinstance(v, list)}
-            summaries.append({**flat, "run": run, "stage": stage, "round": r})
+            # `path`: a sweep trial links the stages it shares with its parent, so the same folder can appear
+            # in several runs; count its time once
+            summaries.append({**flat, "run": run, "stage": stage, "round": r, "path": str(d.resolve())})
             if stage == "evaluate":
                 for policy, figs in (summary.get("policies") or {}).items():
                     evaluate.append({"run": run, "round": r, "policy": policy,
@@ -328,7 +330,7 @@ def stage_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def key_figures(row: dict[str, Any], limit: int = 8) -> dict[str, Any]:
     """The scalar figures of a stage summary worth a glance (numbers; not bookkeeping or per-policy detail)."""
-    skip = {"run", "stage", "round", "wall_seconds", "stage_wall_seconds", "world_size", "global_batch_size",
+    skip = {"run", "stage", "round", "wall_seconds", "path", "stage_wall_seconds", "world_size", "global_batch_size",
             "seed", "num_prompts", "samples_per_prompt", "temperature"}
     out = {}
     for k, v in row.items():

@@ -49,7 +49,7 @@ def write_report(run_dir: str | Path) -> str:
     figures = A.save_figures(data, out)
 
     lines = [f"# Report: `{run_dir.name}`", "", f"Run directory: `{run_dir}`", ""]
-    stages = A.stage_table(data)
+    stages = A.stage_table(data).drop_duplicates("path")  # a stage shared by sweep trials is listed once
     if len(stages):
         lines += [f"Stage wall time in all: {stages['wall_seconds'].fillna(0).sum():.0f} s", ""]
     if trials is not None:

@@ -344,7 +344,7 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
         except Exception:  # noqa: BLE001 - one broken trial must not lose the others' results
             traceback.print_exc()
             status = "error"
-        row = {"trial": k, "name": cfg.name, "status": status, **v, "run_dir": str(cfg.root), **trial_figures(cfg)}
+        row = {"trial": k, "name": cfg.name, "status": status, **v, **trial_figures(cfg), "run_dir": str(cfg.root)}
         rows.append(row)
         csv_path, md_path = write_table(rows, out_dir, sweep)
     if rows:

@@ -46,3 +46,43 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "shared_data" in item.keywords:
                 item.add_marker(skip)
+
+
+def tiny_experiment(tmp_path: Path, name: str = "tiny", stages=None, **sections) -> dict:
+    """A whole experiment at toy size (every stage in seconds): the plumbing, not the learning, is under test."""
+    cfg = {
+        "name": name,
+        "seed": 1,
+        "output_dir": str(tmp_path / "runs"),
+        "wandb": {"mode": "offline"},
+        "launch": {"launcher": "inline"},
+        "task": {"name": "sort", "num_sft": 64, "num_prompts": 12, "num_eval_prompts": 6, "num_preferences": 64,
+                 "min_len": 3, "max_len": 4},
+        "base": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+                 "intermediate_size": 64, "vocab_size": 300},
+        "sft": {"max_steps": 3, "per_device_train_batch_size": 8, "save_steps": 2, "logging_steps": 1},
+        "generate": {"n": 2, "max_new_tokens": 8, "shard_size": 4, "batch_size": 8},
+        "reward": {"max_steps": 3, "per_device_train_batch_size": 8, "save_steps": 2, "logging_steps": 1},
+        "pairs": {"margin": -1.0},
+        "dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 2, "logging_steps": 1},
+        "simpo": {"max_steps": 2, "per_device_train_batch_size": 4, "save_steps": 2, "logging_steps": 1},
+        "ppo": {"total_episodes": 8, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+                "max_new_tokens": 8, "save_every": 1},
+        "evaluate": {"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 8},
+    }
+    if stages is not None:
+        cfg["stages"] = list(stages)
+    for key, value in sections.items():
+        cfg.setdefault(key, {})
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

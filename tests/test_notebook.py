@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from fake_run import make_fake_run
@@ -43,7 +42,13 @@ def test_notebook_executes_and_draws_every_figure(tmp_path, monkeypatch):
                    for c in nb.cells if c.cell_type == "code" for out in c.outputs)
     assert "simpo" in text and "0.51" in text  # the evaluate table's simpo gold score
     assert "PREFOPT_WANDB_GROUP not set" in text
-    assert sys.executable  # the kernel imported prefopt, so it ran in this environment
+
+
+def test_kernel_is_this_environment(tmp_path):
+    """The `python3` kernel spec says `python`; jupyter_client must start it with this venv's interpreter."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+    NotebookClient(nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert Path(nb.cells[0].outputs[0]["text"].strip()) == Path(sys.executable)
 
 
 def test_notebook_survives_a_run_without_aligners(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ class PPOConfig:
     whiten_rewards: bool = False
     """Whiten per-token rewards over each rollout before GAE (keeping their mean)."""
     missing_eos_penalty: float = 1.0
-    """Subtracted from the score of responses that never emit EOS (Huang et al. 2024, detail 4)."""
+    """Subtracted from the score of responses that never emit EOS (Huang et al. 2024; TRL subtracts it the same way)."""
     max_grad_norm: float = 1.0
     """Clip each model's gradient to this global norm; 0 disables clipping."""
     save_every: int = 10

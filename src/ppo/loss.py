@@ -56,7 +56,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                cliprange_value: float = 0.2) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss (as in OpenAI baselines' ppo2 and lm-human-preferences; Huang et al. 2024 detail 8).
+    """Clipped value loss (as in OpenAI baselines' ppo2 and lm-human-preferences; kept by Huang et al. 2024).
 
         V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
         L_V    = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)

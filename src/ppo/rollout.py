@@ -59,7 +59,7 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Per-token log-probs and entropies (B, T-1) of the response tokens, at the sampling temperature.
 
     The logits are divided by the temperature the responses were sampled at, so log pi is the log-prob of the
-    distribution that produced them (Huang et al. 2024, detail 23); zero outside `mask`."""
+    distribution that produced them (Huang et al. 2024); zero outside `mask`."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
     logits = logits / temperature
     logps = token_logps(logits, input_ids[:, 1:]) * mask

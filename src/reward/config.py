@@ -21,9 +21,12 @@ class RewardStageConfig(TrainFields):
     dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/preferences.jsonl"))
     """Preference data (any preference format the loaders read)."""
     template: Literal["alpaca", "chat"] = "alpaca"
+    """How Alpaca/ShareGPT rows become prompts: `alpaca` text, or `chat` messages rendered by the tokenizer's chat
+    template (the reward model is trained on prompt text + response + EOS either way)."""
     eval_fraction: float = 0.1
     """Held-out fraction for pairwise accuracy and margin."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA adapter (PEFT, task SEQ_CLS so the new head trains fully); merged before the model is saved."""
     learning_rate: float = 2e-3
     """Tiny randomly initialised RM on the sort task: 2e-3 for 4 epochs at batch 16 reaches ~0.9 held-out accuracy
     against the gold score (2 layers, hidden 64); 5e-4 for 2 epochs stays near 0.7."""

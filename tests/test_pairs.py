@@ -1,0 +1,137 @@
+"""Pair strategies on hand-made scores, and the pairs stage's rows, provenance, dataset, plot and summary."""
+
+import random
+
+import pytest
+
+from prefopt.config import from_dict
+from prefopt.data.loaders import load_preferences
+from prefopt.data.spec import DatasetSpec
+from prefopt.experiment import ExperimentConfig
+from prefopt.pairs.strategies import all_pairs, best_vs_random, best_vs_worst, drop_reason, select_pairs
+from prefopt.stage import run_stage
+from prefopt.utils import read_jsonl, write_jsonl
+
+
+def test_best_vs_worst():
+    assert best_vs_worst([0.1, 0.9, 0.5, -0.2]) == [(1, 3)]
+    assert best_vs_worst([0.1, 0.9, 0.5, -0.2], k=3) == [(1, 3)]  # one pair per prompt whatever k
+    assert best_vs_worst([0.5, 0.5, 0.5]) == []  # all tied
+    assert best_vs_worst([0.5, 0.7], margin=0.2) == []  # gap 0.2 is not above the margin
+    assert best_vs_worst([0.5, 0.71], margin=0.2) == [(1, 0)]
+    assert best_vs_worst([0.9, 0.9, 0.1, 0.1]) == [(0, 2)]  # ties broken by the first index
+    assert best_vs_worst([1.0]) == []
+    # identical texts are one candidate: the duplicate "a" cannot be the rejected one of its own copy
+    assert best_vs_worst([0.3, 0.3], texts=["a", "a"]) == []
+    assert best_vs_worst([0.3, 0.9, 0.3], texts=["a", "b", "a"]) == [(1, 0)]
+
+
+def test_best_vs_random():
+    scores = [0.0, 1.0, 0.5, 0.95, 0.2]
+    got = best_vs_random(scores, margin=0.1, k=2, rng=random.Random(0))
+    assert len(got) == 2 and all(c == 1 for c, _ in got)
+    assert {r for _, r in got} <= {0, 2, 4}  # index 3 is within the margin of the best
+    assert len({r for _, r in got}) == 2
+    assert sorted(r for _, r in best_vs_random(scores, margin=0.1, k=10, rng=random.Random(0))) == [0, 2, 4]
+    assert best_vs_random([0.4, 0.4], k=2) == []
+    # seeded: the same generator gives the same pairs
+    assert best_vs_random(scores, 0.0, 2, rng=random.Random(5)) == best_vs_random(scores, 0.0, 2,
+                                                                                  rng=random.Random(5))
+
+
+def test_all_pairs():
+    scores = [0.0, 1.0, 0.5, 0.5]
+    # gaps: (1,0)=1.0, (1,2)=(1,3)=(2,0)=(3,0)=0.5; (2,3) tied -> dropped
+    assert all_pairs(scores, k=10) == [(1, 0), (1, 2), (1, 3), (2, 0), (3, 0)]
+    assert all_pairs(scores, k=2) == [(1, 0), (1, 2)]
+    assert all_pairs(scores, margin=0.5, k=10) == [(1, 0)]
+    assert all_pairs([0.2, 0.2, 0.2], k=10) == []
+    with pytest.raises(ValueError, match="strategies are"):
+        select_pairs("nope", scores)
+
+
+def test_drop_reasons():
+    assert drop_reason([0.1], 0.0) == "fewer_than_2_candidates"
+    assert drop_reason([0.1, 0.9], 0.0, texts=["x", "x"]) == "fewer_than_2_candidates"
+    assert drop_reason([0.3, 0.3, 0.3], 0.0) == "all_tied"
+    assert drop_reason([0.3, 0.35], 0.1) == "below_margin"
+    assert drop_reason([0.3, 0.5], 0.1) is None
+
+
+def _fake_run(tmp_path, strategy="best_vs_worst", margin=0.0, k=1):
+    """generate + score shards written by hand: 4 prompts, 2 shards."""
+    root = tmp_path / "t"
+    gen = {"path": "/models/sft", "sha256": "gen123"}
+    rm = {"path": "/models/rm", "sha256": "rm456"}
+    g1 = [
+        {"prompt_id": "p0", "prompt": "P0", "candidates": ["a", "bbbb", "cc"], "sampling": {"n": 3}, "seed": 7,
+         "generator": gen},
+        {"prompt_id": "p1", "prompt": "P1", "candidates": ["x", "y"], "sampling": {"n": 2}, "seed": 7,
+         "generator": gen},
+    ]
+    g2 = [
+        {"prompt_id": "p2", "prompt": "P2", "candidates": ["only"], "sampling": {"n": 1}, "seed": 7, "generator": gen},
+        {"prompt_id": "p3", "prompt": "P3", "candidates": ["m", "nn", "ooo"], "sampling": {"n": 3},
+         "seed": [13, 21, 42], "generator": gen},
+    ]
+    s1 = [{"prompt_id": "p0", "scores": [0.1, 0.9, 0.4], "reward_model": rm},
+          {"prompt_id": "p1", "scores": [0.5, 0.5], "reward_model": rm}]
+    s2 = [{"prompt_id": "p2", "scores": [0.3], "reward_model": rm},
+          {"prompt_id": "p3", "scores": [2.0, -1.0, 0.5], "reward_model": rm}]
+    write_jsonl(root / "generate" / "shard-00000.jsonl", g1)
+    write_jsonl(root / "generate" / "shard-00001.jsonl", g2)
+    write_jsonl(root / "score" / "shard-00000.jsonl", s1)
+    write_jsonl(root / "score" / "shard-00001.jsonl", s2)
+    cfg = from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"},
+                                       "pairs": {"strategy": strategy, "margin": margin, "max_pairs_per_prompt": k}})
+    return cfg, root / "pairs"
+
+
+def test_pairs_stage_provenance(tmp_path):
+    cfg, d = _fake_run(tmp_path)
+    summary = run_stage(cfg, "pairs")
+    pairs = read_jsonl(d / "pairs.jsonl")
+    assert [p["prompt_id"] for p in pairs] == ["p0", "p3"]
+    p0, p3 = pairs
+    assert p0 == {
+        "prompt_id": "p0", "prompt": "P0", "chosen": "bbbb", "rejected": "a", "chosen_index": 1,
+        "rejected_index": 0, "chosen_score": 0.9, "rejected_score": 0.1, "chosen_len": 4, "rejected_len": 1,
+        "generator_sha256": "gen123", "reward_model_sha256": "rm456", "seed": 7,
+    }
+    # one sample per seed: the chosen one's seed, the rejected one's beside it
+    assert (p3["chosen"], p3["rejected"], p3["seed"], p3["rejected_seed"]) == ("m", "nn", 13, 21)
+
+    assert summary["pairs"] == 2 and summary["prompts"] == 4 and summary["prompts_with_pairs"] == 2
+    assert summary["dropped"] == {"all_tied": 1, "fewer_than_2_candidates": 1}
+    assert summary["length_unit"] == "characters"  # the generator folder is not here
+    assert summary["length/gap_mean"] == pytest.approx(((4 - 1) + (1 - 2)) / 2)
+    assert summary["margin/mean"] == pytest.approx((0.8 + 3.0) / 2)
+    assert sum(summary["margin/histogram"]["counts"]) == 2
+    assert (d / "pairs_summary.png").stat().st_size > 1000
+    assert (d / "summary.json").exists()
+
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(d / "dataset"))
+    assert len(ds) == 2 and ds[0]["chosen"] == "bbbb" and ds[0]["reward_model_sha256"] == "rm456"
+    # what DPO / SimPO read
+    rows = load_preferences(DatasetSpec(path=str(d / "pairs.jsonl"), format="preference")).rows
+    assert (rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]) == ("P0", "bbbb", "a")
+
+
+def test_pairs_stage_all_pairs_margin_k(tmp_path):
+    cfg, d = _fake_run(tmp_path, strategy="all_pairs", margin=0.3, k=2)
+    summary = run_stage(cfg, "pairs")
+    got = [(p["prompt_id"], p["chosen_index"], p["rejected_index"]) for p in read_jsonl(d / "pairs.jsonl")]
+    # p0 gaps: (1,0)=0.8, (1,2)=0.5, (2,0)=0.3; p3: (0,1)=3.0, (0,2)=1.5, (2,1)=1.5; k=2 keeps the largest
+    assert got == [("p0", 1, 0), ("p0", 1, 2), ("p3", 0, 1), ("p3", 0, 2)]
+    assert all(p["chosen_score"] - p["rejected_score"] > 0.3 for p in read_jsonl(d / "pairs.jsonl"))
+    assert summary["pairs"] == 4
+    assert summary["dropped"] == {"all_tied": 1, "fewer_than_2_candidates": 1}
+
+
+def test_pairs_margin_drops_near_ties(tmp_path):
+    cfg, d = _fake_run(tmp_path, margin=1.0)
+    summary = run_stage(cfg, "pairs")
+    assert [p["prompt_id"] for p in read_jsonl(d / "pairs.jsonl")] == ["p3"]  # p0's best gap 0.8 <= 1.0
+    assert summary["dropped"] == {"all_tied": 1, "fewer_than_2_candidates": 1, "below_margin": 1}
