@@ -5,9 +5,9 @@ Local record (always written, by the main process only):
   metrics.jsonl  one JSON object per logged step: {"step": ..., "<metric>": ...}
   summary.json   the stage's final figures (written by the stage runner)
 
-W&B: project from the config, group = experiment name, job_type = stage. Without an API key the run is offline
-and the path to `wandb sync` is printed. Other processes get a tracker that does nothing, so stage code never
-branches on rank or on whether W&B is on.
+W&B: project from the config, group = `wandb.group` or the experiment name, job_type = stage. Without an API key
+the run is offline and the path to `wandb sync` is printed. Other processes get a tracker that does nothing, so
+stage code never branches on rank or on whether W&B is on.
 """
 
 from __future__ import annotations

@@ -46,6 +46,18 @@ GRID = {
 }
 
 
+def as_overrides(cfg: dict) -> list[str]:
+    """The sections of a config dict as `--section.key=value` arguments (what the quickstart is shrunk with)."""
+    out = []
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out += [f"--{key}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                    for k, v in value.items()]
+        elif key != "name":
+            out.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
+
+
 @pytest.fixture
 def tiny(tmp_path, monkeypatch):
     """A tiny experiment and a 2x2 sweep file over it, in a fresh working directory."""
@@ -174,7 +186,9 @@ def test_table_is_sorted_by_the_metric(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_2x2_sweep_trains_only_the_swept_stage(tiny, monkeypatch):
+def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, monkeypatch):
+    """experiments/quickstart.yaml shrunk to toy size by overrides given to `prefopt sweep`, a 2x2 grid over DPO's
+    beta and learning rate: the unswept stages run once, each trial trains dpo and evaluates."""
     import wandb
 
     inits, real_init = [], wandb.init
@@ -184,14 +198,19 @@ def test_local_2x2_sweep_trains_only_the_swept_stage(tiny, monkeypatch):
         return real_init(**kw)
 
     monkeypatch.setattr(wandb, "init", spy)
-    rows = run_sweep("grid.yaml")
+    sweep = {**GRID, "command": ["${env}", "prefopt", "run", str(REPO / "experiments" / "quickstart.yaml"),
+                                 "${args}"]}
+    (tiny / "grid.yaml").write_text(yaml.safe_dump(sweep))
+    extra = as_overrides(TINY)
+    rows = run_sweep("grid.yaml", extra=extra)
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert {(r["dpo.beta"], r["dpo.learning_rate"]) for r in rows} == {(0.1, 1e-4), (0.1, 1e-3), (0.5, 1e-4),
                                                                          (0.5, 1e-3)}
-    parent = load_config("tiny.yaml")
+    parent = load_config(REPO / "experiments" / "quickstart.yaml", extra)
+    assert parent.name == "quickstart" and parent.root == Path("runs/quickstart")
     shared = ["task", "base", "sft", "generate", "reward", "score", "pairs"]
     for k in range(1, 5):
-        root = tiny / "runs" / f"tiny-grid-t{k}"
+        root = tiny / "runs" / f"quickstart-grid-t{k}"
         for s in shared:  # linked to the parent's folder, not retrained
             assert (root / s).is_symlink() and (root / s).resolve() == stage_dir(parent, s).resolve()
         for s in ["dpo", "evaluate"]:
@@ -204,24 +223,24 @@ def test_local_2x2_sweep_trains_only_the_swept_stage(tiny, monkeypatch):
     # the table: 4 rows with the values and each trial's evaluate figures
     with open(tiny / "runs" / "sweeps" / "grid" / "trials.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4 and {r["name"] for r in table} == {f"tiny-grid-t{k}" for k in range(1, 5)}
+    assert len(table) == 4 and {r["name"] for r in table} == {f"quickstart-grid-t{k}" for k in range(1, 5)}
     for r in table:
         assert float(r["policies/dpo/kl_to_sft"]) >= 0 and float(r["policies/sft/kl_to_sft"]) == 0
         assert r["run_dir"].endswith(r["name"])
     kl = {(r["dpo.beta"], r["dpo.learning_rate"]): r["policies/dpo/kl_to_sft"] for r in rows}
     assert kl[(0.1, 1e-3)] > kl[(0.1, 1e-4)]  # the larger step moves the policy further from SFT
-    assert "tiny-grid-t4" in (tiny / "runs" / "sweeps" / "grid" / "trials.md").read_text()
+    assert "quickstart-grid-t4" in (tiny / "runs" / "sweeps" / "grid" / "trials.md").read_text()
     # the shared stages ran once (group: the parent experiment); each trial's dpo and evaluate: group = the sweep
-    assert [(i["group"], i["job_type"]) for i in inits[:7]] == [("tiny", s) for s in shared[:3] + ["reward"]
+    assert [(i["group"], i["job_type"]) for i in inits[:7]] == [("quickstart", s) for s in shared[:3] + ["reward"]
                                                                  + ["generate", "score", "pairs"]]
     trial_runs = inits[7:]
     assert len(trial_runs) == 8 and all(i["group"] == "grid" and i["mode"] == "offline" for i in trial_runs)
-    assert sorted(i["name"] for i in trial_runs) == sorted(f"tiny-grid-t{k}-{s}" for k in range(1, 5)
+    assert sorted(i["name"] for i in trial_runs) == sorted(f"quickstart-grid-t{k}-{s}" for k in range(1, 5)
                                                            for s in ("dpo", "evaluate"))
     assert all("sweep-grid" in i["tags"] for i in trial_runs)
 
     # run again: every trial is finished, nothing trains, the markers stay as they were
-    before = {p: p.read_text() for p in (tiny / "runs").glob("tiny-grid-t*/dpo/_DONE.json")}
-    again = run_sweep("grid.yaml")
+    before = {p: p.read_text() for p in (tiny / "runs").glob("quickstart-grid-t*/dpo/_DONE.json")}
+    again = run_sweep("grid.yaml", extra=extra)
     assert [r["policies/dpo/kl_to_sft"] for r in again] == [r["policies/dpo/kl_to_sft"] for r in rows]
     assert {p: p.read_text() for p in before} == before
