@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.experiment import ORDER, ROUND_STAGES, STAGES, ExperimentConfig, stage_dir
-from prefopt.stage import fingerprint, is_done, run_stage, write_json
+from prefopt.stage import FINGERPRINT, MARKER, fingerprint, is_done, run_stage, write_json
 
 
 class LockedError(RuntimeError):
@@ -99,9 +99,10 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     with experiment_lock(cfg.root):
         if from_stage:
             first = ORDER.index(from_stage)
-            for s, r in steps:  # forget markers from `from_stage` on, so they rerun
+            for s, r in steps:  # from `from_stage` on, start clean: no marker, no partial outputs to resume
                 if ORDER.index(s) >= first:
-                    (stage_dir(cfg, s, r) / "_DONE.json").unlink(missing_ok=True)
+                    (stage_dir(cfg, s, r) / MARKER).unlink(missing_ok=True)
+                    (stage_dir(cfg, s, r) / FINGERPRINT).unlink(missing_ok=True)  # prepare_dir then clears it
         for s, r in steps:
             if only and s != only:
                 continue

@@ -25,7 +25,8 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
     from prefopt.data.spec import DatasetSpec
     from prefopt.data.templates import render_prompt
 
-    rows = load_preferences(DatasetSpec(path=pairs_path(path)), template).rows
+    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer
+    rows = load_preferences(DatasetSpec(path=pairs_path(path), allow_empty_answers=True), template).rows
     return [{"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]
 

@@ -99,6 +99,11 @@ class Tracker:
             import wandb
 
             name = f"{cfg.name}-{stage}" + (f"-r{round_}" if round_ > 1 else "")
+            # Under `wandb agent` the trial process inherits the sweep's run id: only the final evaluate stage
+            # (whose summary holds the sweep metric) reports to it; every other stage gets a run of its own.
+            agent_run_id = None
+            if os.environ.get("WANDB_SWEEP_ID") and stage != "evaluate":
+                agent_run_id = os.environ.pop("WANDB_RUN_ID", None)
             run = wandb.init(
                 project=cfg.wandb.project,
                 entity=cfg.wandb.entity,
@@ -113,6 +118,8 @@ class Tracker:
                 reinit="create_new",
                 settings={"silent": True, "console": "off"},
             )
+            if agent_run_id is not None:
+                os.environ["WANDB_RUN_ID"] = agent_run_id
         return cls(run_dir, run, mode)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:

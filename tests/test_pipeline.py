@@ -97,3 +97,67 @@ def test_check_reports_missing_input_stage(capsys):
     cfg = from_dict(ExperimentConfig, {"name": "x", "stages": ["dpo"]})
     assert check(cfg) == 1
     assert "dpo: reads stage 'sft'" in capsys.readouterr().out
+
+
+FULL = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "evaluate"]
+
+
+@pytest.mark.slow
+def test_iterative_rounds_generate_from_previous_policy(tmp_path):
+    """iterations: 2 — round 2 samples from round 1's DPO policy and has its own stages and W&B runs."""
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=FULL, iterations=2))
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / "runs" / "tiny"
+    rows = [json.loads(x) for p in sorted((root / "round2" / "generate").glob("shard-*.jsonl"))
+            for x in p.read_text().splitlines()]
+    assert rows and all(Path(r["generator"]["path"]) == root / "dpo" / "model" for r in rows)
+    first = [json.loads(x) for p in sorted((root / "generate").glob("shard-*.jsonl")) for x in p.read_text().splitlines()]
+    assert all(Path(r["generator"]["path"]) == root / "sft" / "model" for r in first)
+    assert (root / "round2" / "dpo" / "model" / "model.safetensors").exists()
+    # round 2's DPO starts from round 1's policy: its recorded config says round 2
+    assert "round: 2" in (root / "round2" / "dpo" / "config.yaml").read_text()
+    summary = json.loads((root / "round2" / "evaluate" / "summary.json").read_text())
+    assert set(summary["policies"]) == {"sft", "dpo"} and summary["wall_seconds"] > 0
+    assert list((root / "round2" / "dpo" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_killed_experiment_resumes_to_same_figures(tmp_path):
+    """Kill between stages and inside one (SFT, after a checkpoint); the resumed run ends with the same figures."""
+    import signal
+    import time
+
+    cfg = tiny_experiment(tmp_path / "a", stages=FULL, sft={"max_steps": 6, "save_steps": 2})
+    (tmp_path / "a").mkdir()
+    straight = write_yaml(tmp_path / "a" / "e.yaml", cfg)
+    assert prefopt("run", straight).returncode == 0
+    want = json.loads((tmp_path / "a" / "runs" / "tiny" / "evaluate" / "summary.json").read_text())["policies"]
+
+    (tmp_path / "b").mkdir()
+    exp = write_yaml(tmp_path / "b" / "e.yaml", tiny_experiment(tmp_path / "b", stages=FULL,
+                                                                sft={"max_steps": 6, "save_steps": 2}))
+    root = tmp_path / "b" / "runs" / "tiny"
+    # 1) killed between stages: only task and base, then stop
+    assert prefopt("run", exp, "--only", "task").returncode == 0
+    assert prefopt("run", exp, "--only", "base").returncode == 0
+    # 2) killed inside SFT once its first checkpoint is on disk
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefopt", "run", str(exp)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = root / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "sft" / "_DONE.json").exists()
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "task: finished with the same fingerprint, skipped" in out.stdout
+    got = json.loads((root / "evaluate" / "summary.json").read_text())["policies"]
+    assert set(got) == set(want)
+    for name in want:
+        for key, value in want[name].items():
+            if isinstance(value, float):
+                assert got[name][key] == pytest.approx(value, abs=1e-6), (name, key)

@@ -128,8 +128,9 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 class _Row:
     """One record being parsed; its errors name the file, the row and the field."""
 
-    def __init__(self, data: dict, path, n: int, prefix: str = ""):
+    def __init__(self, data: dict, path, n: int, prefix: str = "", allow_empty_answers: bool = False):
         self.data, self.path, self.n, self.prefix = data, path, n, prefix
+        self.allow_empty_answers = allow_empty_answers
 
     def error(self, field: str | None, problem: str) -> DataError:
         return DataError(self.path, self.n, field, problem)
@@ -151,9 +152,13 @@ def _string(value: Any, name: str, r: _Row, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise r.error(name, f"expected a string, got {type(value).__name__}")
-    if required and not value.strip():
+    if required and not value.strip() and not (r.allow_empty_answers and name in ANSWER_FIELDS):
         raise r.error(name, "empty")
     return value
+
+
+# Fields that hold a response; with DatasetSpec.allow_empty_answers an empty one is valid (a sampled candidate).
+ANSWER_FIELDS = {"chosen", "rejected", "completion", "output"}
 
 
 def _messages(value: Any, name: str, r: _Row) -> list[dict]:
@@ -386,7 +391,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
             row_fmt = fmt or detect_format(rec, spec.field_prefix)
             if row_fmt == "unknown":
                 raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set `format`")
-            r = _Row(rec, path, n, spec.field_prefix)
+            r = _Row(rec, path, n, spec.field_prefix, spec.allow_empty_answers)
             row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
             fmt = row_fmt
         except DataError as e:

@@ -27,6 +27,9 @@ class DatasetSpec:
     """Use only the first N usable rows (0: all)."""
     skip_bad_rows: bool = False
     """Skip rows that fail validation (their count is logged and written to the summary) instead of stopping."""
+    allow_empty_answers: bool = False
+    """Accept an empty chosen/rejected/completion. Off for human data (an empty answer is a broken row); the pairs
+    the pipeline builds set it, since a sampled candidate may be empty (the model stopped at once)."""
     dedup: bool = False
     """Drop exact duplicate rows (same prompt and answers, ignoring whitespace); the count is reported."""
     field_prefix: str = ""

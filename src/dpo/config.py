@@ -24,6 +24,10 @@ class DPOStageConfig(TrainFields):
     """sigmoid: DPO. ipo: IPO (Azar et al. 2023). cdpo: conservative DPO with `label_smoothing`."""
     label_smoothing: float = 0.0
     """cDPO: assumed probability that a label is flipped (0.1 is a common choice)."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL term on the chosen response (RPO: Pang et al. 2024, 'Iterative Reasoning Preference
+    Optimization', Eq. 3, alpha=1). 0: pure DPO. It keeps the chosen likelihood from falling with the rejected one
+    (on the quickstart task pure DPO learns to lengthen answers and loses gold score; see docs/methods.md)."""
     reference: Literal["loaded", "precomputed", "lora_base"] = "precomputed"
     """loaded: keep a frozen reference model in memory. precomputed: one pass of reference log-probs before
     training, then drop the model. lora_base: the LoRA base with the adapter disabled (needs lora.enabled)."""

@@ -21,19 +21,26 @@ from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
 
 
-def trl_loss(loss_type: str, label_smoothing: float) -> dict:
-    """Our loss_type -> DPOConfig fields.
+def trl_loss(loss_type: str, label_smoothing: float, sft_weight: float = 0.0) -> dict:
+    """Our loss_type (+ the RPO NLL term) -> DPOConfig fields.
 
     TRL 1.16's "sigmoid" ignores label_smoothing, so cDPO is built from two of its losses. With A = logsigma(bh),
     B = logsigma(-bh): sigmoid = -A and robust = (-(1-e)A + eB) / (1-2e), hence
-    cDPO = -(1-e)A - eB = 2(1-e) * sigmoid - (1-2e) * robust (same value, same gradient; tests/test_losses.py)."""
+    cDPO = -(1-e)A - eB = 2(1-e) * sigmoid - (1-2e) * robust (same value, same gradient; tests/test_losses.py).
+    sft_weight > 0 adds TRL's "sft" loss (mean NLL of the chosen tokens) with that weight."""
     if loss_type == "cdpo":
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"cdpo needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
         e = label_smoothing
-        return {"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - e), -(1 - 2 * e)],
-                "label_smoothing": e}
-    return {"loss_type": [loss_type], "label_smoothing": 0.0}
+        out = {"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - e), -(1 - 2 * e)], "label_smoothing": e}
+    else:
+        out = {"loss_type": [loss_type], "loss_weights": [1.0], "label_smoothing": 0.0}
+    if sft_weight > 0:
+        out["loss_type"] = out["loss_type"] + ["sft"]
+        out["loss_weights"] = out["loss_weights"] + [sft_weight]
+    if out["loss_weights"] == [1.0]:
+        del out["loss_weights"]
+    return out
 
 
 def build_dpo_config(sec, out_dir: Path, seed: int):
@@ -45,7 +52,7 @@ def build_dpo_config(sec, out_dir: Path, seed: int):
         beta=sec.beta,
         disable_dropout=True,
         precompute_ref_log_probs=sec.reference == "precomputed",
-        **trl_loss(sec.loss_type, sec.label_smoothing),
+        **trl_loss(sec.loss_type, sec.label_smoothing, sec.sft_weight),
     )
     args.update(sec.trainer_args)  # explicit passthrough wins
     return DPOConfig(**args)

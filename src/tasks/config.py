@@ -25,4 +25,13 @@ class TaskConfig:
     min_len: int = 3
     """Shortest list to sort."""
     max_len: int = 6
+    distinct: bool = False
+    """Inputs of distinct digits (max_len <= 10). Then every slip (a digit added, dropped, replaced or repeated) is
+    visible by looking digits up in the input, without counting: a tiny reward model can learn to see it."""
+
+    def __post_init__(self):
+        if self.distinct and self.max_len > 10:
+            raise ValueError("task.distinct needs max_len <= 10 (there are ten digits)")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"task: need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
     """Longest list to sort."""

@@ -89,8 +89,11 @@ def gold_score(prompt: str, response: str) -> float:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def random_input(rng: random.Random, min_len: int, max_len: int) -> list[int]:
-    return [rng.randrange(10) for _ in range(rng.randint(min_len, max_len))]
+def random_input(rng: random.Random, min_len: int, max_len: int, distinct: bool = False) -> list[int]:
+    n = rng.randint(min_len, max_len)
+    if distinct:
+        return rng.sample(range(10), n)
+    return [rng.randrange(10) for _ in range(n)]
 
 
 def mistake(xs: list[int], kind: str, rng: random.Random) -> list[int] | None:
@@ -131,14 +134,49 @@ def wrong_answer(xs: list[int], rng: random.Random) -> tuple[str, str]:
     raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
 
 
-def response_pool(xs: list[int], rng: random.Random, size: int = 6) -> list[str]:
-    """Distinct candidate responses for one input: the correct answer plus up to `size - 1` mistakes."""
+def corrupt(ys: list[int], rng: random.Random) -> list[int]:
+    """A sampling slip of the kind a policy makes at temperature 1: one digit replaced, inserted or deleted.
+
+    The reward model must see these (not only the systematic mistakes of the demonstrations), or it learns
+    "looks sorted" instead of "is the sorted input" and the aligners exploit the gap."""
+    ys = list(ys)
+    op = rng.choice(["replace", "insert", "delete"] if len(ys) > 1 else ["replace", "insert"])
+    i = rng.randrange(len(ys))
+    if op == "replace":
+        ys[i] = rng.choice([d for d in range(10) if d != ys[i]])
+    elif op == "insert":
+        ys.insert(rng.randrange(len(ys) + 1), rng.randrange(10))
+    else:
+        del ys[i]
+    return ys
+
+
+def response_pool(xs: list[int], rng: random.Random, slips: int = 6) -> list[str]:
+    """Distinct candidate responses for one input: the correct answer first, the systematic mistakes, and up to
+    `slips` sampling slips of the correct answer (a third of them with a second slip); many slips stay sorted, so
+    sortedness alone cannot tell them from the answer."""
     pool = [format_list(sorted(xs))]
     for kind in MISTAKES:
         out = mistake(xs, kind, rng)
         if out is not None and format_list(out) not in pool:
             pool.append(format_list(out))
-    return pool[:size]
+    for _ in range(slips):
+        ys = corrupt(sorted(xs), rng)
+        if rng.random() < 0.3:
+            ys = corrupt(ys, rng)
+        if ys and format_list(ys) not in pool:
+            pool.append(format_list(ys))
+    return pool
+
+
+def preference_pair(xs: list[int], rng: random.Random, p_correct: float = 0.5) -> tuple[str, str]:
+    """Two responses for the annotator to compare. Half the pairs hold the correct answer against a wrong one:
+    the comparisons best-of-n selection depends on, which uniform pairs from the pool would make rare."""
+    pool = response_pool(xs, rng)
+    if rng.random() < p_correct:
+        return pool[0], rng.choice(pool[1:])
+    a, b = rng.sample(pool, 2)
+    return a, b
 
 
 def annotate(score_a: float, score_b: float, noise: float, rng: random.Random) -> int:
@@ -154,14 +192,15 @@ class UniqueInputs:
     """Draws inputs never drawn before (so SFT, preference, prompt and eval inputs are disjoint) while the space
     allows; when it runs out, repeats are allowed and counted."""
 
-    def __init__(self, rng: random.Random, min_len: int, max_len: int, tries: int = 100):
+    def __init__(self, rng: random.Random, min_len: int, max_len: int, tries: int = 100, distinct: bool = False):
         self.rng, self.min_len, self.max_len, self.tries = rng, min_len, max_len, tries
+        self.distinct = distinct
         self.used: set[tuple[int, ...]] = set()
         self.repeats = 0
 
     def draw(self) -> list[int]:
         for _ in range(self.tries):
-            xs = random_input(self.rng, self.min_len, self.max_len)
+            xs = random_input(self.rng, self.min_len, self.max_len, self.distinct)
             if tuple(xs) not in self.used:
                 self.used.add(tuple(xs))
                 return xs
@@ -172,7 +211,7 @@ class UniqueInputs:
 def make_data(cfg, seed: int) -> dict[str, list[dict]]:
     """The task's files as rows: sft, prompts, eval_prompts, preferences (`cfg` is a TaskConfig)."""
     rng = random.Random(seed)
-    inputs = UniqueInputs(rng, cfg.min_len, cfg.max_len)
+    inputs = UniqueInputs(rng, cfg.min_len, cfg.max_len, distinct=cfg.distinct)
 
     def row(xs):
         return {"instruction": rng.choice(INSTRUCTIONS), "input": format_list(xs)}
@@ -193,7 +232,7 @@ def make_data(cfg, seed: int) -> dict[str, list[dict]]:
     preferences = []
     for _ in range(cfg.num_preferences):
         xs = inputs.draw()
-        a, b = rng.sample(response_pool(xs, rng), 2)
+        a, b = preference_pair(xs, rng)
         ga, gb = score_numbers(xs, a), score_numbers(xs, b)
         pick = annotate(ga, gb, cfg.annotator_noise, rng)
         chosen, rejected = (a, b) if pick == 0 else (b, a)
