@@ -130,16 +130,18 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def log_artifact(self, path: Path, name: str, type_: str) -> None:
+    def log_artifact(self, path, name: str, type_: str) -> None:
+        """A file, a folder, or a list of files as one W&B artifact (a dataset the stage produced)."""
         if self.run is None:
             return
         import wandb
 
         art = wandb.Artifact(name=name, type=type_)
-        if Path(path).is_dir():
-            art.add_dir(str(path))
-        else:
-            art.add_file(str(path))
+        for p in (path if isinstance(path, (list, tuple)) else [path]):
+            if Path(p).is_dir():
+                art.add_dir(str(p))
+            else:
+                art.add_file(str(p))
         self.run.log_artifact(art)
 
     def log_image(self, key: str, path: Path) -> None:

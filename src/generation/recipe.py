@@ -162,6 +162,8 @@ def run(ctx) -> dict:
         totals["finished"] += sum(sum(r["finished"]) for r in rows)
     bar.close()
 
+    ctx.tracker.log_artifact(sorted(ctx.dir.glob("shard-*.jsonl")), name=f"{ctx.cfg.name}-candidates-r{ctx.round}",
+                             type_="dataset")
     return {
         "prompts": len(prompts),
         "rows": totals["rows"],

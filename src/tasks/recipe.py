@@ -42,6 +42,8 @@ def run(ctx) -> dict:
     data = get_task(cfg.name).make_data(cfg, ctx.seed)
     for name in ("sft", "prompts", "eval_prompts", "preferences"):
         write_jsonl(ctx.dir / f"{name}.jsonl", data[name])
+    ctx.tracker.log_artifact([ctx.dir / f"{n}.jsonl" for n in ("sft", "prompts", "eval_prompts", "preferences")],
+                             name=f"{ctx.cfg.name}-task-data", type_="dataset")
     summary = {"task": cfg.name, **summarize(data)}
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
