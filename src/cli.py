@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import textwrap
 import typing
@@ -169,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from prefopt.stage import run_stage
 
+        from prefopt.experiment import stage_dir
+
         summary = run_stage(cfg, args.command, args.round)
-        print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> {summary.get('dir', '')}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
+                  f"{stage_dir(cfg, args.command, args.round)}", flush=True)
         return 0
     except ConfigError as e:
         print(f"prefopt: config error: {e}", file=sys.stderr)

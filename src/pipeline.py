@@ -128,6 +128,8 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         if ("evaluate", cfg.iterations) not in ran:  # the stage prints its table when it runs
             print_table(summary)
         result["evaluate"] = str(final_eval)
+        print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
+              f"`prefopt report {cfg.root}` draws them", flush=True)
     print(f"[prefopt] experiment {cfg.name}: {wall:.0f} s of stage time in all; outputs under {cfg.root}/", flush=True)
     return result
 

@@ -14,8 +14,6 @@ import pytest
 import torch
 import yaml
 
-from prefopt.config import from_dict
-from prefopt.experiment import ExperimentConfig
 from prefopt.sft.config import SFTStageConfig
 
 REPO = Path(__file__).resolve().parents[1]
