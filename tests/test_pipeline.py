@@ -161,3 +161,26 @@ def test_killed_experiment_resumes_to_same_figures(tmp_path):
         for key, value in want[name].items():
             if isinstance(value, float):
                 assert got[name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerate(path):
+    """Every shipped launch config is one accelerate itself reads, with the setup its name promises."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    kind = str(cfg.distributed_type).split(".")[-1]
+    name = path.stem
+    if name.startswith("deepspeed"):
+        assert kind == "DEEPSPEED" and cfg.deepspeed_config["zero_stage"] == int(name[len("deepspeed_zero")])
+        if "offload" in name:
+            assert cfg.deepspeed_config["offload_param_device"] == "cpu"
+    elif name == "fsdp":
+        assert kind == "FSDP" and cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    elif name == "cpu_2proc":
+        assert cfg.num_processes == 2 and cfg.use_cpu
+    elif name == "single":
+        assert cfg.num_processes == 1
+    else:
+        assert kind == "MULTI_GPU" and cfg.num_processes > 1

@@ -163,7 +163,10 @@ def plot(policies: dict[str, dict], path: Path) -> bool:
     if not names:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(names, [policies[n][key] for n in names], color="tab:blue")
+    bars = ax1.bar(names, [policies[n][key] for n in names], color="tab:blue")
+    ax1.bar_label(bars, fmt="%.3f")
+    if key == "gold_score":  # gold scores lie in [0, 1]: a fixed axis makes runs comparable at a glance
+        ax1.set_ylim(0, 1.1)
     ax1.set_ylabel(key.replace("_", " "))
     ax1.set_title(f"{key.replace('_', ' ')} per policy")
     kl = [n for n in names if policies[n].get("kl_to_sft") is not None]
