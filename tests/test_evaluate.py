@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from prefopt.evaluate import metrics as M
 
 # ------------------------------------------------------------------------------------------------ pure figures
@@ -23,7 +22,8 @@ def test_prompt_win_rate_all_pairs_ties_half():
     """Policy [2, 1] vs baseline [1]: 2 > 1 wins (1), 1 = 1 ties (1/2) -> (1 + 0.5) / 2 = 0.75."""
     assert M.prompt_win_rate([2.0, 1.0], [1.0]) == pytest.approx(0.75)
     assert M.prompt_win_rate([0.0], [1.0, 2.0]) == 0.0
-    """[1, 3] vs [2, 0]: pairs (1,2)=0 (1,0)=1 (3,2)=1 (3,0)=1 -> 3/4."""
+    # [1, 3] vs [2, 0]: pairs (1,2)=0 (1,0)=1 (3,2)=1 (3,0)=1 -> 3/4
+
     assert M.prompt_win_rate([1.0, 3.0], [2.0, 0.0]) == pytest.approx(0.75)
 
 
@@ -147,13 +147,12 @@ def stage_run(tiny_model_dir, tmp_path_factory):
     """One evaluate run of two policies that are the same tiny model ("a" and the baseline "sft"), scored by the
     sort task's gold and a (random) tiny reward model, with the tiny model itself as judge; a `stage:dpo` policy
     whose stage is off must be dropped."""
-    from transformers import AutoModelForSequenceClassification
-
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
     from prefopt.models import load_tokenizer, save_model
     from prefopt.stage import run_stage
     from prefopt.utils import seed_everything
+    from transformers import AutoModelForSequenceClassification
 
     tmp = tmp_path_factory.mktemp("eval")
     seed_everything(0)
@@ -197,7 +196,7 @@ def test_stage_summary_policy_against_itself(stage_run):
     the same seed gives the same responses both sides), the figures the summary promises, the table, the figure."""
     d, summary = stage_run
     on_disk = json.loads((d / "summary.json").read_text())
-    assert set(on_disk["policies"]) == {"a", "sft"}
+    assert on_disk["policies"] == summary["policies"] and set(on_disk["policies"]) == {"a", "sft"}
     for name in ("a", "sft"):
         p = on_disk["policies"][name]
         assert p["kl_to_sft"] == 0.0
@@ -215,3 +214,30 @@ def test_stage_summary_policy_against_itself(stage_run):
     table = (d / "table.md").read_text()
     assert table.startswith("| policy |") and "| a |" in table and "| sft |" in table
     assert (d / "evaluate.png").stat().st_size > 0
+
+
+def test_cli_evaluate_as_a_user_runs_it(tiny_model_dir, tmp_path):
+    """`python -m prefopt evaluate cfg.yaml --key=value` in a subprocess writes the files and prints the table."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS[:2]))
+    cfg = {"name": "cli", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+           "stages": ["evaluate"],
+           "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_model": "",
+                        "prompts": {"path": str(prompts)}, "max_new_tokens": 4}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "prefopt", "evaluate", str(tmp_path / "cfg.yaml"),
+                          "--evaluate.samples_per_prompt=1"], check=False, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| policy |" in res.stdout and "| sft |" in res.stdout
+    d = tmp_path / "cli" / "evaluate"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["samples_per_prompt"] == 1 and summary["policies"]["sft"]["kl_to_sft"] == 0.0
+    assert len(json.loads((d / "sft.json").read_text())) == 2

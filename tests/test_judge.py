@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from prefopt.evaluate.judge import LMJudge, combine_orders, judge_pairs
 
 

@@ -11,7 +11,7 @@ and the fraction of pairs whose two orders pick different winners (order inconsi
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

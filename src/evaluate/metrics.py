@@ -8,10 +8,10 @@ Log-probs are summed over the response tokens (the EOS token included when the m
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
-
 from prefopt.logps import completion_logps
 
 

@@ -13,7 +13,8 @@ KL. For samples y ~ pi_T(.|x) (the policy at the sampling temperature T), the st
 with both log-probs computed from logits divided by T: an unbiased estimate of KL(pi_T || pi_sft,T), which at
 T = 1 (the default) is the sequence-level KL(pi || pi_sft) of the DPO/RLHF objectives. top_p < 1 truncates the
 sampling distribution, which these log-probs do not model: the figure is then only approximate. Responses cut at
-max_new_tokens count as the prefixes they are. The baseline scores the policy's own token ids, so the two must
+max_new_tokens count as the prefixes they are. With temperature 0 (greedy) there is no sampling distribution;
+the T = 1 log-prob difference of the greedy responses is reported instead. The baseline scores the policy's own token ids, so the two must
 share a tokenizer (true for policies trained from the SFT model).
 
 Outputs in the stage folder:
@@ -28,8 +29,6 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
@@ -37,6 +36,7 @@ from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling
 from prefopt.stage import atomic_write, write_json
 from prefopt.utils import seed_everything, write_jsonl
+from tqdm.auto import tqdm
 
 COLUMNS = [("gold_score", "gold"), ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"),
            ("win_rate_vs_sft_gold", "win vs SFT (gold)"), ("kl_to_sft", "KL to SFT"), ("length", "length"),
@@ -88,18 +88,17 @@ def sample_policy(name: str, path: str, rows: list[dict], sec) -> dict:
 
     tok = load_tokenizer(path, trust_remote_code=sec.trust_remote_code)
     rendered = [render_prompt(r["prompt"], tok) for r in rows]
-    # Alpaca strings get the tokenizer's BOS; a chat template writes its own special tokens.
-    prompt_ids = [tok(t, add_special_tokens=isinstance(r["prompt"], str))["input_ids"] for t, r in zip(rendered, rows)]
-    gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size)
+    # Tokenized exactly as the generators do (add_special_tokens=True), so the log-probs are of what was sampled.
+    prompt_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in rendered]
+    gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size, dtype=sec.dtype, seed=sec.seed)
     sampling = Sampling(n=sec.samples_per_prompt, temperature=sec.temperature, top_p=sec.top_p,
                         max_new_tokens=sec.max_new_tokens, seed=sec.seed)
     bar = tqdm(total=len(rows), desc=f"generate {name}", unit="prompt")
 
-    def progress(done: int, tokens: int) -> None:  # prompts done so far
-        bar.update(max(0, done - bar.n))
+    def progress(done: int, tokens: int) -> None:  # prompts in the batch just finished
+        bar.update(done)
 
     outs = gen.generate(rendered, sampling, progress=progress)
-    bar.update(len(rows) - bar.n)
     bar.close()
     del gen
     _free()
