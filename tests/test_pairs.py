@@ -135,3 +135,24 @@ def test_pairs_margin_drops_near_ties(tmp_path):
     summary = run_stage(cfg, "pairs")
     assert [p["prompt_id"] for p in read_jsonl(d / "pairs.jsonl")] == ["p3"]  # p0's best gap 0.8 <= 1.0
     assert summary["dropped"] == {"all_tied": 1, "fewer_than_2_candidates": 1, "below_margin": 1}
+
+
+def test_gold_audit_hand_computed():
+    """Two prompts; gold = the candidate's number, the reward model's scores disagree on one pair.
+
+    Prompt A: gold 1, 2, 3; RM 0.1, 0.5, 0.3 -> pairs (1,2) right, (1,3) right, (2,3) wrong: 2 of 3.
+    Prompt B: gold 5, 5; a tie in gold, so no pair counts and no top-1 check.
+    RM accuracy 2/3; top-1: A's RM best is "2", gold best is "3" -> 0/1.
+    Pairs: (3 over 1) chosen better = 1; (2 over 2) a gold tie = 1/2 -> chosen_better 0.75."""
+    from prefopt.pairs.strategies import gold_audit
+
+    def gold(prompt, response):
+        return float(response)
+
+    rows = [{"prompt": "A", "candidates": ["1", "2", "3"], "scores": [0.1, 0.5, 0.3]},
+            {"prompt": "B", "candidates": ["5", "5"], "scores": [0.2, 0.1]}]
+    pairs = [{"prompt": "A", "chosen": "3", "rejected": "1"}, {"prompt": "A", "chosen": "2", "rejected": "2"}]
+    audit = gold_audit(rows, pairs, gold)
+    assert audit["gold/rm_pairwise_accuracy"] == pytest.approx(2 / 3)
+    assert audit["gold/best_is_gold_best"] == 0.0
+    assert audit["gold/chosen_better"] == 0.75

@@ -40,6 +40,9 @@ def test_quickstart_improves_gold_score_with_every_method(tmp_path):
     # the reward model trained on simulated labels is good on held-out pairs (issue 3)
     reward = json.loads((root / "reward" / "summary.json").read_text())
     assert reward["eval/gold_accuracy"] >= 0.8
+    # the pairs stage audits the reward model against gold on the policy's own samples
+    pairs = json.loads((root / "pairs" / "summary.json").read_text())
+    assert pairs["gold/rm_pairwise_accuracy"] >= 0.85 and pairs["gold/chosen_better"] >= 0.9
     # training stages ran as accelerate subprocesses, each with its own offline W&B run
     assert "accelerate.commands.launch" in out.stdout
     for stage in ("sft", "reward", "dpo", "simpo", "ppo"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prefopt.pairs.strategies import drop_reason, select_pairs
+from prefopt.pairs.strategies import drop_reason, gold_audit, select_pairs
 from prefopt.utils import iter_jsonl, write_jsonl
 
 
@@ -153,6 +153,14 @@ def run(ctx) -> dict:
         "length/gap_histogram": histogram(gaps),
         "plot": png.name,
     }
+    task = ctx.cfg.task.name
+    if task != "none":  # a task with a gold scorer: audit the reward model's choices on the policy's samples
+        from prefopt.tasks import get_task
+
+        try:
+            summary.update(gold_audit(rows, pairs, get_task(task).gold_score))
+        except ValueError as e:  # prompts that are not the task's (pairs built from other data): no audit
+            summary["gold/audit_skipped"] = str(e)[:200]
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     ctx.tracker.log_image("pairs_summary", png)
     ctx.tracker.log_artifact(ctx.dir / "pairs.jsonl", name=f"{ctx.cfg.name}-pairs-r{ctx.round}", type_="dataset")

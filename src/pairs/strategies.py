@@ -79,3 +79,32 @@ def select_pairs(strategy: str, scores: list[float], margin: float = 0.0, k: int
     if strategy not in fns:
         raise ValueError(f"unknown pair strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
     return fns[strategy](scores, margin=margin, k=k, texts=texts, rng=rng)
+
+
+def gold_audit(rows: list[dict], pairs: list[dict], gold) -> dict:
+    """How far the reward model's choices agree with a task's gold scorer (only when the task has one).
+
+    rm_pairwise_accuracy: over every two candidates of a prompt whose gold scores differ, how often the reward
+    model orders them as gold does (the reward model's accuracy *on the policy's own samples*, which held-out
+    preference accuracy does not show). chosen_better: fraction of pairs whose chosen answer has the higher gold
+    score (ties count 1/2). best_is_gold_best: when a prompt's candidates differ in gold, how often the reward
+    model's top candidate is a gold-best one."""
+    right = total = top = tops = 0
+    for row in rows:
+        g = [gold(row["prompt"], c) for c in row["candidates"]]
+        s = row["scores"]
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                if g[i] != g[j]:
+                    total += 1
+                    right += (s[i] > s[j]) == (g[i] > g[j]) and s[i] != s[j]
+        if len(set(g)) > 1:
+            tops += 1
+            top += g[max(range(len(s)), key=s.__getitem__)] == max(g)
+    better = [1.0 if gc > gr else 0.5 if gc == gr else 0.0
+              for gc, gr in ((gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])) for p in pairs)]
+    return {
+        "gold/rm_pairwise_accuracy": right / total if total else None,
+        "gold/chosen_better": sum(better) / len(better) if better else None,
+        "gold/best_is_gold_best": top / tops if tops else None,
+    }
