@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
                   f"{stage_dir(cfg, args.command, args.round)}", flush=True)
+            table = stage_dir(cfg, args.command, args.round) / "table.md"
+            if args.command == "evaluate" and table.exists():
+                print(table.read_text(), flush=True)
         return 0
     except ConfigError as e:
         print(f"prefopt: config error: {e}", file=sys.stderr)

@@ -95,7 +95,6 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     if cfg.launch.launcher == "accelerate" and not cfg.config_path:
         raise ValueError("launching stages through accelerate needs the experiment loaded from a YAML file")
     steps = plan(cfg)
-    ran: set[tuple[str, int]] = set()
     t0 = time.time()
     with experiment_lock(cfg.root):
         if from_stage:
@@ -115,7 +114,6 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
             t_stage = time.time()
             run_one(cfg, s, r, overrides)
             record_timing(cfg, s, r, time.time() - t_stage)
-            ran.add((s, r))
     wall = experiment_wall_seconds(cfg)
     result = {"experiment": cfg.name, "root": str(cfg.root), "wall_seconds": wall,
               "this_invocation_seconds": round(time.time() - t0, 1)}
@@ -125,8 +123,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         summary["stage_wall_seconds"] = summary.get("stage_wall_seconds", summary.get("wall_seconds"))
         summary["wall_seconds"] = wall
         write_json(final_eval, summary)
-        if ("evaluate", cfg.iterations) not in ran:  # the stage prints its table when it runs
-            print_table(summary)
+        print_table(summary)
         result["evaluate"] = str(final_eval)
         print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
               f"`prefopt report {cfg.root}` draws them", flush=True)

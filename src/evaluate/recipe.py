@@ -277,8 +277,7 @@ def run(ctx) -> dict:
         write_jsonl(ctx.dir / f"samples_{name}.jsonl", _sample_rows(name, rows, s, gold, rm, own, ref))
 
     md = table(figures)
-    print(md, flush=True)
-    atomic_write(ctx.dir / "table.md", md)
+    atomic_write(ctx.dir / "table.md", md)  # printed by `prefopt run` / `prefopt evaluate` once the stage is done
     if plot(figures, ctx.dir / "evaluate.png"):
         ctx.tracker.log_image("evaluate", ctx.dir / "evaluate.png")
     return {
