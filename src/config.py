@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,51 @@ import yaml
 
 class ConfigError(ValueError):
     """A config that cannot be used: names the key and what was expected."""
+
+
+class FieldError(ValueError):
+    """A section's `__post_init__` refusing one of its own fields; `from_dict` names it `section.field`."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"'{field}' {problem}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Declarative value checks, called from each section's __post_init__
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_range(obj: Any, name: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+                le: float | None = None, finite: bool = True) -> None:
+    """Refuse `obj.name` outside the given bounds (or NaN/inf, unless finite=False) with a FieldError.
+
+    `check_range(self, "learning_rate", gt=0)` -> "sft.learning_rate: must be a finite number > 0, got nan"."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    bounds = [f"{op} {b:g}" for op, b in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if b is not None]
+    want = " and ".join(bounds)
+    if isinstance(value, float) and not math.isfinite(value):
+        if finite or math.isnan(value):
+            raise FieldError(name, f"must be a finite number{' ' + want if want else ''}, got {value}")
+    ok = ((gt is None or value > gt) and (ge is None or value >= ge) and (lt is None or value < lt)
+          and (le is None or value <= le))
+    if not ok:
+        raise FieldError(name, f"must be {want}, got {value}")
+
+
+def check_ranges(obj: Any, **bounds: dict) -> None:
+    """Several `check_range` calls: `check_ranges(self, beta=dict(gt=0), sft_weight=dict(ge=0))`."""
+    for name, b in bounds.items():
+        check_range(obj, name, **b)
+
+
+def check_choice(obj: Any, name: str, choices) -> None:
+    """Refuse a value that is not one of `choices` (for names kept as plain strings, e.g. schedulers)."""
+    value = getattr(obj, name)
+    if value not in choices:
+        raise FieldError(name, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
 
 
 MISSING = dataclasses.MISSING
@@ -190,7 +236,9 @@ def from_dict(cls, data: dict, where: str = "") -> Any:
         kwargs["trainer_args"] = passthrough
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # __post_init__ validation
+    except FieldError as e:  # __post_init__ validation of one field: name it as the user writes it
+        raise ConfigError(f"{where + '.' if where else ''}{e.field}: {e.problem}") from None
+    except (ValueError, TypeError) as e:  # __post_init__ validation across fields
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 

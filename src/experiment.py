@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from prefopt.base.config import BaseConfig
+from prefopt.config import check_range
 from prefopt.dpo.config import DPOStageConfig
 from prefopt.evaluate.config import EvaluateConfig
 from prefopt.generation.config import GenerateConfig
@@ -64,6 +65,9 @@ class LaunchConfig:
     num_processes: int = 1
     """Processes per training stage (GPUs; on CPU, processes)."""
 
+    def __post_init__(self):
+        check_range(self, "num_processes", ge=1)
+
 
 @dataclass
 class ExperimentConfig:
@@ -98,8 +102,7 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown} in 'stages'; valid stages: {', '.join(ORDER)}")
         self.stages = [s for s in ORDER if s in self.stages]
-        if self.iterations < 1:
-            raise ValueError("'iterations' must be >= 1")
+        check_range(self, "iterations", ge=1)
 
     @property
     def root(self) -> Path:

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefopt.config import check_choice, check_range, check_ranges
+
+# transformers' SchedulerType values (tests/test_bad_inputs.py checks this list against the installed transformers;
+# kept here so that loading a config does not import transformers)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+              "warmup_stable_decay", "greedy")
+
 
 @dataclass
 class TrainFields:
@@ -44,6 +52,18 @@ class TrainFields:
     """Keep at most this many intermediate checkpoints."""
     recipe_global_batch: int = 0
     """The global batch the recipe (paper) states; `prefopt check` warns when the launch gives another. 0: none."""
+
+    def __post_init__(self):
+        # a negative or NaN value here used to train silently (0 steps) or crash deep inside torch
+        check_ranges(self, learning_rate=dict(gt=0), per_device_train_batch_size=dict(ge=1),
+                     gradient_accumulation_steps=dict(ge=1), warmup_ratio=dict(ge=0, lt=1), weight_decay=dict(ge=0),
+                     max_grad_norm=dict(ge=0), max_length=dict(ge=1), logging_steps=dict(ge=1), save_steps=dict(ge=1),
+                     save_total_limit=dict(ge=1), recipe_global_batch=dict(ge=0), max_steps=dict(ge=-1))
+        if self.max_steps <= 0:  # epochs decide the length only when max_steps does not
+            check_range(self, "num_train_epochs", gt=0)
+        else:
+            check_range(self, "num_train_epochs", ge=0)
+        check_choice(self, "lr_scheduler_type", SCHEDULERS)
 
     def global_batch(self, num_processes: int = 1) -> int:
         return num_processes * self.per_device_train_batch_size * self.gradient_accumulation_steps

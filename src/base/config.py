@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from prefopt.config import check_ranges
+
 
 @dataclass
 class BaseConfig:
@@ -26,3 +28,15 @@ class BaseConfig:
     """Tokens per packed block (documents joined with EOS)."""
     pretrain_batch_size: int = 16
     pretrain_learning_rate: float = 1e-3
+
+    def __post_init__(self):
+        check_ranges(self, vocab_size=dict(ge=16), hidden_size=dict(ge=1), num_hidden_layers=dict(ge=1),
+                     num_attention_heads=dict(ge=1), num_key_value_heads=dict(ge=1), intermediate_size=dict(ge=1),
+                     max_position_embeddings=dict(ge=2), pretrain_steps=dict(ge=0), pretrain_block_size=dict(ge=2),
+                     pretrain_batch_size=dict(ge=1), pretrain_learning_rate=dict(gt=0))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")

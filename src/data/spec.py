@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from prefopt.config import check_ranges
+
 Format = Literal[
     "auto",  # decided from the first row's keys
     "alpaca",  # instruction / input / output (SFT) or instruction / input / chosen / rejected (preferences)
@@ -35,3 +37,9 @@ class DatasetSpec:
     field_prefix: str = ""
     """Alpaca fields with a prefix, e.g. `zh_` reads zh_instruction / zh_input / zh_output (alpaca-chinese-dataset).
     Without one, `en_` fields are read where the plain ones are absent."""
+    max_chars: int = 1_000_000
+    """Refuse (or, with `skip_bad_rows`, skip) a row whose text fields hold more characters than this: a
+    multi-megabyte prompt is a broken row, and tokenizing it can take tens of GB of memory."""
+
+    def __post_init__(self):
+        check_ranges(self, limit=dict(ge=0), max_chars=dict(ge=1))

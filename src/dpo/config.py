@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from prefopt.config import check_ranges
 from prefopt.models_config import LoraSpec
 from prefopt.train_args import TrainFields
 
@@ -41,3 +42,10 @@ class DPOStageConfig(TrainFields):
     """Clip gradients to this global norm; 0 disables clipping. Off by default for DPO: on the small gold task
     clipping at 1.0 cost gold score (docs/methods.md, "DPO through TRL"); the GPU recipes set 1.0 as the papers did."""
     trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        # beta <= 0 flips or removes the KL term; label_smoothing 0.5 makes every label a coin flip
+        check_ranges(self, beta=dict(gt=0), label_smoothing=dict(ge=0, lt=0.5), sft_weight=dict(ge=0))
+        if self.reference == "lora_base" and not self.lora.enabled:
+            raise ValueError("reference: 'lora_base' needs lora.enabled: true (no adapter to disable otherwise)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefopt.config import check_ranges
 from prefopt.data.spec import DatasetSpec
 
 
@@ -15,6 +16,9 @@ class JudgeConfig:
     chat: bool = False
     """Put the judging prompt in the judge tokenizer's chat template (instruct judges); off: plain text."""
     batch_size: int = 8
+
+    def __post_init__(self):
+        check_ranges(self, max_prompts=dict(ge=0), batch_size=dict(ge=1))
 
 
 @dataclass
@@ -50,3 +54,7 @@ class EvaluateConfig:
     """Tokens the reward model reads (prompt + response), as `score.max_length`."""
     trust_remote_code: bool = False
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def __post_init__(self):
+        check_ranges(self, samples_per_prompt=dict(ge=1), temperature=dict(ge=0), top_p=dict(gt=0, le=1),
+                     max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=1))

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefopt.config import check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
 
 
@@ -46,11 +47,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         for name in ("n", "max_new_tokens", "batch_size", "shard_size", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise ValueError(f"'temperature' must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"'top_p' must be in (0, 1], got {self.top_p}")
+            check_range(self, name, ge=1)
+        check_ranges(self, temperature=dict(ge=0), top_p=dict(gt=0, le=1), gpu_memory_utilization=dict(gt=0, le=1))
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"'seeds' must be distinct (equal seeds give equal samples), got {self.seeds}")

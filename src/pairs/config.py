@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from prefopt.config import check_ranges
+
 
 @dataclass
 class PairsConfig:
@@ -21,3 +23,6 @@ class PairsConfig:
     """At most k pairs per prompt (best_vs_worst always gives at most one)."""
     seed: int = 0
     """Seeds best_vs_random's draw, together with the experiment seed and the prompt id."""
+
+    def __post_init__(self):
+        check_ranges(self, margin=dict(), max_pairs_per_prompt=dict(ge=1))

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefopt.config import check_ranges
 from prefopt.data.spec import DatasetSpec
 
 
@@ -69,15 +70,15 @@ class PPOConfig:
     """Checkpoint every this many PPO iterations (policy, value, optimizers, KL controller, RNG, sampler)."""
 
     def __post_init__(self):
-        if self.rollout_batch_size < 1 or self.mini_batch_size < 1:
-            raise ValueError("rollout_batch_size and mini_batch_size must be >= 1")
+        check_ranges(self, rollout_batch_size=dict(ge=1), mini_batch_size=dict(ge=1), total_episodes=dict(ge=1),
+                     ppo_epochs=dict(ge=1), learning_rate=dict(gt=0), value_learning_rate=dict(gt=0),
+                     max_new_tokens=dict(ge=1), temperature=dict(gt=0), top_p=dict(gt=0, le=1), kl_coef=dict(ge=0),
+                     kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
+                     vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),
+                     max_grad_norm=dict(ge=0), save_every=dict(ge=1))
         if self.mini_batch_size > self.rollout_batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= rollout_batch_size "
                              f"({self.rollout_batch_size})")
         if self.total_episodes < self.rollout_batch_size:
             raise ValueError(f"total_episodes ({self.total_episodes}) < rollout_batch_size "
                              f"({self.rollout_batch_size}): not one iteration")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (log-probs are computed at it)")
-        if self.save_every < 1:
-            raise ValueError("save_every must be >= 1")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from prefopt.config import check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
 from prefopt.models_config import LoraSpec
 from prefopt.train_args import TrainFields
@@ -24,7 +25,17 @@ class RewardStageConfig(TrainFields):
     """How Alpaca/ShareGPT rows become prompts: `alpaca` text, or `chat` messages rendered by the tokenizer's chat
     template (the reward model is trained on prompt text + response + EOS either way)."""
     eval_fraction: float = 0.1
-    """Held-out fraction for pairwise accuracy and margin."""
+    """Validation fraction of the preference rows: the checkpoint with the best pairwise accuracy on it is kept
+    (early stopping). Never the figure reported."""
+    test_fraction: float = 0.1
+    """Test fraction: the held-out pairwise accuracy and margin reported (with their standard errors), the gate's
+    figure, and the calibration the pairs stage estimates its label quality from."""
+    early_stopping_patience: int = 4
+    """Stop after this many evaluations (one every `save_steps`) without a better validation accuracy; 0: never."""
+    min_eval_accuracy: float = 0.65
+    """The gate: `prefopt run` stops before any stage that uses the reward model when its held-out (test) pairwise
+    accuracy is below this (exit code 5). Near 0.5 the pairs are near random and the aligners optimise noise.
+    0 turns the gate off."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """LoRA adapter (PEFT, task SEQ_CLS so the new head trains fully); merged before the model is saved."""
     learning_rate: float = 2e-3
@@ -33,6 +44,16 @@ class RewardStageConfig(TrainFields):
     num_train_epochs: float = 4.0
     per_device_train_batch_size: int = 16
     trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, "eval_fraction", ge=0, lt=1)
+        check_range(self, "test_fraction", ge=0, lt=1)
+        check_range(self, "min_eval_accuracy", ge=0, le=1)
+        check_range(self, "early_stopping_patience", ge=0)
+        if self.eval_fraction + self.test_fraction >= 1:
+            raise ValueError(f"reward.eval_fraction + reward.test_fraction must be < 1, got "
+                             f"{self.eval_fraction} + {self.test_fraction}")
 
 
 @dataclass
@@ -51,3 +72,6 @@ class ScoreConfig:
     """Allow a hub reward model's own code (ArmoRM needs it); off unless the config says so."""
     max_length: int = 512
     """Truncate prompt + candidate to this many tokens (part of the cache key)."""
+
+    def __post_init__(self):
+        check_ranges(self, batch_size=dict(ge=1), max_length=dict(ge=1))

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from prefopt.config import check_range
 from prefopt.data.spec import DatasetSpec
 from prefopt.models_config import LoraSpec
 from prefopt.train_args import TrainFields
@@ -28,3 +29,7 @@ class SFTStageConfig(TrainFields):
     num_train_epochs: float = 3.0
     per_device_train_batch_size: int = 32
     trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, "eval_fraction", ge=0, lt=1)

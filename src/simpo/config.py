@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from prefopt.config import check_ranges
 from prefopt.train_args import TrainFields
 
 
@@ -22,3 +23,7 @@ class SimPOConfig(TrainFields):
     learning_rate: float = 5e-5
     num_train_epochs: float = 2.0
     per_device_train_batch_size: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranges(self, beta=dict(gt=0), gamma_beta_ratio=dict(ge=0), sft_weight=dict(ge=0))
