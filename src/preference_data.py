@@ -25,8 +25,11 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
     from prefopt.data.spec import DatasetSpec
     from prefopt.data.templates import render_prompt
 
-    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer
-    rows = load_preferences(DatasetSpec(path=pairs_path(path), allow_empty_answers=True), template).rows
+    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer;
+    # in a user's own file (no stage marker beside it) an empty answer is a broken row
+    path = pairs_path(path)
+    built_here = (Path(path).parent / "_FINGERPRINT").exists()
+    rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template).rows
     return [{"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]
 

@@ -49,6 +49,9 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# appended to a row's error when the dataset does not skip bad rows, so the way out is in the same line
+SKIP_HINT = "`skip_bad_rows: true` on this dataset skips such rows"
 
 
 @dataclass
@@ -93,6 +96,8 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     Row numbers are 1-based JSONL line numbers, or 1-based array indices for a JSON array. A JSONL line that is not
     valid UTF-8 or JSON comes back as a bad record, so that `skip_bad_rows` can skip just that line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, None, None, "is a directory, not a data file (name a .json/.jsonl file inside it)")
     if not path.is_file():
         raise DataError(path, None, None, "file not found")
     raw = _read_bytes(path)
@@ -108,6 +113,8 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(path, None, None, f"invalid JSON array at line {e.lineno}: {e.msg}") from None
+        except RecursionError:
+            raise DataError(path, None, None, "JSON nested too deeply to read") from None
         return [(i + 1, row) for i, row in enumerate(data)]
     out: list[tuple[int, Any]] = []
     for n, line in enumerate(raw.split(b"\n"), start=1):
@@ -119,6 +126,8 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
             out.append((n, _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)")))
         except json.JSONDecodeError as e:
             out.append((n, _BadRecord(f"invalid JSON: {e.msg}")))
+        except RecursionError:
+            out.append((n, _BadRecord("JSON nested too deeply to read")))
     return out
 
 
@@ -128,9 +137,10 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 class _Row:
     """One record being parsed; its errors name the file, the row and the field."""
 
-    def __init__(self, data: dict, path, n: int, prefix: str = "", allow_empty_answers: bool = False):
+    def __init__(self, data: dict, path, n: int, prefix: str = "", allow_empty_answers: bool = False,
+                 max_chars: int = 0):
         self.data, self.path, self.n, self.prefix = data, path, n, prefix
-        self.allow_empty_answers = allow_empty_answers
+        self.allow_empty_answers, self.max_chars = allow_empty_answers, max_chars
 
     def error(self, field: str | None, problem: str) -> DataError:
         return DataError(self.path, self.n, field, problem)
@@ -152,6 +162,12 @@ def _string(value: Any, name: str, r: _Row, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise r.error(name, f"expected a string, got {type(value).__name__}")
+    if r.max_chars and len(value) > r.max_chars:
+        raise r.error(name, f"{len(value):,} characters, over the limit max_chars={r.max_chars:,} (raise the dataset's "
+                            "`max_chars` if such rows are intended)")
+    bad = _SURROGATE.search(value)
+    if bad:  # JSON's \ud800 escapes decode to lone surrogates: not text a tokenizer or UTF-8 writer accepts
+        raise r.error(name, f"contains a lone surrogate {bad.group()!a} at character {bad.start()} (not valid Unicode)")
     if required and not value.strip() and not (r.allow_empty_answers and name in ANSWER_FIELDS):
         raise r.error(name, "empty")
     return value
@@ -391,12 +407,14 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
             row_fmt = fmt or detect_format(rec, spec.field_prefix)
             if row_fmt == "unknown":
                 raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set `format`")
-            r = _Row(rec, path, n, spec.field_prefix, spec.allow_empty_answers)
+            r = _Row(rec, path, n, spec.field_prefix, spec.allow_empty_answers, spec.max_chars)
             row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
+            if need == "pair" and row["chosen"].strip() == row["rejected"].strip():
+                raise r.error("rejected", "same text as 'chosen': a pair with no preference to learn")
             fmt = row_fmt
         except DataError as e:
             if not spec.skip_bad_rows:
-                raise
+                raise DataError(e.path, e.row, e.field, e.problem, SKIP_HINT if e.row is not None else "") from None
             result.skipped += 1
             if len(result.skipped_reasons) < 20:
                 result.skipped_reasons.append(str(e))
@@ -411,7 +429,8 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
         if spec.limit and len(result.rows) >= spec.limit:
             break
     if not result.rows:
-        raise DataError(path, None, None, f"no usable rows ({result.skipped} skipped)")
+        first = f"; the first skipped: {result.skipped_reasons[0]}" if result.skipped_reasons else ""
+        raise DataError(path, None, None, f"no usable rows ({result.skipped} skipped){first}")
     return result
 
 

@@ -13,6 +13,7 @@ The DPO / SimPO stages read pairs.jsonl with load_preferences (format `preferenc
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt.data.errors import DataError
 from prefopt.pairs.strategies import drop_reason, gold_audit, select_pairs
 from prefopt.utils import iter_jsonl, write_jsonl
 
@@ -28,7 +30,11 @@ def load_scored(gen_dir: str | Path, score_dir: str | Path) -> tuple[list[dict],
     """Generation rows with their `scores` and `reward_model` attached; and how many rows had no scores."""
     scores = {}
     for shard in sorted(Path(score_dir).glob("shard-*.jsonl")):
-        for row in iter_jsonl(shard):
+        for n, row in enumerate(iter_jsonl(shard), start=1):
+            bad = [i for i, s in enumerate(row["scores"]) if not isinstance(s, (int, float)) or not math.isfinite(s)]
+            if bad:  # NaN/inf from a broken reward model would otherwise surface as a numpy error mid-write
+                raise DataError(shard, n, f"scores[{bad[0]}]", f"not a finite score ({row['scores'][bad[0]]!r}); "
+                                "check the reward model, then rerun the score stage")
             scores[row["prompt_id"]] = row
     shards = sorted(Path(gen_dir).glob("shard-*.jsonl"))
     if not shards:
@@ -153,14 +159,14 @@ def run(ctx) -> dict:
         "length/gap_histogram": histogram(gaps),
         "plot": png.name,
     }
-    task = ctx.cfg.task.name
-    if task != "none":  # a task with a gold scorer: audit the reward model's choices on the policy's samples
-        from prefopt.tasks import get_task
+    from prefopt.tasks import TaskError, get_task, has_gold
 
+    if has_gold(ctx.cfg.task):  # a task with a gold scorer: audit the reward model's choices on the policy's samples
         try:
-            summary.update(gold_audit(rows, pairs, get_task(task).gold_score))
-        except ValueError as e:  # prompts that are not the task's (pairs built from other data): no audit
+            summary.update(gold_audit(rows, pairs, get_task(ctx.cfg.task).gold_score))
+        except TaskError as e:  # prompts that are not the task's (pairs built from other data): no audit
             summary["gold/audit_skipped"] = str(e)[:200]
+    summary.update(label_quality(ctx, cfg, margins))
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     ctx.tracker.log_image("pairs_summary", png)
     ctx.tracker.log_artifact(ctx.dir / "pairs.jsonl", name=f"{ctx.cfg.name}-pairs-r{ctx.round}", type_="dataset")
@@ -181,3 +187,51 @@ def save_dataset(pairs: list[dict], path: Path) -> None:
         cols = ["prompt_id", "prompt", "chosen", "rejected", "chosen_index", "rejected_index", "chosen_score",
                 "rejected_score", "chosen_len", "rejected_len", "generator_sha256", "reward_model_sha256", "seed"]
         Dataset.from_dict({c: [] for c in cols}).save_to_disk(str(path))
+
+
+def calibration(margins: list[float], correct: list[bool], bins: int = 5) -> list[tuple[float, float]]:
+    """(upper |margin| edge, accuracy) per quantile bin of held-out pairs: how often the reward model orders a pair
+    right given how far apart it scores them. The last edge is +inf."""
+    order = sorted(range(len(margins)), key=lambda i: abs(margins[i]))
+    if not order:
+        return []
+    bins = max(1, min(bins, len(order)))
+    out = []
+    for b in range(bins):
+        idx = order[b * len(order) // bins:(b + 1) * len(order) // bins]
+        if not idx:
+            continue
+        edge = abs(margins[idx[-1]]) if b < bins - 1 else float("inf")
+        out.append((edge, sum(correct[i] for i in idx) / len(idx)))
+    return out
+
+
+def expected_accuracy(table: list[tuple[float, float]], margin: float) -> float:
+    """The calibrated accuracy for a pair scored `margin` apart (the first bin whose edge covers it)."""
+    for edge, acc in table:
+        if abs(margin) <= edge:
+            return acc
+    return table[-1][1]
+
+
+def label_quality(ctx, cfg, margins: list[float]) -> dict:
+    """Estimate how often a pair's chosen answer is really the better one, from the reward model's held-out (test)
+    pairs: their accuracy as a function of the score margin, applied to this stage's margins. Calibrated on gold
+    order when the task has one, else on the annotators' labels (then label noise makes it an underestimate).
+    Printed; in the summary as `label_quality/*`."""
+    rm_path = ctx.resolve(ctx.cfg.score.reward_model) if "score" in ctx.cfg.stages else None
+    path = Path(rm_path).parent / "test_margins.jsonl" if rm_path else None
+    if not margins or path is None or not path.exists():
+        return {}
+    held = list(iter_jsonl(path))
+    gold = [h for h in held if h.get("gold_order")]
+    basis = "gold" if len(gold) >= 20 else "labels"
+    rows = gold if basis == "gold" else held
+    table = calibration([h["margin"] for h in rows],
+                        [(h["margin"] > 0) == (h.get("gold_order", 1) > 0) and h["margin"] != 0 for h in rows])
+    est = statistics.fmean(expected_accuracy(table, m) for m in margins)
+    print(f"[pairs] estimated label accuracy {est:.3f}: the reward model orders {len(rows)} held-out pairs (against "
+          f"{basis}) right {statistics.fmean(a for _, a in table):.3f} of the time on average, more so at larger "
+          f"margins; these {len(margins)} pairs have median margin {statistics.median(margins):.3f}", flush=True)
+    return {"label_quality/estimated_accuracy": est, "label_quality/basis": basis,
+            "label_quality/calibration": [[e if e != float("inf") else None, a] for e, a in table]}
