@@ -25,7 +25,9 @@ from matplotlib.figure import Figure
 # Stage order of the pipeline (kept here so reading a run needs no stage code)
 STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
 ALIGNERS = ["dpo", "simpo", "ppo"]
-EVAL_FIGURES = ["gold_score", "rm_score", "win_rate_vs_sft", "kl_to_sft", "length"]
+EVAL_FIGURES = ["gold_score", "gold_gain", "win_rate_vs_sft_gold", "rm_score", "win_rate_vs_sft", "kl_to_sft",
+                "length"]
+CURVE_COLUMNS = ["run", "round", "method", "step", "kl", "gold", "gold_se", "rm", "rm_se"]
 PAIR_COLUMNS = ["prompt_id", "chosen_score", "rejected_score", "chosen_len", "rejected_len"]
 # One colour per method, the same in every figure
 COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "simpo": "tab:orange", "ppo": "tab:green", "base": "tab:brown"}
@@ -36,6 +38,7 @@ TABLES = {
     "evaluate": ["run", "round", "policy", *EVAL_FIGURES],
     "pairs": ["run", "round", *PAIR_COLUMNS],
     "timings": ["run", "stage", "round", "seconds"],
+    "curves": CURVE_COLUMNS,
 }
 
 
@@ -91,7 +94,7 @@ def _frame(rows: list[dict], name: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     for c in TABLES[name]:
         if c not in df.columns:
-            df[c] = pd.Series(dtype="float64" if c not in ("run", "stage", "policy", "path") else "object")
+            df[c] = pd.Series(dtype="float64" if c not in ("run", "stage", "policy", "path", "method") else "object")
     return df[TABLES[name] + [c for c in df.columns if c not in TABLES[name]]]
 
 
@@ -106,7 +109,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> dict[str, pd.DataF
     """
     root = Path(run_dir)
     run = name or root.name
-    metrics, summaries, evaluate, pairs = [], [], [], []
+    metrics, summaries, evaluate, pairs, curves = [], [], [], [], []
     for stage, r, d in stage_dirs(root):
         for row in _read_jsonl(d / "metrics.jsonl"):
             metrics.append({"run": run, "stage": stage, "round": r, **row})
@@ -120,6 +123,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> dict[str, pd.DataF
                 for policy, figs in (summary.get("policies") or {}).items():
                     evaluate.append({"run": run, "round": r, "policy": policy,
                                      **{k: v for k, v in figs.items() if not isinstance(v, (dict, list))}})
+                curves += curve_rows(summary, run, r)
         if stage == "pairs":
             for row in _read_jsonl(d / "pairs.jsonl"):
                 pairs.append({"run": run, "round": r, **{c: row.get(c) for c in PAIR_COLUMNS}})
@@ -133,7 +137,21 @@ def load_run(run_dir: str | Path, name: str | None = None) -> dict[str, pd.DataF
         "evaluate": _frame(evaluate, "evaluate"),
         "pairs": _frame(pairs, "pairs"),
         "timings": _frame(timings, "timings"),
+        "curves": _frame(curves, "curves"),
     }
+
+
+def curve_rows(summary: dict, run: str = "", round_: int = 1) -> list[dict]:
+    """The evaluate stage's over-optimisation curves as rows: one per (method, checkpoint), step 0 the baseline,
+    "final" the stage's final model; best-of-n points as method `best_of_n` with step n."""
+    rows = []
+    for method, pts in (summary.get("curves") or {}).items():
+        for p in pts:
+            rows.append({"run": run, "round": round_, "method": method, **{c: p.get(c) for c in CURVE_COLUMNS[3:]}})
+    for p in summary.get("best_of_n") or []:
+        rows.append({"run": run, "round": round_, "method": "best_of_n", "step": p["n"],
+                     **{c: p.get(c) for c in CURVE_COLUMNS[4:]}})
+    return rows
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> dict[str, pd.DataFrame]:
@@ -290,9 +308,48 @@ def plot_lengths(data: dict[str, pd.DataFrame]) -> Figure:
     return fig
 
 
+def plot_overoptimisation_curves(data: dict[str, pd.DataFrame]) -> Figure:
+    """Gold score and reward-model score against KL to SFT along each aligner's checkpoints (error bars: one
+    standard error over prompts), with best-of-n from the SFT policy: the gold-vs-proxy curves of Gao et al. 2022.
+    Where the reward-model curve keeps rising and the gold curve turns down, the aligner over-optimises."""
+    cv = data.get("curves")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (key, title) in zip(axes, [("gold", "gold score"), ("rm", "reward-model score")]):
+        ax.set_title(f"{title} vs KL to SFT")
+        df = cv[cv[key].notna()] if cv is not None and len(cv) else None
+        if df is None or df.empty:
+            _no_data(ax, "evaluate curves (evaluate.checkpoints / best_of_n)")
+            continue
+        for (run, method), g in df.groupby(["run", "method"], sort=False):
+            color = COLORS.get(method, "tab:purple" if method == "best_of_n" else None)
+            style = "--" if method == "best_of_n" else "-"
+            label = method if df["run"].nunique() == 1 else f"{run}/{method}"
+            ax.errorbar(g["kl"], g[key], yerr=g[key + "_se"].fillna(0), color=color, ls=style, marker="o", ms=4,
+                        capsize=2, label=label)
+            if method == "best_of_n":
+                for _, row in g.iterrows():
+                    ax.annotate(f"n={row['step']}", (row["kl"], row[key]), fontsize=7, xytext=(3, -9),
+                                textcoords="offset points")
+        ax.set_xlabel("KL(policy || SFT), nats per response")
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+    fig.suptitle("Over-optimisation: gold vs proxy along training (Gao et al. 2022)")
+    return fig
+
+
+def plot_overoptimisation(curves: dict, best_of_n: list[dict], path: str | Path) -> Path:
+    """The evaluate stage's curves (as in its summary) drawn to `path`."""
+    df = _frame(curve_rows({"curves": curves, "best_of_n": best_of_n}), "curves")
+    fig = plot_overoptimisation_curves({"curves": df})
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
 FIGURES = {
     "training_curves": plot_training_curves,
     "reward_kl_frontier": plot_frontier,
+    "overoptimisation": plot_overoptimisation_curves,
     "lengths": plot_lengths,
 }
 

@@ -6,6 +6,12 @@
     prefopt check experiments/simpo/gemma2_9b_it.yaml
 
 `prefopt STAGE --help` lists every key of that stage's section with its type, default and meaning.
+
+Exit codes: 0 done; 1 a crash (a traceback, then the advice to rerun, which resumes); 2 a config error; 3 a data
+error; 4 the experiment directory is locked by another prefopt command; 5 the reward model failed its gate;
+130 interrupted (rerun to resume). Errors 2-5 are one line naming the key, or the file, row and field; a stage
+launched through `accelerate launch` by `prefopt run` passes its code on. An exception class with an `exit_code`
+attribute is reported the same way.
 """
 
 from __future__ import annotations
@@ -14,17 +20,24 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import os
+import re
 import sys
 import textwrap
+import traceback
 import typing
+from contextlib import nullcontext
 from functools import lru_cache
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
+from prefopt.reward.gate import RewardGateError
 
 STAGE_HELP = {
     "task": "write the task's data files (gold-reward task: SFT demos, prompts, annotated preferences)",
+    "self_instruct": "grow Alpaca-format instruction data from seed tasks with a model (self-instruct; ROUGE-L, "
+                     "keyword and length filters; resumable batches); runs only when `stages` names it",
     "base": "train a byte-level BPE tokenizer and build (optionally pretrain) a tiny Llama, or name a real model",
     "sft": "supervised fine-tuning with TRL's SFTTrainer (loss on completion tokens only; optional LoRA)",
     "generate": "sample candidates per prompt (vLLM on GPUs, transformers here), in resumable shards",
@@ -136,7 +149,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the trials' commands, run nothing")
     sp = sub.add_parser("report", help="write figures (PNG) and a markdown summary for a finished run directory")
     sp.add_argument("run_dir", help="runs/<experiment>")
+    _annotate_parser(sub)
     return p
+
+
+def _annotate_parser(sub) -> None:
+    from prefopt.annotate.config import AnnotateConfig
+
+    sp = sub.add_parser(
+        "annotate", help="serve pairs in a web page (gradio) and append human A/B labels to a preference JSONL",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve pairs (a pairs file, or two generated candidates per prompt) in a web page: the prompt, "
+        "answers A and B in a seeded random order, buttons and keys a / b / t / s, an annotator id and progress. "
+        "A/B labels are appended atomically to a preference JSONL that the reward and dpo stages read; ties and "
+        "skips go to <out>.ties_skips.jsonl. A restarted page resumes where each annotator stopped. A file that "
+        "cannot be read is refused before serving (exit code 3). Needs the `annotate` extra (gradio).",
+        epilog="Examples:\n  prefopt annotate experiments/quickstart.yaml --annotator alice\n"
+        "  prefopt annotate --pairs runs/quickstart/pairs/pairs.jsonl --out labels.jsonl --port 0\n\n"
+        "Options of the `annotate` section (with a config: --annotate.KEY=VALUE; flags above win):\n"
+        + "\n".join(describe_section(AnnotateConfig, "annotate")))
+    sp.add_argument("config", nargs="?", help="experiment YAML: its `annotate` section and run folder give the "
+                    "defaults (pairs: runs/<name>/pairs/pairs.jsonl, out: runs/<name>/annotate/preferences.jsonl)")
+    sp.add_argument("--pairs", help="pairs / preference file to serve (any format load_preferences reads)")
+    sp.add_argument("--candidates", help="generate stage folder (shard-*.jsonl): serve two candidates per prompt")
+    sp.add_argument("--out", help="preference JSONL to append labels to (needed without a config)")
+    sp.add_argument("--annotator", help="annotator id filled in when the page opens")
+    sp.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port (default 7860; 0: a free one)")
+    sp.add_argument("--seed", type=int, help="seeds each pair's A/B order (default 0)")
+    sp.add_argument("--limit", type=int, help="serve only the first N pairs (default 0: all)")
+    sp.add_argument("--round", type=int, default=1, help="round of an iterative experiment whose pairs to serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(args.run_dir))
             return 0
+        if args.command == "annotate":
+            from prefopt.annotate.command import main as annotate
+
+            return annotate(args, rest)
         from prefopt.config import load_config
 
         cfg = load_config(args.config, rest)
@@ -170,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from prefopt.stage import run_stage
 
-        from prefopt.experiment import stage_dir
+        from prefopt.experiment import env_rank, stage_dir
+        from prefopt.pipeline import experiment_lock
 
-        summary = run_stage(cfg, args.command, args.round)
+        # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
+        with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
+            summary = run_stage(cfg, args.command, args.round)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
                   f"{stage_dir(cfg, args.command, args.round)}", flush=True)
@@ -181,11 +230,42 @@ def main(argv: list[str] | None = None) -> int:
                 print(table.read_text(), flush=True)
         return 0
     except ConfigError as e:
-        print(f"prefopt: config error: {e}", file=sys.stderr)
-        return 2
+        return user_error("config error", e, 2)
+    except RewardGateError as e:
+        print(f"prefopt: {e}", file=sys.stderr)
+        return RewardGateError.exit_code
     except DataError as e:
-        print(f"prefopt: data error: {e}", file=sys.stderr)
-        return 3
+        return user_error("data error", e, 3)
+    except KeyboardInterrupt:
+        return user_error("interrupted", "finished stages are kept; rerun the same command to resume", 130)
+    except Exception as e:  # noqa: BLE001
+        from prefopt.pipeline import StageFailed
+
+        if isinstance(e, StageFailed):  # a launched stage; a user error there was printed by it already
+            if str(e):
+                print(f"prefopt: {e}", file=sys.stderr)
+            return e.exit_code
+        code = getattr(e, "exit_code", None)
+        if isinstance(code, int):  # LockedError and other user errors that carry their own code and kind
+            return user_error(getattr(e, "kind", "error"), e, code)
+        traceback.print_exc()
+        print(f"prefopt: {args.command} crashed ({type(e).__name__}); fix the cause above, then rerun the same "
+              "command: finished stages are kept and the unfinished one resumes", file=sys.stderr)
+        return 1
+
+
+def user_error(kind: str, error, code: int) -> int:
+    """Print `prefopt: KIND: MESSAGE` as one line; a stage launched by `prefopt run` also leaves the code for it."""
+    msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
+    print(f"prefopt: {kind}: {msg}", file=sys.stderr, flush=True)
+    exit_file = os.environ.get("PREFOPT_EXIT_FILE")
+    if exit_file and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            with open(exit_file, "w") as f:
+                json.dump({"code": code, "message": msg}, f)
+        except OSError:
+            pass
+    return code
 
 
 if __name__ == "__main__":

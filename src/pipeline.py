@@ -11,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -19,35 +21,77 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.experiment import ORDER, ROUND_STAGES, STAGES, ExperimentConfig, stage_dir
-from prefopt.stage import FINGERPRINT, MARKER, fingerprint, is_done, run_stage, write_json
+from prefopt.stage import FINGERPRINT, MARKER, fingerprint, next_dir, run_stage, stage_status, write_json
 
 
 class LockedError(RuntimeError):
-    pass
+    """Another prefopt command writes into this experiment directory (exit code 4)."""
+
+    exit_code = 4
+    kind = "lock error"
+
+
+class StageFailed(RuntimeError):
+    """A launched stage process failed; `exit_code` is its own (a user error's code passes through accelerate)."""
+
+    def __init__(self, exit_code: int, message: str = ""):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+# A stage process launched by `prefopt run` finds here the token of the lock its parent holds, and does not wait
+# for (deadlock on) that lock; any other process, a second `prefopt sft` included, is refused.
+LOCK_ENV = "PREFOPT_LOCK_HELD"
+# Where a launched stage process writes its exit code and one-line message, since `accelerate launch` exits 1.
+EXIT_FILE_ENV = "PREFOPT_EXIT_FILE"
+_held: dict[str, str] = {}  # lock file -> token, for the locks this process holds
 
 
 @contextmanager
 def experiment_lock(root: Path):
+    """Hold `<root>/.lock` (flock) for the duration; the stage processes this one launches share it (LOCK_ENV)."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / ".lock"
+    key = str(path.resolve())
+    inherited = os.environ.get(LOCK_ENV)
+    if inherited and key not in _held and _lock_token(path) == inherited:
+        yield  # the `prefopt run` that launched this process holds it
+        return
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip()
+        holder = " ".join(f.read().split()[:2])  # "pid N", without the token
         f.close()
         raise LockedError(f"{root} is in use by another prefopt run ({holder or 'unknown process'}); "
                           "wait for it or use another experiment name") from None
+    token = secrets.token_hex(8)
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()}\n")
+    f.write(f"pid {os.getpid()} token {token}\n")
     f.flush()
+    _held[key] = token
     try:
         yield
     finally:
+        _held.pop(key, None)
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
+
+
+def _lock_token(path: Path) -> str | None:
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return None
+    return words[words.index("token") + 1] if "token" in words[:-1] else None
+
+
+def held_lock_env(root: Path) -> dict[str, str]:
+    """{LOCK_ENV: token} for a child process that writes into `root` while this process holds its lock."""
+    token = _held.get(str((root / ".lock").resolve()))
+    return {LOCK_ENV: token} if token else {}
 
 
 def plan(cfg: ExperimentConfig) -> list[tuple[str, int]]:
@@ -69,7 +113,8 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
             cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     elif not cfg.launch.accelerate_config:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
+    # --quiet: a failed stage ends with its own one-line error, not accelerate's CalledProcessError traceback
+    cmd += ["--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
     return cmd
 
 
@@ -78,13 +123,19 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
     if training and cfg.launch.launcher == "accelerate":
         cmd = launch_command(cfg, stage, round_, overrides)
         print(f"[prefopt] $ {shlex.join(cmd)}", flush=True)
-        env = dict(os.environ)
+        exit_file = cfg.root / f".exit-{stage}-{round_}-{os.getpid()}.json"
+        exit_file.unlink(missing_ok=True)
+        env = {**os.environ, **held_lock_env(cfg.root), EXIT_FILE_ENV: str(exit_file)}
         if cfg.launch.num_processes > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = "1"  # one thread per process on CPU, or they fight over the cores
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"[prefopt] stage {stage} (round {round_}) failed with exit code {proc.returncode}; "
-                             f"rerun the same command to resume")
+            told = json.loads(exit_file.read_text()) if exit_file.exists() else None
+            exit_file.unlink(missing_ok=True)
+            if told:  # a user error (or an interrupt) the stage already printed in one line: pass its code on
+                raise StageFailed(int(told["code"]))
+            raise StageFailed(1, f"stage {stage} (round {round_}) crashed with exit code {proc.returncode} (its "
+                              "traceback is above); rerun the same command to resume from its last checkpoint")
     else:
         run_stage(cfg, stage, round_)
 
@@ -97,23 +148,32 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     steps = plan(cfg)
     t0 = time.time()
     with experiment_lock(cfg.root):
+        forced = set()
         if from_stage:
             first = ORDER.index(from_stage)
-            for s, r in steps:  # from `from_stage` on, start clean: no marker, no partial outputs to resume
-                if ORDER.index(s) >= first:
-                    (stage_dir(cfg, s, r) / MARKER).unlink(missing_ok=True)
-                    (stage_dir(cfg, s, r) / FINGERPRINT).unlink(missing_ok=True)  # prepare_dir then clears it
+            for s, r in steps:  # from `from_stage` on, start clean: no partial outputs to resume; a finished
+                if ORDER.index(s) >= first:  # result stays until its replacement is finished
+                    forced.add((s, r))
+                    d = stage_dir(cfg, s, r)
+                    shutil.rmtree(next_dir(d), ignore_errors=True)
+                    if not (d / MARKER).exists():
+                        (d / FINGERPRINT).unlink(missing_ok=True)  # prepare_dir then clears the partial outputs
         for s, r in steps:
             if only and s != only:
                 continue
             label = s if cfg.iterations == 1 else f"{s} (round {r})"
-            if is_done(cfg, s, r):
+            done, why = (False, "--from") if (s, r) in forced else stage_status(cfg, s, r)
+            if done:
                 print(f"[prefopt] {label}: finished with the same fingerprint, skipped", flush=True)
+                if s == "reward":
+                    reward_gate(cfg, r)
                 continue
-            print(f"[prefopt] {label}: running -> {stage_dir(cfg, s, r)}", flush=True)
+            print(f"[prefopt] {label}: running ({why}) -> {stage_dir(cfg, s, r)}", flush=True)
             t_stage = time.time()
             run_one(cfg, s, r, overrides)
             record_timing(cfg, s, r, time.time() - t_stage)
+            if s == "reward":
+                reward_gate(cfg, r)
     wall = experiment_wall_seconds(cfg)
     result = {"experiment": cfg.name, "root": str(cfg.root), "wall_seconds": wall,
               "this_invocation_seconds": round(time.time() - t0, 1)}
@@ -123,12 +183,30 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         summary["stage_wall_seconds"] = summary.get("stage_wall_seconds", summary.get("wall_seconds"))
         summary["wall_seconds"] = wall
         write_json(final_eval, summary)
-        print_table(summary)
+        reward_summary = stage_dir(cfg, "reward", 1) / "summary.json"
+        print_table(summary, json.loads(reward_summary.read_text()) if reward_summary.exists() else None)
         result["evaluate"] = str(final_eval)
         print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
               f"`prefopt report {cfg.root}` draws them", flush=True)
     print(f"[prefopt] experiment {cfg.name}: {wall:.0f} s of stage time in all; outputs under {cfg.root}/", flush=True)
     return result
+
+
+def reward_gate(cfg: ExperimentConfig, round_: int) -> None:
+    """Stop the run (RewardGateError, exit code 5) when the reward model is below `reward.min_eval_accuracy`."""
+    from prefopt.reward.gate import RewardGateError, gate_message
+
+    path = stage_dir(cfg, "reward", round_) / "summary.json"
+    if not path.exists():
+        return
+    summary = json.loads(path.read_text())
+    msg = gate_message(summary, cfg.reward.min_eval_accuracy, str(path.parent))
+    if msg:
+        raise RewardGateError(msg)
+    if summary.get("eval/accuracy") is not None:
+        print(f"[prefopt] reward model: held-out accuracy {summary['eval/accuracy']:.3f} ± "
+              f"{summary.get('eval/accuracy_se', 0):.3f} >= reward.min_eval_accuracy "
+              f"{cfg.reward.min_eval_accuracy:g}: passes the gate", flush=True)
 
 
 def record_timing(cfg: ExperimentConfig, stage: str, round_: int, seconds: float) -> None:
@@ -156,20 +234,43 @@ def experiment_wall_seconds(cfg: ExperimentConfig) -> float:
     return round(total, 1)
 
 
-def print_table(summary: dict) -> None:
+TABLE_COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold - SFT"), ("win_rate_vs_sft_gold", "win (gold)"),
+                 ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("kl_to_sft", "KL to SFT"), ("length", "length")]
+
+
+def _cell(figs: dict, key: str) -> str:
+    v, se = figs.get(key), figs.get(key + "_se")
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v:.3f} ± {se:.3f}" if isinstance(se, (int, float)) and se > 0 else f"{v:.3f}"
+
+
+def print_table(summary: dict, reward: dict | None = None) -> None:
+    """The end-of-run table: each figure ± its standard error over prompts, the split it is on, the reward model's
+    held-out accuracy, and every warning of the evaluate stage in words."""
     policies = summary.get("policies", {})
     if not policies:
         return
-    cols = ["gold_score", "rm_score", "win_rate_vs_sft", "kl_to_sft", "length"]
-    head = f"{'policy':<10}" + "".join(f"{c:>17}" for c in cols)
+    cols = [(k, h) for k, h in TABLE_COLUMNS if any(isinstance(p.get(k), (int, float)) for p in policies.values())]
+    rows = [[name] + [_cell(figs, k) for k, _ in cols] for name, figs in policies.items()]
+    widths = [max(len(r[i]) for r in rows + [["policy"] + [h for _, h in cols]]) for i in range(len(cols) + 1)]
+    print(f"Figures on {summary.get('num_prompts', '?')} {summary.get('split', '')} prompts x "
+          f"{summary.get('samples_per_prompt', '?')} samples (± one standard error over prompts; win rates against "
+          f"{summary.get('baseline') or 'the baseline'}, by gold and by the reward model):")
+    head = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(["policy"] + [h for _, h in cols],
+                                                                                   widths)))
     print(head)
     print("-" * len(head))
-    for name, figs in policies.items():
-        cells = []
-        for c in cols:
-            v = figs.get(c)
-            cells.append(f"{v:>17.3f}" if isinstance(v, (int, float)) else f"{'-':>17}")
-        print(f"{name:<10}" + "".join(cells))
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if reward and reward.get("eval/accuracy") is not None:
+        line = (f"reward model: held-out pairwise accuracy {reward['eval/accuracy']:.3f} ± "
+                f"{reward.get('eval/accuracy_se', 0):.3f} on {reward.get('eval/pairs')} test pairs")
+        if reward.get("eval/gold_accuracy") is not None:
+            line += f", against gold {reward['eval/gold_accuracy']:.3f} ± {reward.get('eval/gold_accuracy_se', 0):.3f}"
+        print(line)
+    for w in summary.get("warnings") or []:
+        print(f"WARNING: {w}")
 
 
 def check(cfg: ExperimentConfig) -> int:
@@ -179,7 +280,8 @@ def check(cfg: ExperimentConfig) -> int:
     problems, warnings = problems_and_warnings(cfg)
     print(f"experiment {cfg.name}  ->  {cfg.root}")
     for s, r in plan(cfg):
-        state = "skip (done)" if is_done(cfg, s, r) else "run"
+        done, why = stage_status(cfg, s, r)
+        state = "skip (done)" if done else f"run ({why})"
         launch = "accelerate" if STAGES[s][1] and cfg.launch.launcher == "accelerate" else "in-process"
         label = s if cfg.iterations == 1 else f"{s}@round{r}"
         print(f"  {label:<18} {fingerprint(cfg, s, r)}  {launch:<11} {state}")

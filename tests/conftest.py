@@ -56,7 +56,7 @@ def tiny_experiment(tmp_path: Path, name: str = "tiny", stages=None, **sections)
         "output_dir": str(tmp_path / "runs"),
         "wandb": {"mode": "offline"},
         "launch": {"launcher": "inline"},
-        "task": {"name": "sort", "num_sft": 64, "num_prompts": 12, "num_eval_prompts": 6, "num_preferences": 64,
+        "task": {"name": "sort", "num_sft": 64, "num_prompts": 12, "num_test_prompts": 6, "num_val_prompts": 6, "num_preferences": 64,
                  "min_len": 3, "max_len": 4},
         "base": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
                  "intermediate_size": 64, "vocab_size": 300},

@@ -146,12 +146,14 @@ def test_gold_audit_hand_computed():
     Pairs: (3 over 1) chosen better = 1; (2 over 2) a gold tie = 1/2 -> chosen_better 0.75."""
     from prefopt.pairs.strategies import gold_audit
 
-    def gold(prompt, response):
+    def gold(example, response):
+        assert example["input"] in ("a", "b")  # the scorer reads the task input from the row's meta
         return float(response)
 
-    rows = [{"prompt": "A", "candidates": ["1", "2", "3"], "scores": [0.1, 0.5, 0.3]},
-            {"prompt": "B", "candidates": ["5", "5"], "scores": [0.2, 0.1]}]
-    pairs = [{"prompt": "A", "chosen": "3", "rejected": "1"}, {"prompt": "A", "chosen": "2", "rejected": "2"}]
+    rows = [{"prompt_id": "A", "prompt": "A", "meta": {"input": "a"}, "candidates": ["1", "2", "3"],
+             "scores": [0.1, 0.5, 0.3]},
+            {"prompt_id": "B", "prompt": "B", "meta": {"input": "b"}, "candidates": ["5", "5"], "scores": [0.2, 0.1]}]
+    pairs = [{"prompt_id": "A", "chosen": "3", "rejected": "1"}, {"prompt_id": "A", "chosen": "2", "rejected": "2"}]
     audit = gold_audit(rows, pairs, gold)
     assert audit["gold/rm_pairwise_accuracy"] == pytest.approx(2 / 3)
     assert audit["gold/best_is_gold_best"] == 0.0

@@ -36,10 +36,10 @@ def test_gold_score_hand_cases():
     assert gold_score(prompt, "") == 0.0
     assert gold_score("4 4 0", "0 4 4") == 1.0  # bare input text
     assert gold_score("user: Sort the numbers.\n\n9 5", "5 9") == 1.0  # a chat rendering
-    assert get_task("sort").gold_score(prompt, "1 2 3") == 1.0
+    assert get_task("sort").gold_score({"input": "3 1 2"}, "1 2 3") == 1.0  # the task object reads the row's input
     with pytest.raises(ValueError):
         gold_score("no numbers here", "1")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; built-in tasks are sort, reverse, lookup"):
         get_task("nope")
 
 
@@ -63,13 +63,13 @@ def test_annotator_noise_rate():
 
 
 def test_task_stage_files(tmp_path):
-    cfg = experiment(tmp_path, num_sft=3000, demo_accuracy=0.7, num_prompts=300, num_eval_prompts=100,
-                     num_preferences=3000, annotator_noise=0.15, min_len=3, max_len=6)
+    cfg = experiment(tmp_path, num_sft=3000, demo_accuracy=0.7, num_prompts=300, num_test_prompts=100,
+                     num_val_prompts=50, num_preferences=3000, annotator_noise=0.15, min_len=3, max_len=6)
     summary = run_stage(cfg, "task")
     d = tmp_path / "t" / "task"
-    sft, prompts, evals, prefs = (read_jsonl(d / f"{n}.jsonl") for n in ("sft", "prompts", "eval_prompts",
-                                                                          "preferences"))
-    assert (len(sft), len(prompts), len(evals), len(prefs)) == (3000, 300, 100, 3000)
+    sft, prompts, vals, evals, prefs = (read_jsonl(d / f"{n}.jsonl") for n in ("sft", "prompts", "val_prompts",
+                                                                                "test_prompts", "preferences"))
+    assert (len(sft), len(prompts), len(vals), len(evals), len(prefs)) == (3000, 300, 50, 100, 3000)
 
     correct = [gold_score(r["input"], r["output"]) == 1.0 for r in sft]
     assert sum(correct) / len(sft) == pytest.approx(0.7, abs=0.03)
@@ -83,31 +83,33 @@ def test_task_stage_files(tmp_path):
     assert all(r["chosen_gold"] == gold_score(r["input"], r["chosen"]) for r in prefs)
     assert all(r["chosen"] != r["rejected"] for r in prefs)
 
-    # inputs are disjoint across the four files (the space 10^3..10^6 is large enough)
-    sets = [{r["input"] for r in rows} for rows in (sft, prompts, evals, prefs)]
+    # inputs are disjoint across the five files (the space 10^3..10^6 is large enough)
+    sets = [{r["input"] for r in rows} for rows in (sft, prompts, vals, evals, prefs)]
     assert sum(len(s) for s in sets) == len(set().union(*sets))
-    assert len({r["prompt_id"] for r in prompts + evals}) == 400
+    assert len({r["prompt_id"] for r in prompts + vals + evals}) == 450
     assert summary["repeated_inputs"] == 0
 
     # every file reads with the loaders, and the rendered prompt parses back to the input
     assert len(load_sft(DatasetSpec(path=str(d / "sft.jsonl")))) == 3000
-    p = load_prompts(DatasetSpec(path=str(d / "eval_prompts.jsonl"))).rows[0]
+    p = load_prompts(DatasetSpec(path=str(d / "test_prompts.jsonl"))).rows[0]
     assert p["prompt_id"] == evals[0]["prompt_id"]
     assert parse_input(p["prompt"]) == [int(x) for x in evals[0]["input"].split()]
     assert len(load_preferences(DatasetSpec(path=str(d / "preferences.jsonl")))) == 3000
 
 
 def test_task_is_seeded_and_small_spaces_repeat(tmp_path):
-    a = run_stage(experiment(tmp_path / "a", num_sft=50, num_prompts=20, num_eval_prompts=10, num_preferences=50),
+    a = run_stage(experiment(tmp_path / "a", num_sft=50, num_prompts=20, num_test_prompts=10, num_val_prompts=10, num_preferences=50),
                   "task")
-    b = run_stage(experiment(tmp_path / "b", num_sft=50, num_prompts=20, num_eval_prompts=10, num_preferences=50),
+    b = run_stage(experiment(tmp_path / "b", num_sft=50, num_prompts=20, num_test_prompts=10, num_val_prompts=10, num_preferences=50),
                   "task")
     assert (tmp_path / "a/t/task/sft.jsonl").read_text() == (tmp_path / "b/t/task/sft.jsonl").read_text()
     assert a["num_sft"] == b["num_sft"] == 50
     # lists of length 1..1 have only 10 inputs: later files must repeat, and the summary says so
-    small = run_stage(experiment(tmp_path / "c", num_sft=30, num_prompts=5, num_eval_prompts=5, num_preferences=10,
-                                 min_len=1, max_len=1), "task")
-    assert small["repeated_inputs"] == 30 + 10
-    evals = {r["input"] for r in read_jsonl(tmp_path / "c/t/task/eval_prompts.jsonl")}
+    small = run_stage(experiment(tmp_path / "c", num_sft=30, num_prompts=5, num_test_prompts=4, num_val_prompts=3,
+                                 num_preferences=10, min_len=1, max_len=1), "task")
+    assert small["repeated_inputs"] == 2 + 30 + 10  # 10 inputs: test 4 + val 3 + 3 of the 5 prompts are new
+    evals = {r["input"] for r in read_jsonl(tmp_path / "c/t/task/test_prompts.jsonl")}
+    vals = {r["input"] for r in read_jsonl(tmp_path / "c/t/task/val_prompts.jsonl")}
     prompts = {r["input"] for r in read_jsonl(tmp_path / "c/t/task/prompts.jsonl")}
-    assert not evals & prompts  # eval prompts and prompts are drawn first, so they stay disjoint
+    assert len(evals) == 4 and len(vals) == 3 and not evals & vals  # test, then validation, are drawn first
+    assert len(prompts - evals - vals) == 3  # then the three inputs left; the other prompts repeat

@@ -5,6 +5,7 @@ from typing import Literal
 
 from prefopt.config import check_ranges
 from prefopt.data.spec import DatasetSpec
+from prefopt.evaluate.suite import SuiteConfig
 
 
 @dataclass
@@ -31,12 +32,31 @@ class EvaluateConfig:
     """Name -> model. Names whose stage is not in the experiment's stages are left out."""
     baseline: str = "sft"
     """The policy win rates and KL are measured against."""
-    prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/eval_prompts.jsonl"))
+    split: Literal["test", "validation"] = "test"
+    """Which prompts the figures are on: `test` (`prompts`, the reported table) or `validation`
+    (`validation_prompts`: choose hyperparameters and run sweeps on these, never on test)."""
+    prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/test_prompts.jsonl"))
+    """Test prompts (split: test)."""
+    validation_prompts: DatasetSpec = field(
+        default_factory=lambda: DatasetSpec(path="stage:task/val_prompts.jsonl"))
+    """Validation prompts (split: validation)."""
     template: Literal["alpaca", "chat"] = "alpaca"
     reward_model: str = "stage:reward"
     """Scores responses ('rm_score', RM win rate); empty to skip."""
-    task: Literal["auto", "sort", "none"] = "auto"
-    """Gold scorer; `auto` uses the experiment's task."""
+    reward_fn: str = ""
+    """A reward function `module:function` (or `task:gold`) scoring responses in place of the reward model: called
+    as fn(example, response) -> float, with example the prompt row (prompt_id, prompt, instruction, input)."""
+    task: str = "auto"
+    """Gold scorer; `auto` uses the experiment's task (`none`: no gold figures)."""
+    checkpoints: bool = False
+    """Also evaluate every saved checkpoint of each aligner (dpo/simpo `checkpoints/checkpoint-N`, ppo
+    `snapshots/iter-N`): the curves of gold and reward-model score against KL to SFT that show over-optimisation
+    (Gao et al. 2022; Rafailov et al. 2023, Fig. 2)."""
+    checkpoint_prompts: int = 0
+    """Prompts used for the checkpoint curves (the first N of the split; 0: all). Curves are cheaper on fewer."""
+    best_of_n: list[int] = field(default_factory=list)
+    """Best-of-n rows from the baseline: sample max(n) per prompt, keep the reward model's (or reward_fn's) best
+    of the first n. KL to the baseline is log n - (n-1)/n (Stiennon et al. 2020). Empty: none."""
     samples_per_prompt: int = 2
     temperature: float = 1.0
     """Sampling temperature; the KL to the baseline is measured between the distributions at this temperature."""
@@ -54,7 +74,12 @@ class EvaluateConfig:
     """Tokens the reward model reads (prompt + response), as `score.max_length`."""
     trust_remote_code: bool = False
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    """Perplexity, multiple-choice accuracy (C-Eval / MMLU files) and lm-eval tasks per policy (`suite.md`)."""
 
     def __post_init__(self):
         check_ranges(self, samples_per_prompt=dict(ge=1), temperature=dict(ge=0), top_p=dict(gt=0, le=1),
-                     max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=1))
+                     max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=1),
+                     checkpoint_prompts=dict(ge=0))
+        if any(n < 1 for n in self.best_of_n):
+            raise ValueError(f"evaluate.best_of_n: every n must be >= 1, got {self.best_of_n}")

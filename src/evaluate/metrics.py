@@ -70,6 +70,54 @@ def mean_length(token_counts: Sequence[int]) -> float:
     return sum(token_counts) / len(token_counts)
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error sd / sqrt(n) (sample sd, n - 1); the error of a single value is 0.
+
+    Evaluation figures are means over prompts of a per-prompt figure (its samples averaged first), so the error
+    is over prompts, the unit the test set samples: samples of one prompt are not independent draws of it."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("no values")
+    n = len(vals)
+    m = sum(vals) / n
+    if n == 1:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in vals) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def per_prompt_means(scores: Sequence[Sequence[float]]) -> list[float]:
+    """Each prompt's mean over its samples."""
+    if any(len(row) == 0 for row in scores):
+        raise ValueError("a prompt has no samples")
+    return [sum(float(s) for s in row) / len(row) for row in scores]
+
+
+def per_prompt_win_rates(policy: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]]) -> list[float]:
+    """`prompt_win_rate` of each prompt (their mean is `win_rate`)."""
+    if len(policy) != len(baseline):
+        raise ValueError(f"policy has {len(policy)} prompts, baseline {len(baseline)}")
+    return [prompt_win_rate(p, b) for p, b in zip(policy, baseline)]
+
+
+def best_of_n(scores: Sequence[Sequence[float]], n: int) -> list[int]:
+    """Per prompt, the index of the highest-scoring of the first n samples (ties: the first)."""
+    out = []
+    for row in scores:
+        if len(row) < n:
+            raise ValueError(f"best-of-{n} needs {n} samples per prompt, a prompt has {len(row)}")
+        out.append(max(range(n), key=lambda j: (row[j], -j)))
+    return out
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020, App. G; Gao et al. 2022, Eq. 1): the
+    analytic value for continuous, distinct scores, an upper bound otherwise."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    return math.log(n) - (n - 1) / n
+
+
 # ------------------------------------------------------------------------------------------------ model-based
 
 

@@ -32,15 +32,18 @@ from pathlib import Path
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
+from prefopt.evaluate.overopt import curve_warnings, verdicts
+from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling
 from prefopt.stage import atomic_write, write_json
 from prefopt.utils import seed_everything, write_jsonl
 from tqdm.auto import tqdm
 
-COLUMNS = [("gold_score", "gold"), ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"),
-           ("win_rate_vs_sft_gold", "win vs SFT (gold)"), ("kl_to_sft", "KL to SFT"), ("length", "length"),
-           ("judge_win_rate", "judge win"), ("judge_order_disagreement", "judge order disagree")]
+# (figure, column head); a figure with a `<figure>_se` beside it is printed as "mean ± standard error"
+COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold − SFT"), ("win_rate_vs_sft_gold", "win vs SFT (gold)"),
+           ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"), ("kl_to_sft", "KL to SFT"),
+           ("length", "length"), ("judge_win_rate", "judge win"), ("judge_order_disagreement", "judge order disagree")]
 
 
 def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
@@ -50,13 +53,14 @@ def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
 
 
 def gold_scorer(cfg, task: str):
-    """The task's `gold_score(prompt, response)`, or None when the experiment has no gold task."""
-    name = cfg.task.name if task == "auto" else task
-    if name == "none":
-        return None
-    from prefopt.tasks import get_task
+    """The task's checked `gold_score(example, response)`, or None when the experiment has no gold task."""
+    from prefopt.tasks import get_task, has_gold
 
-    return get_task(name).gold_score
+    if task == "auto":
+        return get_task(cfg.task).gold_score if has_gold(cfg.task) else None
+    if task == "none":
+        return None
+    return get_task(task).gold_score
 
 
 def _free():
@@ -81,8 +85,8 @@ def _load_lm(path: str, dtype: str, trust_remote_code: bool):
     return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code).to(_device()).eval()
 
 
-def sample_policy(name: str, path: str, rows: list[dict], sec) -> dict:
-    """Rendered prompts, their token ids, and sec.samples_per_prompt completions per prompt for one policy."""
+def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = None, seed: int | None = None) -> dict:
+    """Rendered prompts, their token ids, and n (default sec.samples_per_prompt) completions per prompt."""
     from prefopt.generation import make_generator
     from prefopt.models import load_tokenizer
 
@@ -90,9 +94,10 @@ def sample_policy(name: str, path: str, rows: list[dict], sec) -> dict:
     rendered = [render_prompt(r["prompt"], tok) for r in rows]
     # Tokenized exactly as the generators do (add_special_tokens=True), so the log-probs are of what was sampled.
     prompt_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in rendered]
-    gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size, dtype=sec.dtype, seed=sec.seed)
-    sampling = Sampling(n=sec.samples_per_prompt, temperature=sec.temperature, top_p=sec.top_p,
-                        max_new_tokens=sec.max_new_tokens, seed=sec.seed)
+    seed = sec.seed if seed is None else seed
+    gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size, dtype=sec.dtype, seed=seed)
+    sampling = Sampling(n=n or sec.samples_per_prompt, temperature=sec.temperature, top_p=sec.top_p,
+                        max_new_tokens=sec.max_new_tokens, seed=seed)
     bar = tqdm(total=len(rows), desc=f"generate {name}", unit="prompt")
 
     def progress(done: int, tokens: int) -> None:  # prompts in the batch just finished
@@ -137,17 +142,23 @@ def alpaca_rows(name: str, rows: list[dict], completions) -> list[dict]:
     return out
 
 
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+def _fmt(v, se=None) -> str:
+    if v is None:
+        return "–"
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.3f} ± {se:.3f}" if se else f"{v:.3f}"
 
 
-def table(policies: dict[str, dict]) -> str:
-    """A markdown table, one row per policy; columns that are empty for every policy are left out."""
+def table(policies: dict[str, dict], split: str = "", n_prompts: int = 0) -> str:
+    """A markdown table, one row per policy, "mean ± standard error over prompts"; columns empty for every policy
+    are left out. The first line says which prompts the figures are on."""
     cols = [(k, h) for k, h in COLUMNS if any(p.get(k) is not None for p in policies.values())]
+    head = f"Figures on {n_prompts} {split} prompts (± one standard error over prompts).\n\n" if split else ""
     lines = ["| policy | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, p in policies.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(p.get(k)) for k, _ in cols) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {name} | " + " | ".join(_fmt(p.get(k), p.get(k + "_se")) for k, _ in cols) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 def plot(policies: dict[str, dict], path: Path) -> bool:
@@ -181,6 +192,78 @@ def plot(policies: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def find_checkpoints(model_path: str) -> list[tuple[int, str]]:
+    """(step, folder) of every loadable checkpoint an aligner saved beside its final `model/`: trainer checkpoints
+    `checkpoints/checkpoint-N` and PPO policy snapshots `snapshots/iter-N`, in step order."""
+    stage = Path(model_path).parent
+    found = []
+    for pattern in ("checkpoints/checkpoint-*", "snapshots/iter-*"):
+        for p in stage.glob(pattern):
+            step = p.name.rsplit("-", 1)[-1]
+            if step.isdigit() and (p / "config.json").exists():
+                found.append((int(step), str(p)))
+    return sorted(found)
+
+
+def proxy_scorer(ctx, sec):
+    """(name, fn(rendered prompts, rows, completions) -> nested scores) for the reward model or reward function, or
+    None. Loaded lazily, once."""
+    if sec.reward_fn:
+        from prefopt.reward.functions import load_reward_function
+
+        fn = load_reward_function(sec.reward_fn, ctx.cfg.task)
+
+        def score_fn(s, rows):
+            flat_rows = [{**r, "prompt": p} for r, p, comps in zip(rows, s["rendered"], s["completions"]) for _ in comps]
+            flat = fn(flat_rows, [c.text for comps in s["completions"] for c in comps])
+            return _nest(flat, s)
+
+        return fn.name, score_fn, None
+    rm_ref = sec.reward_model
+    if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
+        return None
+    from prefopt.reward.score import load_scorer, reward_text, score_texts
+
+    holder = {}
+
+    def score_fn(s, rows):
+        if "model" not in holder:
+            holder["model"], holder["tok"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
+        model, tok = holder["model"], holder["tok"]
+        texts = [reward_text(p, c.text, tok.eos_token) for p, comps in zip(s["rendered"], s["completions"])
+                 for c in comps]
+        return _nest(score_texts(model, tok, texts, sec.batch_size, sec.rm_max_length), s)
+
+    return rm_ref, score_fn, holder
+
+
+def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm) -> dict:
+    """Every figure of one sample set, each a mean over prompts with its standard error (`*_se`); gains and win
+    rates are paired with the baseline's samples of the same prompts."""
+    f: dict = {}
+
+    def put(key, values):
+        f[key], f[key + "_se"] = M.mean_se(values)
+
+    if gold is not None:
+        put("gold_score", M.per_prompt_means(gold))
+        if base_gold is not None:
+            put("gold_gain", [a - b for a, b in zip(M.per_prompt_means(gold), M.per_prompt_means(base_gold))])
+            put("win_rate_vs_sft_gold", M.per_prompt_win_rates(gold, base_gold))
+    if rm is not None:
+        put("rm_score", M.per_prompt_means(rm))
+        if base_rm is not None:
+            put("win_rate_vs_sft", M.per_prompt_win_rates(rm, base_rm))
+    if own is not None and ref is not None:
+        put("kl_to_sft", M.per_prompt_means(_nest([a - b for a, b in zip(own, ref)], s)))
+    comps = [c for cs in s["completions"] for c in cs]
+    f["length"] = M.mean_length([len(c.token_ids) for c in comps])
+    f["finished"] = sum(c.finished for c in comps) / len(comps)
+    if own is not None:
+        f["logp"] = sum(own) / len(own)
+    return f
+
+
 def run(ctx) -> dict:
     sec = ctx.section
     seed_everything(ctx.seed)
@@ -191,49 +274,73 @@ def run(ctx) -> dict:
     if base is None:
         print(f"[evaluate] baseline {sec.baseline!r} is not among the policies {list(policies)}: "
               "no win rates or KL", flush=True)
-    rows = load_prompts(sec.prompts, sec.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
+    spec = sec.prompts if sec.split == "test" else sec.validation_prompts
+    rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
+    print(f"[evaluate] {len(rows)} {sec.split} prompts from {ctx.resolve(spec.path, model=False)}", flush=True)
     gold_fn = gold_scorer(ctx.cfg, sec.task)
-    rm_ref = sec.reward_model
-    use_rm = bool(rm_ref) and (not rm_ref.startswith("stage:") or ref_stage(rm_ref) in ctx.cfg.stages)
+    proxy = proxy_scorer(ctx, sec)
 
-    # 1. Samples: every policy, same prompts, same seed.
-    samples = {name: sample_policy(name, path, rows, sec) for name, path in policies.items()}
-    for name, s in samples.items():
-        write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, s["completions"]))
+    # 0. What to sample: each policy on every prompt; with `checkpoints`, each saved aligner checkpoint on the first
+    #    `checkpoint_prompts`; with `best_of_n`, the baseline once more with max(n) samples per prompt.
+    k_ckpt = min(sec.checkpoint_prompts or len(rows), len(rows))
+    sets: dict[str, dict] = {n: {"path": p, "rows": rows, "n": sec.samples_per_prompt} for n, p in policies.items()}
+    if sec.checkpoints:
+        for name, path in policies.items():
+            if name == base:
+                continue
+            for step, ck in find_checkpoints(path):
+                sets[f"{name}@{step}"] = {"path": ck, "rows": rows[:k_ckpt], "n": sec.samples_per_prompt,
+                                          "method": name, "step": step}
+    if sec.best_of_n and base is not None:
+        sets["_bon"] = {"path": policies[base], "rows": rows, "n": max(sec.best_of_n), "seed_offset": 1}
 
-    # 2. Log-probs at the sampling temperature: each policy on its own samples, the baseline on everyone's.
+    # 1. Samples: every set, same prompts, same seed.
+    samples = {name: sample_policy(name, st["path"], st["rows"], sec, n=st["n"],
+                                   seed=sec.seed + st.get("seed_offset", 0)) for name, st in sets.items()}
+    for name in policies:
+        write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, samples[name]["completions"]))
+
+    # 2. Log-probs at the sampling temperature: each set on its own samples, the baseline on everyone's.
     T = sec.temperature if sec.temperature > 0 else 1.0  # greedy: no sampling distribution; report T=1 log-probs
     own, ref = {}, {}
-    for name, path in policies.items():
-        model = _load_lm(path, sec.dtype, sec.trust_remote_code)
-        flat = _flat(samples[name])
-        own[name] = M.response_logps(model, *flat, pad_id=samples[name]["pad_id"], temperature=T,
+    logp_sets = [n for n in sets if n != "_bon"]
+    for name in logp_sets:
+        model = _load_lm(sets[name]["path"], sec.dtype, sec.trust_remote_code)
+        own[name] = M.response_logps(model, *_flat(samples[name]), pad_id=samples[name]["pad_id"], temperature=T,
                                      batch_size=sec.batch_size, desc=f"log-probs {name}")
         if name == base:
-            for other, s in samples.items():
+            for other in logp_sets:
+                s = samples[other]
                 ref[other] = (own[name] if other == name else
                               M.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
                                                batch_size=sec.batch_size, desc=f"baseline log-probs {other}"))
         del model
         _free()
+    if base is not None and base in logp_sets:  # the baseline was loaded before some checkpoints: score them too
+        missing = [n for n in logp_sets if n not in ref]
+        if missing:
+            model = _load_lm(policies[base], sec.dtype, sec.trust_remote_code)
+            for other in missing:
+                s = samples[other]
+                ref[other] = M.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
+                                              batch_size=sec.batch_size, desc=f"baseline log-probs {other}")
+            del model
+            _free()
 
-    # 3. Reward model and gold scores of every sample.
+    # 3. Reward-model (or reward-function) and gold scores of every sample.
     rm, gold = {}, {}
-    if use_rm:
-        from prefopt.reward.score import load_scorer, reward_text, score_texts
-
-        model, tok = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
-        for name, s in samples.items():
-            texts = [reward_text(p, c.text, tok.eos_token) for p, comps in zip(s["rendered"], s["completions"])
-                     for c in comps]
-            bar = tqdm(total=len(texts), desc=f"reward {name}", unit="seq", leave=False)
-            rm[name] = _nest(score_texts(model, tok, texts, sec.batch_size, sec.rm_max_length, progress=bar), s)
-            bar.close()
-        del model
-        _free()
+    if proxy is not None:
+        for name in tqdm(list(sets), desc="reward", unit="set"):
+            rm[name] = proxy[1](samples[name], sets[name]["rows"])
+        if proxy[2]:
+            proxy[2].clear()
+            _free()
     if gold_fn is not None:
-        for name, s in samples.items():
-            gold[name] = [[gold_fn(p, c.text) for c in comps] for p, comps in zip(s["rendered"], s["completions"])]
+        from prefopt.tasks import example
+
+        for name, st in sets.items():
+            exs = [example(r) for r in st["rows"]]
+            gold[name] = [[gold_fn(ex, c.text) for c in comps] for ex, comps in zip(exs, samples[name]["completions"])]
 
     # 4. Optional order-swapped judge: each policy's first sample against the baseline's, per prompt.
     judged = {}
@@ -247,47 +354,117 @@ def run(ctx) -> dict:
                         chat=sec.judge.chat, batch_size=sec.judge.batch_size)
         k = min(sec.judge.max_prompts, len(rows))
         instructions = [alpaca_judge_instruction(r) for r in rows[:k]]
-        for name in tqdm([n for n in samples if n != base], desc="judge", unit="policy"):
+        for name in tqdm([n for n in policies if n != base], desc="judge", unit="policy"):
             judged[name] = judge_pairs(judge.prob_a, instructions,
                                        [c[0].text for c in samples[name]["completions"][:k]],
                                        [c[0].text for c in samples[base]["completions"][:k]])
         del judge
         _free()
 
-    # 5. Figures per policy.
+    # 5. Figures per policy, with standard errors over prompts.
+    def fig(name, k=None):
+        k = k or len(sets[name]["rows"])
+        return figures_of(name, samples[name], gold.get(name), rm.get(name), own.get(name), ref.get(name),
+                          gold[base][:k] if base in gold else None, rm[base][:k] if base in rm else None)
+
     figures: dict[str, dict] = {}
-    for name, s in samples.items():
-        comps = [c for cs in s["completions"] for c in cs]
-        f = {
-            "model": policies[name],
-            "gold_score": M.mean_score(gold[name]) if name in gold else None,
-            "rm_score": M.mean_score(rm[name]) if name in rm else None,
-            "win_rate_vs_sft": M.win_rate(rm[name], rm[base]) if base and name in rm else None,
-            "win_rate_vs_sft_gold": M.win_rate(gold[name], gold[base]) if base and name in gold else None,
-            "kl_to_sft": M.sequence_kl(own[name], ref[name]) if name in ref else None,
-            "length": M.mean_length([len(c.token_ids) for c in comps]),
-            "finished": sum(c.finished for c in comps) / len(comps),
-            "logp": sum(own[name]) / len(own[name]),
-        }
+    for name in policies:
+        f = {"model": policies[name], **fig(name)}
         if name in judged:
             f["judge_win_rate"] = judged[name]["win_rate"]
             f["judge_order_disagreement"] = judged[name]["disagreement"]
         figures[name] = f
         ctx.tracker.log({f"{name}/{k}": v for k, v in f.items() if isinstance(v, (int, float))})
-        write_jsonl(ctx.dir / f"samples_{name}.jsonl", _sample_rows(name, rows, s, gold, rm, own, ref))
+        write_jsonl(ctx.dir / f"samples_{name}.jsonl", _sample_rows(name, rows, samples[name], gold, rm, own, ref))
 
-    md = table(figures)
-    atomic_write(ctx.dir / "table.md", md)  # printed by `prefopt run` / `prefopt evaluate` once the stage is done
+    # 6. Curves: each aligner's checkpoints (and the baseline at step 0) on the first k_ckpt prompts; best-of-n.
+    curves = {}
+    if sec.checkpoints and base is not None:
+        start = _point(0, fig_subset(samples[base], gold.get(base), rm.get(base), k_ckpt), kl=0.0)
+        for name in policies:
+            if name == base:
+                continue
+            pts = [start] + [_point(sets[n]["step"], fig(n, k_ckpt)) for n in sets if sets[n].get("method") == name]
+            pts.append(_point("final", figures_of(name, _subset(samples[name], k_ckpt),
+                                                  _sub(gold.get(name), k_ckpt), _sub(rm.get(name), k_ckpt),
+                                                  own[name][:_count(samples[name], k_ckpt)],
+                                                  ref[name][:_count(samples[name], k_ckpt)] if name in ref else None,
+                                                  _sub(gold.get(base), k_ckpt), _sub(rm.get(base), k_ckpt))))
+            curves[name] = pts
+    bon = []
+    if "_bon" in samples and "_bon" in rm:
+        for n in sorted(set(sec.best_of_n)):
+            pick = M.best_of_n(rm["_bon"], n)
+            g = [[gold["_bon"][i][j]] for i, j in enumerate(pick)] if "_bon" in gold else None
+            r = [[rm["_bon"][i][j]] for i, j in enumerate(pick)]
+            point = {"n": n, "kl": M.best_of_n_kl(n)}
+            for key, vals in (("gold", g), ("rm", r)):
+                if vals is not None:
+                    point[key], point[key + "_se"] = M.mean_se(M.per_prompt_means(vals))
+            if g is not None and base in gold:
+                point["gold_gain"], point["gold_gain_se"] = M.mean_se(
+                    [a[0] - b for a, b in zip(g, M.per_prompt_means(gold[base]))])
+            bon.append(point)
+        figures.update({f"best_of_{p['n']}": {"gold_score": p.get("gold"), "gold_score_se": p.get("gold_se"),
+                                              "rm_score": p["rm"], "rm_score_se": p["rm_se"], "kl_to_sft": p["kl"],
+                                              "gold_gain": p.get("gold_gain"), "gold_gain_se": p.get("gold_gain_se")}
+                        for p in bon})
+
+    figures = merge_suite(figures, run_suite(policies, sec.suite, ctx.dir, ctx.tracker))  # perplexity, MC, lm-eval
+    warnings = verdicts(figures, base) + curve_warnings(curves)
+    for w in warnings:
+        print(f"[evaluate] WARNING {w}", flush=True)
+    md = table(figures, sec.split, len(rows)) + "".join(f"\n- **warning**: {w}" for w in warnings)
+    atomic_write(ctx.dir / "table.md", md + "\n")  # printed by `prefopt run` / `prefopt evaluate` once done
+    write_json(ctx.dir / "curves.json", {"curves": curves, "best_of_n": bon})
     if plot(figures, ctx.dir / "evaluate.png"):
         ctx.tracker.log_image("evaluate", ctx.dir / "evaluate.png")
+    if curves or bon:
+        from prefopt.analysis import plot_overoptimisation
+
+        plot_overoptimisation(curves, bon, ctx.dir / "overoptimisation.png")
+        ctx.tracker.log_image("overoptimisation", ctx.dir / "overoptimisation.png")
     return {
         "policies": figures,
         "baseline": base,
+        "split": sec.split,
         "num_prompts": len(rows),
         "samples_per_prompt": sec.samples_per_prompt,
         "temperature": sec.temperature,
         "seed": sec.seed,
+        "proxy": proxy[0] if proxy else None,
+        "curves": curves,
+        "best_of_n": bon,
+        "warnings": warnings,
     }
+
+
+def _count(s: dict, k: int) -> int:
+    """Samples in the first k prompts of a sample set (flat index bound)."""
+    return sum(len(c) for c in s["completions"][:k])
+
+
+def _sub(nested, k: int):
+    return None if nested is None else nested[:k]
+
+
+def _subset(s: dict, k: int) -> dict:
+    return {**s, "rendered": s["rendered"][:k], "prompt_ids": s["prompt_ids"][:k], "completions": s["completions"][:k]}
+
+
+def fig_subset(s: dict, gold, rm, k: int) -> dict:
+    out = {}
+    if gold is not None:
+        out["gold_score"], out["gold_score_se"] = M.mean_se(M.per_prompt_means(gold[:k]))
+    if rm is not None:
+        out["rm_score"], out["rm_score_se"] = M.mean_se(M.per_prompt_means(rm[:k]))
+    return out
+
+
+def _point(step, f: dict, kl: float | None = None) -> dict:
+    return {"step": step, "kl": f.get("kl_to_sft") if kl is None else kl, "kl_se": f.get("kl_to_sft_se"),
+            "gold": f.get("gold_score"), "gold_se": f.get("gold_score_se"),
+            "rm": f.get("rm_score"), "rm_se": f.get("rm_score_se")}
 
 
 def alpaca_judge_instruction(row: dict) -> str:

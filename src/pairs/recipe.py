@@ -166,7 +166,12 @@ def run(ctx) -> dict:
             summary.update(gold_audit(rows, pairs, get_task(ctx.cfg.task).gold_score))
         except TaskError as e:  # prompts that are not the task's (pairs built from other data): no audit
             summary["gold/audit_skipped"] = str(e)[:200]
-    summary.update(label_quality(ctx, cfg, margins))
+    rm_path = next((r["reward_model"].get("path") for r in rows if r.get("reward_model")), None)
+    summary.update(label_quality(rm_path, margins))
+    if summary.get("gold/chosen_better") is not None:
+        print(f"[pairs] gold audit: the chosen answer is gold-better in {summary['gold/chosen_better']:.3f} of the "
+              f"pairs; the reward model orders the policy's candidates as gold does "
+              f"{summary['gold/rm_pairwise_accuracy'] or 0:.3f} of the time", flush=True)
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     ctx.tracker.log_image("pairs_summary", png)
     ctx.tracker.log_artifact(ctx.dir / "pairs.jsonl", name=f"{ctx.cfg.name}-pairs-r{ctx.round}", type_="dataset")
@@ -214,12 +219,11 @@ def expected_accuracy(table: list[tuple[float, float]], margin: float) -> float:
     return table[-1][1]
 
 
-def label_quality(ctx, cfg, margins: list[float]) -> dict:
+def label_quality(rm_path: str | None, margins: list[float]) -> dict:
     """Estimate how often a pair's chosen answer is really the better one, from the reward model's held-out (test)
     pairs: their accuracy as a function of the score margin, applied to this stage's margins. Calibrated on gold
     order when the task has one, else on the annotators' labels (then label noise makes it an underestimate).
     Printed; in the summary as `label_quality/*`."""
-    rm_path = ctx.resolve(ctx.cfg.score.reward_model) if "score" in ctx.cfg.stages else None
     path = Path(rm_path).parent / "test_margins.jsonl" if rm_path else None
     if not margins or path is None or not path.exists():
         return {}

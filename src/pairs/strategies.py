@@ -89,9 +89,12 @@ def gold_audit(rows: list[dict], pairs: list[dict], gold) -> dict:
     preference accuracy does not show). chosen_better: fraction of pairs whose chosen answer has the higher gold
     score (ties count 1/2). best_is_gold_best: when a prompt's candidates differ in gold, how often the reward
     model's top candidate is a gold-best one."""
+    from prefopt.tasks import example
+
     right = total = top = tops = 0
+    examples = {row["prompt_id"]: example(row) for row in rows}
     for row in rows:
-        g = [gold(row["prompt"], c) for c in row["candidates"]]
+        g = [gold(examples[row["prompt_id"]], c) for c in row["candidates"]]
         s = row["scores"]
         for i in range(len(g)):
             for j in range(i + 1, len(g)):
@@ -102,7 +105,8 @@ def gold_audit(rows: list[dict], pairs: list[dict], gold) -> dict:
             tops += 1
             top += g[max(range(len(s)), key=s.__getitem__)] == max(g)
     better = [1.0 if gc > gr else 0.5 if gc == gr else 0.0
-              for gc, gr in ((gold(p["prompt"], p["chosen"]), gold(p["prompt"], p["rejected"])) for p in pairs)]
+              for gc, gr in ((gold(examples[p["prompt_id"]], p["chosen"]), gold(examples[p["prompt_id"]], p["rejected"]))
+                             for p in pairs)]
     return {
         "gold/rm_pairwise_accuracy": right / total if total else None,
         "gold/chosen_better": sum(better) / len(better) if better else None,

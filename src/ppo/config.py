@@ -19,6 +19,9 @@ class PPOConfig:
     """Policy to optimise; also the frozen reference (loaded a second time from the same checkpoint)."""
     reward_model: str = "stage:reward"
     """Reward model: a sequence-classification checkpoint scoring prompt + response + EOS."""
+    reward_fn: str = ""
+    """A reward function `module:function` (or `task:gold`, the task's gold score: the DPO paper's PPO-GT oracle)
+    used instead of the reward model: fn(example, response) -> float. The value model then starts from the policy."""
     value_init: Literal["reward", "policy"] = "reward"
     """Initialise the value model from the reward model (InstructGPT) or from the policy (fresh head). Either
     way it must share the policy's tokenizer."""
@@ -68,6 +71,9 @@ class PPOConfig:
     """Clip each model's gradient to this global norm; 0 disables clipping."""
     save_every: int = 10
     """Checkpoint every this many PPO iterations (policy, value, optimizers, KL controller, RNG, sampler)."""
+    keep_snapshots: bool = False
+    """Also keep the policy (+ tokenizer) of every checkpoint in `snapshots/iter-N` (resume checkpoints keep only
+    the latest two): `evaluate.checkpoints` draws the over-optimisation curve from them."""
 
     def __post_init__(self):
         check_ranges(self, rollout_batch_size=dict(ge=1), mini_batch_size=dict(ge=1), total_episodes=dict(ge=1),

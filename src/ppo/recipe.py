@@ -75,7 +75,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, iteration: int, policy, value, opt_policy, opt_value, kl_ctl, sampler,
-                    last_metrics: dict) -> Path:
+                    last_metrics: dict, snapshot_tokenizer=None) -> Path:
+    """A resumable checkpoint `iter-N`; with `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`."""
     out = folder / f"iter-{iteration}"
     tmp = folder / f".iter-{iteration}.partial"
     if tmp.exists():
@@ -99,6 +100,16 @@ def save_checkpoint(folder: Path, iteration: int, policy, value, opt_policy, opt
     done = sorted(folder.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in done[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
+    if snapshot_tokenizer is not None:
+        snap = folder.parent / "snapshots" / f"iter-{iteration}"
+        tmp_snap = snap.with_name(f".{snap.name}.partial")
+        if tmp_snap.exists():
+            shutil.rmtree(tmp_snap)
+        shutil.copytree(out / "policy", tmp_snap)
+        snapshot_tokenizer.save_pretrained(tmp_snap)
+        if snap.exists():
+            shutil.rmtree(snap)
+        os.replace(tmp_snap, snap)
     return out
 
 
@@ -200,11 +211,22 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         metrics["episodes"] = it * cfg.rollout_batch_size
         tracker.log(metrics, step=it)
         if it % cfg.save_every == 0 or it == iterations:
-            save_checkpoint(ckpt_dir, it, policy, value, opt_policy, opt_value, kl_ctl, sampler, metrics)
+            save_checkpoint(ckpt_dir, it, policy, value, opt_policy, opt_value, kl_ctl, sampler, metrics,
+                            snapshot_tokenizer=tokenizer if cfg.keep_snapshots else None)
     return {**metrics, "iterations": iterations}
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
+
+
+def function_scorer(fn, rows: list[dict], rendered: list[str]):
+    """A rollout ScoreFn from a reward function: each rendered prompt is mapped back to its prompt row."""
+    by_prompt = {p: {**r, "prompt": p} for r, p in zip(rows, rendered)}
+
+    def score(prompts: list[str], completions) -> torch.Tensor:
+        return torch.tensor(fn([by_prompt[p] for p in prompts], [c.text for c in completions]))
+
+    return score
 
 
 def load_models(ctx, cfg, resume: Path | None):
@@ -219,7 +241,7 @@ def load_models(ctx, cfg, resume: Path | None):
     ref = load_causal_lm(policy_path)  # a second load of the same checkpoint, never a copy of the trained one
     for p in ref.parameters():
         p.requires_grad_(False)
-    value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" else policy_path
+    value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" and not cfg.reward_fn else policy_path
     value = ValueModel(load_reward_model(str(resume / "value") if resume else value_src).float())
     if value.model.config.vocab_size < len(tok):
         raise ValueError(f"value model from {value_src} has vocab {value.model.config.vocab_size} < the policy "
@@ -240,13 +262,18 @@ def run(ctx) -> dict:
     resume = latest_checkpoint(ckpt_dir)
     policy, ref, value, tok = load_models(ctx, cfg, resume)
 
-    rm_path = ctx.resolve(cfg.reward_model)
-    rm = load_reward_model(rm_path).to(next(policy.parameters()).device).eval()
-    rm_tok = load_tokenizer(rm_path, padding_side="right")
-    score_fn = reward_model_scorer(rm, rm_tok, batch_size=cfg.mini_batch_size)
-
     rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     prompts = [render_prompt(r["prompt"], tok) for r in rows]
+    if cfg.reward_fn:
+        from prefopt.reward.functions import load_reward_function
+
+        score_fn = function_scorer(load_reward_function(cfg.reward_fn, ctx.cfg.task), rows, prompts)
+        print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
+    else:
+        rm_path = ctx.resolve(cfg.reward_model)
+        rm = load_reward_model(rm_path).to(next(policy.parameters()).device).eval()
+        rm_tok = load_tokenizer(rm_path, padding_side="right")
+        score_fn = reward_model_scorer(rm, rm_tok, batch_size=cfg.mini_batch_size)
     generator = TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,

@@ -62,6 +62,9 @@ class ScoreConfig:
 
     reward_model: str = "stage:reward"
     """`stage:reward`, or any AutoModelForSequenceClassification folder / hub id (ArmoRM, Skywork-Reward, ...)."""
+    reward_fn: str = ""
+    """A reward function `module:function` (or `task:gold`, the task's gold score) used instead of the reward
+    model: fn(example, response) -> float, example the prompt row (prompt_id, prompt, instruction, input)."""
     candidates: str = "stage:generate"
     """The generate stage whose shards are scored."""
     template: Literal["alpaca", "chat"] = "alpaca"

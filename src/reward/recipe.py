@@ -6,17 +6,25 @@
 Loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1): -log sigmoid(r(x, y_chosen) - r(x, y_rejected)), with r the
 classification head's logit at the last token of prompt + response + EOS.
 
-Setup: preferences -> canonical rows -> a held-out split (`eval_fraction`); the start model (`model`) gets a
-one-output classification head. Train: RewardTrainer, resuming from the last checkpoint in `checkpoints/`.
-Save: merged model + tokenizer in `model/`. Report on the held-out split, scored by us: pairwise accuracy
-against the labels (`eval/accuracy`), mean reward margin (`eval/margin`) and, on the gold-reward task, accuracy
-against the gold score on pairs whose gold scores differ (`eval/gold_accuracy`, label noise removed).
+Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits; the
+start model (`model`) gets a one-output classification head. Train: RewardTrainer, resuming from the last
+checkpoint in `checkpoints/`. Every `save_steps` the model is scored on the validation split by us (the same
+inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
+validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
+checkpoint, merged, + tokenizer in `model/`. Report on the test split, which nothing was chosen on: pairwise
+accuracy against the labels (`eval/accuracy` ± `eval/accuracy_se`), mean reward margin (`eval/margin` ±
+`eval/margin_se`) and, on a gold-reward task, accuracy against the gold score on pairs whose gold scores differ
+(`eval/gold_accuracy`, label noise removed). `test_margins.jsonl` keeps each test pair's margin: the pairs stage
+calibrates its label-quality estimate on it. `prefopt run` stops at the gate (`min_eval_accuracy`) after this stage.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import statistics
+from pathlib import Path
 
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import render_prompt
@@ -27,12 +35,18 @@ from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
 
 
-def split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle with `seed` and hold out `eval_fraction` of the rows (at least one when the fraction is > 0)."""
+def split(rows: list[dict], eval_fraction: float, seed: int,
+          test_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test): shuffle with `seed`, hold out `test_fraction` then `eval_fraction` of the rows
+    (at least one each when its fraction is > 0 and rows are left for training)."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    n_eval = max(1, round(len(rows) * eval_fraction)) if eval_fraction > 0 and len(rows) > 1 else 0
-    return rows[n_eval:], rows[:n_eval]
+
+    def size(f: float) -> int:
+        return max(1, round(len(rows) * f)) if f > 0 and len(rows) > 2 else 0
+
+    n_test, n_val = size(test_fraction), size(eval_fraction)
+    return rows[n_test + n_val:], rows[n_test:n_test + n_val], rows[:n_test]
 
 
 def reward_config(cfg, ctx):
@@ -61,26 +75,89 @@ def peft_config(lora):
 
 
 def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict:
-    """Held-out pairwise accuracy (r_chosen > r_rejected) and mean margin r_chosen - r_rejected."""
+    """Held-out pairwise accuracy (r_chosen > r_rejected; a tie counts 1/2) and mean margin r_chosen - r_rejected,
+    each with its standard error over pairs (accuracy: sqrt(p(1-p)/n); margin: sd/sqrt(n)), and the mean
+    Bradley-Terry loss -log sigmoid(margin)."""
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": statistics.fmean(margins)}
+    n = len(margins)
+    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n
+    return {"accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n), "margin": statistics.fmean(margins),
+            "margin_se": statistics.stdev(margins) / math.sqrt(n) if n > 1 else 0.0,
+            "loss": statistics.fmean(_softplus(-m) for m in margins), "pairs": n}
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
 def gold_accuracy(rows: list[dict], chosen: list[float], rejected: list[float], task) -> tuple[float, int] | None:
     """Accuracy against the gold score on pairs whose gold scores differ (ignores annotator noise), and how many
-    pairs that is. None when the rows are not the task's (their prompts hold no task input)."""
+    pairs that is. None when the rows are not the task's (no task input in their metadata)."""
+    from prefopt.tasks import TaskError, example
+
     hits = n = 0
     for row, rc, rr in zip(rows, chosen, rejected):
-        source = row["meta"].get("input") or row["prompt"]
+        ex = example(row)
+        if not isinstance(ex.get("input"), str):
+            return None
         try:
-            gc, gr = task.gold_score(source, row["chosen"]), task.gold_score(source, row["rejected"])
-        except (ValueError, TypeError):
+            gc, gr = task.gold_score(ex, row["chosen"]), task.gold_score(ex, row["rejected"])
+        except TaskError:
             return None
         if gc == gr:
             continue
         n += 1
         hits += (rc > rr) == (gc > gr)
     return (hits / n, n) if n else None
+
+
+def selection_callback(model_tok, val_rows: list[dict], cfg, history_path: Path, is_main: bool):
+    """A TrainerCallback that scores the validation split every `save_steps` (and at the last step), keeps the best
+    step in `state.best_global_step` (so the Trainer's checkpoint rotation never deletes it) and stops training
+    after `early_stopping_patience` evaluations without improvement. History in `history_path` (one JSON line per
+    evaluation), reread on resume."""
+    from transformers import TrainerCallback
+
+    tok = model_tok
+
+    class SelectCallback(TrainerCallback):
+        def __init__(self):
+            self.history = []
+            if history_path.exists():
+                for line in history_path.read_text().splitlines():
+                    try:
+                        self.history.append(json.loads(line))
+                    except ValueError:
+                        continue  # a line cut by a kill: that evaluation is lost, nothing else
+
+        def best(self) -> dict | None:
+            # best accuracy; on a tie the lower loss, then the earlier step
+            return max(self.history, key=lambda h: (h["accuracy"], -h["loss"], -h["step"]), default=None)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            step = state.global_step
+            if not (step % args.save_steps == 0 or step >= state.max_steps) or not val_rows:
+                return
+            if any(h["step"] == step for h in self.history):
+                return
+            was_training = model.training
+            m = evaluate_pairs(model, tok, val_rows, cfg)
+            model.train(was_training)
+            rec = {"step": step, "accuracy": m["accuracy"], "loss": m["loss"], "margin": m["margin"]}
+            self.history.append(rec)
+            if is_main:
+                with open(history_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            best = self.best()
+            state.best_global_step, state.best_metric = best["step"], best["accuracy"]
+            since = sum(h["step"] > best["step"] for h in self.history)
+            if cfg.early_stopping_patience and since >= cfg.early_stopping_patience:
+                print(f"[reward] early stop at step {step}: no better validation accuracy for {since} evaluations "
+                      f"(best {best['accuracy']:.3f} at step {best['step']})", flush=True)
+                control.should_training_stop = True
+                control.should_save = True
+
+    return SelectCallback()
 
 
 def run(ctx) -> dict:
@@ -94,43 +171,90 @@ def run(ctx) -> dict:
     # Prompts are canonical (rendered strings, or chat messages rendered here by the tokenizer's chat template);
     # training on text keeps what the reward model sees identical to what the `score` stage feeds it.
     rows = [{**r, "prompt": render_prompt(r["prompt"], tok)} for r in data.rows]
-    train_rows, eval_rows = split(rows, cfg.eval_fraction, ctx.seed)
+    train_rows, val_rows, test_rows = split(rows, cfg.eval_fraction, ctx.seed, cfg.test_fraction)
     train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
 
     seed_everything(ctx.seed)  # the new score head is random: seed before it exists
     model = load_reward_model(model_path)
     model.config.pad_token_id = tok.pad_token_id
     args = reward_config(cfg, ctx)
+    select = selection_callback(tok, val_rows, cfg, ctx.dir / "selection.jsonl", ctx.is_main)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                            peft_config=peft_config(cfg.lora), callbacks=[trainer_callback(ctx.tracker)])
+                            peft_config=peft_config(cfg.lora), callbacks=[trainer_callback(ctx.tracker), select])
     last = last_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
 
-    summary = {"train/pairs": len(train_rows), "eval/pairs": len(eval_rows), "train/loss": result.training_loss,
-               "resumed_from": last, "skipped_rows": data.skipped}
+    summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
+               "train/loss": result.training_loss, "train/steps": trainer.state.global_step, "resumed_from": last,
+               "skipped_rows": data.skipped}
+    best = select.best()
+    if best is not None:
+        summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],
+                        "select/history": select.history})
+        if best["step"] != trainer.state.global_step:
+            ckpt = Path(args.output_dir) / f"checkpoint-{best['step']}"
+            if ckpt.is_dir():
+                trainer._load_from_checkpoint(str(ckpt))  # model weights only (adapter for LoRA)
+                print(f"[reward] kept step {best['step']} (validation accuracy {best['accuracy']:.3f}) of "
+                      f"{trainer.state.global_step}", flush=True)
+            else:
+                summary["select/best_step"] = trainer.state.global_step
+                print(f"[reward] best checkpoint {ckpt} is gone: keeping the last step", flush=True)
     model = trainer.model
     if cfg.lora.enabled:
         model = model.merge_and_unload()
     if ctx.is_main:
-        if eval_rows:
-            summary.update(evaluate(model, tok, eval_rows, cfg, ctx))
+        if test_rows:
+            summary.update(evaluate(model, tok, test_rows, cfg, ctx))
             ctx.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+            print(f"[reward] held-out (test) pairwise accuracy {summary['eval/accuracy']:.3f} ± "
+                  f"{summary['eval/accuracy_se']:.3f} over {len(test_rows)} pairs, margin "
+                  f"{summary['eval/margin']:.3f} ± {summary['eval/margin_se']:.3f}"
+                  + (f", gold accuracy {summary['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in summary else ""),
+                  flush=True)
         save_model(model, tok, ctx.dir / "model")
     return summary
 
 
-def evaluate(model, tok, rows: list[dict], cfg, ctx) -> dict:
-    """Score chosen and rejected of each held-out pair ourselves (same inputs as the `score` stage)."""
+def evaluate_pairs(model, tok, rows: list[dict], cfg) -> dict:
+    """Pairwise figures of `model` on preference rows, scored as the `score` stage scores (eval mode)."""
+    chosen, rejected = score_pairs(model, tok, rows, cfg)
+    return pairwise_metrics(chosen, rejected)
+
+
+def score_pairs(model, tok, rows: list[dict], cfg) -> tuple[list[float], list[float]]:
     texts = [reward_text(r["prompt"], r[side], tok.eos_token) for side in ("chosen", "rejected") for r in rows]
     model.eval()
     scores = score_texts(model, tok, texts, batch_size=cfg.per_device_train_batch_size * 2, max_length=cfg.max_length)
-    chosen, rejected = scores[: len(rows)], scores[len(rows):]
-    m = pairwise_metrics(chosen, rejected)
-    out = {"eval/accuracy": m["accuracy"], "eval/margin": m["margin"]}
-    if ctx.cfg.task.name != "none":
-        from prefopt.tasks import get_task
+    return scores[: len(rows)], scores[len(rows):]
 
-        gold = gold_accuracy(rows, chosen, rejected, get_task(ctx.cfg.task.name))
+
+def evaluate(model, tok, rows: list[dict], cfg, ctx) -> dict:
+    """Test-split figures with standard errors; each pair's margin goes to `test_margins.jsonl`."""
+    from prefopt.utils import write_jsonl
+
+    chosen, rejected = score_pairs(model, tok, rows, cfg)
+    m = pairwise_metrics(chosen, rejected)
+    out = {f"eval/{k}": v for k, v in m.items()}
+    gold_of = None
+    from prefopt.tasks import get_task, has_gold
+
+    if has_gold(ctx.cfg.task):
+        task = get_task(ctx.cfg.task)
+        gold = gold_accuracy(rows, chosen, rejected, task)
         if gold is not None:
             out["eval/gold_accuracy"], out["eval/gold_pairs"] = gold
+            out["eval/gold_accuracy_se"] = math.sqrt(gold[0] * (1 - gold[0]) / gold[1])
+            gold_of = task
+    margins = []
+    for r, c, j in zip(rows, chosen, rejected):
+        rec = {"margin": c - j}
+        if gold_of is not None:
+            from prefopt.tasks import example
+
+            ex = example(r)
+            gc, gr = gold_of.gold_score(ex, r["chosen"]), gold_of.gold_score(ex, r["rejected"])
+            rec["gold_order"] = 1 if gc > gr else -1 if gc < gr else 0  # +1: the labelled chosen is gold-better
+        margins.append(rec)
+    write_jsonl(ctx.dir / "test_margins.jsonl", margins)
     return out

@@ -117,8 +117,38 @@ def input_shards(folder: str | Path) -> list[Path]:
     return shards
 
 
+def run_function(ctx, cfg) -> dict:
+    """Score every candidate with a reward function (`score.reward_fn`): all shards checked before any is written,
+    so a NaN or a wrong shape stops the stage with nothing half-written."""
+    from prefopt.reward.functions import load_reward_function
+
+    fn = load_reward_function(cfg.reward_fn, ctx.cfg.task)
+    shards = input_shards(ctx.resolve(cfg.candidates, model=False))
+    provenance = {"path": fn.name, "sha256": content_hash(fn.name)}
+    outputs, all_scores = {}, []
+    for shard in tqdm(shards, desc="score", unit="shard", disable=not ctx.is_main):
+        out = []
+        for r in iter_jsonl(shard):
+            scores = fn([r] * len(r["candidates"]), r["candidates"])
+            all_scores += scores
+            out.append({"prompt_id": r["prompt_id"], "scores": scores, "reward_model": provenance})
+        outputs[shard.name] = out
+    for name, out in outputs.items():
+        write_jsonl(ctx.dir / name, out)
+    summary = {"shards": len(shards), "candidates": len(all_scores), "scored": len(all_scores), "cached": 0,
+               "reward_model": provenance}
+    if all_scores:
+        import statistics
+
+        summary["score/mean"] = statistics.fmean(all_scores)
+        summary["score/std"] = statistics.pstdev(all_scores)
+    return summary
+
+
 def run(ctx) -> dict:
     cfg = ctx.section
+    if cfg.reward_fn:
+        return run_function(ctx, cfg)
     rm_path = ctx.resolve(cfg.reward_model)
     rm_sha = weights_sha256(rm_path)
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))

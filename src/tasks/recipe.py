@@ -1,49 +1,50 @@
 """The `task` stage: write the gold-reward task's data files into the stage folder.
 
     prefopt task experiments/quickstart.yaml
+    prefopt task experiments/quickstart.yaml --task.name=reverse
+    prefopt task experiments/quickstart.yaml --task.module=mypkg.mytask
 
-Files (Alpaca rows): sft.jsonl (demonstrations, right `demo_accuracy` of the time), prompts.jsonl and
-eval_prompts.jsonl (no output; `prompt_id`), preferences.jsonl (chosen/rejected labelled by the simulated
-annotator, with each response's gold score kept beside it). Inputs are disjoint across the files while the input
-space allows. With `task.name: none` nothing is written (the experiment names real datasets).
+Files (Alpaca rows, see prefopt.tasks.base): sft.jsonl, prompts.jsonl (training prompts), val_prompts.jsonl
+(tuning), test_prompts.jsonl (reported figures), preferences.jsonl (annotated pairs with each answer's gold score).
+With `task.name: none` nothing is written (the experiment names real datasets).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
-from prefopt.tasks import get_task
+from prefopt.tasks import get_task, has_gold
+from prefopt.tasks.base import FILES
 from prefopt.utils import write_jsonl
 
 
-def summarize(data: dict[str, list[dict]]) -> dict:
+def summarize(data: dict[str, list[dict]], task) -> dict:
     sft, prefs = data["sft"], data["preferences"]
-    kinds = Counter(r["kind"] for r in sft)
+    correct = [task.gold_score(r, r["output"]) == 1.0 for r in sft]
     ties = [r for r in prefs if r["chosen_gold"] == r["rejected_gold"]]
     decided = [r for r in prefs if r["chosen_gold"] != r["rejected_gold"]]
     flipped = sum(r["chosen_gold"] < r["rejected_gold"] for r in decided)
     return {
         "num_sft": len(sft),
-        "sft_accuracy": kinds["correct"] / max(len(sft), 1),
-        "sft_mistakes": {k: v for k, v in sorted(kinds.items()) if k != "correct"},
+        "sft_accuracy": sum(correct) / max(len(sft), 1),
         "num_prompts": len(data["prompts"]),
-        "num_eval_prompts": len(data["eval_prompts"]),
+        "num_val_prompts": len(data["val_prompts"]),
+        "num_test_prompts": len(data["test_prompts"]),
         "num_preferences": len(prefs),
         "preference_ties": len(ties),
         "preference_label_noise": flipped / max(len(decided), 1),
-        "repeated_inputs": data["_repeats"],
+        "repeated_inputs": data.get("_repeats", 0),
     }
 
 
 def run(ctx) -> dict:
     cfg = ctx.section
-    if cfg.name == "none":
+    if not has_gold(cfg):
         return {"task": "none"}
-    data = get_task(cfg.name).make_data(cfg, ctx.seed)
-    for name in ("sft", "prompts", "eval_prompts", "preferences"):
+    task = get_task(cfg)
+    data = task.make_data(cfg, ctx.seed)
+    for name in FILES:
         write_jsonl(ctx.dir / f"{name}.jsonl", data[name])
-    ctx.tracker.log_artifact([ctx.dir / f"{n}.jsonl" for n in ("sft", "prompts", "eval_prompts", "preferences")],
-                             name=f"{ctx.cfg.name}-task-data", type_="dataset")
-    summary = {"task": cfg.name, **summarize(data)}
+    ctx.tracker.log_artifact([ctx.dir / f"{n}.jsonl" for n in FILES], name=f"{ctx.cfg.name}-task-data",
+                             type_="dataset")
+    summary = {"task": task.name, "source": task.source, **summarize(data, task)}
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary

@@ -5,9 +5,8 @@
 Everything a CPU run needs to show that each stage really works:
   - SFT demonstrations that are right only `demo_accuracy` of the time; the rest carry the mistakes a weak policy
     makes (one adjacent swap, the input order copied, descending order, an element dropped or duplicated);
-  - a simulated annotator that prefers the response with the higher gold score and flips its label with probability
-    `noise` (AlpacaFarm's simulated annotators add label noise the same way, Dubois et al. 2023, Sec. 3);
-  - `gold_score`, the evaluation's ground truth.
+  - candidates for the simulated annotator (`prefopt.tasks.base.annotate`): systematic mistakes and sampling slips;
+  - `score_numbers`, the evaluation's ground truth.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+
+from prefopt.tasks.base import annotate  # noqa: F401  (re-exported: every task's simulated annotator)
 
 INSTRUCTIONS = [
     "Sort the numbers in ascending order.",
@@ -169,86 +170,24 @@ def response_pool(xs: list[int], rng: random.Random, slips: int = 6) -> list[str
     return pool
 
 
-def preference_pair(xs: list[int], rng: random.Random, p_correct: float = 0.5) -> tuple[str, str]:
-    """Two responses for the annotator to compare. Half the pairs hold the correct answer against a wrong one:
-    the comparisons best-of-n selection depends on, which uniform pairs from the pool would make rare."""
-    pool = response_pool(xs, rng)
-    if rng.random() < p_correct:
-        return pool[0], rng.choice(pool[1:])
-    a, b = rng.sample(pool, 2)
-    return a, b
-
-
-def annotate(score_a: float, score_b: float, noise: float, rng: random.Random) -> int:
-    """Simulated annotator: 0 if it prefers a, 1 if b. Prefers the higher gold score, picks at random on a tie,
-    and flips its label with probability `noise`."""
-    if score_a == score_b:
-        return rng.randrange(2)
-    label = 0 if score_a > score_b else 1
-    return 1 - label if rng.random() < noise else label
-
-
-class UniqueInputs:
-    """Draws inputs never drawn before (so SFT, preference, prompt and eval inputs are disjoint) while the space
-    allows; when it runs out, repeats are allowed and counted."""
-
-    def __init__(self, rng: random.Random, min_len: int, max_len: int, tries: int = 100, distinct: bool = False):
-        self.rng, self.min_len, self.max_len, self.tries = rng, min_len, max_len, tries
-        self.distinct = distinct
-        self.used: set[tuple[int, ...]] = set()
-        self.repeats = 0
-
-    def draw(self) -> list[int]:
-        for _ in range(self.tries):
-            xs = random_input(self.rng, self.min_len, self.max_len, self.distinct)
-            if tuple(xs) not in self.used:
-                self.used.add(tuple(xs))
-                return xs
-        self.repeats += 1
-        return xs
-
-
-def make_data(cfg, seed: int) -> dict[str, list[dict]]:
-    """The task's files as rows: sft, prompts, eval_prompts, preferences (`cfg` is a TaskConfig)."""
-    rng = random.Random(seed)
-    inputs = UniqueInputs(rng, cfg.min_len, cfg.max_len, distinct=cfg.distinct)
-
-    def row(xs):
-        return {"instruction": rng.choice(INSTRUCTIONS), "input": format_list(xs)}
-
-    # Evaluation prompts are drawn first so they are the last to share an input when the space runs out.
-    eval_prompts = [{"prompt_id": f"sort-eval-{i:06d}", **row(inputs.draw())} for i in range(cfg.num_eval_prompts)]
-    prompts = [{"prompt_id": f"sort-{i:06d}", **row(inputs.draw())} for i in range(cfg.num_prompts)]
-
-    sft = []
-    for _ in range(cfg.num_sft):
-        xs = inputs.draw()
-        if rng.random() < cfg.demo_accuracy:
-            out, kind = format_list(sorted(xs)), "correct"
-        else:
-            out, kind = wrong_answer(xs, rng)
-        sft.append({**row(xs), "output": out, "kind": kind})
-
-    preferences = []
-    for _ in range(cfg.num_preferences):
-        xs = inputs.draw()
-        a, b = preference_pair(xs, rng)
-        ga, gb = score_numbers(xs, a), score_numbers(xs, b)
-        pick = annotate(ga, gb, cfg.annotator_noise, rng)
-        chosen, rejected = (a, b) if pick == 0 else (b, a)
-        gc, gr = (ga, gb) if pick == 0 else (gb, ga)
-        preferences.append({**row(xs), "chosen": chosen, "rejected": rejected,
-                            "chosen_gold": gc, "rejected_gold": gr})
-    return {"sft": sft, "prompts": prompts, "eval_prompts": eval_prompts, "preferences": preferences,
-            "_repeats": inputs.repeats}
-
-
 class SortTask:
+    """The sort task in the GoldTask form (`prefopt.tasks.base`); skill: ordering by value."""
+
     name = "sort"
     instructions = INSTRUCTIONS
 
     @staticmethod
-    def gold_score(prompt: str, response: str) -> float:
-        return gold_score(prompt, response)
+    def sample_input(rng: random.Random, cfg) -> str:
+        return format_list(random_input(rng, cfg.min_len, cfg.max_len, cfg.distinct))
 
-    make_data = staticmethod(make_data)
+    @staticmethod
+    def score(input: str, response: str) -> float:
+        return score_numbers(parse_input(input), response)
+
+    @staticmethod
+    def demo_mistake(input: str, rng: random.Random) -> str:
+        return wrong_answer(parse_input(input), rng)[0]
+
+    @staticmethod
+    def response_pool(input: str, rng: random.Random) -> list[str]:
+        return response_pool(parse_input(input), rng)
