@@ -49,7 +49,7 @@ class TrainFields:
     save_steps: int = 100
     """Checkpoint every this many optimizer steps (a killed run resumes from the last one)."""
     save_total_limit: int = 2
-    """Keep at most this many intermediate checkpoints."""
+    """Keep at most this many intermediate checkpoints (0: keep all)."""
     recipe_global_batch: int = 0
     """The global batch the recipe (paper) states; `prefopt check` warns when the launch gives another. 0: none."""
 
@@ -58,7 +58,7 @@ class TrainFields:
         check_ranges(self, learning_rate=dict(gt=0), per_device_train_batch_size=dict(ge=1),
                      gradient_accumulation_steps=dict(ge=1), warmup_ratio=dict(ge=0, lt=1), weight_decay=dict(ge=0),
                      max_grad_norm=dict(ge=0), max_length=dict(ge=1), logging_steps=dict(ge=1), save_steps=dict(ge=1),
-                     save_total_limit=dict(ge=1), recipe_global_batch=dict(ge=0), max_steps=dict(ge=-1))
+                     save_total_limit=dict(ge=0), recipe_global_batch=dict(ge=0), max_steps=dict(ge=-1))
         if self.max_steps <= 0:  # epochs decide the length only when max_steps does not
             check_range(self, "num_train_epochs", gt=0)
         else:

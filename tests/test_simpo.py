@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -24,12 +23,13 @@ def section(model, pairs, **kw):
 
 def simpo_on(model_dir, pairs, beta=2.0, ratio=0.5):
     c, r, lc, lr = pair_logps(model_dir, pairs)
-    return simpo_loss(c / lc, r / lr, beta, ratio)
+    return simpo_loss(c, r, lc, lr, beta, ratio)
 
 
-def test_simpo_smoke_and_resume(tmp_path, tiny_model_dir):
+def test_simpo_smoke_and_resume(tmp_path, tiny_model_dir, monkeypatch):
     """4 steps: the saved policy has a lower SimPO loss and a larger margin on the training pairs than its start.
-    Then a kill after the step-2 checkpoint is simulated (step-4 checkpoint, model and completion marker removed)
+    Every save leaves a loadable HF model in checkpoints/checkpoint-<step>/ (training state only in the newest).
+    Then a kill after the step-2 checkpoint is simulated (checkpoint-4, model and completion marker removed)
     and the same command resumes from step 2: its final weights equal the uninterrupted run's."""
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     cfg = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs))
@@ -42,14 +42,35 @@ def test_simpo_smoke_and_resume(tmp_path, tiny_model_dir):
     assert after.item() < before.item() - 0.05
     assert m1["rewards/margins"].item() > m0["rewards/margins"].item() + 0.1
 
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not (ckpts / "checkpoint-2" / "state").exists() and (ckpts / "checkpoint-4" / "state").is_dir()
     uninterrupted = state_dict(out / "model")
-    shutil.rmtree(out / "checkpoints" / "step-4")
-    shutil.rmtree(out / "model")
-    (out / "_DONE.json").unlink()
-    proc = run_prefopt("simpo", str(cfg))
-    assert "resumed from" in proc.stdout + proc.stderr
-    resumed = state_dict(out / "model")
-    assert read_metrics(out)[-1]["step"] == 4
+    for k, v in state_dict(ckpts / "checkpoint-4").items():  # the last checkpoint is the final policy
+        torch.testing.assert_close(v, uninterrupted[k])
+
+    # the same run killed right after its step-2 checkpoint, then started again: it resumes at step 2
+    from prefopt.config import load_config
+    from prefopt.preference import loop
+    from prefopt.stage import run_stage
+
+    cfg2 = load_config(str(write_config(tmp_path, "simpo", section(tiny_model_dir, pairs), name="killed")))
+    save = loop.save_checkpoint
+
+    def save_then_die(accelerator, model, tokenizer, ckpt_dir, step, *args):
+        save(accelerator, model, tokenizer, ckpt_dir, step, *args)
+        if step == 2:
+            raise KeyboardInterrupt("killed after checkpoint 2")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg2, "simpo")
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    summary = run_stage(cfg2, "simpo")
+    killed = tmp_path / "runs" / "killed" / "simpo"
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 4
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
+    resumed = state_dict(killed / "model")
     for k in uninterrupted:
         torch.testing.assert_close(resumed[k], uninterrupted[k], atol=1e-6, rtol=1e-5)
 

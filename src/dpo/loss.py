@@ -1,12 +1,15 @@
-"""DPO-family objectives on sequence log-probabilities: DPO, IPO and conservative DPO.
+"""DPO-family objectives on summed sequence log-probabilities: DPO, IPO and conservative DPO, each with RPO's NLL
+term as an option. `prefopt.preference.loop` calls this function at every step: what trains is what you read.
 
-Each takes the summed log-probabilities of the chosen and rejected completions under the policy and the reference
-(shape (B,)) and returns (loss, metrics). Deviations from the papers:
+Inputs are summed completion log-probs log pi(y|x) of shape (B,) under the policy and the reference, and the
+completion lengths |y| (EOS included). Deviations from the papers:
 
-- IPO is written on whatever log-probs it is given. The paper's h uses sequence log-probs; TRL (and so our `dpo`
-  recipe with `loss_type: ipo`) divides each log-ratio by its completion length first, which the IPO authors told
-  TRL matches their experiments. Pass per-token averages to reproduce TRL's numbers.
-- The rewards logged are beta * log-ratio for every loss type (IPO's tau plays beta's part), as TRL logs them.
+- IPO: the paper's h uses sequence log-probs. With `ipo_per_token=True` each log-ratio is first divided by its
+  completion length, as TRL does (the IPO authors told TRL their experiments used this form); the `dpo` stage's
+  `ipo_per_token` defaults to True for that reason.
+- The NLL term (RPO, Pang et al. 2024) is the token-level mean of `prefopt.preference.metrics.chosen_nll`, as in
+  TRL's `sft` loss; the paper divides each sequence's NLL by its own length.
+- The rewards logged are beta * (summed) log-ratio for every loss type (IPO's tau plays beta's part), as TRL logs.
 """
 
 from __future__ import annotations
@@ -14,19 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prefopt.preference.metrics import check_beta, chosen_nll, preference_metrics
 
-def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
-                       rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The metric names every aligner logs (batch means, detached)."""
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    return {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps/chosen": chosen_logps.detach().mean(),
-        "logps/rejected": rejected_logps.detach().mean(),
-    }
+LOSS_TYPES = ("sigmoid", "ipo", "cdpo")
 
 
 def dpo_loss(
@@ -37,6 +30,10 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    ipo_per_token: bool = False,
+    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO and its IPO / conservative variants, on the log-ratio difference
 
@@ -49,10 +46,20 @@ def dpo_loss(
         L = -(1 - eps) log sigma(beta * h) - eps log sigma(-beta * h)
     ipo: IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
         Eq. 17, with tau = beta:
-        L = (h - 1 / (2 tau))^2
+        L = (h - 1 / (2 tau))^2            (ipo_per_token: each log-ratio in h divided by its |y| first)
+    sft_weight > 0 adds RPO's term, Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 3:
+        L += sft_weight * NLL(y_w)          (token-level mean over the batch's chosen tokens)
 
-    All inputs have shape (B,). Returns the batch-mean loss and detached metrics (rewards = beta * log-ratio).
+    All tensors have shape (B,); lengths are needed for ipo_per_token and sft_weight. Returns the batch-mean loss
+    and detached metrics (prefopt.preference.metrics; rewards = beta * log-ratio).
     """
+    check_beta(beta)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if (ipo_per_token or sft_weight > 0) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("ipo_per_token and sft_weight need chosen_lengths and rejected_lengths")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
@@ -61,10 +68,13 @@ def dpo_loss(
     elif loss_type == "cdpo":
         eps = label_smoothing
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
     else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, cdpo or ipo")
+        if ipo_per_token:
+            h = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
+    loss = losses.mean()
+    if sft_weight > 0:
+        loss = loss + sft_weight * chosen_nll(policy_chosen_logps, chosen_lengths)
     metrics = preference_metrics(beta * chosen_logratios, beta * rejected_logratios, policy_chosen_logps,
-                                 policy_rejected_logps)
-    return losses.mean(), metrics
+                                 policy_rejected_logps, chosen_lengths, rejected_lengths)
+    return loss, metrics

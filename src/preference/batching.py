@@ -1,0 +1,179 @@
+"""Batches of preference pairs, and the summed completion log-probs of each sequence in one forward pass.
+
+Three layouts of the same tokens (prefopt.preference_data: prompt + completion + EOS, TRL's token ids):
+
+  padded         2B right-padded rows, chosen rows [0, B) then rejected rows [B, 2B) (what TRL's DPOTrainer does)
+  packed         padding-free: the 2B sequences packed first-fit into as few rows as fit the longest one; position
+                 ids restart at 0 for each sequence and a block-diagonal causal mask (R, 1, T, T) keeps attention
+                 inside each sequence
+  shared_prompt  packed, and each pair is one segment prompt | chosen | rejected: the prompt is computed once, the
+                 chosen and the rejected tokens both attend to it (and to their own earlier tokens) but not to each
+                 other; the rejected completion's position ids continue from the prompt as the chosen's do
+                 (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing")
+
+Every layout carries, for each completion token, the flat index of the position whose logits predict it
+(`source_index`), the token (`target_ids`) and the sequence it belongs to (`seq_index`: pair i's chosen is i, its
+rejected B + i). The forward takes the last hidden states at those positions only and projects them to the
+vocabulary in chunks of `chunk_size` tokens, each chunk recomputed in backward, so the (tokens x vocab) float32
+logits never exist at once (the large-vocabulary memory problem, TRL #7244). All three give the padded path's
+log-probs and gradients to float rounding (tests/test_preference_batching.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LAYOUTS = ("padded", "packed", "shared_prompt")
+
+
+def _truncate(ex: dict, max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """prompt, chosen, rejected ids with each prompt + completion cut to max_length (keep the start, as TRL)."""
+    p = ex["prompt_ids"]
+    room = max_length - len(p) if max_length else None
+    return p, ex["chosen_ids"][:room], ex["rejected_ids"][:room]
+
+
+def _segments(examples: list[dict], shared: bool, max_length: int) -> list[dict]:
+    """One segment per sequence (or per pair when shared): tokens, positions, attention groups, completion targets.
+
+    group[t]: 0 for prompt tokens, 1 chosen, 2 rejected; token t may attend token s <= t of its segment when
+    group[s] == 0 or group[s] == group[t]. targets: (position in segment of the predicting token, token, sequence)."""
+    B = len(examples)
+    segs = []
+    for i, ex in enumerate(examples):
+        p, c, r = _truncate(ex, max_length)
+        P = len(p)
+        if shared:
+            ids = p + c + r
+            pos = list(range(P + len(c))) + list(range(P, P + len(r)))
+            group = [0] * P + [1] * len(c) + [2] * len(r)
+            targets = [(P + k - 1, c[k], i) for k in range(len(c))]
+            targets += [(P - 1 if k == 0 else P + len(c) + k - 1, r[k], B + i) for k in range(len(r))]
+            segs.append({"ids": ids, "pos": pos, "group": group, "targets": targets})
+        else:
+            for seq, comp in ((i, c), (B + i, r)):
+                ids = p + comp
+                segs.append({"ids": ids, "pos": list(range(len(ids))), "group": [0] * len(ids),
+                             "targets": [(P + k - 1, comp[k], seq) for k in range(len(comp))]})
+    return segs
+
+
+def _pack(lengths: list[int]) -> list[list[int]]:
+    """First-fit decreasing into rows of the longest segment's length: segment indices per row."""
+    cap = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r in range(len(rows)):
+            if room[r] >= lengths[j]:
+                rows[r].append(j)
+                room[r] -= lengths[j]
+                break
+        else:
+            rows.append([j])
+            room.append(cap - lengths[j])
+    return rows
+
+
+def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
+    """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed layouts: input_ids,
+    position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
+    num_sequences (2B); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    B = len(examples)
+    if layout == "padded":
+        segs = _segments(examples, False, max_length)
+        order = [j for j in range(0, 2 * B, 2)] + [j for j in range(1, 2 * B, 2)]  # chosen rows, then rejected
+        rows = [[j] for j in order]
+    else:
+        segs = _segments(examples, layout == "shared_prompt", max_length)
+        rows = _pack([len(s["ids"]) for s in segs])
+    T = max(sum(len(segs[j]["ids"]) for j in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    source, target, seq = [], [], []
+    if layout == "padded":
+        attention_mask = torch.zeros((R, T), dtype=torch.long)
+    else:
+        attention_mask = torch.zeros((R, 1, T, T), dtype=torch.bool)
+        attention_mask[:, 0] = torch.eye(T, dtype=torch.bool)  # padding attends to itself: no all-masked row (NaN)
+    for r, row in enumerate(rows):
+        start = 0
+        for j in row:
+            s = segs[j]
+            n = len(s["ids"])
+            input_ids[r, start:start + n] = torch.tensor(s["ids"])
+            position_ids[r, start:start + n] = torch.tensor(s["pos"])
+            if layout == "padded":
+                attention_mask[r, :n] = 1
+            else:
+                g = torch.tensor(s["group"])
+                allowed = (g[None, :] == 0) | (g[None, :] == g[:, None])  # (query, key)
+                attention_mask[r, 0, start:start + n, start:start + n] = torch.tril(allowed)
+            for src, tok, sq in s["targets"]:
+                source.append(r * T + start + src)
+                target.append(tok)
+                seq.append(sq)
+            start += n
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "source_index": torch.tensor(source),
+           "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
+           "num_sequences": torch.tensor(2 * B)}
+    if layout != "padded":
+        out["position_ids"] = position_ids
+    if examples and "ref_logps" in examples[0]:
+        out["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples], dtype=torch.float32)
+    return out
+
+
+def _unwrap(model):
+    """The transformers model under DDP / DeepSpeed wrappers (PEFT forwards attribute lookups itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _target_logps(hidden: torch.Tensor, lm_head, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | hidden) per token: (N, d), (N,) -> (N,), the softmax in float32."""
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-prob and completion length of every sequence: (2B,), (2B,), chosen first.
+
+    The model is called through its own forward (so DDP / DeepSpeed / PEFT hooks run) with `logits_to_keep` an
+    all-False mask: it projects no position to the vocabulary; a hook takes the decoder's last hidden states and
+    only the positions that predict completion tokens are projected here (chunk_size > 0: in chunks, each
+    recomputed in backward)."""
+    inner = _unwrap(model)
+    decoder, lm_head = inner.get_decoder(), inner.get_output_embeddings()
+    captured = {}
+
+    def grab(_module, _args, output):
+        captured["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        ids = batch["input_ids"]
+        kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False,
+                  "logits_to_keep": torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)}
+        if "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
+        model(input_ids=ids, **kwargs)
+    finally:
+        handle.remove()
+    hidden = captured["h"].flatten(0, 1)[batch["source_index"]]  # (N, d): only positions that predict a target
+    targets = batch["target_ids"]
+    if chunk_size and hidden.shape[0] > chunk_size:
+        parts = [checkpoint(_target_logps, hidden[i:i + chunk_size], lm_head, targets[i:i + chunk_size],
+                            use_reentrant=False) for i in range(0, hidden.shape[0], chunk_size)]
+        logps = torch.cat(parts)
+    else:
+        logps = _target_logps(hidden, lm_head, targets)
+    n = int(batch["num_sequences"])
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
+    lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
+    return sums, lengths

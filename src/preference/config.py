@@ -1,0 +1,35 @@
+"""Fields every paired-preference stage shares (the `dpo` and `simpo` sections), on top of TrainFields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from prefopt.config import check_ranges
+from prefopt.models_config import LoraSpec
+from prefopt.train_args import TrainFields
+
+
+@dataclass
+class PreferenceFields(TrainFields):
+    model: str = "stage:sft"
+    """The policy to align (and, for DPO, the reference unless `ref_model` is set)."""
+    pairs: str = "stage:pairs"
+    """Preference pairs: `stage:pairs` or a preference file."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """How prompts are rendered: the Alpaca template, or the tokenizer's chat template."""
+    layout: Literal["padded", "packed", "shared_prompt"] = "shared_prompt"
+    """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence), or
+    shared_prompt (packed, each pair's prompt computed once for chosen and rejected). All give the same loss and
+    gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching)."""
+    logps_chunk_size: int = 0
+    """Project hidden states to the vocabulary this many tokens at a time, recomputed in backward, so the full
+    (tokens x vocab) float32 logits never exist at once: for large vocabularies. 0: in one piece (fastest)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    save_total_limit: int = 0
+    """Keep at most this many `checkpoints/checkpoint-<step>` folders (0: keep all, so every saved policy can be
+    evaluated). Optimizer state is kept only in the newest one (what a resume needs)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranges(self, logps_chunk_size=dict(ge=0))

@@ -1,0 +1,311 @@
+"""The training loop of every paired-preference objective (the `dpo` and `simpo` stages): plain accelerate.
+
+    setup   pairs tokenised as TRL does (prefopt.preference_data); the policy in fp32 with dropout off (LoRA via
+            PEFT if asked); the reference: precomputed once and cached (reference.py), a frozen copy in memory
+            (`loaded`), or the LoRA base with the adapter disabled (`lora_base`); AdamW; a transformers scheduler
+    loop    per micro-batch: one forward of chosen and rejected (batching.pair_logps), the objective (a pure
+            function from dpo/loss.py or simpo/loss.py), backward; per optimizer step: clip, step, schedule; log
+            every `logging_steps` (ctx.tracker: W&B + metrics.jsonl); every `save_steps` a checkpoint
+    save    `checkpoints/checkpoint-<step>/`: a loadable HF model + tokenizer (LoRA merged) for the evaluate stage,
+            and in `state/` what a resume needs (weights, optimizer, scheduler, RNG). A killed run resumes from its
+            newest complete checkpoint and replays the same batch order. The final policy goes to `model/`.
+
+The batch order is a permutation drawn from (seed, epoch), consecutive slices of which go to the processes, so 2
+processes with batch b see what 1 process with batch 2b sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from prefopt.models import load_causal_lm, load_tokenizer, save_model
+from prefopt.preference import reference as refcache
+from prefopt.preference.batching import collate, pair_logps
+from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
+from prefopt.utils import seed_everything
+
+DONE = "checkpoint_complete"  # written into checkpoint-N after every process has saved its part
+REFERENCE_MODES = ("precomputed", "loaded", "lora_base")
+
+
+@dataclass
+class PairLogps:
+    """Summed completion log-probs and completion lengths of a batch's chosen and rejected responses, (B,) each."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    @classmethod
+    def split(cls, sums: torch.Tensor, lengths: torch.Tensor) -> "PairLogps":
+        c, r = sums.chunk(2)
+        lc, lr = lengths.chunk(2)
+        return cls(c, r, lc, lr)
+
+
+# objective(policy, reference or None) -> (loss, metrics); built by each recipe from its pure loss function
+Objective = Callable[[PairLogps, "PairLogps | None"], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class EpochShuffle(Sampler):
+    """A permutation drawn from (seed, epoch): every process and every resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def disable_dropout(model) -> None:
+    """Dropout makes the chosen and rejected log-probs noisy in different ways; the objectives assume none."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if (p / DONE).exists() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def _lora(model, spec):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
+    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                            task_type="CAUSAL_LM", target_modules=targets))
+
+
+def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_path: str, tokenizer, examples,
+                          pairs_file: str) -> dict:
+    """Reference log-probs for every example from the cache, or computed once (main process) and cached."""
+    key = refcache.cache_key(ref_path, pairs_file, tokenizer, sec.template, sec.max_length, examples)
+    path = Path(getattr(sec, "reference_cache", "") or ctx.cfg.root / "cache" / "reference" /
+                f"{refcache.key_name(key)}.pt")
+    reused = True
+    if accelerator.is_main_process:
+        logps = refcache.load(path, key, len(examples))
+        if logps is None:
+            reused = False
+            ref = policy if ref_path == model_path else load_causal_lm(ref_path, dtype="float32")
+            disable_dropout(ref)
+            ref.to(accelerator.device)
+            with accelerator.autocast():
+                logps = refcache.compute(ref, examples, tokenizer.pad_token_id, sec.max_length,
+                                         sec.per_device_train_batch_size, sec.layout, sec.logps_chunk_size,
+                                         accelerator.device)
+            refcache.save(path, key, logps)
+            del ref
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        logps = refcache.load(path, key, len(examples))
+    for ex, (c, r) in zip(examples, logps.tolist()):
+        ex["ref_logps"] = [c, r]
+    info = {"file": str(path), "key": key, "reused": reused}
+    if accelerator.is_main_process:
+        (ctx.dir / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
+    if ref_path != model_path and load_tokenizer(ref_path).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"reference {ref_path} does not use the policy's tokenizer ({model_path}): the log-ratios "
+                         f"would compare different token sequences")
+
+
+def train(ctx, objective: Objective, reference: str | None = None, ref_model: str = "") -> dict:
+    """Train ctx.section's policy on its pairs with `objective`; reference: None (reference-free) or a mode."""
+    from accelerate import Accelerator
+
+    from transformers import get_scheduler
+
+    sec = ctx.section
+    if reference is not None and reference not in REFERENCE_MODES:
+        raise ValueError(f"unknown reference mode {reference!r}; expected one of {', '.join(REFERENCE_MODES)}")
+    if reference == "lora_base" and not sec.lora.enabled:
+        raise ValueError("reference=lora_base needs lora.enabled=true")
+    # cpu=True without CUDA: under `accelerate launch` on a CPU machine accelerate otherwise starts N independent
+    # single-process runs instead of one gloo process group.
+    accelerator = Accelerator(gradient_accumulation_steps=sec.gradient_accumulation_steps,
+                              mixed_precision="bf16" if sec.bf16 else "no", cpu=not torch.cuda.is_available())
+    model_path = ctx.resolve(sec.model)
+    ref_path = ctx.resolve(ref_model) if ref_model else model_path
+    tokenizer = load_tokenizer(model_path)
+    pairs_file = pairs_path(ctx.resolve(sec.pairs, model=False))
+    examples = tokenize_pairs(load_pairs(pairs_file, sec.template, tokenizer), tokenizer, sec.max_length)
+    if not examples:
+        raise ValueError(f"no usable pairs in {pairs_file} (every prompt fills max_length={sec.max_length}?)")
+
+    seed_everything(ctx.seed)  # before the model exists (LoRA init draws random numbers)
+    model = load_causal_lm(model_path, dtype="float32")  # fp32 master weights; bf16 only as autocast
+    disable_dropout(model)
+    ref_info, frozen_ref = {}, None
+    if reference is not None:
+        check_same_tokenizer(model_path, ref_path, tokenizer)
+    if reference == "precomputed":
+        ref_info = _precompute_reference(ctx, sec, accelerator, model, model_path, ref_path, tokenizer, examples,
+                                         pairs_file)
+    elif reference == "loaded":
+        frozen_ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
+        disable_dropout(frozen_ref)
+        frozen_ref.to(accelerator.device)
+    if sec.lora.enabled:
+        model = _lora(model, sec.lora)
+    if sec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if sec.lora.enabled:
+            model.enable_input_require_grads()
+
+    sampler = EpochShuffle(len(examples), ctx.seed)
+    loader = DataLoader(examples, batch_size=sec.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length,
+                                           layout=sec.layout))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sec.learning_rate, weight_decay=sec.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    # Lengths after prepare: per-process micro-batches. The scheduler is stepped by hand once per optimizer step
+    # (accelerate's prepared scheduler would step num_processes times per call).
+    steps_per_epoch = math.ceil(len(loader) / sec.gradient_accumulation_steps)
+    total = sec.max_steps if sec.max_steps > 0 else math.ceil(sec.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(sec.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(sec.warmup_ratio * total),
+                              num_training_steps=total)
+    accelerator.register_for_checkpointing(scheduler)
+
+    ckpt_dir = ctx.dir / "checkpoints"
+    done = complete_checkpoints(ckpt_dir)
+    step = 0
+    if done:
+        accelerator.load_state(str(done[-1] / "state"))
+        step = int(done[-1].name[11:])
+        accelerator.print(f"[prefopt] {ctx.stage}: resumed from {done[-1]} (step {step})")
+
+    def reference_logps(batch) -> PairLogps | None:
+        if reference is None:
+            return None
+        if reference == "precomputed":
+            c, r = batch["ref_logps"].unbind(1)
+            return PairLogps(c, r, None, None)
+        with torch.no_grad():
+            if reference == "loaded":
+                sums, lengths = pair_logps(frozen_ref, batch, sec.logps_chunk_size)
+            else:  # the LoRA base: the same weights with the adapter switched off
+                inner = accelerator.unwrap_model(model)
+                with inner.disable_adapter():
+                    sums, lengths = pair_logps(inner, batch, sec.logps_chunk_size)
+        return PairLogps.split(sums.detach(), lengths)
+
+    window: dict[str, list[float]] = defaultdict(list)
+    last_row: dict[str, float] = {}
+    progress = tqdm(total=total, initial=step, desc=ctx.stage, disable=not accelerator.is_main_process)
+    model.train()
+    while step < total:
+        epoch = step // steps_per_epoch
+        loader.set_epoch(epoch)
+        skip = (step % steps_per_epoch) * sec.gradient_accumulation_steps  # micro-batches done before the kill
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    sums, lengths = pair_logps(model, batch, sec.logps_chunk_size)
+                    ref = reference_logps(batch)
+                policy = PairLogps.split(sums, lengths)
+                loss, metrics = objective(policy, ref)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and sec.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), sec.max_grad_norm)
+                    window["grad_norm"].append(float(grad_norm))
+                optimizer.step()
+                optimizer.zero_grad()
+            values = {"loss": loss.detach(), **metrics}
+            gathered = accelerator.gather(torch.stack([v.float() for v in values.values()]).unsqueeze(0))
+            for k, v in zip(values, gathered.mean(0).tolist()):
+                window[k].append(v)
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            step += 1
+            progress.update(1)
+            if step % sec.logging_steps == 0 or step == total:
+                last_row = {k: sum(v) / len(v) for k, v in window.items()}
+                last_row.update(learning_rate=lr, epoch=step / steps_per_epoch)
+                ctx.tracker.log(last_row, step=step)
+                window.clear()
+            if step % sec.save_steps == 0 and step < total:
+                save_checkpoint(accelerator, model, tokenizer, ckpt_dir, step, sec.save_total_limit, sec.lora.enabled)
+            if step >= total:
+                break
+    progress.close()
+    # the last step is always saved: a checkpoint for the evaluate stage, and a finished run resumes to no-op
+    if not (ckpt_dir / f"checkpoint-{step}" / DONE).exists():
+        save_checkpoint(accelerator, model, tokenizer, ckpt_dir, step, sec.save_total_limit, sec.lora.enabled)
+
+    out_dir = ctx.dir / "model"
+    save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
+    accelerator.wait_for_everyone()
+    return {"model": str(out_dir), "pairs": len(examples), "steps": step,
+            "resumed_from": str(done[-1]) if done else None,
+            **({"reference": reference} if reference else {}),
+            **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),
+            **{k: last_row[k] for k in ("loss", "rewards/margins", "rewards/accuracies") if k in last_row}}
+
+
+def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> None:
+    """A loadable HF checkpoint (config + safetensors + tokenizer) of the policy, LoRA merged. Collective under
+    DeepSpeed ZeRO-3 and FSDP (every rank gathers its shard), so every process calls it."""
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        if lora:
+            raise ValueError("saving a merged LoRA policy under DeepSpeed/FSDP is not supported; train without LoRA")
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(out_dir, state_dict=state, save_function=accelerator.save,
+                                      safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+    elif accelerator.is_main_process:
+        save_model(copy.deepcopy(unwrapped).merge_and_unload() if lora else unwrapped, tokenizer, out_dir)
+
+
+def save_checkpoint(accelerator, model, tokenizer, ckpt_dir: Path, step: int, keep: int, lora: bool) -> None:
+    """checkpoint-<step>/: the policy as an HF model, then `state/` for resuming, then the completion marker."""
+    path = ckpt_dir / f"checkpoint-{step}"
+    save_policy(accelerator, model, tokenizer, path, lora)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path / "state"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (path / DONE).write_text(str(step))
+        complete = complete_checkpoints(ckpt_dir)
+        for old in complete[:-1]:  # a resume needs only the newest training state; the models stay
+            shutil.rmtree(old / "state", ignore_errors=True)
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,90 @@
+"""Reference log-probs computed once and kept: one no-grad pass over the pairs, stored under
+`<experiment>/cache/reference/<key>.pt` and pointed to by `reference.json` in the stage folder.
+
+The key is (reference weights hash, pairs file hash, tokenizer and template, max_length, token ids): a rerun, a
+resumed run, a beta sweep, another objective or another stage with the same reference and pairs loads the file
+instead of running the reference again (what TRL issue #3985 asks for). A file that cannot be read, is partial
+or holds non-finite numbers is recomputed, never used; a file whose key differs from this run's is an error that
+names both (only possible when `reference_cache` names a file by hand, or after a hash collision).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from prefopt.preference.batching import collate, pair_logps
+from prefopt.utils import content_hash, weights_sha256
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def cache_key(ref_path: str, pairs_file: str, tokenizer, template: str, max_length: int, examples: list[dict]) -> dict:
+    """What the reference log-probs depend on, as a dict (stored in the file and compared on load)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {
+        "reference_weights": weights_sha256(ref_path),
+        "pairs_file": file_sha256(pairs_file),
+        "tokenizer": content_hash(vocab, tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__),
+        "template": template,
+        "max_length": max_length,
+        "token_ids": content_hash([[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in examples]),
+    }
+
+
+def key_name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def compute(model, examples: list[dict], pad_token_id: int, max_length: int, batch_size: int, layout: str,
+            chunk_size: int = 0, device=None) -> torch.Tensor:
+    """(n, 2) float32: summed log-probs of chosen and rejected for every example, in order, without gradients."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            part = [{k: v for k, v in e.items() if k != "ref_logps"} for e in examples[i:i + batch_size]]
+            batch = {k: v.to(device) if device is not None else v
+                     for k, v in collate(part, pad_token_id, max_length, layout).items()}
+            sums, _ = pair_logps(model, batch, chunk_size)
+            out.append(torch.stack(sums.float().cpu().chunk(2), dim=1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
+    """The cached (n, 2) tensor, or None when the file is missing, unreadable, partial or not finite."""
+    if not path.exists():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        logps, stored = data["logps"], data["key"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is recomputed
+        print(f"[prefopt] reference cache {path} unreadable ({type(e).__name__}: {e}); recomputing")
+        return None
+    if stored != key:
+        diff = {k: (stored.get(k), v) for k, v in key.items() if stored.get(k) != v}
+        raise ValueError(f"reference cache {path} was made for another key: (stored, this run) differ in {diff}. "
+                         f"Delete the file or point `reference_cache` elsewhere.")
+    if not isinstance(logps, torch.Tensor) or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
+        print(f"[prefopt] reference cache {path} is partial or corrupt; recomputing")
+        return None
+    return logps
+
+
+def save(path: Path, key: dict, logps: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"key": key, "logps": logps}, tmp)
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache under the real name

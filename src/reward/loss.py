@@ -1,0 +1,23 @@
+"""The reward model's objective as a pure function (the `reward` stage trains through TRL's RewardTrainer, whose
+loss is this one; tests/test_losses.py checks the arithmetic)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry pairwise loss (Bradley & Terry 1952; Ouyang et al. 2022, "Training language models to follow
+    instructions with human feedback", Eq. 1):
+
+        L = -log sigma( r(x, y_w) - r(x, y_l) [- m] )
+
+    with an optional per-pair margin m (Llama 2, Touvron et al. 2023, Eq. 2). Inputs (B,); returns the batch mean
+    and detached metrics: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies."""
+    diff = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(diff - margin if margin is not None else diff).mean()
+    diff = diff.detach()
+    return loss, {"rewards/chosen": chosen_rewards.detach().mean(), "rewards/rejected": rejected_rewards.detach().mean(),
+                  "rewards/margins": diff.mean(), "rewards/accuracies": (diff > 0).float().mean()}
