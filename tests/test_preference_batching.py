@@ -1,0 +1,103 @@
+"""Fewer tokens, same numbers: every batch layout and chunked log-probs give the plain padded path's loss and
+gradients (to 1e-5) on pairs of very different lengths; and the reference cache is reused, recomputed or refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefopt.dpo.loss import dpo_loss
+from prefopt.logps import sequence_logps
+from prefopt.preference.batching import collate, pair_logps
+from prefopt.preference_data import collate_pairs, tokenize_pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    from prefopt.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir), "float32")
+    rows = [{"prompt": "Sort the numbers " + "3 1 2 " * (4 * k), "chosen": " 1 2 3" * (3 * k + 1),
+             "rejected": " no" * (9 - 2 * k)} for k in range(4)]  # prompts 3..50 tokens, completions 2..40
+    return tok, model, tokenize_pairs(rows, tok, 200)
+
+
+def _loss_and_grads(model, logps_fn):
+    model.zero_grad()
+    sums, lengths = logps_fn()
+    b = sums.shape[0] // 2
+    # a reference offset so the loss is not at its symmetric point; sft_weight exercises the lengths too
+    loss, _ = dpo_loss(sums[:b], sums[b:], sums[:b].detach() - 1.0, sums[b:].detach() + 0.5, beta=0.1,
+                       chosen_lengths=lengths[:b], rejected_lengths=lengths[b:], sft_weight=0.3)
+    loss.backward()
+    return loss.detach(), sums.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layout,chunk", [("padded", 0), ("packed", 0), ("shared_prompt", 0), ("padded", 16),
+                                          ("shared_prompt", 16)])
+def test_layout_matches_plain_padded_path(setup, layout, chunk):
+    tok, model, examples = setup
+    plain = collate_pairs(examples, tok.pad_token_id, 200)
+    ref = _loss_and_grads(model, lambda: sequence_logps(model, **plain))
+    batch = collate(examples, tok.pad_token_id, 200, layout)
+    got = _loss_and_grads(model, lambda: pair_logps(model, batch, chunk))
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got[2], ref[2])
+    for name, g in ref[3].items():
+        torch.testing.assert_close(got[3][name], g, atol=1e-5, rtol=1e-4)
+    if layout == "shared_prompt":  # the prompt once per pair: fewer token positions than padding
+        assert batch["input_ids"].numel() < plain["input_ids"].numel()
+        assert (batch["input_ids"] != tok.pad_token_id).sum() < plain["attention_mask"].sum()
+
+
+def test_shared_prompt_mask_and_positions(setup):
+    """One short pair by hand: prompt P tokens, chosen C, rejected R in one segment. Rejected tokens see the prompt
+    and themselves, never the chosen; both completions' positions start at P."""
+    tok, _, _ = setup
+    ex = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8]}
+    b = collate([ex], tok.pad_token_id, 0, "shared_prompt")
+    assert b["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    m = b["attention_mask"][0, 0]
+    assert m[5].tolist() == [True, True, True, False, False, True, False, False]  # first rejected token
+    assert m[4].tolist() == [True] * 5 + [False] * 3  # last chosen token
+    # chosen 4 is predicted at position 2 (last prompt token), rejected 6 also at position 2
+    assert b["source_index"].tolist() == [2, 3, 2, 5, 6] and b["target_ids"].tolist() == [4, 5, 6, 7, 8]
+    assert b["seq_index"].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir):
+    """A beta sweep reuses the reference log-probs of the first run (same key: weights, pairs, tokenizer, max_length);
+    a truncated cache file is recomputed, not used; a file made for another reference is refused, naming both."""
+    from pair_helpers import write_config, write_pairs
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    base = {"model": str(tiny_model_dir), "pairs": str(pairs), "max_steps": 1, "per_device_train_batch_size": 8,
+            "logging_steps": 1, "max_length": 256}
+
+    def run(name, **kw):
+        cfg = load_config(str(write_config(tmp_path, "dpo", {**base, **kw}, name=name)))
+        return cfg, run_stage(cfg, "dpo")
+
+    cfg, first = run("a", beta=0.1)
+    cache = first["reference_cache"]
+    assert first["reference_reused"] is False and cache.startswith(str(cfg.root / "cache" / "reference"))
+    stored = torch.load(cache, weights_only=True)["logps"]
+    assert stored.shape == (8, 2) and torch.isfinite(stored).all()
+    _, second = run("a", beta=0.3)  # another beta: a new stage fingerprint, the same reference
+    assert second["reference_reused"] is True and second["reference_cache"] == cache
+
+    with open(cache, "r+b") as f:  # a partial file, as a kill during a non-atomic write would leave
+        f.truncate(100)
+    _, third = run("a", beta=0.5)
+    assert third["reference_reused"] is False
+    torch.testing.assert_close(torch.load(cache, weights_only=True)["logps"], stored)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(pairs.read_text().replace("Sort", "Order"))
+    with pytest.raises(ValueError, match=r"reference cache .*other key.*pairs_file"):
+        run("b", pairs=str(other), reference_cache=cache)
