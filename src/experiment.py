@@ -20,6 +20,7 @@ from prefopt.generation.config import GenerateConfig
 from prefopt.pairs.config import PairsConfig
 from prefopt.ppo.config import PPOConfig
 from prefopt.reward.config import RewardStageConfig, ScoreConfig
+from prefopt.selfinstruct.config import SelfInstructConfig
 from prefopt.sft.config import SFTStageConfig
 from prefopt.simpo.config import SimPOConfig
 from prefopt.tasks.config import TaskConfig
@@ -27,6 +28,7 @@ from prefopt.tasks.config import TaskConfig
 # Stage name -> (module with `run(ctx)`, launched through `accelerate launch` when the launcher says so)
 STAGES: dict[str, tuple[str, bool]] = {
     "task": ("prefopt.tasks.recipe", False),
+    "self_instruct": ("prefopt.selfinstruct.recipe", False),
     "base": ("prefopt.base.recipe", False),
     "sft": ("prefopt.sft.recipe", True),
     "generate": ("prefopt.generation.recipe", False),
@@ -39,6 +41,8 @@ STAGES: dict[str, tuple[str, bool]] = {
     "evaluate": ("prefopt.evaluate.recipe", False),
 }
 ORDER = list(STAGES)
+# Stages an experiment runs only when its `stages` names them (the default list leaves them out).
+OPT_IN_STAGES = ["self_instruct"]
 # Stages that run again in every round of an iterative experiment (round i+1 samples from round i's policy).
 ROUND_STAGES = ["generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
 # Where a stage's model lands inside its folder.
@@ -76,8 +80,8 @@ class ExperimentConfig:
     seed: int = 42
     """Seeds model construction and every stage."""
     output_dir: str = "runs"
-    stages: list[str] = field(default_factory=lambda: list(ORDER))
-    """Stages to run, in pipeline order."""
+    stages: list[str] = field(default_factory=lambda: [s for s in ORDER if s not in OPT_IN_STAGES])
+    """Stages to run, in pipeline order (default: all but `self_instruct`, which runs only when named)."""
     iterations: int = 1
     """Rounds of generate -> score -> pairs -> align; round i+1 samples from round i's policy."""
     iterate_policy: str = "dpo"
@@ -85,6 +89,7 @@ class ExperimentConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    self_instruct: SelfInstructConfig = field(default_factory=SelfInstructConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
