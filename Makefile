@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast clean
+.PHONY: install browser quickstart test test-fast clean
 
-install: $(STAMP)
+install: $(STAMP) browser
 
 # Pins the tested CPU set (torch 2.13.0 CPU build) and installs prefopt in editable mode.
 $(STAMP): setup.cfg pyproject.toml requirements/cpu.txt
@@ -16,6 +16,19 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu.txt
 	$(BIN)/python -m pip install -q -r requirements/cpu.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Chromium and its driver from Debian's packages, for the feedback page's browser test
+# (tests/test_annotate_browser.py): only as root and only where $(CHROMIUM) is missing; without them that test
+# skips and says why. A failed apt-get (no network) is a warning, not a failed install.
+CHROMIUM ?= chromium
+browser:
+	@if command -v $(CHROMIUM) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "warning: apt-get could not install chromium; the browser test will be skipped"; \
+	else echo "note: no $(CHROMIUM); run make install as root (or apt-get install chromium chromium-driver)"; fi
 
 # The whole pipeline on a tiny model, on CPU, in minutes.
 quickstart: $(STAMP)

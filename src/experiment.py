@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from prefopt.annotate.config import AnnotateConfig
 from prefopt.base.config import BaseConfig
 from prefopt.config import check_range
 from prefopt.dpo.config import DPOStageConfig
@@ -100,6 +101,8 @@ class ExperimentConfig:
     simpo: SimPOConfig = field(default_factory=SimPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    """`prefopt annotate` (the feedback page), not a pipeline stage: what it serves and where labels go."""
     config_path: str = field(default="", init=False)
 
     def __post_init__(self):
