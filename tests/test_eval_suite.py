@@ -138,6 +138,7 @@ def test_load_ceval_mmlu_jsonl(tmp_path):
     ("ceval_val.csv", "id,question,A,B,C,D,answer\n0,q,1,2,,4,A\n", 2, "C", "empty option"),
     ("ceval_val.csv", "id,question,A,B,C,D,answer\n0,q,1,2,3,4,A\n1,q,1,2,3,4,E\n", 3, "answer", "got 'E'"),
     ("ceval_test.csv", "id,question,A,B,C,D,answer\n0,q,1,2,3,4,\n", 2, "answer", "test split hides"),
+    ("ceval_test.csv", "id,question,A,B,C,D\n0,q,1,2,3,4\n", 1, "answer", "header has no column answer"),
     ("ceval_val.csv", "id,question,A,B,C,D,answer\n0,q,1,2\n", 2, "C", "missing"),
     ("mmlu_test.csv", "q,1,2,3,4,A\nq,1,2,3,4\n", 2, "answer", "5 columns"),
     ("mmlu_test.csv", "q,1,2,3,4,A\n,1,2,3,4,A\n", 2, "question", "missing"),
@@ -178,6 +179,8 @@ def test_nothing_configured_runs_nothing(tmp_path):
     assert S.merge_suite({"sft": {"gold_score": 1.0}}, {}) == {"sft": {"gold_score": 1.0}}
     with pytest.raises(ValueError, match="appear twice"):
         SuiteConfig(multiple_choice=["a/x.csv", "b/x.jsonl"])
+    with pytest.raises(ValueError, match="shots must be >= 0"):
+        SuiteConfig(lm_eval_num_fewshot={"mmlu": -1})
 
 
 # ------------------------------------------------------------------------------------------------ the tiny Llama

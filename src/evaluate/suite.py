@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from prefopt.config import FieldError, check_ranges
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import read_records
 
@@ -81,11 +82,15 @@ class SuiteConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        check_ranges(self, lm_eval_limit=dict(ge=0), lm_eval_batch_size=dict(ge=0), batch_size=dict(ge=1))
+        negative = {t: k for t, k in self.lm_eval_num_fewshot.items() if k < 0}
+        if negative:
+            raise FieldError("lm_eval_num_fewshot", f"shots must be >= 0, got {negative}")
         stems = [Path(p).name.split(".")[0] for p in self.multiple_choice]
         twice = sorted({s for s in stems if stems.count(s) > 1})
         if twice:
-            raise ValueError(f"evaluate.suite.multiple_choice: file stems {twice} appear twice; the figures "
-                             "`mc/<stem>/accuracy` would collide (rename or copy one file)")
+            raise FieldError("multiple_choice", f"file stems {twice} appear twice; the figures `mc/<stem>/accuracy` "
+                             "would collide (rename or copy one file)")
 
     @property
     def active(self) -> bool:
@@ -161,7 +166,11 @@ def load_multiple_choice(path: str | Path) -> list[dict]:
             raise DataError(path, None, None, "no questions")
         header = [c.strip() for c in records[0][1]]
         index = {c.lower(): i for i, c in enumerate(header)}
-        if all(k.lower() in index for k in MC_FIELDS):
+        if "question" in index:  # a header row (C-Eval's); MMLU's files have none
+            lacking = [k for k in MC_FIELDS if k.lower() not in index]
+            if lacking:
+                hint = " (C-Eval's test split has no answers: use dev or val)" if lacking == ["answer"] else ""
+                raise DataError(path, 1, lacking[0], f"the header has no column {', '.join(lacking)}{hint}")
             for n, cells in records[1:]:
                 at = {k: index[k.lower()] for k in MC_FIELDS}
                 rows.append(_mc_row(path, n, {k: cells[i] if i < len(cells) else None for k, i in at.items()}))
