@@ -228,7 +228,8 @@ def test_hh_real_bad_rows_raise_or_are_skipped():
     res = load_preferences(spec("hh_harmless_test.jsonl.gz", skip_bad_rows=True), "chat")
     assert len(res) == 6 and res.skipped == 2
     assert "row 8, field 'rejected'" in res.skipped_reasons[1] and "share" in res.skipped_reasons[1]
-    assert res.stats() == {"rows": 6, "skipped": 2, "deduplicated": 0}
+    assert res.stats() == {"rows": 6, "skipped": 2, "deduplicated": 0, "near_duplicates": 0,
+                           "language_filtered": 0}
 
 
 # ------------------------------------------------------------------------------------------------ bad rows
@@ -373,7 +374,8 @@ def test_clean_rows_counts_what_it_removes():
         {"prompt": [{"role": "user", "content": " Hi \n"}], "chosen": "Hello", "rejected": "Go away"},
     ]
     out, stats = clean_rows(rows)
-    assert stats == {"rows_in": 5, "rows_out": 3, "empty": 1, "duplicates": 1, "near_duplicates": 0}
+    assert stats == {"rows_in": 5, "rows_out": 3, "empty": 1, "other_language": 0, "duplicates": 1,
+                     "near_duplicates": 0}
     assert out[0] == {"prompt": "What is 2+2?", "completion": "4"}
     assert out[2]["prompt"] == [{"role": "user", "content": "Hi"}]
     out, stats = clean_rows(rows, near_dedup=True)

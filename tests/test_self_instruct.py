@@ -134,8 +134,9 @@ def _cfg(tmp_path, model="scripted-model", **sec):
     section = {"model": model, "seed_tasks": {"path": str(SEEDS), "format": "alpaca", "skip_bad_rows": True},
                "prompt_tasks": 2, "prompt_generated": 1, "list_length": 6, "batch_size": 2, "max_batches": 2,
                "num_instructions": 100, **sec}
-    return from_dict(ExperimentConfig, {"name": "si", "seed": 3, "output_dir": str(tmp_path), "stages": ["self_instruct"],
-                                        "wandb": {"mode": "disabled"}, "self_instruct": section})
+    return from_dict(ExperimentConfig, {"name": "si", "seed": 3, "output_dir": str(tmp_path),
+                                        "stages": ["self_instruct"], "wandb": {"mode": "disabled"},
+                                        "self_instruct": section})
 
 
 BATCH0 = [
@@ -165,8 +166,8 @@ class ScriptedModel:
     name = "scripted"
 
     def __init__(self, cfg, die_on_batch: int | None = None):
-        self.script = {derive_seed(cfg.self_instruct.seed, cfg.seed, k, 1): batch for k, batch in enumerate([BATCH0, BATCH1])}
         self.seeds_of = {derive_seed(cfg.self_instruct.seed, cfg.seed, k, 1): k for k in range(2)}
+        self.script = {seed: [BATCH0, BATCH1][k] for seed, k in self.seeds_of.items()}
         self.die_on_batch = die_on_batch
         self.prompts: dict[int, list[str]] = {}
 
@@ -235,7 +236,8 @@ def test_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path, m
     s = _run(cfg, monkeypatch, model)
     assert s["resumed_batches"] == 1 and list(model.prompts) == [1]  # batch 0 was not asked for again
     assert (d / "data.json").read_text() == (tmp_path / "whole" / "si" / "self_instruct" / "data.json").read_text()
-    assert (d / "batches.jsonl").read_bytes() == (tmp_path / "whole" / "si" / "self_instruct" / "batches.jsonl").read_bytes()
+    assert (d / "batches.jsonl").read_bytes() == \
+        (tmp_path / "whole" / "si" / "self_instruct" / "batches.jsonl").read_bytes()
     assert s["candidates"] == 13 and s["accepted"] == 2  # nothing counted twice
 
 

@@ -24,7 +24,9 @@ written by earlier stages hold such rendered prompts). SFT from preference data 
 
 A bad row (invalid JSON or UTF-8, a missing, empty or wrongly typed field) raises DataError naming the file, the
 row (1-based line, or array index) and the field, unless `spec.skip_bad_rows` is set; then it is counted in
-`LoadResult.skipped`. `spec.dedup` drops exact duplicates (counted in `LoadResult.deduplicated`). A dataset that ends
+`LoadResult.skipped`. `spec.languages` keeps rows in those languages (others counted in
+`LoadResult.language_filtered`), `spec.dedup` drops exact duplicates (`LoadResult.deduplicated`) and
+`spec.near_dedup` near duplicates (`LoadResult.near_duplicates`; see clean.py). A dataset that ends
 up empty is always an error.
 """
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prefopt.data.clean import dedup_key
+from prefopt.data.clean import NearDuplicates, dedup_key, detect_language, prompt_text
 from prefopt.data.errors import DataError
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
@@ -61,13 +63,16 @@ class LoadResult:
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
     deduplicated: int = 0
+    near_duplicates: int = 0
+    language_filtered: int = 0
 
     def __len__(self):
         return len(self.rows)
 
     def stats(self) -> dict[str, int]:
         """What a stage writes to its summary and logs."""
-        return {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated}
+        return {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated,
+                "near_duplicates": self.near_duplicates, "language_filtered": self.language_filtered}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -398,6 +403,8 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
     result = LoadResult(path=str(path), rows=[])
     fmt = None if spec.format == "auto" else spec.format  # with auto, the first good row fixes it
     seen: set[str] = set()
+    near = (NearDuplicates(spec.near_dedup_threshold, spec.near_dedup_ngram, spec.near_dedup_num_perm)
+            if spec.near_dedup else None)
     for n, rec in read_records(path):
         try:
             if isinstance(rec, _BadRecord):
@@ -419,18 +426,25 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
             if len(result.skipped_reasons) < 20:
                 result.skipped_reasons.append(str(e))
             continue
+        if spec.languages and detect_language(prompt_text(row)) not in spec.languages:
+            result.language_filtered += 1
+            continue
         if spec.dedup:
             key = dedup_key(row)
             if key in seen:
                 result.deduplicated += 1
                 continue
             seen.add(key)
+        if near is not None and near.check_and_add(prompt_text(row)) is not None:
+            result.near_duplicates += 1
+            continue
         result.rows.append(row)
         if spec.limit and len(result.rows) >= spec.limit:
             break
     if not result.rows:
         first = f"; the first skipped: {result.skipped_reasons[0]}" if result.skipped_reasons else ""
-        raise DataError(path, None, None, f"no usable rows ({result.skipped} skipped){first}")
+        other = f", {result.language_filtered} not in {spec.languages}" if result.language_filtered else ""
+        raise DataError(path, None, None, f"no usable rows ({result.skipped} skipped{other}){first}")
     return result
 
 

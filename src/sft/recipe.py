@@ -98,6 +98,7 @@ def run(ctx) -> dict:
         "skipped_rows": data.skipped,
         "dropped_fully_truncated": len(data.rows) - kept,  # prompts longer than max_length leave no completion
         "skipped_examples": data.skipped_reasons[:5],
+        "dataset": data.stats(),  # rows kept; skipped, exact / near duplicates and other languages dropped
         "train_loss": result.training_loss,
         "steps": trainer.state.global_step,
         "processes": trainer.accelerator.num_processes,
