@@ -46,6 +46,10 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                     f"{sec.per_device_train_batch_size} x accumulation {sec.gradient_accumulation_steps}) but the "
                     f"recipe states {want}; results (SimPO's especially) move with the global batch"
                 )
+    if "evaluate" in cfg.stages:
+        from prefopt.evaluate.suite import suite_warnings
+
+        warnings += suite_warnings(cfg.evaluate.suite)
     if cfg.launch.accelerate_config and not Path(cfg.launch.accelerate_config).exists():
         problems.append(f"launch.accelerate_config: {cfg.launch.accelerate_config!r} does not exist")
     return problems, warnings

@@ -4,6 +4,7 @@ good and broken files, perplexity files, and the `evaluate` stage with the suite
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -173,6 +174,28 @@ def test_perplexity_file_forms_and_errors(tmp_path):
         S.load_texts(tmp_path / "absent.txt")
 
 
+def test_check_warns_on_missing_suite_files(tmp_path, capsys, monkeypatch):
+    """`prefopt check` names suite files that are not here and a missing lm-eval, as warnings (the GPU machine
+    may have both); it still passes."""
+    import importlib.util as iu
+
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.pipeline import check
+
+    (tmp_path / "here.csv").write_text(MMLU)
+    cfg = from_dict(ExperimentConfig, {"name": "x", "stages": ["evaluate"], "evaluate": {"policies": {"a": "m"},
+                    "suite": {"perplexity_file": str(tmp_path / "gone.txt"), "lm_eval_tasks": ["hellaswag"],
+                              "multiple_choice": [str(tmp_path / "here.csv"), str(tmp_path / "absent.jsonl")]}}})
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert check(cfg) == 0
+    out = capsys.readouterr().out
+    assert "evaluate.suite.perplexity_file: file" in out and "gone.txt" in out
+    assert "evaluate.suite.multiple_choice[1]: file" in out and "here.csv" not in out
+    assert "lm-evaluation-harness is not installed here" in out
+
+
 def test_nothing_configured_runs_nothing(tmp_path):
     assert S.run_suite({"sft": "/nowhere"}, SuiteConfig(), tmp_path, None) == {}
     assert list(tmp_path.iterdir()) == []
@@ -282,12 +305,7 @@ def test_evaluate_stage_with_suite(tiny_model_dir, tiny, tmp_path):
     from prefopt.experiment import ExperimentConfig
     from prefopt.stage import run_stage
 
-    try:
-        import lm_eval  # noqa: F401
-
-        tasks = [str(LM_EVAL_TASK)]
-    except ImportError:
-        tasks = []
+    tasks = [str(LM_EVAL_TASK)] if importlib.util.find_spec("lm_eval") else []  # lm-eval is the `eval` extra
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("The quick brown fox jumps over the lazy dog.\nhello there\n")
     prompts = tmp_path / "prompts.jsonl"
@@ -297,8 +315,8 @@ def test_evaluate_stage_with_suite(tiny_model_dir, tiny, tmp_path):
         "stages": ["evaluate"],
         "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_model": "", "prompts": {"path": str(prompts)},
                      "samples_per_prompt": 1, "max_new_tokens": 4, "backend": "transformers",
-                     "suite": {"perplexity_file": str(heldout), "multiple_choice": [str(LM_EVAL_TASK / "tiny_mc.jsonl")],
-                               "lm_eval_tasks": tasks, "lm_eval_batch_size": 4}},
+                     "suite": {"perplexity_file": str(heldout), "lm_eval_tasks": tasks, "lm_eval_batch_size": 4,
+                               "multiple_choice": [str(LM_EVAL_TASK / "tiny_mc.jsonl")]}},
     })
     run_stage(cfg, "evaluate")
     d = cfg.root / "evaluate"

@@ -64,7 +64,8 @@ class SuiteConfig:
     are then not penalised for their length)."""
     lm_eval_tasks: list[str] = field(default_factory=list)
     """lm-evaluation-harness tasks (`pip install 'prefopt[eval]'`): task or group names (hellaswag, mmlu, ...), or
-    a local folder of task YAMLs, whose tasks all run (relative `data_files` there are read from that folder). Run with `--model hf`, `pretrained=<policy folder>`."""
+    a local folder of task YAMLs, whose tasks all run (relative `data_files` there are read from that folder).
+    Run with `--model hf`, `pretrained=<policy folder>`."""
     lm_eval_num_fewshot: dict[str, int] = field(default_factory=dict)
     """Few-shot examples per task name (others: the task's default, usually 0). The Open LLM Leaderboard (v1)
     used hellaswag 10, winogrande 5, truthfulqa_mc2 0, mmlu 5."""
@@ -72,7 +73,8 @@ class SuiteConfig:
     """Examples per task (a fraction when below 1; 0: all). For a quick look only: limited figures are not
     comparable with published ones."""
     lm_eval_batch_size: int = 0
-    """lm-eval batch size; 0: lm-eval finds the largest that fits (`auto`)."""
+    """lm-eval batch size; 0: lm-eval finds the largest that fits on a GPU (`auto`), 8 on CPU (where `auto`'s
+    probing with long dummy batches takes longer than the evaluation)."""
     lm_eval_model_args: dict[str, Any] = field(default_factory=dict)
     """Extra `--model_args` for lm-eval's `hf` model, e.g. {parallelize: true} to spread a large model over GPUs."""
     batch_size: int = 16
@@ -95,6 +97,22 @@ class SuiteConfig:
     @property
     def active(self) -> bool:
         return bool(self.perplexity_file or self.multiple_choice or self.lm_eval_tasks)
+
+
+def suite_warnings(cfg: SuiteConfig) -> list[str]:
+    """What `prefopt check` can say about the suite before a GPU-hour is spent: files not here, lm-eval missing."""
+    import importlib.util
+
+    out = []
+    files = [("perplexity_file", cfg.perplexity_file)] + [(f"multiple_choice[{i}]", p)
+                                                          for i, p in enumerate(cfg.multiple_choice)]
+    for key, value in files:
+        if value and not Path(value).exists():
+            out.append(f"evaluate.suite.{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
+    if cfg.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        out.append("evaluate.suite.lm_eval_tasks: lm-evaluation-harness is not installed here; the machine that "
+                   "runs evaluate needs `pip install 'prefopt[eval]'`")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loaders
@@ -334,9 +352,9 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
 
     # One `hf` model (pretrained=<policy folder>) for every call, rather than model="hf" per call: a 13B model
     # loads once whatever the few-shot settings.
-    lm = HFLM(pretrained=str(Path(path).resolve()), device=_device(),
-              dtype="float32" if _device() == "cpu" else cfg.dtype,
-              batch_size=cfg.lm_eval_batch_size or "auto", trust_remote_code=cfg.trust_remote_code,
+    gpu = _device() == "cuda"
+    lm = HFLM(pretrained=str(Path(path).resolve()), device=_device(), dtype=cfg.dtype if gpu else "float32",
+              batch_size=cfg.lm_eval_batch_size or ("auto" if gpu else 8), trust_remote_code=cfg.trust_remote_code,
               **cfg.lm_eval_model_args)
     figures: dict[str, float] = {}
     raw: dict[str, Any] = {}
