@@ -4,7 +4,6 @@ good and broken files, perplexity files, and the `evaluate` stage with the suite
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -296,40 +295,42 @@ def test_full_method_log_likelihoods_are_lm_evals(tiny_model_dir, tiny):
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def test_evaluate_stage_with_suite(tiny_model_dir, tiny, tmp_path):
-    """`evaluate` with perplexity, letter multiple choice and (when installed) the local lm-eval task: the figures
-    land in summary.json beside the stage's own, in suite.md and in the stage's metrics.jsonl; ppl equals
-    `metrics.perplexity` on the file's lines."""
-    from prefopt.config import from_dict
-    from prefopt.evaluate import metrics as M
-    from prefopt.experiment import ExperimentConfig
-    from prefopt.stage import run_stage
+def test_evaluate_stage_with_suite_from_the_cli(tiny_model_dir, tiny, tmp_path):
+    """`python -m prefopt evaluate cfg.yaml --evaluate.suite.*=...` as a user runs it, with perplexity and letter
+    multiple choice (lm-eval goes through the same `run_suite`, tested above): the figures land in summary.json
+    beside the stage's own, in suite.md (printed after the main table) and in metrics.jsonl, equal to the suite's
+    functions on the same model in this process."""
+    import os
+    import subprocess
+    import sys
 
-    tasks = [str(LM_EVAL_TASK)] if importlib.util.find_spec("lm_eval") else []  # lm-eval is the `eval` extra
+    import yaml
+    from prefopt.evaluate import metrics as M
+
     heldout = tmp_path / "heldout.txt"
     heldout.write_text("The quick brown fox jumps over the lazy dog.\nhello there\n")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"instruction": "Sort the numbers.", "input": "3 1 2"}) + "\n")
-    cfg = from_dict(ExperimentConfig, {
-        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
-        "stages": ["evaluate"],
-        "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_model": "", "prompts": {"path": str(prompts)},
-                     "samples_per_prompt": 1, "max_new_tokens": 4, "backend": "transformers",
-                     "suite": {"perplexity_file": str(heldout), "lm_eval_tasks": tasks, "lm_eval_batch_size": 4,
-                               "multiple_choice": [str(LM_EVAL_TASK / "tiny_mc.jsonl")]}},
-    })
-    run_stage(cfg, "evaluate")
-    d = cfg.root / "evaluate"
+    cfg = {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+           "stages": ["evaluate"],
+           "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_model": "", "prompts": {"path": str(prompts)},
+                        "samples_per_prompt": 1, "max_new_tokens": 4, "backend": "transformers"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "prefopt", "evaluate", str(tmp_path / "cfg.yaml"),
+                          f"--evaluate.suite.perplexity_file={heldout}",
+                          f"--evaluate.suite.multiple_choice={LM_EVAL_TASK / 'tiny_mc.jsonl'}"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = tmp_path / "t" / "evaluate"
     sft = json.loads((d / "summary.json").read_text())["policies"]["sft"]
     model, tok = tiny
     assert sft["ppl"] == pytest.approx(M.perplexity(model, tok, S.load_texts(heldout)), rel=1e-5)
-    assert sft["mc/tiny_mc/accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
-    p = sft["mc/tiny_mc/accuracy"]
-    assert sft["mc/tiny_mc/accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 4))
+    rows = S.load_multiple_choice(LM_EVAL_TASK / "tiny_mc.jsonl")
+    want = S.model_figures(model, tok, SuiteConfig(), None, {"tiny_mc": rows})
+    assert {k: sft[k] for k in want} == pytest.approx(want)
     assert sft["kl_to_sft"] == 0.0  # the stage's own figures are still there
-    if tasks:
-        assert 0.0 <= sft["lm_eval/prefopt_tiny_mc/acc"] <= 1.0 and (d / "lm_eval_sft.json").exists()
+    assert not any(k.startswith("lm_eval/") for k in sft) and not (d / "lm_eval_sft.json").exists()
     table = (d / "suite.md").read_text()
-    assert "| sft |" in table and "mc/tiny_mc/accuracy" in table and "ppl" in table
+    assert "| sft |" in table and "| ppl | mc/tiny_mc/accuracy |" in table and table in res.stdout
     logged = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("sft/ppl") == pytest.approx(sft["ppl"]) for r in logged)
