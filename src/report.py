@@ -39,6 +39,37 @@ def _load(run_dir: Path) -> tuple[dict[str, pd.DataFrame], pd.DataFrame | None]:
     return A.load_run(run_dir), None
 
 
+def warnings_section(run_dir: Path) -> list[str]:
+    """The evaluate stage's warnings (reward model and gold disagreeing, over-optimisation), in words."""
+    out = []
+    for path in sorted(run_dir.glob("**/evaluate/summary.json")):
+        s = A._read_json(path) or {}
+        if s.get("split"):
+            out.append(f"Figures of `{path.parent.relative_to(run_dir)}` are on the **{s['split']}** split "
+                       f"({s.get('num_prompts')} prompts).")
+        out += [f"- **warning**: {w}" for w in s.get("warnings") or []]
+    return [*out, ""] if out else []
+
+
+def reward_section(data: dict[str, pd.DataFrame]) -> list[str]:
+    """The reward model's held-out (test-split) figures with standard errors, and the checkpoint it kept."""
+    s = data["summaries"]
+    if s.empty or "eval/accuracy" not in s.columns:
+        return []
+    lines = ["## Reward model", ""]
+    for row in s[(s["stage"] == "reward") & s["eval/accuracy"].notna()].to_dict("records"):
+        text = (f"Held-out pairwise accuracy {row['eval/accuracy']:.3f} ± {row.get('eval/accuracy_se', 0):.3f}, "
+                f"margin {row.get('eval/margin', float('nan')):.3f} ± {row.get('eval/margin_se', 0):.3f} on "
+                f"{int(row.get('eval/pairs', 0))} test pairs")
+        if pd.notna(row.get("eval/gold_accuracy", float("nan"))):
+            text += f"; against gold {row['eval/gold_accuracy']:.3f} ± {row.get('eval/gold_accuracy_se', 0):.3f}"
+        if pd.notna(row.get("select/best_step", float("nan"))):
+            text += (f". Kept step {int(row['select/best_step'])} (validation accuracy "
+                     f"{row.get('select/accuracy', float('nan')):.3f}).")
+        lines.append(text)
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | Path) -> str:
     """Write `<run_dir>/report/report.md` and its PNG figures; returns the markdown file's path."""
     run_dir = Path(run_dir)
@@ -63,9 +94,13 @@ def write_report(run_dir: str | Path) -> str:
         if ev["run"].nunique() == 1:
             ev = ev.drop(columns=["run"])
         lines += [*markdown_table(ev), "",
-                  "gold_score: the task's programmatic reward; rm_score: the reward model's; win_rate_vs_sft: "
-                  "how often the policy's response outscores the SFT policy's on the same prompt (reward model); "
-                  "kl_to_sft: KL(policy || SFT) per response, Monte-Carlo; length: mean response tokens.", ""]
+                  "gold_score: the task's programmatic reward; gold_gain: gold_score minus the SFT policy's on the "
+                  "same prompts; win_rate_vs_sft_gold / win_rate_vs_sft: how often the policy's response beats the "
+                  "SFT policy's on the same prompt by gold / by the reward model; rm_score: the reward model's; "
+                  "kl_to_sft: KL(policy || SFT) per response, Monte-Carlo; length: mean response tokens. Each "
+                  "`*_se` column is the standard error over prompts.", ""]
+    lines += warnings_section(run_dir)
+    lines += reward_section(data)
 
     lines += ["## Stages", ""]
     if stages.empty:

@@ -316,6 +316,11 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
     sweep = load_sweep(path)
     values = expand(sweep, max_trials, seed)
     parent = load_config(sweep.config, [*sweep.fixed_args, *extra])
+    if "evaluate" in parent.stages and parent.evaluate.split != "validation":
+        # a sweep is a choice: made on test prompts, the figures reported on them afterwards are optimistic
+        raise ConfigError(f"sweep {sweep.name}: its trials are evaluated on the {parent.evaluate.split} split; add "
+                          "--evaluate.split=validation to the sweep's command (choose on validation prompts, report "
+                          "the winner on test)")
     argvs = [trial_args(sweep, parent, v, k, extra) for k, v in enumerate(values, 1)]
     print(f"[sweep] {sweep.name}: {sweep.method}, {len(values)} trial(s) of {parent.name} over "
           f"{', '.join(sweep.parameters)}", flush=True)

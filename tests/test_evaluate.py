@@ -137,7 +137,7 @@ def test_perplexity_and_choice_match_direct_computation(tiny):
 
 PROMPTS = [
     {"instruction": "Sort the numbers in ascending order.", "input": "3 1 2"},
-    {"instruction": "4 2 5", "input": ""},  # the sort task also reads a bare line of digits
+    {"instruction": "Put the numbers in increasing order.", "input": "4 2 5"},
     {"instruction": "Sort the numbers in ascending order.", "input": "2 0"},
 ]
 
@@ -212,7 +212,9 @@ def test_stage_summary_policy_against_itself(stage_run):
     assert all(s["logp"] == s["ref_logp"] and s["logp"] < 0 for s in samples)
     assert on_disk["policies"]["a"]["rm_score"] == on_disk["policies"]["sft"]["rm_score"]
     table = (d / "table.md").read_text()
-    assert table.startswith("| policy |") and "| a |" in table and "| sft |" in table
+    assert table.startswith("Figures on 3 test prompts") and "| a |" in table and "| sft |" in table
+    assert "0.500 ± 0.000" not in table and on_disk["split"] == "test"  # an SE of 0 is not printed as ± 0
+    assert p["gold_score_se"] >= 0 and p["kl_to_sft_se"] == 0.0 and p["gold_gain"] == 0.0
     assert (d / "evaluate.png").stat().st_size > 0
 
 
@@ -241,3 +243,49 @@ def test_cli_evaluate_as_a_user_runs_it(tiny_model_dir, tmp_path):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["samples_per_prompt"] == 1 and summary["policies"]["sft"]["kl_to_sft"] == 0.0
     assert len(json.loads((d / "sft.json").read_text())) == 2
+
+
+def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
+    """`evaluate.checkpoints` scores every checkpoint an aligner saved (trainer `checkpoint-N`, PPO `iter-N`
+    snapshots) on the first `checkpoint_prompts`; the curve starts at the baseline (KL 0) and ends at the final
+    model; best-of-n rows carry the analytic KL log n - (n-1)/n. The figure's data is what the summary says."""
+    import shutil
+
+    from prefopt.analysis import curve_rows
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.models import load_tokenizer, save_model
+    from prefopt.stage import run_stage
+    from transformers import AutoModelForSequenceClassification
+
+    stage = tmp_path / "dpo"
+    for sub in ("model", "checkpoints/checkpoint-3", "snapshots/iter-7"):
+        shutil.copytree(tiny_model_dir, stage / sub)
+    (stage / "checkpoints" / "checkpoint-9").mkdir()  # no config.json: a checkpoint being written, skipped
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
+    save_model(rm, load_tokenizer(str(tiny_model_dir)), tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"sft": str(tiny_model_dir), "dpo": str(stage / "model")}, "task": "sort",
+                     "reward_model": str(tmp_path / "rm"), "prompts": {"path": str(prompts)}, "samples_per_prompt": 2,
+                     "max_new_tokens": 5, "backend": "transformers", "checkpoints": True, "checkpoint_prompts": 2,
+                     "best_of_n": [1, 2, 4]},
+    })
+    summary = run_stage(cfg, "evaluate")
+    curve = summary["curves"]["dpo"]
+    assert [p["step"] for p in curve] == [0, 3, 7, "final"]
+    assert all(p["kl"] == 0.0 for p in curve)  # every checkpoint is the SFT model here
+    assert len({round(p["gold"], 9) for p in curve}) == 1  # same model, same seed, same 2 prompts: same samples
+    bon = summary["best_of_n"]
+    assert [b["n"] for b in bon] == [1, 2, 4]
+    assert [b["kl"] for b in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+    assert bon[0]["rm"] <= bon[1]["rm"] <= bon[2]["rm"]  # the best of more samples scores at least as high
+    assert summary["policies"]["best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 0.75)
+    d = tmp_path / "t" / "evaluate"
+    on_disk = json.loads((d / "curves.json").read_text())
+    rows = curve_rows({"curves": on_disk["curves"], "best_of_n": on_disk["best_of_n"]})
+    assert [r["step"] for r in rows if r["method"] == "dpo"] == [0, 3, 7, "final"]
+    assert (d / "overoptimisation.png").stat().st_size > 0

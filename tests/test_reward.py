@@ -15,7 +15,7 @@ from prefopt.tracking import NullTracker
 def _cfg(tmp_path, model, task=None, **reward):
     return from_dict(ExperimentConfig, {
         "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "seed": 3,
-        "task": task or {"num_sft": 10, "num_prompts": 4, "num_eval_prompts": 4, "num_preferences": 48},
+        "task": task or {"num_sft": 10, "num_prompts": 4, "num_test_prompts": 4, "num_val_prompts": 4, "num_preferences": 48},
         "reward": {"model": str(model), **reward},
     })
 
@@ -24,6 +24,15 @@ def test_pairwise_metrics_by_hand():
     # margins 1.0, -0.5, 0.25 -> accuracy 2/3, mean margin (1.0 - 0.5 + 0.25) / 3 = 0.25
     m = pairwise_metrics([2.0, 0.0, 1.0], [1.0, 0.5, 0.75])
     assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx(0.25)
+    # SE of the accuracy: sqrt(p (1 - p) / n) = sqrt(2/9 / 3); of the margin: sample sd / sqrt(3), where the
+    # deviations are 0.75, -0.75, 0 -> sd = sqrt((0.5625 * 2) / 2) = 0.75 -> 0.75 / sqrt(3)
+    assert m["accuracy_se"] == pytest.approx((2 / 9 / 3) ** 0.5)
+    assert m["margin_se"] == pytest.approx(0.75 / 3 ** 0.5)
+    # BT loss: mean of log(1 + exp(-m)) over 1.0, -0.5, 0.25
+    import math
+
+    assert m["loss"] == pytest.approx(sum(math.log1p(math.exp(-x)) for x in (1.0, -0.5, 0.25)) / 3)
+    assert pairwise_metrics([1.0], [1.0])["accuracy"] == 0.5  # a tie counts one half
 
 
 def test_gold_accuracy_ignores_labels_and_gold_ties():
@@ -42,12 +51,12 @@ def test_gold_accuracy_ignores_labels_and_gold_ties():
 
 def test_split_is_seeded_and_disjoint():
     rows = [{"i": i} for i in range(100)]
-    train, held = split(rows, 0.1, seed=1)
-    assert len(held) == 10 and len(train) == 90
-    assert sorted(r["i"] for r in train + held) == list(range(100))
-    assert split(rows, 0.1, seed=1) == (train, held)
-    all_train, none_held = split(rows, 0.0, seed=1)
-    assert len(all_train) == 100 and none_held == []
+    train, val, test = split(rows, 0.1, seed=1, test_fraction=0.2)
+    assert (len(train), len(val), len(test)) == (70, 10, 20)
+    assert sorted(r["i"] for r in train + val + test) == list(range(100))
+    assert split(rows, 0.1, seed=1, test_fraction=0.2) == (train, val, test)
+    all_train, no_val, no_test = split(rows, 0.0, seed=1)
+    assert len(all_train) == 100 and no_val == [] and no_test == []
 
 
 def test_reward_config_sets_trl_defaults_explicitly(tmp_path, tiny_model_dir):
@@ -63,11 +72,12 @@ def test_reward_config_sets_trl_defaults_explicitly(tmp_path, tiny_model_dir):
 
 def test_reward_stage_resumes_from_checkpoint(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, tiny_model_dir, max_steps=2, save_steps=1, per_device_train_batch_size=8,
-               eval_fraction=0.25, logging_steps=1)
+               eval_fraction=0.25, test_fraction=0.25, logging_steps=1)
     run_stage(cfg, "task")
     first = run_stage(cfg, "reward")
     d = tmp_path / "t" / "reward"
-    assert first["resumed_from"] is None and first["train/pairs"] == 36 and first["eval/pairs"] == 12
+    assert first["resumed_from"] is None and first["train/pairs"] == 24 and first["eval/pairs"] == 12
+    assert first["select/pairs"] == 12 and [h["step"] for h in first["select/history"]] == [1, 2]
     assert 0 <= first["eval/accuracy"] <= 1 and "eval/margin" in first
     assert (d / "model" / "model.safetensors").exists()
     assert any("loss" in json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines())
@@ -96,6 +106,30 @@ def test_reward_stage_lora_saves_merged_model(tmp_path, tiny_model_dir):
     assert "score.weight" in keys and not any("lora" in k for k in keys)
     model, _ = load_scorer(str(model_dir))  # a plain sequence classifier, as the score stage loads it
     assert model.config.num_labels == 1 and "eval/accuracy" in summary
+
+
+def test_reward_stage_keeps_the_best_validation_checkpoint(tmp_path, tiny_model_dir):
+    """Evaluated on the validation split every save_steps; the step with the best accuracy (ties: lower loss) is
+    the saved model, bit for bit, and early stopping ends training `early_stopping_patience` evaluations later."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tmp_path, tiny_model_dir, max_steps=8, save_steps=1, per_device_train_batch_size=8, learning_rate=3e-2,
+               eval_fraction=0.25, test_fraction=0.25, early_stopping_patience=2, save_total_limit=1,
+               task={"num_sft": 10, "num_prompts": 4, "num_test_prompts": 4, "num_val_prompts": 4,
+                     "num_preferences": 64})
+    run_stage(cfg, "task")
+    summary = run_stage(cfg, "reward")
+    hist = summary["select/history"]
+    best = max(hist, key=lambda h: (h["accuracy"], -h["loss"], -h["step"]))
+    assert summary["select/best_step"] == best["step"]
+    # stopped exactly `patience` evaluations after the best one (or at max_steps)
+    assert hist[-1]["step"] == min(best["step"] + 2, 8) and summary["train/steps"] == hist[-1]["step"]
+    d = tmp_path / "t" / "reward"
+    saved = load_file(str(d / "model" / "model.safetensors"))
+    kept = load_file(str(d / "checkpoints" / f"checkpoint-{best['step']}" / "model.safetensors"))
+    assert all((saved[k] == kept[k]).all() for k in kept)  # the best checkpoint survived rotation and was loaded
+    assert len((d / "selection.jsonl").read_text().splitlines()) == len(hist)
+    assert len((d / "test_margins.jsonl").read_text().splitlines()) == summary["eval/pairs"] == 16
 
 
 @pytest.mark.slow

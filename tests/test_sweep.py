@@ -27,7 +27,7 @@ TINY = {
     "stages": ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "evaluate"],
     "wandb": {"mode": "offline"},
     "launch": {"launcher": "inline"},
-    "task": {"num_sft": 64, "num_prompts": 16, "num_eval_prompts": 8, "num_preferences": 64},
+    "task": {"num_sft": 64, "num_prompts": 16, "num_test_prompts": 8, "num_val_prompts": 8, "num_preferences": 64},
     "base": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
              "intermediate_size": 64},
     "sft": {"max_steps": 2, "per_device_train_batch_size": 8, "max_length": 192, "logging_steps": 1},
@@ -35,7 +35,7 @@ TINY = {
     "reward": {"max_steps": 2, "per_device_train_batch_size": 8, "max_length": 192, "logging_steps": 1},
     "score": {"batch_size": 16},
     "dpo": {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 192, "logging_steps": 1},
-    "evaluate": {"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 16},
+    "evaluate": {"samples_per_prompt": 1, "max_new_tokens": 8, "batch_size": 16, "split": "validation"},
 }
 GRID = {
     "name": "grid",
@@ -131,6 +131,14 @@ def test_grid_rejects_a_distribution_and_nested_parameters_flatten(tmp_path):
     s = load_sweep(tmp_path / "s.yaml")
     assert s.name == "s" and s.config == "exp.yaml" and s.fixed_args == ["--seed=1"]
     assert list(s.parameters) == ["dpo.beta", "seed"] and len(expand(s)) == 2
+
+
+def test_a_sweep_on_the_test_split_is_refused(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "evaluate": {**TINY["evaluate"], "split": "test"}}))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**GRID, "command": ["prefopt", "run",
+                                                                          str(tmp_path / "tiny.yaml"), "${args}"]}))
+    with pytest.raises(ConfigError, match="evaluated on the test split; add --evaluate.split=validation"):
+        run_sweep(tmp_path / "grid.yaml", dry_run=True)
 
 
 def test_parse_command():
