@@ -2,8 +2,18 @@
 
 A stage module exposes ``run(ctx: StageContext) -> dict`` (its summary). ``run_stage`` wraps it: makes the folder,
 discards outputs left by a different config, starts the tracker, times it, writes ``summary.json`` and finally
-``_DONE.json`` (atomically) with the fingerprint. A finished stage whose fingerprint is unchanged is skipped by
-the pipeline; an unfinished one resumes from its own partial outputs (each stage knows how).
+``_DONE.json`` (atomically). A finished stage is skipped by the pipeline; an unfinished one resumes from its own
+partial outputs (each stage knows how).
+
+Content-addressed: the marker records the fingerprint (config section, seed, input stages' fingerprints), the
+size, mtime and SHA-256 of every output the stage wrote, the output digest of each input stage it read, and the
+hashes of the files outside the experiment it read (a dataset, a local model). `stage_status` checks all of them
+(size + mtime first, the content hash only when those differ) and says which file changed or went missing.
+
+Never destroying finished work: a stage that already has a finished result works in a fresh folder beside it
+(`.<stage>.next`) and replaces the finished one by renaming only once its own marker is written; a failure or a
+kill leaves the last good result in place (and the rerun resumes in `.next`). A stage with no finished result
+works in its own folder, as before, so its partial outputs resume there.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ from prefopt.experiment import (
 
 MARKER = "_DONE.json"
 FINGERPRINT = "_FINGERPRINT"
+# Not outputs: training checkpoints (resume state, large), W&B and rank notes, the tracker's records (they hold the
+# command line and times, so a rerun giving the same outputs would look changed), and the summary (the pipeline
+# adds experiment timings to evaluate's after the stage has finished).
+UNHASHED = {"checkpoints", "wandb", "_ranks", MARKER, FINGERPRINT, "summary.json", "config.yaml", "metrics.jsonl"}
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -70,13 +84,183 @@ def fingerprint(cfg: ExperimentConfig, stage: str, round_: int = 1) -> str:
 
 
 def is_done(cfg: ExperimentConfig, stage: str, round_: int = 1) -> bool:
-    marker = stage_dir(cfg, stage, round_) / MARKER
-    if not marker.exists():
-        return False
+    return stage_status(cfg, stage, round_)[0]
+
+
+# ------------------------------------------------------------------------------------------- content hashes
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> list:
+    """[size, mtime_ns, sha256]: the first two are the fast check, the hash the confirmation."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, sha256_file(path)]
+
+
+def file_changed(path: Path, rec: list) -> str | None:
+    """None when `path` still holds what `rec` recorded; else 'is missing' or 'changed'."""
     try:
-        return json.loads(marker.read_text())["fingerprint"] == fingerprint(cfg, stage, round_)
-    except (ValueError, KeyError):
-        return False
+        st = path.stat()
+    except OSError:
+        return "is missing"
+    if not path.is_file():
+        return "is missing"
+    if [st.st_size, st.st_mtime_ns] == list(rec[:2]):
+        return None
+    return None if st.st_size == rec[0] and sha256_file(path) == rec[2] else "changed"
+
+
+def output_files(d: Path) -> list[Path]:
+    """The files a stage wrote into its folder, minus checkpoints, W&B and its own records."""
+    out = []
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d)
+        if rel.parts[0] in UNHASHED or any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        out.append(p)
+    return out
+
+
+def outputs_digest(outputs: dict[str, list]) -> str:
+    return hashlib.sha256(json.dumps(sorted((k, v[2]) for k, v in outputs.items())).encode()).hexdigest()[:16]
+
+
+def external_inputs(cfg: ExperimentConfig, stage: str) -> list[Path]:
+    """Files outside the experiment that the stage's section names (datasets, local models): every file of a
+    named folder. Hub ids and `stage:` references are not files here."""
+    if stage == "base" and cfg.base.model and not Path(cfg.base.model).exists():
+        return []
+    files: list[Path] = []
+    for value in _strings(section(cfg, stage)):
+        if value.startswith("stage:") or not ("/" in value or "." in value):
+            continue
+        p = Path(value)
+        try:
+            if p.is_file():
+                files.append(p.resolve())
+            elif p.is_dir():
+                files += [f.resolve() for f in sorted(p.rglob("*")) if f.is_file()]
+        except OSError:
+            continue
+    return sorted(set(files))
+
+
+def _strings(obj: Any) -> list[str]:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return [s for f in dataclasses.fields(obj) for s in _strings(getattr(obj, f.name))]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) and obj else []
+
+
+def read_marker(d: Path) -> dict | None:
+    try:
+        m = json.loads((d / MARKER).read_text())
+        return m if isinstance(m, dict) and "fingerprint" in m else None
+    except (OSError, ValueError):
+        return None
+
+
+def stage_status(cfg: ExperimentConfig, stage: str, round_: int = 1) -> tuple[bool, str]:
+    """(done, why): done when the marker's fingerprint, outputs, input stages and input files all still hold;
+    else the first thing that does not, in words ("output pairs.jsonl is missing")."""
+    d = stage_dir(cfg, stage, round_)
+    if not (d / MARKER).exists():
+        return False, "not run yet" if not d.exists() else "not finished"
+    m = read_marker(d)
+    if m is None:
+        return False, f"its marker {d / MARKER} is damaged"
+    for path, rec in m.get("files_in", {}).items():
+        why = file_changed(Path(path), rec)
+        if why:
+            return False, f"input file {path} {why} since the stage ran"
+    if m["fingerprint"] != fingerprint(cfg, stage, round_):
+        return False, "its config (or an input stage's config) changed"
+    for rel, rec in m.get("outputs", {}).items():
+        why = file_changed(d / rel, rec)
+        if why:
+            return False, f"output {d / rel} {why} since the stage finished"
+    for key, digest in m.get("stages_in", {}).items():
+        name, _, r = key.partition("@")
+        if name in cfg.stages:
+            ok, why = stage_status(cfg, name, int(r))
+            if not ok:
+                return False, f"input stage {name} must rerun ({why})"
+        up = read_marker(stage_dir(cfg, name, int(r)))
+        if up is not None and up.get("outputs_digest", digest) != digest:
+            return False, f"input stage {name} was rebuilt since this stage ran"
+    return True, "finished, inputs and outputs unchanged"
+
+
+def completion_record(cfg: ExperimentConfig, stage: str, round_: int, d: Path) -> dict:
+    """The marker: fingerprint, output hashes, the input stages' output digests, outside input files' hashes."""
+    outputs = {str(p.relative_to(d)): file_record(p) for p in output_files(d)}
+    stages_in = {}
+    for name, r in input_stages(cfg, stage, round_):
+        up = read_marker(stage_dir(cfg, name, r))
+        if up is not None and "outputs_digest" in up:
+            stages_in[f"{name}@{r}"] = up["outputs_digest"]
+    return {
+        "fingerprint": fingerprint(cfg, stage, round_),
+        "finished": time.time(),
+        "outputs": outputs,
+        "outputs_digest": outputs_digest(outputs),
+        "stages_in": stages_in,
+        "files_in": {str(p): file_record(p) for p in external_inputs(cfg, stage)},
+    }
+
+
+# ------------------------------------------------------------------------------------------- working folders
+
+
+def next_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.next")
+
+
+def _old_dir(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _remove(p: Path) -> None:
+    """Delete a folder, or only the link when it is a link (a sweep trial's link to its parent's stage)."""
+    if p.is_symlink():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def swap_in(work: Path, final: Path) -> None:
+    """Replace the finished folder by the newly finished one: two renames (recover_swap completes a kill between)."""
+    if work == final:
+        return
+    old = _old_dir(final)
+    _remove(old)
+    if final.exists() or final.is_symlink():
+        os.rename(final, old)
+    os.rename(work, final)
+    _remove(old)
+
+
+def recover_swap(final: Path) -> None:
+    """Finish a swap that a kill interrupted: a completed `.next` wins; else put `.old` back."""
+    nxt, old = next_dir(final), _old_dir(final)
+    if (nxt / MARKER).exists():
+        swap_in(nxt, final)
+    elif not final.exists() and (old.exists() or old.is_symlink()):
+        os.rename(old, final)
+    if final.exists():
+        _remove(old)
 
 
 @dataclass
@@ -109,16 +293,25 @@ class StageContext:
 
 
 def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = True) -> Path:
-    """Make the stage folder; if it holds outputs of a different config, clear it (they cannot be resumed)."""
-    d = stage_dir(cfg, stage, round_)
+    """The folder the stage works in: its own when it holds no finished result, else `.<stage>.next` beside it.
+    A working folder with outputs of a different config is cleared (they cannot be resumed); a finished one never.
+    Non-main ranks call it after the main one, and find the folder it chose by its fingerprint file."""
+    final = stage_dir(cfg, stage, round_)
     fp = fingerprint(cfg, stage, round_)
-    if is_main:
-        fp_file = d / FINGERPRINT
-        if d.exists() and (not fp_file.exists() or fp_file.read_text().strip() != fp):
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / MARKER).unlink(missing_ok=True)
-        atomic_write(fp_file, fp + "\n")
+    if not is_main:
+        nxt = next_dir(final)
+        fp_next = nxt / FINGERPRINT
+        return nxt if fp_next.exists() and fp_next.read_text().strip() == fp else final
+    recover_swap(final)
+    d = next_dir(final) if (final / MARKER).exists() else final
+    if d == final and next_dir(final).exists():
+        shutil.rmtree(next_dir(final))  # left by a user who deleted the finished marker by hand
+    fp_file = d / FINGERPRINT
+    if d.exists() and (not fp_file.exists() or fp_file.read_text().strip() != fp):
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / MARKER).unlink(missing_ok=True)
+    atomic_write(fp_file, fp + "\n")
     return d
 
 
@@ -138,8 +331,10 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
         # accelerate makes every CPU process its own single-process run (DistributedType.NO)
         PartialState(cpu=not torch.cuda.is_available())
     main = is_main_process()
-    d = prepare_dir(cfg, stage, round_, main)
+    d = prepare_dir(cfg, stage, round_, True) if main else None
     dist_barrier()
+    if not main:  # after the main rank chose (and made) the working folder
+        d = prepare_dir(cfg, stage, round_, False)
     extra = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
     sec = section(cfg, stage)
     if hasattr(sec, "global_batch"):
@@ -154,9 +349,14 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
     t0 = time.time()
     summary = module.run(ctx) or {}
     summary = {"stage": stage, "round": round_, **summary, "wall_seconds": round(time.time() - t0, 2), **extra}
+    final = stage_dir(cfg, stage, round_)
+    if d != final:  # paths in the summary name where the outputs will be, not the working folder
+        summary = json.loads(json.dumps(summary, default=str).replace(json.dumps(str(d))[1:-1],
+                                                                      json.dumps(str(final))[1:-1]))
     if main:
         write_json(d / "summary.json", summary)
         tracker.finish(summary)
-        write_json(d / MARKER, {"fingerprint": fingerprint(cfg, stage, round_), "finished": time.time()})
+        write_json(d / MARKER, completion_record(cfg, stage, round_, d))  # last: the stage is finished
+        swap_in(d, final)
     dist_barrier()
     return summary

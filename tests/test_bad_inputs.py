@@ -1,0 +1,340 @@
+"""A corpus of bad inputs run through the CLI as a user would: each gives one line naming the key or the file, row
+and field, with its exit code (config 2, data 3, lock 4, interrupted 130); no traceback; finished outputs survive.
+
+The stages used are the cheap ones (`check`, `task`, `base` with a tiny model, and `reward` / `pairs`, which read
+their data before any training). Most cases start `python -m prefopt` as a process; the bad data rows call the
+same `prefopt.cli.main` in this process (a process each would spend its time importing TRL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_experiment, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prefopt(*args, cwd=REPO, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env.pop("PREFOPT_LOCK_HELD", None)
+    return subprocess.run([sys.executable, "-m", "prefopt", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args) -> tuple[int, str]:
+    """`prefopt ARGS` in this process: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from prefopt.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, err.getvalue()
+
+
+def one_line_error(out, code: int) -> str:
+    """The process failed with `code` and said so in exactly one stderr line starting with `prefopt:`."""
+    assert out.returncode == code, (out.returncode, out.stderr[-3000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("prefopt:")]
+    assert len(lines) == 1, out.stderr[-3000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ config values
+
+
+CONFIG_CASES = [
+    ("--sft.learning_rate=-1", "sft.learning_rate: must be > 0, got -1.0"),
+    ("--sft.learning_rate=nan", "sft.learning_rate: must be a finite number > 0, got nan"),
+    ("--reward.learning_rate=.inf", "reward.learning_rate: must be a finite number > 0, got inf"),
+    ("--dpo.beta=-0.1", "dpo.beta: must be > 0, got -0.1"),
+    ("--simpo.beta=0", "simpo.beta: must be > 0, got 0.0"),
+    ("--sft.num_train_epochs=-1", "sft.num_train_epochs: must be > 0, got -1.0"),
+    ("--reward.per_device_train_batch_size=-2", "reward.per_device_train_batch_size: must be >= 1, got -2"),
+    ("--dpo.gradient_accumulation_steps=0", "dpo.gradient_accumulation_steps: must be >= 1, got 0"),
+    ("--sft.warmup_ratio=1.5", "sft.warmup_ratio: must be >= 0 and < 1, got 1.5"),
+    ("--dpo.label_smoothing=0.5", "dpo.label_smoothing: must be >= 0 and < 0.5, got 0.5"),
+    ("--ppo.gamma=1.5", "ppo.gamma: must be >= 0 and <= 1, got 1.5"),
+    ("--ppo.kl_coef=-1", "ppo.kl_coef: must be >= 0, got -1.0"),
+    ("--generate.top_p=0", "generate.top_p: must be > 0 and <= 1, got 0.0"),
+    ("--generate.n=0", "generate.n: must be >= 1, got 0"),
+    ("--evaluate.samples_per_prompt=0", "evaluate.samples_per_prompt: must be >= 1, got 0"),
+    ("--sft.dataset.max_chars=0", "sft.dataset.max_chars: must be >= 1, got 0"),
+    ("--sft.lora.r=0", "sft.lora.r: must be >= 1, got 0"),
+    ("--iterations=0", "iterations: must be >= 1, got 0"),
+    ("--launch.num_processes=0", "launch.num_processes: must be >= 1, got 0"),
+    ("--dpo.loss_type=hinge", "dpo.loss_type: expected one of ['sigmoid', 'ipo', 'cdpo'], got 'hinge'"),
+    ("--sft.learning_rate=fast", "sft.learning_rate: expected a number, got 'fast'"),
+    ("--pairs.margin=nan", "pairs.margin: must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("override,message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_check_refuses_bad_values(tmp_path, override, message):
+    exp = write_yaml(tmp_path / "e.yaml", {"name": "x", "output_dir": str(tmp_path / "runs")})
+    line = one_line_error(prefopt("check", exp, override), 2)
+    assert line == f"prefopt: config error: {message}"
+
+
+def test_misspelt_scheduler_lists_the_known_ones(tmp_path):
+    from transformers.trainer_utils import SchedulerType
+
+    from prefopt.train_args import SCHEDULERS
+
+    assert set(SCHEDULERS) == {s.value for s in SchedulerType}  # the list kept here is transformers' own
+    exp = write_yaml(tmp_path / "e.yaml", {"name": "x", "sft": {"lr_scheduler_type": "cosin"}})
+    line = one_line_error(prefopt("check", exp), 2)
+    assert line.startswith("prefopt: config error: sft.lr_scheduler_type: must be one of linear, cosine, ")
+    assert line.endswith("; got 'cosin'")
+
+
+def test_broken_yaml_and_missing_file_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsft:\n  learning_rate: [1,\n")
+    line = one_line_error(prefopt("check", bad), 2)
+    assert line.startswith(f"prefopt: config error: {bad}: invalid YAML: ")
+    line = one_line_error(prefopt("check", tmp_path / "nope.yaml"), 2)
+    assert line == f"prefopt: config error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+# ------------------------------------------------------------------------------------------ data rows
+
+
+def _pref(prompt="Sort 3 1 2", chosen="1 2 3", rejected="3 2 1") -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+HINT = "; `skip_bad_rows: true` on this dataset skips such rows"
+# (name, rows of the file (dict, or a raw line), the message after "FILE, ")
+DATA_CASES = [
+    ("chosen_equals_rejected", [_pref(), _pref(chosen="2 1 3", rejected="2 1 3")],
+     "row 2, field 'rejected': same text as 'chosen': a pair with no preference to learn" + HINT),
+    ("whitespace_chosen", [_pref(chosen=" \n\t ")], "row 1, field 'chosen': empty" + HINT),
+    ("empty_rejected", [_pref(), _pref(rejected="")], "row 2, field 'rejected': empty" + HINT),
+    ("missing_rejected", [{"prompt": "p", "chosen": "c"}], "row 1, field 'rejected': missing" + HINT),
+    ("wrong_type", [_pref(chosen=3)], "row 1, field 'chosen': expected a string, got int" + HINT),
+    ("lone_surrogate", ['{"prompt": "a\\ud800b", "chosen": "x", "rejected": "y"}'],
+     "row 1, field 'prompt': contains a lone surrogate '\\ud800' at character 1 (not valid Unicode)" + HINT),
+    ("invalid_json", [_pref(), '{"prompt": "p", "chosen": '], "row 2: invalid JSON: Expecting value" + HINT),
+    ("deeply_nested", ['{"prompt": ' + "[" * 200000 + "]" * 200000 + "}"],
+     "row 1: JSON nested too deeply to read" + HINT),
+    ("over_long", [_pref(prompt="x" * 1_000_001)],
+     "row 1, field 'prompt': 1,000,001 characters, over the limit max_chars=1,000,000 (raise the dataset's "
+     "`max_chars` if such rows are intended)" + HINT),
+    ("hh_empty_final_answer", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                                "rejected": "\n\nHuman: hi\n\nAssistant:"}],
+     "row 1, field 'rejected': empty final answer" + HINT),
+    ("not_an_object", [_pref(), '"just a string"'], "row 2: expected a JSON object, got str" + HINT),
+]
+
+
+@pytest.fixture(scope="module")
+def reward_yaml(tmp_path_factory, tiny_model_dir):
+    """A `reward` stage on the tiny model; it reads its data before building anything, so bad data fails fast."""
+    d = tmp_path_factory.mktemp("reward")
+    return d, write_yaml(d / "e.yaml", tiny_experiment(d, stages=["reward"], wandb={"mode": "disabled"},
+                                                       reward={"model": str(tiny_model_dir), "max_steps": 1}))
+
+
+@pytest.mark.parametrize("name,rows,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_preference_rows(reward_yaml, name, rows, message):
+    d, exp = reward_yaml
+    path = _jsonl(d / f"{name}.jsonl", rows)
+    code, err = cli("reward", exp, f"--reward.dataset.path={path}")
+    assert (code, err) == (3, f"prefopt: data error: {path}, {message}\n")
+
+
+def test_invalid_utf8_directory_and_missing_file(reward_yaml):
+    d, exp = reward_yaml
+    bad = d / "latin1.jsonl"
+    bad.write_bytes(json.dumps(_pref()).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
+    line = one_line_error(prefopt("reward", exp, f"--reward.dataset.path={bad}"), 3)  # as a process, once
+    assert line == (f"prefopt: data error: {bad}, row 2: not valid UTF-8 (invalid continuation byte at byte 15 of "
+                    f"the line){HINT}")
+    code, err = cli("reward", exp, f"--reward.dataset.path={d}")
+    assert (code, err) == (3, f"prefopt: data error: {d}: is a directory, not a data file (name a .json/.jsonl file "
+                              "inside it)\n")
+    code, err = cli("reward", exp, f"--reward.dataset.path={d / 'nope.jsonl'}")
+    assert (code, err) == (3, f"prefopt: data error: {d / 'nope.jsonl'}: file not found\n")
+
+
+def test_non_finite_reward_score_is_a_data_error(tmp_path):
+    """A NaN score (a broken reward model) stops `pairs` with the score file, row and candidate, before it writes."""
+    gen, score = tmp_path / "gen", tmp_path / "score"
+    gen.mkdir()
+    score.mkdir()
+    _jsonl(gen / "shard-00000.jsonl", [{"prompt_id": "a", "prompt": "p", "candidates": ["x", "y"]},
+                                       {"prompt_id": "b", "prompt": "q", "candidates": ["x", "z"]}])
+    rm = {"path": "rm", "sha256": "0"}
+    _jsonl(score / "shard-00000.jsonl", [{"prompt_id": "a", "scores": [0.1, 0.2], "reward_model": rm},
+                                         '{"prompt_id": "b", "scores": [0.3, NaN], "reward_model": {}}'])
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["pairs"], task={"name": "none"},
+                                                          pairs={"generate": str(gen), "score": str(score)}))
+    line = one_line_error(prefopt("pairs", exp), 3)
+    assert line == (f"prefopt: data error: {score / 'shard-00000.jsonl'}, row 2, field 'scores[1]': not a finite "
+                    "score (nan); check the reward model, then rerun the score stage")
+    assert not (tmp_path / "runs" / "tiny" / "pairs" / "pairs.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------ finished work
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """`task` then `base` (tokenizer trained on an outside file and the task's SFT data), both finished."""
+    d = tmp_path_factory.mktemp("finished")
+    extra = d / "extra.jsonl"
+    _jsonl(extra, [{"instruction": "Say hi.", "input": "", "output": "hi"}] * 5)
+    exp = write_yaml(d / "e.yaml", tiny_experiment(d, stages=["task", "base"],
+                                                   base={"tokenizer_data": ["stage:task/sft.jsonl", str(extra)]}))
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d, exp, d / "runs" / "tiny", extra
+
+
+def _plan(out) -> dict[str, str]:
+    """Stage -> its state in `prefopt check`'s plan."""
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {}
+    for ln in out.stdout.splitlines():
+        parts = ln.split(None, 3)
+        if len(parts) == 4 and parts[0] in ("task", "base"):
+            rows[parts[0]] = parts[3]
+    return rows
+
+
+def test_failed_rerun_keeps_the_finished_result(finished):
+    """A rerun that fails (here: a directory given as tokenizer data) leaves the finished model and its marker."""
+    d, exp, root, extra = finished
+    before = {p: p.read_bytes() for p in [root / "base" / "_DONE.json", root / "base" / "model" / "model.safetensors"]}
+    line = one_line_error(prefopt("base", exp, f"--base.tokenizer_data=[{d}]"), 3)
+    assert "is a directory" in line
+    assert {p: p.read_bytes() for p in before} == before
+    assert _plan(prefopt("check", exp)) == {"task": "skip (done)", "base": "skip (done)"}
+
+
+def test_changed_and_missing_files_are_named_and_rerun(finished):
+    d, exp, root, extra = finished
+    sft = root / "task" / "sft.jsonl"
+    original = sft.read_bytes()
+    # an outside input changed: base reruns, and says which file
+    text = extra.read_text()
+    extra.write_text(text.replace("hi", "ho"))
+    plan = _plan(prefopt("check", exp))
+    assert plan["task"] == "skip (done)"
+    assert plan["base"] == f"run (input file {extra.resolve()} changed since the stage ran)"
+    extra.write_text(text)
+    assert _plan(prefopt("check", exp))["base"] == "skip (done)"  # same content again (mtime differs): done
+    # an output damaged after the fact: the stage reruns, and what read it waits for it
+    sft.write_text("not what the task wrote\n")
+    plan = _plan(prefopt("check", exp))
+    assert plan["task"] == f"run (output {sft} changed since the stage finished)"
+    assert plan["base"].startswith("run (input stage task must rerun (output ")
+    sft.unlink()
+    assert _plan(prefopt("check", exp))["task"] == f"run (output {sft} is missing since the stage finished)"
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"task: running (output {sft} is missing since the stage finished)" in out.stdout
+    assert sft.read_bytes() == original  # the task is deterministic: the same file again...
+    assert "base: finished with the same fingerprint, skipped" in out.stdout  # ...so base need not rerun
+    assert not (root / ".task.next").exists() and not list(root.glob(".*.old"))
+
+
+def test_killed_rerun_resumes_and_swaps_in(finished, monkeypatch):
+    """A rerun over a finished result works in `.base.next`; killed there, the finished result stays; the next
+    run finishes in `.next` and only then replaces it."""
+    from prefopt.base import recipe
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage, stage_status
+
+    d, exp, root, extra = finished
+    cfg = load_config(exp, ["--base.hidden_size=48", "--base.num_attention_heads=2", "--base.num_key_value_heads=2"])
+    marker = (root / "base" / "_DONE.json").read_bytes()
+    real = recipe.save_model
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(recipe, "save_model", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, "base")
+    assert (root / "base" / "_DONE.json").read_bytes() == marker  # the finished result is untouched
+    assert (root / ".base.next" / "_FINGERPRINT").exists() and not (root / ".base.next" / "_DONE.json").exists()
+    monkeypatch.setattr(recipe, "save_model", real)
+    summary = run_stage(cfg, "base")
+    assert stage_status(cfg, "base") == (True, "finished, inputs and outputs unchanged")
+    assert not (root / ".base.next").exists()
+    assert json.loads((root / "base" / "model" / "config.json").read_text())["hidden_size"] == 48
+    assert str(root / ".base.next") not in json.dumps(summary)
+    # the original config is now the changed one: check says base reruns, because its config changed
+    assert _plan(prefopt("check", exp))["base"] == "run (its config (or an input stage's config) changed)"
+
+
+# ------------------------------------------------------------------------------------------ lock, exit codes
+
+
+def test_stage_command_during_a_run_is_refused(tmp_path):
+    from prefopt.pipeline import experiment_lock
+
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task"]))
+    root = tmp_path / "runs" / "tiny"
+    with experiment_lock(root):
+        line = one_line_error(prefopt("task", exp), 4)
+    assert line == (f"prefopt: lock error: {root} is in use by another prefopt run (pid {os.getpid()}); wait for it "
+                    "or use another experiment name")
+    assert not (root / "task").exists()
+
+
+def test_data_error_code_survives_accelerate(reward_yaml):
+    """`prefopt run` launching the stage through `accelerate launch`: the stage's own line and exit code 3, not
+    accelerate's CalledProcessError traceback, and no advice to rerun (a rerun cannot fix the data)."""
+    d, exp = reward_yaml
+    path = _jsonl(d / "same.jsonl", [_pref(chosen="1 2", rejected="1 2")])
+    out = prefopt("run", exp, "--launcher", "accelerate", f"--reward.dataset.path={path}")
+    line = one_line_error(out, 3)
+    assert line.startswith(f"prefopt: data error: {path}, row 1, field 'rejected': same text as 'chosen'")
+    assert "rerun" not in out.stderr and "CalledProcessError" not in out.stderr
+
+
+def test_interrupt_and_crash_codes(tmp_path, monkeypatch, capsys):
+    """Interrupted: 130 and the advice to rerun; a crash: its traceback, exit 1 and the same advice."""
+    import prefopt.stage
+    from prefopt.cli import main
+
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task"]))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prefopt.stage, "run_stage", interrupted)
+    assert main(["task", str(exp)]) == 130
+    err = capsys.readouterr().err
+    assert err == "prefopt: interrupted: finished stages are kept; rerun the same command to resume\n"
+
+    def crashed(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(prefopt.stage, "run_stage", crashed)
+    assert main(["task", str(exp)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: out of memory" in err
+    assert err.rstrip().splitlines()[-1] == ("prefopt: task crashed (RuntimeError); fix the cause above, then rerun "
+                                             "the same command: finished stages are kept and the unfinished one "
+                                             "resumes")
