@@ -95,6 +95,32 @@ def test_rouge_l_by_hand():
     pool.add("Name three rivers that flow through Europe.")
     assert pool.most_similar("Name three rivers that flow through Asia.")[0] == pytest.approx(6 / 7)
     assert SimilarityPool().most_similar("anything at all") == (0.0, None)
+    assert pool.most_similar("Completely unrelated wording here") == (0.0, None)
+
+
+def _brute_force(pool: SimilarityPool, instruction: str) -> tuple[float, str | None]:
+    """Alpaca's way: ROUGE-L F1 against every instruction in the pool; the first of equal maxima wins."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    best, best_inst = 0.0, None
+    for inst in pool.instructions:
+        f = scorer.score(inst, instruction)["rougeL"].fmeasure
+        if f > best:
+            best, best_inst = f, inst
+    return best, best_inst
+
+
+def test_indexed_pool_equals_brute_force_on_real_instructions():
+    """The inverted-index bound only skips work: same maximum and same instruction as scoring the whole pool."""
+    insts = [json.loads(line)["instruction"] for line in SEEDS.read_text().splitlines()]
+    insts += [r["instruction"] for r in json.loads((TEST_DATA / "alpaca_en_demo.json").read_text())]
+    insts += [r["en_instruction"] for r in json.loads((TEST_DATA / "alpaca_chinese_part_0.json").read_text())]
+    pool = SimilarityPool(insts + ["Name a fruit.", "Name a colour.", "a fruit name"])  # ties, reordered words
+    queries = insts + [i.replace("the", "a").upper() for i in insts] + [" ".join(reversed(i.split())) for i in insts]
+    queries += ["Name a vegetable.", "fruit a name", "Describe the structure of a molecule.", "!!!", ""]
+    for q in queries:
+        assert pool.most_similar(q) == _brute_force(pool, q), q
 
 
 # ------------------------------------------------------------------------------------------------ prompt / parser
@@ -263,6 +289,19 @@ def test_model_is_required_and_seeds_must_fill_a_prompt(tmp_path, monkeypatch):
         run_stage(_cfg(tmp_path, model=""), "self_instruct")
     with pytest.raises(ConfigError, match="only 5 usable seed tasks"):
         _run(_cfg(tmp_path, prompt_tasks=6, list_length=10), monkeypatch, ScriptedModel(_cfg(tmp_path)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"list_length": 3}, r"self_instruct.list_length: must be > 3"),  # the model must have tasks left to write
+    ({"prompt_generated": 4}, r"self_instruct.prompt_generated: must be >= 0 and <= 3"),
+    ({"similarity_threshold": 0}, r"self_instruct.similarity_threshold: must be > 0 and <= 1"),
+    ({"min_words": 10, "max_words": 5}, r"self_instruct.max_words: must be >= 10"),
+])
+def test_config_refuses_inconsistent_settings(bad, message):
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ExperimentConfig, {"name": "x", "self_instruct": bad})
 
 
 def test_stage_is_opt_in_and_leaves_other_fingerprints_alone(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefopt.config import check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
 
 # Stanford Alpaca's generate_instruction.py: words that ask for what a text model cannot give (self-instruct's
@@ -73,19 +74,7 @@ class SelfInstructConfig:
     def __post_init__(self):
         for name in ("num_instructions", "max_batches", "batch_size", "prompt_tasks", "max_new_tokens",
                      "tensor_parallel_size", "min_words", "max_words"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"'{name}' must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.prompt_generated <= self.prompt_tasks:
-            raise ValueError(f"'prompt_generated' must be in [0, prompt_tasks={self.prompt_tasks}], "
-                             f"got {self.prompt_generated}")
-        if self.list_length <= self.prompt_tasks:
-            raise ValueError(f"'list_length' ({self.list_length}) must exceed 'prompt_tasks' ({self.prompt_tasks}): "
-                             "the model writes the tasks after the examples")
-        if not 0 < self.similarity_threshold <= 1:
-            raise ValueError(f"'similarity_threshold' must be in (0, 1], got {self.similarity_threshold}")
-        if self.min_words > self.max_words:
-            raise ValueError(f"'min_words' ({self.min_words}) must be <= 'max_words' ({self.max_words})")
-        if self.temperature < 0:
-            raise ValueError(f"'temperature' must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"'top_p' must be in (0, 1], got {self.top_p}")
+            check_range(self, name, ge=1)
+        check_ranges(self, prompt_generated=dict(ge=0, le=self.prompt_tasks), list_length=dict(gt=self.prompt_tasks),
+                     similarity_threshold=dict(gt=0, le=1), max_words=dict(ge=self.min_words), temperature=dict(ge=0),
+                     top_p=dict(gt=0, le=1), gpu_memory_utilization=dict(gt=0, le=1), examples_per_reason=dict(ge=0))

@@ -155,10 +155,11 @@ def run(ctx) -> dict:
     examples: dict[str, list] = {}
     candidates = 0
 
-    def tally(rec: dict) -> None:
+    def tally(rec: dict, add_to_pool: bool) -> None:
         nonlocal candidates
         for task in rec["accepted"]:
-            pool.add(task["instruction"])
+            if add_to_pool:
+                pool.add(task["instruction"])
             generated.append(task)
         skipped.update(rec["skipped"])
         for reason, exs in rec["skip_examples"].items():
@@ -167,7 +168,7 @@ def run(ctx) -> dict:
         candidates += rec["candidates"]
 
     for rec in log.records:  # the pool as the killed run left it
-        tally(rec)
+        tally(rec, add_to_pool=True)
     resumed = len(log.records)
 
     generator = None  # built only if a batch is left to do
@@ -185,13 +186,12 @@ def run(ctx) -> dict:
         sampling = Sampling(n=1, temperature=sec.temperature, top_p=sec.top_p, max_new_tokens=sec.max_new_tokens,
                             seed=derive_seed(sec.seed, ctx.seed, k, 1))
         completions = [c[0] for c in generator.generate(prompts, sampling)]
-        # judged against a copy: the pool grows only once the batch is on disk (tally), as it does on resume
-        accepted, batch_skipped, batch_examples = judge_batch(completions, sec, _copy(pool))
+        accepted, batch_skipped, batch_examples = judge_batch(completions, sec, pool)  # adds to the pool
         rec = {"batch": k, "accepted": accepted, "candidates": len(accepted) + sum(batch_skipped.values()),
                "skipped": dict(batch_skipped), "skip_examples": batch_examples, "generator": generator_info,
                "finished": sum(c.finished for c in completions)}
         log.append(rec)
-        tally(rec)
+        tally(rec, add_to_pool=False)
         bar.update(min(len(generated), sec.num_instructions) - bar.n)
         ctx.tracker.log({"self_instruct/accepted": len(generated), "self_instruct/candidates": candidates,
                          "self_instruct/batch_accepted": len(accepted)}, step=k)
@@ -221,12 +221,6 @@ def run(ctx) -> dict:
     }
     print(report(summary), flush=True)
     return summary
-
-
-def _copy(pool: SimilarityPool) -> SimilarityPool:
-    new = SimilarityPool()
-    new.instructions, new._tokens = list(pool.instructions), list(pool._tokens)
-    return new
 
 
 def report(summary: dict) -> str:
