@@ -188,8 +188,24 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         result["evaluate"] = str(final_eval)
         print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
               f"`prefopt report {cfg.root}` draws them", flush=True)
+    print_counts(cfg)
     print(f"[prefopt] experiment {cfg.name}: {wall:.0f} s of stage time in all; outputs under {cfg.root}/", flush=True)
     return result
+
+
+def print_counts(cfg: ExperimentConfig) -> None:
+    """The table's footer: every stage's skipped, dropped, deduplicated and truncated rows, with the reason."""
+    from prefopt.data.counts import describe
+
+    for s, r in plan(cfg):
+        path = stage_dir(cfg, s, r) / "summary.json"
+        try:
+            counts = json.loads(path.read_text()).get("counts") if path.exists() else None
+        except ValueError:
+            counts = None
+        if counts:
+            label = s if cfg.iterations == 1 else f"{s} (round {r})"
+            print(f"[prefopt] {label}: {describe(counts)}", flush=True)
 
 
 def reward_gate(cfg: ExperimentConfig, round_: int) -> None:

@@ -3,7 +3,10 @@
 Tokenization matches TRL's DPOTrainer (non-conversational path), so DPO through TRL and SimPO here see the same
 tokens: the prompt and prompt + completion are tokenized separately (the tokenizer adds BOS to both) and the
 completion starts where the two token lists diverge; EOS is appended to each completion as text; a sequence longer
-than `max_length` keeps its start; a pair whose prompt alone fills `max_length` is dropped.
+than `max_length` keeps its start. A pair whose prompt alone fills `max_length` (long multi-turn chats) keeps, by
+default, its BOS and the last `max_length // 2` prompt tokens, i.e. the latest turns (TRL's `truncation_mode:
+keep_end`), or is dropped (`long_prompts: drop`); either way `tokenize_pairs` says how many, loudly, and its
+`stats` go into the stage summary, whose `pairs` counts the pairs trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from prefopt.data.counts import note
 
 
 def pairs_path(resolved: str) -> str:
@@ -43,8 +48,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_pair(row: dict, tokenizer, max_length: int) -> dict | None:
-    """{"prompt_ids", "chosen_ids", "rejected_ids"} or None when the prompt alone fills max_length."""
+LONG_PROMPTS = ("truncate", "drop")
+
+
+def keep_prompt_end(prompt_ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last `keep` tokens of a prompt, its BOS (when it starts with one) kept in front of them."""
+    if keep <= 0:
+        return []
+    if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id and keep > 1:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - (keep - 1):]
+    return prompt_ids[len(prompt_ids) - keep:]
+
+
+def tokenize_pair(row: dict, tokenizer, max_length: int, long_prompts: str = "truncate") -> dict | None:
+    """{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "truncated": True when the prompt was cut), or None when
+    the prompt alone fills max_length and long_prompts is "drop"."""
     eos = tokenizer.eos_token
     prompt_ids = tokenizer(row["prompt"])["input_ids"]
     full = {}
@@ -52,14 +70,39 @@ def tokenize_pair(row: dict, tokenizer, max_length: int) -> dict | None:
         text = row[key] if row[key].endswith(eos) else row[key] + eos
         full[key] = tokenizer(row["prompt"] + text)["input_ids"]
     n = min(_common_prefix(prompt_ids, full["chosen"]), _common_prefix(prompt_ids, full["rejected"]))
+    out = {"prompt_ids": prompt_ids[:n], "chosen_ids": full["chosen"][n:], "rejected_ids": full["rejected"][n:]}
     if max_length and n >= max_length:
-        return None
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": full["chosen"][n:], "rejected_ids": full["rejected"][n:]}
+        if long_prompts == "drop":
+            return None
+        # half the budget for the answers: the prompt's latest turns are what the answers reply to
+        out["prompt_ids"] = keep_prompt_end(out["prompt_ids"], max_length // 2, tokenizer.bos_token_id)
+        out["truncated"] = True
+    return out
 
 
-def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    out = [tokenize_pair(r, tokenizer, max_length) for r in rows]
-    return [t for t in out if t is not None]
+class TokenizedPairs(list):
+    """The tokenized pairs, with `stats`: pairs_in, pairs (kept), prompts_truncated, dropped_long_prompt."""
+
+    stats: dict
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, long_prompts: str = "truncate") -> TokenizedPairs:
+    if long_prompts not in LONG_PROMPTS:
+        raise ValueError(f"long_prompts must be one of {LONG_PROMPTS}, got {long_prompts!r}")
+    out = TokenizedPairs(t for t in (tokenize_pair(r, tokenizer, max_length, long_prompts) for r in rows)
+                         if t is not None)
+    truncated = sum(1 for t in out if t.pop("truncated", False))
+    out.stats = {"pairs_in": len(rows), "pairs": len(out), "prompts_truncated": truncated,
+                 "dropped_long_prompt": len(rows) - len(out)}
+    note(f"pair prompts cut to their last {max_length // 2} tokens to fit max_length (long_prompts: truncate)",
+         truncated)
+    note("pairs dropped: the prompt fills max_length (long_prompts: drop)", len(rows) - len(out))
+    if truncated or len(out) < len(rows):  # said loudly: 42% of a user's pairs went this way unnoticed once
+        what = (f"dropped {len(rows) - len(out)}" if long_prompts == "drop"
+                else f"cut {truncated} prompts to their last {max_length // 2} tokens (long_prompts: drop drops them)")
+        print(f"[prefopt] WARNING: {truncated + len(rows) - len(out)} of {len(rows)} pairs have a prompt that fills "
+              f"max_length={max_length} tokens: {what}; {len(out)} pairs are trained on", flush=True)
+    return out
 
 
 def collate_pairs(examples: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:

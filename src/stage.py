@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.config import to_dict
+from prefopt.data import counts as data_counts
 from prefopt.experiment import (
     ROUND_STAGES,
     STAGES,
@@ -347,8 +348,14 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
     (d / "_ranks").mkdir(exist_ok=True)
     write_json(d / "_ranks" / f"rank-{rank}.json", {"rank": rank, "pid": os.getpid(), "world_size": extra["world_size"]})
     t0 = time.time()
+    data_counts.take()  # counts noted from here on are this stage's
     summary = module.run(ctx) or {}
     summary = {"stage": stage, "round": round_, **summary, "wall_seconds": round(time.time() - t0, 2), **extra}
+    counts = data_counts.take()
+    if counts:
+        summary["counts"] = counts
+        if main:
+            print(f"[prefopt] {stage}: {data_counts.describe(counts)}", flush=True)
     final = stage_dir(cfg, stage, round_)
     if d != final:  # paths in the summary name where the outputs will be, not the working folder
         summary = json.loads(json.dumps(summary, default=str).replace(json.dumps(str(d))[1:-1],

@@ -338,3 +338,66 @@ def test_interrupt_and_crash_codes(tmp_path, monkeypatch, capsys):
     assert err.rstrip().splitlines()[-1] == ("prefopt: task crashed (RuntimeError); fix the cause above, then rerun "
                                              "the same command: finished stages are kept and the unfinished one "
                                              "resumes")
+
+
+# ------------------------------------------------------------------------------------------ counts
+
+
+def test_long_prompts_are_cut_from_the_left_or_dropped_and_said(tiny_model_dir, capsys):
+    """A prompt filling max_length=16 keeps BOS + its last 7 tokens (16 // 2 = 8 in all); with `drop` it goes."""
+    from prefopt.models import load_tokenizer
+    from prefopt.preference_data import tokenize_pairs
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    long = {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "chosen": "1 2 3", "rejected": "3 2 1"}
+    short = {"prompt": "Sort 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"}
+    full = tok(long["prompt"])["input_ids"]
+    assert len(full) > 16 and full[0] == tok.bos_token_id
+    got = tokenize_pairs([long, short], tok, 16)
+    assert got[0]["prompt_ids"] == [tok.bos_token_id] + full[-7:]
+    assert got[1] == tokenize_pairs([short], tok, 16)[0]  # a prompt that fits is untouched
+    assert got.stats == {"pairs_in": 2, "pairs": 2, "prompts_truncated": 1, "dropped_long_prompt": 0}
+    assert ("[prefopt] WARNING: 1 of 2 pairs have a prompt that fills max_length=16 tokens: cut 1 prompts to their "
+            "last 8 tokens (long_prompts: drop drops them); 2 pairs are trained on") in capsys.readouterr().out
+    dropped = tokenize_pairs([long, short], tok, 16, "drop")
+    assert len(dropped) == 1 and dropped.stats["dropped_long_prompt"] == 1
+    assert "dropped 1; 1 pairs are trained on" in capsys.readouterr().out
+
+
+def test_pairs_stage_prints_what_it_dropped_and_why(tmp_path):
+    gen, score = tmp_path / "gen", tmp_path / "score"
+    gen.mkdir()
+    score.mkdir()
+    rows = [{"prompt_id": "a", "prompt": "p", "candidates": ["x", "y"]},
+            {"prompt_id": "b", "prompt": "q", "candidates": ["x", "z"]},
+            {"prompt_id": "c", "prompt": "r", "candidates": ["u", "v"]}]
+    _jsonl(gen / "shard-00000.jsonl", rows)
+    rm = {"path": "rm", "sha256": "0"}
+    _jsonl(score / "shard-00000.jsonl", [{"prompt_id": "a", "scores": [0.1, 0.2], "reward_model": rm},
+                                         {"prompt_id": "b", "scores": [0.3, 0.3], "reward_model": rm}])
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["pairs"], task={"name": "none"},
+                                                          pairs={"generate": str(gen), "score": str(score),
+                                                                 "margin": 0.0}))
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = "pairs: 1 prompts without a pair (missing_scores); 1 prompts without a pair (all_tied)"
+    assert out.stdout.count(f"[prefopt] {said}") == 2  # at the end of the stage, and under the final table
+    summary = json.loads((tmp_path / "runs" / "tiny" / "pairs" / "summary.json").read_text())
+    assert summary["counts"] == {"prompts without a pair (missing_scores)": 1, "prompts without a pair (all_tied)": 1}
+    assert summary["pairs"] == 1
+
+
+def test_skipped_and_deduplicated_rows_are_counted(reward_yaml, capsys):
+    """`skip_bad_rows` and `dedup`: the stage goes on, prints both counts with their reasons and records them."""
+    d, exp = reward_yaml
+    good = [_pref(prompt=f"Sort {i} 1 2") for i in range(8)]
+    path = _jsonl(d / "mixed.jsonl", good + [_pref(chosen=""), good[0], '{"broken', _pref(chosen="1", rejected="1")])
+    code, err = cli("reward", exp, f"--reward.dataset.path={path}", "--reward.dataset.skip_bad_rows=true",
+                    "--reward.dataset.dedup=true", "--reward.min_eval_accuracy=0")
+    assert code == 0, err[-3000:]
+    out = capsys.readouterr().out
+    assert "[prefopt] reward: 3 rows skipped as bad (skip_bad_rows) in mixed.jsonl; 1 duplicate rows dropped (dedup) " \
+           "in mixed.jsonl" in out
+    summary = json.loads((d / "runs" / "tiny" / "reward" / "summary.json").read_text())
+    assert summary["counts"] == {"rows skipped as bad (skip_bad_rows) in mixed.jsonl": 3,
+                                 "duplicate rows dropped (dedup) in mixed.jsonl": 1}

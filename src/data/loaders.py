@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefopt.data.clean import NearDuplicates, dedup_key, detect_language, prompt_text
+from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
@@ -441,6 +442,11 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
         result.rows.append(row)
         if spec.limit and len(result.rows) >= spec.limit:
             break
+    name = Path(path).name
+    note(f"rows skipped as bad (skip_bad_rows) in {name}", result.skipped)
+    note(f"duplicate rows dropped (dedup) in {name}", result.deduplicated)
+    note(f"near-duplicate rows dropped (near_dedup) in {name}", result.near_duplicates)
+    note(f"rows dropped as not in {spec.languages} (languages) in {name}", result.language_filtered)
     if not result.rows:
         first = f"; the first skipped: {result.skipped_reasons[0]}" if result.skipped_reasons else ""
         other = f", {result.language_filtered} not in {spec.languages}" if result.language_filtered else ""

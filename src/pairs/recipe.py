@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.pairs.strategies import drop_reason, gold_audit, select_pairs
 from prefopt.utils import iter_jsonl, write_jsonl
@@ -137,6 +138,8 @@ def run(ctx) -> dict:
             dropped[drop_reason(row["scores"], cfg.margin, row["candidates"]) or "no_pair"] += 1
         pairs += new
 
+    for reason, n in dropped.items():
+        note(f"prompts without a pair ({reason})", n)
     write_jsonl(ctx.dir / "pairs.jsonl", pairs)
     save_dataset(pairs, ctx.dir / "dataset")
     margins = [p["chosen_score"] - p["rejected_score"] for p in pairs]

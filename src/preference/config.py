@@ -26,6 +26,10 @@ class PreferenceFields(TrainFields):
     """Project hidden states to the vocabulary this many tokens at a time, recomputed in backward, so the full
     (tokens x vocab) float32 logits never exist at once: for large vocabularies. 0: in one piece (fastest)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    long_prompts: Literal["truncate", "drop"] = "truncate"
+    """A pair whose prompt alone fills `max_length` (long multi-turn chats): `truncate` keeps the prompt's BOS and
+    its last max_length // 2 tokens (the latest turns; TRL's truncation_mode keep_end), `drop` leaves the pair out.
+    Either way the count is printed and written to the summary."""
     save_total_limit: int = 0
     """Keep at most this many `checkpoints/checkpoint-<step>` folders (0: keep all, so every saved policy can be
     evaluated). Optimizer state is kept only in the newest one (what a resume needs)."""

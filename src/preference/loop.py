@@ -156,7 +156,8 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     ref_path = ctx.resolve(ref_model) if ref_model else model_path
     tokenizer = load_tokenizer(model_path)
     pairs_file = pairs_path(ctx.resolve(sec.pairs, model=False))
-    examples = tokenize_pairs(load_pairs(pairs_file, sec.template, tokenizer), tokenizer, sec.max_length)
+    examples = tokenize_pairs(load_pairs(pairs_file, sec.template, tokenizer), tokenizer, sec.max_length,
+                              sec.long_prompts)
     if not examples:
         raise ValueError(f"no usable pairs in {pairs_file} (every prompt fills max_length={sec.max_length}?)")
 
@@ -269,7 +270,7 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     out_dir = ctx.dir / "model"
     save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
     accelerator.wait_for_everyone()
-    return {"model": str(out_dir), "pairs": len(examples), "steps": step,
+    return {"model": str(out_dir), "pairs": len(examples), "pairs_in": examples.stats["pairs_in"], "steps": step,
             "resumed_from": str(done[-1]) if done else None,
             **({"reference": reference} if reference else {}),
             **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),
