@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         from prefopt.stage import run_stage
 
         from prefopt.experiment import env_rank, stage_dir
-        from prefopt.pipeline import experiment_lock
+        from prefopt.pipeline import check_inputs, experiment_lock
 
+        check_inputs(cfg, args.command, args.round)
         # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
         with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
             summary = run_stage(cfg, args.command, args.round)

@@ -94,6 +94,20 @@ def held_lock_env(root: Path) -> dict[str, str]:
     return {LOCK_ENV: token} if token else {}
 
 
+def check_inputs(cfg: ExperimentConfig, stage: str, round_: int) -> None:
+    """Refuse to start a stage whose input stage (one of this experiment's) has no finished result: it would read
+    partial or missing files (one shard short, no pairs.jsonl) and fail late, or worse, not fail."""
+    from prefopt.data.errors import DataError
+    from prefopt.stage import input_stages
+
+    for name, r in input_stages(cfg, stage, round_):
+        if name in cfg.stages and not (stage_dir(cfg, name, r) / MARKER).exists():
+            label = name if r == 1 else f"{name} (round {r})"
+            raise DataError(stage_dir(cfg, name, r), None, None,
+                            f"input stage {label} of {stage} has not finished; run it first "
+                            f"(prefopt run {cfg.config_path or 'CONFIG'} --only {name})")
+
+
 def plan(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     """(stage, round) in execution order: the one-off stages, then the round stages once per round."""
     steps = [(s, 1) for s in cfg.stages if s not in ROUND_STAGES]
@@ -168,6 +182,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
                 if s == "reward":
                     reward_gate(cfg, r)
                 continue
+            check_inputs(cfg, s, r)
             print(f"[prefopt] {label}: running ({why}) -> {stage_dir(cfg, s, r)}", flush=True)
             t_stage = time.time()
             run_one(cfg, s, r, overrides)

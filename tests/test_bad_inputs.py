@@ -401,3 +401,12 @@ def test_skipped_and_deduplicated_rows_are_counted(reward_yaml, capsys):
     summary = json.loads((d / "runs" / "tiny" / "reward" / "summary.json").read_text())
     assert summary["counts"] == {"rows skipped as bad (skip_bad_rows) in mixed.jsonl": 3,
                                  "duplicate rows dropped (dedup) in mixed.jsonl": 1}
+
+
+def test_a_stage_whose_input_stage_never_finished_is_refused(tmp_path):
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task", "base"]))
+    root = tmp_path / "runs" / "tiny"
+    line = one_line_error(prefopt("run", exp, "--only", "base"), 3)
+    assert line == (f"prefopt: data error: {root / 'task'}: input stage task of base has not finished; run it first "
+                    f"(prefopt run {exp.resolve()} --only task)")
+    assert one_line_error(prefopt("base", exp), 3) == line
