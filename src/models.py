@@ -17,9 +17,24 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 
+def check_model_path(path: str, need_config: bool = True) -> None:
+    """A local model path (absolute, or starting with . or ~) that is not a model folder: a one-line data error
+    instead of transformers' traceback about repo ids. Hub ids (`org/name`) pass through."""
+    from prefopt.data.errors import DataError
+
+    p = Path(str(path)).expanduser()
+    if not (p.is_absolute() or str(path).startswith((".", "~"))):
+        return
+    if not p.exists():
+        raise DataError(path, None, None, "model folder not found")
+    if not p.is_dir() or (need_config and not (p / "config.json").exists()):
+        raise DataError(path, None, None, "not a model folder (no config.json in it)")
+
+
 def load_tokenizer(path: str, padding_side: str = "right", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_path(path, need_config=False)  # a tokenizer may be saved alone
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Llama-style tokenizers ship no pad token; EOS is the usual stand-in (masked out by attention).
@@ -32,6 +47,7 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_model_path(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -41,6 +57,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: in
     """A sequence classifier with one output: the scalar reward. A causal LM folder gets a new score head."""
     from transformers import AutoModelForSequenceClassification
 
+    check_model_path(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, trust_remote_code=trust_remote_code
     )

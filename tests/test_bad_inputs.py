@@ -410,3 +410,10 @@ def test_a_stage_whose_input_stage_never_finished_is_refused(tmp_path):
     assert line == (f"prefopt: data error: {root / 'task'}: input stage task of base has not finished; run it first "
                     f"(prefopt run {exp.resolve()} --only task)")
     assert one_line_error(prefopt("base", exp), 3) == line
+
+
+def test_missing_local_model_is_one_line(reward_yaml, tmp_path):
+    d, exp = reward_yaml
+    path = _jsonl(d / "good.jsonl", [_pref()])
+    code, err = cli("reward", exp, f"--reward.dataset.path={path}", f"--reward.model={tmp_path / 'nope'}")
+    assert (code, err) == (3, f"prefopt: data error: {tmp_path / 'nope'}: model folder not found\n")
