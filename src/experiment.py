@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 from prefopt.annotate.config import AnnotateConfig
 from prefopt.base.config import BaseConfig
-from prefopt.config import check_range
+from prefopt.config import FieldError, check_choice, check_range
 from prefopt.dpo.config import DPOStageConfig
 from prefopt.evaluate.config import EvaluateConfig
 from prefopt.generation.config import GenerateConfig
@@ -111,6 +111,12 @@ class ExperimentConfig:
             raise ValueError(f"unknown stage(s) {unknown} in 'stages'; valid stages: {', '.join(ORDER)}")
         self.stages = [s for s in ORDER if s in self.stages]
         check_range(self, "iterations", ge=1)
+        if not self.name.strip() or self.name.strip() in (".", ".."):
+            raise FieldError("name", f"must name the experiment's folder under output_dir, got {self.name!r}")
+        check_choice(self, "iterate_policy", ("dpo", "simpo", "ppo"))
+        if self.iterations > 1 and self.iterate_policy not in self.stages:
+            raise FieldError("iterate_policy", f"'{self.iterate_policy}' feeds round 2's generation but is not in "
+                                               f"stages {self.stages}")
 
     @property
     def root(self) -> Path:

@@ -50,7 +50,12 @@ _held: dict[str, str] = {}  # lock file -> token, for the locks this process hol
 @contextmanager
 def experiment_lock(root: Path):
     """Hold `<root>/.lock` (flock) for the duration; the stage processes this one launches share it (LOCK_ENV)."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # output_dir names a file, or a folder this user cannot write
+        from prefopt.config import ConfigError
+
+        raise ConfigError(f"output_dir: cannot make the experiment folder {root}: {e.strerror}") from None
     path = root / ".lock"
     key = str(path.resolve())
     inherited = os.environ.get(LOCK_ENV)

@@ -76,6 +76,8 @@ CONFIG_CASES = [
     ("--dpo.loss_type=hinge", "dpo.loss_type: expected one of ['sigmoid', 'ipo', 'cdpo'], got 'hinge'"),
     ("--sft.learning_rate=fast", "sft.learning_rate: expected a number, got 'fast'"),
     ("--pairs.margin=nan", "pairs.margin: must be a finite number, got nan"),
+    ("--name=", "name: must name the experiment's folder under output_dir, got ''"),
+    ("--iterate_policy=sft", "iterate_policy: must be one of dpo, simpo, ppo; got 'sft'"),
 ]
 
 
@@ -417,3 +419,10 @@ def test_missing_local_model_is_one_line(reward_yaml, tmp_path):
     path = _jsonl(d / "good.jsonl", [_pref()])
     code, err = cli("reward", exp, f"--reward.dataset.path={path}", f"--reward.model={tmp_path / 'nope'}")
     assert (code, err) == (3, f"prefopt: data error: {tmp_path / 'nope'}: model folder not found\n")
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    exp = tmp_path / "e.yaml"
+    write_yaml(exp, tiny_experiment(tmp_path, stages=["task"], output_dir=str(exp)))
+    line = one_line_error(prefopt("run", exp), 2)
+    assert line == f"prefopt: config error: output_dir: cannot make the experiment folder {exp}/tiny: Not a directory"
