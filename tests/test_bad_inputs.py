@@ -426,3 +426,12 @@ def test_output_dir_that_is_a_file(tmp_path):
     write_yaml(exp, tiny_experiment(tmp_path, stages=["task"], output_dir=str(exp)))
     line = one_line_error(prefopt("run", exp), 2)
     assert line == f"prefopt: config error: output_dir: cannot make the experiment folder {exp}/tiny: Not a directory"
+
+
+def test_one_pretty_printed_object_is_not_rows(reward_yaml):
+    d, exp = reward_yaml
+    path = d / "wrapped.json"
+    path.write_text(json.dumps({"data": [_pref()]}, indent=2))
+    code, err = cli("reward", exp, f"--reward.dataset.path={path}")
+    assert (code, err) == (3, f"prefopt: data error: {path}: is one JSON object (keys ['data']), not rows: expected a "
+                              "JSON array of rows or one JSON object per line (JSONL)\n")

@@ -122,6 +122,14 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         except RecursionError:
             raise DataError(path, None, None, "JSON nested too deeply to read") from None
         return [(i + 1, row) for i, row in enumerate(data)]
+    if raw.lstrip().startswith(b"{") and raw.strip().count(b"\n"):
+        try:  # one pretty-printed object (e.g. {"data": [...]}) rather than one object per line
+            whole = json.loads(raw)
+        except (ValueError, RecursionError):
+            whole = None
+        if isinstance(whole, dict):
+            raise DataError(path, None, None, f"is one JSON object (keys {sorted(whole)[:5]}), not rows: expected a "
+                            "JSON array of rows or one JSON object per line (JSONL)")
     out: list[tuple[int, Any]] = []
     for n, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
