@@ -137,7 +137,7 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
     return cmd
 
 
-def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]) -> None:
+def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str], fresh: bool = False) -> None:
     training = STAGES[stage][1]
     if training and cfg.launch.launcher == "accelerate":
         cmd = launch_command(cfg, stage, round_, overrides)
@@ -156,7 +156,7 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
             raise StageFailed(1, f"stage {stage} (round {round_}) crashed with exit code {proc.returncode} (its "
                               "traceback is above); rerun the same command to resume from its last checkpoint")
     else:
-        run_stage(cfg, stage, round_)
+        run_stage(cfg, stage, round_, fresh)  # (launched stages never reuse files: RESUMABLE_FILES are in-process)
 
 
 def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: str | None = None,
@@ -190,7 +190,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
             check_inputs(cfg, s, r)
             print(f"[prefopt] {label}: running ({why}) -> {stage_dir(cfg, s, r)}", flush=True)
             t_stage = time.time()
-            run_one(cfg, s, r, overrides)
+            run_one(cfg, s, r, overrides, fresh=(s, r) in forced)
             record_timing(cfg, s, r, time.time() - t_stage)
             if s == "reward":
                 reward_gate(cfg, r)

@@ -293,10 +293,28 @@ class StageContext:
         return resolve(self.cfg, value, r, model=model)
 
 
-def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = True) -> Path:
+# Stages that resume file by file (a shard is either there, whole, or not): rerunning a finished one with the same
+# config over a damaged result starts from links to its intact outputs, so one deleted shard costs one shard.
+# Their writers replace files by rename (new inode), so a link never lets a rerun write into the finished result.
+RESUMABLE_FILES = {"generate": "shard-*.jsonl", "score": "shard-*.jsonl"}
+
+
+def _link_intact_outputs(cfg: ExperimentConfig, stage: str, final: Path, work: Path, fp: str) -> None:
+    m = read_marker(final)
+    if stage not in RESUMABLE_FILES or m is None or m.get("fingerprint") != fp:
+        return
+    for rel, rec in m.get("outputs", {}).items():
+        src, dst = final / rel, work / rel
+        if Path(rel).match(RESUMABLE_FILES[stage]) and not dst.exists() and file_changed(src, rec) is None:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
+
+
+def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = True, fresh: bool = False) -> Path:
     """The folder the stage works in: its own when it holds no finished result, else `.<stage>.next` beside it.
     A working folder with outputs of a different config is cleared (they cannot be resumed); a finished one never.
-    Non-main ranks call it after the main one, and find the folder it chose by its fingerprint file."""
+    Non-main ranks call it after the main one, and find the folder it chose by its fingerprint file. `fresh`
+    (`prefopt run --from`): nothing is reused from the finished result."""
     final = stage_dir(cfg, stage, round_)
     fp = fingerprint(cfg, stage, round_)
     if not is_main:
@@ -313,11 +331,14 @@ def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = 
     d.mkdir(parents=True, exist_ok=True)
     (d / MARKER).unlink(missing_ok=True)
     atomic_write(fp_file, fp + "\n")
+    if d != final and not fresh:
+        _link_intact_outputs(cfg, stage, final, d, fp)
     return d
 
 
-def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
-    """Run one stage in this process (under `accelerate launch`, in every process) and record it."""
+def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = False) -> dict:
+    """Run one stage in this process (under `accelerate launch`, in every process) and record it. `fresh`: reuse
+    nothing of a finished result (`prefopt run --from`)."""
     from prefopt.tracking import NullTracker, Tracker
     from prefopt.utils import dist_barrier, is_main_process
 
@@ -332,7 +353,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> dict:
         # accelerate makes every CPU process its own single-process run (DistributedType.NO)
         PartialState(cpu=not torch.cuda.is_available())
     main = is_main_process()
-    d = prepare_dir(cfg, stage, round_, True) if main else None
+    d = prepare_dir(cfg, stage, round_, True, fresh) if main else None
     dist_barrier()
     if not main:  # after the main rank chose (and made) the working folder
         d = prepare_dir(cfg, stage, round_, False)

@@ -435,3 +435,30 @@ def test_one_pretty_printed_object_is_not_rows(reward_yaml):
     code, err = cli("reward", exp, f"--reward.dataset.path={path}")
     assert (code, err) == (3, f"prefopt: data error: {path}: is one JSON object (keys ['data']), not rows: expected a "
                               "JSON array of rows or one JSON object per line (JSONL)\n")
+
+
+def test_deleted_shard_is_noticed_and_only_it_is_redone(tmp_path, tiny_model_dir):
+    """A generate shard deleted after the stage finished: status names it; the rerun (in `.generate.next`, the
+    finished folder untouched until it ends) reuses the intact shards and writes just the missing one; `fresh`
+    (`prefopt run --from generate`) writes them all."""
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.stage import run_stage, stage_status
+
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"instruction": f"Sort {i} {i + 2} {i + 1}.", "input": ""}
+                                                  for i in range(6)])
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"}, "stages": ["generate"],
+        "generate": {"model": str(tiny_model_dir), "prompts": {"path": str(prompts)}, "backend": "transformers",
+                     "n": 2, "max_new_tokens": 4, "shard_size": 2, "batch_size": 2}})
+    assert run_stage(cfg, "generate")["shards"] == 3
+    d = tmp_path / "runs" / "t" / "generate"
+    shards = {p.name: p.read_bytes() for p in d.glob("shard-*.jsonl")}
+    (d / "shard-00001.jsonl").unlink()
+    assert stage_status(cfg, "generate") == (False, f"output {d / 'shard-00001.jsonl'} is missing since the stage "
+                                                    "finished")
+    summary = run_stage(cfg, "generate")
+    assert summary["resumed_shards"] == 2 and summary["shards"] == 3
+    assert {p.name: p.read_bytes() for p in d.glob("shard-*.jsonl")} == shards
+    assert stage_status(cfg, "generate")[0] and not (d.parent / ".generate.next").exists()
+    assert run_stage(cfg, "generate", fresh=True)["resumed_shards"] == 0
