@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.experiment import ORDER, ROUND_STAGES, STAGES, ExperimentConfig, stage_dir
-from prefopt.stage import FINGERPRINT, MARKER, fingerprint, next_dir, run_stage, stage_status, write_json
+from prefopt.stage import (FINGERPRINT, MARKER, fingerprint, next_dir, recover_swap, run_stage, stage_status,
+                           write_json)
 
 
 class LockedError(RuntimeError):
@@ -181,6 +182,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
             if only and s != only:
                 continue
             label = s if cfg.iterations == 1 else f"{s} (round {r})"
+            recover_swap(stage_dir(cfg, s, r))  # a kill between a rerun's marker and its swap: finish the swap
             done, why = (False, "--from") if (s, r) in forced else stage_status(cfg, s, r)
             if done:
                 print(f"[prefopt] {label}: finished with the same fingerprint, skipped", flush=True)

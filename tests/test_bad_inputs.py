@@ -462,3 +462,32 @@ def test_deleted_shard_is_noticed_and_only_it_is_redone(tmp_path, tiny_model_dir
     assert {p.name: p.read_bytes() for p in d.glob("shard-*.jsonl")} == shards
     assert stage_status(cfg, "generate")[0] and not (d.parent / ".generate.next").exists()
     assert run_stage(cfg, "generate", fresh=True)["resumed_shards"] == 0
+
+
+@pytest.mark.shared_data
+def test_real_hh_row_says_how_to_skip_it():
+    """Anthropic HH harmless-base test split: row 87's chosen transcript ends with an empty answer."""
+    from prefopt.data.errors import DataError
+    from prefopt.data.loaders import load_preferences
+    from prefopt.data.spec import DatasetSpec
+
+    path = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    with pytest.raises(DataError) as e:
+        load_preferences(DatasetSpec(path=str(path)))
+    assert str(e.value) == f"{path}, row 87, field 'chosen': empty final answer{HINT}"
+    assert load_preferences(DatasetSpec(path=str(path), skip_bad_rows=True)).skipped == 9
+
+
+def test_a_kill_between_the_two_renames_is_completed(finished):
+    """A rerun finished in `.task.next` and was killed after moving the old result aside: the next run completes
+    the swap and finds the stage done."""
+    import shutil
+
+    d, exp, root, extra = finished
+    shutil.copytree(root / "task", root / ".task.next")
+    os.rename(root / "task", root / ".task.old")
+    out = prefopt("run", exp, "--only", "task")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "task: finished with the same fingerprint, skipped" in out.stdout
+    assert (root / "task" / "_DONE.json").exists()
+    assert not (root / ".task.next").exists() and not (root / ".task.old").exists()

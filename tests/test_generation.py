@@ -283,5 +283,5 @@ def test_config_validation(tmp_path, tiny_model_dir):
 
     with pytest.raises(ConfigError, match="'seeds' must be distinct"):
         _experiment(tmp_path, tiny_model_dir, seeds=[13, 13])
-    with pytest.raises(ConfigError, match="'top_p'"):
+    with pytest.raises(ConfigError, match=r"generate\.top_p: must be > 0 and <= 1, got 0\.0"):
         _experiment(tmp_path, tiny_model_dir, top_p=0.0)
