@@ -312,7 +312,7 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
 
 
 def check(cfg: ExperimentConfig) -> int:
-    """Validate and print the plan; returns 0, or 1 when a problem would stop the run."""
+    """Validate and print the plan; returns 0, or 2 (the config error exit code) when a problem would stop the run."""
     from prefopt.checks import problems_and_warnings
 
     problems, warnings = problems_and_warnings(cfg)
@@ -328,4 +328,4 @@ def check(cfg: ExperimentConfig) -> int:
     for p in problems:
         print(f"ERROR: {p}")
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    return 2 if problems else 0

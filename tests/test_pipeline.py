@@ -95,7 +95,7 @@ def test_check_reports_missing_input_stage(capsys):
     from prefopt.pipeline import check
 
     cfg = from_dict(ExperimentConfig, {"name": "x", "stages": ["dpo"]})
-    assert check(cfg) == 1
+    assert check(cfg) == 2  # the config error exit code
     assert "dpo: reads stage 'sft'" in capsys.readouterr().out
 
 
