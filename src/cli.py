@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from prefopt.report import write_report
 
+            if not os.path.isdir(args.run_dir):
+                raise ConfigError(f"no run directory {args.run_dir} (runs/<experiment>)")
             print(write_report(args.run_dir))
             return 0
         if args.command == "annotate":
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         from prefopt.experiment import env_rank, stage_dir
         from prefopt.pipeline import check_inputs, experiment_lock
 
+        if not 1 <= args.round <= cfg.iterations:
+            raise ConfigError(f"--round {args.round}: the experiment has rounds 1 to {cfg.iterations} (iterations)")
         check_inputs(cfg, args.command, args.round)
         # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
         with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
@@ -253,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int):  # LockedError and other user errors that carry their own code and kind
             return user_error(getattr(e, "kind", "error"), e, code)
         traceback.print_exc()
-        print(f"prefopt: {args.command} crashed ({type(e).__name__}); fix the cause above, then rerun the same "
-              "command: finished stages are kept and the unfinished one resumes", file=sys.stderr)
+        advice = ("fix the cause above, then rerun the same command: finished stages are kept and the unfinished "
+                  "one resumes") if args.command not in ("check", "report", "sweep", "annotate") else "the traceback above"
+        print(f"prefopt: {args.command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
         return 1
 
 

@@ -17,6 +17,7 @@ import math
 import netrc
 import os
 import platform
+import re
 import sys
 import time
 from importlib import metadata
@@ -157,7 +158,9 @@ class Tracker:
             run_path = Path(self.run.dir).parent
             self.run.finish()
             if self.mode == "offline":
-                print(f"[prefopt] W&B offline run saved; upload later with: wandb sync {run_path}", flush=True)
+                # a rerun over a finished result works in `.<stage>.next`, renamed to `<stage>` once finished
+                final = re.sub(r"/\.([^/]+)\.next/", r"/\1/", str(run_path) + "/").rstrip("/")
+                print(f"[prefopt] W&B offline run saved; upload later with: wandb sync {final}", flush=True)
 
 
 class NullTracker:
