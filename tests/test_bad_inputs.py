@@ -491,3 +491,21 @@ def test_a_kill_between_the_two_renames_is_completed(finished):
     assert "task: finished with the same fingerprint, skipped" in out.stdout
     assert (root / "task" / "_DONE.json").exists()
     assert not (root / ".task.next").exists() and not (root / ".task.old").exists()
+
+
+def test_empty_answers_only_in_pairs_the_pipeline_built(tmp_path, tiny_model_dir):
+    """A sampled candidate may be empty (EOS first) in the pairs stage's file; in a user's pairs file it is a broken
+    row, as is a whitespace-only one."""
+    from prefopt.data.errors import DataError
+    from prefopt.models import load_tokenizer
+    from prefopt.preference_data import load_pairs
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    user = _jsonl(tmp_path / "mine.jsonl", [_pref(), _pref(chosen="  ")])
+    with pytest.raises(DataError, match=r"mine\.jsonl, row 2, field 'chosen': empty"):
+        load_pairs(str(user), "alpaca", tok)
+    built = tmp_path / "pairs"
+    built.mkdir()
+    _jsonl(built / "pairs.jsonl", [_pref(), _pref(chosen="")])
+    (built / "_FINGERPRINT").write_text("abc\n")
+    assert [r["chosen"] for r in load_pairs(str(built), "alpaca", tok)] == ["1 2 3", ""]
