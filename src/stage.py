@@ -182,12 +182,12 @@ def stage_status(cfg: ExperimentConfig, stage: str, round_: int = 1) -> tuple[bo
     m = read_marker(d)
     if m is None:
         return False, f"its marker {d / MARKER} is damaged"
+    if m["fingerprint"] != fingerprint(cfg, stage, round_):
+        return False, "its config (or an input stage's config) changed"
     for path, rec in m.get("files_in", {}).items():
         why = file_changed(Path(path), rec)
         if why:
             return False, f"input file {path} {why} since the stage ran"
-    if m["fingerprint"] != fingerprint(cfg, stage, round_):
-        return False, "its config (or an input stage's config) changed"
     for rel, rec in m.get("outputs", {}).items():
         why = file_changed(d / rel, rec)
         if why:
