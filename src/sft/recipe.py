@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.models import load_causal_lm, load_tokenizer, save_model
@@ -90,6 +91,7 @@ def run(ctx) -> dict:
     if len(trainer.train_dataset) == 0:
         raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
                         "tokens, so no completion token is left to train on; raise sft.max_length")
+    note(f"examples dropped by TRL: the prompt fills max_length={sec.max_length} tokens", len(data.rows) - kept)
     resume = last_checkpoint(trainer.args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {
