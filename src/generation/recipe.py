@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prefopt.data.counts import note
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import render_prompt
 from prefopt.generation.base import Completion, Sampling, derive_seed
@@ -164,6 +165,8 @@ def run(ctx) -> dict:
 
     ctx.tracker.log_artifact(sorted(ctx.dir.glob("shard-*.jsonl")), name=f"{ctx.cfg.name}-candidates-r{ctx.round}",
                              type_="dataset")
+    note("repeated prompts sampled once", duplicates)
+    note("prompts dropped: all candidates identical (drop_identical)", totals["dropped"])
     return {
         "prompts": len(prompts),
         "rows": totals["rows"],
