@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -122,6 +123,40 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     return steps
 
 
+# A stage's own one-line user error (cli.user_error); what a launcher prints after it is its report of a failed
+# child (torchrun's ChildFailedError traceback under --multi_gpu, where --quiet does not apply): noise to drop.
+_USER_ERROR_LINE = re.compile(rb"(?:^|\n)prefopt: (?:config error|data error|lock error|interrupted): [^\n]*\n")
+
+
+def relay_stderr(stream) -> None:
+    """Copy a launched stage's stderr to ours as it comes (progress bars included), up to and including its
+    one-line user error, if it prints one; nothing after it."""
+    tail = b""
+    while True:
+        chunk = os.read(stream.fileno(), 1 << 16)
+        if not chunk:
+            break
+        seen = tail + chunk
+        m = _USER_ERROR_LINE.search(seen)
+        if m:
+            _write_stderr(chunk[: max(m.end() - len(tail), 0)])
+            for _ in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+                pass  # drained, not shown
+            break
+        _write_stderr(chunk)
+        tail = seen[-4096:]
+
+
+def _write_stderr(data: bytes) -> None:
+    out = getattr(sys.stderr, "buffer", None)  # a test's StringIO has no bytes buffer
+    if out is not None:
+        sys.stderr.flush()
+        out.write(data)
+        out.flush()
+    else:
+        sys.stderr.write(data.decode("utf-8", errors="replace"))
+
+
 def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]) -> list[str]:
     """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -148,7 +183,9 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
         env = {**os.environ, **held_lock_env(cfg.root), EXIT_FILE_ENV: str(exit_file)}
         if cfg.launch.num_processes > 1 and "OMP_NUM_THREADS" not in env:
             env["OMP_NUM_THREADS"] = "1"  # one thread per process on CPU, or they fight over the cores
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        relay_stderr(proc.stderr)
+        proc.wait()
         if proc.returncode != 0:
             told = json.loads(exit_file.read_text()) if exit_file.exists() else None
             exit_file.unlink(missing_ok=True)

@@ -509,3 +509,17 @@ def test_empty_answers_only_in_pairs_the_pipeline_built(tmp_path, tiny_model_dir
     _jsonl(built / "pairs.jsonl", [_pref(), _pref(chosen="")])
     (built / "_FINGERPRINT").write_text("abc\n")
     assert [r["chosen"] for r in load_pairs(str(built), "alpaca", tok)] == ["1 2 3", ""]
+
+
+@pytest.mark.slow
+def test_data_error_code_survives_a_two_process_launch(reward_yaml):
+    """`--multi_gpu --num_processes 2` on CPU: torchrun's failure report is not shown after the stage's line."""
+    d, exp = reward_yaml
+    path = _jsonl(d / "same2.jsonl", [_pref(chosen="1 2", rejected="1 2")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "true"}
+    out = subprocess.run([sys.executable, "-m", "prefopt", "run", str(exp), "--launcher", "accelerate",
+                          "--launch.num_processes=2", f"--reward.dataset.path={path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    line = one_line_error(out, 3)
+    assert line.startswith(f"prefopt: data error: {path}, row 1, field 'rejected': same text as 'chosen'")
+    assert "ChildFailedError" not in out.stderr and "rerun" not in out.stderr
