@@ -523,3 +523,16 @@ def test_data_error_code_survives_a_two_process_launch(reward_yaml):
     line = one_line_error(out, 3)
     assert line.startswith(f"prefopt: data error: {path}, row 1, field 'rejected': same text as 'chosen'")
     assert "ChildFailedError" not in out.stderr and "rerun" not in out.stderr
+
+
+def test_from_reruns_a_finished_stage_beside_it(tmp_path):
+    """`--from task` reruns a finished task from scratch in `.task.next` and swaps it in when it finishes."""
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task"], wandb={"mode": "disabled"}))
+    root = tmp_path / "runs" / "tiny"
+    assert prefopt("run", exp).returncode == 0
+    before = json.loads((root / "task" / "_DONE.json").read_text())
+    out = prefopt("run", exp, "--from", "task")
+    assert out.returncode == 0 and f"task: running (--from) -> {root / 'task'}" in out.stdout
+    after = json.loads((root / "task" / "_DONE.json").read_text())
+    assert after["finished"] > before["finished"] and after["outputs_digest"] == before["outputs_digest"]
+    assert not (root / ".task.next").exists() and not (root / ".task.old").exists()
