@@ -36,6 +36,8 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         for key, value in _paths_in(sec, stage):
             if value and not value.startswith("stage:") and not Path(value).exists():
                 warnings.append(f"{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
+            elif value and not value.startswith("stage:") and Path(value).is_dir():
+                problems.append(f"{key}: {value!r} is a directory, not a data file")
         # the global batch the recipe states
         if STAGES[stage][1] and hasattr(sec, "global_batch"):
             got = sec.global_batch(cfg.launch.num_processes)

@@ -536,3 +536,11 @@ def test_from_reruns_a_finished_stage_beside_it(tmp_path):
     after = json.loads((root / "task" / "_DONE.json").read_text())
     assert after["finished"] > before["finished"] and after["outputs_digest"] == before["outputs_digest"]
     assert not (root / ".task.next").exists() and not (root / ".task.old").exists()
+
+
+def test_check_reports_a_directory_as_data_path(tmp_path):
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task", "base", "sft"]))
+    out = prefopt("check", exp, f"--sft.dataset.path={tmp_path}")
+    assert out.returncode == 2
+    assert out.stdout.splitlines()[-2:] == [f"ERROR: sft.dataset.path: '{tmp_path}' is a directory, not a data file",
+                                            "1 problem(s)"]
