@@ -165,6 +165,13 @@ def _strings(obj: Any) -> list[str]:
     return [obj] if isinstance(obj, str) and obj else []
 
 
+def _fingerprint_file(d: Path) -> str | None:
+    try:
+        return (d / FINGERPRINT).read_text().strip()
+    except OSError:
+        return None
+
+
 def read_marker(d: Path) -> dict | None:
     try:
         m = json.loads((d / MARKER).read_text())
@@ -177,13 +184,17 @@ def stage_status(cfg: ExperimentConfig, stage: str, round_: int = 1) -> tuple[bo
     """(done, why): done when the marker's fingerprint, outputs, input stages and input files all still hold;
     else the first thing that does not, in words ("output pairs.jsonl is missing")."""
     d = stage_dir(cfg, stage, round_)
+    fp = fingerprint(cfg, stage, round_)
     if not (d / MARKER).exists():
-        return False, "not run yet" if not d.exists() else "not finished"
+        if not d.exists():
+            return False, "not run yet"
+        return False, "not finished" + (", resumes" if _fingerprint_file(d) == fp else "")
     m = read_marker(d)
     if m is None:
         return False, f"its marker {d / MARKER} is damaged"
-    if m["fingerprint"] != fingerprint(cfg, stage, round_):
-        return False, "its config (or an input stage's config) changed"
+    if m["fingerprint"] != fp:
+        resumes = ", resumes its unfinished rerun" if _fingerprint_file(next_dir(d)) == fp else ""
+        return False, f"its config (or an input stage's config) changed{resumes}"
     for path, rec in m.get("files_in", {}).items():
         why = file_changed(Path(path), rec)
         if why:

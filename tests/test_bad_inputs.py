@@ -279,6 +279,8 @@ def test_killed_rerun_resumes_and_swaps_in(finished, monkeypatch):
         run_stage(cfg, "base")
     assert (root / "base" / "_DONE.json").read_bytes() == marker  # the finished result is untouched
     assert (root / ".base.next" / "_FINGERPRINT").exists() and not (root / ".base.next" / "_DONE.json").exists()
+    assert stage_status(cfg, "base") == (False, "its config (or an input stage's config) changed, resumes its "
+                                                "unfinished rerun")
     monkeypatch.setattr(recipe, "save_model", real)
     summary = run_stage(cfg, "base")
     assert stage_status(cfg, "base") == (True, "finished, inputs and outputs unchanged")
