@@ -257,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(code, int):  # LockedError and other user errors that carry their own code and kind
             return user_error(getattr(e, "kind", "error"), e, code)
         traceback.print_exc()
-        advice = ("fix the cause above, then rerun the same command: finished stages are kept and the unfinished "
-                  "one resumes") if args.command not in ("check", "report", "sweep", "annotate") else "the traceback above"
+        advice = "the traceback above"
+        if args.command not in ("check", "report", "sweep", "annotate"):  # a rerun resumes a stage, not these
+            advice = ("fix the cause above, then rerun the same command: finished stages are kept and the "
+                      "unfinished one resumes")
         print(f"prefopt: {args.command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
         return 1
 
