@@ -258,9 +258,19 @@ def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     from prefopt.stage import run_stage
     from transformers import AutoModelForSequenceClassification
 
+    import torch
+    from transformers import AutoModelForCausalLM
+
     stage = tmp_path / "dpo"
-    for sub in ("model", "checkpoints/checkpoint-3", "snapshots/iter-7"):
-        shutil.copytree(tiny_model_dir, stage / sub)
+    tok = load_tokenizer(str(tiny_model_dir))
+    for i, sub in enumerate(("checkpoints/checkpoint-3", "snapshots/iter-7")):
+        torch.manual_seed(i)
+        m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        with torch.no_grad():
+            m.lm_head.weight.add_(0.5 * torch.randn_like(m.lm_head.weight))  # a policy that moved from SFT
+        save_model(m, tok, stage / sub)
+    shutil.copytree(tiny_model_dir, stage / "model")
+    shutil.copytree(tiny_model_dir, stage / "checkpoints" / "checkpoint-8")  # the final model: its "final" point
     (stage / "checkpoints" / "checkpoint-9").mkdir()  # no config.json: a checkpoint being written, skipped
     rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=1)
     save_model(rm, load_tokenizer(str(tiny_model_dir)), tmp_path / "rm")
@@ -277,8 +287,9 @@ def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     summary = run_stage(cfg, "evaluate")
     curve = summary["curves"]["dpo"]
     assert [p["step"] for p in curve] == [0, 3, 7, "final"]
-    assert all(p["kl"] == 0.0 for p in curve)  # every checkpoint is the SFT model here
-    assert len({round(p["gold"], 9) for p in curve}) == 1  # same model, same seed, same 2 prompts: same samples
+    assert curve[0]["kl"] == 0.0 and curve[-1]["kl"] == 0.0  # the final model is the SFT model here
+    assert curve[1]["kl"] > 0 and curve[2]["kl"] > 0  # the perturbed checkpoints moved away from it
+    assert curve[0]["gold"] == curve[-1]["gold"]  # same model, same seed, same 2 prompts: same samples
     bon = summary["best_of_n"]
     assert [b["n"] for b in bon] == [1, 2, 4]
     assert [b["kl"] for b in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])

@@ -41,6 +41,10 @@ def verdicts(figures: dict[str, dict], baseline: str | None) -> list[str]:
     return out
 
 
+def _at(step) -> str:
+    return step if isinstance(step, str) and step.startswith("n=") else f"step {step}"
+
+
 def curve_warnings(curves: dict[str, list[dict]]) -> list[str]:
     """Per method: the reward-model score rose while gold fell from its peak by more than 2 standard errors.
 
@@ -58,11 +62,11 @@ def curve_warnings(curves: dict[str, list[dict]]) -> list[str]:
         fell = peak["gold"] - last["gold"] > Z * se
         rose = last.get("rm") is not None and peak.get("rm") is not None and last["rm"] > peak["rm"]
         if fell and rose:
-            out.append(f"{method}: over-optimisation: from step {peak['step']} to step {last['step']} the reward-model "
+            out.append(f"{method}: over-optimisation: from {_at(peak['step'])} to {_at(last['step'])} the reward-model "
                        f"score rose {peak['rm']:.3f} -> {last['rm']:.3f} while gold fell {peak['gold']:.3f} -> "
                        f"{last['gold']:.3f} (KL {peak['kl']:.2f} -> {last['kl']:.2f}); stop earlier or raise the KL "
                        "penalty, choosing on validation prompts")
         elif fell:
-            out.append(f"{method}: gold fell from {peak['gold']:.3f} at step {peak['step']} to {last['gold']:.3f} at "
-                       f"step {last['step']}: the last checkpoint is not the best")
+            out.append(f"{method}: gold fell from {peak['gold']:.3f} at {_at(peak['step'])} to {last['gold']:.3f} at "
+                       f"{_at(last['step'])}: the last checkpoint is not the best")
     return out

@@ -37,7 +37,7 @@ from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling
 from prefopt.stage import atomic_write, write_json
-from prefopt.utils import seed_everything, write_jsonl
+from prefopt.utils import seed_everything, weights_sha256, write_jsonl
 from tqdm.auto import tqdm
 
 # (figure, column head); a figure with a `<figure>_se` beside it is printed as "mean ± standard error"
@@ -288,7 +288,10 @@ def run(ctx) -> dict:
         for name, path in policies.items():
             if name == base:
                 continue
+            final_sha = weights_sha256(path)
             for step, ck in find_checkpoints(path):
+                if weights_sha256(ck) == final_sha:
+                    continue  # the final model itself: the curve's "final" point
                 sets[f"{name}@{step}"] = {"path": ck, "rows": rows[:k_ckpt], "n": sec.samples_per_prompt,
                                           "method": name, "step": step}
     if sec.best_of_n and base is not None:
@@ -411,7 +414,9 @@ def run(ctx) -> dict:
                         for p in bon})
 
     figures = merge_suite(figures, run_suite(policies, sec.suite, ctx.dir, ctx.tracker))  # perplexity, MC, lm-eval
-    warnings = verdicts(figures, base) + curve_warnings(curves)
+    bon_curve = [{"step": f"n={p['n']}", "kl": p["kl"], "gold": p.get("gold"), "gold_se": p.get("gold_se"),
+                  "rm": p.get("rm")} for p in bon]
+    warnings = verdicts(figures, base) + curve_warnings({**curves, "best-of-n": bon_curve} if bon else curves)
     for w in warnings:
         print(f"[evaluate] WARNING {w}", flush=True)
     md = table(figures, sec.split, len(rows)) + "".join(f"\n- **warning**: {w}" for w in warnings)
