@@ -370,7 +370,8 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
                 res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, task_manager=tm,
                                               limit=cfg.lm_eval_limit or None, log_samples=False,
                                               bootstrap_iters=1000)
-            figures.update(lm_eval_figures(res["results"], tasks))
+            # a group's aggregate (mmlu) may sit under "groups" rather than "results", depending on the version
+            figures.update(lm_eval_figures({**res["results"], **(res.get("groups") or {})}, tasks))
             raw[",".join(tasks)] = {k: res.get(k) for k in ("results", "groups", "n-shot", "versions", "configs")}
     del lm
     _free()
@@ -400,9 +401,9 @@ def run_suite(policies: dict[str, str], cfg: SuiteConfig, out_dir: Path, tracker
         out[name] = f
         tracker.log({f"{name}/{k}": v for k, v in f.items()})
         print(f"[evaluate] suite {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in f.items()), flush=True)
-    notes = ([f"perplexity: {len(texts)} texts from {cfg.perplexity_file}"] if texts is not None else []) + \
-        [f"mc/{stem}: {len(rows)} questions, method {cfg.mc_method}" + (f" ({cfg.mc_normalize})" if
-                                                                        cfg.mc_method == "full" else "")
-         for stem, rows in mc.items()]
+    method = cfg.mc_method + (f" ({cfg.mc_normalize})" if cfg.mc_method == "full" else "")
+    notes = [f"mc/{stem}: {len(rows)} questions, method {method}" for stem, rows in mc.items()]
+    if texts is not None:
+        notes.insert(0, f"perplexity: {len(texts)} texts from {cfg.perplexity_file}")
     atomic_write(Path(out_dir) / "suite.md", suite_table(out) + "".join(f"\n- {n}" for n in notes) + "\n")
     return out
