@@ -369,7 +369,7 @@ def test_clean_rows_counts_what_it_removes():
     rows = [
         {"prompt": "What is 2+2? ", "completion": "4\r\n"},
         {"prompt": "What  is 2+2?", "completion": "4"},  # duplicate up to whitespace
-        {"prompt": "what is 2 + 2", "completion": "four"},  # same prompt words: a near duplicate
+        {"prompt": "what is 2 + 2", "completion": "4"},  # same words, other case and punctuation: a near duplicate
         {"prompt": "Name a colour.", "completion": " \n "},  # empty completion
         {"prompt": [{"role": "user", "content": " Hi \n"}], "chosen": "Hello", "rejected": "Go away"},
     ]

@@ -9,7 +9,16 @@ import pytest
 
 from conftest import TEST_DATA
 from prefopt.config import ConfigError, from_dict
-from prefopt.data.clean import NearDuplicates, clean_rows, detect_language, jaccard, prompt_text, shingles
+from prefopt.data.clean import (
+    NearDuplicates,
+    clean_rows,
+    detect_language,
+    in_languages,
+    jaccard,
+    prompt_text,
+    row_text,
+    shingles,
+)
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_preferences, load_sft
 from prefopt.data.spec import DatasetSpec
@@ -64,11 +73,15 @@ def _with_copies(tmp_path):
 
 def test_loader_counts_exact_and_near_duplicates_apart(tmp_path):
     path, rows = _with_copies(tmp_path)
-    # row 6: "given the parameters of a triangle find out its perimeter side 1 4 side 2 6 side 3 8", 19 words,
-    # 18 distinct bigrams; "3 8" -> "3 9": 17 shared of 19, Jaccard 0.895
+    # row 6's prompt: "given the parameters of a triangle find out its perimeter side 1 4 side 2 6 side 3 8",
+    # 19 words, 18 distinct bigrams; "3 8" -> "3 9": 17 shared of 19, Jaccard 0.895 on the prompt alone
     a, b = rows[5], {**rows[5], "input": rows[5]["input"].replace("8", "9")}
     assert jaccard(shingles(f"{a['instruction']}\n{a['input']}"), shingles(f"{b['instruction']}\n{b['input']}")) \
         == pytest.approx(17 / 19)
+    # with its answer (read the same way) the row shares more: near-dedup reads instruction, input and output
+    loaded = load_sft(DatasetSpec(path=str(path)))
+    whole = jaccard(shingles(row_text(loaded.rows[5])), shingles(row_text(loaded.rows[9])))
+    assert 17 / 19 < whole < 1
     both = load_sft(DatasetSpec(path=str(path), dedup=True, near_dedup=True))
     assert (len(both), both.deduplicated, both.near_duplicates) == (8, 1, 1)
     assert [r["meta"]["instruction"] for r in both.rows] == [r["instruction"] for r in rows]  # first kept, in order
@@ -81,7 +94,7 @@ def test_loader_counts_exact_and_near_duplicates_apart(tmp_path):
 
 def test_clean_rows_near_dedup_and_languages():
     rows = [{"prompt": SENTENCE, "completion": "ok"},
-            {"prompt": SENTENCE.replace("library", "museum"), "completion": "a different answer"},
+            {"prompt": SENTENCE.replace("library", "museum"), "completion": "ok"},  # 28 of 32 bigrams shared
             {"prompt": "三原色是什么？", "completion": "红色、蓝色和黄色。"},
             {"prompt": "What are the three primary colors?", "completion": "Red, blue and yellow."}]
     out, stats = clean_rows(rows, near_dedup=True, languages=["en"])
@@ -89,6 +102,48 @@ def test_clean_rows_near_dedup_and_languages():
     assert (stats["near_duplicates"], stats["other_language"], stats["rows_out"]) == (1, 1, 2)
     out, stats = clean_rows(rows, near_dedup=True, near_dedup_threshold=0.9)
     assert stats["near_duplicates"] == 0 and len(out) == 4
+    # the answers count: the same question answered differently is not a near duplicate of the first
+    other = [rows[0], {**rows[1], "completion": "closed on Sundays, said the mayor"}]
+    assert clean_rows(other, near_dedup=True)[1]["near_duplicates"] == 0
+
+
+ABSTRACT = ("Abstract: Fine-tuning continuous prompts for target tasks has recently emerged as a compact "
+            "alternative to full model fine-tuning. Motivated by these promising results, we investigate the "
+            "feasibility of extracting a discrete (textual) interpretation of continuous prompts that is faithful"
+            " to the problem they solve. In practice, we observe a \"wayward\" behavior between the task solved by "
+            "continuous prompts and their nearest neighbor discrete projections: We can find continuous prompts "
+            "that solve a task while being projected to an arbitrary text (e.g., definition of a different or "
+            "even a contradictory task), while being within a very small (2%) margin of the best continuous "
+            "prompt of the same size for the task. We provide intuitions behind this odd and surprising behavior,"
+            " as well as extensive empirical analyses quantifying the effect of various parameters. For instance,"
+            " for larger model sizes we observe higher waywardness, i.e, we can find prompts that more closely "
+            "map to any arbitrary text with a smaller drop in accuracy. These findings have important "
+            "implications relating to the difficulty of faithfully interpreting continuous prompts and their "
+            "generalization across models and tasks, providing guidance for future progress in prompting language"
+            " models.")
+
+
+SUMMARY = ("This paper presents an exploration of the \u201cwayward\u201d behavior of discrete (textual) "
+           "interpretations of continuous prompts that are typically used to fine-tune tasks. Through "
+           "empirical analysis the authors analyze how this waywardness is affected by various parameters "
+           "such as model size. The research shows that the waywardness increases with model size and "
+           "provides guidance on faithfully interpreting continuous prompts and furthering research on "
+           "prompting language models in general.")
+LABEL = ("This paper belongs to the label of natural language processing, specifically relating to the "
+         "task of interpreting continuous prompts.")
+
+
+def test_same_input_other_task_is_kept():
+    """Two rows of Alpaca's 52K: one long input, two different instructions and outputs. Their prompts alone are
+    near duplicates (Jaccard 0.92); with the outputs the rows are not (0.69), so both stay."""
+    rows = [{"prompt": "p", "completion": SUMMARY,
+             "meta": {"instruction": "Write a summary for the paper given in the input.", "input": ABSTRACT}},
+            {"prompt": "p", "completion": LABEL,
+             "meta": {"instruction": "Classify the abstract under a label.", "input": ABSTRACT}}]
+    assert jaccard(shingles(prompt_text(rows[0])), shingles(prompt_text(rows[1]))) == pytest.approx(0.921, abs=1e-3)
+    assert jaccard(shingles(row_text(rows[0])), shingles(row_text(rows[1]))) == pytest.approx(0.691, abs=1e-3)
+    out, stats = clean_rows(rows, near_dedup=True)
+    assert len(out) == 2 and stats["near_duplicates"] == 0
 
 
 def test_language_of_real_rows():
@@ -98,6 +153,13 @@ def test_language_of_real_rows():
     assert [detect_language(prompt_text(r)) for r in en.rows] == ["en"] * 8
     assert [detect_language(prompt_text(r)) for r in zh.rows] == ["zh"] * 6
     assert [detect_language(prompt_text(r)) for r in zh_pairs.rows] == ["zh"] * 3
+
+
+def test_chinese_varieties_count_as_zh():
+    """A real alpaca-chinese zh_ row (Mandarin) that py3langid calls Wu ("wuu"): kept by `languages: [zh]`."""
+    text = "从摄氏度转换为华氏度。\n摄氏温度：15"
+    assert detect_language(text) == "wuu"
+    assert in_languages(text, ["zh"]) and in_languages(text, ["wuu"]) and not in_languages(text, ["en"])
 
 
 def test_language_filter_on_a_mixed_file(tmp_path):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prefopt.data.clean import NearDuplicates, dedup_key, detect_language, prompt_text
+from prefopt.data.clean import NearDuplicates, dedup_key, in_languages, prompt_text, row_text
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.spec import DatasetSpec
@@ -435,7 +435,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
             if len(result.skipped_reasons) < 20:
                 result.skipped_reasons.append(str(e))
             continue
-        if spec.languages and detect_language(prompt_text(row)) not in spec.languages:
+        if spec.languages and not in_languages(prompt_text(row), spec.languages):
             result.language_filtered += 1
             continue
         if spec.dedup:
@@ -444,7 +444,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None) -> LoadResu
                 result.deduplicated += 1
                 continue
             seen.add(key)
-        if near is not None and near.check_and_add(prompt_text(row)) is not None:
+        if near is not None and near.check_and_add(row_text(row)) is not None:
             result.near_duplicates += 1
             continue
         result.rows.append(row)

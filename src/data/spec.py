@@ -35,19 +35,20 @@ class DatasetSpec:
     dedup: bool = False
     """Drop exact duplicate rows (same prompt and answers, ignoring whitespace); the count is reported."""
     near_dedup: bool = False
-    """Drop near-duplicate rows: a prompt (instruction + input) whose word n-grams overlap an earlier row's with
-    Jaccard similarity >= `near_dedup_threshold` (MinHash LSH, datasketch), whatever the answers; counted apart
-    from exact duplicates."""
+    """Drop near-duplicate rows: a row (instruction, input and answers) whose word n-grams overlap an earlier row's
+    with Jaccard similarity >= `near_dedup_threshold` (MinHash LSH, datasketch); counted apart from exact
+    duplicates."""
     near_dedup_threshold: float = 0.8
-    """Jaccard similarity of the prompts' n-gram sets at which a row is a near duplicate."""
+    """Jaccard similarity of two rows' n-gram sets at which the later one is a near duplicate."""
     near_dedup_ngram: int = 2
-    """Words per shingle: one changed word in an L-word prompt leaves Jaccard (L-2n+1)/(L+1), so with n = 2 a
-    one-word edit reaches 0.8 from 19 words (short prompts differing in a word are usually different tasks)."""
+    """Words per shingle: one changed word in an L-word row leaves Jaccard (L-2n+1)/(L+1), so with n = 2 a
+    one-word edit reaches 0.8 from 19 words (short rows differing in a word are usually different tasks)."""
     near_dedup_num_perm: int = 128
     """MinHash permutations: more finds pairs near the threshold more surely, at more hashing per row."""
     languages: list[str] = field(default_factory=list)
     """Keep only rows whose prompt is in one of these languages (ISO 639-1 codes, e.g. [en] or [zh]; detected by
-    py3langid); the count dropped is reported. Empty: every language."""
+    py3langid; a variety counts as its macrolanguage: Wu or Cantonese as zh); the count dropped is reported.
+    Empty: every language."""
     field_prefix: str = ""
     """Alpaca fields with a prefix, e.g. `zh_` reads zh_instruction / zh_input / zh_output (alpaca-chinese-dataset).
     Without one, `en_` fields are read where the plain ones are absent."""
