@@ -70,7 +70,7 @@ def start_server(pairs: Path, out: Path, log: Path) -> tuple[subprocess.Popen, s
            "--port", str(port), "--annotator", "alice"]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 40
+    deadline = time.time() + 120  # gradio starts slowly on a loaded 2-core machine
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
@@ -103,7 +103,7 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(90)
     yield driver
     driver.quit()
 
@@ -116,7 +116,7 @@ def test_label_ten_restart_resume(tmp_path, browser):
 
     pairs_file, out = write_pairs(tmp_path / "pairs.jsonl"), tmp_path / "labels" / "prefs.jsonl"
     pairs = load_pair_file(pairs_file)[0]
-    wait = WebDriverWait(browser, 15, poll_frequency=0.05)
+    wait = WebDriverWait(browser, 45, poll_frequency=0.05)  # generous: a loaded 2-core machine
 
     def progress_is(k: int):
         try:
