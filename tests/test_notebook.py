@@ -12,7 +12,7 @@ from fake_run import make_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "experiments" / "analysis.ipynb"
-FIGURES = ["training_curves", "reward_kl_frontier", "lengths"]
+FIGURES = ["training_curves", "reward_kl_frontier", "overoptimisation", "lengths"]
 
 
 def _execute(tmp_path, monkeypatch, run_dir: Path) -> nbformat.NotebookNode:

@@ -16,7 +16,7 @@ def _cfg(tmp_path, model, task=None, **reward):
     return from_dict(ExperimentConfig, {
         "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "seed": 3,
         "task": task or {"num_sft": 10, "num_prompts": 4, "num_test_prompts": 4, "num_val_prompts": 4, "num_preferences": 48},
-        "reward": {"model": str(model), **reward},
+        "reward": {"model": str(model), "kind": "classifier", **reward},
     })
 
 
@@ -104,7 +104,7 @@ def test_reward_stage_lora_saves_merged_model(tmp_path, tiny_model_dir):
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert "score.weight" in keys and not any("lora" in k for k in keys)
-    model, _ = load_scorer(str(model_dir))  # a plain sequence classifier, as the score stage loads it
+    model = load_scorer(str(model_dir)).model  # a plain sequence classifier, as the score stage loads it
     assert model.config.num_labels == 1 and "eval/accuracy" in summary
 
 
@@ -145,7 +145,7 @@ def test_reward_model_learns_the_gold_task_from_scratch(tmp_path):
 
     cfg = from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"},
                                        "seed": 42, "task": {"distinct": True},  # as in the quickstart
-                                       "reward": {"model": str(tmp_path / "base"),
+                                       "reward": {"model": str(tmp_path / "base"), "kind": "classifier",
                                                               "logging_steps": 50, "save_steps": 10_000}})
     run_stage(cfg, "task")
     rows = read_jsonl(tmp_path / "t" / "task" / "sft.jsonl")

@@ -38,7 +38,8 @@ def _cfg(tmp_path, rm_dir, **score):
 
 
 def test_batched_scores_match_single(tiny_rm_dir):
-    model, tok = load_scorer(str(tiny_rm_dir))
+    scorer = load_scorer(str(tiny_rm_dir))
+    model, tok = scorer.model, scorer.tokenizer
     texts = [reward_text("P: 3 1 2\n", r, tok.eos_token) for r in ["1 2 3", "1", "3 2 1 0 0 0 0 0 0"]]
     batched = score_texts(model, tok, texts, batch_size=3)
     single = [score_texts(model, tok, [t], batch_size=1)[0] for t in texts]

@@ -222,17 +222,17 @@ def proxy_scorer(ctx, sec):
     rm_ref = sec.reward_model
     if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
         return None
-    from prefopt.reward.score import load_scorer, reward_text, score_texts
+    from prefopt.reward.score import load_scorer
 
     holder = {}
 
     def score_fn(s, rows):
-        if "model" not in holder:
-            holder["model"], holder["tok"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
-        model, tok = holder["model"], holder["tok"]
-        texts = [reward_text(p, c.text, tok.eos_token) for p, comps in zip(s["rendered"], s["completions"])
-                 for c in comps]
-        return _nest(score_texts(model, tok, texts, sec.batch_size, sec.rm_max_length), s)
+        if "scorer" not in holder:
+            holder["scorer"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
+            holder["model"], holder["tok"] = holder["scorer"].model, holder["scorer"].tokenizer
+        prompts = [p for p, comps in zip(s["rendered"], s["completions"]) for _ in comps]
+        responses = [c.text for comps in s["completions"] for c in comps]
+        return _nest(holder["scorer"].score(prompts, responses, sec.batch_size, sec.rm_max_length), s)
 
     return rm_ref, score_fn, holder
 

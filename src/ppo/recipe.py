@@ -253,7 +253,7 @@ def run(ctx) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
     from prefopt.generation.hf import TransformersGenerator
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.models import save_model
     from prefopt.utils import seed_everything
 
     cfg = ctx.section
@@ -271,9 +271,11 @@ def run(ctx) -> dict:
         print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
         rm_path = ctx.resolve(cfg.reward_model)
-        rm = load_reward_model(rm_path).to(next(policy.parameters()).device).eval()
-        rm_tok = load_tokenizer(rm_path, padding_side="right")
-        score_fn = reward_model_scorer(rm, rm_tok, batch_size=cfg.mini_batch_size)
+        from prefopt.reward.score import load_scorer
+
+        scorer = load_scorer(rm_path)
+        scorer.model.to(next(policy.parameters()).device)
+        score_fn = reward_model_scorer(scorer, batch_size=cfg.mini_batch_size)
     generator = TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,

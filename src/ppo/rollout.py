@@ -104,13 +104,12 @@ class Rollout:
 ScoreFn = Callable[[list[str], list[Completion]], torch.Tensor]
 
 
-def reward_model_scorer(rm, rm_tokenizer, batch_size: int = 64, max_length: int = 1024) -> ScoreFn:
-    """Scores (prompt, response) as the `score` stage does: prompt + response + EOS, head logit at the last token."""
-    from prefopt.reward.score import reward_text, score_texts
+def reward_model_scorer(scorer, batch_size: int = 64, max_length: int = 1024) -> ScoreFn:
+    """Scores (prompt, response) as the `score` stage does, with a `reward.score.load_scorer` scorer (a classifier
+    or a likelihood reward model)."""
 
     def score(prompts: list[str], completions: list[Completion]) -> torch.Tensor:
-        texts = [reward_text(p, c.text, rm_tokenizer.eos_token) for p, c in zip(prompts, completions)]
-        return torch.tensor(score_texts(rm, rm_tokenizer, texts, batch_size=batch_size, max_length=max_length))
+        return torch.tensor(scorer.score(prompts, [c.text for c in completions], batch_size, max_length))
 
     return score
 

@@ -137,13 +137,18 @@ def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
                          f"would compare different token sequences")
 
 
-def train(ctx, objective: Objective, reference: str | None = None, ref_model: str = "") -> dict:
-    """Train ctx.section's policy on its pairs with `objective`; reference: None (reference-free) or a mode."""
+def train(ctx, objective: Objective, reference: str | None = None, ref_model: str = "", rows: list[dict] | None = None,
+          section=None, hook: Callable | None = None) -> dict:
+    """Train ctx.section's policy on its pairs with `objective`; reference: None (reference-free) or a mode.
+
+    The reward stage's likelihood reward model reuses this loop with its own `section` (the pair-stage fields),
+    `rows` (its train split: rendered prompt, chosen, rejected) and `hook(step, model) -> stop`, called on every
+    process after each checkpoint and at the last step (validation selection and early stopping)."""
     from accelerate import Accelerator
 
     from transformers import get_scheduler
 
-    sec = ctx.section
+    sec = section if section is not None else ctx.section
     if reference is not None and reference not in REFERENCE_MODES:
         raise ValueError(f"unknown reference mode {reference!r}; expected one of {', '.join(REFERENCE_MODES)}")
     if reference == "lora_base" and not sec.lora.enabled:
@@ -155,9 +160,10 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     model_path = ctx.resolve(sec.model)
     ref_path = ctx.resolve(ref_model) if ref_model else model_path
     tokenizer = load_tokenizer(model_path)
-    pairs_file = pairs_path(ctx.resolve(sec.pairs, model=False))
-    examples = tokenize_pairs(load_pairs(pairs_file, sec.template, tokenizer), tokenizer, sec.max_length,
-                              sec.long_prompts)
+    pairs_file = pairs_path(ctx.resolve(sec.pairs, model=False)) if rows is None else "the reward stage's train split"
+    if rows is None:
+        rows = load_pairs(pairs_file, sec.template, tokenizer)
+    examples = tokenize_pairs(rows, tokenizer, sec.max_length, sec.long_prompts)
     if not examples:
         raise ValueError(f"no usable pairs in {pairs_file} (every prompt fills max_length={sec.max_length}?)")
 
@@ -260,6 +266,12 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
                 window.clear()
             if step % sec.save_steps == 0 and step < total:
                 save_checkpoint(accelerator, model, tokenizer, ckpt_dir, step, sec.save_total_limit, sec.lora.enabled)
+            if hook is not None and (step % sec.save_steps == 0 or step >= total):
+                inner = accelerator.unwrap_model(model)
+                stop = hook(step, inner)
+                inner.train()
+                if stop:
+                    total = step  # ends both loops; the last checkpoint below is this step's
             if step >= total:
                 break
     progress.close()

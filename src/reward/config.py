@@ -11,9 +11,8 @@ from prefopt.train_args import TrainFields
 
 @dataclass
 class RewardStageConfig(TrainFields):
-    """The `reward` stage: a Bradley-Terry reward model trained with TRL's RewardTrainer.
-
-    Any trl.RewardConfig field passes through."""
+    """The `reward` stage: a Bradley-Terry reward model, a classifier trained with TRL's RewardTrainer (any
+    trl.RewardConfig field passes through `trainer_args`) or a likelihood reward model (reward/likelihood.py)."""
 
     TRL_CONFIG = "trl.RewardConfig"
 
@@ -21,6 +20,14 @@ class RewardStageConfig(TrainFields):
     """The model the reward model starts from (a sequence-classification head is added)."""
     dataset: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/preferences.jsonl"))
     """Preference data (any preference format the loaders read)."""
+    kind: Literal["classifier", "likelihood"] = "likelihood"
+    """`likelihood`: the start model itself, trained with Bradley-Terry on r = beta * mean log p(response | prompt)
+    (SimPO's implicit reward): its language-model head reads the answer token by token, and on every built-in task
+    it learned where a classifier did not (docs/methods.md). `classifier`: a one-output head on the last token
+    (TRL's RewardTrainer; the usual hub reward-model format)."""
+    beta: float = 2.0
+    """`kind: likelihood` only: the reward's scale, r = beta * mean log p (SimPO's beta; the Bradley-Terry loss's
+    temperature)."""
     template: Literal["alpaca", "chat"] = "alpaca"
     """How Alpaca/ShareGPT rows become prompts: `alpaca` text, or `chat` messages rendered by the tokenizer's chat
     template (the reward model is trained on prompt text + response + EOS either way)."""
@@ -54,6 +61,7 @@ class RewardStageConfig(TrainFields):
         check_range(self, "test_fraction", ge=0, lt=1)
         check_range(self, "min_eval_accuracy", ge=0, le=1)
         check_range(self, "early_stopping_patience", ge=0)
+        check_range(self, "beta", gt=0)
         if self.eval_fraction + self.test_fraction >= 1:
             raise ValueError(f"reward.eval_fraction + reward.test_fraction must be < 1, got "
                              f"{self.eval_fraction} + {self.test_fraction}")

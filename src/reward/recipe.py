@@ -29,7 +29,7 @@ from pathlib import Path
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import render_prompt
 from prefopt.models import load_reward_model, load_tokenizer, save_model
-from prefopt.reward.score import reward_text, score_texts
+from prefopt.reward.score import ClassifierScorer
 from prefopt.tracking import trainer_callback
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
@@ -111,49 +111,61 @@ def gold_accuracy(rows: list[dict], chosen: list[float], rejected: list[float], 
     return (hits / n, n) if n else None
 
 
-def selection_callback(model_tok, val_rows: list[dict], cfg, history_path: Path, is_main: bool):
+class Selection:
+    """Checkpoint selection on the validation split: `record(step, figures)` after each evaluation, the best step
+    (best accuracy; on a tie the lower loss, then the earlier step) in `best()`, and whether to stop (after
+    `patience` evaluations without a better one; 0: never). History in `history_path` (one JSON line per
+    evaluation), reread on resume."""
+
+    def __init__(self, history_path: Path, patience: int, is_main: bool):
+        self.path, self.patience, self.is_main = history_path, patience, is_main
+        self.history = []
+        if history_path.exists():
+            for line in history_path.read_text().splitlines():
+                try:
+                    self.history.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a kill: that evaluation is lost, nothing else
+
+    def seen(self, step: int) -> bool:
+        return any(h["step"] == step for h in self.history)
+
+    def best(self) -> dict | None:
+        return max(self.history, key=lambda h: (h["accuracy"], -h["loss"], -h["step"]), default=None)
+
+    def record(self, step: int, m: dict) -> bool:
+        """Add one evaluation; True when training should stop."""
+        rec = {"step": step, "accuracy": m["accuracy"], "loss": m["loss"], "margin": m["margin"]}
+        self.history.append(rec)
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        best = self.best()
+        since = sum(h["step"] > best["step"] for h in self.history)
+        if self.patience and since >= self.patience:
+            print(f"[reward] early stop at step {step}: no better validation accuracy for {since} evaluations "
+                  f"(best {best['accuracy']:.3f} at step {best['step']})", flush=True)
+            return True
+        return False
+
+
+def selection_callback(scorer_of, val_rows: list[dict], cfg, selection: Selection):
     """A TrainerCallback that scores the validation split every `save_steps` (and at the last step), keeps the best
     step in `state.best_global_step` (so the Trainer's checkpoint rotation never deletes it) and stops training
-    after `early_stopping_patience` evaluations without improvement. History in `history_path` (one JSON line per
-    evaluation), reread on resume."""
+    when `selection` says so. `scorer_of(model)` is the scorer the `score` stage would use for that model."""
     from transformers import TrainerCallback
 
-    tok = model_tok
-
     class SelectCallback(TrainerCallback):
-        def __init__(self):
-            self.history = []
-            if history_path.exists():
-                for line in history_path.read_text().splitlines():
-                    try:
-                        self.history.append(json.loads(line))
-                    except ValueError:
-                        continue  # a line cut by a kill: that evaluation is lost, nothing else
-
-        def best(self) -> dict | None:
-            # best accuracy; on a tie the lower loss, then the earlier step
-            return max(self.history, key=lambda h: (h["accuracy"], -h["loss"], -h["step"]), default=None)
-
         def on_step_end(self, args, state, control, model=None, **kwargs):
             step = state.global_step
-            if not (step % args.save_steps == 0 or step >= state.max_steps) or not val_rows:
-                return
-            if any(h["step"] == step for h in self.history):
+            if not (step % args.save_steps == 0 or step >= state.max_steps) or not val_rows or selection.seen(step):
                 return
             was_training = model.training
-            m = evaluate_pairs(model, tok, val_rows, cfg)
+            stop = selection.record(step, evaluate_pairs(scorer_of(model), val_rows, cfg))
             model.train(was_training)
-            rec = {"step": step, "accuracy": m["accuracy"], "loss": m["loss"], "margin": m["margin"]}
-            self.history.append(rec)
-            if is_main:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            best = self.best()
+            best = selection.best()
             state.best_global_step, state.best_metric = best["step"], best["accuracy"]
-            since = sum(h["step"] > best["step"] for h in self.history)
-            if cfg.early_stopping_patience and since >= cfg.early_stopping_patience:
-                print(f"[reward] early stop at step {step}: no better validation accuracy for {since} evaluations "
-                      f"(best {best['accuracy']:.3f} at step {best['step']})", flush=True)
+            if stop:
                 control.should_training_stop = True
                 control.should_save = True
 
@@ -172,13 +184,16 @@ def run(ctx) -> dict:
     # training on text keeps what the reward model sees identical to what the `score` stage feeds it.
     rows = [{**r, "prompt": render_prompt(r["prompt"], tok)} for r in data.rows]
     train_rows, val_rows, test_rows = split(rows, cfg.eval_fraction, ctx.seed, cfg.test_fraction)
+    selection = Selection(ctx.dir / "selection.jsonl", cfg.early_stopping_patience, ctx.is_main)
+    if cfg.kind == "likelihood":
+        return run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection)
     train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
 
     seed_everything(ctx.seed)  # the new score head is random: seed before it exists
     model = load_reward_model(model_path)
     model.config.pad_token_id = tok.pad_token_id
     args = reward_config(cfg, ctx)
-    select = selection_callback(tok, val_rows, cfg, ctx.dir / "selection.jsonl", ctx.is_main)
+    select = selection_callback(lambda m: ClassifierScorer(m, tok), val_rows, cfg, selection)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=peft_config(cfg.lora), callbacks=[trainer_callback(ctx.tracker), select])
     last = last_checkpoint(args.output_dir)
@@ -187,10 +202,10 @@ def run(ctx) -> dict:
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": result.training_loss, "train/steps": trainer.state.global_step, "resumed_from": last,
                "skipped_rows": data.skipped}
-    best = select.best()
+    best = selection.best()
     if best is not None:
         summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],
-                        "select/history": select.history})
+                        "select/history": selection.history})
         if best["step"] != trainer.state.global_step:
             ckpt = Path(args.output_dir) / f"checkpoint-{best['step']}"
             if ckpt.is_dir():
@@ -204,36 +219,86 @@ def run(ctx) -> dict:
     if cfg.lora.enabled:
         model = model.merge_and_unload()
     if ctx.is_main:
-        if test_rows:
-            summary.update(evaluate(model, tok, test_rows, cfg, ctx))
-            ctx.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, step=trainer.state.global_step)
-            print(f"[reward] held-out (test) pairwise accuracy {summary['eval/accuracy']:.3f} ± "
-                  f"{summary['eval/accuracy_se']:.3f} over {len(test_rows)} pairs, margin "
-                  f"{summary['eval/margin']:.3f} ± {summary['eval/margin_se']:.3f}"
-                  + (f", gold accuracy {summary['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in summary else ""),
-                  flush=True)
+        report_test(ClassifierScorer(model, tok), test_rows, cfg, ctx, summary, trainer.state.global_step)
         save_model(model, tok, ctx.dir / "model")
     return summary
 
 
-def evaluate_pairs(model, tok, rows: list[dict], cfg) -> dict:
-    """Pairwise figures of `model` on preference rows, scored as the `score` stage scores (eval mode)."""
-    chosen, rejected = score_pairs(model, tok, rows, cfg)
+def report_test(scorer, test_rows: list[dict], cfg, ctx, summary: dict, step: int) -> None:
+    """Test-split figures into `summary`, the tracker and one printed line."""
+    summary["kind"] = scorer.kind
+    if not test_rows:
+        return
+    summary.update(evaluate(scorer, test_rows, cfg, ctx))
+    ctx.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, step=step)
+    print(f"[reward] held-out (test) pairwise accuracy {summary['eval/accuracy']:.3f} ± "
+          f"{summary['eval/accuracy_se']:.3f} over {len(test_rows)} pairs, margin "
+          f"{summary['eval/margin']:.3f} ± {summary['eval/margin_se']:.3f}"
+          + (f", gold accuracy {summary['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in summary else ""),
+          flush=True)
+
+
+def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Selection) -> dict:
+    """`kind: likelihood`: the SFT model itself trained with Bradley-Terry on r = beta * mean log p(y|x)
+    (reward/likelihood.py) in the shared preference loop; validation selection and test report as above."""
+    import shutil
+    from types import SimpleNamespace
+
+    from prefopt.models import load_causal_lm
+    from prefopt.preference.loop import train
+    from prefopt.reward.likelihood import LikelihoodScorer, objective, write_meta
+
+    def hook(step: int, model) -> bool:
+        if not val_rows or selection.seen(step):
+            return False
+        return selection.record(step, evaluate_pairs(LikelihoodScorer(model, tok, cfg.beta), val_rows, cfg))
+
+    # the loop's own fields for a pair stage: every checkpoint kept (the selected one must survive), the
+    # shared-prompt layout, long prompts cut from the left as the aligners do
+    sec = SimpleNamespace(**{**vars(cfg), "save_total_limit": 0, "layout": "shared_prompt", "logps_chunk_size": 0,
+                             "long_prompts": "truncate", "pairs": ""})
+    out = train(ctx, objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
+    summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
+               "train/loss": out.get("loss"), "train/steps": out["steps"], "resumed_from": out["resumed_from"],
+               "skipped_rows": data.skipped, "beta": cfg.beta}
+    model_dir = ctx.dir / "model"
+    best = selection.best()
+    if best is not None:
+        summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],
+                        "select/history": selection.history})
+        ckpt = ctx.dir / "checkpoints" / f"checkpoint-{best['step']}"
+        if best["step"] != out["steps"] and ctx.is_main and ckpt.is_dir():
+            shutil.rmtree(model_dir)
+            shutil.copytree(ckpt, model_dir, ignore=shutil.ignore_patterns("state", "checkpoint_complete"))
+            print(f"[reward] kept step {best['step']} (validation accuracy {best['accuracy']:.3f}) of "
+                  f"{out['steps']}", flush=True)
+    if ctx.is_main:
+        write_meta(model_dir, cfg.beta)
+        model = load_causal_lm(str(model_dir), dtype="float32").eval()
+        report_test(LikelihoodScorer(model, tok, cfg.beta), test_rows, cfg, ctx, summary, out["steps"])
+    return summary
+
+
+def evaluate_pairs(scorer, rows: list[dict], cfg) -> dict:
+    """Pairwise figures of a scorer on preference rows, scored as the `score` stage scores (eval mode)."""
+    chosen, rejected = score_pairs(scorer, rows, cfg)
     return pairwise_metrics(chosen, rejected)
 
 
-def score_pairs(model, tok, rows: list[dict], cfg) -> tuple[list[float], list[float]]:
-    texts = [reward_text(r["prompt"], r[side], tok.eos_token) for side in ("chosen", "rejected") for r in rows]
-    model.eval()
-    scores = score_texts(model, tok, texts, batch_size=cfg.per_device_train_batch_size * 2, max_length=cfg.max_length)
+def score_pairs(scorer, rows: list[dict], cfg) -> tuple[list[float], list[float]]:
+    prompts = [r["prompt"] for _ in ("chosen", "rejected") for r in rows]
+    responses = [r[side] for side in ("chosen", "rejected") for r in rows]
+    scorer.model.eval()
+    scores = scorer.score(prompts, responses, batch_size=cfg.per_device_train_batch_size * 2,
+                          max_length=cfg.max_length)
     return scores[: len(rows)], scores[len(rows):]
 
 
-def evaluate(model, tok, rows: list[dict], cfg, ctx) -> dict:
+def evaluate(scorer, rows: list[dict], cfg, ctx) -> dict:
     """Test-split figures with standard errors; each pair's margin goes to `test_margins.jsonl`."""
     from prefopt.utils import write_jsonl
 
-    chosen, rejected = score_pairs(model, tok, rows, cfg)
+    chosen, rejected = score_pairs(scorer, rows, cfg)
     m = pairwise_metrics(chosen, rejected)
     out = {f"eval/{k}": v for k, v in m.items()}
     gold_of = None

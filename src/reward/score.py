@@ -8,8 +8,9 @@ a killed run rescores at most the shard it was in, and finished shards are skipp
 `<experiment>/cache/scores.jsonl`, keyed by (prompt, response, reward-model weights hash, max_length), so scoring
 the same candidates again (another round, a rerun after a config change elsewhere) costs no model call.
 
-What the reward model reads is what it was trained on (TRL's RewardTrainer): prompt text + response + EOS, right
-padded; the score is the classification head's first logit at the last non-pad token.
+What the reward model reads is what it was trained on: for a classifier (TRL's RewardTrainer) prompt text +
+response + EOS, right padded, the score being the head's first logit at the last non-pad token; for a likelihood
+reward model (reward/likelihood.py) beta times the mean log-prob of the response tokens and EOS given the prompt.
 """
 
 from __future__ import annotations
@@ -30,27 +31,56 @@ def reward_text(prompt: str, response: str, eos_token: str | None) -> str:
     return text
 
 
-def load_scorer(path: str, trust_remote_code: bool = False):
-    """(model, tokenizer) of any AutoModelForSequenceClassification folder or hub id, eval mode, on the GPU if any.
+class ClassifierScorer:
+    """Scores (prompt, response) with a sequence classifier: prompt + response + EOS, the head's logit at the last
+    non-pad token (what TRL's RewardTrainer trains)."""
 
-    A folder that is a causal LM (no classification head) would get a random head: refused, train one first."""
+    kind = "classifier"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512,
+              progress=None) -> list[float]:
+        texts = [reward_text(p, r, self.tokenizer.eos_token) for p, r in zip(prompts, responses)]
+        return score_texts(self.model, self.tokenizer, texts, batch_size, max_length, progress)
+
+
+def load_scorer(path: str, trust_remote_code: bool = False):
+    """A scorer (`.score(prompts, responses, batch_size, max_length)`, `.model`, `.tokenizer`) for a reward-model
+    folder or hub id, eval mode, on the GPU if any: a likelihood reward model (a causal LM with
+    `reward_model.json`, reward/likelihood.py) or any AutoModelForSequenceClassification.
+
+    A causal LM folder without `reward_model.json` would get a random head: refused, train one first."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from prefopt.models import load_tokenizer
+    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.reward.likelihood import LikelihoodScorer, read_meta
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    meta = read_meta(path) if Path(path).is_dir() else None
+    if meta is not None:
+        model = load_causal_lm(path, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
+        return LikelihoodScorer(model, load_tokenizer(path, padding_side="right"), meta["beta"])
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     archs = getattr(config, "architectures", None) or []
     if archs and all(a.endswith("ForCausalLM") for a in archs):
         raise ValueError(f"{path} is a causal LM ({archs[0]}), not a reward model: train one with the `reward` stage "
                          "or name a sequence-classification checkpoint")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
     tok = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
+    return ClassifierScorer(model.to(device).eval(), tok)
+
+
+def scorer_sha256(path: str) -> str:
+    """What names a reward model in caches and provenance: its weights, and its `reward_model.json` if any."""
+    sha = weights_sha256(path)
+    meta = Path(path) / "reward_model.json"
+    return content_hash(sha, meta.read_text()) if meta.is_file() else sha
 
 
 def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
@@ -150,13 +180,13 @@ def run(ctx) -> dict:
     if cfg.reward_fn:
         return run_function(ctx, cfg)
     rm_path = ctx.resolve(cfg.reward_model)
-    rm_sha = weights_sha256(rm_path)
+    rm_sha = scorer_sha256(rm_path)
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))
     cache = ScoreCache(ctx.cfg.root / "cache" / "scores.jsonl")
     todo = [s for s in shards if not (ctx.dir / s.name).exists()]
     total = sum(len(r["candidates"]) for s in todo for r in iter_jsonl(s))
 
-    model = tok = None
+    scorer = None
     scored = cached = 0
     all_scores: list[float] = []
     bar = tqdm(total=total, desc="score", unit="cand", disable=not ctx.is_main)
@@ -171,10 +201,10 @@ def run(ctx) -> dict:
         cached += sum(len(ks) for ks in keys) - len(missing)
         bar.update(sum(len(ks) for ks in keys) - len(missing))
         if missing:
-            if model is None:  # loaded only when something needs scoring: a fully cached run loads nothing
-                model, tok = load_scorer(rm_path, cfg.trust_remote_code)
-            texts = [reward_text(p, c, tok.eos_token) for p, c in missing.values()]
-            new = score_texts(model, tok, texts, cfg.batch_size, cfg.max_length, progress=bar)
+            if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
+                scorer = load_scorer(rm_path, cfg.trust_remote_code)
+            new = scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()], cfg.batch_size,
+                               cfg.max_length, progress=bar)
             cache.add(dict(zip(missing, new)))
             scored += len(new)
         out = []
