@@ -35,7 +35,7 @@ quickstart: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/prefopt run experiments/quickstart.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # Everything but the end-to-end training runs: a quick loop while developing.
 test-fast: $(STAMP)

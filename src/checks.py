@@ -17,6 +17,14 @@ def _paths_in(obj, key=""):
         yield key, obj
 
 
+def _batch_terms(sec, num_processes: int) -> str:
+    """The factors of a stage's global batch, as the warning names them (PPO's is per rollout, not per step)."""
+    if hasattr(sec, "rollout_batch_size"):
+        return f"processes {num_processes} x rollout_batch_size {sec.rollout_batch_size}"
+    return (f"processes {num_processes} x per-device {sec.per_device_train_batch_size} x accumulation "
+            f"{sec.gradient_accumulation_steps}")
+
+
 def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     warnings: list[str] = []
@@ -44,8 +52,7 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
             want = getattr(sec, "recipe_global_batch", 0)
             if want and got != want:
                 warnings.append(
-                    f"{stage}: global batch is {got} (processes {cfg.launch.num_processes} x per-device "
-                    f"{sec.per_device_train_batch_size} x accumulation {sec.gradient_accumulation_steps}) but the "
+                    f"{stage}: global batch is {got} ({_batch_terms(sec, cfg.launch.num_processes)}) but the "
                     f"recipe states {want}; results (SimPO's especially) move with the global batch"
                 )
     if "evaluate" in cfg.stages:

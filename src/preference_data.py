@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prefopt.data.counts import note
+from prefopt.data.templates import encode, render_prompt
 
 
 def pairs_path(resolved: str) -> str:
@@ -28,7 +29,6 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
     """Rows {"prompt", "chosen", "rejected"} as plain text, chat prompts rendered with the tokenizer's template."""
     from prefopt.data.loaders import load_preferences
     from prefopt.data.spec import DatasetSpec
-    from prefopt.data.templates import render_prompt
 
     # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer;
     # in a user's own file (no stage marker beside it) an empty answer is a broken row
@@ -64,11 +64,11 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, long_prompts: str = "tr
     """{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "truncated": True when the prompt was cut), or None when
     the prompt alone fills max_length and long_prompts is "drop"."""
     eos = tokenizer.eos_token
-    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    prompt_ids = encode(row["prompt"], tokenizer)  # one BOS, whether the rendered prompt carries it or not
     full = {}
     for key in ("chosen", "rejected"):
         text = row[key] if row[key].endswith(eos) else row[key] + eos
-        full[key] = tokenizer(row["prompt"] + text)["input_ids"]
+        full[key] = encode(row["prompt"] + text, tokenizer)
     n = min(_common_prefix(prompt_ids, full["chosen"]), _common_prefix(prompt_ids, full["rejected"]))
     out = {"prompt_ids": prompt_ids[:n], "chosen_ids": full["chosen"][n:], "rejected_ids": full["rejected"][n:]}
     if max_length and n >= max_length:

@@ -71,10 +71,19 @@ def reward_section(data: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def write_report(run_dir: str | Path) -> str:
-    """Write `<run_dir>/report/report.md` and its PNG figures; returns the markdown file's path."""
+    """Write `<run_dir>/report/report.md` and its PNG figures; returns the markdown file's path. Holds the
+    experiment lock: the report is written inside the run directory, and a run writing summaries meanwhile would
+    give a report of half a run (a held lock is a LockedError, exit code 4)."""
+    from prefopt.pipeline import experiment_lock
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
+    with experiment_lock(run_dir):
+        return _write_report(run_dir)
+
+
+def _write_report(run_dir: Path) -> str:
     data, trials = _load(run_dir)
     out = run_dir / "report"
     figures = A.save_figures(data, out)

@@ -215,20 +215,25 @@ def stage_status(cfg: ExperimentConfig, stage: str, round_: int = 1) -> tuple[bo
     return True, "finished, inputs and outputs unchanged"
 
 
-def completion_record(cfg: ExperimentConfig, stage: str, round_: int, d: Path) -> dict:
-    """The marker: fingerprint, output hashes, the input stages' output digests, outside input files' hashes."""
-    outputs = {str(p.relative_to(d)): file_record(p) for p in output_files(d)}
-    stages_in = {}
+def stages_in_digests(cfg: ExperimentConfig, stage: str, round_: int) -> dict[str, str]:
+    """{"name@round": outputs_digest} of the finished input stages this stage reads now."""
+    out = {}
     for name, r in input_stages(cfg, stage, round_):
         up = read_marker(stage_dir(cfg, name, r))
         if up is not None and "outputs_digest" in up:
-            stages_in[f"{name}@{r}"] = up["outputs_digest"]
+            out[f"{name}@{r}"] = up["outputs_digest"]
+    return out
+
+
+def completion_record(cfg: ExperimentConfig, stage: str, round_: int, d: Path) -> dict:
+    """The marker: fingerprint, output hashes, the input stages' output digests, outside input files' hashes."""
+    outputs = {str(p.relative_to(d)): file_record(p) for p in output_files(d)}
     return {
         "fingerprint": fingerprint(cfg, stage, round_),
         "finished": time.time(),
         "outputs": outputs,
         "outputs_digest": outputs_digest(outputs),
-        "stages_in": stages_in,
+        "stages_in": stages_in_digests(cfg, stage, round_),
         "files_in": {str(p): file_record(p) for p in external_inputs(cfg, stage)},
     }
 
@@ -305,15 +310,30 @@ class StageContext:
 
 
 # Stages that resume file by file (a shard is either there, whole, or not): rerunning a finished one with the same
-# config over a damaged result starts from links to its intact outputs, so one deleted shard costs one shard.
+# config and the same inputs over a damaged result starts from links to its intact outputs, so one deleted shard
+# costs one shard.
 # Their writers replace files by rename (new inode), so a link never lets a rerun write into the finished result.
 RESUMABLE_FILES = {"generate": "shard-*.jsonl", "score": "shard-*.jsonl"}
 
 
-def _link_intact_outputs(cfg: ExperimentConfig, stage: str, final: Path, work: Path, fp: str) -> None:
+def _same_inputs(cfg: ExperimentConfig, stage: str, round_: int, m: dict) -> bool:
+    """Whether the inputs the marker `m` recorded are still the ones the stage reads: the input stages' output
+    digests and the outside files. Same fingerprint is not enough: an upstream stage rebuilt with the same config
+    (an outside file it reads changed) gives new candidates that old score shards do not describe."""
+    if m.get("stages_in", {}) != stages_in_digests(cfg, stage, round_):
+        return False
+    files_in = m.get("files_in", {})
+    if set(files_in) != {str(p) for p in external_inputs(cfg, stage)}:
+        return False
+    return all(file_changed(Path(path), rec) is None for path, rec in files_in.items())
+
+
+def _link_intact_outputs(cfg: ExperimentConfig, stage: str, round_: int, final: Path, work: Path, fp: str) -> None:
     m = read_marker(final)
     if stage not in RESUMABLE_FILES or m is None or m.get("fingerprint") != fp:
         return
+    if not _same_inputs(cfg, stage, round_, m):
+        return  # the finished shards were made from other inputs: every shard is redone
     for rel, rec in m.get("outputs", {}).items():
         src, dst = final / rel, work / rel
         if Path(rel).match(RESUMABLE_FILES[stage]) and not dst.exists() and file_changed(src, rec) is None:
@@ -343,7 +363,7 @@ def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = 
     (d / MARKER).unlink(missing_ok=True)
     atomic_write(fp_file, fp + "\n")
     if d != final and not fresh:
-        _link_intact_outputs(cfg, stage, final, d, fp)
+        _link_intact_outputs(cfg, stage, round_, final, d, fp)
     return d
 
 

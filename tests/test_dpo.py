@@ -119,3 +119,39 @@ def test_dpo_stage_equals_trl_after_three_steps(tmp_path, tiny_model_dir, other_
         torch.testing.assert_close(w, theirs[name], atol=1e-4, rtol=1e-3)
         changed += not torch.allclose(w, state_dict(tiny_model_dir)[name])
     assert changed > 0
+
+
+def test_reference_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, other_model_dir):
+    """A `ref_model` whose vocabulary differs from the policy's is refused before any training, naming the
+    reference; a reference that shares the tokenizer (another init, same vocabulary) passes the same check."""
+    from prefopt.config import load_config
+    from prefopt.models import build_tiny_llama, build_tokenizer, load_tokenizer, save_model
+    from prefopt.preference.loop import check_same_tokenizer
+    from prefopt.stage import run_stage
+
+    tok = build_tokenizer(["Ein ganz anderer Text, mit anderen Wörtern und Zeichen: äöü ß 0 1 2 3."] * 20,
+                          vocab_size=280)
+    assert tok.get_vocab() != load_tokenizer(str(tiny_model_dir)).get_vocab()
+    alien = save_model(build_tiny_llama(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64), tok, tmp_path / "alien")
+    check_same_tokenizer(str(tiny_model_dir), str(other_model_dir), load_tokenizer(str(tiny_model_dir)))
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    cfg = load_config(str(write_config(tmp_path, "dpo", {"model": str(tiny_model_dir), "ref_model": str(alien),
+                                                         "pairs": str(pairs), "max_steps": 1, **TRAIN})))
+    with pytest.raises(ValueError, match=rf"reference {alien} does not use the policy's tokenizer"):
+        run_stage(cfg, "dpo")
+    out = tmp_path / "runs" / "t" / "dpo"
+    assert not (out / "model").exists() and not (out / "_DONE.json").exists()
+    assert not (tmp_path / "runs" / "t" / "cache").exists()  # refused before the reference pass
+
+
+def test_negative_label_smoothing_is_a_config_error(tmp_path):
+    """`--dpo.label_smoothing=-0.1`: the error names the key, the range and the value (as 0.5 does above it)."""
+    from prefopt.config import load_config
+
+    path = write_config(tmp_path, "dpo", {"model": str(tmp_path / "m"), "pairs": str(tmp_path / "p.jsonl")})
+    with pytest.raises(ValueError) as err:
+        load_config(str(path), ["--dpo.label_smoothing=-0.1"])
+    assert "dpo.label_smoothing: must be >= 0 and < 0.5, got -0.1" in str(err.value)
+    assert load_config(str(path), ["--dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1

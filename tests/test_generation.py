@@ -117,20 +117,38 @@ def test_vllm_request_for_simpo_recipe():
         llm_kwargs("/m", tensor_parallel_size=0)
 
 
-def _fake_vllm(calls):
-    """A stand-in for the vllm module that records what it is asked and returns RequestOutput-shaped objects."""
+class _TextTokenizer:
+    """A stand-in tokenizer: BOS then the text itself as one "token", so the fake engine can echo prompts."""
+
+    bos_token = "<s>"
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": (["<s>"] if add_special_tokens else []) + [text]}
+
+
+def _fake_vllm(calls, short: int = 0):
+    """A stand-in for the vllm module that records what it is asked and returns RequestOutput-shaped objects;
+    the first request gets `short` fewer outputs than asked (as a misbehaving engine might return)."""
     mod = types.ModuleType("vllm")
 
     class LLM:
         def __init__(self, **kw):
             calls["llm"] = kw
 
+        def get_tokenizer(self):
+            return calls.get("tokenizer") or _TextTokenizer()
+
         def generate(self, prompts, params, use_tqdm=True):
             calls["prompts"], calls["params"] = prompts, params.kw
+            texts = [p["prompt_token_ids"][-1] for p in prompts]  # _TextTokenizer keeps the text as its last "id"
             outs = [types.SimpleNamespace(text=f"{p}-{j}", token_ids=[1, j, 2], finish_reason="stop" if j else "length")
-                    for p in prompts for j in range(params.kw["n"])]
+                    for p in texts for j in range(params.kw["n"])]
             n = params.kw["n"]
-            return [types.SimpleNamespace(outputs=outs[i * n:(i + 1) * n]) for i in range(len(prompts))]
+            return [types.SimpleNamespace(request_id=str(i), outputs=outs[i * n:(i + 1) * n - (short if i == 0 else 0)])
+                    for i in range(len(prompts))]
+
+        def sleep(self, level=1):
+            calls.setdefault("teardown", []).append(f"sleep({level})")
 
     class SamplingParams:
         def __init__(self, **kw):
@@ -151,7 +169,76 @@ def test_vllm_generator_maps_outputs(monkeypatch):
     assert [c.finished for c in outs[0]] == [False, True]  # "length" -> cut, "stop" -> EOS
     greedy = g.generate(["a"], Sampling(n=3, temperature=0))
     assert [c.text for c in greedy[0]] == ["a-0"] * 3
-    assert to_completions(types.SimpleNamespace(outputs=[]), 1) == []
+    assert calls["params"]["n"] == 1  # greedy asks for one sequence, then repeats it
+    assert calls["llm"]["dtype"] == "auto" == g.dtype  # "/m" has no config.json: vLLM reads the hub config itself
+
+
+def test_vllm_gets_token_ids_with_one_bos(monkeypatch, tiny_model_dir):
+    """Prompts reach vLLM as token ids made by `encode`: a prompt text that already starts with BOS (a chat
+    template that writes it) gets no second one, and a plain Alpaca prompt gets the tokenizer's."""
+    from prefopt.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    calls = {"tokenizer": tok}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    g = VLLMGenerator("/m")
+    g.generate([tok.bos_token + "Human: hi", "Human: hi"], Sampling(n=1, temperature=1.0))
+    a, b = (r["prompt_token_ids"] for r in calls["prompts"])
+    assert a == b and a[0] == tok.bos_token_id and a.count(tok.bos_token_id) == 1
+
+
+def test_vllm_fewer_outputs_than_asked_is_an_error(monkeypatch):
+    """A request that comes back with fewer samples than asked is refused, never padded with copies."""
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls, short=1))
+    g = VLLMGenerator("/m")
+    with pytest.raises(RuntimeError, match="vLLM returned 1 outputs for request 0, which asked for 2"):
+        g.generate(["a", "b"], Sampling(n=2, temperature=1.0))
+    with pytest.raises(RuntimeError, match="returned 0 outputs for request 0, which asked for 1"):
+        g.generate(["a"], Sampling(n=4, temperature=0))  # greedy: one asked, none came
+    with pytest.raises(RuntimeError, match="returned 0 outputs for request"):
+        to_completions(types.SimpleNamespace(outputs=[]), 1)
+
+
+def test_vllm_dtype_is_the_checkpoints_not_vllms_auto(monkeypatch, tiny_model_dir, tmp_path):
+    """`auto` is resolved to the dtype the checkpoint was saved in (vLLM's own auto would run an fp32 checkpoint
+    in bf16 while transformers and the evaluation log-probs use fp32); an explicit dtype is passed as given."""
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    assert VLLMGenerator(str(tiny_model_dir)).dtype == "float32" == calls["llm"]["dtype"]
+    assert VLLMGenerator(str(tiny_model_dir), dtype="bfloat16").dtype == "bfloat16" == calls["llm"]["dtype"]
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # as transformers 4.x saves
+    assert VLLMGenerator(str(tmp_path)).dtype == "bfloat16"
+
+
+def test_vllm_close_sleeps_deletes_and_cleans_up(monkeypatch):
+    """close() follows vLLM's teardown (issue #23793): sleep, delete, cleanup_dist_env_and_memory; twice is fine,
+    and a closed generator refuses to generate."""
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    dist, parallel_state = types.ModuleType("vllm.distributed"), types.ModuleType("vllm.distributed.parallel_state")
+    parallel_state.cleanup_dist_env_and_memory = lambda: calls["teardown"].append("cleanup")
+    monkeypatch.setitem(sys.modules, "vllm.distributed", dist)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", parallel_state)
+    with VLLMGenerator("/m") as g:
+        g.generate(["a"], Sampling(n=1))
+    assert calls["teardown"] == ["sleep(2)", "cleanup"] and g.llm is None
+    g.close()
+    assert calls["teardown"] == ["sleep(2)", "cleanup"]
+    with pytest.raises(RuntimeError, match="was closed"):
+        g.generate(["a"], Sampling(n=1))
+    # a vLLM without cleanup_dist_env_and_memory: close() still deletes the engine
+    monkeypatch.delitem(sys.modules, "vllm.distributed.parallel_state")
+    monkeypatch.delitem(sys.modules, "vllm.distributed")
+    g = VLLMGenerator("/m")
+    g.close()
+    assert g.llm is None and calls["teardown"][-1] == "sleep(2)"
+
+
+@pytest.mark.parametrize("temperature", [0.005, 2.5, 1e-6])
+def test_vllm_request_refuses_temperatures_vllm_would_change(temperature):
+    with pytest.raises(ValueError, match=r"must be 0 \(greedy\) or in \[0\.01, 2\]"):
+        sampling_params_kwargs(Sampling(temperature=temperature))
 
 
 def test_auto_picks_transformers_here(monkeypatch):
@@ -259,10 +346,11 @@ def test_stage_simpo_recipe_and_drop_identical(tmp_path, tiny_model_dir):
     assert rows[0]["seed"] == [13, 21, 42, 79, 100] and len(rows[0]["sampling"]["shard_seeds"]) == 5
     assert rows[0]["sampling"]["temperature"] == 0.8 and rows[0]["sampling"]["top_p"] == 0.95
 
-    greedy = run_stage(_experiment(tmp_path, tiny_model_dir, out="greedy", **{**simpo, "temperature": 0.0}),
-                       "generate")
-    assert greedy["dropped_identical"] == 5 and greedy["candidates"] == 0
-    assert _rows(tmp_path / "greedy" / "t" / "generate") == []
+    # greedy decoding would give five copies of one answer per prompt: refused when the config is read
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"generate\.temperature: 0 is greedy .* seeds asks for 5 samples"):
+        _experiment(tmp_path, tiny_model_dir, out="greedy", **{**simpo, "temperature": 0.0})
 
 
 def test_stage_vllm_asked_but_cannot_run(tmp_path, tiny_model_dir):
@@ -285,3 +373,20 @@ def test_config_validation(tmp_path, tiny_model_dir):
         _experiment(tmp_path, tiny_model_dir, seeds=[13, 13])
     with pytest.raises(ConfigError, match=r"generate\.top_p: must be > 0 and <= 1, got 0\.0"):
         _experiment(tmp_path, tiny_model_dir, top_p=0.0)
+
+
+def test_config_temperature_limits(tmp_path, tiny_model_dir):
+    """Temperatures vLLM samples at as asked pass: 0 (greedy, one candidate) and [0.01, 2]. Others are refused
+    with a one-line error naming the key: vLLM would raise (0, 0.01) to 0.01, reject > 2, and refuse n > 1 when
+    greedy."""
+    from prefopt.config import ConfigError
+
+    for ok in (dict(temperature=0.01), dict(temperature=2.0), dict(temperature=0.0, n=1)):
+        assert _experiment(tmp_path, tiny_model_dir, **ok).generate.temperature == ok["temperature"]
+    for bad in (0.005, 1e-6, 2.5):
+        with pytest.raises(ConfigError, match=rf"^generate\.temperature: must be 0 \(greedy\) or in \[0\.01, 2\].*"
+                                              rf"got {bad}$"):
+            _experiment(tmp_path, tiny_model_dir, temperature=bad)
+    with pytest.raises(ConfigError, match=r"^generate\.temperature: 0 is greedy decoding, one answer per prompt, but "
+                                          r"n asks for 2 samples"):
+        _experiment(tmp_path, tiny_model_dir, temperature=0.0, n=2)

@@ -101,3 +101,57 @@ def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir)
     other.write_text(pairs.read_text().replace("Sort", "Order"))
     with pytest.raises(ValueError, match=r"reference cache .*other key.*pairs_file"):
         run("b", pairs=str(other), reference_cache=cache)
+
+
+def _dpo_runner(tmp_path, tiny_model_dir):
+    from pair_helpers import write_config, write_pairs
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    base = {"model": str(tiny_model_dir), "pairs": str(pairs), "max_steps": 1, "per_device_train_batch_size": 8,
+            "logging_steps": 1, "max_length": 256}
+
+    def run(name, **kw):
+        cfg = load_config(str(write_config(tmp_path, "dpo", {**base, **kw}, name=name)))
+        return run_stage(cfg, "dpo")
+
+    return run
+
+
+@pytest.mark.parametrize("corrupt", ["wrong_shape", "nan"])
+def test_reference_cache_of_wrong_shape_or_nan_is_recomputed(tmp_path, tiny_model_dir, corrupt):
+    """A cache file under this run's key whose tensor has the wrong shape (7 pairs of 8), or holds a NaN, is
+    recomputed, never used: the rerun says `reference_reused: False`, the file again holds the first run's numbers,
+    and step 1 (policy = reference) has the DPO loss log 2 exactly as a clean run does, not NaN or a crash."""
+    import math
+
+    run = _dpo_runner(tmp_path, tiny_model_dir)
+    first = run("a", beta=0.1)
+    cache = first["reference_cache"]
+    data = torch.load(cache, weights_only=True)
+    good = data["logps"].clone()
+    bad = good[:7].clone() if corrupt == "wrong_shape" else good.clone()
+    if corrupt == "nan":
+        bad[3, 1] = float("nan")
+    torch.save({"key": data["key"], "logps": bad}, cache)
+
+    second = run("a", beta=0.2)
+    assert second["reference_reused"] is False and second["reference_cache"] == cache
+    torch.testing.assert_close(torch.load(cache, weights_only=True)["logps"], good)
+    assert second["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_another_objective_reuses_the_reference(tmp_path, tiny_model_dir):
+    """A DPO sigmoid run, then `loss_type: ipo` on the same policy, reference and pairs: the IPO run loads the
+    cached reference (`reference_reused: True`, same file, and its `reference.json` says so). Its step 1 uses those
+    numbers: policy = reference, so h = 0 and the IPO loss is (0 - 1/(2 tau))^2 = (1/0.2)^2 = 25 at tau = 0.1."""
+    import json
+
+    run = _dpo_runner(tmp_path, tiny_model_dir)
+    first = run("a", loss_type="sigmoid")
+    assert first["reference_reused"] is False
+    second = run("a", loss_type="ipo")
+    assert second["reference_reused"] is True and second["reference_cache"] == first["reference_cache"]
+    assert json.loads((tmp_path / "runs" / "a" / "dpo" / "reference.json").read_text())["reused"] is True
+    assert second["loss"] == pytest.approx(25.0, abs=1e-4)

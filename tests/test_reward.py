@@ -145,7 +145,7 @@ def test_reward_model_learns_the_gold_task_from_scratch(tmp_path):
 
     cfg = from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"},
                                        "seed": 42, "task": {"distinct": True},  # as in the quickstart
-                                       "reward": {"model": str(tmp_path / "base"), "kind": "classifier",
+                                       "reward": {"model": str(tmp_path / "base"), "kind": "classifier", "learning_rate": 2e-3,
                                                               "logging_steps": 50, "save_steps": 10_000}})
     run_stage(cfg, "task")
     rows = read_jsonl(tmp_path / "t" / "task" / "sft.jsonl")

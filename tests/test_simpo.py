@@ -97,3 +97,57 @@ def test_simpo_ddp_two_processes(tmp_path, tiny_model_dir):
     ddp, one = state_dict(out / "model"), state_dict(tmp_path / "runs" / "single" / "simpo" / "model")
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=2e-4, rtol=1e-3)  # Adam amplifies reduction-order noise
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir):
+    """2 optimizer steps of batch 2 x 2 accumulated micro-batches and of batch 4 x 1 see the same 4 pairs per step
+    (consecutive slices of one permutation); SimPO without its NLL term is a mean over pairs and accelerate divides
+    each micro-batch's loss by the accumulation count, so the summed gradients, the logged losses and the final
+    weights are the large batch's (1e-5). Constant lr, no clipping: Adam's steps are then ~lr per weight, and the
+    weights move by far more than the tolerance."""
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    common = dict(max_steps=2, save_steps=100, lr_scheduler_type="constant", max_grad_norm=0.0, learning_rate=1e-3)
+    runs = {"accum": section(tiny_model_dir, pairs, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             **common),
+            "batch4": section(tiny_model_dir, pairs, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                              **common)}
+    weights, losses = {}, {}
+    for name, sec in runs.items():
+        summary = run_stage(load_config(str(write_config(tmp_path, "simpo", sec, name=name))), "simpo")
+        assert summary["steps"] == 2
+        out = tmp_path / "runs" / name / "simpo"
+        losses[name] = [r["loss"] for r in read_metrics(out)]
+        weights[name] = state_dict(out / "model")
+    assert len(losses["accum"]) == 2
+    assert losses["accum"] == pytest.approx(losses["batch4"], abs=1e-5)
+    start = state_dict(tiny_model_dir)
+    moved = max((weights["batch4"][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # two Adam steps of lr 1e-3: 100x the tolerance below
+    for k, w in weights["batch4"].items():
+        torch.testing.assert_close(weights["accum"][k], w, atol=1e-5, rtol=0)
+
+
+def test_orpo_stage_smoke(tmp_path, tiny_model_dir):
+    """`simpo.loss_type: orpo`, launched as a user does, 3 steps: finishes, logs a finite loss every step with the
+    shared metric names and ORPO's log-odds; step 1 (one batch of all 8 pairs, weights untouched) is orpo_loss on
+    the tiny model's log-probs (1e-5), and the saved policy's ORPO loss on the pairs is below its start."""
+    from prefopt.simpo.loss import orpo_loss
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
+    cfg = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs, loss_type="orpo", beta=0.1,
+                                                   per_device_train_batch_size=8, max_steps=3, save_steps=100,
+                                                   lr_scheduler_type="constant", learning_rate=5e-3))
+    run_prefopt("simpo", str(cfg))
+    out = tmp_path / "runs" / "t" / "simpo"
+    assert (out / "model" / "model.safetensors").exists() and (out / "_DONE.json").exists()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(k in rows[0] for k in METRICS + ["log_odds_ratio"])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    c, r, lc, lr = pair_logps(tiny_model_dir, pairs)
+    before, _ = orpo_loss(c, r, lc, lr, beta=0.1)
+    assert rows[0]["loss"] == pytest.approx(before.item(), abs=1e-5)
+    after, _ = orpo_loss(*pair_logps(out / "model", pairs), beta=0.1)
+    assert after.item() < before.item() - 0.05

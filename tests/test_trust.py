@@ -40,6 +40,41 @@ def test_best_of_n_by_hand():
         M.best_of_n(scores, 8)
 
 
+def test_best_of_n_picked_by_a_reward_function(monkeypatch):
+    """`evaluate.reward_fn` in place of the reward model: the evaluate stage's proxy scorer calls the function on
+    every (prompt row, sample), and best-of-n keeps the function's argmax among the first n. The function here wants
+    as many words as the row's `input` says: score -|words - input|, so the pick is neither the first nor the
+    longest sample.
+        prompt 0 (input 3): words 1 4 3 2 -> -2 -1  0 -1 -> best of 2: 1, of 4: 2
+        prompt 1 (input 1): words 2 3 1 1 -> -1 -2  0  0 -> best of 2: 0, of 4: 2 (the tie with 3 goes to the first)"""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from prefopt.evaluate.recipe import proxy_scorer
+
+    mod = types.ModuleType("bon_rewards")
+    mod.word_count = lambda example, response: -abs(len(response.split()) - int(example["input"]))
+    monkeypatch.setitem(sys.modules, "bon_rewards", mod)
+    ctx = SimpleNamespace(cfg=SimpleNamespace(task=None))
+    name, score_fn, _ = proxy_scorer(ctx, SimpleNamespace(reward_fn="bon_rewards:word_count"))
+    assert name == "fn:bon_rewards:word_count"
+
+    texts = [["a", "a b c d", "a b c", "a b"], ["x y", "x y z", "x", "w"]]
+    rows = [{"prompt_id": "p0", "instruction": "Write words.", "input": "3"},
+            {"prompt_id": "p1", "instruction": "Write words.", "input": "1"}]
+    samples = {"rendered": ["### Instruction: Write words. 3", "### Instruction: Write words. 1"],
+               "completions": [[SimpleNamespace(text=t) for t in comps] for comps in texts]}
+    scores = score_fn(samples, rows)
+    assert scores == [[-2.0, -1.0, 0.0, -1.0], [-1.0, -2.0, 0.0, 0.0]]
+    assert M.best_of_n(scores, 1) == [0, 0]
+    assert M.best_of_n(scores, 2) == [1, 0]
+    assert M.best_of_n(scores, 4) == [2, 2]
+    for n in (2, 4):
+        for i, j in enumerate(M.best_of_n(scores, n)):
+            assert scores[i][j] == max(scores[i][:n])  # the reward function's argmax among the first n
+
+
 def test_verdicts_say_when_the_reward_model_is_exploited():
     figs = {
         "sft": {"gold_gain": 0.0, "gold_gain_se": 0.0, "win_rate_vs_sft": 0.5, "win_rate_vs_sft_se": 0.0},
@@ -78,6 +113,17 @@ def test_label_quality_calibration_by_hand():
     table = calibration(margins, correct, bins=2)
     assert table == [(0.4, 0.5), (float("inf"), 1.0)]
     assert expected_accuracy(table, 0.05) == 0.5 and expected_accuracy(table, 0.41) == 1.0
+
+
+def test_estimate_warning_when_the_gold_audit_disagrees():
+    from prefopt.pairs.recipe import estimate_warning
+
+    # lookup's figures: estimated 0.924, audit 0.668 -> said, as an upper bound; within 0.1 -> nothing
+    msg = estimate_warning({"label_quality/estimated_accuracy": 0.924, "gold/chosen_better": 0.668})
+    assert msg.startswith("the label-quality estimate (0.924) and the gold audit (0.668) disagree by more than 0.1")
+    assert "worse" in msg and "upper bound" in msg
+    assert estimate_warning({"label_quality/estimated_accuracy": 0.99, "gold/chosen_better": 0.993}) is None
+    assert estimate_warning({"label_quality/estimated_accuracy": 0.9}) is None  # no gold scorer: nothing to compare
 
 
 def test_gate_message():

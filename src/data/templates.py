@@ -2,6 +2,7 @@
 
 A canonical prompt is either a string already rendered with the Alpaca template, or a list of chat messages
 (``[{"role": "user", "content": ...}, ...]``) that the tokenizer's chat template renders at tokenization time.
+Rendered text becomes token ids through `encode` alone, which gives it exactly one BOS.
 """
 
 from __future__ import annotations
@@ -59,6 +60,27 @@ def render_prompt(prompt: Any, tokenizer=None) -> str:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("a chat-format prompt needs a tokenizer with a chat template (or use template: alpaca)")
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def special_tokens_for(text: str, tokenizer) -> bool:
+    """Whether `text` is tokenized with the tokenizer's special tokens (its BOS): not when it already starts with
+    the BOS token.
+
+    Chat templates that write `{{ bos_token }}` (Llama-3, Gemma-2) render text that starts with it, and the same
+    tokenizer adds BOS again when special tokens are on: `<bos><bos>...`, a sequence the model never saw. Text
+    without it (Alpaca prompts, ChatML templates) gets the tokenizer's own BOS, as it always did."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def encode(text: str, tokenizer, **kw) -> list[int]:
+    """Token ids of rendered prompt text (or prompt + response), starting with exactly one BOS when the tokenizer
+    uses one. Every stage turns prompt text into ids here, so generation, training, scoring and evaluation read the
+    same sequence. `kw` goes to the tokenizer (truncation, max_length).
+
+    With add_special_tokens off the tokenizer adds nothing else either; the text then carries its own special
+    tokens, which is what a chat template that writes BOS means it to."""
+    return tokenizer(text, add_special_tokens=special_tokens_for(text, tokenizer), **kw)["input_ids"]
 
 
 def prompt_text(prompt: Any) -> str:

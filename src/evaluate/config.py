@@ -3,8 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefopt.config import check_ranges
+from prefopt.config import FieldError, check_ranges
 from prefopt.data.spec import DatasetSpec
+from prefopt.generation.vllm_backend import temperature_problem  # the limits only: vllm is not imported
 from prefopt.evaluate.suite import SuiteConfig
 
 
@@ -83,3 +84,10 @@ class EvaluateConfig:
                      checkpoint_prompts=dict(ge=0))
         if any(n < 1 for n in self.best_of_n):
             raise ValueError(f"evaluate.best_of_n: every n must be >= 1, got {self.best_of_n}")
+        # the limits vLLM samples within (`backend: auto` picks it on a GPU machine); best-of-n samples max(n)
+        samples, key = max([self.samples_per_prompt, *self.best_of_n]), "samples_per_prompt"
+        if samples > self.samples_per_prompt:
+            key = "best_of_n"
+        problem = temperature_problem(self.temperature, samples, key)
+        if problem:
+            raise FieldError("temperature", problem)

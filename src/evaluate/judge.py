@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from prefopt.data.templates import encode
+
 JUDGE_TEMPLATE = (
     "Below is an instruction and two responses to it. Decide which response follows the instruction better.\n\n"
     "### Instruction:\n{instruction}\n\n"
@@ -99,8 +101,8 @@ class LMJudge:
         device = next(self.model.parameters()).device
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for s in range(0, len(triples), self.batch_size):
-            ids = [self.tok(self.render(*t), add_special_tokens=not self.chat)["input_ids"]
-                   for t in triples[s:s + self.batch_size]]
+            # One BOS: the chat template's own when it writes one, else the tokenizer's (`encode`).
+            ids = [encode(self.render(*t), self.tok) for t in triples[s:s + self.batch_size]]
             width = max(len(x) for x in ids)
             batch = torch.full((len(ids), width), pad, dtype=torch.long)
             attn = torch.zeros_like(batch)

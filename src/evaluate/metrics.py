@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from prefopt.data.templates import encode
 from prefopt.logps import completion_logps
 
 
@@ -160,7 +161,8 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+    """A whole text (`special`: with one BOS, as every stage tokenizes) or a continuation (no special tokens)."""
+    return encode(text, tokenizer) if special else tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> float:

@@ -30,7 +30,7 @@ import gc
 from pathlib import Path
 
 from prefopt.data.loaders import load_prompts
-from prefopt.data.templates import prompt_text, render_prompt
+from prefopt.data.templates import encode, prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
 from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.suite import merge_suite, run_suite
@@ -92,8 +92,8 @@ def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = N
 
     tok = load_tokenizer(path, trust_remote_code=sec.trust_remote_code)
     rendered = [render_prompt(r["prompt"], tok) for r in rows]
-    # Tokenized exactly as the generators do (add_special_tokens=True), so the log-probs are of what was sampled.
-    prompt_ids = [tok(t, add_special_tokens=True)["input_ids"] for t in rendered]
+    # Tokenized exactly as the generators do (one BOS, `encode`), so the log-probs are of what was sampled.
+    prompt_ids = [encode(t, tok) for t in rendered]
     seed = sec.seed if seed is None else seed
     gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size, dtype=sec.dtype, seed=seed)
     sampling = Sampling(n=n or sec.samples_per_prompt, temperature=sec.temperature, top_p=sec.top_p,
@@ -105,6 +105,8 @@ def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = N
 
     outs = gen.generate(rendered, sampling, progress=progress)
     bar.close()
+    if hasattr(gen, "close"):  # vLLM: tear the engine down, or the next policy's engine may not fit (vLLM #23793)
+        gen.close()
     del gen
     _free()
     return {"rendered": rendered, "prompt_ids": prompt_ids, "completions": outs, "pad_id": tok.pad_token_id or 0}

@@ -3,8 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefopt.config import check_range, check_ranges
+from prefopt.config import FieldError, check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
+from prefopt.generation.vllm_backend import temperature_problem  # the limits only: vllm itself is not imported
 
 
 @dataclass
@@ -24,7 +25,8 @@ class GenerateConfig:
     seeds: list[int] = field(default_factory=list)
     """One sample per seed, as in the SimPO on-policy recipe (13, 21, 42, 79, 100); empty: `n` samples."""
     temperature: float = 1.0
-    """Sampling temperature; 0 is greedy. SimPO's on-policy data: 0.8."""
+    """Sampling temperature: 0 (greedy, one candidate per prompt) or in [0.01, 2], the values vLLM samples at as
+    asked. SimPO's on-policy data: 0.8."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1: off). SimPO's on-policy data: 0.95."""
     max_new_tokens: int = 32
@@ -42,8 +44,8 @@ class GenerateConfig:
     """vLLM: GPUs per model replica."""
     gpu_memory_utilization: float = 0.9
     """vLLM: fraction of GPU memory for weights and KV cache."""
-    dtype: str = "auto"
-    """vLLM / transformers dtype (auto, bfloat16, float16, float32)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """vLLM / transformers dtype; checked here, not by vLLM after minutes of loading."""
 
     def __post_init__(self):
         for name in ("n", "max_new_tokens", "batch_size", "shard_size", "tensor_parallel_size"):
@@ -51,3 +53,6 @@ class GenerateConfig:
         check_ranges(self, temperature=dict(ge=0), top_p=dict(gt=0, le=1), gpu_memory_utilization=dict(gt=0, le=1))
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"'seeds' must be distinct (equal seeds give equal samples), got {self.seeds}")
+        problem = temperature_problem(self.temperature, len(self.seeds) or self.n, "seeds" if self.seeds else "n")
+        if problem:
+            raise FieldError("temperature", problem)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Progress, Sampling, derive_seed
 
 
@@ -62,9 +63,9 @@ class TransformersGenerator:
     def generate(self, prompts: list[str], sampling: Sampling, progress: Progress = None) -> list[list[Completion]]:
         import torch
 
-        # Tokenizers built here (and Llama's) add BOS in their post-processor: add_special_tokens=True gives the
-        # sequence the model was trained on, with exactly one BOS.
-        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        # One BOS whether the prompt text carries it (Llama-3 / Gemma-2 chat templates) or the tokenizer adds it:
+        # the sequence the model was trained on.
+        encoded = [encode(p, self.tokenizer) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # stable: ties keep prompt order
         results: list[list[Completion] | None] = [None] * len(prompts)
         was_training = self.model.training

@@ -8,13 +8,62 @@ The request is built by two pure functions, `llm_kwargs` and `sampling_params_kw
 without vllm; what vllm then does with them can only be checked on a GPU machine.
 
 vLLM, like the transformers backend, tokenizes a text prompt with the tokenizer's special tokens (one BOS).
+
+An engine holds most of the GPU until it is torn down: call `close()` (or use the generator as a context manager)
+before building the next one in the same process, or the next engine's free-memory check fails.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+from pathlib import Path
 from typing import Any
 
+from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Progress, Sampling
+
+# vLLM's SamplingParams (0.31): temperature < 1e-5 is greedy (and then n must be 1), a temperature in (0, 0.01) is
+# silently raised to 0.01, and one above 2 is rejected. Configs accept only what vLLM runs as asked.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 2.0
+
+
+def temperature_problem(temperature: float, samples: int = 1, samples_key: str = "n") -> str | None:
+    """Why vLLM would not sample `samples` answers per prompt at `temperature` as asked, or None when it would.
+    `samples_key` names the config key that asked for the samples, for the message.
+
+    The transformers backend could, but `backend: auto` picks vLLM on a GPU machine, so a config must suit both."""
+    if temperature == 0:
+        if samples > 1:
+            return (f"0 is greedy decoding, one answer per prompt, but {samples_key} asks for {samples} samples "
+                    f"(copies of it; vLLM refuses n > 1 when greedy): ask for 1 or set a temperature in "
+                    f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+        return None
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        return (f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (vLLM raises a smaller "
+                f"positive temperature to {MIN_TEMPERATURE:g} and rejects one above {MAX_TEMPERATURE:g}), "
+                f"got {temperature}")
+    return None
+
+
+def checkpoint_dtype(model_path: str) -> str | None:
+    """The dtype a local checkpoint was saved in (its config.json), or None (a hub id, or not recorded)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    saved = json.loads(config.read_text())
+    dtype = saved.get("dtype") or saved.get("torch_dtype")  # transformers 5 writes `dtype`, 4.x `torch_dtype`
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
+def engine_dtype(model_path: str, dtype: str) -> str:
+    """The dtype vLLM is asked for. `auto` becomes the checkpoint's saved dtype: vLLM's own `auto` downcasts a
+    float32 checkpoint to bf16, while the transformers backend and evaluation's log-probs load it as saved, so
+    the two backends would sample different models. A hub id keeps `auto` (vLLM then reads its config itself)."""
+    if dtype != "auto":
+        return dtype
+    return checkpoint_dtype(model_path) or "auto"
 
 
 def llm_kwargs(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
@@ -36,8 +85,13 @@ def llm_kwargs(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utiliz
 
 def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
     """Arguments of `vllm.SamplingParams` for one call. Greedy (temperature 0) asks for one sequence: the n
-    greedy answers are identical, and `generate` repeats it, as the transformers backend does."""
+    greedy answers are identical, and `generate` repeats it, as the transformers backend does. A temperature vLLM
+    would change or reject is refused here, so a caller's log-probs are never computed at another temperature
+    than the one sampled at."""
     greedy = sampling.temperature == 0
+    problem = temperature_problem(sampling.temperature)
+    if problem:
+        raise ValueError(f"vLLM sampling temperature {problem}")
     return {
         "n": 1 if greedy else sampling.n,
         "temperature": sampling.temperature,
@@ -47,12 +101,19 @@ def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
     }
 
 
-def to_completions(request_output, n: int) -> list[Completion]:
+def to_completions(request_output, n: int, greedy: bool = False) -> list[Completion]:
     """One vLLM RequestOutput -> n Completions. `finish_reason == "stop"` means EOS was emitted (no stop strings
-    are set); vLLM's token_ids keep that EOS, as Completion.token_ids does."""
+    are set); vLLM's token_ids keep that EOS, as Completion.token_ids does.
+
+    Greedy requests asked for one sequence, which is repeated n times. Any other shortfall is an error: repeating
+    a sample would pass one answer off as several independent ones (and make identical "preference" pairs)."""
     comps = [Completion(text=o.text, token_ids=list(o.token_ids), finished=o.finish_reason == "stop")
              for o in request_output.outputs]
-    if len(comps) == 1 and n > 1:  # greedy: one answer, repeated
+    asked = 1 if greedy else n
+    if len(comps) != asked:
+        raise RuntimeError(f"vLLM returned {len(comps)} outputs for request "
+                           f"{getattr(request_output, 'request_id', '?')}, which asked for {asked}")
+    if greedy:
         comps = [Completion(comps[0].text, list(comps[0].token_ids), comps[0].finished) for _ in range(n)]
     return comps
 
@@ -66,13 +127,49 @@ class VLLMGenerator:
 
         self._vllm = vllm
         self.path = str(model_path)
-        self.llm = vllm.LLM(**llm_kwargs(model_path, tensor_parallel_size, gpu_memory_utilization, dtype, seed))
+        self.dtype = engine_dtype(self.path, dtype)  # what the engine runs in, for callers to record
+        self.llm = vllm.LLM(**llm_kwargs(model_path, tensor_parallel_size, gpu_memory_utilization, self.dtype, seed))
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: Progress = None) -> list[list[Completion]]:
+        if self.llm is None:
+            raise RuntimeError(f"VLLMGenerator for {self.path} was closed")
         params = self._vllm.SamplingParams(**sampling_params_kwargs(sampling))
+        # Token ids, not text: vLLM would tokenize text with special tokens on, and a chat template that writes
+        # BOS (Llama-3, Gemma-2) would then start with two. `encode` is what every other stage uses, so vLLM's
+        # samples continue the very ids that evaluation and PPO score. (A dict is vLLM's TokensPrompt.)
+        tok = self.llm.get_tokenizer()
+        requests = [{"prompt_token_ids": encode(p, tok)} for p in prompts]
         # vLLM schedules all prompts itself (continuous batching): one call, its own progress bar.
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=progress is None)
-        result = [to_completions(o, sampling.n) for o in outputs]
+        outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} request outputs for {len(prompts)} prompts")
+        result = [to_completions(o, sampling.n, greedy=sampling.temperature == 0) for o in outputs]
         if progress is not None:
             progress(len(prompts), sum(len(c.token_ids) for comps in result for c in comps))
         return result
+
+    def close(self) -> None:
+        """Free the engine's GPU memory so another engine can start in this process. Deleting the LLM alone
+        leaves memory held (vLLM issue #23793); the maintainers' recipe is sleep, delete, then
+        `cleanup_dist_env_and_memory`. Safe to call twice."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        if hasattr(llm, "sleep"):
+            try:
+                llm.sleep(level=2)  # drops weights and KV cache; level 2 keeps no CPU copy, we never wake it
+            except Exception:  # sleep mode needs `enable_sleep_mode` at build time; the steps below still free
+                pass
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # a vLLM without it (or a stand-in): the delete above is all there is
+            return
+        cleanup_dist_env_and_memory()
+
+    def __enter__(self) -> "VLLMGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -175,6 +175,10 @@ def run(ctx) -> dict:
         print(f"[pairs] gold audit: the chosen answer is gold-better in {summary['gold/chosen_better']:.3f} of the "
               f"pairs; the reward model orders the policy's candidates as gold does "
               f"{summary['gold/rm_pairwise_accuracy'] or 0:.3f} of the time", flush=True)
+        warning = estimate_warning(summary)
+        if warning:
+            summary["label_quality/warning"] = warning
+            print(f"[pairs] WARNING: {warning}", flush=True)
     ctx.tracker.log({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     ctx.tracker.log_image("pairs_summary", png)
     ctx.tracker.log_artifact(ctx.dir / "pairs.jsonl", name=f"{ctx.cfg.name}-pairs-r{ctx.round}", type_="dataset")
@@ -220,6 +224,20 @@ def expected_accuracy(table: list[tuple[float, float]], margin: float) -> float:
         if abs(margin) <= edge:
             return acc
     return table[-1][1]
+
+
+def estimate_warning(summary: dict, tolerance: float = 0.1) -> str | None:
+    """When the gold audit and the label-quality estimate disagree by more than `tolerance`: the words that say so.
+    The estimate assumes the reward model is as accurate on the policy's candidates as on held-out preference
+    pairs; on a new task the policy's samples can be harder to rank (seen on `lookup`: estimated 0.92, audit 0.67),
+    and without a gold scorer nothing would show it."""
+    est, audit = summary.get("label_quality/estimated_accuracy"), summary.get("gold/chosen_better")
+    if est is None or audit is None or abs(est - audit) <= tolerance:
+        return None
+    return (f"the label-quality estimate ({est:.3f}) and the gold audit ({audit:.3f}) disagree by more than "
+            f"{tolerance:g}: the reward model ranks the policy's own candidates "
+            f"{'worse' if audit < est else 'better'} than it ranks held-out preference pairs, so on data without a "
+            "gold scorer read the estimate as an upper bound")
 
 
 def label_quality(rm_path: str | None, margins: list[float]) -> dict:

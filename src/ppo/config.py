@@ -18,13 +18,14 @@ class PPOConfig:
     policy: str = "stage:sft"
     """Policy to optimise; also the frozen reference (loaded a second time from the same checkpoint)."""
     reward_model: str = "stage:reward"
-    """Reward model: a sequence-classification checkpoint scoring prompt + response + EOS."""
+    """Reward model: the `reward` stage's model (likelihood or classifier) or a sequence-classification checkpoint."""
     reward_fn: str = ""
     """A reward function `module:function` (or `task:gold`, the task's gold score: the DPO paper's PPO-GT oracle)
     used instead of the reward model: fn(example, response) -> float. The value model then starts from the policy."""
     value_init: Literal["reward", "policy"] = "reward"
-    """Initialise the value model from the reward model (InstructGPT) or from the policy (fresh head). Either
-    way it must share the policy's tokenizer."""
+    """Initialise the value model from the reward model (InstructGPT; for a likelihood reward model, its trained
+    transformer with a fresh head) or from the policy (fresh head). Either way it must share the policy's
+    tokenizer."""
     prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/prompts.jsonl"))
     """Prompts to sample rollouts on (any format the loaders read; only the prompt is used)."""
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -74,6 +75,9 @@ class PPOConfig:
     keep_snapshots: bool = False
     """Also keep the policy (+ tokenizer) of every checkpoint in `snapshots/iter-N` (resume checkpoints keep only
     the latest two): `evaluate.checkpoints` draws the over-optimisation curve from them."""
+    recipe_global_batch: int = 0
+    """The responses per iteration (global batch) the recipe states; `prefopt check` warns when the launch gives
+    another. 0: none."""
 
     def __post_init__(self):
         check_ranges(self, rollout_batch_size=dict(ge=1), mini_batch_size=dict(ge=1), total_episodes=dict(ge=1),
@@ -81,10 +85,14 @@ class PPOConfig:
                      max_new_tokens=dict(ge=1), temperature=dict(gt=0), top_p=dict(gt=0, le=1), kl_coef=dict(ge=0),
                      kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
                      vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),
-                     max_grad_norm=dict(ge=0), save_every=dict(ge=1))
+                     max_grad_norm=dict(ge=0), save_every=dict(ge=1), recipe_global_batch=dict(ge=0))
         if self.mini_batch_size > self.rollout_batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= rollout_batch_size "
                              f"({self.rollout_batch_size})")
         if self.total_episodes < self.rollout_batch_size:
             raise ValueError(f"total_episodes ({self.total_episodes}) < rollout_batch_size "
                              f"({self.rollout_batch_size}): not one iteration")
+
+    def global_batch(self, num_processes: int = 1) -> int:
+        """Responses per PPO iteration over all processes: each process rolls out `rollout_batch_size` prompts."""
+        return num_processes * self.rollout_batch_size

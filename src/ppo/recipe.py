@@ -236,9 +236,11 @@ def load_models(ctx, cfg, resume: Path | None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy_path = ctx.resolve(cfg.policy)
     tok = load_tokenizer(policy_path, padding_side="right")
-    # Trained models in float32 (AdamW on bf16 weights loses small updates); frozen ones in their saved dtype.
+    # Trained models in float32 (AdamW on bf16 weights loses small updates). The reference in float32 too: it
+    # must compute exactly the policy's log-probs at step 0, and a bf16 reference beside an fp32 policy would
+    # give KL > 0 before any update (the upcast of bf16 weights is exact, so fp32 both sides agree to the bit).
     policy = load_causal_lm(str(resume / "policy") if resume else policy_path, dtype="float32")
-    ref = load_causal_lm(policy_path)  # a second load of the same checkpoint, never a copy of the trained one
+    ref = load_causal_lm(policy_path, dtype="float32")  # a second load of the checkpoint, never a copy of the policy
     for p in ref.parameters():
         p.requires_grad_(False)
     value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" and not cfg.reward_fn else policy_path

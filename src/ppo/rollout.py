@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Sampling
 from prefopt.logps import token_logps
 from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
@@ -122,7 +123,7 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
     `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, mini_batch_size)."""
     device = next(policy.parameters()).device
     completions = [c[0] for c in generator.generate(prompts, sampling)]
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    prompt_ids = [encode(p, tokenizer) for p in prompts]  # as the generator tokenized them: one BOS
     # An empty response (a backend that drops a lone EOS) still needs one action to carry the score.
     response_ids = [list(c.token_ids)[: sampling.max_new_tokens] or [tokenizer.eos_token_id] for c in completions]
     batch = {k: v.to(device) for k, v in build_batch(prompt_ids, response_ids, tokenizer.pad_token_id).items()}

@@ -1,13 +1,16 @@
-"""The `reward` stage: a Bradley-Terry reward model trained with TRL's RewardTrainer.
+"""The `reward` stage: a Bradley-Terry reward model, a likelihood reward model (default) or a classifier.
 
     prefopt reward experiments/quickstart.yaml
     accelerate launch -m prefopt reward experiments/quickstart.yaml --reward.learning_rate=1e-4
+    prefopt reward experiments/quickstart.yaml --reward.kind=classifier
 
-Loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1): -log sigmoid(r(x, y_chosen) - r(x, y_rejected)), with r the
-classification head's logit at the last token of prompt + response + EOS.
+Loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1): -log sigmoid(r(x, y_chosen) - r(x, y_rejected)), with r
+either beta * mean log p(response + EOS | prompt) under the model itself (`kind: likelihood`, reward/likelihood.py)
+or a classification head's logit at the last token of prompt + response + EOS (`kind: classifier`).
 
-Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits; the
-start model (`model`) gets a one-output classification head. Train: RewardTrainer, resuming from the last
+Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits.
+Train: `likelihood`: the start model (a causal LM) in the shared preference loop (prefopt.preference.loop);
+`classifier`: the start model with a new one-output head in TRL's RewardTrainer. Both resume from the last
 checkpoint in `checkpoints/`. Every `save_steps` the model is scored on the validation split by us (the same
 inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
 validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
@@ -26,10 +29,11 @@ import random
 import statistics
 from pathlib import Path
 
+from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
-from prefopt.data.templates import render_prompt
+from prefopt.data.templates import encode, render_prompt
 from prefopt.models import load_reward_model, load_tokenizer, save_model
-from prefopt.reward.score import ClassifierScorer
+from prefopt.reward.score import ClassifierScorer, reward_text
 from prefopt.tracking import trainer_callback
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
@@ -47,6 +51,22 @@ def split(rows: list[dict], eval_fraction: float, seed: int,
 
     n_test, n_val = size(test_fraction), size(eval_fraction)
     return rows[n_test + n_val:], rows[n_test:n_test + n_val], rows[:n_test]
+
+
+def classifier_rows(rows: list[dict], tok, max_length: int) -> list[dict]:
+    """Train rows for TRL's RewardTrainer, tokenized here as the `score` stage tokenizes (`score_texts`): prompt +
+    response + EOS through `encode` (one BOS, also for chat templates that write it) and cut to `max_length` from
+    the end. Given ids, TRL tokenizes nothing again, and its filter, which would drop a pair longer than
+    max_length without a word, finds none. The cut pairs are counted."""
+    out, cut = [], 0
+    for r in rows:
+        ids = {f"{k}_ids": encode(reward_text(r["prompt"], r[k], tok.eos_token), tok) for k in ("chosen", "rejected")}
+        if any(len(v) > max_length for v in ids.values()):
+            cut += 1
+            ids = {k: v[:max_length] for k, v in ids.items()}
+        out.append(ids)
+    note(f"reward pairs cut to max_length={max_length} tokens (the score stage cuts them the same way)", cut)
+    return out
 
 
 def reward_config(cfg, ctx):
@@ -187,7 +207,7 @@ def run(ctx) -> dict:
     selection = Selection(ctx.dir / "selection.jsonl", cfg.early_stopping_patience, ctx.is_main)
     if cfg.kind == "likelihood":
         return run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection)
-    train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in train_rows])
+    train_ds = Dataset.from_list(classifier_rows(train_rows, tok, cfg.max_length))
 
     seed_everything(ctx.seed)  # the new score head is random: seed before it exists
     model = load_reward_model(model_path)

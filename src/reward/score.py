@@ -16,10 +16,13 @@ reward model (reward/likelihood.py) beta times the mean log-prob of the response
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt.data.errors import DataError
+from prefopt.data.templates import encode
 from prefopt.utils import content_hash, iter_jsonl, weights_sha256, write_jsonl
 
 
@@ -95,8 +98,9 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", add_special_tokens=True).to(device)
+            # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
+            ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
+            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
             res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             # Some hub reward models (ArmoRM) return a `score` field beside their multi-objective logits.
             scores = getattr(res, "score", None)
@@ -175,6 +179,17 @@ def run_function(ctx, cfg) -> dict:
     return summary
 
 
+def check_finite(shard: Path, rows: list[dict], keys: list[list[str]], new: dict[str, float], rm_path: str) -> None:
+    """Refuse a NaN or infinite score from the reward model before it reaches a shard or the cache (where every
+    later run would reuse it), naming the candidate it was given for."""
+    for n, (r, ks) in enumerate(zip(rows, keys), start=1):
+        for j, k in enumerate(ks):
+            s = new.get(k)
+            if s is not None and not (isinstance(s, (int, float)) and math.isfinite(s)):
+                raise DataError(shard, n, f"candidates[{j}]", f"the reward model {rm_path} gave a non-finite score "
+                                f"({s!r}) for prompt_id {r['prompt_id']!r}", "check the reward model")
+
+
 def run(ctx) -> dict:
     cfg = ctx.section
     if cfg.reward_fn:
@@ -205,6 +220,7 @@ def run(ctx) -> dict:
                 scorer = load_scorer(rm_path, cfg.trust_remote_code)
             new = scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()], cfg.batch_size,
                                cfg.max_length, progress=bar)
+            check_finite(shard, rows, keys, dict(zip(missing, new)), rm_path)
             cache.add(dict(zip(missing, new)))
             scored += len(new)
         out = []

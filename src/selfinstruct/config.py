@@ -3,8 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefopt.config import check_range, check_ranges
+from prefopt.config import FieldError, check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
+from prefopt.generation.vllm_backend import temperature_problem  # the limits only: vllm is not imported
 
 # Stanford Alpaca's generate_instruction.py: words that ask for what a text model cannot give (self-instruct's
 # "image, picture, graph" list as Alpaca extended it). Matched as whole words, case-insensitively.
@@ -78,3 +79,6 @@ class SelfInstructConfig:
         check_ranges(self, prompt_generated=dict(ge=0, le=self.prompt_tasks), list_length=dict(gt=self.prompt_tasks),
                      similarity_threshold=dict(gt=0, le=1), max_words=dict(ge=self.min_words), temperature=dict(ge=0),
                      top_p=dict(gt=0, le=1), gpu_memory_utilization=dict(gt=0, le=1), examples_per_reason=dict(ge=0))
+        problem = temperature_problem(self.temperature)  # the limits vLLM samples within
+        if problem:
+            raise FieldError("temperature", problem)

@@ -4,7 +4,8 @@
     accelerate launch --config_file experiments/accelerate/fsdp.yaml -m prefopt sft experiments/alpaca/llama7b.yaml
 
 Setup: load the instruction data into prompt/completion rows (Alpaca rows rendered with the Alpaca template, or
-chat messages for the tokenizer's chat template), the model and tokenizer, optional LoRA. Train: SFTTrainer with
+chat messages for the tokenizer's chat template) and tokenize them here with one BOS (`sft_example`), the model
+and tokenizer, optional LoRA. Train: SFTTrainer with
 `completion_only_loss=True`, so prompt tokens carry no loss. Save: the final model (LoRA merged) as an HF folder
 with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N`.
 """
@@ -16,21 +17,36 @@ from pathlib import Path
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
+from prefopt.data.templates import encode, render_prompt
 from prefopt.models import load_causal_lm, load_tokenizer, save_model
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
 
 
-def to_trl_rows(rows: list[dict]) -> list[dict]:
-    """Canonical rows -> TRL's prompt-completion form. A chat prompt (messages) takes the completion as an
-    assistant message so TRL renders both with the chat template."""
-    out = []
-    for r in rows:
-        if isinstance(r["prompt"], list):
-            out.append({"prompt": r["prompt"], "completion": [{"role": "assistant", "content": r["completion"]}]})
-        else:
-            out.append({"prompt": r["prompt"], "completion": r["completion"]})
-    return out
+def sft_example(prompt, completion: str, tokenizer) -> dict:
+    """A canonical row -> TRL's tokenized form {"input_ids", "completion_mask"}, tokenized here with `encode`.
+
+    Tokenized here, not by TRL, for one BOS in every stage: TRL renders chat messages with
+    `apply_chat_template(tokenize=True)`, which adds no BOS of its own, so a template without one (ChatML) trained
+    without the BOS that generation gives (`encode` adds the tokenizer's), while text prompts it tokenizes with
+    special tokens on, which doubles a BOS the text already carries. A dataset holding `input_ids` is one TRL
+    does not tokenize again; it still builds the labels from `completion_mask` and truncates to max_length.
+
+    As TRL builds them: an Alpaca prompt is followed by the completion and EOS; a chat prompt takes the completion
+    as an assistant message and the whole conversation is rendered by the chat template (which ends the turn).
+    The completion starts where the tokenized prompt and prompt + completion part (TRL's common prefix)."""
+    if isinstance(prompt, list):
+        prompt_text = render_prompt(prompt, tokenizer)
+        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                  tokenize=False)
+    else:
+        eos = tokenizer.eos_token
+        prompt_text, full_text = prompt, prompt + (completion if completion.endswith(eos) else completion + eos)
+    prompt_ids, ids = encode(prompt_text, tokenizer), encode(full_text, tokenizer)
+    n = 0
+    while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
+        n += 1
+    return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
 
 
 def lora_config(spec, task_type: str):
@@ -52,13 +68,13 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    dataset = Dataset.from_list(to_trl_rows(rows))
+    tokenizer = load_tokenizer(model_path)
+    dataset = Dataset.from_list([sft_example(r["prompt"], r["completion"], tokenizer) for r in rows])
     eval_dataset = None
     if eval_fraction > 0:
         split = dataset.train_test_split(test_size=eval_fraction, seed=seed)
         dataset, eval_dataset = split["train"], split["test"]
     seed_everything(seed)  # before the model exists: LoRA init draws random numbers
-    tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     args = SFTConfig(
         **hf_training_kwargs(sec, output_dir, seed),

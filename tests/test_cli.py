@@ -1,0 +1,32 @@
+"""`prefopt --help` as a user sees it: every stage and command is listed with its one-line help."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from pair_helpers import PY, REPO
+
+
+def test_top_level_help_lists_stages_and_commands():
+    """The issue-11 additions are discoverable from `--help`: the `self_instruct` stage and the `annotate` command,
+    beside the pipeline's stages; the `dpo` line describes the loop that trains (ours), not TRL's trainer."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PY, "-m", "prefopt", "--help"], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines: dict[str, str] = {}  # command -> its help, wrapped continuation lines joined
+    name = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("    ") and line[4:5].strip():
+            name, *words = line.split()
+            lines[name] = " ".join(words)
+        elif name and line.startswith(" " * 5) and line.strip():
+            lines[name] += " " + line.strip()
+        else:
+            name = None
+    for command in ("self_instruct", "annotate", "task", "sft", "dpo", "simpo", "ppo", "evaluate", "run", "check"):
+        assert command in lines, f"{command} missing from prefopt --help:\n{proc.stdout}"
+    assert "self-instruct" in lines["self_instruct"]
+    assert "gradio" in lines["annotate"]
+    assert "prefopt's own preference loop" in lines["dpo"] and "DPOTrainer" not in proc.stdout
