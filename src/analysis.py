@@ -27,6 +27,7 @@ STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "d
 ALIGNERS = ["dpo", "simpo", "ppo"]
 EVAL_FIGURES = ["gold_score", "gold_gain", "win_rate_vs_sft_gold", "rm_score", "win_rate_vs_sft", "kl_to_sft",
                 "length"]
+SUITE_PREFIXES = ("mc/", "lm_eval/")
 CURVE_COLUMNS = ["run", "round", "method", "step", "kl", "gold", "gold_se", "rm", "rm_se"]
 PAIR_COLUMNS = ["prompt_id", "chosen_score", "rejected_score", "chosen_len", "rejected_len"]
 # One colour per method, the same in every figure
@@ -373,6 +374,8 @@ def evaluate_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The evaluate figures, one row per (run, round, policy), in the usual column order."""
     ev = data["evaluate"]
     cols = ["run", "round", "policy"] + [c for c in EVAL_FIGURES if c in ev.columns]
+    # the evaluation suite's figures beside them (perplexity, multiple choice, lm-eval), no standard errors twice
+    cols += [c for c in ev.columns if c == "ppl" or (c.startswith(SUITE_PREFIXES) and not c.endswith("stderr"))]
     return ev[cols].reset_index(drop=True)
 
 

@@ -231,11 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
                   f"{stage_dir(cfg, args.command, args.round)}", flush=True)
             table = stage_dir(cfg, args.command, args.round) / "table.md"
-            if args.command == "evaluate" and table.exists():
+            if args.command == "evaluate" and table.exists():  # with the suite's figures under it, when it ran
                 print(table.read_text(), flush=True)
-            suite = table.with_name("suite.md")  # perplexity, multiple choice, lm-eval (evaluate.suite), when run
-            if args.command == "evaluate" and suite.exists():
-                print(suite.read_text(), flush=True)
         return 0
     except ConfigError as e:
         return user_error("config error", e, 2)

@@ -30,11 +30,13 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
     from prefopt.data.loaders import load_preferences
     from prefopt.data.spec import DatasetSpec
 
-    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer;
-    # in a user's own file (no stage marker beside it) an empty answer is a broken row
+    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer,
+    # and two answers that differ only in whitespace (different tokens the reward model scored apart); in a user's
+    # own file (no stage marker beside it) either is a broken row
     path = pairs_path(path)
     built_here = (Path(path).parent / "_FINGERPRINT").exists()
-    rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template).rows
+    rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
+                            whitespace_pairs=built_here).rows
     return [{"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]
 

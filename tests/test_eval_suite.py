@@ -298,7 +298,8 @@ def test_full_method_log_likelihoods_are_lm_evals(tiny_model_dir, tiny):
 def test_evaluate_stage_with_suite_from_the_cli(tiny_model_dir, tiny, tmp_path):
     """`python -m prefopt evaluate cfg.yaml --evaluate.suite.*=...` as a user runs it, with perplexity and letter
     multiple choice (lm-eval goes through the same `run_suite`, tested above): the figures land in summary.json
-    beside the stage's own, in suite.md (printed after the main table) and in metrics.jsonl, equal to the suite's
+    beside the stage's own, in suite.md and under the main table in table.md (printed once), in the report's
+    evaluate table and in metrics.jsonl, equal to the suite's
     functions on the same model in this process."""
     import os
     import subprocess
@@ -332,5 +333,36 @@ def test_evaluate_stage_with_suite_from_the_cli(tiny_model_dir, tiny, tmp_path):
     assert not any(k.startswith("lm_eval/") for k in sft) and not (d / "lm_eval_sft.json").exists()
     table = (d / "suite.md").read_text()
     assert "| sft |" in table and "| ppl | mc/tiny_mc/accuracy |" in table and table in res.stdout
+    assert table.strip() in (d / "table.md").read_text() and res.stdout.count("| ppl |") == 1  # in the table, once
+    from prefopt import analysis as A
+
+    ev = A.evaluate_table(A.load_run(tmp_path / "t"))  # what `prefopt report` and the notebook show
+    assert ev.loc[0, "ppl"] == pytest.approx(sft["ppl"]) and "mc/tiny_mc/accuracy" in ev.columns
+    assert not any(c.endswith("stderr") for c in ev.columns)
     logged = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("sft/ppl") == pytest.approx(sft["ppl"]) for r in logged)
+
+
+def test_evaluate_stage_refuses_a_bad_suite_file_before_sampling(tiny_model_dir, tmp_path, monkeypatch):
+    """A broken multiple-choice file is named (file, row, field) before any policy samples: minutes of sampling
+    are not spent on a stage that would fail at its last step."""
+    from prefopt.config import from_dict
+    from prefopt.evaluate import recipe as R
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.stage import run_stage
+
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps({"question": "q", "A": "a", "B": "b", "C": "c", "D": "d", "answer": "E"}) + "\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "Sort the numbers.", "input": "3 1 2"}) + "\n")
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_model": "", "prompts": {"path": str(prompts)},
+                     "samples_per_prompt": 1, "max_new_tokens": 4, "backend": "transformers",
+                     "suite": {"multiple_choice": [str(bad)]}}})
+    sampled = []
+    monkeypatch.setattr(R, "sample_policy", lambda *a, **k: sampled.append(a) or {})
+    with pytest.raises(DataError) as e:
+        run_stage(cfg, "evaluate")
+    assert e.value.path == str(bad) and e.value.row == 1 and not sampled

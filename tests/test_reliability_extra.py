@@ -178,3 +178,24 @@ def test_annotate_into_the_experiment_during_a_run_is_refused(tmp_path):
         out = root / "annotate" / "labels.jsonl"
         assert cli("annotate", "--pairs", pairs, "--out", out) == (4, _locked_line(root.resolve()) + "\n")
     assert not (root / "annotate").exists()
+
+
+def test_pipeline_pairs_may_differ_only_in_whitespace_a_users_may_not(tmp_path, tiny_model_dir):
+    """`7` against ` 7` are different tokens that the reward model scored apart (seen on the lookup task): the pairs
+    stage's own file trains on them; in a user's file the same row is refused as a pair with nothing to learn."""
+    import json as _json
+
+    from prefopt.data.errors import DataError
+    from prefopt.models import load_tokenizer
+    from prefopt.preference_data import load_pairs
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    row = {"prompt": "Value of k?", "chosen": "7", "rejected": " 7"}
+    built, user = tmp_path / "pairs", tmp_path / "mine"
+    for d in (built, user):
+        d.mkdir()
+        (d / "pairs.jsonl").write_text(_json.dumps(row) + "\n")
+    (built / "_FINGERPRINT").write_text("x")
+    assert load_pairs(str(built), "alpaca", tok)[0]["rejected"] == " 7"
+    with pytest.raises(DataError, match="same text as 'chosen'"):
+        load_pairs(str(user), "alpaca", tok)

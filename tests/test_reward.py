@@ -60,7 +60,7 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_reward_config_sets_trl_defaults_explicitly(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, max_length=77, center_rewards_coefficient=0.01)
+    cfg = _cfg(tmp_path, tiny_model_dir, max_length=77, center_rewards_coefficient=0.01, learning_rate=3e-4)
     ctx = StageContext(cfg=cfg, stage="reward", round=1, dir=tmp_path / "r", tracker=NullTracker())
     args = reward_config(cfg.reward, ctx)
     assert args.learning_rate == cfg.reward.learning_rate != 1e-4  # TRL's RewardConfig default is 1e-4
@@ -146,7 +146,7 @@ def test_reward_model_learns_the_gold_task_from_scratch(tmp_path):
     cfg = from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"},
                                        "seed": 42, "task": {"distinct": True},  # as in the quickstart
                                        "reward": {"model": str(tmp_path / "base"), "kind": "classifier", "learning_rate": 2e-3,
-                                                              "logging_steps": 50, "save_steps": 10_000}})
+                                                  "num_train_epochs": 4, "logging_steps": 50, "save_steps": 10_000}})
     run_stage(cfg, "task")
     rows = read_jsonl(tmp_path / "t" / "task" / "sft.jsonl")
     seed_everything(0)

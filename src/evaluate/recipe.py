@@ -33,6 +33,7 @@ from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import encode, prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
 from prefopt.evaluate.overopt import curve_warnings, verdicts
+from prefopt.evaluate.suite import check_files as check_suite_files
 from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling
@@ -276,6 +277,7 @@ def run(ctx) -> dict:
     if base is None:
         print(f"[evaluate] baseline {sec.baseline!r} is not among the policies {list(policies)}: "
               "no win rates or KL", flush=True)
+    check_suite_files(sec.suite)  # a bad multiple-choice or perplexity file stops the stage before any sampling
     spec = sec.prompts if sec.split == "test" else sec.validation_prompts
     rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     print(f"[evaluate] {len(rows)} {sec.split} prompts from {ctx.resolve(spec.path, model=False)}", flush=True)
@@ -422,6 +424,9 @@ def run(ctx) -> dict:
     for w in warnings:
         print(f"[evaluate] WARNING {w}", flush=True)
     md = table(figures, sec.split, len(rows)) + "".join(f"\n- **warning**: {w}" for w in warnings)
+    suite_md = ctx.dir / "suite.md"
+    if suite_md.exists():  # the suite's figures in the same table file (`prefopt run` prints table.md)
+        md += "\n\nEvaluation suite (perplexity, multiple choice, lm-eval):\n\n" + suite_md.read_text().strip()
     atomic_write(ctx.dir / "table.md", md + "\n")  # printed by `prefopt run` / `prefopt evaluate` once done
     write_json(ctx.dir / "curves.json", {"curves": curves, "best_of_n": bon})
     if plot(figures, ctx.dir / "evaluate.png"):

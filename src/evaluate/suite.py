@@ -378,6 +378,15 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
     return figures, raw
 
 
+def check_files(cfg: SuiteConfig) -> None:
+    """Read the suite's files now, so a bad row stops the stage before any sampling, not after (the `evaluate`
+    stage calls this first; `run_suite` reads them again, cheaply, when it runs)."""
+    if cfg.perplexity_file:
+        load_texts(cfg.perplexity_file, cfg.perplexity_field)
+    for p in cfg.multiple_choice:
+        load_multiple_choice(p)
+
+
 def run_suite(policies: dict[str, str], cfg: SuiteConfig, out_dir: Path, tracker) -> dict[str, dict[str, float]]:
     """Every configured suite figure for every policy (name -> model folder); {} when nothing is configured.
 
