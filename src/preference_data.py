@@ -25,9 +25,17 @@ def pairs_path(resolved: str) -> str:
     return str(p / "pairs.jsonl") if p.is_dir() else str(p)
 
 
+# The loaders' advice for a bad row names `skip_bad_rows`, a dataset-spec key; `dpo.pairs` / `simpo.pairs` are
+# bare paths where it cannot be set, so their errors give advice the user can follow.
+PAIRS_FILE_HINT = ("fix or remove this row: a dpo / simpo `pairs` file is read as it is, bad rows are not "
+                   "skipped (the pairs stage writes files that read cleanly)")
+
+
 def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
-    """Rows {"prompt", "chosen", "rejected"} as plain text, chat prompts rendered with the tokenizer's template."""
-    from prefopt.data.loaders import load_preferences
+    """Rows {"prompt", "chosen", "rejected"} as plain text, chat prompts rendered with the tokenizer's template.
+    A bad row is a DataError naming the file, row and field, with `PAIRS_FILE_HINT` as its advice."""
+    from prefopt.data.errors import DataError
+    from prefopt.data.loaders import SKIP_HINT, load_preferences
     from prefopt.data.spec import DatasetSpec
 
     # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer,
@@ -35,8 +43,13 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
     # own file (no stage marker beside it) either is a broken row
     path = pairs_path(path)
     built_here = (Path(path).parent / "_FINGERPRINT").exists()
-    rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
-                            whitespace_pairs=built_here).rows
+    try:
+        rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
+                                whitespace_pairs=built_here).rows
+    except DataError as e:
+        if e.hint != SKIP_HINT:
+            raise
+        raise DataError(e.path, e.row, e.field, e.problem, PAIRS_FILE_HINT) from None
     return [{"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in rows]
 

@@ -228,3 +228,102 @@ def test_annotate_without_gradio_names_the_extra(tmp_path, monkeypatch, capsys):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     assert cli_main(["annotate", "--pairs", str(pairs), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "pip install 'prefopt[annotate]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the W&B run
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.logged, self.finished = [], None
+
+    def log(self, metrics, step=None):
+        self.logged.append((step, dict(metrics)))
+
+    def finish(self, summary):
+        self.finished = summary
+
+
+def test_label_counts_are_logged_as_labels_arrive_and_resume(tmp_path):
+    """Each written label logs the cumulative counts (all annotators and per annotator) at step = labels in the
+    files; a double press logs nothing; a restarted page starts from what the files hold."""
+    pairs, _ = load_pair_file(write_pairs(tmp_path / "pairs.jsonl"))
+    out = tmp_path / "prefs.jsonl"
+    tracker = RecordingTracker()
+    s = Session(pairs, LabelStore(out), seed=0, tracker=tracker)
+    for pair, label in zip(pairs, ["A", "A", "tie", "skip"]):
+        s.label("alice", pair.pair_id, label)
+    s.label("alice", pairs[0].pair_id, "B")  # already labelled: nothing written, nothing logged
+    s.label("bob/x", pairs[0].pair_id, "B")
+    assert [step for step, _ in tracker.logged] == [1, 2, 3, 4, 5]
+    assert tracker.logged[0][1] == {"labels/A": 1, "labels/B": 0, "labels/tie": 0, "labels/skip": 0,
+                                    "labels/total": 1, "annotator/alice/A": 1, "annotator/alice/B": 0,
+                                    "annotator/alice/tie": 0, "annotator/alice/skip": 0}
+    last = tracker.logged[-1][1]
+    assert {k: last[k] for k in ("labels/A", "labels/B", "labels/tie", "labels/skip", "labels/total")} == {
+        "labels/A": 2, "labels/B": 1, "labels/tie": 1, "labels/skip": 1, "labels/total": 5}
+    assert (last["annotator/alice/A"], last["annotator/alice/skip"], last["annotator/bob_x/B"]) == (2, 1, 1)
+
+    again = RecordingTracker()
+    s2 = Session(pairs, LabelStore(out), seed=0, tracker=again)
+    assert s2.log_counts() == last and again.logged == [(5, last)]
+    assert s2.summary() == {"pairs": 6, "out": str(out), "ties_skips": str(side_path(out)), **last}
+
+
+def _fake_page(labels):
+    """Stands in for page.py (no gradio): `serve` labels as a browser would, then returns as after Ctrl-C."""
+    def serve(session, host, port, annotator):
+        for pair, label in zip(session.pairs, labels):
+            session.label(annotator, pair.pair_id, label)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(serve=serve)
+
+
+def test_annotate_command_has_an_offline_wandb_run_with_the_counts(tmp_path, monkeypatch):
+    """`prefopt annotate --pairs ... --out ...` without a key: an offline W&B run beside the label file whose
+    summary holds the counts, and its metrics.jsonl one row per label (plus the start); the labels file is
+    the same as without a run."""
+    from wandb.sdk.wandb_run import Run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "prefopt.annotate.page", _fake_page(["A", "B", "tie", "A"]))
+    sent, ended = [], {}  # what reached the W&B run (an offline run's .wandb file has no reader in wandb itself)
+    real_log, real_finish = Run.log, Run.finish
+    monkeypatch.setattr(Run, "log", lambda self, data, step=None, **k: sent.append((step, dict(data)))
+                        or real_log(self, data, step=step, **k))
+    keys = ("labels/A", "labels/tie", "annotator/alice/B", "pairs")
+    monkeypatch.setattr(Run, "finish", lambda self, *a, **k: ended.update({x: self.summary[x] for x in keys})
+                        or real_finish(self, *a, **k))
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "labels" / "prefs.jsonl"
+    argv = ["annotate", "--pairs", str(pairs), "--out", str(out), "--annotator", "alice", "--port", "1"]
+    assert cli_main(argv) == 0
+    run = tmp_path / "labels" / "prefs.run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {k: rows[-1][k] for k in ("labels/A", "labels/B", "labels/tie", "labels/skip", "annotator/alice/A")} == {
+        "labels/A": 2, "labels/B": 1, "labels/tie": 1, "labels/skip": 0, "annotator/alice/A": 2}
+    assert len(list(run.glob("wandb/offline-run-*/*.wandb"))) == 1
+    assert sent == [(r["step"], {k: v for k, v in r.items() if k not in ("step", "time")}) for r in rows]
+    assert ended == {"labels/A": 2, "labels/tie": 1, "annotator/alice/B": 1, "pairs": 6}
+    assert [r["label"] for r in read_labels(out)] == ["A", "B", "A"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["stage"] == "annotate"
+
+
+def test_annotate_with_wandb_disabled_keeps_the_local_record(tmp_path, monkeypatch):
+    """`wandb.mode: disabled` in the experiment config: no W&B files, the counts still in
+    <run>/annotate/metrics.jsonl."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "prefopt.annotate.page", _fake_page(["B", "skip"]))
+    cfg = {"name": "exp", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"},
+           "annotate": {"annotator": "carol"}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    root = tmp_path / "runs" / "exp"
+    (root / "pairs").mkdir(parents=True)
+    write_pairs(root / "pairs" / "pairs.jsonl", n=3)
+    assert cli_main(["annotate", str(tmp_path / "exp.yaml"), "--port", "1"]) == 0
+    d = root / "annotate"
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert (rows[-1]["labels/B"], rows[-1]["labels/skip"], rows[-1]["annotator/carol/B"]) == (1, 1, 1)
+    assert not (d / "wandb").exists() and [r["label"] for r in read_labels(d / "preferences.jsonl")] == ["B"]

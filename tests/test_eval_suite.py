@@ -366,3 +366,78 @@ def test_evaluate_stage_refuses_a_bad_suite_file_before_sampling(tiny_model_dir,
     with pytest.raises(DataError) as e:
         run_stage(cfg, "evaluate")
     assert e.value.path == str(bad) and e.value.row == 1 and not sampled
+
+
+# ------------------------------------------------------------------------------------------------ lm-eval resume
+
+
+def _fake_lm_eval(calls):
+    """run_lm_eval's stand-in: counts calls; the figures are the ones its raw results hold (a group under
+    "groups"), so a reused file must give them back by reading the raw results."""
+    def run(path, cfg):
+        calls.append((path, cfg.lm_eval_limit))
+        raw = {"hellaswag,mmlu": {"results": {"hellaswag": {"acc,none": 0.1, "alias": "h",
+                                                            "acc_stderr,none": 0.03125}},
+                                  "groups": {"mmlu": {"acc,none": 0.4819, "acc_stderr,none": "N/A"}},
+                                  "n-shot": {"hellaswag": 0}, "versions": {}, "configs": {}}}
+        return {"lm_eval/hellaswag/acc": 0.1, "lm_eval/hellaswag/acc_stderr": 0.03125,
+                "lm_eval/mmlu/acc": 0.4819}, raw
+    return run
+
+
+def test_lm_eval_reused_after_a_kill_unless_something_changed(tmp_path, monkeypatch):
+    """A second `run_suite` over the same folder, settings and weights (a rerun after a kill) runs lm-eval for
+    no policy and returns the same figures, read from lm_eval_<policy>.json; a changed limit, changed weights or
+    a file without stored settings (an older run) reruns lm-eval for that policy only."""
+    calls = []
+    monkeypatch.setattr(S, "run_lm_eval", _fake_lm_eval(calls))
+    policies = {}
+    for name in ("sft", "dpo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(name.encode())
+        policies[name] = str(tmp_path / name)
+    out = tmp_path / "evaluate"
+    out.mkdir()
+    cfg = SuiteConfig(lm_eval_tasks=["hellaswag", "mmlu"], lm_eval_num_fewshot={"mmlu": 5}, lm_eval_limit=0.5)
+    logged = []
+    tracker = SimpleNamespace(log=logged.append)
+    first = S.run_suite(policies, cfg, out, tracker)
+    assert len(calls) == 2 and first["sft"] == {"lm_eval/hellaswag/acc": 0.1, "lm_eval/hellaswag/acc_stderr": 0.03125,
+                                                "lm_eval/mmlu/acc": 0.4819}
+    stored = json.loads((out / "lm_eval_dpo.json").read_text())
+    assert stored["_prefopt"]["tasks"] == ["hellaswag", "mmlu"] and stored["_prefopt"]["limit"] == 0.5
+    assert stored["hellaswag,mmlu"]["groups"]["mmlu"]["acc,none"] == 0.4819  # the raw results, as before
+
+    again = S.run_suite(policies, cfg, out, tracker)
+    assert len(calls) == 2 and again == first and logged[2:] == logged[:2]
+
+    S.run_suite(policies, SuiteConfig(lm_eval_tasks=["hellaswag", "mmlu"], lm_eval_num_fewshot={"mmlu": 5},
+                                      lm_eval_limit=0.25), out, tracker)
+    assert [c[1] for c in calls[2:]] == [0.25, 0.25]  # a changed setting: both rerun
+    (tmp_path / "dpo" / "model.safetensors").write_bytes(b"retrained")
+    S.run_suite(policies, SuiteConfig(lm_eval_tasks=["hellaswag", "mmlu"], lm_eval_num_fewshot={"mmlu": 5},
+                                      lm_eval_limit=0.25), out, tracker)
+    assert [c[0] for c in calls[4:]] == [policies["dpo"]]  # new weights: only that policy reruns
+    raw = json.loads((out / "lm_eval_sft.json").read_text())
+    del raw["_prefopt"]
+    (out / "lm_eval_sft.json").write_text(json.dumps(raw))
+    S.run_suite(policies, SuiteConfig(lm_eval_tasks=["hellaswag", "mmlu"], lm_eval_num_fewshot={"mmlu": 5},
+                                      lm_eval_limit=0.25), out, tracker)
+    assert [c[0] for c in calls[5:]] == [policies["sft"]]
+
+
+def test_lm_eval_local_task_folder_edit_reruns(tmp_path, monkeypatch):
+    """A local task folder whose YAML or data changed since the stored run is not the same evaluation."""
+    calls = []
+    monkeypatch.setattr(S, "run_lm_eval", _fake_lm_eval(calls))
+    task = tmp_path / "task"
+    shutil.copytree(LM_EVAL_TASK, task)
+    cfg = SuiteConfig(lm_eval_tasks=[str(task)])
+    tracker = SimpleNamespace(log=lambda m: None)
+    S.run_suite({"sft": str(tmp_path / "absent-model")}, cfg, tmp_path, tracker)
+    S.run_suite({"sft": str(tmp_path / "absent-model")}, cfg, tmp_path, tracker)
+    assert len(calls) == 1
+    with open(task / "tiny_mc.jsonl", "a") as f:
+        f.write(json.dumps({"question": "q", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "A"}) + "\n")
+    S.run_suite({"sft": str(tmp_path / "absent-model")}, cfg, tmp_path, tracker)
+    assert len(calls) == 2

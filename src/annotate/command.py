@@ -7,13 +7,18 @@
 Everything that can fail on bad input (the pairs file, the shards, an existing label file) is read before the
 server starts: a bad file is a one-line DataError naming file, row and field, and exit code 3. Labels written
 into an experiment folder hold its lock while the page serves (exit code 4 while another command holds it).
+
+Like every command, a W&B run (job_type `annotate`; offline without an API key, `wandb.mode` from the experiment
+config, none when it is `disabled`) with its local record (config.yaml, metrics.jsonl) in `<run>/annotate/`, or
+without a config in `<out stem>.run/` beside the label file. It logs the label counts as labels arrive (see
+session.py) and ends with them in its summary when the page stops (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import socket
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from prefopt.annotate.config import AnnotateConfig
@@ -21,9 +26,20 @@ from prefopt.annotate.items import load_candidates, load_pair_file
 from prefopt.annotate.session import Session
 from prefopt.annotate.store import LabelStore
 from prefopt.config import ConfigError
+from prefopt.experiment import WandbConfig
 
 # command-line flag -> key of the annotate section it overrides
 FLAGS = ("pairs", "candidates", "out", "annotator", "host", "port", "seed", "limit")
+
+
+@dataclass
+class Standalone:
+    """What the tracker reads of an experiment config, for `prefopt annotate --pairs FILE --out FILE` without one:
+    named after the label file, W&B settings at their defaults (`auto`: offline without an API key)."""
+
+    name: str
+    annotate: AnnotateConfig
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def resolve_section(args, rest: list[str]) -> AnnotateConfig:
@@ -32,10 +48,10 @@ def resolve_section(args, rest: list[str]) -> AnnotateConfig:
     return resolve_target(args, rest)[0]
 
 
-def resolve_target(args, rest: list[str]) -> tuple[AnnotateConfig, Path | None]:
-    """The resolved section, and the experiment folder labels are written into (whose lock `main` takes): the
+def resolve_target(args, rest: list[str]) -> tuple[AnnotateConfig, Path | None, object]:
+    """The resolved section; the experiment folder labels are written into (whose lock `main` takes): the
     config's run folder when `out` lies in it; without a config, the folder above `out` that holds an experiment
-    lock file; else None."""
+    lock file; else None; and the experiment config (a `Standalone` without one) with the W&B settings."""
     flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
     if args.candidates is not None:
         flags["source"] = "candidates"
@@ -51,7 +67,7 @@ def resolve_target(args, rest: list[str]) -> tuple[AnnotateConfig, Path | None]:
                       candidates=resolve(cfg, sec.candidates, args.round, model=False),
                       out=resolve(cfg, sec.out, args.round, model=False))
         root = cfg.root.resolve()
-        return sec, root if root in Path(sec.out).resolve().parents else None
+        return sec, root if root in Path(sec.out).resolve().parents else None, cfg
     if rest:
         raise ConfigError(f"unrecognised arguments {rest}: --annotate.KEY=VALUE overrides need an experiment config")
     if "pairs" not in flags and "candidates" not in flags:
@@ -60,7 +76,32 @@ def resolve_target(args, rest: list[str]) -> tuple[AnnotateConfig, Path | None]:
         raise ConfigError("--out FILE is needed without an experiment config (the preference JSONL to append to)")
     # `.lock` is left in every experiment folder a prefopt command has written into
     root = next((d for d in Path(flags["out"]).resolve().parents if (d / ".lock").is_file()), None)
-    return AnnotateConfig(**flags), root
+    sec = AnnotateConfig(**flags)
+    return sec, root, Standalone(name=_stem(sec.out), annotate=sec)
+
+
+def _stem(out: str) -> str:
+    name = Path(out).name
+    return name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+
+
+def run_dir(sec: AnnotateConfig, cfg) -> Path:
+    """Where the W&B run and its local record go: `<run>/annotate/` with an experiment config, else
+    `<out stem>.run/` beside the label file (never a stage's folder, whose config.yaml it would replace)."""
+    if isinstance(cfg, Standalone):
+        return Path(sec.out).with_name(_stem(sec.out) + ".run")
+    return cfg.root / "annotate"
+
+
+def start_tracker(sec: AnnotateConfig, cfg, session: Session):
+    """The command's W&B run, with the label counts already in the files logged at its first step."""
+    from prefopt.tracking import Tracker
+
+    tracker = Tracker.start(cfg, "annotate", run_dir(sec, cfg),
+                            extra={"pairs_served": len(session.pairs), "labels_out": str(session.store.out)})
+    session.tracker = tracker
+    session.log_counts()
+    return tracker
 
 
 def prepare(sec: AnnotateConfig) -> Session:
@@ -88,7 +129,7 @@ def free_port(host: str) -> int:
 def main(args, rest: list[str]) -> int:
     from prefopt.pipeline import experiment_lock
 
-    sec, root = resolve_target(args, rest)
+    sec, root, cfg = resolve_target(args, rest)
     # labels written into an experiment folder take its lock, as `run` and the stage commands do: a stage reading
     # the file (reward on human labels) must not see it change under it
     with experiment_lock(root) if root is not None else nullcontext():
@@ -98,6 +139,10 @@ def main(args, rest: list[str]) -> int:
         except ImportError as e:
             raise ConfigError(f"the feedback page needs gradio ({e}): pip install 'prefopt[annotate]'") from None
         port = sec.port or free_port(sec.host)
+        tracker = start_tracker(sec, cfg, session)
         print(f"[prefopt] annotate: serving on http://{sec.host}:{port} (Ctrl-C to stop)", flush=True)
-        serve(session, sec.host, port, sec.annotator)
+        try:
+            serve(session, sec.host, port, sec.annotator)
+        finally:
+            tracker.finish(session.summary())
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.errors import DataError
-from prefopt.data.loaders import _BadRecord, load_preferences, read_records
+from prefopt.data.loaders import SKIP_HINT, _BadRecord, load_preferences, read_records
 from prefopt.data.spec import DatasetSpec
 from prefopt.utils import content_hash
 
@@ -56,12 +56,21 @@ def judgeable(a: str, b: str) -> bool:
     return bool(a.strip()) and bool(b.strip()) and a.strip() != b.strip()
 
 
+# `annotate.pairs` is a bare path: the loaders' advice (`skip_bad_rows`, a dataset-spec key) cannot be followed
+PAIR_FILE_HINT = "fix or remove this row: the page serves the file as it is, bad rows are not skipped"
+
+
 def load_pair_file(path: str | Path, template: str = "alpaca", limit: int = 0) -> tuple[list[Pair], int]:
     """Every row of a pairs/preference file as a Pair, and how many were not judgeable (skipped); DataError
     (file, row, field) on the first bad row."""
     # The pipeline's pairs may hold an empty candidate (the model stopped at once): a valid row, skipped below.
     spec = DatasetSpec(path=str(path), allow_empty_answers=True)
-    rows = load_preferences(spec, template).rows
+    try:
+        rows = load_preferences(spec, template).rows
+    except DataError as e:
+        if e.hint != SKIP_HINT:
+            raise
+        raise DataError(e.path, e.row, e.field, e.problem, PAIR_FILE_HINT) from None
     pairs, skipped = [], 0
     for n, r in enumerate(rows, start=1):
         if not judgeable(r["chosen"], r["rejected"]):

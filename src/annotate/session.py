@@ -1,14 +1,21 @@
 """The page's logic without the page: which pair an annotator sees next, progress, and the row a label becomes.
 
 Kept free of gradio so that it is tested directly; page.py only wires these calls to buttons.
+
+Label counts go to the tracker (the W&B run of `prefopt annotate` and its metrics.jsonl) as each label is written,
+cumulative over the label files (earlier sessions included), at step = labels in the files:
+  labels/A, labels/B, labels/tie, labels/skip, labels/total     over all annotators
+  annotator/<id>/A, ... /B, /tie, /skip                         per annotator
 """
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timezone
 
 from prefopt.annotate.items import Pair, order
-from prefopt.annotate.store import OTHER_LABELS, PREFERENCE_LABELS, LabelStore
+from prefopt.annotate.store import LABELS, OTHER_LABELS, PREFERENCE_LABELS, LabelStore
+from prefopt.tracking import NullTracker
 
 
 def label_row(pair: Pair, label: str, annotator: str, seed: int) -> dict:
@@ -26,12 +33,36 @@ def label_row(pair: Pair, label: str, annotator: str, seed: int) -> dict:
             "chosen_source": pair.sources[win], **common}
 
 
-class Session:
-    """All pairs of one page and its label store; every method takes the annotator, so tabs do not interfere."""
+def label_metrics(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """`LabelStore.counts()` as tracker metrics: totals per label (`labels/<label>`, `labels/total`) and per
+    annotator (`annotator/<id>/<label>`; a "/" in an id becomes "_" so the id stays one level)."""
+    out = {f"labels/{k}": sum(c[k] for c in counts.values()) for k in LABELS}
+    out["labels/total"] = sum(out.values())
+    for annotator, c in counts.items():
+        out.update({f"annotator/{annotator.replace('/', '_')}/{k}": c[k] for k in LABELS})
+    return out
 
-    def __init__(self, pairs: list[Pair], store: LabelStore, seed: int = 0):
+
+class Session:
+    """All pairs of one page and its label store; every method takes the annotator, so tabs do not interfere.
+    `tracker` receives the label counts (`label_metrics`) after every written label and on `log_counts`."""
+
+    def __init__(self, pairs: list[Pair], store: LabelStore, seed: int = 0, tracker=None):
         self.pairs, self.store, self.seed = pairs, store, seed
         self.by_id = {p.pair_id: p for p in pairs}
+        self.tracker = tracker or NullTracker()
+        self._log_lock = threading.Lock()  # one label's counts logged before the next's: steps only grow
+
+    def log_counts(self) -> dict[str, int]:
+        """Log the label counts now (at start: what earlier sessions left); returns them."""
+        metrics = label_metrics(self.store.counts())
+        self.tracker.log(metrics, step=metrics["labels/total"])
+        return metrics
+
+    def summary(self) -> dict:
+        """What the run ends with: pairs served, the label files, and the last counts under their logged names."""
+        return {"pairs": len(self.pairs), "out": str(self.store.out), "ties_skips": str(self.store.side),
+                **label_metrics(self.store.counts())}
 
     def progress(self, annotator: str) -> tuple[int, int]:
         """(pairs this annotator has labelled, tie and skip included; pairs in all)."""
@@ -55,4 +86,8 @@ class Session:
         pair = self.by_id.get(pair_id)
         if pair is None:
             raise KeyError(f"no pair {pair_id!r} on this page")
-        return self.store.record(label_row(pair, label, annotator.strip(), self.seed))
+        with self._log_lock:
+            written = self.store.record(label_row(pair, label, annotator.strip(), self.seed))
+            if written:
+                self.log_counts()
+        return written

@@ -21,13 +21,14 @@ import fcntl
 import json
 import os
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from prefopt.data.errors import DataError
 
 PREFERENCE_LABELS = ("A", "B")
 OTHER_LABELS = ("tie", "skip")
+LABELS = PREFERENCE_LABELS + OTHER_LABELS
 
 
 def side_path(out: str | Path) -> Path:
@@ -78,17 +79,29 @@ def read_labels(path: str | Path) -> list[dict]:
 
 
 class LabelStore:
-    """The two label files of one page, and the pairs each annotator has already labelled (read once at start)."""
+    """The two label files of one page, the pairs each annotator has already labelled, and how many labels of
+    each kind each annotator gave (both read once at start, then kept up to date by `record`)."""
 
     def __init__(self, out: str | Path):
         self.out, self.side = Path(out), side_path(out)
         self._lock = threading.Lock()  # gradio runs handlers in threads; flock alone orders processes
         self._done: dict[str, set[str]] = defaultdict(set)
+        self._counts: Counter[tuple[str, str]] = Counter()  # (annotator, label) -> labels in the files
         for path in (self.out, self.side):
             for row in read_labels(path):
                 if isinstance(row.get("annotator"), str) and isinstance(row.get("pair_id"), str):
                     self._done[row["annotator"]].add(row["pair_id"])
+                    if row.get("label") in LABELS:
+                        self._counts[row["annotator"], row["label"]] += 1
         self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{annotator: {"A": n, "B": n, "tie": n, "skip": n}} over both files, earlier sessions included."""
+        with self._lock:
+            out: dict[str, dict[str, int]] = {}
+            for (annotator, label), n in sorted(self._counts.items()):
+                out.setdefault(annotator, dict.fromkeys(LABELS, 0))[label] = n
+            return out
 
     def done(self, annotator: str) -> set[str]:
         with self._lock:
@@ -97,7 +110,7 @@ class LabelStore:
     def record(self, row: dict) -> bool:
         """Append a label row unless this annotator already labelled this pair (a double click, a second tab);
         True if it was written."""
-        if row["label"] not in PREFERENCE_LABELS + OTHER_LABELS:
+        if row["label"] not in LABELS:
             raise ValueError(f"unknown label {row['label']!r}")
         with self._lock:
             done = self._done[row["annotator"]]
@@ -105,4 +118,5 @@ class LabelStore:
                 return False
             append_line(self.out if row["label"] in PREFERENCE_LABELS else self.side, row)
             done.add(row["pair_id"])
+            self._counts[row["annotator"], row["label"]] += 1
             return True

@@ -20,7 +20,12 @@ Multiple choice, two ways (`mc_method`):
           averaged per token (`mc_normalize`), as lm-eval-harness's multiple-choice tasks (`acc` is the sum).
 
 Outputs in the stage folder: suite.md (one row per policy, every suite figure), lm_eval_<policy>.json (lm-eval's
-results, subtasks and configs included; no per-sample records).
+results, subtasks and configs included; no per-sample records; under `_prefopt`, the settings that made them).
+
+Resume: lm-eval is the long part (hours for MMLU on a 13B model). A rerun in the same working folder after a kill
+reuses a policy's lm_eval_<policy>.json when its `_prefopt` settings equal this run's (tasks, shots, limit, dtype,
+model args, the policy's weights hash, the content of local task folders) and reads its figures as a fresh run
+does; any difference reruns lm-eval for that policy. Perplexity and multiple choice (minutes) are recomputed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +47,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.loaders import read_records
 
 LETTERS = ("A", "B", "C", "D")
+LM_EVAL_SETTINGS = "_prefopt"  # the key in lm_eval_<policy>.json, beside lm-eval's raw results, of what made them
 MC_FIELDS = ("question", *LETTERS, "answer")  # MMLU's headerless CSV column order
 
 
@@ -340,6 +348,53 @@ def _lm_eval_groups(cfg: SuiteConfig) -> list[tuple[Path | None, list[str]]]:
     return ([(None, named)] if named else []) + [(p, [str(p)]) for p in local]
 
 
+def _lm_eval_dtype(cfg: SuiteConfig) -> str:
+    return cfg.dtype if _device() == "cuda" else "float32"
+
+
+def _folder_sha256(folder: Path) -> str:
+    """Content hash of every file under a local task folder (its YAMLs and data), by relative path."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def lm_eval_settings(path: str, cfg: SuiteConfig) -> dict:
+    """What one policy's lm-eval figures depend on, as JSON gives it back: the run is reused only when all equal.
+    Batch size and `parallelize`-like model args change speed, not figures, but model args are kept whole."""
+    from prefopt.utils import weights_sha256
+
+    settings = {"tasks": list(cfg.lm_eval_tasks), "num_fewshot": dict(sorted(cfg.lm_eval_num_fewshot.items())),
+                "limit": cfg.lm_eval_limit, "dtype": _lm_eval_dtype(cfg), "model_args": cfg.lm_eval_model_args,
+                "weights_sha256": weights_sha256(path),
+                "task_folders": {str(p): _folder_sha256(p) for p, _ in _lm_eval_groups(cfg) if p is not None}}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def raw_lm_eval_figures(raw: dict) -> dict[str, float]:
+    """The figures of `run_lm_eval`'s raw results (one entry per lm-eval call, keyed by its tasks joined by commas):
+    the one reading used for a fresh run and a reused file alike."""
+    figures: dict[str, float] = {}
+    for key, res in raw.items():
+        if key != LM_EVAL_SETTINGS:
+            figures.update(lm_eval_figures({**(res.get("results") or {}), **(res.get("groups") or {})},
+                                           key.split(",")))
+    return figures
+
+
+def reusable_lm_eval(file: Path, settings: dict) -> dict[str, float] | None:
+    """The figures in an earlier run's lm_eval_<policy>.json when it was made with `settings`; None when the file
+    is absent, unreadable, from before settings were stored, or made with other settings."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get(LM_EVAL_SETTINGS) != settings:
+        return None
+    return raw_lm_eval_figures(raw)
+
+
 def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
     """lm-eval's `hf` model on one policy folder over every configured task: (figures, raw results per call)."""
     try:
@@ -353,10 +408,9 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
     # One `hf` model (pretrained=<policy folder>) for every call, rather than model="hf" per call: a 13B model
     # loads once whatever the few-shot settings.
     gpu = _device() == "cuda"
-    lm = HFLM(pretrained=str(Path(path).resolve()), device=_device(), dtype=cfg.dtype if gpu else "float32",
+    lm = HFLM(pretrained=str(Path(path).resolve()), device=_device(), dtype=_lm_eval_dtype(cfg),
               batch_size=cfg.lm_eval_batch_size or ("auto" if gpu else 8), trust_remote_code=cfg.trust_remote_code,
               **cfg.lm_eval_model_args)
-    figures: dict[str, float] = {}
     raw: dict[str, Any] = {}
     for folder, entries in _lm_eval_groups(cfg):
         tm = TaskManager(include_path=str(folder) if folder else None, include_defaults=folder is None)
@@ -371,11 +425,10 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
                                               limit=cfg.lm_eval_limit or None, log_samples=False,
                                               bootstrap_iters=1000)
             # a group's aggregate (mmlu) may sit under "groups" rather than "results", depending on the version
-            figures.update(lm_eval_figures({**res["results"], **(res.get("groups") or {})}, tasks))
             raw[",".join(tasks)] = {k: res.get(k) for k in ("results", "groups", "n-shot", "versions", "configs")}
     del lm
     _free()
-    return figures, raw
+    return raw_lm_eval_figures(raw), raw
 
 
 def check_files(cfg: SuiteConfig) -> None:
@@ -391,7 +444,8 @@ def run_suite(policies: dict[str, str], cfg: SuiteConfig, out_dir: Path, tracker
     """Every configured suite figure for every policy (name -> model folder); {} when nothing is configured.
 
     The files are read (and bad rows reported) before any model loads. Writes suite.md and lm_eval_<policy>.json
-    into out_dir and logs `<policy>/<figure>` to the tracker."""
+    into out_dir and logs `<policy>/<figure>` to the tracker. A policy's lm_eval_<policy>.json already in out_dir
+    with this run's settings (a rerun after a kill) is reused instead of running lm-eval again."""
     from prefopt.stage import atomic_write, write_json
 
     if not cfg.active:
@@ -404,9 +458,15 @@ def run_suite(policies: dict[str, str], cfg: SuiteConfig, out_dir: Path, tracker
         if texts is not None or mc:
             f.update(_load_and_score(path, cfg, texts, mc))
         if cfg.lm_eval_tasks:
-            figs, raw = run_lm_eval(path, cfg)
+            file, settings = Path(out_dir) / f"lm_eval_{name}.json", lm_eval_settings(path, cfg)
+            figs = reusable_lm_eval(file, settings)
+            if figs is None:
+                figs, raw = run_lm_eval(path, cfg)
+                write_json(file, {LM_EVAL_SETTINGS: settings, **raw})
+            else:
+                print(f"[evaluate] suite {name}: lm-eval figures reused from {file.name} (same tasks, settings "
+                      "and weights)", flush=True)
             f.update(figs)
-            write_json(Path(out_dir) / f"lm_eval_{name}.json", raw)
         out[name] = f
         tracker.log({f"{name}/{k}": v for k, v in f.items()})
         print(f"[evaluate] suite {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in f.items()), flush=True)
