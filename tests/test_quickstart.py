@@ -3,8 +3,8 @@
 Targets (issue 8): on the *test* prompts (settings chosen on validation prompts only), each of DPO, SimPO and PPO
 raises the mean gold score at temperature 1 by at least 0.20 over the SFT policy, beyond two standard errors; the
 reward model's held-out accuracy is in the table; the over-optimisation curves are in `prefopt report`'s output,
-checked on the figure's data; and the whole experiment finishes in under 15 minutes on the 2-core machine (about 9
-alone: SFT 160 s, PPO 90 s and the evaluation of 19 saved checkpoints plus best-of-n take most of it)."""
+checked on the figure's data; and the whole experiment finishes in under 15 minutes on the 2-core machine (7.5 in CI;
+SFT 160 s, PPO 90 s and the evaluation of 19 saved checkpoints plus best-of-n take most of it)."""
 
 from __future__ import annotations
 
