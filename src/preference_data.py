@@ -54,7 +54,7 @@ def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
             for r in rows]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -84,7 +84,7 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, long_prompts: str = "tr
     for key in ("chosen", "rejected"):
         text = row[key] if row[key].endswith(eos) else row[key] + eos
         full[key] = encode(row["prompt"] + text, tokenizer)
-    n = min(_common_prefix(prompt_ids, full["chosen"]), _common_prefix(prompt_ids, full["rejected"]))
+    n = min(common_prefix(prompt_ids, full["chosen"]), common_prefix(prompt_ids, full["rejected"]))
     out = {"prompt_ids": prompt_ids[:n], "chosen_ids": full["chosen"][n:], "rejected_ids": full["rejected"][n:]}
     if max_length and n >= max_length:
         if long_prompts == "drop":

@@ -72,41 +72,26 @@ class LikelihoodScorer:
     def __init__(self, model, tokenizer, beta: float):
         self.model, self.tokenizer, self.beta = model, tokenizer, float(beta)
 
-    @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512,
               progress=None) -> list[float]:
-        from prefopt.logps import completion_logps
+        from prefopt.evaluate.metrics import response_logps
         from prefopt.preference_data import tokenize_pair
 
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
-        seqs = []
+        prompt_ids, response_ids = [], []
         for p, r in zip(prompts, responses):
-            t = tokenize_pair({"prompt": p, "chosen": r, "rejected": r}, tok, max_length)
-            ids = (t["prompt_ids"] + t["chosen_ids"])[:max_length]
-            mask = ([0] * len(t["prompt_ids"]) + [1] * len(t["chosen_ids"]))[:max_length]
-            seqs.append((ids, mask))
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        out = [0.0] * len(seqs)
-        was_training = self.model.training
-        self.model.eval()
-        for start in range(0, len(order), batch_size):
+            t = tokenize_pair({"prompt": p, "chosen": r, "rejected": r}, self.tokenizer, max_length)
+            prompt_ids.append(t["prompt_ids"][:max_length])
+            response_ids.append(t["chosen_ids"][:max(0, max_length - len(prompt_ids[-1]))])  # cut as the loop cuts
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+        out = [0.0] * len(prompts)
+        for start in range(0, len(order), batch_size):  # one batch per call: the bar moves as batches finish
             idx = order[start:start + batch_size]
-            T = max(len(seqs[i][0]) for i in idx)
-            input_ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), T), dtype=torch.long)
-            completion = torch.zeros((len(idx), T), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids, mask = seqs[i]
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                completion[row, :len(mask)] = torch.tensor(mask)
-            input_ids, attention, completion = input_ids.to(device), attention.to(device), completion.to(device)
-            lp = completion_logps(self.model, input_ids, attention, completion).float()
-            rewards = likelihood_reward(lp.sum(-1), completion[:, 1:].sum(-1), self.beta)
-            for i, v in zip(idx, rewards.cpu().tolist()):
+            sums = response_logps(self.model, [prompt_ids[i] for i in idx], [response_ids[i] for i in idx],
+                                  self.tokenizer.pad_token_id, batch_size=len(idx))
+            rewards = likelihood_reward(torch.tensor(sums), torch.tensor([len(response_ids[i]) for i in idx]),
+                                        self.beta)
+            for i, v in zip(idx, rewards.tolist()):
                 out[i] = v
             if progress is not None:
                 progress.update(len(idx))
-        self.model.train(was_training)
         return out

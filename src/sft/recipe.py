@@ -19,6 +19,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.data.templates import encode, render_prompt
 from prefopt.models import load_causal_lm, load_tokenizer, save_model
+from prefopt.preference_data import common_prefix
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
 
@@ -43,9 +44,7 @@ def sft_example(prompt, completion: str, tokenizer) -> dict:
         eos = tokenizer.eos_token
         prompt_text, full_text = prompt, prompt + (completion if completion.endswith(eos) else completion + eos)
     prompt_ids, ids = encode(prompt_text, tokenizer), encode(full_text, tokenizer)
-    n = 0
-    while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
-        n += 1
+    n = common_prefix(prompt_ids, ids)
     return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
 
 
