@@ -268,8 +268,9 @@ def print_counts(cfg: ExperimentConfig) -> None:
 
 
 def reward_gate(cfg: ExperimentConfig, round_: int) -> None:
-    """Stop the run (RewardGateError, exit code 5) when the reward model is below `reward.min_eval_accuracy`."""
-    from prefopt.reward.gate import RewardGateError, gate_message
+    """Stop the run (RewardGateError, exit code 5) unless the reward model is above `reward.min_eval_accuracy`
+    beyond noise (reward/gate.py)."""
+    from prefopt.reward.gate import RewardGateError, gate_message, lower_bound
 
     path = stage_dir(cfg, "reward", round_) / "summary.json"
     if not path.exists():
@@ -280,8 +281,8 @@ def reward_gate(cfg: ExperimentConfig, round_: int) -> None:
         raise RewardGateError(msg)
     if summary.get("eval/accuracy") is not None:
         print(f"[prefopt] reward model: held-out accuracy {summary['eval/accuracy']:.3f} ± "
-              f"{summary.get('eval/accuracy_se', 0):.3f} >= reward.min_eval_accuracy "
-              f"{cfg.reward.min_eval_accuracy:g}: passes the gate", flush=True)
+              f"{summary.get('eval/accuracy_se', 0):.3f} (95% interval down to {lower_bound(summary):.3f}) >= "
+              f"reward.min_eval_accuracy {cfg.reward.min_eval_accuracy:g}: passes the gate", flush=True)
 
 
 def record_timing(cfg: ExperimentConfig, stage: str, round_: int, seconds: float) -> None:

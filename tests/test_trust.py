@@ -130,9 +130,15 @@ def test_gate_message():
     s = {"eval/accuracy": 0.556, "eval/accuracy_se": 0.025, "eval/pairs": 400}
     msg = gate_message(s, 0.65)
     assert msg.startswith("reward model gate: held-out pairwise accuracy 0.556 ± 0.025 on 400 held-out pairs is below "
-                          "reward.min_eval_accuracy=0.65: pairs built from its scores would be near random")
+                          "reward.min_eval_accuracy=0.65: pairs built from its scores would be little better than random")
     assert "\n" not in msg and "--reward.min_eval_accuracy=0" in msg
-    assert gate_message(s, 0.0) is None and gate_message({**s, "eval/accuracy": 0.7}, 0.65) is None
+    assert gate_message(s, 0.0) is None and gate_message({**s, "eval/accuracy": 0.75}, 0.65) is None
+    # above the floor but not beyond noise: 0.680 - 1.96 * 0.023 = 0.635 < 0.65 (the lookup task's reward model)
+    near = gate_message({**s, "eval/accuracy": 0.680, "eval/accuracy_se": 0.023}, 0.65)
+    assert "0.680 ± 0.023 on 400 held-out pairs is not above reward.min_eval_accuracy=0.65 beyond noise " \
+           "(95% interval down to 0.635)" in near
+    assert gate_message({**s, "eval/accuracy": 0.70, "eval/accuracy_se": 0.02}, 0.65) is None  # 0.661 >= 0.65
+    assert gate_message({"eval/accuracy": 0.66}, 0.65) is None  # no SE recorded: the point estimate
 
 
 @pytest.mark.slow

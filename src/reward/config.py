@@ -40,9 +40,9 @@ class RewardStageConfig(TrainFields):
     early_stopping_patience: int = 4
     """Stop after this many evaluations (one every `save_steps`) without a better validation accuracy; 0: never."""
     min_eval_accuracy: float = 0.65
-    """The gate: `prefopt run` stops before any stage that uses the reward model when its held-out (test) pairwise
-    accuracy is below this (exit code 5). Near 0.5 the pairs are near random and the aligners optimise noise.
-    0 turns the gate off."""
+    """The gate: `prefopt run` stops before any stage that uses the reward model (exit code 5) unless its held-out
+    (test) pairwise accuracy is above this beyond noise: accuracy - 1.96 SE >= the floor (reward/gate.py). Near 0.5
+    the pairs are near random and the aligners optimise noise. 0 turns the gate off."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """LoRA adapter (PEFT, task SEQ_CLS so the new head trains fully); merged before the model is saved."""
     learning_rate: float = 1e-4
