@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser quickstart test test-fast clean
+.PHONY: install browser quickstart test test-fast test-compat clean
 
 install: $(STAMP) browser
 
@@ -40,6 +40,18 @@ test: $(STAMP)
 # Everything but the end-to-end training runs: a quick loop while developing.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The fast tests again on the GPU set's transformers (5.17; vLLM 0.31 needs < 5.18), overlaid on the CPU venv:
+# the code is tested on both versions it claims. CI runs this after `make test`.
+COMPAT := .venv-compat
+$(COMPAT)/.installed: requirements/compat-tf517.txt $(STAMP)
+	rm -rf $(COMPAT)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT) -r requirements/compat-tf517.txt
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	PYTHONPATH=$(CURDIR)/$(COMPAT) $(BIN)/python -c "import transformers as t; print('test-compat: transformers', t.__version__, 'from', t.__file__)"
+	PYTHONPATH=$(CURDIR)/$(COMPAT) $(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs wandb build *.egg-info

@@ -68,10 +68,30 @@ class LaunchConfig:
     accelerate_config: str = ""
     """An accelerate config file (experiments/accelerate/*.yaml); empty: accelerate's defaults."""
     num_processes: int = 1
-    """Processes per training stage (GPUs; on CPU, processes)."""
+    """Processes per training stage, all machines together (GPUs; on CPU, processes)."""
+    num_machines: int = 1
+    """Machines (nodes) per training stage. Above 1 needs `srun: true` (README, "Many nodes")."""
+    srun: bool = False
+    """Start each training stage on every node of the Slurm allocation: `srun --nodes=num_machines
+    --ntasks-per-node=1` runs one `accelerate launch` per node, machine rank from SLURM_NODEID. `prefopt run` itself
+    runs on the first node (the sbatch script) and does the other stages there."""
+    main_process_ip: str = ""
+    """Address of the machine-rank-0 node for multi-node launches; empty: the first host of SLURM_JOB_NODELIST
+    (`scontrol show hostnames`)."""
+    main_process_port: int = 29500
 
     def __post_init__(self):
         check_range(self, "num_processes", ge=1)
+        check_range(self, "num_machines", ge=1)
+        check_range(self, "main_process_port", ge=1, le=65535)
+        if self.num_machines > 1 and not self.srun:
+            raise FieldError("num_machines", f"{self.num_machines} machines need srun: true (one accelerate launch "
+                             "per node under Slurm; README, \"Many nodes\")")
+        if self.srun and self.launcher != "accelerate":
+            raise FieldError("srun", "needs launcher: accelerate (srun starts one accelerate launch per node)")
+        if self.num_processes % self.num_machines:
+            raise FieldError("num_processes", f"{self.num_processes} processes do not split evenly over "
+                             f"{self.num_machines} machines")
 
 
 @dataclass

@@ -157,20 +157,48 @@ def _write_stderr(data: bytes) -> None:
         sys.stderr.write(data.decode("utf-8", errors="replace"))
 
 
+MACHINE_RANK = "__MACHINE_RANK__"  # replaced by $SLURM_NODEID, expanded on each node by srun's shell
+
+
 def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]) -> list[str]:
-    """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`."""
+    """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`;
+    with `launch.srun`, that command once per node under `srun` (see `slurm_command`)."""
+    launch = cfg.launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if cfg.launch.accelerate_config:
-        cmd += ["--config_file", cfg.launch.accelerate_config]
-    if cfg.launch.num_processes > 1:
-        cmd += ["--num_processes", str(cfg.launch.num_processes)]
-        if not cfg.launch.accelerate_config:
+    if launch.accelerate_config:
+        cmd += ["--config_file", launch.accelerate_config]
+    if launch.num_processes > 1:
+        cmd += ["--num_processes", str(launch.num_processes)]
+        if not launch.accelerate_config:
             cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    elif not cfg.launch.accelerate_config:
+    elif not launch.accelerate_config:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if launch.srun:
+        if "--num_machines" in cmd:  # the CLI's value wins over a config file's anyway; say it once
+            del cmd[cmd.index("--num_machines"): cmd.index("--num_machines") + 2]
+        cmd += ["--num_machines", str(launch.num_machines), "--machine_rank", MACHINE_RANK,
+                "--main_process_ip", launch.main_process_ip or slurm_head_node(),
+                "--main_process_port", str(launch.main_process_port)]
     # --quiet: a failed stage ends with its own one-line error, not accelerate's CalledProcessError traceback
     cmd += ["--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
-    return cmd
+    return slurm_command(cmd, launch.num_machines) if launch.srun else cmd
+
+
+def slurm_command(cmd: list[str], nodes: int) -> list[str]:
+    """`srun --nodes=N --ntasks-per-node=1 bash -c '<accelerate launch ... --machine_rank $SLURM_NODEID ...>'`:
+    one accelerate launcher per node, each starting that node's processes; the rank is expanded on the node."""
+    inner = shlex.join(cmd).replace(shlex.quote(MACHINE_RANK), '"$SLURM_NODEID"')
+    return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c", inner]
+
+
+def slurm_head_node() -> str:
+    """The first host of the Slurm allocation (machine rank 0), for `--main_process_ip`."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise ValueError("launch.srun: not inside a Slurm allocation (no SLURM_JOB_NODELIST); run under sbatch or "
+                         "salloc, or set launch.main_process_ip")
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
 
 
 def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str], fresh: bool = False) -> None:

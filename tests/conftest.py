@@ -86,3 +86,12 @@ def write_yaml(path: Path, data: dict) -> Path:
 
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def pytest_report_header(config):
+    """Which library versions this run tests (`make test-compat` overlays the GPU set's transformers)."""
+    import torch
+    import transformers
+    import trl
+
+    return f"prefopt stack: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"

@@ -145,7 +145,8 @@ def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, t
     """Summed completion log-prob and completion length of every sequence: (2B,), (2B,), chosen first.
 
     The model is called through its own forward (so DDP / DeepSpeed / PEFT hooks run) with `logits_to_keep` an
-    all-False mask: it projects no position to the vocabulary; a hook takes the decoder's last hidden states and
+    empty 1D index tensor: it projects no position to the vocabulary (a 1D tensor of positions means the same in
+    transformers 5.17 and 5.23; a 2D boolean mask is 5.2x-only); a hook takes the decoder's last hidden states and
     only the positions that predict completion tokens are projected here (chunk_size > 0: in chunks, each
     recomputed in backward)."""
     inner = _unwrap(model)
@@ -159,7 +160,7 @@ def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, t
     try:
         ids = batch["input_ids"]
         kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False,
-                  "logits_to_keep": torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)}
+                  "logits_to_keep": torch.zeros(0, dtype=torch.long, device=ids.device)}
         if "position_ids" in batch:
             kwargs["position_ids"] = batch["position_ids"]
         model(input_ids=ids, **kwargs)

@@ -22,9 +22,11 @@ class PreferenceFields(TrainFields):
     """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence), or
     shared_prompt (packed, each pair's prompt computed once for chosen and rejected). All give the same loss and
     gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching)."""
-    logps_chunk_size: int = 0
+    logps_chunk_size: int = 512
     """Project hidden states to the vocabulary this many tokens at a time, recomputed in backward, so the full
-    (tokens x vocab) float32 logits never exist at once: for large vocabularies. 0: in one piece (fastest)."""
+    (tokens x vocab) float32 logits never exist at once (TRL #7244; exact: the same log-probs and gradients).
+    On by default: it costs one more lm_head pass in backward and keeps peak memory at or below TRL's (the CPU
+    benchmark in docs/performance.md). 0: in one piece."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     long_prompts: Literal["truncate", "drop"] = "truncate"
     """A pair whose prompt alone fills `max_length` (long multi-turn chats): `truncate` keeps the prompt's BOS and
