@@ -4,6 +4,7 @@ choice, and the `generate` stage's shards, resume and SimPO recipe."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
@@ -12,6 +13,7 @@ import torch
 
 from prefopt.generation import Sampling, make_generator, resolve_backend
 from prefopt.generation import factory
+from prefopt.generation.base import generate_many
 from prefopt.generation.hf import TransformersGenerator, left_pad
 from prefopt.generation.recipe import all_identical, unique_prompts
 from prefopt.generation.vllm_backend import VLLMGenerator, llm_kwargs, sampling_params_kwargs, to_completions
@@ -139,13 +141,21 @@ def _fake_vllm(calls, short: int = 0):
             return calls.get("tokenizer") or _TextTokenizer()
 
         def generate(self, prompts, params, use_tqdm=True):
-            calls["prompts"], calls["params"] = prompts, params.kw
-            texts = [p["prompt_token_ids"][-1] for p in prompts]  # _TextTokenizer keeps the text as its last "id"
-            outs = [types.SimpleNamespace(text=f"{p}-{j}", token_ids=[1, j, 2], finish_reason="stop" if j else "length")
-                    for p in texts for j in range(params.kw["n"])]
-            n = params.kw["n"]
-            return [types.SimpleNamespace(request_id=str(i), outputs=outs[i * n:(i + 1) * n - (short if i == 0 else 0)])
-                    for i in range(len(prompts))]
+            # vLLM takes one SamplingParams for all requests or a list with one per request
+            per = params if isinstance(params, list) else [params] * len(prompts)
+            assert len(per) == len(prompts)
+            calls["generate_calls"] = calls.get("generate_calls", 0) + 1
+            calls["prompts"], calls["params"] = prompts, per[0].kw
+            calls["all_params"] = [p.kw for p in per]
+            out = []
+            for i, (p, sp) in enumerate(zip(prompts, per)):
+                text = p["prompt_token_ids"][-1]  # _TextTokenizer keeps the text as its last "id"
+                n = sp.kw["n"] - (short if i == 0 else 0)
+                tag = f"s{sp.kw['seed']}-" if calls.get("tag_seed") else ""
+                out.append(types.SimpleNamespace(request_id=str(i), outputs=[
+                    types.SimpleNamespace(text=f"{tag}{text}-{j}", token_ids=[1, j, 2],
+                                          finish_reason="stop" if j else "length") for j in range(n)]))
+            return out
 
         def sleep(self, level=1):
             calls.setdefault("teardown", []).append(f"sleep({level})")
@@ -171,6 +181,42 @@ def test_vllm_generator_maps_outputs(monkeypatch):
     assert [c.text for c in greedy[0]] == ["a-0"] * 3
     assert calls["params"]["n"] == 1  # greedy asks for one sequence, then repeats it
     assert calls["llm"]["dtype"] == "auto" == g.dtype  # "/m" has no config.json: vLLM reads the hub config itself
+
+
+def test_vllm_samples_every_seed_in_one_call(monkeypatch):
+    """The SimPO recipe's one-sample-per-seed shard: prompts x seeds go to the engine in one `generate` call with
+    one SamplingParams per request (sampling-major), and come back split per seed."""
+    calls = {"tag_seed": True}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    g = VLLMGenerator("/m")
+    samplings = [Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=7, seed=s) for s in (13, 21, 42)]
+    seen = []
+    outs = generate_many(g, ["a", "b"], samplings, progress=lambda done, tokens: seen.append((done, tokens)))
+    assert calls["generate_calls"] == 1
+    assert [p["seed"] for p in calls["all_params"]] == [13, 13, 21, 21, 42, 42]
+    assert [p["prompt_token_ids"][-1] for p in calls["prompts"]] == ["a", "b"] * 3
+    assert [[o[0].text for o in per_seed] for per_seed in outs] == [["s13-a-0", "s13-b-0"], ["s21-a-0", "s21-b-0"],
+                                                                   ["s42-a-0", "s42-b-0"]]
+    assert seen == [(6, 18)]  # 6 (prompt, seed) requests, 3 tokens each
+    assert g.generate(["a"], samplings[1])[0][0].text == "s21-a-0"  # generate is generate_many with one sampling
+
+
+def test_generate_many_loops_for_a_backend_without_it():
+    class OneAtATime:
+        def generate(self, prompts, sampling, progress=None):
+            return [[f"{p}@{sampling.seed}"] for p in prompts]
+
+    assert generate_many(OneAtATime(), ["a", "b"], [Sampling(seed=1), Sampling(seed=2)]) == [
+        [["a@1"], ["b@1"]], [["a@2"], ["b@2"]]]
+
+
+def test_vllm_batch_invariant_mode_is_set_before_import_and_recorded(monkeypatch):
+    calls = {}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    monkeypatch.delenv("VLLM_BATCH_INVARIANT", raising=False)
+    assert VLLMGenerator("/m").batch_invariant is False
+    g = VLLMGenerator("/m", batch_invariant=True)
+    assert g.batch_invariant is True and os.environ["VLLM_BATCH_INVARIANT"] == "1"
 
 
 def test_vllm_gets_token_ids_with_one_bos(monkeypatch, tiny_model_dir):

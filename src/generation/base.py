@@ -52,6 +52,15 @@ class Generator(Protocol):
         ...
 
 
+def generate_many(generator, prompts: list[str], samplings: list[Sampling],
+                  progress: Progress = None) -> list[list[list[Completion]]]:
+    """`generator.generate` under each sampling: result[k][i] = prompt i under samplings[k]. A backend with its own
+    `generate_many` (vLLM: every (seed, prompt) request in one engine call) does it at once; others loop."""
+    if hasattr(generator, "generate_many"):
+        return generator.generate_many(prompts, samplings, progress)
+    return [generator.generate(prompts, s, progress=progress) for s in samplings]
+
+
 def derive_seed(*parts: int) -> int:
     """A seed for one piece of work from (seed, shard, batch, ...): independent streams per piece, and the same
     stream whenever the same piece is redone, whatever ran before it."""

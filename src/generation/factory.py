@@ -37,15 +37,17 @@ def resolve_backend(backend: str) -> str:
 
 def make_generator(model_path: str, backend: str = "auto", *, batch_size: int = 64, dtype: str = "auto",
                    tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, seed: int = 0,
-                   device: str | None = None) -> Generator:
+                   device: str | None = None, batch_invariant: bool = False) -> Generator:
     """A Generator for a checkpoint folder or hub id. Options that the chosen backend does not use are ignored
-    (batch_size and device: transformers; tensor_parallel_size and gpu_memory_utilization: vLLM)."""
+    (batch_size and device: transformers; tensor_parallel_size, gpu_memory_utilization and batch_invariant: vLLM.
+    The transformers backend repeats its candidates for the same prompts, batch size and seed on the same machine)."""
     chosen = resolve_backend(backend)
     if chosen == "vllm":
         from prefopt.generation.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(model_path, tensor_parallel_size=tensor_parallel_size,
-                             gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed)
+                             gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
+                             batch_invariant=batch_invariant)
     from prefopt.generation.hf import TransformersGenerator
 
     return TransformersGenerator(model_path, batch_size=batch_size, dtype=dtype, device=device)

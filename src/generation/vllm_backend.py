@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -118,34 +119,64 @@ def to_completions(request_output, n: int, greedy: bool = False) -> list[Complet
     return comps
 
 
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
+
+
+def requests_for(prompt_ids: list[list[int]], samplings: list[Sampling], params_cls) -> tuple[list, list]:
+    """(requests, per-request SamplingParams) for every (sampling, prompt) pair, sampling-major: one
+    `LLM.generate` call for a shard sampled under several seeds (the SimPO recipe's five), so the engine schedules
+    prompts x seeds at once instead of one underfed call per seed."""
+    requests, params = [], []
+    for s in samplings:
+        p = params_cls(**sampling_params_kwargs(s))
+        requests += [{"prompt_token_ids": ids} for ids in prompt_ids]
+        params += [p] * len(prompt_ids)
+    return requests, params
+
+
 class VLLMGenerator:
     name = "vllm"
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 dtype: str = "auto", seed: int = 0):
+                 dtype: str = "auto", seed: int = 0, batch_invariant: bool = False):
+        if batch_invariant:  # read by vllm when it builds its kernels: must be set before the import
+            os.environ[BATCH_INVARIANT_ENV] = "1"
         import vllm  # only here: the package never needs vllm unless this backend is chosen
 
+        # "Same seed, same candidates" holds across batch sizes and request orders only in vLLM's batch-invariant
+        # mode (its docs: beta, compute capability >= 8.0); recorded with the candidates either way.
+        self.batch_invariant = os.environ.get(BATCH_INVARIANT_ENV) == "1"
         self._vllm = vllm
         self.path = str(model_path)
         self.dtype = engine_dtype(self.path, dtype)  # what the engine runs in, for callers to record
         self.llm = vllm.LLM(**llm_kwargs(model_path, tensor_parallel_size, gpu_memory_utilization, self.dtype, seed))
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: Progress = None) -> list[list[Completion]]:
+        return self.generate_many(prompts, [sampling], progress)[0]
+
+    def generate_many(self, prompts: list[str], samplings: list[Sampling],
+                      progress: Progress = None) -> list[list[list[Completion]]]:
+        """`generate` under each sampling (e.g. one per seed) in ONE engine call: result[k][i] is prompt i's
+        completions under samplings[k]."""
         if self.llm is None:
             raise RuntimeError(f"VLLMGenerator for {self.path} was closed")
-        params = self._vllm.SamplingParams(**sampling_params_kwargs(sampling))
         # Token ids, not text: vLLM would tokenize text with special tokens on, and a chat template that writes
         # BOS (Llama-3, Gemma-2) would then start with two. `encode` is what every other stage uses, so vLLM's
         # samples continue the very ids that evaluation and PPO score. (A dict is vLLM's TokensPrompt.)
         tok = self.llm.get_tokenizer()
-        requests = [{"prompt_token_ids": encode(p, tok)} for p in prompts]
-        # vLLM schedules all prompts itself (continuous batching): one call, its own progress bar.
+        ids = [encode(p, tok) for p in prompts]
+        requests, params = requests_for(ids, samplings, self._vllm.SamplingParams)
+        # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
         outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} request outputs for {len(prompts)} prompts")
-        result = [to_completions(o, sampling.n, greedy=sampling.temperature == 0) for o in outputs]
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} request outputs for {len(requests)} requests")
+        result = []
+        for k, s in enumerate(samplings):
+            part = outputs[k * len(prompts):(k + 1) * len(prompts)]
+            result.append([to_completions(o, s.n, greedy=s.temperature == 0) for o in part])
         if progress is not None:
-            progress(len(prompts), sum(len(c.token_ids) for comps in result for c in comps))
+            progress(len(prompts) * len(samplings),
+                     sum(len(c.token_ids) for res in result for comps in res for c in comps))
         return result
 
     def close(self) -> None:
