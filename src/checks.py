@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from prefopt.experiment import STAGES, ExperimentConfig, section, stage_inputs
+from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, section, stage_inputs
 
 
 def _paths_in(obj, key=""):
@@ -23,6 +23,30 @@ def _batch_terms(sec, num_processes: int) -> str:
         return f"processes {num_processes} x rollout_batch_size {sec.rollout_batch_size}"
     return (f"processes {num_processes} x per-device {sec.per_device_train_batch_size} x accumulation "
             f"{sec.gradient_accumulation_steps}")
+
+
+def rm_format_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
+    """`rm_format: chat` that cannot work, found without loading weights: the experiment's own likelihood reward
+    model, or a local reward-model folder whose tokenizer has no chat template (a hub id is checked when the stage
+    loads it: `check` downloads nothing)."""
+    if getattr(sec, "rm_format", None) != "chat" or sec.reward_fn or not sec.reward_model:
+        return None
+    key, ref = f"{stage}.rm_format", sec.reward_model
+    if ref.startswith("stage:"):
+        if ref_stage(ref) == "reward" and "reward" in cfg.stages and cfg.reward.kind == "likelihood":
+            return (f"{key}: chat needs a sequence-classification reward model, but {ref} is a likelihood reward "
+                    f"model (reward.kind: likelihood) trained on the policy's text (use {key}: policy)")
+        return None
+    if not Path(ref).expanduser().is_dir():
+        return None
+    from prefopt.reward.score import rm_input_format
+
+    try:
+        rm_input_format("chat", str(Path(ref).expanduser()), key,
+                        trust_remote_code=getattr(sec, "trust_remote_code", False))
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        return str(e)
+    return None
 
 
 def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
@@ -46,6 +70,9 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                 warnings.append(f"{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
             elif value and not value.startswith("stage:") and Path(value).is_dir():
                 problems.append(f"{key}: {value!r} is a directory, not a data file")
+        problem = rm_format_problem(cfg, stage, sec)
+        if problem:
+            problems.append(problem)
         # the global batch the recipe states
         if STAGES[stage][1] and hasattr(sec, "global_batch"):
             got = sec.global_batch(cfg.launch.num_processes)

@@ -123,7 +123,10 @@ def build_tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attent
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed."""
+    """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed.
+
+    A sequence classifier (the `reward` stage's) also gets `reward_model.json`: it says prefopt trained it on the
+    policy's rendered text, which `score.rm_format: auto` reads to tell it from a hub reward model."""
     import os
     import shutil
 
@@ -134,6 +137,10 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        from prefopt.reward.score import write_classifier_meta
+
+        write_classifier_meta(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

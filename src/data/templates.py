@@ -83,6 +83,22 @@ def encode(text: str, tokenizer, **kw) -> list[int]:
     return tokenizer(text, add_special_tokens=special_tokens_for(text, tokenizer), **kw)["input_ids"]
 
 
+def prompt_messages(row: dict) -> list[dict] | None:
+    """The prompt of a row as the user wrote it, as chat turns: what a hub reward model's own chat template renders
+    (`score.rm_format: chat`). Taken from the row's data, never parsed back out of the policy's rendered text: the
+    canonical prompt when it is already messages (`template: chat`), the messages the generate stage kept in
+    `meta`, or Alpaca's instruction and input as one user turn. None when the row carries none of these (a bare
+    `prompt` string, which may be rendered text)."""
+    prompt, meta = row.get("prompt"), row.get("meta") or {}
+    if isinstance(prompt, list):
+        return prompt
+    if isinstance(meta.get("messages"), list):
+        return meta["messages"]
+    if isinstance(meta.get("instruction"), str) and meta["instruction"].strip():
+        return make_prompt(meta["instruction"], meta.get("input") or "", "chat")
+    return None
+
+
 def prompt_text(prompt: Any) -> str:
     """A readable one-string form of a prompt (for logs, hashes and AlpacaEval rows)."""
     if isinstance(prompt, str):

@@ -73,7 +73,11 @@ class EvaluateConfig:
     """dtype of the models loaded for log-probs (float32 on CPU whatever is asked)."""
     rm_max_length: int = 512
     """Tokens the reward model reads (prompt + response), as `score.max_length`."""
+    rm_format: Literal["auto", "policy", "chat"] = "auto"
+    """What the reward model reads, as `score.rm_format`: the policy's rendered prompt + response (`policy`), or the
+    raw prompt and response in the reward model's own chat template (`chat`, hub reward models; `auto` decides)."""
     trust_remote_code: bool = False
+    """Allow a hub reward model's own code (ArmoRM needs it)."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     """Perplexity, multiple-choice accuracy (C-Eval / MMLU files) and lm-eval tasks per policy (`suite.md`)."""

@@ -6,7 +6,8 @@
 Per policy (same prompts, same sampling seed for all): mean gold score (when the task has one), mean reward-model
 score, win rate against the baseline by the reward model and by gold (every sample against every baseline sample
 of the same prompt, ties 1/2), the Monte-Carlo sequence-level KL to the baseline, mean response length in tokens,
-and optionally an order-swapped pairwise judge's win rate against the baseline.
+and optionally an order-swapped pairwise judge's win rate against the baseline. The reward model reads each sample
+as the `score` stage gives it one (`rm_format`: a hub reward model gets the raw prompt in its own chat template).
 
 KL. For samples y ~ pi_T(.|x) (the policy at the sampling temperature T), the stage reports
     mean over samples of [ log pi_T(y|x) - log pi_sft,T(y|x) ]
@@ -208,9 +209,9 @@ def find_checkpoints(model_path: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def proxy_scorer(ctx, sec):
+def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     """(name, fn(rendered prompts, rows, completions) -> nested scores) for the reward model or reward function, or
-    None. Loaded lazily, once."""
+    None. Loaded lazily, once; `evaluate.rm_format` is checked here, on `rows`, before anything is sampled."""
     if sec.reward_fn:
         from prefopt.reward.functions import load_reward_function
 
@@ -225,15 +226,20 @@ def proxy_scorer(ctx, sec):
     rm_ref = sec.reward_model
     if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
         return None
-    from prefopt.reward.score import load_scorer
+    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
 
+    key = "evaluate.rm_format"
+    fmt = rm_input_format(sec.rm_format, ctx.resolve(rm_ref), key, rm_ref.startswith("stage:"), sec.trust_remote_code)
+    for r in rows:
+        rm_prompt(r, "", fmt, key)
     holder = {}
 
     def score_fn(s, rows):
         if "scorer" not in holder:
             holder["scorer"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
             holder["model"], holder["tok"] = holder["scorer"].model, holder["scorer"].tokenizer
-        prompts = [p for p, comps in zip(s["rendered"], s["completions"]) for _ in comps]
+        prompts = [rm_prompt(r, p, fmt, key) for r, p, comps in zip(rows, s["rendered"], s["completions"])
+                   for _ in comps]
         responses = [c.text for comps in s["completions"] for c in comps]
         return _nest(holder["scorer"].score(prompts, responses, sec.batch_size, sec.rm_max_length), s)
 
@@ -282,7 +288,7 @@ def run(ctx) -> dict:
     rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     print(f"[evaluate] {len(rows)} {sec.split} prompts from {ctx.resolve(spec.path, model=False)}", flush=True)
     gold_fn = gold_scorer(ctx.cfg, sec.task)
-    proxy = proxy_scorer(ctx, sec)
+    proxy = proxy_scorer(ctx, sec, rows)
 
     # 0. What to sample: each policy on every prompt; with `checkpoints`, each saved aligner checkpoint on the first
     #    `checkpoint_prompts`; with `best_of_n`, the baseline once more with max(n) samples per prompt.

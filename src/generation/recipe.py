@@ -9,7 +9,8 @@ Loop: prompts are cut into shards of `shard_size`; a shard already on disk is ke
 written (atomically) as `shard-00000.jsonl`, ... One row per prompt:
 
     {"prompt_id", "prompt", "candidates": [str], "candidate_lengths": [tokens], "finished": [bool],
-     "sampling": {...}, "seed", "generator": {"path", "sha256", "backend"}, "meta": {"instruction", "input"}}
+     "sampling": {...}, "seed", "generator": {"path", "sha256", "backend"},
+     "meta": {"instruction", "input", "messages" (a chat prompt's turns)}}
 
 `seed` is the configured seed (an int), or with `seeds` the list of seeds, one per candidate in order.
 Resume: a shard's sampling is seeded from (configured seed, experiment seed and round, shard index), never from
@@ -73,6 +74,16 @@ def finished_shard(path: Path, expected_ids: list[str], sha256: str) -> list[dic
     return rows
 
 
+def row_meta(prompt: dict) -> dict:
+    """A shard row's `meta`: the loader's (instruction, input), plus the chat turns of a `template: chat` prompt,
+    which the rendered `prompt` no longer shows: a reward model that reads its own chat template needs them
+    (`score.rm_format`, `data.templates.prompt_messages`)."""
+    meta = dict(prompt.get("meta") or {})
+    if isinstance(prompt["prompt"], list):
+        meta["messages"] = prompt["prompt"]
+    return meta
+
+
 def make_rows(prompts: list[dict], rendered: list[str], outputs: list[list[list[Completion]]], sec,
               samplings: list[Sampling], generator: dict) -> list[dict]:
     """Rows of one shard from each generate call's completions (calls in order: their candidates concatenate)."""
@@ -91,7 +102,7 @@ def make_rows(prompts: list[dict], rendered: list[str], outputs: list[list[list[
             "sampling": sampling,
             "seed": list(sec.seeds) if sec.seeds else sec.seed,
             "generator": generator,
-            "meta": p.get("meta", {}),
+            "meta": row_meta(p),
         })
     return rows
 

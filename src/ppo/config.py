@@ -22,10 +22,14 @@ class PPOConfig:
     reward_fn: str = ""
     """A reward function `module:function` (or `task:gold`, the task's gold score: the DPO paper's PPO-GT oracle)
     used instead of the reward model: fn(example, response) -> float. The value model then starts from the policy."""
+    rm_format: Literal["auto", "policy", "chat"] = "auto"
+    """What the reward model reads, as `score.rm_format`: the policy's rendered prompt + response (`policy`), or the
+    raw prompt and response in the reward model's own chat template (`chat`, hub reward models; `auto` decides).
+    Responses reach it as text either way, tokenized by its own tokenizer."""
     value_init: Literal["reward", "policy"] = "reward"
     """Initialise the value model from the reward model (InstructGPT; for a likelihood reward model, its trained
     transformer with a fresh head) or from the policy (fresh head). Either way it must share the policy's
-    tokenizer."""
+    tokenizer: a hub reward model with another vocabulary needs `policy`."""
     prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="stage:task/prompts.jsonl"))
     """Prompts to sample rollouts on (any format the loaders read; only the prompt is used)."""
     template: Literal["alpaca", "chat"] = "alpaca"

@@ -4,12 +4,13 @@
     prefopt ppo experiments/quickstart.yaml --ppo.kl_coef=0.02 --ppo.total_episodes=4096
 
 Four models: the policy (trained), a frozen reference (loaded again from the same checkpoint), the reward model
-(frozen) and a value model (trained; the RM's backbone and head applied per token, or the policy's backbone with a
-fresh head). Each iteration: sample one response per prompt at `temperature`, score it (minus a penalty when it
-never emitted EOS), compute per-token rewards -beta * KL plus the score at the last token, GAE advantages
-(whitened), then `ppo_epochs` passes over shuffled minibatches of the clipped policy loss + vf_coef * the clipped
-value loss, each model with its own AdamW. Dropout is off everywhere (all models stay in eval mode), so the
-log-probs of the update match those of the rollout.
+(frozen; it reads decoded responses with its own tokenizer, in `rm_format`) and a value model (trained; the RM's
+backbone and head applied per token, or the policy's backbone with a fresh head). Each iteration: sample one
+response per prompt at `temperature`, score it (minus a penalty when it never emitted EOS), compute per-token
+rewards -beta * KL plus the score at the last token, GAE advantages (whitened), then `ppo_epochs` passes over
+shuffled minibatches of the clipped policy loss + vf_coef * the clipped value loss, each model with its own AdamW.
+Dropout is off everywhere (all models stay in eval mode), so the log-probs of the update match those of the
+rollout.
 
 Outputs in the stage folder: `model/` (final policy + tokenizer), `checkpoints/iter-N/` every `save_every`
 iterations (policy, value, optimizers, KL controller, RNG and sampler state; the latest two are kept). A killed run
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prefopt.config import ConfigError
 from prefopt.generation.base import Sampling
 from prefopt.logps import masked_mean
 from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, policy_loss, value_loss
@@ -229,6 +231,20 @@ def function_scorer(fn, rows: list[dict], rendered: list[str]):
     return score
 
 
+def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], device):
+    """The reward model's ScoreFn, given each prompt in its `rm_format` (checked before the model loads)."""
+    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
+
+    rm_path = ctx.resolve(cfg.reward_model)
+    fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"))
+    rm_prompts = {p: rm_prompt(r, p, fmt, "ppo.rm_format") for r, p in zip(rows, rendered)}
+    scorer = load_scorer(rm_path)
+    scorer.model.to(device)
+    print(f"[ppo] reward: the reward model {rm_path}, reading the {'policy' if fmt == 'policy' else 'its own chat'} "
+          f"format (ppo.rm_format: {cfg.rm_format})", flush=True)
+    return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, rm_prompts=rm_prompts)
+
+
 def load_models(ctx, cfg, resume: Path | None):
     """(policy, reference, value model, tokenizer) on the training device; weights from `resume` when given."""
     from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
@@ -244,6 +260,11 @@ def load_models(ctx, cfg, resume: Path | None):
     for p in ref.parameters():
         p.requires_grad_(False)
     value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" and not cfg.reward_fn else policy_path
+    if value_src != policy_path and load_tokenizer(value_src).get_vocab() != tok.get_vocab():
+        # The value model reads the policy's token ids: another vocabulary would be read as garbage, silently.
+        raise ConfigError(f"ppo.value_init: reward, but the reward model {value_src} has another tokenizer than the "
+                          f"policy {policy_path}: the value model reads the policy's tokens (use ppo.value_init: "
+                          "policy)")
     value = ValueModel(load_reward_model(str(resume / "value") if resume else value_src).float())
     if value.model.config.vocab_size < len(tok):
         raise ValueError(f"value model from {value_src} has vocab {value.model.config.vocab_size} < the policy "
@@ -272,12 +293,7 @@ def run(ctx) -> dict:
         score_fn = function_scorer(load_reward_function(cfg.reward_fn, ctx.cfg.task), rows, prompts)
         print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
-        rm_path = ctx.resolve(cfg.reward_model)
-        from prefopt.reward.score import load_scorer
-
-        scorer = load_scorer(rm_path)
-        scorer.model.to(next(policy.parameters()).device)
-        score_fn = reward_model_scorer(scorer, batch_size=cfg.mini_batch_size)
+        score_fn = rm_score_fn(ctx, cfg, rows, prompts, next(policy.parameters()).device)
     generator = TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,

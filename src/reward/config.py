@@ -85,6 +85,13 @@ class ScoreConfig:
     """(prompt, candidate) texts per reward-model forward pass."""
     trust_remote_code: bool = False
     """Allow a hub reward model's own code (ArmoRM needs it); off unless the config says so."""
+    rm_format: Literal["auto", "policy", "chat"] = "auto"
+    """What the reward model reads. `policy`: the policy's rendered prompt + response + EOS, as the `reward` stage
+    trains on. `chat`: the user's own prompt (the row's instruction and input, or its chat messages) and the
+    response as one conversation in the reward model's own chat template and tokenizer, which is how hub reward
+    models (Skywork-Reward, ArmoRM) were trained; an error if its tokenizer has no chat template. `auto`: `chat`
+    for a classifier prefopt did not train (no `reward_model.json`) whose tokenizer has a chat template, else
+    `policy`."""
     max_length: int = 512
     """Truncate prompt + candidate to this many tokens (part of the cache key)."""
 

@@ -51,6 +51,9 @@ def write_meta(folder: Path, beta: float) -> None:
 
 
 def read_meta(folder: str | Path) -> dict | None:
+    """A reward model's `reward_model.json`, or None when it has none (a hub reward model). prefopt writes one for
+    each reward model it saves: a likelihood one (`write_meta`) or a sequence classifier
+    (`reward.score.write_classifier_meta`)."""
     path = Path(folder) / META
     if not path.is_file():
         return None
@@ -58,8 +61,11 @@ def read_meta(folder: str | Path) -> dict | None:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if meta.get("kind") != "likelihood" or not isinstance(meta.get("beta"), (int, float)):
-        raise ValueError(f"{path}: expected {{\"kind\": \"likelihood\", \"beta\": <number>}}, got {meta}")
+    if isinstance(meta, dict) and meta.get("kind") == "classifier":
+        return meta
+    if not (isinstance(meta, dict) and meta.get("kind") == "likelihood" and isinstance(meta.get("beta"), (int, float))):
+        raise ValueError(f"{path}: expected {{\"kind\": \"likelihood\", \"beta\": <number>}} or "
+                         f"{{\"kind\": \"classifier\"}}, got {meta}")
     return meta
 
 

@@ -14,7 +14,8 @@ Train: `likelihood`: the start model (a causal LM) in the shared preference loop
 checkpoint in `checkpoints/`. Every `save_steps` the model is scored on the validation split by us (the same
 inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
 validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
-checkpoint, merged, + tokenizer in `model/`. Report on the test split, which nothing was chosen on: pairwise
+checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the marker keeps later stages giving it the
+policy's text, `score.rm_format: auto`). Report on the test split, which nothing was chosen on: pairwise
 accuracy against the labels (`eval/accuracy` ± `eval/accuracy_se`), mean reward margin (`eval/margin` ±
 `eval/margin_se`) and, on a gold-reward task, accuracy against the gold score on pairs whose gold scores differ
 (`eval/gold_accuracy`, label noise removed). `test_margins.jsonl` keeps each test pair's margin: the pairs stage

@@ -11,6 +11,14 @@ the same candidates again (another round, a rerun after a config change elsewher
 What the reward model reads is what it was trained on: for a classifier (TRL's RewardTrainer) prompt text +
 response + EOS, right padded, the score being the head's first logit at the last non-pad token; for a likelihood
 reward model (reward/likelihood.py) beta times the mean log-prob of the response tokens and EOS given the prompt.
+
+Which prompt text (`rm_format`, also on `ppo` and `evaluate`): `policy` gives the classifier the policy's rendered
+prompt, as the `reward` stage trained it; `chat` gives it the user's own prompt (the row's instruction and input,
+or its chat messages) and the response as one conversation in the reward model's own chat template, tokenized by
+its own tokenizer with one BOS: what hub reward models (Skywork-Reward, ArmoRM) were trained on. `auto` (the
+default) is `chat` for a classifier prefopt did not train (no `reward_model.json`) whose tokenizer has a chat
+template, else `policy`. Responses always reach the reward model as text, so its vocabulary may differ from the
+policy's.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
-from prefopt.data.templates import encode
+from prefopt.data.templates import encode, prompt_messages
 from prefopt.utils import content_hash, iter_jsonl, weights_sha256, write_jsonl
 
 
@@ -34,19 +43,81 @@ def reward_text(prompt: str, response: str, eos_token: str | None) -> str:
     return text
 
 
+def chat_reward_text(messages: list[dict], response: str, tokenizer) -> str:
+    """The text a hub reward model scores (`rm_format: chat`): the user's turns and the response as the assistant's
+    turn, in the reward model's own chat template, as Skywork-Reward's and ArmoRM's model cards build it. No EOS is
+    added: the template closes the assistant turn itself. A template that writes BOS (Llama-3's) keeps one BOS,
+    since `score_texts` tokenizes through `encode`."""
+    return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
+
+
 class ClassifierScorer:
-    """Scores (prompt, response) with a sequence classifier: prompt + response + EOS, the head's logit at the last
-    non-pad token (what TRL's RewardTrainer trains)."""
+    """Scores (prompt, response) with a sequence classifier, the head's logit at the last non-pad token: a prompt
+    given as text is the policy's rendering (prompt + response + EOS, what TRL's RewardTrainer trains on), one given
+    as chat messages goes through the reward model's own chat template (`chat_reward_text`)."""
 
     kind = "classifier"
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512,
-              progress=None) -> list[float]:
-        texts = [reward_text(p, r, self.tokenizer.eos_token) for p, r in zip(prompts, responses)]
+    def score(self, prompts: list[str | list[dict]], responses: list[str], batch_size: int = 64,
+              max_length: int = 512, progress=None) -> list[float]:
+        texts = [chat_reward_text(p, r, self.tokenizer) if isinstance(p, list)
+                 else reward_text(p, r, self.tokenizer.eos_token) for p, r in zip(prompts, responses)]
         return score_texts(self.model, self.tokenizer, texts, batch_size, max_length, progress)
+
+
+def write_classifier_meta(folder: str | Path) -> None:
+    """Mark a sequence classifier prefopt saves (`models.save_model`): it was trained on the policy's rendered
+    prompt text, so `rm_format: auto` keeps giving it that. Hub reward models carry no `reward_model.json`."""
+    from prefopt.reward.likelihood import META
+
+    (Path(folder) / META).write_text(json.dumps(
+        {"kind": "classifier", "input": "policy",
+         "reward": "the head's logit at the last token of rendered prompt + response + EOS (prefopt.reward.score)"},
+        indent=2) + "\n")
+
+
+def rm_input_format(rm_format: str, path: str, key: str, from_stage: bool = False,
+                    trust_remote_code: bool = False) -> str:
+    """`policy` or `chat`: what `rm_format` (`key`, e.g. `score.rm_format`) means for the reward model at `path`.
+    Reads its `reward_model.json` and tokenizer, not its weights, so a wrong setting stops the stage before any
+    scoring (and `prefopt check` before any stage).
+
+    `auto`: whatever prefopt trained (a `stage:` reference, or a folder with `reward_model.json`) read the policy's
+    text in training and keeps reading it; any other reward model whose tokenizer has a chat template was trained
+    on that template."""
+    from prefopt.reward.likelihood import read_meta
+
+    if rm_format == "policy":
+        return "policy"
+    meta = read_meta(path) if Path(path).is_dir() else None
+    if rm_format == "auto" and (from_stage or meta is not None):
+        return "policy"
+    if meta is not None and meta["kind"] == "likelihood":
+        raise ConfigError(f"{key}: chat needs a sequence-classification reward model, but {path} is a likelihood "
+                          f"reward model trained on the policy's text (use {key}: policy)")
+    from prefopt.models import load_tokenizer
+
+    has_template = bool(getattr(load_tokenizer(path, trust_remote_code=trust_remote_code), "chat_template", None))
+    if rm_format == "chat" and not has_template:
+        raise ConfigError(f"{key}: chat, but the reward model {path} has no chat template in its tokenizer (use "
+                          f"{key}: policy)")
+    return "chat" if has_template else "policy"
+
+
+def rm_prompt(row: dict, rendered: str, fmt: str, key: str, where: str = "") -> str | list[dict]:
+    """What the reward model is given as `row`'s prompt: the policy's `rendered` text, or for `chat` the user's own
+    turns from the row's data (`prompt_messages`), which `ClassifierScorer` puts in the reward model's template."""
+    if fmt == "policy":
+        return rendered
+    messages = prompt_messages(row)
+    if messages is None:
+        raise ConfigError(f"{key}: chat needs each prompt as the user wrote it (Alpaca instruction/input or chat "
+                          f"messages), but prompt_id {row.get('prompt_id')!r}{where} has only rendered text (use "
+                          f"{key}: policy)")
+    return messages
 
 
 def load_scorer(path: str, trust_remote_code: bool = False):
@@ -64,7 +135,7 @@ def load_scorer(path: str, trust_remote_code: bool = False):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meta = read_meta(path) if Path(path).is_dir() else None
-    if meta is not None:
+    if meta is not None and meta["kind"] == "likelihood":
         model = load_causal_lm(path, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
         return LikelihoodScorer(model, load_tokenizer(path, padding_side="right"), meta["beta"])
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -80,10 +151,13 @@ def load_scorer(path: str, trust_remote_code: bool = False):
 
 
 def scorer_sha256(path: str) -> str:
-    """What names a reward model in caches and provenance: its weights, and its `reward_model.json` if any."""
+    """What names a reward model in caches and provenance: its weights, and a likelihood reward model's
+    `reward_model.json` (its beta scales every score; a classifier's marker changes none)."""
+    from prefopt.reward.likelihood import META, read_meta
+
     sha = weights_sha256(path)
-    meta = Path(path) / "reward_model.json"
-    return content_hash(sha, meta.read_text()) if meta.is_file() else sha
+    meta = read_meta(path) if Path(path).is_dir() else None
+    return content_hash(sha, (Path(path) / META).read_text()) if meta and meta["kind"] == "likelihood" else sha
 
 
 def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
@@ -128,7 +202,7 @@ class ScoreCache:
                         continue  # a line cut short by a kill: that score is recomputed
 
     @staticmethod
-    def key(prompt: str, response: str, rm_sha: str, max_length: int) -> str:
+    def key(prompt: str | list[dict], response: str, rm_sha: str, max_length: int) -> str:
         return content_hash(prompt, response, rm_sha, max_length)
 
     def get(self, key: str) -> float | None:
@@ -195,11 +269,20 @@ def run(ctx) -> dict:
     if cfg.reward_fn:
         return run_function(ctx, cfg)
     rm_path = ctx.resolve(cfg.reward_model)
+    fmt = rm_input_format(cfg.rm_format, rm_path, "score.rm_format", cfg.reward_model.startswith("stage:"),
+                          cfg.trust_remote_code)
+    # The cache key names what the reward model reads: chat-format scores are kept apart from policy-format ones.
     rm_sha = scorer_sha256(rm_path)
+    rm_id = rm_sha if fmt == "policy" else content_hash(rm_sha, "chat")
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))
     cache = ScoreCache(ctx.cfg.root / "cache" / "scores.jsonl")
     todo = [s for s in shards if not (ctx.dir / s.name).exists()]
+    # Every row's reward-model prompt before any scoring: a row without its raw prompt stops the stage here.
+    given = {s: [rm_prompt(r, r["prompt"], fmt, "score.rm_format", f" ({s}, row {n})")
+                 for n, r in enumerate(iter_jsonl(s), start=1)] for s in todo}
     total = sum(len(r["candidates"]) for s in todo for r in iter_jsonl(s))
+    print(f"[score] reward model {rm_path} reads the {'policy' if fmt == 'policy' else 'its own chat'} format "
+          f"(score.rm_format: {cfg.rm_format})", flush=True)
 
     scorer = None
     scored = cached = 0
@@ -207,12 +290,13 @@ def run(ctx) -> dict:
     bar = tqdm(total=total, desc="score", unit="cand", disable=not ctx.is_main)
     for shard in todo:
         rows = list(iter_jsonl(shard))
-        keys = [[cache.key(r["prompt"], c, rm_sha, cfg.max_length) for c in r["candidates"]] for r in rows]
-        missing = {}  # key -> text to score (a candidate repeated within a shard is scored once)
-        for r, ks in zip(rows, keys):
+        prompts = given[shard]
+        keys = [[cache.key(p, c, rm_id, cfg.max_length) for c in r["candidates"]] for r, p in zip(rows, prompts)]
+        missing = {}  # key -> (prompt, candidate) to score (a candidate repeated within a shard is scored once)
+        for r, p, ks in zip(rows, prompts, keys):
             for c, k in zip(r["candidates"], ks):
                 if cache.get(k) is None and k not in missing:
-                    missing[k] = (r["prompt"], c)
+                    missing[k] = (p, c)
         cached += sum(len(ks) for ks in keys) - len(missing)
         bar.update(sum(len(ks) for ks in keys) - len(missing))
         if missing:
@@ -240,6 +324,7 @@ def run(ctx) -> dict:
         "scored": scored,
         "cached": cached,
         "reward_model": {"path": str(rm_path), "sha256": rm_sha},
+        "rm_format": fmt,
     }
     if all_scores:
         import statistics
