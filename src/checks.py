@@ -73,6 +73,10 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         problem = rm_format_problem(cfg, stage, sec)
         if problem:
             problems.append(problem)
+        if stage == "ppo" and (cfg.launch.num_processes > 1 or cfg.launch.srun):
+            warnings.append(f"ppo: runs on one process (its loop has no process group yet); `prefopt run` launches it "
+                            f"with 1, not launch.num_processes={cfg.launch.num_processes}, and its global rollout "
+                            f"batch is ppo.rollout_batch_size={sec.rollout_batch_size}")
         # the global batch the recipe states
         if STAGES[stage][1] and hasattr(sec, "global_batch"):
             got = sec.global_batch(cfg.launch.num_processes)

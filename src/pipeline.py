@@ -157,6 +157,7 @@ def _write_stderr(data: bytes) -> None:
         sys.stderr.write(data.decode("utf-8", errors="replace"))
 
 
+SINGLE_PROCESS_STAGES = {"ppo"}  # no process group yet: launched with one process whatever launch.* says
 MACHINE_RANK = "__MACHINE_RANK__"  # replaced by $SLURM_NODEID, expanded on each node by srun's shell
 
 
@@ -165,6 +166,10 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
     with `launch.srun`, that command once per node under `srun` (see `slurm_command`)."""
     launch = cfg.launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if stage in SINGLE_PROCESS_STAGES:
+        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
+        return cmd
     if launch.accelerate_config:
         cmd += ["--config_file", launch.accelerate_config]
     if launch.num_processes > 1:

@@ -372,7 +372,7 @@ def test_stage_killed_then_resumed(tmp_path, tiny_model_dir, monkeypatch):
     assert set(r) >= {"prompt_id", "prompt", "candidates", "candidate_lengths", "finished", "sampling", "seed",
                       "generator", "meta"}
     assert r["generator"] == {"path": str(tiny_model_dir), "sha256": weights_sha256(tiny_model_dir),
-                              "backend": "transformers"}
+                              "backend": "transformers", "batch_invariant": False}
     assert r["meta"] == {"instruction": "Sort the numbers 0 3 1.", "input": "ascending"}
     assert r["prompt"].endswith("### Input:\nascending\n\n### Response:\n")
     assert r["sampling"]["n"] == 2 and r["seed"] == 0

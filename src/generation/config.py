@@ -44,6 +44,9 @@ class GenerateConfig:
     """vLLM: GPUs per model replica."""
     gpu_memory_utilization: float = 0.9
     """vLLM: fraction of GPU memory for weights and KV cache."""
+    batch_invariant: bool = False
+    """vLLM only: its batch-invariant mode (VLLM_BATCH_INVARIANT=1; beta, compute capability >= 8.0), without
+    which the same seed gives the same candidates only for the same batch. Recorded in every shard's `generator`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """vLLM / transformers dtype; checked here, not by vLLM after minutes of loading."""
 

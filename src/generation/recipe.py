@@ -29,7 +29,7 @@ from pathlib import Path
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import render_prompt
-from prefopt.generation.base import Completion, Sampling, derive_seed
+from prefopt.generation.base import Completion, Sampling, derive_seed, generate_many
 from prefopt.generation.factory import make_generator, resolve_backend
 from prefopt.utils import read_jsonl, weights_sha256, write_jsonl
 
@@ -119,7 +119,8 @@ def run(ctx) -> dict:
     prompts, duplicates = unique_prompts(loaded.rows)
     tokenizer = load_tokenizer(model_path)
     rendered = [render_prompt(p["prompt"], tokenizer) for p in prompts]
-    generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend}
+    generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend,
+                      "batch_invariant": backend == "vllm" and sec.batch_invariant}
     n_shards = (len(prompts) + sec.shard_size - 1) // sec.shard_size
     passes = len(sec.seeds) or 1  # generate calls per shard
 
@@ -154,11 +155,12 @@ def run(ctx) -> dict:
             if generator is None:
                 generator = make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
                                            tensor_parallel_size=sec.tensor_parallel_size,
-                                           gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed)
+                                           gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed,
+                                           batch_invariant=sec.batch_invariant)
                 t_start = time.time()
             samplings = shard_samplings(sec, ctx.seed, k)
             t0 = time.time()
-            outputs = [generator.generate(texts, s, progress=progress) for s in samplings]
+            outputs = generate_many(generator, texts, samplings, progress=progress)  # vLLM: one call for all seeds
             gen_seconds += time.time() - t0
             new_prompts += len(chunk)
             rows = make_rows(chunk, texts, outputs, sec, samplings, generator_info)

@@ -272,6 +272,16 @@ def load_models(ctx, cfg, resume: Path | None):
     return policy.to(device), ref.to(device), value.to(device), tok
 
 
+def check_single_process(world_size: int) -> None:
+    """This PPO loop has no process group: under `accelerate launch --num_processes N` it would train N
+    independent policies and save one of them. Refused before any model is loaded; `prefopt run` launches this
+    stage with one process whatever `launch.num_processes` says (pipeline.SINGLE_PROCESS_STAGES)."""
+    if world_size > 1:
+        raise ConfigError(f"ppo runs on one process, but it was launched with {world_size} (WORLD_SIZE): each would "
+                          "train its own policy; launch it with --num_processes 1, or through `prefopt run`, which "
+                          "does whatever launch.num_processes says")
+
+
 def run(ctx) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
@@ -280,6 +290,7 @@ def run(ctx) -> dict:
     from prefopt.utils import seed_everything
 
     cfg = ctx.section
+    check_single_process(int(os.environ.get("WORLD_SIZE", "1")))
     seed_everything(ctx.seed)
     ckpt_dir = ctx.dir / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
