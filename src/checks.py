@@ -19,8 +19,8 @@ def _paths_in(obj, key=""):
 
 def _batch_terms(sec, num_processes: int) -> str:
     """The factors of a stage's global batch, as the warning names them (PPO's is per rollout, not per step)."""
-    if hasattr(sec, "rollout_batch_size"):
-        return f"processes {num_processes} x rollout_batch_size {sec.rollout_batch_size}"
+    if hasattr(sec, "rollout_batch_size"):  # PPO runs on one process (pipeline.SINGLE_PROCESS_STAGES)
+        return f"rollout_batch_size {sec.rollout_batch_size} on one process"
     return (f"processes {num_processes} x per-device {sec.per_device_train_batch_size} x accumulation "
             f"{sec.gradient_accumulation_steps}")
 

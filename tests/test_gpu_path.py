@@ -55,23 +55,24 @@ def test_ppo_reference_matches_policy_at_step_0_from_bf16_checkpoint(bf16_model_
 
 
 def test_ppo_global_batch_in_check():
-    """PPO's global batch is processes x rollout_batch_size; `prefopt check` warns when the recipe states
-    another, naming PPO's own factors."""
+    """PPO's global batch is rollout_batch_size (it runs on one process whatever launch.num_processes says);
+    `prefopt check` warns when the recipe states another, naming PPO's own factors, and says PPO runs on one."""
     from prefopt.checks import problems_and_warnings
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
     from prefopt.ppo.config import PPOConfig
 
-    assert PPOConfig(rollout_batch_size=16, mini_batch_size=8).global_batch(4) == 64
+    assert PPOConfig(rollout_batch_size=16, mini_batch_size=8).global_batch(4) == 16
     cfg = from_dict(ExperimentConfig, {
         "name": "x", "stages": ["sft", "reward", "ppo"], "launch": {"num_processes": 2},
         "ppo": {"rollout_batch_size": 16, "mini_batch_size": 8, "recipe_global_batch": 64}})
     _, warnings = problems_and_warnings(cfg)
-    ppo = [w for w in warnings if w.startswith("ppo:")]
-    assert ppo == ["ppo: global batch is 32 (processes 2 x rollout_batch_size 16) but the recipe states 64; "
+    ppo = [w for w in warnings if w.startswith("ppo: global batch")]
+    assert ppo == ["ppo: global batch is 16 (rollout_batch_size 16 on one process) but the recipe states 64; "
                    "results (SimPO's especially) move with the global batch"]
-    cfg.ppo.recipe_global_batch = 32
-    assert not [w for w in problems_and_warnings(cfg)[1] if w.startswith("ppo:")]
+    assert any(w.startswith("ppo: runs on one process") for w in warnings)
+    cfg.ppo.recipe_global_batch = 16
+    assert not [w for w in problems_and_warnings(cfg)[1] if w.startswith("ppo: global batch")]
 
 
 @pytest.mark.parametrize("section,values,key", [

@@ -98,5 +98,6 @@ class PPOConfig:
                              f"({self.rollout_batch_size}): not one iteration")
 
     def global_batch(self, num_processes: int = 1) -> int:
-        """Responses per PPO iteration over all processes: each process rolls out `rollout_batch_size` prompts."""
-        return num_processes * self.rollout_batch_size
+        """Responses per PPO iteration: `rollout_batch_size`, whatever `num_processes` says, since PPO runs on one
+        process (`prefopt run` launches it so; pipeline.SINGLE_PROCESS_STAGES)."""
+        return self.rollout_batch_size
