@@ -234,10 +234,20 @@ def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, m
         table = list(csv.DictReader(f))
     assert len(table) == 4 and {r["name"] for r in table} == {f"quickstart-grid-t{k}" for k in range(1, 5)}
     for r in table:
-        assert float(r["policies/dpo/kl_to_sft"]) >= 0 and float(r["policies/sft/kl_to_sft"]) == 0
+        # KL is a Monte-Carlo mean of log pi - log pi_sft over 8 samples: two small steps from SFT can dip just below 0
+        assert float(r["policies/dpo/kl_to_sft"]) > -0.05 and float(r["policies/sft/kl_to_sft"]) == 0
         assert r["run_dir"].endswith(r["name"])
-    kl = {(r["dpo.beta"], r["dpo.learning_rate"]): r["policies/dpo/kl_to_sft"] for r in rows}
-    assert kl[(0.1, 1e-3)] > kl[(0.1, 1e-4)]  # the larger step moves the policy further from SFT
+    # the larger step moves the policy further from SFT (in weights: the 8-sample KL estimate is too noisy here)
+    from safetensors.torch import load_file
+
+    sft = load_file(stage_dir(parent, "sft") / "model" / "model.safetensors")
+
+    def moved(row) -> float:
+        dpo = load_file(Path(row["run_dir"]) / "dpo" / "model" / "model.safetensors")
+        return sum(float((dpo[k].float() - sft[k].float()).norm() ** 2) for k in sft) ** 0.5
+
+    by = {(r["dpo.beta"], r["dpo.learning_rate"]): moved(r) for r in table}
+    assert by[("0.1", "0.001")] > 3 * by[("0.1", "0.0001")] > 0
     assert "quickstart-grid-t4" in (tiny / "runs" / "sweeps" / "grid" / "trials.md").read_text()
     # the shared stages ran once (group: the parent experiment); each trial's dpo and evaluate: group = the sweep
     assert [(i["group"], i["job_type"]) for i in inits[:7]] == [("quickstart", s) for s in shared[:3] + ["reward"]

@@ -146,7 +146,8 @@ def test_gate_stops_a_run_whose_reward_model_learned_random_labels(tmp_path):
     """Labels drawn at random (annotator noise 0.5): `prefopt run` stops after the reward stage with exit code 5
     and the one-line message, before any stage that uses the reward model; the reward stage's outputs stay."""
     exp = tiny_experiment(tmp_path, task={"annotator_noise": 0.5, "num_preferences": 600},
-                          reward={"max_steps": 30, "save_steps": 10, "test_fraction": 0.3, "learning_rate": 1e-3})
+                          reward={"max_steps": 30, "save_steps": 10, "test_fraction": 0.3, "learning_rate": 1e-3,
+                                  "min_eval_accuracy": 0.65})  # the default (tiny_experiment turns it off)
     path = write_yaml(tmp_path / "e.yaml", exp)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     res = subprocess.run([sys.executable, "-m", "prefopt", "run", str(path)], cwd=REPO, env=env, capture_output=True,
