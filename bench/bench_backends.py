@@ -17,17 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def tiny_model(out: Path) -> str:
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.utils import seed_everything
-
-    seed_everything(0)
-    texts = ["Below is an instruction that describes a task. Sort the numbers 3 1 2 in ascending order. 1 2 3"] * 50
-    tok = build_tokenizer(texts, vocab_size=300)
-    model = build_tiny_llama(tok, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=4, intermediate_size=256, max_position_embeddings=512)
-    return str(save_model(model, tok, out / "model"))
+from bench_generate import tiny_model  # the same tiny Llama the transformers-only bench builds
 
 
 def bench(backend: str, model: str, prompts: list[str], samplings, args) -> dict:
@@ -82,7 +72,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     samplings = ([Sampling(n=1, seed=s, **common) for s in seeds] if seeds else [Sampling(n=args.n, seed=0, **common)])
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or tiny_model(Path(tmp))
+        model = args.model or tiny_model(Path(tmp), hidden=128, layers=2)
         results = [bench(b, model, prompts, samplings, args) for b in args.backends.split(",")]
     print(f"\n{len(prompts)} prompts x {len(seeds) or args.n} candidates, max {args.max_new_tokens} new tokens, "
           f"T {args.temperature}, top-p {args.top_p}, model {args.model or 'tiny Llama (built here)'}")

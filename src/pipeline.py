@@ -165,20 +165,20 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
     """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`;
     with `launch.srun`, that command once per node under `srun` (see `slurm_command`)."""
     launch = cfg.launch
+    single = stage in SINGLE_PROCESS_STAGES  # one process, accelerate's defaults, this node: whatever launch.* says
+    config_file = "" if single else launch.accelerate_config
+    processes = 1 if single else launch.num_processes
+    srun = launch.srun and not single
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if stage in SINGLE_PROCESS_STAGES:
-        cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
-        return cmd
-    if launch.accelerate_config:
-        cmd += ["--config_file", launch.accelerate_config]
-    if launch.num_processes > 1:
-        cmd += ["--num_processes", str(launch.num_processes)]
-        if not launch.accelerate_config:
+    if config_file:
+        cmd += ["--config_file", config_file]
+    if processes > 1:
+        cmd += ["--num_processes", str(processes)]
+        if not config_file:
             cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    elif not launch.accelerate_config:
+    elif not config_file:
         cmd += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if launch.srun:
+    if srun:
         if "--num_machines" in cmd:  # the CLI's value wins over a config file's anyway; say it once
             del cmd[cmd.index("--num_machines"): cmd.index("--num_machines") + 2]
         cmd += ["--num_machines", str(launch.num_machines), "--machine_rank", MACHINE_RANK,
@@ -186,7 +186,7 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
                 "--main_process_port", str(launch.main_process_port)]
     # --quiet: a failed stage ends with its own one-line error, not accelerate's CalledProcessError traceback
     cmd += ["--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
-    return slurm_command(cmd, launch.num_machines) if launch.srun else cmd
+    return slurm_command(cmd, launch.num_machines) if srun else cmd
 
 
 def slurm_command(cmd: list[str], nodes: int) -> list[str]:

@@ -120,7 +120,7 @@ def run(ctx) -> dict:
     tokenizer = load_tokenizer(model_path)
     rendered = [render_prompt(p["prompt"], tokenizer) for p in prompts]
     generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend,
-                      "batch_invariant": backend == "vllm" and sec.batch_invariant}
+                      "batch_invariant": False}
     n_shards = (len(prompts) + sec.shard_size - 1) // sec.shard_size
     passes = len(sec.seeds) or 1  # generate calls per shard
 
@@ -157,6 +157,8 @@ def run(ctx) -> dict:
                                            tensor_parallel_size=sec.tensor_parallel_size,
                                            gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed,
                                            batch_invariant=sec.batch_invariant)
+                # what the engine really runs (vLLM's mode may also come from the environment), not what was asked
+                generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
                 t_start = time.time()
             samplings = shard_samplings(sec, ctx.seed, k)
             t0 = time.time()
