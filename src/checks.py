@@ -19,10 +19,34 @@ def _paths_in(obj, key=""):
 
 def _batch_terms(sec, num_processes: int) -> str:
     """The factors of a stage's global batch, as the warning names them (PPO's is per rollout, not per step)."""
-    if hasattr(sec, "rollout_batch_size"):  # PPO runs on one process (pipeline.SINGLE_PROCESS_STAGES)
-        return f"rollout_batch_size {sec.rollout_batch_size} on one process"
+    if hasattr(sec, "rollout_batch_size"):  # PPO's batch sizes are global: the processes split them
+        return f"rollout_batch_size {sec.rollout_batch_size}, split over {num_processes} processes"
     return (f"processes {num_processes} x per-device {sec.per_device_train_batch_size} x accumulation "
             f"{sec.gradient_accumulation_steps}")
+
+
+def ppo_launch_problems(cfg: ExperimentConfig, sec) -> list[str]:
+    """What the ppo stage would refuse at start-up under this launch (ppo.recipe.check_world and
+    check_distributed_type), found before any process starts."""
+    out = []
+    n = cfg.launch.num_processes
+    for key in ("rollout_batch_size", "mini_batch_size"):
+        if getattr(sec, key) % n:
+            out.append(f"ppo.{key} ({getattr(sec, key)}) must be a multiple of launch.num_processes ({n}): each "
+                       "process takes an equal share of the global batch")
+    local = sec.rollout_batch_size // n
+    if sec.generation_chunk and local and local % sec.generation_chunk:
+        out.append(f"ppo.generation_chunk ({sec.generation_chunk}) must divide each process's share of "
+                   f"ppo.rollout_batch_size ({local})")
+    config = Path(cfg.launch.accelerate_config) if cfg.launch.accelerate_config else None
+    if config is not None and config.is_file():
+        import yaml
+
+        kind = str((yaml.safe_load(config.read_text()) or {}).get("distributed_type", "NO")).upper()
+        if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+            out.append(f"ppo: launch.accelerate_config {str(config)!r} is {kind}; the ppo stage runs under DDP "
+                       "(MULTI_GPU / MULTI_CPU) or one process")
+    return out
 
 
 def rm_format_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
@@ -73,10 +97,8 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         problem = rm_format_problem(cfg, stage, sec)
         if problem:
             problems.append(problem)
-        if stage == "ppo" and (cfg.launch.num_processes > 1 or cfg.launch.srun):
-            warnings.append(f"ppo: runs on one process (its loop has no process group yet); `prefopt run` launches it "
-                            f"with 1, not launch.num_processes={cfg.launch.num_processes}, and its global rollout "
-                            f"batch is ppo.rollout_batch_size={sec.rollout_batch_size}")
+        if stage == "ppo":
+            problems += ppo_launch_problems(cfg, sec)
         # the global batch the recipe states
         if STAGES[stage][1] and hasattr(sec, "global_batch"):
             got = sec.global_batch(cfg.launch.num_processes)

@@ -157,7 +157,6 @@ def _write_stderr(data: bytes) -> None:
         sys.stderr.write(data.decode("utf-8", errors="replace"))
 
 
-SINGLE_PROCESS_STAGES = {"ppo"}  # no process group yet: launched with one process whatever launch.* says
 MACHINE_RANK = "__MACHINE_RANK__"  # replaced by $SLURM_NODEID, expanded on each node by srun's shell
 
 
@@ -165,10 +164,9 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
     """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`;
     with `launch.srun`, that command once per node under `srun` (see `slurm_command`)."""
     launch = cfg.launch
-    single = stage in SINGLE_PROCESS_STAGES  # one process, accelerate's defaults, this node: whatever launch.* says
-    config_file = "" if single else launch.accelerate_config
-    processes = 1 if single else launch.num_processes
-    srun = launch.srun and not single
+    config_file = launch.accelerate_config
+    processes = launch.num_processes
+    srun = launch.srun
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]

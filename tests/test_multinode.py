@@ -117,21 +117,17 @@ def test_two_nodes_through_the_sbatch_script(tmp_path, tiny_model_dir):
     assert (d / "model" / "config.json").exists()
 
 
-def test_ppo_is_launched_with_one_process(tmp_path, tiny_model_dir):
-    """PPO's loop has no process group yet: N processes would train N policies. `prefopt run` launches it with one
-    whatever launch.* says, the stage refuses a multi-process launch, and `prefopt check` says so."""
+def test_ppo_is_launched_like_every_training_stage(tmp_path, tiny_model_dir):
+    """PPO runs on a process group (tests/test_ppo_distributed.py): `prefopt run` launches it under launch.* like
+    SFT, one accelerate launcher per node under srun, and `prefopt check` has no warning to give about it."""
     from prefopt.checks import problems_and_warnings
-    from prefopt.config import ConfigError
-    from prefopt.ppo.recipe import check_single_process
 
     exp = experiment(tmp_path, tiny_model_dir, srun=True, num_machines=2, num_processes=16, main_process_ip="h")
-    cmd = launch_command(load_config(str(exp)), "ppo", 1, [])
-    assert cmd[0] == sys.executable and "srun" not in cmd
-    assert cmd[3:7] == ["--num_processes", "1", "--num_machines", "1"] and "--multi_gpu" not in cmd
-    check_single_process(1)
-    with pytest.raises(ConfigError, match=r"ppo runs on one process, but it was launched with 2 \(WORLD_SIZE\)"):
-        check_single_process(2)
+    cfg = load_config(str(exp))
+    ppo, sft = launch_command(cfg, "ppo", 1, []), launch_command(cfg, "sft", 1, [])
+    assert ppo[:6] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
+    assert ppo[6] == sft[6].replace(" -m prefopt sft ", " -m prefopt ppo ")
+    assert "--num_processes 16 " in ppo[6]
     cfg = load_config(str(REPO / "experiments" / "quickstart.yaml"), ["--launch.num_processes=2"])
-    _, warnings = problems_and_warnings(cfg)
-    assert any(w.startswith("ppo: runs on one process") and "launch.num_processes=2" in w and
-               "ppo.rollout_batch_size=64" in w for w in warnings), warnings
+    problems, warnings = problems_and_warnings(cfg)
+    assert not [m for m in problems + warnings if m.startswith("ppo")], (problems, warnings)

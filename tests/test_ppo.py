@@ -126,8 +126,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, rm_dir, prom
     resumed = load_config(write_config(tmp_path / "b", "resumed", tiny_model_dir, rm_dir, prompts_file, **kw))
     save = recipe.save_checkpoint
 
-    def save_then_die(folder, iteration, *args, **kwargs):
-        out = save(folder, iteration, *args, **kwargs)
+    def save_then_die(accelerator, folder, iteration, *args, **kwargs):
+        out = save(accelerator, folder, iteration, *args, **kwargs)
         if iteration == 2:
             raise KeyboardInterrupt("killed after checkpoint 2")
         return out

@@ -250,7 +250,7 @@ def test_ppo_value_model_from_a_reward_model_with_another_vocabulary_is_refused(
     ctx = SimpleNamespace(resolve=lambda p, model=True: p)
     with pytest.raises(ConfigError, match=r"^ppo.value_init: reward, but the reward model .*hub has another "
                                           r"tokenizer than the policy"):
-        load_models(ctx, PPOConfig(policy=str(tiny_model_dir), reward_model=str(rms.hub)), None)
+        load_models(ctx, PPOConfig(policy=str(tiny_model_dir), reward_model=str(rms.hub)))
 
 
 def test_chat_with_a_likelihood_reward_model_is_refused(tmp_path):

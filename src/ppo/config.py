@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefopt.config import check_ranges
+from prefopt.config import FieldError, check_ranges
 from prefopt.data.spec import DatasetSpec
 
 
@@ -22,6 +22,9 @@ class PPOConfig:
     reward_fn: str = ""
     """A reward function `module:function` (or `task:gold`, the task's gold score: the DPO paper's PPO-GT oracle)
     used instead of the reward model: fn(example, response) -> float. The value model then starts from the policy."""
+    trust_remote_code: bool = False
+    """Let transformers run the reward model's own code from its repository (hub reward models such as ArmoRM
+    need it). Only for reward models you trust."""
     rm_format: Literal["auto", "policy", "chat"] = "auto"
     """What the reward model reads, as `score.rm_format`: the policy's rendered prompt + response (`policy`), or the
     raw prompt and response in the reward model's own chat template (`chat`, hub reward models; `auto` decides).
@@ -37,9 +40,19 @@ class PPOConfig:
     total_episodes: int = 1024
     """Responses sampled over the whole run; iterations = total_episodes // rollout_batch_size."""
     rollout_batch_size: int = 64
-    """Prompts per rollout (one response each)."""
+    """Prompts per rollout (one response each), over all processes: each of N processes samples 1/N of them."""
     mini_batch_size: int = 16
-    """Responses per optimiser step inside a PPO epoch (also the chunk size of the rollout's forward passes)."""
+    """Responses per optimiser step inside a PPO epoch, over all processes (each trains on 1/N of them and the
+    gradients are averaged); also the chunk size of the rollout's forward passes."""
+    generation_chunk: int = 0
+    """Prompts per generation call, each call seeded by its index in the global rollout. 0: each process's whole
+    share in one call (fastest). A fixed value that divides rollout_batch_size / N makes the samples, and so the
+    run, the same whatever the number of processes N."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """What samples the rollouts: transformers `generate` on the policy, or a vLLM engine on each process's GPU
+    (colocated, as TRL's GRPO `vllm_mode: colocate`) given the policy's weights before every rollout."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With backend vllm: the share of each GPU the engine's weights and KV cache may take (the rest trains)."""
     ppo_epochs: int = 4
     """Passes over each rollout (Huang et al. 2024: 4)."""
     learning_rate: float = 5e-5
@@ -89,7 +102,14 @@ class PPOConfig:
                      max_new_tokens=dict(ge=1), temperature=dict(gt=0), top_p=dict(gt=0, le=1), kl_coef=dict(ge=0),
                      kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
                      vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),
-                     max_grad_norm=dict(ge=0), save_every=dict(ge=1), recipe_global_batch=dict(ge=0))
+                     max_grad_norm=dict(ge=0), save_every=dict(ge=1), recipe_global_batch=dict(ge=0),
+                     generation_chunk=dict(ge=0), vllm_gpu_memory_utilization=dict(gt=0, le=1))
+        if self.backend == "vllm":  # PPO's log-probs assume the temperature sampled at is the one asked for
+            from prefopt.generation.vllm_backend import temperature_problem
+
+            problem = temperature_problem(self.temperature)
+            if problem:
+                raise FieldError("temperature", f"{problem} (backend: vllm)")
         if self.mini_batch_size > self.rollout_batch_size:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be <= rollout_batch_size "
                              f"({self.rollout_batch_size})")
@@ -98,6 +118,5 @@ class PPOConfig:
                              f"({self.rollout_batch_size}): not one iteration")
 
     def global_batch(self, num_processes: int = 1) -> int:
-        """Responses per PPO iteration: `rollout_batch_size`, whatever `num_processes` says, since PPO runs on one
-        process (`prefopt run` launches it so; pipeline.SINGLE_PROCESS_STAGES)."""
+        """Responses per PPO iteration: `rollout_batch_size`, which is global (split over the processes)."""
         return self.rollout_batch_size

@@ -20,7 +20,6 @@ resumes from the latest checkpoint and continues exactly as an uninterrupted one
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -67,97 +66,111 @@ class PromptSampler:
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
+TRAINER_STATE = "trainer_state.pt"
+
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete `iter-N` folder (written under a temporary name and renamed, so complete if present)."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("iter-*") if p.name.split("-")[1].isdigit() and (p / "state.pt").exists()]
+    done = [p for p in folder.glob("iter-*") if p.name.split("-")[1].isdigit() and (p / TRAINER_STATE).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(folder: Path, iteration: int, policy, value, opt_policy, opt_value, kl_ctl, sampler,
-                    last_metrics: dict, snapshot_tokenizer=None) -> Path:
-    """A resumable checkpoint `iter-N`; with `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`."""
-    out = folder / f"iter-{iteration}"
-    tmp = folder / f".iter-{iteration}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    value.save_pretrained(tmp / "value", safe_serialization=True)
-    torch.save({
-        "iteration": iteration,
-        "optimizer/policy": opt_policy.state_dict(),
-        "optimizer/value": opt_value.state_dict(),
-        "kl_controller": kl_ctl.state_dict(),
-        "sampler": sampler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "last_metrics": last_metrics,
-    }, tmp / "state.pt")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    done = sorted(folder.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
+def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, sampler, last_metrics: dict,
+                    snapshot_tokenizer=None) -> Path:
+    """A resumable checkpoint `iter-N`: `state/` is `accelerator.save_state` (policy, value, both optimizers and
+    every process's RNG, sharded or gathered as the DDP / FSDP / DeepSpeed setup saves them), `trainer_state.pt`
+    the loop's own state. With `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`. Collective:
+    every process calls it."""
+    from prefopt.preference.loop import save_policy
+
+    out, tmp = folder / f"iter-{iteration}", folder / f".iter-{iteration}.partial"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "state"))
     if snapshot_tokenizer is not None:
         snap = folder.parent / "snapshots" / f"iter-{iteration}"
         tmp_snap = snap.with_name(f".{snap.name}.partial")
-        if tmp_snap.exists():
-            shutil.rmtree(tmp_snap)
-        shutil.copytree(out / "policy", tmp_snap)
-        snapshot_tokenizer.save_pretrained(tmp_snap)
-        if snap.exists():
-            shutil.rmtree(snap)
-        os.replace(tmp_snap, snap)
+        save_policy(accelerator, policy, snapshot_tokenizer, tmp_snap, lora=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save({"iteration": iteration, "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
+                    "last_metrics": last_metrics}, tmp / TRAINER_STATE)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        done = sorted(folder.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+        if snapshot_tokenizer is not None:
+            if snap.exists():
+                shutil.rmtree(snap)
+            os.replace(tmp_snap, snap)
+    accelerator.wait_for_everyone()
     return out
 
 
-def load_state(ckpt: Path) -> dict:
-    # Our own file: optimizer states and RNG tuples need the full unpickler.
-    return torch.load(ckpt / "state.pt", weights_only=False)
-
-
-def restore_rng(rng: dict) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def load_trainer_state(ckpt: Path) -> dict:
+    # Our own file: the KL controller, the sampler's position and the last metrics (plain Python values).
+    return torch.load(ckpt / TRAINER_STATE, weights_only=False)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.Generator) -> dict:
-    """`ppo_epochs` passes over shuffled minibatches of one rollout; returns the mean of each loss metric."""
+def global_token_weight(mask: torch.Tensor, local_idx: torch.Tensor, global_idx: torch.Tensor,
+                        num_processes: int) -> torch.Tensor:
+    """The factor that turns a token mean over this process's rows of a minibatch into its share of the token
+    mean over the whole (global) minibatch: n_local / N_global * num_processes (DDP then averages the gradients
+    over processes, dividing by num_processes). Exactly 1 on one process, so the one-process loss is unchanged."""
+    return mask[local_idx].sum() / mask[global_idx].sum() * num_processes
+
+
+def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.Generator, accelerator) -> dict:
+    """`ppo_epochs` passes over shuffled minibatches of one (global, gathered) rollout; returns the mean of each
+    loss metric over the global minibatches.
+
+    Every process holds the whole rollout and draws the same permutation; of each minibatch of `mini_batch_size`
+    rows, process r trains on the r-th equal share. Each process's loss is weighted by its share of the
+    minibatch's response tokens, so the averaged gradient is that of the token mean over the whole minibatch,
+    what one process computes on the same rows."""
     batch, B = ro.batch(), ro.input_ids.shape[0]
-    sums: dict[str, float] = {}
+    world, rank = accelerator.num_processes, accelerator.process_index
+    share = cfg.mini_batch_size // world
+    sums: dict[str, torch.Tensor] = {}
     n = 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator).to(ro.input_ids.device)
         for start in range(0, B, cfg.mini_batch_size):
-            mb = trim(batch, perm[start: start + cfg.mini_batch_size])
+            rows = perm[start: start + cfg.mini_batch_size]
+            mine = rows[rank * share: (rank + 1) * share]
+            weight = global_token_weight(batch["mask"], mine, rows, world)
+            mb = trim(batch, mine)
             logps, _ = policy_forward(policy, mb["input_ids"], mb["attention_mask"], mb["mask"], cfg.temperature)
             values = value(mb["input_ids"], mb["attention_mask"])[:, :-1]
             pg_loss, pg_metrics = policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.cliprange)
             vf_loss, vf_metrics = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            loss = (pg_loss + cfg.vf_coef * vf_loss) * weight
             opt_policy.zero_grad(set_to_none=True)
             opt_value.zero_grad(set_to_none=True)
-            loss.backward()
+            accelerator.backward(loss)
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
             opt_policy.step()
             opt_value.step()
             step = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_metrics, **vf_metrics}
-            for k, v in step.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in step.items():  # this process's share of the global minibatch's token mean
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * weight / world
             n += 1
-    return {k: v / n for k, v in sums.items()}
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="sum") if world > 1 \
+        else torch.stack([sums[k] for k in names])
+    return {k: float(v) / n for k, v in zip(names, totals)}
 
 
 def rollout_metrics(ro, kl_coef: float) -> dict:
@@ -174,48 +187,89 @@ def rollout_metrics(ro, kl_coef: float) -> dict:
     }
 
 
+def make_accelerator():
+    from accelerate import Accelerator
+
+    # cpu=True without CUDA: under `accelerate launch` on a CPU machine accelerate otherwise starts N independent
+    # single-process runs instead of one gloo process group.
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def check_world(cfg, num_processes: int) -> None:
+    """The global rollout and minibatch must split evenly over the processes (each takes an equal share)."""
+    for key in ("rollout_batch_size", "mini_batch_size"):
+        if getattr(cfg, key) % num_processes:
+            raise ConfigError(f"ppo.{key} ({getattr(cfg, key)}) must be a multiple of the number of processes "
+                              f"({num_processes}): each process takes an equal share of the global batch")
+    local = cfg.rollout_batch_size // num_processes
+    if cfg.generation_chunk and local % cfg.generation_chunk:
+        raise ConfigError(f"ppo.generation_chunk ({cfg.generation_chunk}) must divide each process's share of "
+                          f"ppo.rollout_batch_size ({cfg.rollout_batch_size} / {num_processes} processes = {local})")
+
+
 def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator, cfg, seed: int,
-          ckpt_dir: Path, tracker, resume: Path | None = None) -> dict:
+          ckpt_dir: Path, tracker, resume: Path | None = None, accelerator=None) -> dict:
     """The PPO loop over `total_episodes // rollout_batch_size` iterations; returns the last iteration's metrics.
 
     `score_fn(prompts, completions) -> (B,)` is the reward (the reward model in `run`); `generator` samples from
-    the in-memory policy. With `resume`, optimizers, KL controller, sampler and RNG continue from that checkpoint
-    (whose policy and value weights the caller loaded)."""
-    ckpt_dir = Path(ckpt_dir)
+    the in-memory policy (its `load_weights(policy)`, if it has one, is called before each rollout: a vLLM
+    engine takes the new weights). With several processes, `rollout_batch_size` and `mini_batch_size` are global: each
+    process samples and scores its share of the prompts, the rollout is gathered, and advantages are whitened over
+    all of it. With `resume`, models, optimizers, RNG (accelerate's state), KL controller and sampler continue
+    from that checkpoint."""
+    accelerator = accelerator or make_accelerator()
+    check_world(cfg, accelerator.num_processes)
     opt_policy = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
     opt_value = torch.optim.AdamW(value.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
+    policy, value, opt_policy, opt_value = accelerator.prepare(policy, value, opt_policy, opt_value)
+    ref.to(accelerator.device)  # frozen and never prepared: a full copy on every process
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     sampler = PromptSampler(len(prompts), seed)
     iterations = max(1, cfg.total_episodes // cfg.rollout_batch_size)
     start, metrics = 0, {}
     if resume is not None:
-        state = load_state(resume)
-        opt_policy.load_state_dict(state["optimizer/policy"])
-        opt_value.load_state_dict(state["optimizer/value"])
+        accelerator.load_state(str(resume / "state"))
+        state = load_trainer_state(resume)
         kl_ctl.load_state_dict(state["kl_controller"])
         sampler.load_state_dict(state["sampler"])
-        restore_rng(state["rng"])
         start, metrics = state["iteration"], state["last_metrics"]
-        print(f"[ppo] resuming from {resume} (iteration {start} of {iterations})", flush=True)
+        accelerator.print(f"[ppo] resuming from {resume} (iteration {start} of {iterations})", flush=True)
     for model in (policy, ref, value):
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
 
-    for it in tqdm(range(start + 1, iterations + 1), desc="ppo", initial=start, total=iterations):
-        batch_prompts = [prompts[i] for i in sampler.next(cfg.rollout_batch_size)]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    local = cfg.rollout_batch_size // world
+    chunk = cfg.generation_chunk or local
+    for it in tqdm(range(start + 1, iterations + 1), desc="ppo", initial=start, total=iterations,
+                   disable=not accelerator.is_main_process):
+        # Every process draws the same global prompts and takes its share; each generation chunk is seeded by its
+        # index in the global rollout, so with a fixed generation_chunk the samples do not depend on the world size.
+        batch_prompts = [prompts[i] for i in sampler.next(cfg.rollout_batch_size)][rank * local: (rank + 1) * local]
         sampling = Sampling(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             seed=seed * 100003 + it)
-        ro = collect(policy, ref, value, tokenizer, generator, score_fn, batch_prompts, sampling, kl_ctl.value, cfg)
+        if hasattr(generator, "load_weights"):  # a vLLM engine samples from a copy: give it this iteration's policy
+            generator.load_weights(accelerator.unwrap_model(policy))
+        ro = collect(policy, ref, value, tokenizer, generator, score_fn, batch_prompts, sampling, kl_ctl.value, cfg,
+                     generation_chunk=chunk, first_chunk=rank * local // chunk,
+                     gather=(lambda t, pad: gather_rows(accelerator, t, pad)) if world > 1 else None)
         metrics = rollout_metrics(ro, kl_ctl.value)
         shuffle = torch.Generator().manual_seed(seed * 100003 + it)
-        metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle))
+        metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle, accelerator))
         kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
         metrics["episodes"] = it * cfg.rollout_batch_size
         tracker.log(metrics, step=it)
         if it % cfg.save_every == 0 or it == iterations:
-            save_checkpoint(ckpt_dir, it, policy, value, opt_policy, opt_value, kl_ctl, sampler, metrics,
+            save_checkpoint(accelerator, ckpt_dir, it, policy, kl_ctl, sampler, metrics,
                             snapshot_tokenizer=tokenizer if cfg.keep_snapshots else None)
     return {**metrics, "iterations": iterations}
+
+
+def gather_rows(accelerator, t: torch.Tensor, pad) -> torch.Tensor:
+    """Every process's rows of a rollout tensor, in rank order, on every process (right padded to one width)."""
+    if t.dim() == 2:
+        t = accelerator.pad_across_processes(t, dim=1, pad_index=pad)
+    return accelerator.gather(t)
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -236,65 +290,73 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], device):
     from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
 
     rm_path = ctx.resolve(cfg.reward_model)
-    fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"))
+    fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"),
+                          trust_remote_code=cfg.trust_remote_code)
     rm_prompts = {p: rm_prompt(r, p, fmt, "ppo.rm_format") for r, p in zip(rows, rendered)}
-    scorer = load_scorer(rm_path)
+    scorer = load_scorer(rm_path, cfg.trust_remote_code)
     scorer.model.to(device)
     print(f"[ppo] reward: the reward model {rm_path}, reading the {'policy' if fmt == 'policy' else 'its own chat'} "
           f"format (ppo.rm_format: {cfg.rm_format})", flush=True)
     return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, rm_prompts=rm_prompts)
 
 
-def load_models(ctx, cfg, resume: Path | None):
-    """(policy, reference, value model, tokenizer) on the training device; weights from `resume` when given."""
+def load_models(ctx, cfg, device: str | torch.device | None = None):
+    """(policy, reference, value model, tokenizer), on `device` (default: CUDA when there is one). A resumed run
+    starts from these weights too; `accelerator.load_state` then puts the checkpoint's in."""
     from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy_path = ctx.resolve(cfg.policy)
     tok = load_tokenizer(policy_path, padding_side="right")
     # Trained models in float32 (AdamW on bf16 weights loses small updates). The reference in float32 too: it
     # must compute exactly the policy's log-probs at step 0, and a bf16 reference beside an fp32 policy would
     # give KL > 0 before any update (the upcast of bf16 weights is exact, so fp32 both sides agree to the bit).
-    policy = load_causal_lm(str(resume / "policy") if resume else policy_path, dtype="float32")
+    policy = load_causal_lm(policy_path, dtype="float32")
     ref = load_causal_lm(policy_path, dtype="float32")  # a second load of the checkpoint, never a copy of the policy
     for p in ref.parameters():
         p.requires_grad_(False)
     value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" and not cfg.reward_fn else policy_path
-    if value_src != policy_path and load_tokenizer(value_src).get_vocab() != tok.get_vocab():
+    remote = cfg.trust_remote_code and value_src != policy_path
+    if value_src != policy_path and load_tokenizer(value_src, trust_remote_code=remote).get_vocab() != tok.get_vocab():
         # The value model reads the policy's token ids: another vocabulary would be read as garbage, silently.
         raise ConfigError(f"ppo.value_init: reward, but the reward model {value_src} has another tokenizer than the "
                           f"policy {policy_path}: the value model reads the policy's tokens (use ppo.value_init: "
                           "policy)")
-    value = ValueModel(load_reward_model(str(resume / "value") if resume else value_src).float())
+    value = ValueModel(load_reward_model(value_src).float())
     if value.model.config.vocab_size < len(tok):
         raise ValueError(f"value model from {value_src} has vocab {value.model.config.vocab_size} < the policy "
                          f"tokenizer's {len(tok)}: it must read the policy's tokens (use value_init: policy)")
     return policy.to(device), ref.to(device), value.to(device), tok
 
 
-def check_single_process(world_size: int) -> None:
-    """This PPO loop has no process group: under `accelerate launch --num_processes N` it would train N
-    independent policies and save one of them. Refused before any model is loaded; `prefopt run` launches this
-    stage with one process whatever `launch.num_processes` says (pipeline.SINGLE_PROCESS_STAGES)."""
-    if world_size > 1:
-        raise ConfigError(f"ppo runs on one process, but it was launched with {world_size} (WORLD_SIZE): each would "
-                          "train its own policy; launch it with --num_processes 1, or through `prefopt run`, which "
-                          "does whatever launch.num_processes says")
+def check_distributed_type(accelerator) -> None:
+    """PPO trains two models (policy and value) with their own optimizers and generates from the policy between
+    updates. Under DDP (and one process) that works as written; sharded engines need more than this loop does
+    (ZeRO-3 / FSDP: every rank must run the same number of generation steps on gathered weights, and DeepSpeed
+    one engine per model), so they are refused before any weights load."""
+    from accelerate.utils import DistributedType
+
+    allowed = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
+    if accelerator.distributed_type not in allowed:
+        raise ConfigError(f"ppo runs under DDP (accelerate's multi-GPU / multi-CPU) or one process; this launch is "
+                          f"{accelerator.distributed_type.value} (the launch.accelerate_config file): use "
+                          "experiments/accelerate/ddp.yaml or no config file for the ppo stage")
 
 
 def run(ctx) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
-    from prefopt.generation.hf import TransformersGenerator
-    from prefopt.models import save_model
+    from prefopt.preference.loop import save_policy
     from prefopt.utils import seed_everything
 
     cfg = ctx.section
-    check_single_process(int(os.environ.get("WORLD_SIZE", "1")))
+    accelerator = make_accelerator()
+    check_distributed_type(accelerator)
+    check_world(cfg, accelerator.num_processes)
     seed_everything(ctx.seed)
     ckpt_dir = ctx.dir / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
-    policy, ref, value, tok = load_models(ctx, cfg, resume)
+    policy, ref, value, tok = load_models(ctx, cfg, accelerator.device)
 
     rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     prompts = [render_prompt(r["prompt"], tok) for r in rows]
@@ -302,15 +364,15 @@ def run(ctx) -> dict:
         from prefopt.reward.functions import load_reward_function
 
         score_fn = function_scorer(load_reward_function(cfg.reward_fn, ctx.cfg.task), rows, prompts)
-        print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
+        accelerator.print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
-        score_fn = rm_score_fn(ctx, cfg, rows, prompts, next(policy.parameters()).device)
-    generator = TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
+        score_fn = rm_score_fn(ctx, cfg, rows, prompts, accelerator.device)
+    generator = rollout_generator(ctx, cfg, policy, tok, accelerator)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
-                 resume=resume)
-    if ctx.is_main:
-        save_model(policy, tok, ctx.dir / "model")
+                 resume=resume, accelerator=accelerator)
+    save_policy(accelerator, policy, tok, ctx.dir / "model", lora=False)
+    accelerator.wait_for_everyone()
     return {
         "reward": last.get("reward"),
         "kl": last.get("kl"),
@@ -319,4 +381,20 @@ def run(ctx) -> dict:
         "iterations": last["iterations"],
         "episodes": last["iterations"] * cfg.rollout_batch_size,
         "prompts": len(prompts),
+        "processes": accelerator.num_processes,
     }
+
+
+def rollout_generator(ctx, cfg, policy, tok, accelerator):
+    """What samples the rollouts: transformers `generate` on the policy being trained, or (`ppo.backend: vllm`, GPU
+    machines) a vLLM engine beside it on each process, given the policy's weights before every rollout."""
+    if cfg.backend == "transformers":
+        from prefopt.generation.hf import TransformersGenerator
+
+        return TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
+    from prefopt.generation.vllm_backend import VLLMGenerator
+
+    # The engine starts from the checkpoint (in its saved dtype, as the other backends) and is given the trained
+    # policy's weights before every rollout (train() calls load_weights).
+    return VLLMGenerator(ctx.resolve(cfg.policy), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                         seed=ctx.seed, colocate=accelerator.num_processes > 1)

@@ -8,14 +8,14 @@ ids natural, so prefopt.logps' conventions hold unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from prefopt.data.templates import encode
-from prefopt.generation.base import Completion, Sampling
+from prefopt.generation.base import Completion, Sampling, derive_seed
 from prefopt.logps import token_logps
 from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
 
@@ -29,9 +29,15 @@ class ValueModel(nn.Module):
 
     def __init__(self, seq_cls_model):
         super().__init__()
-        self.model = seq_cls_model
-        self.backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
-        self.head = seq_cls_model.score  # Linear(hidden, 1): the reward head, read at every position
+        self.model = seq_cls_model  # the only registered child: each weight has one name in state dicts
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, self.model.base_model_prefix)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.score  # Linear(hidden, 1): the reward head, read at every position
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -121,19 +127,39 @@ def reward_model_scorer(scorer, batch_size: int = 64, max_length: int = 1024,
     return score
 
 
+def sample(generator, prompts: list[str], sampling: Sampling, chunk: int = 0, first_chunk: int = 0) -> list[Completion]:
+    """One response per prompt, generated `chunk` prompts at a time (0: all at once). Chunk j is sampled under a
+    seed of its global index first_chunk + j (the first global chunk under `sampling.seed` itself), so a rollout
+    split over processes in whole chunks samples exactly what one process sampling every chunk would."""
+    chunk = chunk or len(prompts)
+    out: list[Completion] = []
+    for j, start in enumerate(range(0, len(prompts), chunk)):
+        c = first_chunk + j
+        seed = sampling.seed if c == 0 else derive_seed(sampling.seed, c)
+        out += [comps[0] for comps in generator.generate(prompts[start:start + chunk], replace(sampling, seed=seed))]
+    return out
+
+
+Gather = Callable[[torch.Tensor, int | float], torch.Tensor]
+
+
 @torch.no_grad()
 def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts: list[str], sampling: Sampling,
-            kl_coef: float, cfg) -> Rollout:
+            kl_coef: float, cfg, generation_chunk: int = 0, first_chunk: int = 0,
+            gather: Gather | None = None) -> Rollout:
     """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages.
 
-    `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, mini_batch_size)."""
+    `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, mini_batch_size). With `gather`
+    (several processes: `gather(tensor, pad_value)` returns every process's rows, in rank order), this process
+    samples, scores and runs the forward passes for its own prompts, and the rewards, GAE and whitening are
+    computed over the gathered global rollout, exactly as one process would compute them."""
     device = next(policy.parameters()).device
-    completions = [c[0] for c in generator.generate(prompts, sampling)]
+    completions = sample(generator, prompts, sampling, generation_chunk, first_chunk)
     prompt_ids = [encode(p, tokenizer) for p in prompts]  # as the generator tokenized them: one BOS
     # An empty response (a backend that drops a lone EOS) still needs one action to carry the score.
     response_ids = [list(c.token_ids)[: sampling.max_new_tokens] or [tokenizer.eos_token_id] for c in completions]
     batch = {k: v.to(device) for k, v in build_batch(prompt_ids, response_ids, tokenizer.pad_token_id).items()}
-    finished = torch.tensor([c.finished for c in completions], dtype=torch.bool, device=device)
+    finished = torch.tensor([c.finished for c in completions], dtype=torch.float32, device=device)
     scores = score_fn(prompts, completions).float().to(device)
 
     # Forward passes in chunks of mini_batch_size rows: the rollout can be larger than fits at once.
@@ -148,14 +174,24 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
         chunks["ref_logps"].append(ref_logps)
         chunks["values"].append(value(ids, am)[:, :-1] * m)
     t = {k: torch.cat(v) for k, v in chunks.items()}
+    t.update(batch, scores=scores, finished=finished)
+    if gather is not None:
+        t = {k: gather(v, tokenizer.pad_token_id if k == "input_ids" else 0) for k, v in t.items()}
+    return score_rollout(t, kl_coef, cfg)
 
-    penalized = scores - cfg.missing_eos_penalty * (~finished).float()
-    mask = batch["mask"]
+
+def score_rollout(t: dict[str, torch.Tensor], kl_coef: float, cfg) -> Rollout:
+    """Per-token rewards (score at the last token - beta * KL), GAE advantages (whitened) and returns of a rollout
+    whose log-probs, values and scores are computed."""
+    finished = t["finished"].bool()
+    penalized = t["scores"] - cfg.missing_eos_penalty * (~finished).float()
+    mask = t["mask"]
     rewards, kl = kl_penalty_rewards(t["logps"], t["ref_logps"], penalized, mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False) * mask
     advantages, returns = gae(rewards, t["values"], mask, cfg.gamma, cfg.lam)
     advantages = whiten(advantages, mask) * mask
-    return Rollout(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], mask=mask,
+    return Rollout(input_ids=t["input_ids"], attention_mask=t["attention_mask"], mask=mask,
                    logps=t["logps"], ref_logps=t["ref_logps"], values=t["values"], entropy=t["entropy"],
-                   scores=scores, finished=finished, rewards=rewards, kl=kl, advantages=advantages, returns=returns)
+                   scores=t["scores"], finished=finished, rewards=rewards, kl=kl, advantages=advantages,
+                   returns=returns)
