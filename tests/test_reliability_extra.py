@@ -70,7 +70,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
     from prefopt.reward import score
     from prefopt.stage import run_stage, stage_status
 
-    monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False: FakeScorer(crc_score))
+    monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False, **kw: FakeScorer(crc_score))
     prompts = tmp_path / "prompts.jsonl"
     _jsonl(prompts, [{"instruction": f"Sort {i} {i + 2} {i + 1}.", "input": ""} for i in range(6)])
     cfg = from_dict(ExperimentConfig, {
@@ -111,7 +111,7 @@ def test_non_finite_score_from_the_reward_model_is_a_data_error(tmp_path, monkey
     def fn(prompt, response):
         return bad if response == "z" else 0.5
 
-    monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False: FakeScorer(fn))
+    monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False, **kw: FakeScorer(fn))
     gen = tmp_path / "gen"
     gen.mkdir()
     shard = _jsonl(gen / "shard-00000.jsonl", [{"prompt_id": "a", "prompt": "p", "candidates": ["x", "y"]},

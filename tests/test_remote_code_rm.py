@@ -193,11 +193,11 @@ def test_rm_input_format_sees_the_template(remote_rm):
 
 
 def test_load_scorer_without_trust_remote_code_is_refused(remote_rm):
-    with pytest.raises(Exception, match="trust_remote_code") as e:
-        score_module.load_scorer(str(remote_rm))
-    assert not isinstance(e.value, (AssertionError, pytest.fail.Exception))
-    with pytest.raises(Exception, match="trust_remote_code"):
-        score_module.load_scorer(str(remote_rm), trust_remote_code=False)
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ships its own model code \(auto_map in its config.json\): set "
+                                          r"score.trust_remote_code: true"):
+        score_module.load_scorer(str(remote_rm), key="score.trust_remote_code")
 
 
 # ------------------------------------------------------------------------------------------------ the ppo stage
@@ -234,7 +234,7 @@ def scorer_spy(monkeypatch) -> SimpleNamespace:
     spy = SimpleNamespace(calls=[], loads=[])
     real = score_module.load_scorer
 
-    def load(path, trust_remote_code=False):
+    def load(path, trust_remote_code=False, **kw):
         spy.loads.append((path, trust_remote_code))
         scorer = real(path, trust_remote_code)
         inner = scorer.score
@@ -291,9 +291,30 @@ def test_ppo_without_trust_remote_code_fails_before_training(tmp_path, tiny_mode
 
     trained = []
     monkeypatch.setattr(recipe, "train", lambda *a, **k: trained.append(1) or {"iterations": 0})
+    loaded = []
+    monkeypatch.setattr(recipe, "load_models", lambda *a, **k: loaded.append(1))
     cfg = ppo_config(tmp_path, "untrusted", tiny_model_dir, remote_rm, prompts_file, trust_remote_code=False)
-    with pytest.raises(Exception, match="trust_remote_code") as e:
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set ppo.trust_remote_code: true"):
         run_stage(cfg, "ppo")
-    assert not isinstance(e.value, AssertionError)
-    assert trained == []
+    assert trained == [] and loaded == []  # refused before any weights load
     assert not (cfg.root / "ppo" / "checkpoints").exists() and not (cfg.root / "ppo" / "model").exists()
+
+
+def test_value_model_from_a_reward_model_without_a_scalar_head_is_refused(tmp_path, remote_rm, monkeypatch):
+    """value_init: reward reads the reward head at every token; ArmoRM-like models have a gated multi-objective
+    head instead: a one-line error naming ppo.value_init, not a crash inside the first rollout. (The policy here is
+    the reward model's own folder, so the vocabularies agree and the head is what is checked.)"""
+    from types import SimpleNamespace
+
+    from prefopt.config import ConfigError
+    from prefopt.ppo.config import PPOConfig
+    from prefopt.ppo.recipe import load_models
+
+    monkeypatch.setattr("prefopt.models.load_causal_lm", lambda *a, **k: torch.nn.Linear(1, 1))
+    cfg = PPOConfig(policy="p", reward_model=str(remote_rm), value_init="reward", trust_remote_code=True,
+                    total_episodes=4, rollout_batch_size=2, mini_batch_size=2)
+    ctx = SimpleNamespace(resolve=lambda value, model=True: str(remote_rm) if value == "p" else value)
+    with pytest.raises(ConfigError, match=r"has no scalar `score` head to read per token \(use ppo.value_init: policy\)"):
+        load_models(ctx, cfg, "cpu")

@@ -82,7 +82,7 @@ def spy(monkeypatch) -> list[list[int]]:
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
         seen.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
 
-    def load(path, trust_remote_code=False):
+    def load(path, trust_remote_code=False, **kw):
         scorer = real(path, trust_remote_code)
         scorer.model.register_forward_pre_hook(record, with_kwargs=True)
         return scorer

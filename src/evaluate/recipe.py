@@ -236,7 +236,7 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
 
     def score_fn(s, rows):
         if "scorer" not in holder:
-            holder["scorer"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code)
+            holder["scorer"] = load_scorer(ctx.resolve(rm_ref), sec.trust_remote_code, key="evaluate.trust_remote_code")
             holder["model"], holder["tok"] = holder["scorer"].model, holder["scorer"].tokenizer
         prompts = [rm_prompt(r, p, fmt, key) for r, p, comps in zip(rows, s["rendered"], s["completions"])
                    for _ in comps]

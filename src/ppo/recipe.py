@@ -293,7 +293,7 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], device):
     fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"),
                           trust_remote_code=cfg.trust_remote_code)
     rm_prompts = {p: rm_prompt(r, p, fmt, "ppo.rm_format") for r, p in zip(rows, rendered)}
-    scorer = load_scorer(rm_path, cfg.trust_remote_code)
+    scorer = load_scorer(rm_path, cfg.trust_remote_code, key="ppo.trust_remote_code")
     scorer.model.to(device)
     print(f"[ppo] reward: the reward model {rm_path}, reading the {'policy' if fmt == 'policy' else 'its own chat'} "
           f"format (ppo.rm_format: {cfg.rm_format})", flush=True)
@@ -315,14 +315,22 @@ def load_models(ctx, cfg, device: str | torch.device | None = None):
     ref = load_causal_lm(policy_path, dtype="float32")  # a second load of the checkpoint, never a copy of the policy
     for p in ref.parameters():
         p.requires_grad_(False)
-    value_src = ctx.resolve(cfg.reward_model) if cfg.value_init == "reward" and not cfg.reward_fn else policy_path
-    remote = cfg.trust_remote_code and value_src != policy_path
+    from_rm = cfg.value_init == "reward" and not cfg.reward_fn
+    value_src = ctx.resolve(cfg.reward_model) if from_rm else policy_path
+    remote = cfg.trust_remote_code and from_rm  # the setting is about the reward model's code only
     if value_src != policy_path and load_tokenizer(value_src, trust_remote_code=remote).get_vocab() != tok.get_vocab():
         # The value model reads the policy's token ids: another vocabulary would be read as garbage, silently.
         raise ConfigError(f"ppo.value_init: reward, but the reward model {value_src} has another tokenizer than the "
                           f"policy {policy_path}: the value model reads the policy's tokens (use ppo.value_init: "
                           "policy)")
-    value = ValueModel(load_reward_model(value_src).float())
+    seq_cls = load_reward_model(value_src, trust_remote_code=remote).float()
+    head = getattr(seq_cls, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        # The value model applies the reward head at every position; a hub model with another head (ArmoRM's
+        # gated multi-objective regression) has none to apply.
+        raise ConfigError(f"ppo.value_init: reward, but the reward model {value_src} ({type(seq_cls).__name__}) has "
+                          "no scalar `score` head to read per token (use ppo.value_init: policy)")
+    value = ValueModel(seq_cls)
     if value.model.config.vocab_size < len(tok):
         raise ValueError(f"value model from {value_src} has vocab {value.model.config.vocab_size} < the policy "
                          f"tokenizer's {len(tok)}: it must read the policy's tokens (use value_init: policy)")
@@ -353,6 +361,13 @@ def run(ctx) -> dict:
     accelerator = make_accelerator()
     check_distributed_type(accelerator)
     check_world(cfg, accelerator.num_processes)
+    if not cfg.reward_fn:  # a reward model that needs its own code, found before any weights load
+        from prefopt.reward.score import reward_model_config
+        from prefopt.reward.likelihood import read_meta
+
+        rm_path = ctx.resolve(cfg.reward_model)
+        if not (Path(rm_path).is_dir() and read_meta(rm_path)):
+            reward_model_config(rm_path, cfg.trust_remote_code, "ppo.trust_remote_code")
     seed_everything(ctx.seed)
     ckpt_dir = ctx.dir / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)

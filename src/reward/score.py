@@ -120,14 +120,28 @@ def rm_prompt(row: dict, rendered: str, fmt: str, key: str, where: str = "") -> 
     return messages
 
 
-def load_scorer(path: str, trust_remote_code: bool = False):
+def reward_model_config(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code"):
+    """The reward model's transformers config, read before any weights load. A model that ships its own code
+    (ArmoRM: `auto_map` in config.json) without `trust_remote_code` is a one-line error naming the setting."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or trust_remote_code:
+            raise
+        raise ConfigError(f"the reward model {path} ships its own model code (auto_map in its config.json): set "
+                          f"{key}: true to run it (only for a model you trust)") from None
+
+
+def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code"):
     """A scorer (`.score(prompts, responses, batch_size, max_length)`, `.model`, `.tokenizer`) for a reward-model
     folder or hub id, eval mode, on the GPU if any: a likelihood reward model (a causal LM with
     `reward_model.json`, reward/likelihood.py) or any AutoModelForSequenceClassification.
 
     A causal LM folder without `reward_model.json` would get a random head: refused, train one first."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from prefopt.models import load_causal_lm, load_tokenizer
     from prefopt.reward.likelihood import LikelihoodScorer, read_meta
@@ -138,7 +152,7 @@ def load_scorer(path: str, trust_remote_code: bool = False):
     if meta is not None and meta["kind"] == "likelihood":
         model = load_causal_lm(path, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
         return LikelihoodScorer(model, load_tokenizer(path, padding_side="right"), meta["beta"])
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = reward_model_config(path, trust_remote_code, key)
     archs = getattr(config, "architectures", None) or []
     if archs and all(a.endswith("ForCausalLM") for a in archs):
         raise ValueError(f"{path} is a causal LM ({archs[0]}), not a reward model: train one with the `reward` stage "
@@ -301,7 +315,7 @@ def run(ctx) -> dict:
         bar.update(sum(len(ks) for ks in keys) - len(missing))
         if missing:
             if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
-                scorer = load_scorer(rm_path, cfg.trust_remote_code)
+                scorer = load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
             new = scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()], cfg.batch_size,
                                cfg.max_length, progress=bar)
             check_finite(shard, rows, keys, dict(zip(missing, new)), rm_path)
