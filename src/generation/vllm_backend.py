@@ -11,6 +11,13 @@ vLLM, like the transformers backend, tokenizes a text prompt with the tokenizer'
 
 An engine holds most of the GPU until it is torn down: call `close()` (or use the generator as a context manager)
 before building the next one in the same process, or the next engine's free-memory check fails.
+
+Colocated mode (`colocate=True`, PPO rollouts under `accelerate launch`), as TRL's GRPO `vllm_mode="colocate"`: every
+process builds its own engine on its own GPU beside the training model (`distributed_executor_backend=
+"external_launcher"`, a small `gpu_memory_utilization`), seeded `seed + RANK`. `load_weights(policy)` copies the
+trained policy into the engine before each rollout and resets its prefix cache; with `enable_sleep_mode` the engine
+frees its GPU memory between rollouts. The vLLM calls are those TRL 1.16 makes (it supports vLLM 0.22-0.31), but they
+are checked here only against a stand-in for vllm (tests/test_vllm_colocate.py), never against a real engine.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Progress, Sampling
@@ -68,20 +78,66 @@ def engine_dtype(model_path: str, dtype: str) -> str:
 
 
 def llm_kwargs(model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-               dtype: str = "auto", seed: int = 0) -> dict[str, Any]:
+               dtype: str = "auto", seed: int = 0, colocate: bool = False, max_model_len: int | None = None,
+               enable_sleep_mode: bool = False) -> dict[str, Any]:
     """Arguments of `vllm.LLM`: the engine (weights sharded over `tensor_parallel_size` GPUs, KV cache in the
-    given fraction of GPU memory). `seed` seeds the engine; each request also carries its own seed."""
+    given fraction of GPU memory). `seed` seeds the engine; each request also carries its own seed.
+
+    `colocate`: the engine lives inside this process of a distributed launch (one per process, on its GPU) instead of
+    spawning workers of its own: vLLM's "external_launcher" backend joins the launcher's torch.distributed world.
+    `max_model_len` caps prompt + completion (and so the KV cache vLLM must fit); `enable_sleep_mode` lets the
+    engine release its GPU memory (`sleep`) while training runs. Neither is sent unless asked for."""
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if not 0 < gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    return {
+    if colocate and tensor_parallel_size != 1:
+        # TRL shards a colocated engine over groups of ranks and gathers their prompts; we hold one per GPU only.
+        raise ValueError(f"a colocated engine runs on its process's one GPU: tensor_parallel_size must be 1, "
+                         f"got {tensor_parallel_size}")
+    if max_model_len is not None and max_model_len < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+    kwargs: dict[str, Any] = {
         "model": str(model_path),
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "dtype": dtype,
         "seed": seed,
     }
+    if colocate:
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    return kwargs
+
+
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def launch_rank() -> int:
+    """This process's global rank in the distributed launch a colocated engine joins. The external_launcher
+    backend reads the launch from the environment (torchrun and `accelerate launch` set it); without it vLLM would
+    fail deep in its start-up, so say here what is missing."""
+    missing = [k for k in LAUNCH_ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"a colocated vLLM engine runs in each process of a distributed launch (accelerate launch, "
+                           f"torchrun), which sets {', '.join(LAUNCH_ENV)}; not set here: {', '.join(missing)}")
+    return int(os.environ["RANK"])
+
+
+def named_weights(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a model (or a state dict) under its checkpoint names, which is what vLLM's
+    `model.load_weights` takes (it maps them onto its own fused layers itself). A DDP/accelerate wrapper is looked
+    through (`.module`), and a leading `module.` (a state dict saved from one) is dropped. Parameters must be whole on
+    this process: DDP replicas are, ZeRO-3/FSDP shards are not (they would need gathering first)."""
+    while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    # named_parameters lists a tied weight once, as save_pretrained writes it; vLLM ties lm_head itself.
+    pairs = model.items() if isinstance(model, Mapping) else model.named_parameters()
+    for name, tensor in pairs:
+        yield name.removeprefix("module."), tensor.detach()  # no autograd graph into the engine's copy
 
 
 def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -138,7 +194,12 @@ class VLLMGenerator:
     name = "vllm"
 
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 dtype: str = "auto", seed: int = 0, batch_invariant: bool = False):
+                 dtype: str = "auto", seed: int = 0, batch_invariant: bool = False, colocate: bool = False,
+                 max_model_len: int | None = None, enable_sleep_mode: bool = False):
+        if colocate:
+            # Every process would otherwise seed its engine alike; a request without its own seed would then draw the
+            # same tokens on every GPU. (A request's own seed takes precedence, so callers vary those per rank too.)
+            seed = seed + launch_rank()
         if batch_invariant:  # read by vllm when it builds its kernels: must be set before the import
             os.environ[BATCH_INVARIANT_ENV] = "1"
         import vllm  # only here: the package never needs vllm unless this backend is chosen
@@ -149,7 +210,35 @@ class VLLMGenerator:
         self._vllm = vllm
         self.path = str(model_path)
         self.dtype = engine_dtype(self.path, dtype)  # what the engine runs in, for callers to record
-        self.llm = vllm.LLM(**llm_kwargs(model_path, tensor_parallel_size, gpu_memory_utilization, self.dtype, seed))
+        self.seed, self.colocate = seed, colocate
+        self.llm = vllm.LLM(**llm_kwargs(model_path, tensor_parallel_size, gpu_memory_utilization, self.dtype, seed,
+                                         colocate=colocate, max_model_len=max_model_len,
+                                         enable_sleep_mode=enable_sleep_mode))
+        # Colocated with sleep mode, the engine sleeps whenever it is not sampling, so training gets the GPU back.
+        # Level 2 discards the weights (no CPU copy), so they must be pushed again (load_weights) before sampling.
+        self._sleeps = colocate and enable_sleep_mode
+        self._weights_loaded = True
+        if self._sleeps:
+            self.llm.sleep(level=2)
+            self._weights_loaded = False
+
+    def load_weights(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Copy a model in memory (the policy being trained, possibly DDP-wrapped) into the engine, then drop the
+        engine's prefix cache: its KV blocks were computed by the old weights and would otherwise be reused for
+        prompts seen before, sampling from a mix of old and new policy."""
+        if self.llm is None:
+            raise RuntimeError(f"VLLMGenerator for {self.path} was closed; cannot load weights into it")
+        if self._sleeps:
+            self.llm.wake_up(tags=["weights"])  # map the weight memory back before writing into it
+        # The engine's model, in this process (external_launcher runs no worker processes), as TRL 1.16 reaches it.
+        # Its load_weights takes checkpoint names and fuses q/k/v and gate/up itself.
+        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        engine_model.load_weights(named_weights(model))
+        self._weights_loaded = True
+        # vLLM returns False when blocks are still in use; None from an older one that reported nothing.
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM could not reset its prefix cache after loading new weights (requests still "
+                               "running?): samples would reuse KV blocks computed by the old weights")
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: Progress = None) -> list[list[Completion]]:
         return self.generate_many(prompts, [sampling], progress)[0]
@@ -160,14 +249,24 @@ class VLLMGenerator:
         completions under samplings[k]."""
         if self.llm is None:
             raise RuntimeError(f"VLLMGenerator for {self.path} was closed")
+        if not self._weights_loaded:
+            raise RuntimeError("this colocated engine sleeps with its weights discarded between rollouts: call "
+                               "load_weights(policy) before each generate")
         # Token ids, not text: vLLM would tokenize text with special tokens on, and a chat template that writes
         # BOS (Llama-3, Gemma-2) would then start with two. `encode` is what every other stage uses, so vLLM's
         # samples continue the very ids that evaluation and PPO score. (A dict is vLLM's TokensPrompt.)
         tok = self.llm.get_tokenizer()
         ids = [encode(p, tok) for p in prompts]
         requests, params = requests_for(ids, samplings, self._vllm.SamplingParams)
-        # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
-        outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
+        if self._sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
+        try:
+            # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
+            outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
+        finally:
+            if self._sleeps:  # give the GPU back to training; the weights go too (level 2)
+                self.llm.sleep(level=2)
+                self._weights_loaded = False
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} request outputs for {len(requests)} requests")
         result = []
