@@ -176,3 +176,47 @@ def test_the_whitening_and_the_loss_weights_are_those_of_the_global_batch():
     assert adv.std().item() == pytest.approx(1.0, abs=1e-4)
     part = score_rollout({k: v[:2] for k, v in t.items()}, 0.1, cfg)  # one process alone would see these
     assert not torch.allclose(part.advantages[:2], ro.advantages[:2])
+
+
+def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, tmp_path, monkeypatch):
+    """`ppo.backend: vllm`: the stage builds a vLLM engine from the policy checkpoint (stand-in `vllm` module, as
+    tests/test_vllm_colocate.py; vLLM needs CUDA) and, before each iteration's rollout, hands it the policy's
+    current weights and resets its prefix cache: iteration 1 samples from the SFT weights, iteration 2 from the
+    weights after one PPO update."""
+    from types import SimpleNamespace
+
+    from test_vllm_colocate import _stand_in_vllm
+
+    from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
+    from prefopt.ppo.config import PPOConfig
+    from prefopt.ppo.recipe import make_accelerator, rollout_generator, train
+    from prefopt.ppo.rollout import ValueModel
+    from prefopt.utils import seed_everything
+
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
+    seed_everything(0)
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy, ref = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
+    value = ValueModel(load_reward_model(str(tiny_model_dir)))
+    cfg = PPOConfig(policy=str(tiny_model_dir), backend="vllm", total_episodes=8, rollout_batch_size=4,
+                    mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, learning_rate=1e-2, save_every=100)
+    ctx = SimpleNamespace(resolve=lambda value, model=True: value, seed=0)
+    accelerator = make_accelerator()
+    gen = rollout_generator(ctx, cfg, policy, tok, accelerator)
+    assert calls["llm"]["model"] == str(tiny_model_dir) and calls["llm"]["dtype"] == "float32"
+    assert "distributed_executor_backend" not in calls["llm"]  # one process: vLLM's own executor
+
+    initial = {k: v.clone() for k, v in policy.state_dict().items()}
+    rows = []
+    train(policy, ref, value, tok, [f"Sort: {i} 3 1" for i in range(8)],
+          lambda prompts, comps: torch.tensor([float(len(c.token_ids)) for c in comps]), gen, cfg, seed=0,
+          ckpt_dir=tmp_path / "ckpt", tracker=SimpleNamespace(log=lambda m, step=None: rows.append(m)),
+          accelerator=accelerator)
+    assert len(rows) == 2
+    assert calls["events"] == ["load_weights", "reset_prefix_cache", "generate"] * 2
+    first, second = (dict(load) for load in calls["loads"])
+    assert first.keys() == {n for n, _ in policy.named_parameters()}  # every parameter (a tied one once)
+    for name, t in first.items():
+        torch.testing.assert_close(t, initial[name], rtol=0, atol=0)  # the SFT weights
+    assert any(not torch.equal(second[n], first[n]) for n in first)  # after one update: the new policy
