@@ -131,3 +131,16 @@ def test_ppo_is_launched_like_every_training_stage(tmp_path, tiny_model_dir):
     cfg = load_config(str(REPO / "experiments" / "quickstart.yaml"), ["--launch.num_processes=2"])
     problems, warnings = problems_and_warnings(cfg)
     assert not [m for m in problems + warnings if m.startswith("ppo")], (problems, warnings)
+
+
+def test_processes_of_a_node_share_its_threads():
+    """`prefopt run` splits a node's OMP thread budget between its processes (two 2-thread processes on 2 cores
+    made the quickstart's PPO stage 6x slower); one process keeps what it was given."""
+    from prefopt.pipeline import threads_per_process
+
+    assert threads_per_process("2", 2) == "1"
+    assert threads_per_process("8", 4) == "2"
+    assert threads_per_process("1", 2) == "1"  # never 0
+    assert threads_per_process("8", 16, num_machines=2) == "1"  # 8 processes on each node
+    assert threads_per_process("8", 1) is None
+    assert threads_per_process(None, 2) == str(max(1, (os.cpu_count() or 1) // 2))
