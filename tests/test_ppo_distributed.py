@@ -203,13 +203,15 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
                     mini_batch_size=2, ppo_epochs=1, max_new_tokens=4, learning_rate=1e-2, save_every=100)
     ctx = SimpleNamespace(resolve=lambda value, model=True: value, seed=0)
     accelerator = make_accelerator()
-    gen = rollout_generator(ctx, cfg, policy, tok, accelerator)
+    prompts = [f"Sort: {i} 3 1" for i in range(8)]
+    gen = rollout_generator(ctx, cfg, policy, tok, accelerator, prompts)
     assert calls["llm"]["model"] == str(tiny_model_dir) and calls["llm"]["dtype"] == "float32"
     assert "distributed_executor_backend" not in calls["llm"]  # one process: vLLM's own executor
+    assert calls["llm"]["max_model_len"] == max(len(tok(p)["input_ids"]) for p in prompts) + cfg.max_new_tokens
 
     initial = {k: v.clone() for k, v in policy.state_dict().items()}
     rows = []
-    train(policy, ref, value, tok, [f"Sort: {i} 3 1" for i in range(8)],
+    train(policy, ref, value, tok, prompts,
           lambda prompts, comps: torch.tensor([float(len(c.token_ids)) for c in comps]), gen, cfg, seed=0,
           ckpt_dir=tmp_path / "ckpt", tracker=SimpleNamespace(log=lambda m, step=None: rows.append(m)),
           accelerator=accelerator)
@@ -220,3 +222,29 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
     for name, t in first.items():
         torch.testing.assert_close(t, initial[name], rtol=0, atol=0)  # the SFT weights
     assert any(not torch.equal(second[n], first[n]) for n in first)  # after one update: the new policy
+
+
+def test_colocated_vllm_on_each_process(tiny_model_dir, monkeypatch):
+    """Under several processes each one builds its own engine (vLLM's external_launcher: the engine joins this
+    process's rank instead of starting workers), and `ppo.vllm_sleep` frees its memory between rollouts."""
+    from types import SimpleNamespace
+
+    from test_vllm_colocate import _stand_in_vllm
+
+    from prefopt.models import load_tokenizer
+    from prefopt.ppo.config import PPOConfig
+    from prefopt.ppo.recipe import rollout_generator
+
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = PPOConfig(policy=str(tiny_model_dir), backend="vllm", vllm_sleep=True, vllm_gpu_memory_utilization=0.25,
+                    total_episodes=8, rollout_batch_size=4, mini_batch_size=2)
+    ctx = SimpleNamespace(resolve=lambda value, model=True: value, seed=3)
+    gen = rollout_generator(ctx, cfg, None, load_tokenizer(str(tiny_model_dir)), SimpleNamespace(num_processes=2),
+                            ["Sort: 3 1 2"])
+    assert calls["llm"]["distributed_executor_backend"] == "external_launcher"
+    assert calls["llm"]["gpu_memory_utilization"] == 0.25 and calls["llm"]["enable_sleep_mode"] is True
+    assert gen.seed == 3 + 1  # the rank's own engine seed
+    assert calls["events"] == ["sleep(2)"]  # asleep until the first load_weights

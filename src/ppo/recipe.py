@@ -382,7 +382,7 @@ def run(ctx) -> dict:
         accelerator.print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
         score_fn = rm_score_fn(ctx, cfg, rows, prompts, accelerator.device)
-    generator = rollout_generator(ctx, cfg, policy, tok, accelerator)
+    generator = rollout_generator(ctx, cfg, policy, tok, accelerator, prompts)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
                  resume=resume, accelerator=accelerator)
@@ -400,7 +400,7 @@ def run(ctx) -> dict:
     }
 
 
-def rollout_generator(ctx, cfg, policy, tok, accelerator):
+def rollout_generator(ctx, cfg, policy, tok, accelerator, prompts: list[str]):
     """What samples the rollouts: transformers `generate` on the policy being trained, or (`ppo.backend: vllm`, GPU
     machines) a vLLM engine beside it on each process, given the policy's weights before every rollout."""
     if cfg.backend == "transformers":
@@ -409,7 +409,13 @@ def rollout_generator(ctx, cfg, policy, tok, accelerator):
         return TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
     from prefopt.generation.vllm_backend import VLLMGenerator
 
+    from prefopt.data.templates import encode
+
     # The engine starts from the checkpoint (in its saved dtype, as the other backends) and is given the trained
-    # policy's weights before every rollout (train() calls load_weights).
+    # policy's weights before every rollout (train() calls load_weights). Its context is cut to the longest prompt
+    # plus the response cap, so the KV cache it reserves beside training is no larger than PPO can use.
+    longest = max(len(encode(p, tok)) for p in prompts)
+    colocate = accelerator.num_processes > 1
     return VLLMGenerator(ctx.resolve(cfg.policy), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                         seed=ctx.seed, colocate=accelerator.num_processes > 1)
+                         seed=ctx.seed, colocate=colocate, max_model_len=longest + cfg.max_new_tokens,
+                         enable_sleep_mode=colocate and cfg.vllm_sleep)
