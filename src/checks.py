@@ -25,27 +25,42 @@ def _batch_terms(sec, num_processes: int) -> str:
             f"{sec.gradient_accumulation_steps}")
 
 
+def accelerate_file(cfg: ExperimentConfig) -> dict:
+    """The experiment's accelerate config file as a dict ({} without one, or when it is missing: reported apart)."""
+    path = Path(cfg.launch.accelerate_config) if cfg.launch.accelerate_config else None
+    if path is None or not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def launch_processes(cfg: ExperimentConfig) -> int:
+    """How many processes a training stage gets: launch.num_processes, or the accelerate file's own count when
+    launch.num_processes is 1 (`prefopt run` then passes no --num_processes, and the file decides)."""
+    if cfg.launch.num_processes > 1:
+        return cfg.launch.num_processes
+    return int(accelerate_file(cfg).get("num_processes", 1) or 1)
+
+
 def ppo_launch_problems(cfg: ExperimentConfig, sec) -> list[str]:
     """What the ppo stage would refuse at start-up under this launch (ppo.recipe.check_world and
     check_distributed_type), found before any process starts."""
     out = []
-    n = cfg.launch.num_processes
+    n = launch_processes(cfg)
     for key in ("rollout_batch_size", "mini_batch_size"):
         if getattr(sec, key) % n:
-            out.append(f"ppo.{key} ({getattr(sec, key)}) must be a multiple of launch.num_processes ({n}): each "
-                       "process takes an equal share of the global batch")
+            out.append(f"ppo.{key} ({getattr(sec, key)}) must be a multiple of the number of processes ({n}, "
+                       "launch.num_processes or the accelerate config's): each process takes an equal share of the "
+                       "global batch")
     local = sec.rollout_batch_size // n
     if sec.generation_chunk and local and local % sec.generation_chunk:
         out.append(f"ppo.generation_chunk ({sec.generation_chunk}) must divide each process's share of "
                    f"ppo.rollout_batch_size ({local})")
-    config = Path(cfg.launch.accelerate_config) if cfg.launch.accelerate_config else None
-    if config is not None and config.is_file():
-        import yaml
-
-        kind = str((yaml.safe_load(config.read_text()) or {}).get("distributed_type", "NO")).upper()
-        if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-            out.append(f"ppo: launch.accelerate_config {str(config)!r} is {kind}; the ppo stage runs under DDP "
-                       "(MULTI_GPU / MULTI_CPU) or one process")
+    kind = str(accelerate_file(cfg).get("distributed_type", "NO")).upper()
+    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        out.append(f"ppo: launch.accelerate_config {cfg.launch.accelerate_config!r} is {kind}; the ppo stage runs "
+                   "under DDP (MULTI_GPU / MULTI_CPU) or one process")
     return out
 
 
@@ -101,11 +116,11 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
             problems += ppo_launch_problems(cfg, sec)
         # the global batch the recipe states
         if STAGES[stage][1] and hasattr(sec, "global_batch"):
-            got = sec.global_batch(cfg.launch.num_processes)
+            got = sec.global_batch(launch_processes(cfg))
             want = getattr(sec, "recipe_global_batch", 0)
             if want and got != want:
                 warnings.append(
-                    f"{stage}: global batch is {got} ({_batch_terms(sec, cfg.launch.num_processes)}) but the "
+                    f"{stage}: global batch is {got} ({_batch_terms(sec, launch_processes(cfg))}) but the "
                     f"recipe states {want}; results (SimPO's especially) move with the global batch"
                 )
     if "evaluate" in cfg.stages:

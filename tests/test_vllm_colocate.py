@@ -194,19 +194,23 @@ def test_load_weights_into_a_closed_generator(calls, launched):
 
 
 def test_sleep_mode_frees_the_gpu_between_rollouts(calls, launched):
-    """Colocated with sleep mode, the engine sleeps (level 2: weights discarded) except while sampling: weights are
-    woken and pushed by load_weights, the KV cache is woken for generate, and sampling without a push is refused."""
+    """Colocated with sleep mode, the engine sleeps (level 2: weights discarded) except during a rollout: load_weights
+    wakes and fills the weights and wakes the KV cache, every generate call of the rollout runs, release() puts it to
+    sleep again, and sampling without a push is refused."""
     g = VLLMGenerator("/m", colocate=True, enable_sleep_mode=True)
     assert calls["llm"]["enable_sleep_mode"] is True
     assert calls["events"] == ["sleep(2)"]
     s = Sampling(n=1, temperature=1.0, max_new_tokens=4)
     with pytest.raises(RuntimeError, match="call load_weights"):
         g.generate(["a"], s)
-    for _ in range(2):  # two PPO iterations
+    for _ in range(2):  # two PPO iterations, each sampling its rollout in two chunks (ppo.generation_chunk)
         del calls["events"][:]
         g.load_weights(_tiny_llama())
         assert [c.text for c in g.generate(["a", "b"], s)[0]] == ["x"]
+        assert [c.text for c in g.generate(["c", "d"], s)[0]] == ["x"]
+        g.release()
+        g.release()  # twice: still one sleep
         assert calls["events"] == ["wake_up(weights)", "load_weights", "reset_prefix_cache",
-                                   "wake_up(kv_cache)", "generate", "sleep(2)"]
+                                   "wake_up(kv_cache)", "generate", "generate", "sleep(2)"]
     with pytest.raises(RuntimeError, match="call load_weights"):
         g.generate(["a"], s)

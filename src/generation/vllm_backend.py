@@ -239,6 +239,15 @@ class VLLMGenerator:
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("vLLM could not reset its prefix cache after loading new weights (requests still "
                                "running?): samples would reuse KV blocks computed by the old weights")
+        if self._sleeps:
+            self.llm.wake_up(tags=["kv_cache"])  # awake until release(): a rollout may take several generate calls
+
+    def release(self) -> None:
+        """After a rollout (all its generate calls): with sleep mode, give the GPU back to training. Level 2 drops
+        the weights too, so the next rollout must start with load_weights. A no-op otherwise."""
+        if self._sleeps and self._weights_loaded and self.llm is not None:
+            self.llm.sleep(level=2)
+            self._weights_loaded = False
 
     def generate(self, prompts: list[str], sampling: Sampling, progress: Progress = None) -> list[list[Completion]]:
         return self.generate_many(prompts, [sampling], progress)[0]
@@ -251,22 +260,15 @@ class VLLMGenerator:
             raise RuntimeError(f"VLLMGenerator for {self.path} was closed")
         if not self._weights_loaded:
             raise RuntimeError("this colocated engine sleeps with its weights discarded between rollouts: call "
-                               "load_weights(policy) before each generate")
+                               "load_weights(policy) before each rollout's generate calls")
         # Token ids, not text: vLLM would tokenize text with special tokens on, and a chat template that writes
         # BOS (Llama-3, Gemma-2) would then start with two. `encode` is what every other stage uses, so vLLM's
         # samples continue the very ids that evaluation and PPO score. (A dict is vLLM's TokensPrompt.)
         tok = self.llm.get_tokenizer()
         ids = [encode(p, tok) for p in prompts]
         requests, params = requests_for(ids, samplings, self._vllm.SamplingParams)
-        if self._sleeps:
-            self.llm.wake_up(tags=["kv_cache"])
-        try:
-            # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
-            outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
-        finally:
-            if self._sleeps:  # give the GPU back to training; the weights go too (level 2)
-                self.llm.sleep(level=2)
-                self._weights_loaded = False
+        # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
+        outputs = self.llm.generate(requests, params, use_tqdm=progress is None)
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} request outputs for {len(requests)} requests")
         result = []

@@ -54,7 +54,7 @@ class PPOConfig:
     vllm_gpu_memory_utilization: float = 0.3
     """With backend vllm: the share of each GPU the engine's weights and KV cache may take (the rest trains)."""
     vllm_sleep: bool = False
-    """With backend vllm on several processes: put the engine to sleep (vLLM sleep mode, level 2) between rollouts,
+    """With backend vllm: put the engine to sleep (vLLM sleep mode, level 2) between rollouts,
     so the PPO update gets its GPU memory back; the policy's weights are pushed again before each rollout anyway."""
     ppo_epochs: int = 4
     """Passes over each rollout (Huang et al. 2024: 4)."""

@@ -69,12 +69,19 @@ class PromptSampler:
 TRAINER_STATE = "trainer_state.pt"
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `iter-N` folder (written under a temporary name and renamed, so complete if present)."""
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The complete `iter-N` folders, oldest first (written under a temporary name and renamed, so complete if
+    present; anything else named iter-* is neither resumed from nor pruned)."""
     if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("iter-*") if p.name.split("-")[1].isdigit() and (p / TRAINER_STATE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+        return []
+    done = [p for p in folder.glob("iter-*") if p.name[5:].isdigit() and (p / TRAINER_STATE).exists()]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete `iter-N` folder."""
+    done = complete_checkpoints(folder)
+    return done[-1] if done else None
 
 
 def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, sampler, last_metrics: dict,
@@ -99,12 +106,11 @@ def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, s
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save({"iteration": iteration, "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-                    "last_metrics": last_metrics}, tmp / TRAINER_STATE)
+                    "last_metrics": last_metrics, "num_processes": accelerator.num_processes}, tmp / TRAINER_STATE)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-        done = sorted(folder.glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-KEEP_CHECKPOINTS]:
+        for old in complete_checkpoints(folder)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old)
         if snapshot_tokenizer is not None:
             if snap.exists():
@@ -140,13 +146,13 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
     what one process computes on the same rows."""
     batch, B = ro.batch(), ro.input_ids.shape[0]
     world, rank = accelerator.num_processes, accelerator.process_index
-    share = cfg.mini_batch_size // world
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator).to(ro.input_ids.device)
         for start in range(0, B, cfg.mini_batch_size):
             rows = perm[start: start + cfg.mini_batch_size]
+            share = len(rows) // world  # a last, shorter minibatch still splits evenly: both sizes divide by world
             mine = rows[rank * share: (rank + 1) * share]
             weight = global_token_weight(batch["mask"], mine, rows, world)
             mb = trim(batch, mine)
@@ -165,7 +171,7 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
             opt_value.step()
             step = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_metrics, **vf_metrics}
             for k, v in step.items():  # this process's share of the global minibatch's token mean
-                sums[k] = sums.get(k, 0.0) + v.detach().float() * weight / world
+                sums[k] = sums.get(k, 0.0) + v.detach().double() * weight.double() / world
             n += 1
     names = sorted(sums)
     totals = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="sum") if world > 1 \
@@ -191,8 +197,10 @@ def make_accelerator():
     from accelerate import Accelerator
 
     # cpu=True without CUDA: under `accelerate launch` on a CPU machine accelerate otherwise starts N independent
-    # single-process runs instead of one gloo process group.
-    return Accelerator(cpu=not torch.cuda.is_available())
+    # single-process runs instead of one gloo process group. mixed_precision "no" whatever the launch config says:
+    # PPO trains in float32, and autocast on the prepared policy but not on the frozen reference would make
+    # KL > 0 before any update (fp16's scaler would also unscale twice, once per optimizer).
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
 def check_world(cfg, num_processes: int) -> None:
@@ -219,6 +227,7 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     from that checkpoint."""
     accelerator = accelerator or make_accelerator()
     check_world(cfg, accelerator.num_processes)
+    ckpt_dir = Path(ckpt_dir)
     opt_policy = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
     opt_value = torch.optim.AdamW(value.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
     policy, value, opt_policy, opt_value = accelerator.prepare(policy, value, opt_policy, opt_value)
@@ -229,8 +238,15 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     iterations = max(1, cfg.total_episodes // cfg.rollout_batch_size)
     start, metrics = 0, {}
     if resume is not None:
-        accelerator.load_state(str(resume / "state"))
         state = load_trainer_state(resume)
+        saved = state.get("num_processes", 1)
+        if saved != accelerator.num_processes:
+            # DDP's state dicts carry `module.` prefixes and each process its own RNG file: they load only into
+            # the same layout. (The global batch is the same either way; the layout is not.)
+            raise ConfigError(f"ppo: checkpoint {resume} was written by {saved} processes but this run has "
+                              f"{accelerator.num_processes}: resume with launch.num_processes {saved}, or delete "
+                              f"{resume.parent} to start over")
+        accelerator.load_state(str(resume / "state"))
         kl_ctl.load_state_dict(state["kl_controller"])
         sampler.load_state_dict(state["sampler"])
         start, metrics = state["iteration"], state["last_metrics"]
@@ -253,6 +269,8 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         ro = collect(policy, ref, value, tokenizer, generator, score_fn, batch_prompts, sampling, kl_ctl.value, cfg,
                      generation_chunk=chunk, first_chunk=rank * local // chunk,
                      gather=(lambda t, pad: gather_rows(accelerator, t, pad)) if world > 1 else None)
+        if hasattr(generator, "release"):  # a colocated vLLM engine may sleep through the update
+            generator.release()
         metrics = rollout_metrics(ro, kl_ctl.value)
         shuffle = torch.Generator().manual_seed(seed * 100003 + it)
         metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle, accelerator))
@@ -415,7 +433,20 @@ def rollout_generator(ctx, cfg, policy, tok, accelerator, prompts: list[str]):
     # policy's weights before every rollout (train() calls load_weights). Its context is cut to the longest prompt
     # plus the response cap, so the KV cache it reserves beside training is no larger than PPO can use.
     longest = max(len(encode(p, tok)) for p in prompts)
-    colocate = accelerator.num_processes > 1
+    # Always colocated (external_launcher), one process too: only then does vLLM keep the model in this process,
+    # where load_weights can reach it (TRL does the same). A lone process gets the launch variables it needs.
+    if accelerator.num_processes == 1:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())}.items():
+            os.environ.setdefault(key, value)
     return VLLMGenerator(ctx.resolve(cfg.policy), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                         seed=ctx.seed, colocate=colocate, max_model_len=longest + cfg.max_new_tokens,
-                         enable_sleep_mode=colocate and cfg.vllm_sleep)
+                         seed=ctx.seed, colocate=True, max_model_len=longest + cfg.max_new_tokens,
+                         enable_sleep_mode=cfg.vllm_sleep)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
