@@ -205,7 +205,8 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # the stage sets what is missing
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so teardown restores this process's environment (later tests
+        monkeypatch.delenv(k)  # launch process groups of their own and must not inherit a MASTER_PORT)
     seed_everything(0)
     tok = load_tokenizer(str(tiny_model_dir))
     policy, ref = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
