@@ -57,10 +57,15 @@ def ppo_launch_problems(cfg: ExperimentConfig, sec) -> list[str]:
     if sec.generation_chunk and local and local % sec.generation_chunk:
         out.append(f"ppo.generation_chunk ({sec.generation_chunk}) must divide each process's share of "
                    f"ppo.rollout_batch_size ({local})")
-    kind = str(accelerate_file(cfg).get("distributed_type", "NO")).upper()
-    if kind not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+    conf = accelerate_file(cfg)
+    kind = str(conf.get("distributed_type", "NO")).upper()
+    version = int((conf.get("fsdp_config") or {}).get("fsdp_version", 1))
+    if kind == "FSDP" and version != 2:
+        out.append(f"ppo: launch.accelerate_config {cfg.launch.accelerate_config!r} is FSDP version {version}; the "
+                   "ppo stage runs under FSDP2 (fsdp_config.fsdp_version: 2, as experiments/accelerate/fsdp2.yaml)")
+    elif kind not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
         out.append(f"ppo: launch.accelerate_config {cfg.launch.accelerate_config!r} is {kind}; the ppo stage runs "
-                   "under DDP (MULTI_GPU / MULTI_CPU) or one process")
+                   "on one process, under DDP (MULTI_GPU / MULTI_CPU) or FSDP2")
     return out
 
 

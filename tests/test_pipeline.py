@@ -178,6 +178,9 @@ def test_accelerate_configs_load_with_accelerate(path):
     elif name == "fsdp":
         assert kind == "FSDP" and cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
         assert cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    elif name == "fsdp2":
+        assert kind == "FSDP" and int(cfg.fsdp_config["fsdp_version"]) == 2
+        assert "fsdp_transformer_layer_cls_to_wrap" not in cfg.fsdp_config  # each model's own layer class
     elif name == "cpu_2proc":
         assert cfg.num_processes == 2 and cfg.use_cpu
     elif name == "single":

@@ -43,12 +43,24 @@ def ppo_experiment(root: Path, tiny_model_dir, prompts_file: Path, **ppo) -> Pat
     return path
 
 
-def launch(exp: Path, processes: int, **env) -> subprocess.CompletedProcess:
+# accelerate's FSDP2 settings, as `accelerate launch` exports them from experiments/accelerate/fsdp2.yaml (no layer
+# class named: each model's own `_no_split_modules` is wrapped, for the policy, value model and reference).
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+             "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+             "FSDP_OFFLOAD_PARAMS": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+
+
+def launch(exp: Path, processes: int, fsdp: bool = False, **env) -> subprocess.CompletedProcess:
+    """`accelerate launch -m prefopt ppo EXP` on CPU processes; with `fsdp`, under FSDP2 (through
+    tests/plugins/fsdp_on_cpu.py, which lets accelerate run FSDP on CPU processes)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
         cmd.append("--multi_gpu")
-    cmd += ["-m", "prefopt", "ppo", str(exp)]
+    cmd += [str(REPO / "tests" / "plugins" / "fsdp_on_cpu.py")] if fsdp else ["-m", "prefopt"]
+    cmd += ["ppo", str(exp)]
+    if fsdp:
+        env = {**FSDP2_ENV, **env}
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "true",
                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
@@ -69,18 +81,44 @@ def prompts_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir, prompts_file) -> Path:
+    """The reference run: 5 iterations of 12 episodes on one process. Returns its stage folder."""
+    root = tmp_path_factory.mktemp("one")
+    out = launch(ppo_experiment(root, tiny_model_dir, prompts_file), 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "runs" / "p" / "ppo"
+
+
+def assert_same_run(a_dir: Path, b_dir: Path, tiny_model_dir) -> tuple[float, float]:
+    """Two PPO runs logged the same metrics and ended with the same weights, within the tolerances above; returns
+    (how far the weights moved, how far apart the runs ended)."""
+    from safetensors.torch import load_file
+
+    a, b = metrics(a_dir), metrics(b_dir)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert a[step].keys() == b[step].keys()
+        for k in a[step]:
+            tol = {"abs": TIE_ATOL} if k in TIE_METRICS else {"rel": METRIC_RTOL, "abs": METRIC_ATOL}
+            assert b[step][k] == pytest.approx(a[step][k], **tol), (step, k)
+    assert a[5]["kl_coef"] != a[1]["kl_coef"]  # the adaptive controller moved and resumed with its state
+    assert a[5]["reward"] != a[1]["reward"]
+    wa, wb = load_file(a_dir / "model" / "model.safetensors"), load_file(b_dir / "model" / "model.safetensors")
+    init = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    moved = max((wa[k] - init[k]).abs().max().item() for k in wa)
+    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert moved > 100 * WEIGHT_ATOL and diff < WEIGHT_ATOL, (moved, diff)  # it trained, and the same way
+    return moved, diff
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_after_kill(tmp_path, tiny_model_dir, prompts_file):
+def test_two_processes_match_one_and_resume_after_kill(tmp_path, tiny_model_dir, prompts_file, one_process):
     """5 iterations of 12 episodes on one process, and on two processes killed by SIGKILL in the middle of
     iteration 4 (rank 1, while scoring) then rerun: the resumed two-process run logs every iteration once and ends
     with the one-process run's metrics and weights, within the tolerances above. Minibatches of 8 leave a last one
     of 4 in each epoch (split 2 + 2), and each process samples its 6 prompts in two chunks of 3."""
-    from safetensors.torch import load_file
-
-    one = ppo_experiment(tmp_path / "one", tiny_model_dir, prompts_file)
-    out = launch(one, 1)
-    assert out.returncode == 0, out.stderr[-3000:]
-
     two = ppo_experiment(tmp_path / "two", tiny_model_dir, prompts_file)
     marker = tmp_path / "killed"
     # Each process scores 6 responses per iteration: the 19th call is the first of iteration 4.
@@ -98,26 +136,103 @@ def test_two_processes_match_one_and_resume_after_kill(tmp_path, tiny_model_dir,
     from prefopt.tracking import read_metrics
 
     assert [r["step"] for r in read_metrics(d)] == [1, 2, 3, 4, 5]  # resumed, not restarted
-    a, b = metrics(tmp_path / "one" / "runs" / "p" / "ppo"), metrics(d)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    for step in a:
-        assert a[step].keys() == b[step].keys()
-        for k in a[step]:
-            tol = {"abs": TIE_ATOL} if k in TIE_METRICS else {"rel": METRIC_RTOL, "abs": METRIC_ATOL}
-            assert b[step][k] == pytest.approx(a[step][k], **tol), (step, k)
-    assert a[5]["kl_coef"] != a[1]["kl_coef"]  # the adaptive controller moved and resumed with its state
-    assert a[5]["reward"] != a[1]["reward"]
-    wa = load_file(tmp_path / "one" / "runs" / "p" / "ppo" / "model" / "model.safetensors")
-    wb = load_file(d / "model" / "model.safetensors")
-    init = load_file(Path(tiny_model_dir) / "model.safetensors")
-    moved = max((wa[k] - init[k]).abs().max().item() for k in wa)
-    diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert moved > 100 * WEIGHT_ATOL and diff < WEIGHT_ATOL, (moved, diff)  # it trained, and the same way
+    assert_same_run(one_process, d, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_one_process_and_resumes_after_kill(tmp_path, tiny_model_dir, prompts_file, one_process):
+    """The same run under FSDP2 on two CPU processes (policy, value model and reference sharded; synced
+    generation; checkpoints written shard by shard), killed in the middle of iteration 4 and rerun: it ends where
+    the one-process run does, within the same tolerances."""
+    from prefopt.tracking import read_metrics
+
+    two = ppo_experiment(tmp_path / "fsdp", tiny_model_dir, prompts_file)
+    marker = tmp_path / "killed"
+    out = launch(two, 2, fsdp=True, PPO_DIE_AFTER_CALLS="18", PPO_DIE_MARKER=str(marker))
+    d = tmp_path / "fsdp" / "runs" / "p" / "ppo"
+    assert out.returncode != 0 and marker.exists(), out.stderr[-3000:]
+    assert sorted(p.name for p in (d / "checkpoints").glob("iter-*")) == ["iter-2", "iter-3"]
+    # Sharded checkpoints: torch.distributed.checkpoint folders, one shard file per process.
+    state = d / "checkpoints" / "iter-3" / "state"
+    assert sorted(p.name for p in (state / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp",
+                                                                                         "__1_0.distcp"]
+    out = launch(two, 2, fsdp=True, PPO_DIE_AFTER_CALLS="18", PPO_DIE_MARKER=str(marker))
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "resuming from" in log and "iteration 3 of 5" in log
+    assert "sharded (FSDP2)" in log
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["iterations"] == 5
+    assert [r["step"] for r in read_metrics(d)] == [1, 2, 3, 4, 5]
+    assert_same_run(one_process, d, tiny_model_dir)
+
+
+def test_sharded_generation_keeps_every_process_stepping(tiny_model_dir):
+    """Under FSDP2 every decoding step is a collective forward pass. Process 0's response ends at its first token
+    and process 1's runs 8 tokens: synced generation (what the ppo stage asks for under FSDP) keeps process 0
+    stepping until process 1 is done. Without it process 0 leaves the collectives unmatched (measured: the run fails;
+    a hang would meet the timeout here)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
+           str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir)]
+    env = {**os.environ, **FSDP2_ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lengths = dict(line.split() for line in out.stdout.splitlines() if line[:2] in ("0 ", "1 "))
+    assert lengths == {"0": "1", "1": "8"}, out.stdout
+
+
+def test_rollouts_generate_synced_under_fsdp_only(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.ppo.config import PPOConfig
+    from prefopt.ppo.recipe import rollout_generator
+
+    tok, policy = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
+    for kind, synced in ((DistributedType.FSDP, True), (DistributedType.MULTI_CPU, False), (DistributedType.NO, False)):
+        gen = rollout_generator(None, PPOConfig(), policy, tok, SimpleNamespace(distributed_type=kind), ["p"])
+        assert gen.synced is synced, kind
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_reference_and_reward_model_as_the_config_says(tmp_path, tiny_model_dir, prompts_file):
+    """With a reward model (and the value model started from it), 2 iterations under FSDP2 on two CPU processes,
+    once with the reference and reward model sharded and once with a full copy of each on every process: the
+    stage says which it did, and both give the same run."""
+    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.utils import seed_everything
+
+    seed_everything(1)
+    rm = tmp_path / "rm"
+    save_model(load_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm)
+    runs = {}
+    for shard in (True, False):
+        exp = ppo_experiment(tmp_path / f"shard-{shard}", tiny_model_dir, prompts_file, reward_fn="",
+                             reward_model=str(rm), value_init="reward", total_episodes=24,
+                             shard_reference=shard, shard_reward_model=shard)
+        out = launch(exp, 2, fsdp=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        log = out.stdout + out.stderr
+        if shard:
+            assert "the reference sharded (ppo.shard_reference)" in log
+            assert "sharded (ppo.shard_reward_model)" in log
+        else:
+            assert "the reference a full copy on each" in log and "a full copy on each process" in log
+        runs[shard] = metrics(tmp_path / f"shard-{shard}" / "runs" / "p" / "ppo")
+    assert sorted(runs[True]) == [1, 2]
+    for step in (1, 2):
+        for k in ("reward", "kl", "loss/policy", "loss/value"):
+            assert runs[True][step][k] == pytest.approx(runs[False][step][k], rel=METRIC_RTOL, abs=METRIC_ATOL)
+    assert runs[True][1]["reward"] != 0.0 and runs[True][1]["kl"] == 0.0  # the RM scored; KL 0 before any update
 
 
 def test_launches_ppo_cannot_use_are_refused(tmp_path):
-    """Batch sizes that do not split over the processes, and a sharded accelerate config, from `prefopt check`
-    (naming the keys) and from the stage itself."""
+    """Batch sizes that do not split over the processes, and accelerate configs the stage cannot use (DeepSpeed,
+    FSDP version 1), from `prefopt check` (naming the keys) and from the stage itself."""
     from prefopt.checks import problems_and_warnings
     from prefopt.config import ConfigError, from_dict
     from prefopt.experiment import ExperimentConfig
@@ -136,13 +251,41 @@ def test_launches_ppo_cannot_use_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"ppo.generation_chunk \(3\) must divide each process's share"):
         check_world(PPOConfig(rollout_batch_size=16, mini_batch_size=8, generation_chunk=3), 2)
     check_world(PPOConfig(rollout_batch_size=16, mini_batch_size=8, generation_chunk=4), 2)
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from prefopt.ppo.recipe import check_distributed_type
+
+    def launch_of(kind, version=None):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
+            fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+    for ok in (launch_of(DistributedType.MULTI_GPU), launch_of(DistributedType.FSDP, 2)):
+        check_distributed_type(ok)
+    with pytest.raises(ConfigError, match=r"this launch is FSDP version 1 \(the launch.accelerate_config file\)"):
+        check_distributed_type(launch_of(DistributedType.FSDP, 1))
+    with pytest.raises(ConfigError, match=r"this launch is DEEPSPEED"):
+        check_distributed_type(launch_of(DistributedType.DEEPSPEED))
 
     cfg = from_dict(ExperimentConfig, {
         "name": "x", "stages": ["ppo"],
         "launch": {"num_processes": 2, "accelerate_config": str(REPO / "experiments/accelerate/deepspeed_zero3.yaml")},
         "ppo": {"policy": "m", "reward_fn": "task:gold", "rollout_batch_size": 16, "mini_batch_size": 8}})
     problems, _ = problems_and_warnings(cfg)
-    assert any("is DEEPSPEED; the ppo stage runs under DDP" in p for p in problems), problems
+    assert any("is DEEPSPEED; the ppo stage runs on one process, under DDP (MULTI_GPU / MULTI_CPU) or FSDP2" in p
+               for p in problems), problems
+    # FSDP: version 2 runs (tested above on CPU processes); version 1 is refused, naming the key to change.
+    for name, refused in (("fsdp2.yaml", False), ("fsdp.yaml", True)):
+        cfg = from_dict(ExperimentConfig, {
+            "name": "x", "stages": ["ppo"],
+            "launch": {"num_processes": 2, "accelerate_config": str(REPO / "experiments/accelerate" / name)},
+            "ppo": {"policy": "m", "reward_fn": "task:gold", "rollout_batch_size": 16, "mini_batch_size": 8}})
+        problems, _ = problems_and_warnings(cfg)
+        got = [p for p in problems if p.startswith("ppo: launch.accelerate_config")]
+        assert bool(got) == refused, (name, problems)
+        if refused:
+            assert "is FSDP version 1; the ppo stage runs under FSDP2 (fsdp_config.fsdp_version: 2" in got[0]
 
     # launch.num_processes 1 with a config file: the file's count is what runs (8 in ddp.yaml), and what is checked
     cfg = from_dict(ExperimentConfig, {

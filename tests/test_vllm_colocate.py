@@ -156,6 +156,29 @@ def test_named_weights_are_checkpoint_names_and_values():
     assert {n for n, _ in named_weights(ddp_state)} == LLAMA_NAMES
 
 
+def test_named_weights_gathers_fsdp2_shards(tmp_path):
+    """Under FSDP2 each parameter is a DTensor holding this process's shard: the engine gets whole tensors under
+    the checkpoint names (a one-process gloo group here; with N processes full_tensor() is the all-gather)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_llama()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+        pairs = list(named_weights(model))
+        assert {n for n, _ in pairs} == LLAMA_NAMES
+        for name, t in pairs:
+            assert type(t) is torch.Tensor and torch.equal(t, want[name]), name
+    finally:
+        dist.destroy_process_group()
+
+
 def test_load_weights_hands_every_parameter_then_resets_prefix_cache(calls, launched):
     g = VLLMGenerator("/m", gpu_memory_utilization=0.3, colocate=True)
     model = _tiny_llama()

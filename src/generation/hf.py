@@ -29,7 +29,7 @@ class TransformersGenerator:
     name = "transformers"
 
     def __init__(self, model_or_path: Any, tokenizer=None, batch_size: int = 64, dtype: str = "auto",
-                 device: str | None = None):
+                 device: str | None = None, synced: bool = False):
         import torch
 
         from prefopt.models import load_causal_lm, load_tokenizer
@@ -50,6 +50,10 @@ class TransformersGenerator:
             tokenizer = load_tokenizer(self.path)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # synced: the model is sharded (FSDP / ZeRO-3) and every forward pass is collective, so a process whose
+        # batch has ended keeps stepping until all have (transformers' synced_gpus). Each process must make the
+        # same number of generate calls.
+        self.synced = synced
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token")
@@ -95,7 +99,8 @@ class TransformersGenerator:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                      synced_gpus=self.synced)
         new = out[:, input_ids.shape[1]:].tolist()  # (B * n_gen, new_tokens), right-padded after EOS
         completions = [self._completion(ids) for ids in new]
         per_prompt = [completions[i * n_gen:(i + 1) * n_gen] for i in range(len(batch))]

@@ -131,13 +131,17 @@ def named_weights(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Iterat
     """(name, tensor) pairs of a model (or a state dict) under its checkpoint names, which is what vLLM's
     `model.load_weights` takes (it maps them onto its own fused layers itself). A DDP/accelerate wrapper is looked
     through (`.module`), and a leading `module.` (a state dict saved from one) is dropped. Parameters must be whole on
-    this process: DDP replicas are, ZeRO-3/FSDP shards are not (they would need gathering first)."""
+    this process: DDP replicas are; FSDP2 shards (DTensors) are gathered one at a time with `full_tensor()`, a
+    collective, so every process must walk the weights in the same order (each colocated engine takes them all)."""
     while isinstance(model, torch.nn.Module) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     # named_parameters lists a tied weight once, as save_pretrained writes it; vLLM ties lm_head itself.
     pairs = model.items() if isinstance(model, Mapping) else model.named_parameters()
     for name, tensor in pairs:
-        yield name.removeprefix("module."), tensor.detach()  # no autograd graph into the engine's copy
+        tensor = tensor.detach()  # no autograd graph into the engine's copy
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name.removeprefix("module."), tensor
 
 
 def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:

@@ -56,6 +56,13 @@ class PPOConfig:
     vllm_sleep: bool = False
     """With backend vllm: put the engine to sleep (vLLM sleep mode, level 2) between rollouts,
     so the PPO update gets its GPU memory back; the policy's weights are pushed again before each rollout anyway."""
+    shard_reference: bool = True
+    """Under FSDP (an accelerate config with `fsdp_version: 2`): shard the frozen reference over the processes as the
+    policy is (each holds 1/N of its weights; a forward pass gathers one layer at a time). False: a full copy on
+    every process, which saves the gathers when it fits. Without FSDP it is always a full copy."""
+    shard_reward_model: bool = True
+    """Under FSDP: shard the reward model the same way (a `reward_fn` has nothing to shard). False: a full copy on
+    every process."""
     ppo_epochs: int = 4
     """Passes over each rollout (Huang et al. 2024: 4)."""
     learning_rate: float = 5e-5

@@ -230,8 +230,15 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     ckpt_dir = Path(ckpt_dir)
     opt_policy = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
     opt_value = torch.optim.AdamW(value.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
-    policy, value, opt_policy, opt_value = accelerator.prepare(policy, value, opt_policy, opt_value)
-    ref.to(accelerator.device)  # frozen and never prepared: a full copy on every process
+    # One model per prepare call (FSDP2 swaps each optimizer's parameters for its model's shards, one pair at a
+    # time); the order is save_state's: model_0 / optimizer_0 the policy's, model_1 / optimizer_1 the value's.
+    policy, opt_policy = accelerator.prepare(policy, opt_policy)
+    value, opt_value = accelerator.prepare(value, opt_value)
+    ref = place_frozen(accelerator, ref, cfg.shard_reference, "ppo.shard_reference")
+    if is_sharded(accelerator):
+        accelerator.print(f"[ppo] {accelerator.num_processes} processes: policy and value model sharded (FSDP2), the "
+                          f"reference {'sharded' if cfg.shard_reference else 'a full copy on each'} "
+                          "(ppo.shard_reference)", flush=True)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     sampler = PromptSampler(len(prompts), seed)
@@ -283,6 +290,30 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     return {**metrics, "iterations": iterations}
 
 
+def is_sharded(accelerator) -> bool:
+    """FSDP: every process holds 1/N of each prepared model's weights; every forward pass is collective."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def place_frozen(accelerator, model, shard: bool, key: str):
+    """A frozen model (the reference, the reward model) for this launch. Under FSDP with `shard`: sharded the way
+    the trained models are, by accelerate's own FSDP2 wrapping (per transformer layer), but not registered with
+    the accelerator, so `save_state` never writes it (it is reloaded from its checkpoint). Otherwise a full copy on
+    this process's device."""
+    if not (shard and is_sharded(accelerator)):
+        return model.to(accelerator.device)
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    try:
+        return fsdp2_prepare_model(accelerator, model)
+    except ValueError as e:  # the config's fsdp_transformer_layer_cls_to_wrap names a class this model lacks
+        raise ConfigError(f"{key}: cannot shard {type(model).__name__} with this FSDP config ({e}): set {key}: "
+                          "false for a full copy on each process, or leave fsdp_transformer_layer_cls_to_wrap "
+                          "unset") from None
+
+
 def gather_rows(accelerator, t: torch.Tensor, pad) -> torch.Tensor:
     """Every process's rows of a rollout tensor, in rank order, on every process (right padded to one width)."""
     if t.dim() == 2:
@@ -303,8 +334,10 @@ def function_scorer(fn, rows: list[dict], rendered: list[str]):
     return score
 
 
-def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], device):
-    """The reward model's ScoreFn, given each prompt in its `rm_format` (checked before the model loads)."""
+def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
+    """The reward model's ScoreFn, given each prompt in its `rm_format` (checked before the model loads). Under
+    FSDP the reward model is sharded when `ppo.shard_reward_model` (every process scores the same number of
+    equal batches, so its collective forward passes line up)."""
     from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
 
     rm_path = ctx.resolve(cfg.reward_model)
@@ -312,9 +345,13 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], device):
                           trust_remote_code=cfg.trust_remote_code)
     rm_prompts = {p: rm_prompt(r, p, fmt, "ppo.rm_format") for r, p in zip(rows, rendered)}
     scorer = load_scorer(rm_path, cfg.trust_remote_code, key="ppo.trust_remote_code")
-    scorer.model.to(device)
-    print(f"[ppo] reward: the reward model {rm_path}, reading the {'policy' if fmt == 'policy' else 'its own chat'} "
-          f"format (ppo.rm_format: {cfg.rm_format})", flush=True)
+    scorer.model = place_frozen(accelerator, scorer.model, cfg.shard_reward_model, "ppo.shard_reward_model")
+    where = ""
+    if is_sharded(accelerator):
+        where = ", sharded (ppo.shard_reward_model)" if cfg.shard_reward_model else ", a full copy on each process"
+    accelerator.print(f"[ppo] reward: the reward model {rm_path}, reading the "
+                      f"{'policy' if fmt == 'policy' else 'its own chat'} format (ppo.rm_format: {cfg.rm_format})"
+                      f"{where}", flush=True)
     return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, rm_prompts=rm_prompts)
 
 
@@ -357,16 +394,21 @@ def load_models(ctx, cfg, device: str | torch.device | None = None):
 
 def check_distributed_type(accelerator) -> None:
     """PPO trains two models (policy and value) with their own optimizers and generates from the policy between
-    updates. Under DDP (and one process) that works as written; sharded engines need more than this loop does
-    (ZeRO-3 / FSDP: every rank must run the same number of generation steps on gathered weights, and DeepSpeed
-    one engine per model), so they are refused before any weights load."""
+    updates. It runs on one process, under DDP, and under FSDP2 (sharded policy, value and, as the config says,
+    reference and reward model; synced generation). FSDP1 and DeepSpeed are refused before any weights load:
+    FSDP1 wraps models in a class whose generate() does not gather the weights, and DeepSpeed wants one engine
+    per trained model, which this loop does not build."""
     from accelerate.utils import DistributedType
 
-    allowed = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
-    if accelerator.distributed_type not in allowed:
-        raise ConfigError(f"ppo runs under DDP (accelerate's multi-GPU / multi-CPU) or one process; this launch is "
-                          f"{accelerator.distributed_type.value} (the launch.accelerate_config file): use "
-                          "experiments/accelerate/ddp.yaml or no config file for the ppo stage")
+    dt = accelerator.distributed_type
+    if dt in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return
+    if dt == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2:
+        return
+    what = "FSDP version 1" if dt == DistributedType.FSDP else dt.value
+    raise ConfigError(f"ppo runs on one process, under DDP or under FSDP2; this launch is {what} (the "
+                      "launch.accelerate_config file): use experiments/accelerate/fsdp2.yaml or ddp.yaml for the "
+                      "ppo stage")
 
 
 def run(ctx) -> dict:
@@ -399,7 +441,7 @@ def run(ctx) -> dict:
         score_fn = function_scorer(load_reward_function(cfg.reward_fn, ctx.cfg.task), rows, prompts)
         accelerator.print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
-        score_fn = rm_score_fn(ctx, cfg, rows, prompts, accelerator.device)
+        score_fn = rm_score_fn(ctx, cfg, rows, prompts, accelerator)
     generator = rollout_generator(ctx, cfg, policy, tok, accelerator, prompts)
 
     last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
@@ -424,7 +466,10 @@ def rollout_generator(ctx, cfg, policy, tok, accelerator, prompts: list[str]):
     if cfg.backend == "transformers":
         from prefopt.generation.hf import TransformersGenerator
 
-        return TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size)
+        # Under FSDP each decoding step is a collective forward pass: synced generation keeps a process whose
+        # responses all ended stepping (without sampling) until every process's have.
+        return TransformersGenerator(policy, tokenizer=tok, batch_size=cfg.rollout_batch_size,
+                                     synced=is_sharded(accelerator))
     from prefopt.generation.vllm_backend import VLLMGenerator
 
     from prefopt.data.templates import encode

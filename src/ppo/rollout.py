@@ -32,6 +32,10 @@ class ValueModel(nn.Module):
         self.model = seq_cls_model  # the only registered child: each weight has one name in state dicts
 
     @property
+    def _no_split_modules(self):  # what FSDP wraps by default when the accelerate config names no layer class
+        return getattr(self.model, "_no_split_modules", None)
+
+    @property
     def backbone(self) -> nn.Module:
         return getattr(self.model, self.model.base_model_prefix)
 

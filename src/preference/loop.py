@@ -299,6 +299,10 @@ def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> Non
         if lora:
             raise ValueError("saving a merged LoRA policy under DeepSpeed/FSDP is not supported; train without LoRA")
         state = accelerator.get_state_dict(model)
+        # The gathered state dict holds a tied weight twice (lm_head beside embed_tokens, as separate tensors, so
+        # save_pretrained cannot see they are one): keep the source only, as an unsharded save does.
+        tied = getattr(unwrapped, "all_tied_weights_keys", None) or {}
+        state = {k: v for k, v in state.items() if k not in tied}
         if accelerator.is_main_process:
             unwrapped.save_pretrained(out_dir, state_dict=state, save_function=accelerator.save,
                                       safe_serialization=True)

@@ -1,0 +1,34 @@
+"""Two processes generate from one FSDP2-sharded policy (CPU, gloo) where process 0's response ends at its first
+token and process 1's runs to max_new_tokens: with synced generation process 0 keeps taking part in the
+collective forward passes until process 1 is done. Prints `rank length` per process.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/plugins/fsdp_generate.py MODEL_DIR
+"""
+
+import sys
+
+import fsdp_on_cpu  # noqa: F401  (accelerate's FSDP on CPU processes)
+import torch
+from accelerate import Accelerator
+
+from prefopt.data.templates import encode
+from prefopt.generation.base import Sampling
+from prefopt.generation.hf import TransformersGenerator
+from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.ppo.recipe import place_frozen
+
+path = sys.argv[1]
+accelerator = Accelerator(cpu=True)
+assert accelerator.distributed_type.value == "FSDP", accelerator.distributed_type
+tok = load_tokenizer(path)
+model = place_frozen(accelerator, load_causal_lm(path, dtype="float32"), True, "test")  # as PPO's reference
+gen = TransformersGenerator(model, tokenizer=tok, batch_size=4, synced=True)
+prompt = "Sort the numbers: 3 1 2"
+with torch.no_grad():  # collective: both processes run it
+    first = int(model(input_ids=torch.tensor([encode(prompt, tok)])).logits[0, -1].argmax())
+if accelerator.process_index == 0:
+    gen.eos_ids = [first]  # the greedy response ends at its first token here
+else:
+    gen.eos_ids = [len(tok) + 1]  # no token ends it: it runs to max_new_tokens
+out = gen.generate([prompt], Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0))
+print(accelerator.process_index, len(out[0][0].token_ids), flush=True)

@@ -1,0 +1,33 @@
+"""`python tests/plugins/fsdp_on_cpu.py ARGS` = `python -m prefopt ARGS`, with accelerate's FSDP turned on for CPU
+processes (gloo).
+
+accelerate enables FSDP only on GPU-like device types: on CPU processes an FSDP launch falls back to plain DDP
+(MULTI_CPU), although torch's FSDP2 (`fully_shard`) runs on CPU over gloo. This launcher makes that one switch:
+when accelerate is given an FSDP plugin (ACCELERATE_USE_FSDP=true and the FSDP_* variables, as `accelerate launch`
+sets them from an FSDP config) on CPU processes, the state says FSDP and keeps the plugin. Everything after it
+(prepare, sharded forward/backward, clip_grad_norm_, save_state / load_state through torch.distributed.checkpoint,
+get_state_dict) is accelerate's and torch's own FSDP2 code, as it runs on GPUs.
+"""
+
+import runpy
+import sys
+
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+_init = AcceleratorState.__init__
+
+
+def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.distributed_type = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+
+
+AcceleratorState.__init__ = _init_with_fsdp_on_cpu
+
+if __name__ == "__main__":
+    sys.argv = ["prefopt", *sys.argv[1:]]
+    runpy.run_module("prefopt", run_name="__main__", alter_sys=True)
