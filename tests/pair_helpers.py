@@ -38,8 +38,10 @@ def write_config(tmp_path: Path, stage: str, section: dict, name: str = "t") -> 
     return path
 
 
-def run_prefopt(*args: str, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+def run_prefopt(*args: str, launcher: list[str] | None = None, timeout: int = 300,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     cmd = (launcher or [PY, "-m"]) + ["prefopt", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -43,6 +43,7 @@ def ppo_experiment(root: Path, tiny_model_dir, prompts_file: Path, **ppo) -> Pat
     return path
 
 
+FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu"  # on PYTHONPATH: accelerate runs FSDP on CPU processes
 # accelerate's FSDP2 settings, as `accelerate launch` exports them from experiments/accelerate/fsdp2.yaml (no layer
 # class named: each model's own `_no_split_modules` is wrapped, for the policy, value model and reference).
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
@@ -51,19 +52,21 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
 
 
 def launch(exp: Path, processes: int, fsdp: bool = False, **env) -> subprocess.CompletedProcess:
-    """`accelerate launch -m prefopt ppo EXP` on CPU processes; with `fsdp`, under FSDP2 (through
-    tests/plugins/fsdp_on_cpu.py, which lets accelerate run FSDP on CPU processes)."""
+    """`accelerate launch -m prefopt ppo EXP` on CPU processes; with `fsdp`, under FSDP2 (tests/fsdp_on_cpu lets
+    accelerate run FSDP on CPU processes)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if processes > 1:
         cmd.append("--multi_gpu")
-    cmd += [str(REPO / "tests" / "plugins" / "fsdp_on_cpu.py")] if fsdp else ["-m", "prefopt"]
-    cmd += ["ppo", str(exp)]
-    if fsdp:
-        env = {**FSDP2_ENV, **env}
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "true",
-                "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+    cmd += ["-m", "prefopt", "ppo", str(exp)]
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(fsdp, **env), capture_output=True, text=True, timeout=600)
+
+
+def launch_env(fsdp: bool = False, **env) -> dict:
+    paths = [str(REPO / "tests"), str(REPO / "tests" / "plugins")] + ([str(FSDP_ON_CPU)] if fsdp else [])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "true",
+            "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
+            **(FSDP2_ENV if fsdp else {}), **env}
 
 
 def metrics(stage_dir: Path) -> dict[int, dict]:
@@ -175,9 +178,7 @@ def test_sharded_generation_keeps_every_process_stepping(tiny_model_dir):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
            str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir)]
-    env = {**os.environ, **FSDP2_ENV, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "plugins"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, cwd=REPO, env=launch_env(fsdp=True), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lengths = dict(line.split() for line in out.stdout.splitlines() if line[:2] in ("0 ", "1 "))
     assert lengths == {"0": "1", "1": "8"}, out.stdout

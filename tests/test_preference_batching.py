@@ -52,6 +52,24 @@ def test_layout_matches_plain_padded_path(setup, layout, chunk):
         assert (batch["input_ids"] != tok.pad_token_id).sum() < plain["attention_mask"].sum()
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+def test_the_sharded_models_path_matches(setup, layout):
+    """Under FSDP the vocabulary projection runs inside the model's forward (`logits_to_keep` positions), not on
+    hooked hidden states: same log-probs, lengths and gradients as the plain padded path, in every layout."""
+    from prefopt.preference.batching import _pair_logps_inside_forward
+
+    tok, model, examples = setup
+    plain = collate_pairs(examples, tok.pad_token_id, 200)
+    ref = _loss_and_grads(model, lambda: sequence_logps(model, **plain))
+    batch = collate(examples, tok.pad_token_id, 200, layout)
+    got = _loss_and_grads(model, lambda: _pair_logps_inside_forward(model, batch))
+    torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got[2], ref[2])
+    for name, g in ref[3].items():
+        torch.testing.assert_close(got[3][name], g, atol=1e-5, rtol=1e-4)
+
+
 def test_shared_prompt_mask_and_positions(setup):
     """One short pair by hand: prompt P tokens, chosen C, rejected R in one segment. Rejected tokens see the prompt
     and themselves, never the chosen; both completions' positions start at P."""

@@ -99,6 +99,36 @@ def test_simpo_ddp_two_processes(tmp_path, tiny_model_dir):
         torch.testing.assert_close(ddp[k], one[k], atol=2e-4, rtol=1e-3)  # Adam amplifies reduction-order noise
 
 
+@pytest.mark.slow
+def test_simpo_fsdp2_two_processes(tmp_path, tiny_model_dir):
+    """The same two-process run under FSDP2 (accelerate's own FSDP2 on CPU processes, through tests/fsdp_on_cpu):
+    the weights are sharded, checkpoints are written shard by shard, and the saved policy matches the
+    one-process run with the same global batch."""
+    import os
+
+    from test_ppo_distributed import FSDP2_ENV, FSDP_ON_CPU
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs, per_device_train_batch_size=2,
+                                                   max_steps=3, save_steps=2))
+    launcher = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    env = {**FSDP2_ENV, "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": os.pathsep.join([str(FSDP_ON_CPU), os.environ.get("PYTHONPATH", "")])}
+    run_prefopt("simpo", str(cfg), launcher=launcher, env=env)
+    out = tmp_path / "runs" / "t" / "simpo"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    states = list((out / "checkpoints").glob("checkpoint-*/state/pytorch_model_fsdp_0"))  # the newest keeps it
+    assert len(states) == 1
+    assert sorted(p.name for p in states[0].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # sharded
+    single = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs, max_steps=3, save_steps=100), "single")
+    run_prefopt("simpo", str(single))
+    fsdp, one = state_dict(out / "model"), state_dict(tmp_path / "runs" / "single" / "simpo" / "model")
+    assert fsdp.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(fsdp[k], one[k], atol=2e-4, rtol=1e-3)
+
+
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir):
     """2 optimizer steps of batch 2 x 2 accumulated micro-batches and of batch 4 x 1 see the same 4 pairs per step
     (consecutive slices of one permutation); SimPO without its NLL term is a mean over pairs and accelerate divides

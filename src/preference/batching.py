@@ -135,6 +135,35 @@ def _unwrap(model):
     return model
 
 
+def _is_fsdp(model) -> bool:
+    """Sharded by FSDP (version 2 swaps the model's class; version 1 wraps it)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+
+
+def _pair_logps_inside_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """pair_logps for a sharded model: FSDP gathers a module's weights only inside its forward, so lm_head cannot
+    be applied afterwards to captured hidden states. The model projects the positions that predict a completion
+    token itself (`logits_to_keep`: the union of those positions over the rows, (R, K, V) logits), and the targets
+    are read from them. Same values as the hook path; more memory (every row at every kept position)."""
+    ids = batch["input_ids"]
+    T = ids.shape[1]
+    source = batch["source_index"]
+    positions = torch.unique(source % T)  # sorted
+    kwargs = {"attention_mask": batch["attention_mask"], "use_cache": False, "logits_to_keep": positions}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    logits = model(input_ids=ids, **kwargs).logits  # (R, K, V)
+    logits = logits[source // T, torch.searchsorted(positions, source % T)].float()  # (N, V)
+    targets = batch["target_ids"]
+    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    n = int(batch["num_sequences"])
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
+    lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
+    return sums, lengths
+
+
 def _target_logps(hidden: torch.Tensor, lm_head, targets: torch.Tensor) -> torch.Tensor:
     """log p(target | hidden) per token: (N, d), (N,) -> (N,), the softmax in float32."""
     logits = lm_head(hidden).float()
@@ -149,6 +178,8 @@ def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, t
     transformers 5.17 and 5.23; a 2D boolean mask is 5.2x-only); a hook takes the decoder's last hidden states and
     only the positions that predict completion tokens are projected here (chunk_size > 0: in chunks, each
     recomputed in backward)."""
+    if _is_fsdp(model):
+        return _pair_logps_inside_forward(model, batch)
     inner = _unwrap(model)
     decoder, lm_head = inner.get_decoder(), inner.get_output_embeddings()
     captured = {}
