@@ -44,21 +44,25 @@ def ppo_experiment(root: Path, tiny_model_dir, prompts_file: Path, **ppo) -> Pat
 
 
 FSDP_ON_CPU = REPO / "tests" / "fsdp_on_cpu"  # on PYTHONPATH: accelerate runs FSDP on CPU processes
-# accelerate's FSDP2 settings, as `accelerate launch` exports them from experiments/accelerate/fsdp2.yaml (no layer
-# class named: each model's own `_no_split_modules` is wrapped, for the policy, value model and reference).
-FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-             "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
-             "FSDP_OFFLOAD_PARAMS": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+# experiments/accelerate/fsdp2.yaml on two CPU processes (test_the_cpu_fsdp2_config_is_the_shipped_one)
+FSDP2_CPU_CONFIG = FSDP_ON_CPU / "fsdp2_cpu.yaml"
+
+
+def launcher(processes: int, fsdp: bool = False) -> list[str]:
+    """`accelerate launch` on CPU processes; with `fsdp`, two processes under the FSDP2 config."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if fsdp:
+        assert processes == 2
+        return cmd + ["--config_file", str(FSDP2_CPU_CONFIG)]
+    cmd += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+            "no"]
+    return cmd + (["--multi_gpu"] if processes > 1 else [])
 
 
 def launch(exp: Path, processes: int, fsdp: bool = False, **env) -> subprocess.CompletedProcess:
     """`accelerate launch -m prefopt ppo EXP` on CPU processes; with `fsdp`, under FSDP2 (tests/fsdp_on_cpu lets
     accelerate run FSDP on CPU processes)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if processes > 1:
-        cmd.append("--multi_gpu")
-    cmd += ["-m", "prefopt", "ppo", str(exp)]
+    cmd = launcher(processes, fsdp) + ["-m", "prefopt", "ppo", str(exp)]
     return subprocess.run(cmd, cwd=REPO, env=launch_env(fsdp, **env), capture_output=True, text=True, timeout=600)
 
 
@@ -66,7 +70,7 @@ def launch_env(fsdp: bool = False, **env) -> dict:
     paths = [str(REPO / "tests"), str(REPO / "tests" / "plugins")] + ([str(FSDP_ON_CPU)] if fsdp else [])
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "true",
             "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
-            **(FSDP2_ENV if fsdp else {}), **env}
+            **env}
 
 
 def metrics(stage_dir: Path) -> dict[int, dict]:
@@ -175,9 +179,7 @@ def test_sharded_generation_keeps_every_process_stepping(tiny_model_dir):
     and process 1's runs 8 tokens: synced generation (what the ppo stage asks for under FSDP) keeps process 0
     stepping until process 1 is done. Without it process 0 leaves the collectives unmatched (measured: the run fails;
     a hang would meet the timeout here)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-           str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir)]
+    cmd = launcher(2, fsdp=True) + [str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir)]
     out = subprocess.run(cmd, cwd=REPO, env=launch_env(fsdp=True), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     lengths = dict(line.split() for line in out.stdout.splitlines() if line[:2] in ("0 ", "1 "))
@@ -229,6 +231,15 @@ def test_fsdp2_shards_the_reference_and_reward_model_as_the_config_says(tmp_path
         for k in ("reward", "kl", "loss/policy", "loss/value"):
             assert runs[True][step][k] == pytest.approx(runs[False][step][k], rel=METRIC_RTOL, abs=METRIC_ATOL)
     assert runs[True][1]["reward"] != 0.0 and runs[True][1]["kl"] == 0.0  # the RM scored; KL 0 before any update
+
+
+def test_the_cpu_fsdp2_config_is_the_shipped_one():
+    """What the FSDP2 tests launch is experiments/accelerate/fsdp2.yaml's FSDP setup, on two CPU processes."""
+    shipped = yaml.safe_load((REPO / "experiments" / "accelerate" / "fsdp2.yaml").read_text())
+    tested = yaml.safe_load(FSDP2_CPU_CONFIG.read_text())
+    assert tested["fsdp_config"] == shipped["fsdp_config"]
+    assert tested["distributed_type"] == shipped["distributed_type"] == "FSDP"
+    assert tested["use_cpu"] is True and tested["num_processes"] == 2
 
 
 def test_launches_ppo_cannot_use_are_refused(tmp_path):

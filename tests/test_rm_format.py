@@ -168,7 +168,8 @@ def test_ppo_scores_decoded_text_with_the_reward_models_tokenizer(tmp_path, tiny
              "meta": {"instruction": INSTRUCTION, "input": INPUT}}]
     rendered = [r["prompt"] for r in rows]
     ctx = SimpleNamespace(resolve=lambda p, model=True: p)
-    fn = rm_score_fn(ctx, PPOConfig(reward_model=str(rms.hub), mini_batch_size=1), rows, rendered, "cpu")
+    fn = rm_score_fn(ctx, PPOConfig(reward_model=str(rms.hub), mini_batch_size=1), rows, rendered,
+                     SimpleNamespace(device="cpu", distributed_type=None, print=print))
     completions = [Completion(r, policy_tok(r, add_special_tokens=False)["input_ids"] + [policy_tok.eos_token_id])
                    for r in RESPONSES]
     ppo_scores = fn(rendered * 2, completions)

@@ -106,16 +106,13 @@ def test_simpo_fsdp2_two_processes(tmp_path, tiny_model_dir):
     one-process run with the same global batch."""
     import os
 
-    from test_ppo_distributed import FSDP2_ENV, FSDP_ON_CPU
+    from test_ppo_distributed import FSDP_ON_CPU, launcher
 
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     cfg = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs, per_device_train_batch_size=2,
                                                    max_steps=3, save_steps=2))
-    launcher = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
-    env = {**FSDP2_ENV, "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": os.pathsep.join([str(FSDP_ON_CPU), os.environ.get("PYTHONPATH", "")])}
-    run_prefopt("simpo", str(cfg), launcher=launcher, env=env)
+    env = {"PYTHONPATH": os.pathsep.join([str(FSDP_ON_CPU), os.environ.get("PYTHONPATH", "")])}
+    run_prefopt("simpo", str(cfg), launcher=launcher(2, fsdp=True) + ["-m"], env=env)
     out = tmp_path / "runs" / "t" / "simpo"
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     states = list((out / "checkpoints").glob("checkpoint-*/state/pytorch_model_fsdp_0"))  # the newest keeps it

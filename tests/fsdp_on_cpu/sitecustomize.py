@@ -3,10 +3,10 @@ processes (gloo), for every process a test launches: `-m prefopt STAGE`, `prefop
 
 accelerate enables FSDP only on GPU-like device types: on CPU processes an FSDP launch falls back to plain DDP
 (MULTI_CPU), although torch's FSDP2 (`fully_shard`) runs on CPU over gloo. This makes that one switch: when
-accelerate is given an FSDP plugin (ACCELERATE_USE_FSDP=true and the FSDP_* variables, as `accelerate launch` sets
-them from an FSDP config) on CPU processes, the state says FSDP and keeps the plugin. Everything after it (prepare,
-sharded forward/backward, clip_grad_norm_, save_state / load_state through torch.distributed.checkpoint,
-get_state_dict) is accelerate's and torch's own FSDP2 code, as it runs on GPUs.
+accelerate is given an FSDP plugin on CPU processes (ACCELERATE_USE_FSDP=true and the FSDP_* variables, which
+`accelerate launch` sets from an FSDP config such as fsdp2_cpu.yaml here), the state says FSDP and keeps the
+plugin. Everything after it (prepare, sharded forward/backward, clip_grad_norm_, save_state / load_state through
+torch.distributed.checkpoint, get_state_dict) is accelerate's and torch's own FSDP2 code, as it runs on GPUs.
 """
 
 import os

@@ -2,8 +2,8 @@
 token and process 1's runs to max_new_tokens: with synced generation process 0 keeps taking part in the
 collective forward passes until process 1 is done. Prints `rank length` per process.
 
-    PYTHONPATH=tests/fsdp_on_cpu ACCELERATE_USE_FSDP=true FSDP_VERSION=2 \
-        accelerate launch --multi_gpu --num_processes 2 tests/plugins/fsdp_generate.py MODEL_DIR
+    PYTHONPATH=tests/fsdp_on_cpu accelerate launch --config_file tests/fsdp_on_cpu/fsdp2_cpu.yaml \
+        tests/plugins/fsdp_generate.py MODEL_DIR
 """
 
 import sys
