@@ -69,6 +69,23 @@ def ppo_launch_problems(cfg: ExperimentConfig, sec) -> list[str]:
     return out
 
 
+def lora_launch_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
+    """LoRA under an accelerate config that shards the weights (FSDP, DeepSpeed ZeRO-3): the stage would refuse
+    it at start-up (models.check_lora_mergeable), since the adapter is merged into whole weights at save time."""
+    lora = getattr(sec, "lora", None)
+    if lora is None or not lora.enabled:
+        return None
+    conf = accelerate_file(cfg)
+    kind = str(conf.get("distributed_type", "NO")).upper()
+    zero = int((conf.get("deepspeed_config") or {}).get("zero_stage", 0) or 0)
+    if kind == "FSDP" or (kind == "DEEPSPEED" and zero == 3):
+        name = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO-3"
+        return (f"{stage}.lora.enabled: true under {name} (launch.accelerate_config "
+                f"{cfg.launch.accelerate_config!r}), which shards the weights the adapter is merged into at save "
+                "time; train without LoRA there, or launch with DDP or DeepSpeed ZeRO-1/2")
+    return None
+
+
 def rm_format_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
     """`rm_format: chat` that cannot work, found without loading weights: the experiment's own likelihood reward
     model, or a local reward-model folder whose tokenizer has no chat template (a hub id is checked when the stage
@@ -114,9 +131,9 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                 warnings.append(f"{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
             elif value and not value.startswith("stage:") and Path(value).is_dir():
                 problems.append(f"{key}: {value!r} is a directory, not a data file")
-        problem = rm_format_problem(cfg, stage, sec)
-        if problem:
-            problems.append(problem)
+        for problem in (rm_format_problem(cfg, stage, sec), lora_launch_problem(cfg, stage, sec)):
+            if problem:
+                problems.append(problem)
         if stage == "ppo":
             problems += ppo_launch_problems(cfg, sec)
         # the global batch the recipe states

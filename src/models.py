@@ -122,8 +122,9 @@ def build_tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attent
     return LlamaForCausalLM(config)
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed.
+def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed. `state_dict`:
+    the weights to write when `model`'s own are shards (`full_state_dict`); None reads them from `model`.
 
     A sequence classifier (the `reward` stage's) also gets `reward_model.json`: it says prefopt trained it on the
     policy's rendered text, which `score.rm_format: auto` reads to tell it from a hub reward model."""
@@ -134,7 +135,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if type(model).__name__.endswith("ForSequenceClassification"):
@@ -145,6 +146,46 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def sharded_weights(accelerator) -> str | None:
+    """What shards each prepared model's weights over the processes ("FSDP", "DeepSpeed ZeRO-3"), or None when
+    every process holds them whole (one process, DDP, ZeRO-1/2)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
+def full_state_dict(accelerator, model) -> dict | None:
+    """The whole weights of a prepared model whose processes hold shards of them, gathered onto every process's
+    CPU (collective: every process must call it, or the gather waits forever); None when each process already
+    holds them whole, and `save_pretrained` reads the model itself.
+
+    The gathered dict holds a tied weight twice (lm_head beside embed_tokens, as separate tensors, so
+    `save_pretrained` cannot see they are one): only the source is kept, as an unsharded save does."""
+    if sharded_weights(accelerator) is None:
+        return None
+    state = accelerator.get_state_dict(model)
+    unwrapped = accelerator.unwrap_model(model)
+    tied = getattr(unwrapped, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def check_lora_mergeable(accelerator, key: str) -> None:
+    """LoRA is merged into the base weights before a stage saves its model, which needs the whole weights on one
+    process: refused under FSDP and ZeRO-3 before training starts, naming the config key, not after it."""
+    from prefopt.config import ConfigError
+
+    kind = sharded_weights(accelerator)
+    if kind is not None:
+        raise ConfigError(f"{key}: true under {kind}, which shards the weights the LoRA adapter is merged into "
+                          "at save time; train without LoRA there, or launch with DDP or DeepSpeed ZeRO-1/2")
 
 
 def extend_vocabulary(tokenizer, model, new_tokens: list[str]) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from prefopt.models import load_causal_lm, load_tokenizer, save_model
+from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference import reference as refcache
 from prefopt.preference.batching import collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
@@ -181,6 +181,7 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
         disable_dropout(frozen_ref)
         frozen_ref.to(accelerator.device)
     if sec.lora.enabled:
+        check_lora_mergeable(accelerator, f"{ctx.stage}.lora.enabled")
         model = _lora(model, sec.lora)
     if sec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -292,22 +293,15 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
 def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> None:
     """A loadable HF checkpoint (config + safetensors + tokenizer) of the policy, LoRA merged. Collective under
     DeepSpeed ZeRO-3 and FSDP (every rank gathers its shard), so every process calls it."""
-    from accelerate.utils import DistributedType
-
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        if lora:
-            raise ValueError("saving a merged LoRA policy under DeepSpeed/FSDP is not supported; train without LoRA")
-        state = accelerator.get_state_dict(model)
-        # The gathered state dict holds a tied weight twice (lm_head beside embed_tokens, as separate tensors, so
-        # save_pretrained cannot see they are one): keep the source only, as an unsharded save does.
-        tied = getattr(unwrapped, "all_tied_weights_keys", None) or {}
-        state = {k: v for k, v in state.items() if k not in tied}
-        if accelerator.is_main_process:
-            unwrapped.save_pretrained(out_dir, state_dict=state, save_function=accelerator.save,
-                                      safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
-    elif accelerator.is_main_process:
+    if state is not None:
+        if lora:  # refused before training (check_lora_mergeable): kept for a caller that did not check
+            raise ValueError("saving a merged LoRA policy under DeepSpeed ZeRO-3/FSDP is not supported")
+        save_model(unwrapped, tokenizer, out_dir, state_dict=state)
+    else:
         save_model(copy.deepcopy(unwrapped).merge_and_unload() if lora else unwrapped, tokenizer, out_dir)
 
 

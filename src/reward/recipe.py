@@ -33,7 +33,7 @@ from pathlib import Path
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import encode, render_prompt
-from prefopt.models import load_reward_model, load_tokenizer, save_model
+from prefopt.models import check_lora_mergeable, full_state_dict, load_reward_model, load_tokenizer, save_model
 from prefopt.reward.score import ClassifierScorer, reward_text
 from prefopt.tracking import trainer_callback
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
@@ -217,6 +217,8 @@ def run(ctx) -> dict:
     select = selection_callback(lambda m: ClassifierScorer(m, tok), val_rows, cfg, selection)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=peft_config(cfg.lora), callbacks=[trainer_callback(ctx.tracker), select])
+    if cfg.lora.enabled:
+        check_lora_mergeable(trainer.accelerator, "reward.lora.enabled")
     last = last_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
 
@@ -239,9 +241,12 @@ def run(ctx) -> dict:
     model = trainer.model
     if cfg.lora.enabled:
         model = model.merge_and_unload()
+    state = full_state_dict(trainer.accelerator, trainer.model_wrapped)  # collective under FSDP / ZeRO-3
     if ctx.is_main:
+        save_model(model, tok, ctx.dir / "model", state_dict=state)
+        if state is not None:  # this process holds a shard: the test figures are of the saved, whole model
+            model = load_reward_model(str(ctx.dir / "model"))
         report_test(ClassifierScorer(model, tok), test_rows, cfg, ctx, summary, trainer.state.global_step)
-        save_model(model, tok, ctx.dir / "model")
     return summary
 
 

@@ -18,7 +18,7 @@ from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.data.templates import encode, render_prompt
-from prefopt.models import load_causal_lm, load_tokenizer, save_model
+from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference_data import common_prefix
 from prefopt.train_args import hf_training_kwargs, last_checkpoint
 from prefopt.utils import seed_everything
@@ -107,6 +107,8 @@ def run(ctx) -> dict:
         raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
                         "tokens, so no completion token is left to train on; raise sft.max_length")
     note(f"examples dropped by TRL: the prompt fills max_length={sec.max_length} tokens", len(data.rows) - kept)
+    if sec.lora.enabled:
+        check_lora_mergeable(trainer.accelerator, "sft.lora.enabled")
     resume = last_checkpoint(trainer.args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     summary = {
@@ -124,10 +126,12 @@ def run(ctx) -> dict:
     }
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    # Under FSDP / ZeRO-3 every process holds a shard: all of them take part in gathering the whole weights.
+    state = full_state_dict(trainer.accelerator, trainer.model_wrapped)
     if trainer.is_world_process_zero():
         final = trainer.model
         if sec.lora.enabled:
             final = final.merge_and_unload()  # later stages load a plain checkpoint
-        save_model(final, trainer.processing_class, Path(ctx.dir) / "model")
+        save_model(final, trainer.processing_class, Path(ctx.dir) / "model", state_dict=state)
     summary["model"] = str(Path(ctx.dir) / "model")
     return summary
