@@ -174,16 +174,17 @@ def test_fsdp2_matches_one_process_and_resumes_after_kill(tmp_path, tiny_model_d
     assert_same_run(one_process, d, tiny_model_dir)
 
 
-def test_sharded_generation_keeps_every_process_stepping(tiny_model_dir):
+def test_sharded_generation_keeps_every_process_stepping(tiny_model_dir, tmp_path):
     """Under FSDP2 every decoding step is a collective forward pass. Process 0's response ends at its first token
     and process 1's runs 8 tokens: synced generation (what the ppo stage asks for under FSDP) keeps process 0
     stepping until process 1 is done. Without it process 0 leaves the collectives unmatched (measured: the run fails;
     a hang would meet the timeout here)."""
-    cmd = launcher(2, fsdp=True) + [str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir)]
+    cmd = launcher(2, fsdp=True) + [str(REPO / "tests" / "plugins" / "fsdp_generate.py"), str(tiny_model_dir),
+                                    str(tmp_path)]
     out = subprocess.run(cmd, cwd=REPO, env=launch_env(fsdp=True), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    lengths = dict(line.split() for line in out.stdout.splitlines() if line[:2] in ("0 ", "1 "))
-    assert lengths == {"0": "1", "1": "8"}, out.stdout
+    lengths = {p.name: p.read_text() for p in tmp_path.glob("rank-*")}  # response tokens, one file per process
+    assert lengths == {"rank-0": "1", "rank-1": "8"}, out.stdout
 
 
 def test_rollouts_generate_synced_under_fsdp_only(tiny_model_dir):

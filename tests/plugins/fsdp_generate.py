@@ -1,12 +1,13 @@
 """Two processes generate from one FSDP2-sharded policy (CPU, gloo) where process 0's response ends at its first
 token and process 1's runs to max_new_tokens: with synced generation process 0 keeps taking part in the
-collective forward passes until process 1 is done. Prints `rank length` per process.
+collective forward passes until process 1 is done. Writes OUT_DIR/rank-N: that process's response length.
 
     PYTHONPATH=tests/fsdp_on_cpu accelerate launch --config_file tests/fsdp_on_cpu/fsdp2_cpu.yaml \
-        tests/plugins/fsdp_generate.py MODEL_DIR
+        tests/plugins/fsdp_generate.py MODEL_DIR OUT_DIR
 """
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,4 +32,5 @@ if accelerator.process_index == 0:
 else:
     gen.eos_ids = [len(tok) + 1]  # no token ends it: it runs to max_new_tokens
 out = gen.generate([prompt], Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0))
-print(accelerator.process_index, len(out[0][0].token_ids), flush=True)
+# one file per process: two processes printing to one pipe can interleave their lines
+Path(sys.argv[2], f"rank-{accelerator.process_index}").write_text(str(len(out[0][0].token_ids)))
