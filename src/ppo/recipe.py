@@ -292,9 +292,9 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
 
 def is_sharded(accelerator) -> bool:
     """FSDP: every process holds 1/N of each prepared model's weights; every forward pass is collective."""
-    from accelerate.utils import DistributedType
+    from prefopt.models import sharded_weights
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return sharded_weights(accelerator) == "FSDP"
 
 
 def place_frozen(accelerator, model, shard: bool, key: str):
