@@ -1,0 +1,158 @@
+"""The architecture conformance suite: every family in `prefopt.architectures.CHECKED`, built tiny from its own
+transformers config class (tests/families.py), against its own forward.
+
+The reference is the plainest thing there is: each sequence alone, unpadded, through `model(input_ids).logits`,
+`log_softmax`, the completion tokens' log-probs summed. Every batching layout, every projection path (hooked hidden
+states, chunked, inside the sharded model's forward) and each attention implementation the family supports must
+give those numbers. The pairs are longer than every sliding window (8), the models' weights large enough
+(initializer_range 0.3) that attention really depends on context: with the boolean masks prefopt used to pass,
+these tests saw differences of 3 to 23 nats per sequence (eager attention added the mask instead of applying it,
+sliding windows were dropped, Gemma-2's final soft-cap skipped on the hooked path).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from families import FAMILIES, build_model, build_tokenizer
+from prefopt.architectures import CHECKED, support_table, unchecked
+from prefopt.preference.batching import (LAYOUTS, LayoutError, _pair_logps_inside_forward, check_layout, collate,
+                                         pair_logps)
+
+CASES = [(c["family"], attn) for c in CHECKED.values() for attn in c["attn"]]
+# fp32: sums of ~40 token log-probs of magnitude ~5 each; float32 summation in another order moves them ~1e-5
+ATOL, RTOL = 1e-5, 1e-6
+# bf16 autocast (stated tolerances): against the fp32 forward, bf16 rounding moves the sums by up to 0.53% (measured
+# 0.17 to 0.76 nats on sums of 30 to 250 nats, six families); between layouts, which compute the same rows in other
+# shapes, at most 0.1% (measured 0 on CPU, where a bf16 row's matmul does not depend on its neighbours; a GPU
+# kernel's tiling may). A wrong mask moves a sum by several nats.
+BF16_VS_FP32_RTOL, BF16_LAYOUT_RTOL = 1e-2, 1e-3
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: build_tokenizer(fam) for name, fam in FAMILIES.items()}
+
+
+def _pairs(vocab: int, n: int = 4, seed: int = 0) -> list[dict]:
+    """Pairs of very different lengths (prompts 3..24 tokens, completions 2..17), all ids outside the specials."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k):
+        return torch.randint(10, vocab, (k,), generator=g).tolist()
+
+    return [{"prompt_ids": ids(3 + 7 * k), "chosen_ids": ids(2 + 5 * k), "rejected_ids": ids(12 - 3 * k)}
+            for k in range(n)]
+
+
+def _plain(model, examples) -> torch.Tensor:
+    """(2B,) chosen then rejected: each sequence alone through the model's own forward."""
+    out = {"c": [], "r": []}
+    with torch.no_grad():
+        for ex in examples:
+            P = len(ex["prompt_ids"])
+            for key, comp in (("c", ex["chosen_ids"]), ("r", ex["rejected_ids"])):
+                logits = model(input_ids=torch.tensor([ex["prompt_ids"] + comp])).logits[0].float()
+                lp = torch.log_softmax(logits, -1)
+                out[key].append(sum(lp[P + k - 1, t] for k, t in enumerate(comp)))
+    return torch.stack(out["c"] + out["r"])
+
+
+def _pad(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def test_every_checked_family_is_built_here():
+    assert {c["family"] for c in CHECKED.values()} == set(FAMILIES)
+    for model_type, c in CHECKED.items():
+        fam = FAMILIES[c["family"]]
+        assert fam.model_type == model_type and set(c["attn"]) == set(fam.attn)
+
+
+@pytest.mark.parametrize("family,attn", CASES)
+def test_every_layout_and_path_gives_the_models_own_log_probs(tokenizers, family, attn):
+    tok = tokenizers[family]
+    model = build_model(FAMILIES[family], tok, attn)
+    assert model.config._attn_implementation == attn
+    examples = _pairs(len(tok))
+    ref = _plain(model, examples)
+    lengths = torch.tensor([len(e["chosen_ids"]) for e in examples] + [len(e["rejected_ids"]) for e in examples])
+    for layout in LAYOUTS:
+        check_layout(model, layout)
+        batch = collate(examples, _pad(tok), 0, layout)
+        with torch.no_grad():
+            paths = {"hook": pair_logps(model, batch, 0), "chunked": pair_logps(model, batch, 7),
+                     "in_forward": _pair_logps_inside_forward(model, batch)}
+        for path, (sums, lens) in paths.items():
+            torch.testing.assert_close(sums, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"{layout}/{path}: {m}")
+            torch.testing.assert_close(lens, lengths.to(lens.dtype))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2.5"])
+def test_gradients_of_every_layout_match_the_padded_layout(tokenizers, family):
+    """The DPO loss's gradients, not only its value: a mask that leaks in backward would show here."""
+    from prefopt.dpo.loss import dpo_loss
+
+    tok = tokenizers[family]
+    model = build_model(FAMILIES[family], tok, "eager")
+    examples = _pairs(len(tok))
+    grads = {}
+    for layout in LAYOUTS:
+        model.zero_grad()
+        sums, _ = pair_logps(model, collate(examples, _pad(tok), 0, layout), 5)
+        b = len(examples)
+        loss, _ = dpo_loss(sums[:b], sums[b:], sums[:b].detach() - 1.0, sums[b:].detach() + 0.5, beta=0.1)
+        loss.backward()
+        grads[layout] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for layout in ("packed", "shared_prompt"):
+        for name, g in grads["padded"].items():
+            torch.testing.assert_close(grads[layout][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{layout} {name}")
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "mistral"])
+def test_bf16_autocast_layouts_agree_within_bf16_rounding(tokenizers, family):
+    tok = tokenizers[family]
+    model = build_model(FAMILIES[family], tok, "eager")
+    examples = _pairs(len(tok))
+    ref = _plain(model, examples)
+    got = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for layout in LAYOUTS:
+            got[layout] = pair_logps(model, collate(examples, _pad(tok), 0, layout), 0)[0]
+    for layout in LAYOUTS:
+        torch.testing.assert_close(got[layout], ref, atol=0.0, rtol=BF16_VS_FP32_RTOL, msg=lambda m: f"{layout}: {m}")
+        torch.testing.assert_close(got[layout], got["padded"], atol=0.0, rtol=BF16_LAYOUT_RTOL,
+                                   msg=lambda m: f"{layout} vs padded: {m}")
+
+
+def test_a_layout_the_attention_cannot_take_is_refused_by_key():
+    tok = build_tokenizer(FAMILIES["llama3"])
+    model = build_model(FAMILIES["llama3"], tok, "eager")
+    model.config._attn_implementation = "flash_attention_2"  # only the check reads it: nothing runs
+    check_layout(model, "packed", "dpo.layout")  # flash reads the packing from the position ids
+    with pytest.raises(LayoutError, match=r"dpo\.layout=shared_prompt cannot run with "
+                                          r"attn_implementation='flash_attention_2'.*use dpo\.layout=padded"):
+        check_layout(model, "shared_prompt", "dpo.layout")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(LayoutError, match=r"simpo\.layout=packed .*'flex_attention'"):
+        check_layout(model, "packed", "simpo.layout")
+    check_layout(model, "padded", "simpo.layout")  # the model builds its own masks
+
+
+def test_an_unchecked_family_or_attention_gets_a_warning_naming_it():
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    assert unchecked(LlamaConfig()) is None
+    msg = unchecked(GPTNeoXConfig())
+    assert "'gpt_neox' is not in prefopt's conformance suite" in msg and "layout: padded" in msg
+    cfg = LlamaConfig()
+    cfg._attn_implementation = "flex_attention"
+    assert "'flex_attention' of 'llama'" in unchecked(cfg)
+
+
+def test_readme_table_is_what_the_suite_checks():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert support_table() in readme, "README's supported-models table differs from prefopt.architectures"
