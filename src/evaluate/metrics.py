@@ -126,15 +126,87 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                   pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """(prompt, response) pairs as `prefopt.preference.batching.pair_logps` takes them (its padded layout): each
+    prompt + response right-padded to one row, and for each response token the flat index r*T + t of the position
+    t whose logits predict it (`source_index`), the token (`target_ids`) and its row (`seq_index`).
+
+    input_ids, attention_mask: (B, T); source_index, target_ids, seq_index: (N,), N response tokens in all. A
+    response token at position 0 (an empty prompt) has no position predicting it and is left out."""
+    B = len(prompt_ids)
+    T = max([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)] + [1])
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    source, target, seq = [], [], []
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        n = len(p) + len(r)
+        input_ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        for k, tok in enumerate(r):
+            if len(p) + k > 0:
+                source.append(i * T + len(p) + k - 1)
+                target.append(int(tok))
+                seq.append(i)
+    long = dict(dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "source_index": torch.tensor(source, **long),
+            "target_ids": torch.tensor(target, **long), "seq_index": torch.tensor(seq, **long),
+            "num_sequences": torch.tensor(B)}
+
+
+def _final_softcap(model) -> float | None:
+    """The soft-cap the model's own forward applies to its logits after the lm_head (Gemma-2: 30), or None."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def _batch_logps(model, batch: dict[str, torch.Tensor], temperature: float, chunk_size: int) -> torch.Tensor:
+    """Summed response log-prob of each row of a `response_batch` (on the model's device): (B,).
+
+    Through the preference loop's vocabulary projection (`pair_logps`): the decoder runs once and only the
+    positions that predict a response token are projected to the vocabulary, `chunk_size` of them at a time, so
+    the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model).
+
+    A temperature T != 1 divides the logits the model's forward ends with. With no transform after the lm_head
+    but linear ones, that is the lm_head's output divided by T (a forward hook on it). Gemma-2 soft-caps its logits
+    after the lm_head (c * tanh(z / c)) and cap(z) / T != cap(z / T): such a model is run one row at a time through
+    its own forward, projecting only that row's response positions (`logits_to_keep`): (K, V) logits for one
+    response, never the batch's."""
+    from prefopt.preference.batching import pair_logps
+
+    if temperature == 1.0:
+        return pair_logps(model, batch, chunk_size)[0]
+    if _final_softcap(model) is None:
+        lm_head = model.get_output_embeddings()
+        handle = lm_head.register_forward_hook(lambda _module, _args, out: out / temperature)
+        try:
+            return pair_logps(model, batch, chunk_size)[0]
+        finally:
+            handle.remove()
+    T = batch["input_ids"].shape[1]
+    source, targets, rows = batch["source_index"], batch["target_ids"], batch["seq_index"]
+    sums = torch.zeros(int(batch["num_sequences"]), dtype=torch.float32, device=source.device)
+    for r in torch.unique(rows).tolist():
+        mine = rows == r
+        n = int(batch["attention_mask"][r].sum())
+        positions = source[mine] - r * T  # ascending: the response positions of this row
+        logits = model(input_ids=batch["input_ids"][r:r + 1, :n], attention_mask=batch["attention_mask"][r:r + 1, :n],
+                       use_cache=False, logits_to_keep=positions).logits[0].float() / temperature  # (K, V)
+        sums[r] = (logits.gather(-1, targets[mine].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).sum()
+    return sums
+
+
 @torch.no_grad()
 def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
-                   desc: str | None = None) -> list[float]:
+                   desc: str | None = None, chunk_size: int = 512) -> list[float]:
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t) for each (prompt ids, response ids) pair, as floats.
 
     Sequences are right-padded (positions need no shifting) and taken in the given order in fixed batches, so
     two models scored on the same lists see exactly the same batches. `temperature` divides the logits: pass
-    the sampling temperature to get the log-probs of the distribution the responses came from."""
+    the sampling temperature to get the log-probs of the distribution the responses came from. Only the positions
+    that predict a response token are projected to the vocabulary, `chunk_size` at a time (`_batch_logps`)."""
     from tqdm.auto import tqdm
 
     if len(prompt_ids) != len(response_ids):
@@ -142,20 +214,22 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     was_training = model.training
     model.eval()  # dropout off: log-probs must be deterministic
     device = _device(model)
+    # A model that is not a transformers LM (no decoder / lm_head to reach, e.g. a test's stand-in) is run
+    # through its own forward, whole logits and all.
+    projectable = hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")
     out: list[float] = []
     starts = range(0, len(prompt_ids), batch_size)
     for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
-        seqs = [list(p) + list(r) for p, r in zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        comp = torch.zeros_like(ids)
-        for i, (p, q) in enumerate(zip(prompt_ids[s:s + batch_size], seqs)):
-            ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
-            attn[i, :len(q)] = 1
-            comp[i, len(p):len(q)] = 1
-        lp = completion_logps(model, ids.to(device), attn.to(device), comp.to(device), temperature)  # (B, T-1)
-        out += lp.sum(-1).float().cpu().tolist()
+        batch = response_batch(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if projectable:
+            sums = _batch_logps(model, batch, temperature, chunk_size)
+        else:
+            comp = torch.zeros_like(batch["input_ids"]).flatten()
+            comp[batch["source_index"] + 1] = 1
+            sums = completion_logps(model, batch["input_ids"], batch["attention_mask"],
+                                    comp.view_as(batch["input_ids"]), temperature).sum(-1)
+        out += sums.float().cpu().tolist()
     model.train(was_training)
     return out
 
