@@ -14,43 +14,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import AddedToken
 
+from families import FAMILIES, build_model
+from families import build_tokenizer as build_family_tokenizer
 from prefopt.data.templates import encode, render_prompt, special_tokens_for
 
-# In the manner of Meta-Llama-3-8B-Instruct's template: BOS, then a header block per turn, `<|eot_id|>` after each.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
-    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-# In the manner of gemma-2-9b-it's: BOS, then `<start_of_turn>user|model ... <end_of_turn>` turns.
-GEMMA2_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-TEMPLATES = {
-    "llama3": (LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
-    "gemma2": (GEMMA2_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"]),
-    "chatml": (None, []),  # prefopt's own template: no BOS in the text, the tokenizer adds it
-    "alpaca": (None, []),  # Alpaca text, no chat template involved
-}
-FLAVOURS = list(TEMPLATES)
+# The families' own tokenizers (tests/families.py: public chat template, family special tokens, BOS added as the
+# family adds it; Qwen none), plus prefopt's own ChatML tokenizer and plain Alpaca text.
+FLAVOURS = list(FAMILIES) + ["chatml", "alpaca"]
+# the token that ends an assistant turn in each family's template (the EOS where the template writes it)
+TURN_END = {"gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "phi3": "<|end|>", "chatml": "<|im_end|>"}
 MESSAGES = [{"role": "user", "content": "Sort the numbers in ascending order.\n\n3 1 2"}]
-TEXTS = ["Sort the numbers in ascending order. 3 1 2 -> 1 2 3", "model user assistant header turn 0 1 2 3 4 5 6 7"]
 
 
 def make_tokenizer(flavour: str):
     from prefopt.models import build_tokenizer
 
-    template, specials = TEMPLATES[flavour]
-    tok = build_tokenizer(TEXTS * 10, vocab_size=300)
-    tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
-    if template is not None:
-        tok.chat_template = template
-    return tok
+    if flavour in FAMILIES:
+        return build_family_tokenizer(FAMILIES[flavour])
+    return build_tokenizer(["Sort the numbers in ascending order. 3 1 2 -> 1 2 3"] * 20, vocab_size=300)
 
 
 def make_prompt(flavour: str, tok) -> str:
@@ -63,23 +45,34 @@ def make_prompt(flavour: str, tok) -> str:
 
 
 def assert_one_bos(ids, tok) -> None:
+    """Exactly the family's BOS at the start; for a family without one (Qwen), nothing put in front of the text:
+    its first token is the template's `<|im_start|>` or an ordinary token (a left-truncated prompt, judge text)."""
     ids = [int(i) for i in ids]
+    if tok.bos_token_id is None:
+        first = tok.convert_ids_to_tokens(ids[0]) if ids else None
+        assert first == "<|im_start|>" or ids[0] not in tok.all_special_ids, ids[:4]
+        return
     assert ids and ids[0] == tok.bos_token_id, ids[:4]
     assert tok.bos_token_id not in ids[1:], f"second BOS at {ids.index(tok.bos_token_id, 1)}: {ids[:6]}"
 
 
 @pytest.fixture(scope="module", params=FLAVOURS)
 def setup(request, tmp_path_factory):
-    """(flavour, tokenizer, saved tiny Llama folder, rendered prompt) for one template flavour."""
-    from prefopt.models import build_tiny_llama, save_model
+    """(flavour, tokenizer, saved tiny model folder, rendered prompt) for one template flavour: the family's own
+    architecture for a family, a tiny Llama for prefopt's ChatML and Alpaca flavours."""
+    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
     from prefopt.utils import seed_everything
 
     seed_everything(0)
     tok = make_tokenizer(request.param)
-    model = build_tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                             intermediate_size=32, max_position_embeddings=256)
+    if request.param in FAMILIES:
+        model = build_model(FAMILIES[request.param], tok, FAMILIES[request.param].attn[-1], hidden_size=32, layers=1)
+    else:
+        model = build_tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=32, max_position_embeddings=256)
     path = tmp_path_factory.mktemp(request.param) / "model"
     save_model(model, tok, path)
+    tok = load_tokenizer(str(path))  # as every stage reads it (a family without a pad token pads with EOS)
     return SimpleNamespace(flavour=request.param, tok=tok, path=path, prompt=make_prompt(request.param, tok))
 
 
@@ -238,6 +231,11 @@ def test_sft_examples(setup):
     assert ex["input_ids"][:n] == encode(setup.prompt, setup.tok)  # trained on the prompt that generation sees
     completion = setup.tok.decode(ex["input_ids"][n:], skip_special_tokens=True)
     assert completion.strip() == "1 2 3"
+    # the label mask: the completion and the token that ends the family's turn (what generation stops on),
+    # nothing before the completion
+    assert ex["completion_mask"] == [0] * n + [1] * (len(ex["input_ids"]) - n)
+    trained = setup.tok.convert_ids_to_tokens(ex["input_ids"][n:])
+    assert TURN_END.get(setup.flavour, setup.tok.eos_token) in trained, trained
 
 
 def test_sft_trainer_keeps_one_bos(setup, tmp_path):
@@ -270,4 +268,36 @@ def test_judge(setup, chat):
     judge.prob_a([("Sort 3 1 2", "1 2 3", "3 2 1"), ("Sort 2 1", "1 2", "2 1")])
     assert len(spy.seen) == 2
     for ids in spy.seen:
+        assert_one_bos(ids, setup.tok)
+
+
+def test_vllm_request_ids_equal_the_transformers_generators(setup, monkeypatch):
+    """vLLM gets token ids, tokenized with the tokenizer vLLM itself loads from the folder (plain
+    AutoTokenizer, no prefopt pad fix-up); they must be the ids the transformers backend generates from."""
+    import sys
+
+    from test_generation import _fake_vllm
+    from transformers import AutoTokenizer
+
+    from prefopt.generation.base import Sampling
+    from prefopt.generation.hf import TransformersGenerator
+    from prefopt.generation.vllm_backend import VLLMGenerator
+    from prefopt.models import load_causal_lm
+
+    prompts = [setup.prompt, setup.prompt + " 4"]
+    gen = TransformersGenerator(load_causal_lm(str(setup.path)), tokenizer=setup.tok, batch_size=2, device="cpu")
+    seen, real = [], gen.model.generate
+
+    def spy(input_ids, attention_mask, **kw):
+        seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    gen.model.generate = spy
+    gen.generate(prompts, Sampling(n=1, temperature=1.0, max_new_tokens=1, seed=0))
+    calls = {"tokenizer": AutoTokenizer.from_pretrained(str(setup.path))}
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
+    VLLMGenerator(str(setup.path)).generate(prompts, Sampling(n=1, temperature=1.0, max_new_tokens=1, seed=0))
+    got = [p["prompt_token_ids"] for p in calls["prompts"]]
+    assert sorted(got) == sorted(seen)  # the transformers backend batches longest first
+    for ids in seen:
         assert_one_bos(ids, setup.tok)
