@@ -2,7 +2,9 @@
 
     setup   pairs tokenised as TRL does (prefopt.preference_data); the policy in fp32 with dropout off (LoRA via
             PEFT if asked); the reference: precomputed once and cached (reference.py), a frozen copy in memory
-            (`loaded`), or the LoRA base with the adapter disabled (`lora_base`); AdamW; a transformers scheduler
+            (`loaded`), or the LoRA base with the adapter disabled (`lora_base`); AdamW; a transformers scheduler.
+            The precomputed reference runs after `prepare` (each process its share of the batches through the
+            prepared, possibly sharded model) and before a resume loads its checkpoint
     loop    per micro-batch: one forward of chosen and rejected (batching.pair_logps), the objective (a pure
             function from dpo/loss.py or simpo/loss.py), backward; per optimizer step: clip, step, schedule; log
             every `logging_steps` (ctx.tracker: W&B + metrics.jsonl); every `save_steps` a checkpoint
@@ -21,6 +23,7 @@ import json
 import math
 import shutil
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,9 +33,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
+from prefopt.config import ConfigError
+from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model,
+                             sharded_weights)
 from prefopt.preference import reference as refcache
-from prefopt.preference.batching import collate, pair_logps
+from prefopt.architectures import warn_if_unchecked
+from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.utils import seed_everything
 
@@ -102,33 +108,63 @@ def _lora(model, spec):
 
 def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_path: str, tokenizer, examples,
                           pairs_file: str) -> dict:
-    """Reference log-probs for every example from the cache, or computed once (main process) and cached."""
+    """Reference log-probs for every example, from the cache or computed and cached.
+
+    Called after `prepare` and before `load_state`: `policy` is the prepared model with its starting weights. Every
+    process takes its share of the batches through the prepared model (the policy itself when the reference is its
+    starting weights; else `ref_model` placed as `_frozen_reference` says), the shares are gathered, and the main
+    process writes the file. On a resume the cache is loaded; if it is gone, it is recomputed from the starting
+    weights, which are still the policy's here (the checkpoint is loaded after this)."""
     key = refcache.cache_key(ref_path, pairs_file, tokenizer, sec.template, sec.max_length, examples)
     path = Path(getattr(sec, "reference_cache", "") or ctx.cfg.root / "cache" / "reference" /
                 f"{refcache.key_name(key)}.pt")
-    reused = True
-    if accelerator.is_main_process:
-        logps = refcache.load(path, key, len(examples))
-        if logps is None:
-            reused = False
-            ref = policy if ref_path == model_path else load_causal_lm(ref_path, dtype="float32")
-            disable_dropout(ref)
-            ref.to(accelerator.device)
-            with accelerator.autocast():
-                logps = refcache.compute(ref, examples, tokenizer.pad_token_id, sec.max_length,
-                                         sec.per_device_train_batch_size, sec.layout, sec.logps_chunk_size,
-                                         accelerator.device)
+    logps = refcache.load(path, key, len(examples))
+    # the pass is collective: it runs unless every process read the file
+    found = accelerator.gather(torch.tensor([int(logps is not None)], device=accelerator.device))
+    reused = bool(found.all())
+    if not reused:
+        own = ref_path == model_path
+        ref = policy if own else _frozen_reference(accelerator, ref_path, f"{ctx.stage}.ref_model")
+        # a LoRA policy's reference is its base: the adapter is off (it starts at zero, so this is exact either way)
+        base = accelerator.unwrap_model(policy).disable_adapter() if own and sec.lora.enabled else nullcontext()
+        with base, accelerator.autocast():
+            logps = refcache.compute(ref, examples, tokenizer.pad_token_id, sec.max_length,
+                                     sec.per_device_train_batch_size, sec.layout, sec.logps_chunk_size,
+                                     accelerator.device, accelerator=accelerator)
+        if accelerator.is_main_process:
             refcache.save(path, key, logps)
-            del ref
+        del ref
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        logps = refcache.load(path, key, len(examples))
     for ex, (c, r) in zip(examples, logps.tolist()):
         ex["ref_logps"] = [c, r]
     info = {"file": str(path), "key": key, "reused": reused}
     if accelerator.is_main_process:
         (ctx.dir / "reference.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _frozen_reference(accelerator, ref_path: str, key: str):
+    """A `ref_model` other than the policy, for the reference pass, placed as the policy is: sharded like it under
+    FSDP2 (accelerate's own wrapping, as PPO's frozen models) and ZeRO-3 (TRL's inference engine, as TRL's
+    DPOTrainer builds for its reference), a full copy on each process otherwise. Not registered with the
+    accelerator, so `save_state` never writes it."""
+    ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
+    disable_dropout(ref)
+    kind = sharded_weights(accelerator)
+    if kind == "DeepSpeed ZeRO-3":  # not run here: DeepSpeed is not installed on the test machines
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(ref, accelerator)
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        try:
+            return fsdp2_prepare_model(accelerator, ref)
+        except ValueError as e:  # the config's fsdp_transformer_layer_cls_to_wrap names a class this model lacks
+            raise ConfigError(f"{key}: cannot shard {type(ref).__name__} with this FSDP config ({e}): use a "
+                              "reference of the policy's architecture, or leave fsdp_transformer_layer_cls_to_wrap "
+                              "unset") from None
+    return ref.to(accelerator.device)
 
 
 def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
@@ -170,13 +206,14 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     seed_everything(ctx.seed)  # before the model exists (LoRA init draws random numbers)
     model = load_causal_lm(model_path, dtype="float32")  # fp32 master weights; bf16 only as autocast
     disable_dropout(model)
+    # a layout the attention implementation cannot compute exactly is a config error; a family the conformance
+    # suite has not checked is a warning
+    check_layout(model, sec.layout, f"{ctx.stage}.layout")
+    warn_if_unchecked(model.config, ctx.stage)
     ref_info, frozen_ref = {}, None
     if reference is not None:
         check_same_tokenizer(model_path, ref_path, tokenizer)
-    if reference == "precomputed":
-        ref_info = _precompute_reference(ctx, sec, accelerator, model, model_path, ref_path, tokenizer, examples,
-                                         pairs_file)
-    elif reference == "loaded":
+    if reference == "loaded":
         frozen_ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
         disable_dropout(frozen_ref)
         frozen_ref.to(accelerator.device)
@@ -196,6 +233,9 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=sec.learning_rate, weight_decay=sec.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if reference == "precomputed":  # here: every process can run the prepared model, and it is still the start
+        ref_info = _precompute_reference(ctx, sec, accelerator, model, model_path, ref_path, tokenizer, examples,
+                                         pairs_file)
 
     # Lengths after prepare: per-process micro-batches. The scheduler is stepped by hand once per optimizer step
     # (accelerate's prepared scheduler would step num_processes times per call).

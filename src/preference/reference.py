@@ -1,5 +1,6 @@
-"""Reference log-probs computed once and kept: one no-grad pass over the pairs, stored under
-`<experiment>/cache/reference/<key>.pt` and pointed to by `reference.json` in the stage folder.
+"""Reference log-probs computed once and kept: one no-grad pass over the pairs, shared out by whole batches over
+the processes of a launch (`compute`), stored under `<experiment>/cache/reference/<key>.pt` by the main process
+and pointed to by `reference.json` in the stage folder.
 
 The key is (reference weights hash, pairs file hash, tokenizer and template, max_length, token ids): a rerun, a
 resumed run, a beta sweep, another objective or another stage with the same reference and pairs loads the file
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from prefopt.preference.batching import collate, pair_logps
 from prefopt.utils import content_hash, weights_sha256
@@ -47,20 +50,35 @@ def key_name(key: dict) -> str:
 
 
 def compute(model, examples: list[dict], pad_token_id: int, max_length: int, batch_size: int, layout: str,
-            chunk_size: int = 0, device=None) -> torch.Tensor:
-    """(n, 2) float32: summed log-probs of chosen and rejected for every example, in order, without gradients."""
+            chunk_size: int = 0, device=None, accelerator=None) -> torch.Tensor:
+    """(n, 2) float32: summed log-probs of chosen and rejected for every example, in order, without gradients.
+
+    The batches are those of a one-process run (examples [i*batch_size, (i+1)*batch_size)). With an `accelerator`
+    over several processes, batch i is computed by process i % world, so each batch has the same composition (and,
+    on one kind of device, the same numbers) as on one process; the rows are gathered onto every process. Every
+    process runs the same number of forward passes, because under FSDP, ZeRO-3 and DDP (which broadcasts buffers)
+    each forward is collective: a process whose share ran out runs batch 0 again and drops the result."""
+    if not examples:
+        return torch.zeros((0, 2))
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    rounds = math.ceil(len(batches) / world)
+    mine = torch.full((rounds, batch_size, 2), float("nan"))  # this process's batches, rows past a short one NaN
     was_training = model.training
     model.eval()
-    out = []
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            part = [{k: v for k, v in e.items() if k != "ref_logps"} for e in examples[i:i + batch_size]]
+        for r in tqdm(range(rounds), desc="reference log-probs", disable=rank != 0 or rounds < 2):
+            b = r * world + rank
+            part = [{k: v for k, v in e.items() if k != "ref_logps"} for e in batches[b if b < len(batches) else 0]]
             batch = {k: v.to(device) if device is not None else v
                      for k, v in collate(part, pad_token_id, max_length, layout).items()}
             sums, _ = pair_logps(model, batch, chunk_size)
-            out.append(torch.stack(sums.float().cpu().chunk(2), dim=1))
+            if b < len(batches):
+                mine[r, :len(part)] = torch.stack(sums.float().cpu().chunk(2), dim=1)
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros((0, 2))
+    if world > 1:  # (world * rounds, batch_size, 2): process p's rounds at [p * rounds, (p + 1) * rounds)
+        mine = accelerator.gather(mine.to(accelerator.device)).cpu()
+    return torch.cat([mine[(b % world) * rounds + b // world, :len(batches[b])] for b in range(len(batches))])
 
 
 def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
