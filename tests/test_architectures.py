@@ -156,3 +156,22 @@ def test_readme_table_is_what_the_suite_checks():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert support_table() in readme, "README's supported-models table differs from prefopt.architectures"
+
+
+@pytest.mark.parametrize("stage", ["dpo", "simpo"])
+def test_the_gemma_recipes_defaults_give_the_models_own_log_probs(tokenizers, stage):
+    """experiments/simpo/gemma2_9b_it.yaml as written (its layout and chunk size, whatever the defaults are), on
+    Gemma-2's architecture under the attention it runs (eager), with bf16 autocast off: the padded numbers."""
+    from pathlib import Path
+
+    from prefopt.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments/simpo/gemma2_9b_it.yaml")
+    sec = getattr(cfg, stage)
+    tok = tokenizers["gemma2"]
+    model = build_model(FAMILIES["gemma2"], tok, "eager")
+    check_layout(model, sec.layout, f"{stage}.layout")
+    examples = _pairs(len(tok), seed=1)
+    with torch.no_grad():
+        sums, _ = pair_logps(model, collate(examples, _pad(tok), sec.max_length, sec.layout), sec.logps_chunk_size)
+    torch.testing.assert_close(sums, _plain(model, examples), atol=ATOL, rtol=RTOL)

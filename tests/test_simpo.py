@@ -100,13 +100,19 @@ def test_simpo_ddp_two_processes(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_simpo_fsdp2_two_processes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_simpo_fsdp2_two_processes(tmp_path, tiny_model_dir, family):
     """The same two-process run under FSDP2 (accelerate's own FSDP2 on CPU processes, through tests/fsdp_on_cpu):
     the weights are sharded, checkpoints are written shard by shard, and the saved policy matches the
-    one-process run with the same global batch."""
+    one-process run with the same global batch. Gemma-2 too (eager attention, soft-capping inside the sharded
+    forward, sliding window, tied embeddings: tests/families.py), wrapped by its own decoder layer class."""
     import os
 
+    from families import FAMILIES, save_family
     from test_ppo_distributed import FSDP_ON_CPU, launcher
+
+    if family != "llama":
+        tiny_model_dir = save_family(FAMILIES[family], tmp_path / family, hidden_size=32)
 
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     cfg = write_config(tmp_path, "simpo", section(tiny_model_dir, pairs, per_device_train_batch_size=2,
