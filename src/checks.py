@@ -17,12 +17,49 @@ def _paths_in(obj, key=""):
         yield key, obj
 
 
-def _batch_terms(sec, num_processes: int) -> str:
-    """The factors of a stage's global batch, as the warning names them (PPO's is per rollout, not per step)."""
-    if hasattr(sec, "rollout_batch_size"):  # PPO's batch sizes are global: the processes split them
-        return f"rollout_batch_size {sec.rollout_batch_size}, split over {num_processes} processes"
-    return (f"processes {num_processes} x per-device {sec.per_device_train_batch_size} x accumulation "
-            f"{sec.gradient_accumulation_steps}")
+def keep_recipe_batch(cfg: ExperimentConfig) -> tuple[list[str], list[str], list[str]]:
+    """Keep each training stage's global batch at its `recipe_global_batch` whatever the launch: the gradient
+    accumulation becomes recipe_global_batch / (processes x per-device batch) when that divides, and the stage's
+    section is changed in place. Returns (notes, problems, overrides): a note per changed stage, a one-line problem
+    naming the keys where it does not divide, and the `--stage.gradient_accumulation_steps=N` overrides that give
+    the stages `prefopt run` launches the same value (they read the YAML again).
+
+    Called by `prefopt check` and `prefopt run` before anything else, so both print the same fingerprints. Four
+    nodes of 8 GPUs with the gemma recipe (per-device 2, accumulation 8 for 8 GPUs) trained with a global batch of
+    512 instead of 128; now accumulation 2 keeps 128."""
+    notes, problems, overrides = [], [], []
+    n = launch_processes(cfg)
+    for stage in cfg.stages:
+        sec = getattr(cfg, stage)
+        want = getattr(sec, "recipe_global_batch", 0)
+        if not STAGES[stage][1] or not want or not hasattr(sec, "gradient_accumulation_steps"):
+            continue  # PPO's rollout_batch_size is global already: the processes split it
+        per_step = n * sec.per_device_train_batch_size
+        if per_step * sec.gradient_accumulation_steps == want:
+            continue
+        if want % per_step:
+            problems.append(
+                f"{stage}: the recipe's global batch {want} ({stage}.recipe_global_batch) is not a multiple of "
+                f"{n} processes x per-device batch {sec.per_device_train_batch_size} = {per_step} (launch.num_processes, "
+                f"{stage}.per_device_train_batch_size); change {stage}.per_device_train_batch_size so it divides, "
+                f"or set {stage}.recipe_global_batch: 0 to train with processes x per-device x "
+                f"{stage}.gradient_accumulation_steps")
+            continue
+        accum = want // per_step
+        notes.append(f"{stage}: gradient_accumulation_steps {sec.gradient_accumulation_steps} -> {accum}, so the global "
+                     f"batch stays at the recipe's {want} ({n} processes x per-device "
+                     f"{sec.per_device_train_batch_size} x {accum}; {stage}.recipe_global_batch)")
+        sec.gradient_accumulation_steps = accum
+        overrides.append(f"--{stage}.gradient_accumulation_steps={accum}")
+    return notes, problems, overrides
+
+
+def memory_plan(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(printed lines, warnings): each stage's per-GPU memory estimate under the launch (prefopt.memory_plan)."""
+    from prefopt.memory_plan import experiment_plans, format_plans
+
+    backend, plans = experiment_plans(cfg, launch_processes(cfg), accelerate_file(cfg), cfg.launch.gpu_memory_gb)
+    return format_plans(backend, plans, cfg.launch.gpu_memory_gb)
 
 
 def accelerate_file(cfg: ExperimentConfig) -> dict:
@@ -136,15 +173,14 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                 problems.append(problem)
         if stage == "ppo":
             problems += ppo_launch_problems(cfg, sec)
-        # the global batch the recipe states
-        if STAGES[stage][1] and hasattr(sec, "global_batch"):
+        # the global batch the recipe states (a stage with gradient accumulation: keep_recipe_batch below)
+        if STAGES[stage][1] and hasattr(sec, "global_batch") and not hasattr(sec, "gradient_accumulation_steps"):
             got = sec.global_batch(launch_processes(cfg))
             want = getattr(sec, "recipe_global_batch", 0)
             if want and got != want:
-                warnings.append(
-                    f"{stage}: global batch is {got} ({_batch_terms(sec, launch_processes(cfg))}) but the "
-                    f"recipe states {want}; results (SimPO's especially) move with the global batch"
-                )
+                warnings.append(f"{stage}: global batch is {got} ({stage}.rollout_batch_size, split over the "
+                                f"processes) but the recipe states {want} ({stage}.recipe_global_batch)")
+    problems += keep_recipe_batch(cfg)[1]  # (the derived accumulation is applied in place: see its docstring)
     if "evaluate" in cfg.stages:
         from prefopt.evaluate.suite import suite_warnings
 

@@ -79,9 +79,13 @@ class LaunchConfig:
     """Address of the machine-rank-0 node for multi-node launches; empty: the first host of SLURM_JOB_NODELIST
     (`scontrol show hostnames`)."""
     main_process_port: int = 29500
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GB: `prefopt check` prints each stage's per-GPU estimate against it and warns about
+    what does not fit (prefopt.memory_plan)."""
 
     def __post_init__(self):
         check_range(self, "num_processes", ge=1)
+        check_range(self, "gpu_memory_gb", gt=0)
         check_range(self, "num_machines", ge=1)
         check_range(self, "main_process_port", ge=1, le=65535)
         if self.num_machines > 1 and not self.srun:

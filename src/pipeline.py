@@ -246,6 +246,18 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     overrides = list(overrides or [])
     if cfg.launch.launcher == "accelerate" and not cfg.config_path:
         raise ValueError("launching stages through accelerate needs the experiment loaded from a YAML file")
+    # `prefopt check`'s checks, before any stage: a problem stops here in one line, before a model loads
+    notes, problems, warnings, _, derived = preflight(cfg)
+    for n in notes:
+        print(f"[prefopt] global batch: {n}", flush=True)
+    for w in warnings:
+        print(f"WARNING: {w}", flush=True)
+    if problems:
+        from prefopt.config import ConfigError
+
+        raise ConfigError("; ".join(problems) + (f" ({len(problems)} problems; `prefopt check` lists them)"
+                                                 if len(problems) > 1 else ""))
+    overrides += derived
     steps = plan(cfg)
     t0 = time.time()
     with experiment_lock(cfg.root):
@@ -393,18 +405,35 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
         print(f"WARNING: {w}")
 
 
+def preflight(cfg: ExperimentConfig) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    """What `prefopt check` and `prefopt run` check before any stage: (notes, problems, warnings, memory plan lines,
+    overrides). The global batch is kept at each recipe's value first (cfg is changed in place, and the overrides
+    carry the change to launched stages), so both print the same fingerprints."""
+    from prefopt.checks import keep_recipe_batch, memory_plan, problems_and_warnings
+
+    notes, _, overrides = keep_recipe_batch(cfg)
+    problems, warnings = problems_and_warnings(cfg)  # its problems include keep_recipe_batch's
+    try:
+        plan_lines, over = memory_plan(cfg)
+    except Exception as e:  # noqa: BLE001  an estimate must never stop a run: say why it is missing
+        plan_lines, over = [], [f"memory plan not computed ({type(e).__name__}: {e})"]
+    return notes, problems, warnings + over, plan_lines, overrides
+
+
 def check(cfg: ExperimentConfig) -> int:
     """Validate and print the plan; returns 0, or 2 (the config error exit code) when a problem would stop the run."""
-    from prefopt.checks import problems_and_warnings
-
-    problems, warnings = problems_and_warnings(cfg)
+    notes, problems, warnings, plan_lines, _ = preflight(cfg)
     print(f"experiment {cfg.name}  ->  {cfg.root}")
+    for n in notes:
+        print(f"global batch: {n}")
     for s, r in plan(cfg):
         done, why = stage_status(cfg, s, r)
         state = "skip (done)" if done else f"run ({why})"
         launch = "accelerate" if STAGES[s][1] and cfg.launch.launcher == "accelerate" else "in-process"
         label = s if cfg.iterations == 1 else f"{s}@round{r}"
         print(f"  {label:<18} {fingerprint(cfg, s, r)}  {launch:<11} {state}")
+    for line in plan_lines:
+        print(line)
     for w in warnings:
         print(f"WARNING: {w}")
     for p in problems:

@@ -80,13 +80,16 @@ def test_check_every_experiment_yaml(path, capsys):
     assert head and any("prefopt run" in ln or "accelerate launch" in ln for ln in head)
 
 
-def test_check_warns_on_global_batch_mismatch(capsys):
+def test_check_keeps_the_recipe_global_batch(capsys):
+    """An accumulation that would give another global batch than the recipe's is derived again (tests/test_scale.py
+    has the multi-node cases and the refusals)."""
     from prefopt.pipeline import check
 
     cfg = load_config(REPO / "experiments/alpaca/llama7b.yaml", ["--sft.gradient_accumulation_steps=2"])
     assert check(cfg) == 0
     out = capsys.readouterr().out
-    assert "WARNING: sft: global batch is 64" in out and "recipe states 128" in out
+    assert "sft: gradient_accumulation_steps 2 -> 4, so the global batch stays at the recipe's 128" in out
+    assert cfg.sft.global_batch(8) == 128
 
 
 def test_check_reports_missing_input_stage(capsys):
