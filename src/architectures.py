@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-from prefopt.preference.batching import LAYOUTS
-
 CHECKS = {
     "logps": "log-probs of every batching layout (padded, packed, shared_prompt; hook, chunked and in-forward "
              "projection) equal log_softmax(model(input_ids).logits) within 1e-5 (fp32)",
@@ -43,6 +41,8 @@ CHECKED: dict[str, dict] = {
 
 def support_table() -> str:
     """The README's supported-models table, written from `CHECKED`."""
+    from prefopt.preference.batching import LAYOUTS  # late: models.py imports this module
+
     lines = ["| family (model_type) | stands for | attention checked | layouts | what differs |",
              "|---|---|---|---|---|"]
     for model_type, c in CHECKED.items():

@@ -175,3 +175,23 @@ def test_the_gemma_recipes_defaults_give_the_models_own_log_probs(tokenizers, st
     with torch.no_grad():
         sums, _ = pair_logps(model, collate(examples, _pad(tok), sec.max_length, sec.layout), sec.logps_chunk_size)
     torch.testing.assert_close(sums, _plain(model, examples), atol=ATOL, rtol=RTOL)
+
+
+def test_loading_an_unchecked_family_warns_and_a_checked_one_does_not(tmp_path, tokenizers):
+    import warnings
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from families import save_family
+    from prefopt.models import load_causal_lm, save_model
+
+    tok = tokenizers["llama3"]
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+    save_model(neox, tok, tmp_path / "neox")
+    with pytest.warns(UserWarning, match=r"'gpt_neox' is not in prefopt's conformance suite"):
+        load_causal_lm(str(tmp_path / "neox"))
+    save_family(FAMILIES["mistral"], tmp_path / "mistral", attn="sdpa", hidden_size=32, layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_causal_lm(str(tmp_path / "mistral"))

@@ -37,7 +37,6 @@ from prefopt.config import ConfigError
 from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model,
                              sharded_weights)
 from prefopt.preference import reference as refcache
-from prefopt.architectures import warn_if_unchecked
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.utils import seed_everything
@@ -206,10 +205,9 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     seed_everything(ctx.seed)  # before the model exists (LoRA init draws random numbers)
     model = load_causal_lm(model_path, dtype="float32")  # fp32 master weights; bf16 only as autocast
     disable_dropout(model)
-    # a layout the attention implementation cannot compute exactly is a config error; a family the conformance
-    # suite has not checked is a warning
+    # a layout the attention implementation cannot compute exactly is a config error (a family the conformance
+    # suite has not checked is a warning, from load_causal_lm)
     check_layout(model, sec.layout, f"{ctx.stage}.layout")
-    warn_if_unchecked(model.config, ctx.stage)
     ref_info, frozen_ref = {}, None
     if reference is not None:
         check_same_tokenizer(model_path, ref_path, tokenizer)
