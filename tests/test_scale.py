@@ -1,0 +1,154 @@
+"""Scale (issue 22, item 6): the recipe's global batch on any number of nodes, `prefopt run` checking before the
+first stage, launch configs that work for every architecture and on several nodes, bounded extras."""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+import yaml
+
+from conftest import REPO
+from prefopt.config import ConfigError, from_dict, load_config
+from prefopt.experiment import ExperimentConfig
+
+GEMMA = REPO / "experiments/simpo/gemma2_9b_it.yaml"
+
+
+def nodes(n: int) -> list[str]:
+    """What experiments/slurm/prefopt_run.sbatch passes for `sbatch --nodes=n` (8 GPUs a node)."""
+    return ["--launch.srun=true", f"--launch.num_machines={n}", f"--launch.num_processes={8 * n}",
+            "--launch.main_process_ip=head"]
+
+
+def test_four_nodes_keep_the_gemma_recipe_global_batch():
+    """4 x 8 GPUs x per-device 2 x accumulation 8 (set for one node) would train with 512; the accumulation becomes
+    128 / (32 x 2) = 2, and the stages `prefopt run` launches read the YAML again with that override, so their
+    fingerprints are the ones the run computed."""
+    from prefopt.pipeline import launch_command, preflight
+    from prefopt.stage import fingerprint
+
+    cfg = load_config(GEMMA, nodes(4))
+    notes, problems, _, _, overrides = preflight(cfg)
+    assert problems == []
+    assert overrides == ["--dpo.gradient_accumulation_steps=2", "--simpo.gradient_accumulation_steps=2"]
+    assert cfg.simpo.gradient_accumulation_steps == 2 and cfg.simpo.global_batch(32) == 128
+    assert cfg.dpo.global_batch(32) == 128
+    assert any("simpo: gradient_accumulation_steps 8 -> 2" in n for n in notes)
+    child = load_config(GEMMA, nodes(4) + overrides)  # what a launched stage loads
+    for stage in ("dpo", "simpo"):
+        assert fingerprint(child, stage) == fingerprint(cfg, stage)
+    assert "--simpo.gradient_accumulation_steps=2" in launch_command(cfg, "simpo", 1, overrides)[-1]
+    one = load_config(GEMMA)  # one node: the recipe's own accumulation, nothing changed
+    assert preflight(one)[4] == [] and one.simpo.gradient_accumulation_steps == 8
+
+
+@pytest.mark.parametrize("n_nodes,per_step", [(6, 96), (16, 256)])
+def test_a_global_batch_that_cannot_be_kept_is_refused(n_nodes, per_step, capsys):
+    from prefopt.pipeline import check
+
+    cfg = load_config(GEMMA, nodes(n_nodes))
+    assert check(cfg) == 2
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("ERROR: simpo:"))
+    assert f"recipe's global batch 128 (simpo.recipe_global_batch) is not a multiple of {8 * n_nodes} processes x " \
+           f"per-device batch 2 = {per_step}" in line
+    assert "simpo.per_device_train_batch_size" in line and "launch.num_processes" in line
+
+
+def test_prefopt_run_refuses_before_any_stage(tmp_path):
+    """`prefopt run` runs `prefopt check`'s checks first: one line, exit code 2, no folder made, no model loaded."""
+    out = subprocess.run([sys.executable, "-m", "prefopt", "run", str(GEMMA), *nodes(6),
+                          f"--output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: dpo: the recipe's global batch 128")
+    assert "simpo: the recipe's global batch 128" in lines[0]  # both problems in the one line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_prefopt_run_prints_warnings_and_stops_on_a_problem(tmp_path, capsys):
+    from prefopt.pipeline import run_experiment
+
+    cfg = from_dict(ExperimentConfig, {
+        "name": "w", "output_dir": str(tmp_path / "runs"), "stages": ["sft"], "launch": {"launcher": "inline"},
+        "sft": {"model": "nobody/model", "dataset": {"path": str(tmp_path / "absent.jsonl")},
+                "per_device_train_batch_size": 2, "recipe_global_batch": 3}})
+    with pytest.raises(ConfigError, match=r"sft: the recipe's global batch 3 \(sft.recipe_global_batch\)"):
+        run_experiment(cfg)
+    assert "WARNING: sft.dataset.path: file" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------- launch configs
+
+
+def _accelerate_args(config_file: str, *extra: str):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", config_file, *extra, "x.py"])
+    _validate_launch_command(args)
+    return args
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "fsdp2.yaml"])
+def test_fsdp_configs_wrap_each_models_own_layers(name):
+    """No layer class in the file: accelerate 1.15 wraps the model's `_no_split_modules`, so a Gemma-2 (which has
+    no LlamaDecoderLayer, the class fsdp.yaml used to name) is wrapped by its own decoder layer."""
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    args = _accelerate_args(f"experiments/accelerate/{name}")
+    assert args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP" and args.fsdp_transformer_layer_cls_to_wrap is None
+    with torch.device("meta"):
+        model = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                               intermediate_size=32))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy="transformer_based_wrap")
+    plugin.set_auto_wrap_policy(model)
+    assert plugin.transformer_cls_names_to_wrap == ["Gemma2DecoderLayer"]
+    named = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy="transformer_based_wrap",
+                                           transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):  # what the old fsdp.yaml gave a Gemma-2
+        named.set_auto_wrap_policy(model)
+
+
+@pytest.mark.parametrize("name", ["deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml", "deepspeed_zero2.yaml"])
+def test_deepspeed_configs_launch_each_node_without_pdsh(name):
+    args = _accelerate_args(f"experiments/accelerate/{name}", "--num_machines", "4", "--machine_rank", "1")
+    assert args.deepspeed_multinode_launcher == "standard"
+
+
+# ------------------------------------------------------------------------------------------------- extras
+
+
+def _extras() -> dict[str, list[str]]:
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    return {k: [r for r in v.strip().splitlines() if r.strip()] for k, v in parser["options.extras_require"].items()}
+
+
+def test_every_extra_is_bounded_to_the_tested_series():
+    from packaging.requirements import Requirement
+
+    extras = _extras()
+    for name, reqs in extras.items():
+        for r in reqs:
+            assert any(s.operator in ("<", "<=", "==", "~=") for s in Requirement(r).specifier), (name, r)
+    vllm = Requirement(extras["vllm"][0]).specifier
+    pinned = re.search(r"^vllm==(\S+)$", (REPO / "requirements/gpu-vllm.txt").read_text(), re.M).group(1)
+    assert vllm.contains(pinned) and not vllm.contains("0.32.0") and not vllm.contains("0.33.0")
+    for extra, dist in (("annotate", "gradio"), ("eval", "lm_eval")):  # the versions the tests here ran with
+        assert Requirement(extras[extra][0]).specifier.contains(version(dist)), (extra, version(dist))
+
+
+def test_fsdp2_cpu_config_still_matches():
+    """tests/fsdp_on_cpu/fsdp2_cpu.yaml is experiments/accelerate/fsdp2.yaml's fsdp_config on CPU processes."""
+    gpu = yaml.safe_load((REPO / "experiments/accelerate/fsdp2.yaml").read_text())
+    cpu = yaml.safe_load((REPO / "tests/fsdp_on_cpu/fsdp2_cpu.yaml").read_text())
+    assert gpu["fsdp_config"] == cpu["fsdp_config"]
