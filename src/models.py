@@ -6,6 +6,7 @@ both go through `from_pretrained`. Stages pass models to each other only as save
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -53,14 +54,73 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
 
 
-def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: int = 1):
-    """A sequence classifier with one output: the scalar reward. A causal LM folder gets a new score head."""
+# Remote model code (ArmoRM's modeling_custom.py) written for transformers 4 imports names that transformers 5 removed
+# when it generated its docstrings (`LLAMA_INPUTS_DOCSTRING` from transformers.models.llama.modeling_llama). Names of
+# this kind only ever held docstring text, passed to `add_start_docstrings*` decorators: giving the module an empty
+# string under that name changes the model's `__doc__` and nothing it computes, so loading goes on (with a one-line
+# notice). Any other missing name (a class, a function, a constant the code computes with) could change the numbers
+# if stood in for, so that is a one-line error naming the symbol, the model and what to do, never a guess.
+_DOCSTRING_NAME = re.compile(r"^_?[A-Z0-9_]*(_DOCSTRING|_FOR_DOC)$")
+
+
+def _from_pretrained(cls, path: str, trust_remote_code: bool, **kw):
+    """`cls.from_pretrained(path, ...)`, with the docstring names above given to transformers' modules when a model's
+    own code imports them."""
+    import importlib
+
+    import transformers
+
+    stood_in: set[tuple[str, str]] = set()
+    while True:
+        try:
+            return cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+        except ImportError as e:
+            found = re.match(r"cannot import name '(\w+)' from '([\w.]+)'", str(e))
+            if not trust_remote_code or found is None or not found.group(2).startswith("transformers"):
+                raise
+            name, module = found.groups()
+            if not _DOCSTRING_NAME.match(name) or (name, module) in stood_in:
+                from prefopt.config import ConfigError
+
+                raise ConfigError(
+                    f"the model code of {path} imports {name} from {module}, which transformers "
+                    f"{transformers.__version__} does not have: run it with the transformers its config.json names, "
+                    f"or use a revision of its code that does not import {name}") from None
+            setattr(importlib.import_module(module), name, "")
+            stood_in.add((name, module))
+            print(f"[prefopt] the model code of {path} imports {module}.{name}, a docstring transformers "
+                  f"{transformers.__version__} no longer has: given as an empty string (only the docs change)",
+                  flush=True)
+
+
+def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: int | None = 1, dtype=None,
+                      complete: bool = False):
+    """A sequence classifier whose output is the scalar reward (`num_labels`: None keeps the checkpoint's).
+
+    `complete=False` (training, a value model): a causal LM folder gets a new, random score head on purpose.
+    `complete=True` (scoring): every weight must come from the checkpoint; a missing or reshaped tensor (a base LM
+    named as a reward model, a head dropped from the files, a remote-code model read as a plain classifier) would be
+    scored with random values, so it is a one-line error naming the checkpoint and the tensors. The pad id is then
+    left as the checkpoint has it: `reward.score.score_texts` chooses one per batch."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_path(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, trust_remote_code=trust_remote_code
-    )
+    kw = {"num_labels": num_labels} if num_labels is not None else {}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    model, info = _from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
+                                   output_loading_info=True, **kw)
+    if complete:
+        absent = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
+                                                       for k in info["mismatched_keys"])
+        if absent:
+            from prefopt.config import ConfigError
+
+            shown = ", ".join(absent[:6]) + (f" and {len(absent) - 6} more" if len(absent) > 6 else "")
+            raise ConfigError(f"the reward model {path} has no weights in its checkpoint for {shown} "
+                              f"({type(model).__name__} would score with them randomly initialised): name a "
+                              "checkpoint that holds its reward head")
+        return model
     if model.config.pad_token_id is None:
         tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
         model.config.pad_token_id = tok.pad_token_id

@@ -8,7 +8,9 @@ reads the raw prompt and response in its own (Llama-3) chat template with its ow
 The model here is built locally in that manner: a tiny Llama backbone, a 3-objective regression head and a gating
 layer, in `configuration_gated.py` / `modeling_gated.py` next to the weights, with a tokenizer trained on other
 texts than the policy's (another vocabulary) that carries a Llama-3-style template. `score` is scaled and shifted
-away from every objective, so a test can tell which one was read.
+away from every objective, so a test can tell which one was read. Its `model_type` is its own, so transformers
+refuses it untrusted; a stand-in closer to ArmoRM's real file (model_type `llama`, the imports transformers 5 lacks,
+the first-pad lookup, 19 objectives) is in tests/test_hub_reward_models.py, which reuses `LLAMA3_TEMPLATE` and `user`.
 """
 
 from __future__ import annotations

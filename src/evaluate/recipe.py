@@ -227,7 +227,10 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
         return None
     from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
+    from prefopt.reward.score import reward_model_config
 
+    # A reward model that needs its own code is refused here, before any policy is sampled, not when it is loaded.
+    reward_model_config(ctx.resolve(rm_ref), sec.trust_remote_code, "evaluate.trust_remote_code")
     key = "evaluate.rm_format"
     fmt = rm_input_format(sec.rm_format, ctx.resolve(rm_ref), key, rm_ref.startswith("stage:"), sec.trust_remote_code)
     for r in rows:

@@ -9,7 +9,8 @@ a killed run rescores at most the shard it was in, and finished shards are skipp
 the same candidates again (another round, a rerun after a config change elsewhere) costs no model call.
 
 What the reward model reads is what it was trained on: for a classifier (TRL's RewardTrainer) prompt text +
-response + EOS, right padded, the score being the head's first logit at the last non-pad token; for a likelihood
+response + EOS, right padded, the score being the head's first logit (or a hub model's `score` field) at the token
+the model reads on that text alone, whatever its lookup (`batch_pad_id`); for a likelihood
 reward model (reward/likelihood.py) beta times the mean log-prob of the response tokens and EOS given the prompt.
 
 Which prompt text (`rm_format`, also on `ppo` and `evaluate`): `policy` gives the classifier the policy's rendered
@@ -52,7 +53,7 @@ def chat_reward_text(messages: list[dict], response: str, tokenizer) -> str:
 
 
 class ClassifierScorer:
-    """Scores (prompt, response) with a sequence classifier, the head's logit at the last non-pad token: a prompt
+    """Scores (prompt, response) with a sequence classifier, as the model scores each text alone: a prompt
     given as text is the policy's rendering (prompt + response + EOS, what TRL's RewardTrainer trains on), one given
     as chat messages goes through the reward model's own chat template (`chat_reward_text`)."""
 
@@ -122,16 +123,23 @@ def rm_prompt(row: dict, rendered: str, fmt: str, key: str, where: str = "") -> 
 
 def reward_model_config(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code"):
     """The reward model's transformers config, read before any weights load. A model that ships its own code
-    (ArmoRM: `auto_map` in config.json) without `trust_remote_code` is a one-line error naming the setting."""
+    without `trust_remote_code` is a one-line error naming the setting, in both of the ways a config says so: a
+    `model_type` transformers does not know (its config class is remote too), or a known one (ArmoRM's is `llama`)
+    whose `auto_map` names its own sequence classifier. transformers loads the second kind, untrusted, as its plain
+    classifier with a new, random `score` head, without a word."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as e:
         if "trust_remote_code" not in str(e) or trust_remote_code:
             raise
+        config = None
+    own = (getattr(config, "auto_map", None) or {}).get("AutoModelForSequenceClassification")
+    if config is None or (own and not trust_remote_code):
         raise ConfigError(f"the reward model {path} ships its own model code (auto_map in its config.json): set "
-                          f"{key}: true to run it (only for a model you trust)") from None
+                          f"{key}: true to run it (only for a model you trust)")
+    return config
 
 
 def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code"):
@@ -141,9 +149,8 @@ def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_re
 
     A causal LM folder without `reward_model.json` would get a random head: refused, train one first."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
     from prefopt.reward.likelihood import LikelihoodScorer, read_meta
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,10 +164,10 @@ def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_re
     if archs and all(a.endswith("ForCausalLM") for a in archs):
         raise ValueError(f"{path} is a causal LM ({archs[0]}), not a reward model: train one with the `reward` stage "
                          "or name a sequence-classification checkpoint")
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+    # Every weight from the checkpoint (a missing head is refused, never scored at random); the pad id is chosen per
+    # batch by `score_texts`.
+    model = load_reward_model(path, trust_remote_code, num_labels=None, dtype=dtype, complete=True)
     tok = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
     return ClassifierScorer(model.to(device).eval(), tok)
 
 
@@ -174,22 +181,57 @@ def scorer_sha256(path: str) -> str:
     return content_hash(sha, (Path(path) / META).read_text()) if meta and meta["kind"] == "likelihood" else sha
 
 
+def batch_pad_id(own: int | None, rows: list[list[int]], vocab: int) -> int:
+    """The id that right-pads a batch of token-id `rows` so the model reads each row where it reads it alone.
+
+    A sequence classifier finds a row's last token from its pad id: transformers' *ForSequenceClassification take the
+    rightmost token that is not the pad id (5.17 and 5.23 alike, `modeling_layers.py`), ArmoRM's own code the token
+    before the first pad id, and with no pad id (a batch of one) the last position. Padding with the checkpoint's
+    own pad id (`own`, when it is an id of the vocabulary) leaves each lookup where it lands on the row alone:
+    trailing pad ids are skipped, and the first pad id is the row's own or the padding's first. Without one (none,
+    or an id outside the embeddings), the row alone is read at its last token, the EOS or end-of-turn that closes
+    it; padding with the tokenizer's stand-in pad (EOS for Llama-3, which ships none) would move both lookups off
+    it, to the token before the final EOS or before the first end-of-turn. An id that occurs in no row of the
+    batch, given to the model as its pad id for that forward (`score_texts`), makes both lookups read the last
+    token."""
+    if own is not None and 0 <= own < vocab:
+        return own
+    used = {i for r in rows for i in r}
+    return next(i for i in range(vocab) if i not in used)
+
+
 def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 512,
                 progress=None) -> list[float]:
-    """Reward of each text (already `reward_text`), batched. Texts are sorted by length so batches pad little."""
+    """Reward of each text (already `reward_text`), batched, each equal to the model's score of the text alone
+    (`batch_pad_id`). Texts are sorted by length so batches pad little."""
     import torch
 
     device = next(model.parameters()).device
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    own = getattr(config, "pad_token_id", None)
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        vocab = len(tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = [0.0] * len(texts)
-    tokenizer.padding_side = "right"  # the head reads the last non-pad token either way; right is what it trained on
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
             ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
-            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
-            res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            pad = batch_pad_id(own, ids, vocab)
+            T = max(len(r) for r in ids)
+            input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in ids], device=device)  # (B, T), right padded
+            mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids], device=device)
+            if config is not None and pad != own:
+                config.pad_token_id = pad  # for this forward only: the model's lookup then finds each row's end
+            try:
+                res = model(input_ids=input_ids, attention_mask=mask)
+            finally:
+                if config is not None:
+                    config.pad_token_id = own
             # Some hub reward models (ArmoRM) return a `score` field beside their multi-objective logits.
             scores = getattr(res, "score", None)
             scores = (scores if scores is not None else res.logits[:, 0]).float().reshape(-1).cpu().tolist()
