@@ -164,7 +164,7 @@ class Run:
         t0 = time.perf_counter()
         if missing:
             rec = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
-        elif limit < 2:
+        elif self.remaining() < 1:
             rec = {"status": "skipped", "reason": f"total budget of {self.size.budget_s:.0f} s spent"}
         else:
             reset_peak(self.size.device)
@@ -657,8 +657,8 @@ def summary(sections: dict) -> dict:
     out: dict = {}
     for family in FAMILIES:
         par = sections.get(f"{family}/parity", {})
-        fam = {"parity": {k: par[k] for k in ("dtype", "max_abs_vs_padded", "max_abs_vs_reference", "fp32")
-                          if k in par}}
+        fam = {"parity": {k: par[k] for k in ("dtype", "max_abs_vs_padded", "max_abs_vs_reference", "max_abs_sum",
+                                              "within_fp32_tolerance", "fp32") if k in par}}
         for method in ("dpo", "simpo"):
             first = {lay: sections.get(f"{family}/{method}_{lay}", {}).get("loss_first") for lay in LAYOUTS}
             if first["padded"] is not None:
@@ -689,8 +689,9 @@ def print_table(run: Run) -> None:
                   f"vs reference {fmt(par['fp32']['max_abs_vs_reference'])}")
         t = run.sections.get(f"{family}/trl_dpo", {})
         if t.get("status") == "ok" and "ratio_tokens_per_s" in t:
-            print(f"{family}: prefopt DPO (shared_prompt, reference pass counted) {t['prefopt_samples_per_s_with_reference']:.2f} "
-                  f"pairs/s vs TRL DPOTrainer {t['samples_per_s']:.2f} pairs/s: x{t['ratio_tokens_per_s']:.2f}")
+            print(f"{family}: prefopt DPO (shared_prompt, reference pass counted) "
+                  f"{t['prefopt_samples_per_s_with_reference']:.2f} pairs/s vs TRL DPOTrainer "
+                  f"{t['samples_per_s']:.2f} pairs/s: x{t['ratio_tokens_per_s']:.2f}")
         elif t.get("status") == "skipped":
             print(f"{family}: TRL comparison skipped: {t['reason']}")
     print(f"\ntotal {time.perf_counter() - run.start:.1f} s (budget {run.size.budget_s:.0f} s); JSON: {run.out_path}")
@@ -729,30 +730,33 @@ def main(argv=None) -> int:
     run.meta = {"device": torch.cuda.get_device_name(0) if size.device == "cuda" else platform.processor() or "cpu",
                 "dtype": str(size.dtype), "versions": versions()}
     signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        run_all(run)
+    finally:  # also when the shell's hard stop interrupts: the table of what ran
+        run.write()
+        print_table(run)
+    return 0
+
+
+def run_all(run: Run) -> None:
+    """Every section in SECTIONS' order (each lambda runs at once, inside run.section)."""
     run.section("setup", lambda: setup(run))
     run.section("reward_model", lambda: reward_model(run), needs=("setup",))
-    steps = {"build": (build, ("setup",)), "generate": (generate, ("build",)),
-             "score": (score, ("generate",)), "pairs": (pairs, ("score",)), "parity": (parity, ("pairs",)),
-             "trl_dpo": (trl_dpo, ("pairs",))}
-    for family in FAMILIES:
-        for sec in FAMILY_SECTIONS:
-            if sec in steps:
-                fn, needs = steps[sec]
-                needs = tuple(n if n in ("setup",) else f"{family}/{n}" for n in needs)
-                if sec == "score":
-                    needs += ("reward_model",)
-                run.section(f"{family}/{sec}", lambda fn=fn, family=family: fn(run, family), needs=needs)
-            else:
-                method, layout = sec.split("_", 1)
-                run.section(f"{family}/{sec}", lambda f=family, m=method, lay=layout: train_section(run, f, m, lay),
-                            needs=(f"{family}/pairs",))
-        for key in [k for k in run.state if k.startswith(family + "/") and not k.endswith("/tok")]:
-            del run.state[key]
-        free(size.device)
+    for f in FAMILIES:
+        run.section(f"{f}/build", lambda: build(run, f), needs=("setup",))
+        run.section(f"{f}/generate", lambda: generate(run, f), needs=(f"{f}/build",))
+        run.section(f"{f}/score", lambda: score(run, f), needs=(f"{f}/generate", "reward_model"))
+        run.section(f"{f}/pairs", lambda: pairs(run, f), needs=(f"{f}/score",))
+        run.section(f"{f}/parity", lambda: parity(run, f), needs=(f"{f}/pairs",))
+        for method in ("dpo", "simpo"):
+            for layout in LAYOUTS:
+                run.section(f"{f}/{method}_{layout}", lambda: train_section(run, f, method, layout),
+                            needs=(f"{f}/pairs",))
+        run.section(f"{f}/trl_dpo", lambda: trl_dpo(run, f), needs=(f"{f}/pairs",))
+        for key in [k for k in run.state if k.startswith(f + "/") and not k.endswith("/tok")]:
+            del run.state[key]  # the family's model, snapshot and data: the next family gets the memory
+        free(run.size.device)
     run.section("ppo", lambda: ppo(run), needs=("setup", "reward_model"))
-    run.write()
-    print_table(run)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ fi
 TINY=0
 for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY=1; done
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ "$TINY" = 1 ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; fi
 
 # TRL and its missing needs from the carried wheels (the device README's install line).
