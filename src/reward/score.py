@@ -207,11 +207,12 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
     import torch
 
     device = next(model.parameters()).device
-    config = getattr(model, "config", None)
+    base = getattr(model, "module", model)  # the model itself under a DDP wrapper
+    config = getattr(base, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     own = getattr(config, "pad_token_id", None)
     try:
-        vocab = model.get_input_embeddings().num_embeddings
+        vocab = base.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         vocab = len(tokenizer)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -222,6 +223,8 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
             # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
             ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
             pad = batch_pad_id(own, ids, vocab)
+            if config is None and tokenizer.pad_token_id is not None:
+                pad = tokenizer.pad_token_id  # a model with no config to tell: padded as its tokenizer pads
             T = max(len(r) for r in ids)
             input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in ids], device=device)  # (B, T), right padded
             mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids], device=device)
