@@ -152,3 +152,68 @@ def test_fsdp2_cpu_config_still_matches():
     gpu = yaml.safe_load((REPO / "experiments/accelerate/fsdp2.yaml").read_text())
     cpu = yaml.safe_load((REPO / "tests/fsdp_on_cpu/fsdp2_cpu.yaml").read_text())
     assert gpu["fsdp_config"] == cpu["fsdp_config"]
+
+
+# ------------------------------------------------------------------------------ generation over a node's GPUs
+
+
+def _generate_experiment(tmp_path, model_dir, out: str, **generate):
+    import json
+
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"instruction": f"Sort {i} {i + 2} {i + 1}."}) + "\n" for i in range(7)))
+    section = {"model": str(model_dir), "prompts": {"path": str(prompts)}, "backend": "transformers", "n": 2,
+               "max_new_tokens": 4, "shard_size": 2, "batch_size": 2, **generate}
+    return from_dict(ExperimentConfig, {"name": "g", "output_dir": str(tmp_path / out), "wandb": {"mode": "disabled"},
+                                        "generate": section})
+
+
+def _shards(root):
+    from prefopt.utils import read_jsonl
+
+    return {p.name: read_jsonl(p) for p in sorted((root / "g" / "generate").glob("shard-*.jsonl"))}
+
+
+def test_two_generation_processes_write_what_one_writes(tmp_path, tiny_model_dir):
+    """generate.data_parallel 2: two worker processes, each its own model and every other shard; the 4 shards (7
+    prompts in 2s) merged in order equal one process's, row for row (each shard is seeded by its index alone)."""
+    from prefopt.stage import run_stage
+
+    one = run_stage(_generate_experiment(tmp_path, tiny_model_dir, "one"), "generate")
+    two = run_stage(_generate_experiment(tmp_path, tiny_model_dir, "two", data_parallel=2), "generate")
+    assert one["data_parallel"] == 1 and two["data_parallel"] == 2
+    a, b = _shards(tmp_path / "one"), _shards(tmp_path / "two")
+    assert list(a) == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl", "shard-00003.jsonl"]
+    assert a == b
+    assert (one["rows"], one["candidates"], one["tokens"]) == (two["rows"], two["candidates"], two["tokens"])
+    assert not list((tmp_path / "two" / "g" / "generate").glob(".data_parallel*"))  # job and logs cleaned up
+
+
+def test_generation_engine_is_released_before_the_next_stage(tmp_path, tiny_model_dir, monkeypatch):
+    import prefopt.generation.recipe as recipe
+    from prefopt.stage import run_stage
+
+    closed = []
+    real = recipe.build_generator
+
+    def tracked(*args):
+        gen = real(*args)
+        gen.close = lambda: closed.append(gen.name)
+        return gen
+
+    monkeypatch.setattr(recipe, "build_generator", tracked)
+    run_stage(_generate_experiment(tmp_path, tiny_model_dir, "rel"), "generate")
+    assert closed == ["transformers"]
+
+
+def test_a_failed_generation_worker_is_named(tmp_path, tiny_model_dir):
+    from prefopt.stage import run_stage
+
+    bad = tmp_path / "bad-model"
+    bad.mkdir()  # a folder whose weights cannot load, in the workers: the parent reads only the tokenizer
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name in ("config.json", "special_tokens_map.json"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RuntimeError, match=r"data-parallel generation failed .*worker 0 exited 1"):
+        run_stage(_generate_experiment(tmp_path, bad, "bad", data_parallel=2), "generate")

@@ -42,6 +42,10 @@ class GenerateConfig:
     """Drop prompts whose candidates are all identical (no preference signal; needs two or more candidates)."""
     tensor_parallel_size: int = 1
     """vLLM: GPUs per model replica."""
+    data_parallel: int = 1
+    """Engines sampling at once, each in its own process on its own `tensor_parallel_size` GPUs and with its share
+    of the shards (shard k to process k mod data_parallel); the shards are the files one process writes. 0: one per
+    `tensor_parallel_size` visible GPUs (8 engines on an 8-GPU node)."""
     gpu_memory_utilization: float = 0.9
     """vLLM: fraction of GPU memory for weights and KV cache."""
     batch_invariant: bool = False
@@ -53,6 +57,7 @@ class GenerateConfig:
     def __post_init__(self):
         for name in ("n", "max_new_tokens", "batch_size", "shard_size", "tensor_parallel_size"):
             check_range(self, name, ge=1)
+        check_range(self, "data_parallel", ge=0)
         check_ranges(self, temperature=dict(ge=0), top_p=dict(gt=0, le=1), gpu_memory_utilization=dict(gt=0, le=1))
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"'seeds' must be distinct (equal seeds give equal samples), got {self.seeds}")

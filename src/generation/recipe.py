@@ -107,6 +107,45 @@ def make_rows(prompts: list[dict], rendered: list[str], outputs: list[list[list[
     return rows
 
 
+def build_generator(model_path: str, backend: str, sec):
+    return make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
+                          tensor_parallel_size=sec.tensor_parallel_size,
+                          gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed,
+                          batch_invariant=sec.batch_invariant)
+
+
+def release(generator) -> None:
+    """Free the generator's GPU memory before the next stage loads a model in this process: vLLM's close (sleep,
+    delete, its distributed cleanup), then the CUDA cache. An engine left alive held most of the GPU while `score`
+    loaded the reward model beside it."""
+    import gc
+
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()
+    del generator
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def sample_shard(generator, k: int, chunk: list[dict], texts: list[str], sec, base_seed: int, generator_info: dict,
+                 path: Path, progress=None) -> list[dict]:
+    """Sample one shard's prompts and write its rows (atomically): the same rows whichever process does it."""
+    samplings = shard_samplings(sec, base_seed, k)
+    outputs = generate_many(generator, texts, samplings, progress=progress)  # vLLM: one call for all seeds
+    rows = make_rows(chunk, texts, outputs, sec, samplings, generator_info)
+    if sec.drop_identical:
+        rows = [r for r in rows if not all_identical(r["candidates"])]
+    write_jsonl(path, rows)
+    return rows
+
+
 def run(ctx) -> dict:
     from tqdm.auto import tqdm
 
@@ -123,6 +162,21 @@ def run(ctx) -> dict:
                       "batch_invariant": False}
     n_shards = (len(prompts) + sec.shard_size - 1) // sec.shard_size
     passes = len(sec.seeds) or 1  # generate calls per shard
+
+    def shard(k: int) -> tuple[list[dict], list[str], Path]:
+        return (prompts[k * sec.shard_size:(k + 1) * sec.shard_size],
+                rendered[k * sec.shard_size:(k + 1) * sec.shard_size], shard_path(ctx.dir, k))
+
+    todo = [k for k in range(n_shards)
+            if finished_shard(shard(k)[2], [p["prompt_id"] for p in shard(k)[0]], generator_info["sha256"]) is None]
+    workers = min(data_parallel_size(sec), len(todo))
+    dp_seconds = 0.0
+    if workers > 1:  # one process per engine, each its share of the shards; the loop below then finds them done
+        t0 = time.time()
+        job = {"model_path": model_path, "backend": backend, "sec": sec, "base_seed": ctx.seed,
+               "generator_info": generator_info, "shards": {k: shard(k) for k in todo}}
+        run_data_parallel(ctx.dir, job, workers, sec.tensor_parallel_size)
+        dp_seconds = time.time() - t0
 
     generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
     new_tokens = new_prompts = resumed = 0
@@ -144,31 +198,26 @@ def run(ctx) -> dict:
 
     totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0}
     for k in range(n_shards):
-        chunk = prompts[k * sec.shard_size:(k + 1) * sec.shard_size]
-        texts = rendered[k * sec.shard_size:(k + 1) * sec.shard_size]
-        path = shard_path(ctx.dir, k)
+        chunk, texts, path = shard(k)
         rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
-        if rows is not None:
+        if rows is not None and k in todo:  # written by a data-parallel worker: this run's work
+            new_prompts += len(chunk)
+            new_tokens += sum(sum(r["candidate_lengths"]) for r in rows)
+            generator_info["batch_invariant"] = rows[0]["generator"]["batch_invariant"] if rows else False
+            bar.update(len(chunk) * passes)
+        elif rows is not None:
             resumed += 1
             bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
         else:
             if generator is None:
-                generator = make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
-                                           tensor_parallel_size=sec.tensor_parallel_size,
-                                           gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed,
-                                           batch_invariant=sec.batch_invariant)
+                generator = build_generator(model_path, backend, sec)
                 # what the engine really runs (vLLM's mode may also come from the environment), not what was asked
                 generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
                 t_start = time.time()
-            samplings = shard_samplings(sec, ctx.seed, k)
             t0 = time.time()
-            outputs = generate_many(generator, texts, samplings, progress=progress)  # vLLM: one call for all seeds
+            rows = sample_shard(generator, k, chunk, texts, sec, ctx.seed, generator_info, path, progress)
             gen_seconds += time.time() - t0
             new_prompts += len(chunk)
-            rows = make_rows(chunk, texts, outputs, sec, samplings, generator_info)
-            if sec.drop_identical:
-                rows = [r for r in rows if not all_identical(r["candidates"])]
-            write_jsonl(path, rows)
             ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
                              "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
         totals["rows"] += len(rows)
@@ -177,6 +226,10 @@ def run(ctx) -> dict:
         totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
         totals["finished"] += sum(sum(r["finished"]) for r in rows)
     bar.close()
+    if generator is not None:
+        release(generator)
+        generator = None
+    gen_seconds += dp_seconds
 
     ctx.tracker.log_artifact(sorted(ctx.dir.glob("shard-*.jsonl")), name=f"{ctx.cfg.name}-candidates-r{ctx.round}",
                              type_="dataset")
@@ -197,4 +250,99 @@ def run(ctx) -> dict:
         "generator": generator_info,
         "shards": n_shards,
         "resumed_shards": resumed,
+        "data_parallel": max(workers, 1),
     }
+
+
+# ------------------------------------------------------------------------------- data parallel over a node's GPUs
+
+
+def data_parallel_size(sec) -> int:
+    """Engines to run at once: `data_parallel`, or with 0 one per `tensor_parallel_size` visible GPUs."""
+    if sec.data_parallel:
+        return sec.data_parallel
+    return max(1, len(visible_gpus()) // sec.tensor_parallel_size)
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES, else every device torch sees)."""
+    import os
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_data_parallel(folder: Path, job: dict, workers: int, tp: int) -> None:
+    """Sample `job`'s shards in `workers` processes (`python -m prefopt.generation.recipe JOB RANK WORLD`), worker i
+    taking the i-th, (i+workers)-th, ... shard left to do, on GPUs [i*tp, (i+1)*tp) of the visible ones (each its own
+    engine; the engine dies with its process). Every shard is seeded by its index alone, so the merged shards are
+    what one process writes. A failed worker is an error naming it, with the end of its output."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    gpus = visible_gpus() if _has_cuda() else []
+    if gpus and workers * tp > len(gpus):
+        raise ValueError(f"generate.data_parallel {workers} x generate.tensor_parallel_size {tp} needs "
+                         f"{workers * tp} GPUs; {len(gpus)} are visible")
+    job_file = Path(folder) / ".data_parallel_job.pkl"  # a dot-file: not an output of the stage
+    with open(job_file, "wb") as f:
+        pickle.dump(job, f)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    budget = int(omp) if omp and omp.isdigit() else (os.cpu_count() or 1)
+    procs = []
+    for rank in range(workers):
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, budget // workers))}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * tp:(rank + 1) * tp])
+        log = open(Path(folder) / f".data_parallel_{rank}.log", "w+")
+        procs.append((subprocess.Popen([sys.executable, "-m", "prefopt.generation.recipe", str(job_file), str(rank),
+                                        str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    failed = []
+    for rank, (proc, log) in enumerate(procs):
+        proc.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+        if proc.returncode != 0:
+            failed.append(f"worker {rank} exited {proc.returncode}: ...{text[-1500:]}")
+    job_file.unlink(missing_ok=True)
+    if failed:
+        raise RuntimeError("data-parallel generation failed (the shards it finished are kept; rerun to resume): "
+                           + " | ".join(failed))
+    for rank in range(workers):
+        (Path(folder) / f".data_parallel_{rank}.log").unlink(missing_ok=True)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def worker_main(job_file: str, rank: int, world: int) -> None:
+    """One data-parallel worker: its engine, its shards, then the engine released."""
+    import pickle
+
+    with open(job_file, "rb") as f:
+        job = pickle.load(f)
+    mine = sorted(job["shards"])[rank::world]
+    sec, info = job["sec"], dict(job["generator_info"])
+    generator = build_generator(job["model_path"], job["backend"], sec)
+    info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
+    for k in mine:
+        chunk, texts, path = job["shards"][k]
+        sample_shard(generator, k, chunk, texts, sec, job["base_seed"], info, path)
+        print(f"[prefopt] generate worker {rank}/{world}: shard {k} written", flush=True)
+    release(generator)
+
+
+if __name__ == "__main__":
+    import sys
+
+    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -301,8 +301,11 @@ class VLLMGenerator:
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
         except ImportError:  # a vLLM without it (or a stand-in): the delete above is all there is
-            return
-        cleanup_dist_env_and_memory()
+            cleanup_dist_env_and_memory = None
+        if cleanup_dist_env_and_memory is not None:
+            cleanup_dist_env_and_memory()
+        if torch.cuda.is_available():  # what the engine's allocator cached, back to the next stage's model
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> "VLLMGenerator":
         return self
