@@ -180,6 +180,8 @@ class Run:
                 if status == "error":
                     print(f"[gpu_check] {name} FAILED:\n" + "".join(traceback.format_exc().splitlines(True)[-12:]),
                           flush=True)
+                del e
+                free(self.size.device)  # what the failed section held (after an out-of-memory error, say)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             rec["peak_mem_mib"] = peak_mib(self.size.device)
@@ -194,7 +196,8 @@ class Run:
                 "summary": summary(self.sections)}
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out_path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
+        tmp.write_text(json.dumps(data, indent=1, default=lambda o: float(o) if hasattr(o, "__float__") else str(o))
+                       + "\n")
         os.replace(tmp, self.out_path)
 
 
