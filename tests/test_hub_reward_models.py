@@ -22,7 +22,6 @@ import ast
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,10 +59,11 @@ TEXTS = ["system user assistant model Cutting Knowledge Date: December 2023 Toda
 # What RLHFlow/ArmoRM-Llama3-8B-v0.1's modeling_custom.py imports from transformers, name for name.
 ARMORM_IMPORTS = {("transformers", "LlamaModel"), ("transformers", "LlamaPreTrainedModel"),
                   ("transformers.models.llama.modeling_llama", "LLAMA_INPUTS_DOCSTRING"),
-                  ("transformers.utils", "ModelOutput"), ("transformers.utils", "add_start_docstrings_to_model_forward")}
+                  ("transformers.utils", "ModelOutput"),
+                  ("transformers.utils", "add_start_docstrings_to_model_forward")}
 
-ARMORM_MODELING = '''"""A tiny stand-in for RLHFlow/ArmoRM-Llama3-8B-v0.1's modeling_custom.py (prefopt's tests): the same imports,
-modules, output object and last-token lookup."""
+ARMORM_MODELING = '''"""A tiny stand-in for RLHFlow/ArmoRM-Llama3-8B-v0.1's modeling_custom.py (prefopt's tests): the
+same imports, modules, output object and last-token lookup."""
 
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -442,7 +442,8 @@ def test_skywork_llama_batched_scores_equal_alone_with_eos_as_pad(skywork_llama,
     is the pad id (as the scorer used to), it reads the rightmost token that is not EOS: the one before."""
     m, tok = skywork_llama.model, skywork_llama.tok
     scorer = score_module.load_scorer(str(skywork_llama.path))
-    assert type(scorer.model).__name__ == "LlamaForSequenceClassification" and scorer.tokenizer.pad_token == "<|eot_id|>"
+    assert type(scorer.model).__name__ == "LlamaForSequenceClassification"
+    assert scorer.tokenizer.pad_token == "<|eot_id|>"
     if fmt == "chat":
         prompts, rows = PROMPTS, texts_ids(tok)
     else:
@@ -552,7 +553,3 @@ def test_evaluate_passes_trust_remote_code_to_armorm(armo, tiny_model_dir, tmp_p
     want = alone(armo.model, texts_ids(armo.tok, prompts, [s["response"] for s in samples]), "score")
     assert [s["rm"] for s in samples] == pytest.approx(want, abs=1e-5)
     assert summary["policies"]["sft"]["rm_score"] == pytest.approx(sum(want) / len(want), abs=1e-5)
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
