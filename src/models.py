@@ -48,10 +48,14 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
+    from prefopt.architectures import warn_if_unchecked
+
     check_model_path(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    warn_if_unchecked(model.config, str(path))  # a family the conformance suite has not run: said, not refused
+    return model
 
 
 # Remote model code (ArmoRM's modeling_custom.py) written for transformers 4 imports names that transformers 5 removed
