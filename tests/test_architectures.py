@@ -195,3 +195,29 @@ def test_loading_an_unchecked_family_warns_and_a_checked_one_does_not(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_causal_lm(str(tmp_path / "mistral"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reward_model_scores_batched_equal_scores_alone(tmp_path, tokenizers, family):
+    """Each family as a one-label sequence classifier (what Skywork-Reward is), saved and loaded as the score
+    stage loads it, scoring answers of very different lengths that end in the family's EOS: scores of a batch equal
+    each text scored alone (no padding at all), whatever the family's pad token (none for Llama-3 and Mistral)."""
+    import transformers
+
+    from prefopt.models import save_model
+    from prefopt.reward.score import load_scorer
+
+    tok = tokenizers[family]
+    lm = build_model(FAMILIES[family], tok, FAMILIES[family].attn[-1], hidden_size=32)
+    config = lm.config
+    config.num_labels = 1
+    transformers.set_seed(1)
+    rm = transformers.AutoModelForSequenceClassification.from_config(config, attn_implementation=FAMILIES[family].attn[-1])
+    save_model(rm.float().eval(), tok, tmp_path / "rm")
+    scorer = load_scorer(str(tmp_path / "rm"))
+    prompts = ["Sort 3 1 2", "Say hi", "Reverse the words: the quick brown fox"]
+    responses = ["1 2 3", "hello there, how can I help you today? " * 3, "fox brown quick the"]
+    alone = [scorer.score([p], [r], batch_size=1, max_length=256)[0] for p, r in zip(prompts, responses)]
+    batched = scorer.score(prompts, responses, batch_size=3, max_length=256)
+    assert len(set(round(a, 4) for a in alone)) == 3  # the scores depend on the text
+    assert batched == pytest.approx(alone, abs=1e-5)
