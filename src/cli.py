@@ -9,9 +9,12 @@
 
 Exit codes: 0 done; 1 a crash (a traceback, then the advice to rerun, which resumes); 2 a config error; 3 a data
 error; 4 the experiment directory is locked by another prefopt command; 5 the reward model failed its gate;
-130 interrupted (rerun to resume). Errors 2-5 are one line naming the key, or the file, row and field; a stage
-launched through `accelerate launch` by `prefopt run` passes its code on. An exception class with an `exit_code`
-attribute is reported the same way.
+6 a resource fault (no space left on device, out of host or GPU memory, a lost peer process); 130 interrupted
+(rerun to resume); 143 preempted (SIGTERM, SIGINT or SIGUSR1 during a training stage: a checkpoint of the current
+step was saved; rerun to resume). Errors 2-6 and 143 are one line naming the key, the file, row and field, or the
+cause and what to do (a resource fault's traceback goes to `<experiment>/logs/<command>.log`); a stage launched
+through `accelerate launch` by `prefopt run` passes its code on. An exception class with an `exit_code` attribute
+is reported the same way.
 """
 
 from __future__ import annotations
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    cfg = None
     try:
         if args.command == "sweep":
             from prefopt.sweep import run_sweep
@@ -250,8 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             if str(e):
                 print(f"prefopt: {e}", file=sys.stderr)
             return e.exit_code
+        from prefopt import faults
+
+        fault = faults.describe(e)  # a full disk, out of memory, a lost peer: one line, the traceback to a log
+        if fault is not None:
+            log = faults.log_traceback(_log_file(cfg, args.command), args.command)
+            return user_error("resource error", fault + (f" (traceback in {log})" if log else ""),
+                              faults.RESOURCE_EXIT)
         code = getattr(e, "exit_code", None)
-        if isinstance(code, int):  # LockedError and other user errors that carry their own code and kind
+        if isinstance(code, int):  # LockedError, PreemptedError and other errors that carry their own code and kind
             return user_error(getattr(e, "kind", "error"), e, code)
         traceback.print_exc()
         advice = "the traceback above"
@@ -262,10 +273,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _log_file(cfg, command: str):
+    from pathlib import Path
+
+    root = Path(cfg.root) if cfg is not None else Path.cwd()
+    return root / "logs" / f"{command}.log"
+
+
 def user_error(kind: str, error, code: int) -> int:
-    """Print `prefopt: KIND: MESSAGE` as one line; a stage launched by `prefopt run` also leaves the code for it."""
+    """Print `prefopt: KIND: MESSAGE` (no kind: `prefopt: MESSAGE`) as one line; a stage launched by `prefopt run`
+    also leaves the code for it."""
     msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
-    print(f"prefopt: {kind}: {msg}", file=sys.stderr, flush=True)
+    print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
     exit_file = os.environ.get("PREFOPT_EXIT_FILE")
     if exit_file and int(os.environ.get("RANK", "0")) == 0:
         try:

@@ -125,7 +125,8 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, int]]:
 
 # A stage's own one-line user error (cli.user_error); what a launcher prints after it is its report of a failed
 # child (torchrun's ChildFailedError traceback under --multi_gpu, where --quiet does not apply): noise to drop.
-_USER_ERROR_LINE = re.compile(rb"(?:^|\n)prefopt: (?:config error|data error|lock error|interrupted): [^\n]*\n")
+_USER_ERROR_LINE = re.compile(rb"(?:^|\n)prefopt: (?:(?:config error|data error|lock error|resource error|"
+                              rb"interrupted): |[\w-]+ preempted at step )[^\n]*\n")
 
 
 def relay_stderr(stream) -> None:
@@ -227,9 +228,13 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
                                       if cfg.launch.srun else 1)
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        relay_stderr(proc.stderr)
-        proc.wait()
+        from prefopt.faults import PreemptedError, forward_signals
+
+        # its own session: a signal to this process reaches the stage through forward_signals, once
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
+        with forward_signals(proc) as got:
+            relay_stderr(proc.stderr)
+            proc.wait()
         if proc.returncode != 0:
             told = json.loads(exit_file.read_text()) if exit_file.exists() else None
             exit_file.unlink(missing_ok=True)
@@ -237,6 +242,8 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
                 raise StageFailed(int(told["code"]))
             raise StageFailed(1, f"stage {stage} (round {round_}) crashed with exit code {proc.returncode} (its "
                               "traceback is above); rerun the same command to resume from its last checkpoint")
+        if got.signum:  # it arrived during the stage's final save, which finished: stop before the next stage
+            raise PreemptedError(stage, None, got.signum, None)
     else:
         run_stage(cfg, stage, round_, fresh)  # (launched stages never reuse files: RESUMABLE_FILES are in-process)
 

@@ -8,7 +8,9 @@ partial outputs (each stage knows how).
 Content-addressed: the marker records the fingerprint (config section, seed, input stages' fingerprints), the
 size, mtime and SHA-256 of every output the stage wrote, the output digest of each input stage it read, and the
 hashes of the files outside the experiment it read (a dataset, a local model). `stage_status` checks all of them
-(size + mtime first, the content hash only when those differ) and says which file changed or went missing.
+(size + mtime first, the content hash only when those differ) and says which file changed or went missing. Before
+a stage reads an input stage's outputs, `verify_inputs` hashes them in full against that stage's marker (a file
+damaged in place keeps its size and mtime): a mismatch is a one-line error naming the file.
 
 Never destroying finished work: a stage that already has a finished result works in a fresh folder beside it
 (`.<stage>.next`) and replaces the finished one by renaming only once its own marker is written; a failure or a
@@ -215,6 +217,25 @@ def stage_status(cfg: ExperimentConfig, stage: str, round_: int = 1) -> tuple[bo
     return True, "finished, inputs and outputs unchanged"
 
 
+def verify_inputs(cfg: ExperimentConfig, stage: str, round_: int) -> None:
+    """Every output of every finished input stage against the SHA-256 its marker recorded, before `stage` uses it;
+    a data error naming the file (and the stage to rerun) when one differs or is gone."""
+    from prefopt.data.errors import DataError
+
+    for name, r in input_stages(cfg, stage, round_):
+        d = stage_dir(cfg, name, r)
+        m = read_marker(d)
+        if m is None:
+            continue  # not one of this experiment's finished stages: check_inputs speaks for those
+        for rel, rec in m.get("outputs", {}).items():
+            p = d / rel
+            if not p.is_file() or sha256_file(p) != rec[2]:
+                how = f"prefopt run {cfg.config_path or 'CONFIG'} --from {name}"
+                raise DataError(p, None, None, f"{'is missing' if not p.is_file() else 'does not match'} the "
+                                f"SHA-256 that {d / MARKER} recorded when {name} finished (damaged or changed "
+                                f"since); rerun {name}: {how}")
+
+
 def stages_in_digests(cfg: ExperimentConfig, stage: str, round_: int) -> dict[str, str]:
     """{"name@round": outputs_digest} of the finished input stages this stage reads now."""
     out = {}
@@ -384,6 +405,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
         # accelerate makes every CPU process its own single-process run (DistributedType.NO)
         PartialState(cpu=not torch.cuda.is_available())
     main = is_main_process()
+    if main:
+        verify_inputs(cfg, stage, round_)  # the other ranks wait at the barrier below (and stop if this raises)
     d = prepare_dir(cfg, stage, round_, True, fresh) if main else None
     dist_barrier()
     if not main:  # after the main rank chose (and made) the working folder

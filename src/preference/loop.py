@@ -9,8 +9,13 @@
             function from dpo/loss.py or simpo/loss.py), backward; per optimizer step: clip, step, schedule; log
             every `logging_steps` (ctx.tracker: W&B + metrics.jsonl); every `save_steps` a checkpoint
     save    `checkpoints/checkpoint-<step>/`: a loadable HF model + tokenizer (LoRA merged) for the evaluate stage,
-            and in `state/` what a resume needs (weights, optimizer, scheduler, RNG). A killed run resumes from its
-            newest complete checkpoint and replays the same batch order. The final policy goes to `model/`.
+            and in `state/` what a resume needs (weights, optimizer, scheduler, RNG). Each is written in
+            `.tmp-checkpoint-<step>/`, its files' SHA-256 recorded in `manifest.json`, then renamed into place; the
+            newest two keep their `state/`. A killed run resumes from its newest checkpoint whose manifest verifies
+            (an older one, with a line naming the bad file, if the newest is damaged; the stage starts over, with a
+            line, if none is) and replays the same batch order. The final policy goes to `model/`.
+    stop    SIGTERM / SIGINT / SIGUSR1 (prefopt.faults): the step in progress finishes, every process agrees on
+            the signal at the step's end, a checkpoint of that step is saved, and PreemptedError ends the stage
 
 The batch order is a permutation drawn from (seed, epoch), consecutive slices of which go to the processes, so 2
 processes with batch b see what 1 process with batch 2b sees.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 from collections import defaultdict
 from contextlib import nullcontext
@@ -33,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from prefopt import faults
 from prefopt.config import ConfigError
 from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model,
                              sharded_weights)
@@ -42,6 +49,8 @@ from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.utils import seed_everything
 
 DONE = "checkpoint_complete"  # written into checkpoint-N after every process has saved its part
+TRAIN_STATE = "train_state.json"  # the last logged metrics, so a resumed run's summary still has them
+KEEP_STATES = 2  # checkpoints that keep `state/`: the newest, and the one a resume falls back to if it is damaged
 REFERENCE_MODES = ("precomputed", "loaded", "lora_base")
 
 
@@ -92,9 +101,47 @@ def disable_dropout(model) -> None:
             setattr(model.config, name, 0.0)
 
 
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if (p / DONE).exists() and p.name[11:].isdigit()]
+def checkpoint_folders(ckpt_dir: Path) -> list[Path]:
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    return [p for p in checkpoint_folders(ckpt_dir) if (p / DONE).exists()]
+
+
+def resumable_checkpoint(accelerator, ckpt_dir: Path, stage: str) -> Path | None:
+    """The newest checkpoint whose manifest verifies, model and `state/` (the main process hashes, the others are
+    told). A damaged one is removed with a line naming the bad file, and the next older one is tried; with none
+    left the stage starts over, with a line, and the unusable folders are removed."""
+    choice = [None]
+    if accelerator.is_main_process:
+        choice[0] = _newest_valid(ckpt_dir, stage)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _newest_valid(ckpt_dir: Path, stage: str) -> str | None:
+    for tmp in ckpt_dir.glob(".tmp-checkpoint-*"):  # a save a kill cut short
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = checkpoint_folders(ckpt_dir)
+    resumable = [p for p in found if (p / "state").is_dir()]  # older ones keep only their model, by design
+    for ck in reversed(resumable):
+        bad = faults.verify_manifest(ck)
+        if bad is None:
+            return str(ck)
+        print(f"[prefopt] {stage}: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
+              flush=True)
+        shutil.rmtree(ck, ignore_errors=True)
+    if found:
+        print(f"[prefopt] {stage}: no valid checkpoint to resume from in {ckpt_dir}: starting the stage over",
+              flush=True)
+        for ck in checkpoint_folders(ckpt_dir):
+            shutil.rmtree(ck, ignore_errors=True)
+    return None
 
 
 def _lora(model, spec):
@@ -178,7 +225,16 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
 
     The reward stage's likelihood reward model reuses this loop with its own `section` (the pair-stage fields),
     `rows` (its train split: rendered prompt, chosen, rejected) and `hook(step, model) -> stop`, called on every
-    process after each checkpoint and at the last step (validation selection and early stopping)."""
+    process after each checkpoint and at the last step (validation selection and early stopping).
+
+    From here to the final save, SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current step with a
+    checkpoint (prefopt.faults.PreemptedError); a signal during the final save lets the save finish."""
+    with faults.StopSignals(ctx.stage) as stop:
+        return _train(ctx, objective, reference, ref_model, rows, section, hook, stop)
+
+
+def _train(ctx, objective: Objective, reference: str | None, ref_model: str, rows: list[dict] | None, section,
+           hook: Callable | None, stop: faults.StopSignals) -> dict:
     from accelerate import Accelerator
 
     from transformers import get_scheduler
@@ -195,7 +251,8 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     model_path = ctx.resolve(sec.model)
     ref_path = ctx.resolve(ref_model) if ref_model else model_path
     tokenizer = load_tokenizer(model_path)
-    pairs_file = pairs_path(ctx.resolve(sec.pairs, model=False)) if rows is None else "the reward stage's train split"
+    pairs_file = (pairs_path(sec.pairs, lambda p: ctx.resolve(p, model=False)) if rows is None
+                  else "the reward stage's train split")
     if rows is None:
         rows = load_pairs(pairs_file, sec.template, tokenizer)
     examples = tokenize_pairs(rows, tokenizer, sec.max_length, sec.long_prompts)
@@ -244,12 +301,16 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     accelerator.register_for_checkpointing(scheduler)
 
     ckpt_dir = ctx.dir / "checkpoints"
-    done = complete_checkpoints(ckpt_dir)
-    step = 0
-    if done:
-        accelerator.load_state(str(done[-1] / "state"))
-        step = int(done[-1].name[11:])
-        accelerator.print(f"[prefopt] {ctx.stage}: resumed from {done[-1]} (step {step})")
+    resumed = resumable_checkpoint(accelerator, ckpt_dir, ctx.stage)
+    step, last_row = 0, {}
+    if resumed is not None:
+        accelerator.load_state(str(resumed / "state"))
+        step = int(resumed.name[11:])
+        last_row = json.loads((resumed / TRAIN_STATE).read_text()).get("last_row", {})
+        accelerator.print(f"[prefopt] {ctx.stage}: resumed from {resumed} (step {step})")
+    signum = stop.agreed(accelerator.device)
+    if signum:  # a signal while loading: nothing new to save
+        raise faults.PreemptedError(ctx.stage, step, signum, str(resumed) if resumed is not None else None)
 
     def reference_logps(batch) -> PairLogps | None:
         if reference is None:
@@ -267,7 +328,14 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
         return PairLogps.split(sums.detach(), lengths)
 
     window: dict[str, list[float]] = defaultdict(list)
-    last_row: dict[str, float] = {}
+    saved_at = step if resumed is not None else -1
+
+    def save(at: int) -> Path:
+        nonlocal saved_at
+        saved_at = at
+        return save_checkpoint(accelerator, model, tokenizer, ckpt_dir, at, sec.save_total_limit, sec.lora.enabled,
+                               {"step": at, "last_row": last_row})
+
     progress = tqdm(total=total, initial=step, desc=ctx.stage, disable=not accelerator.is_main_process)
     model.train()
     while step < total:
@@ -304,7 +372,7 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
                 ctx.tracker.log(last_row, step=step)
                 window.clear()
             if step % sec.save_steps == 0 and step < total:
-                save_checkpoint(accelerator, model, tokenizer, ckpt_dir, step, sec.save_total_limit, sec.lora.enabled)
+                save(step)
             if hook is not None and (step % sec.save_steps == 0 or step >= total):
                 inner = accelerator.unwrap_model(model)
                 stop = hook(step, inner)
@@ -313,16 +381,22 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
                     total = step  # ends both loops; the last checkpoint below is this step's
             if step >= total:
                 break
+            signum = stop.agreed(accelerator.device)  # every process, once per step: all stop at the same step
+            if signum:
+                path = save(step) if saved_at != step else ckpt_dir / f"checkpoint-{step}"
+                progress.close()
+                raise faults.PreemptedError(ctx.stage, step, signum, str(path))
     progress.close()
     # the last step is always saved: a checkpoint for the evaluate stage, and a finished run resumes to no-op
-    if not (ckpt_dir / f"checkpoint-{step}" / DONE).exists():
-        save_checkpoint(accelerator, model, tokenizer, ckpt_dir, step, sec.save_total_limit, sec.lora.enabled)
+    if saved_at != step:
+        save(step)
 
     out_dir = ctx.dir / "model"
-    save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
+    with faults.writing(out_dir):
+        save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
     accelerator.wait_for_everyone()
     return {"model": str(out_dir), "pairs": len(examples), "pairs_in": examples.stats["pairs_in"], "steps": step,
-            "resumed_from": str(done[-1]) if done else None,
+            "resumed_from": str(resumed) if resumed is not None else None,
             **({"reference": reference} if reference else {}),
             **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),
             **{k: last_row[k] for k in ("loss", "rewards/margins", "rewards/accuracies") if k in last_row}}
@@ -343,18 +417,34 @@ def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> Non
         save_model(copy.deepcopy(unwrapped).merge_and_unload() if lora else unwrapped, tokenizer, out_dir)
 
 
-def save_checkpoint(accelerator, model, tokenizer, ckpt_dir: Path, step: int, keep: int, lora: bool) -> None:
-    """checkpoint-<step>/: the policy as an HF model, then `state/` for resuming, then the completion marker."""
-    path = ckpt_dir / f"checkpoint-{step}"
-    save_policy(accelerator, model, tokenizer, path, lora)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path / "state"))
-    accelerator.wait_for_everyone()
+def save_checkpoint(accelerator, model, tokenizer, ckpt_dir: Path, step: int, keep: int, lora: bool,
+                    record: dict | None = None) -> Path:
+    """checkpoint-<step>/, written as `.tmp-checkpoint-<step>/` and renamed into place once whole: the policy as an
+    HF model, `state/` for resuming, `train_state.json` (`record`), the completion marker, and last `manifest.json`
+    (every file's size and SHA-256, read back from disk). A kill at any moment leaves the previous checkpoints as
+    they were. The newest KEEP_STATES checkpoints keep `state/` (a damaged newest one has a fallback); at most
+    `keep` checkpoints stay (0: all), never fewer than KEEP_STATES."""
+    path, tmp = ckpt_dir / f"checkpoint-{step}", ckpt_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
-        (path / DONE).write_text(str(step))
-        complete = complete_checkpoints(ckpt_dir)
-        for old in complete[:-1]:  # a resume needs only the newest training state; the models stay
-            shutil.rmtree(old / "state", ignore_errors=True)
-        for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    with faults.writing(tmp):
+        save_policy(accelerator, model, tokenizer, tmp, lora)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "state"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAIN_STATE).write_text(json.dumps(record or {"step": step}) + "\n")
+            (tmp / DONE).write_text(str(step))
+            faults.write_manifest(tmp)
+            if path.exists():  # a damaged or older save of this step (a resume from an earlier one)
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+            complete = complete_checkpoints(ckpt_dir)
+            for old in complete[:-KEEP_STATES]:  # a resume needs the newest state, or the one before; models stay
+                shutil.rmtree(old / "state", ignore_errors=True)
+            for old in complete[:-max(keep, KEEP_STATES)] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path

@@ -4,9 +4,11 @@ and pointed to by `reference.json` in the stage folder.
 
 The key is (reference weights hash, pairs file hash, tokenizer and template, max_length, token ids): a rerun, a
 resumed run, a beta sweep, another objective or another stage with the same reference and pairs loads the file
-instead of running the reference again (what TRL issue #3985 asks for). A file that cannot be read, is partial
-or holds non-finite numbers is recomputed, never used; a file whose key differs from this run's is an error that
-names both (only possible when `reference_cache` names a file by hand, or after a hash collision).
+instead of running the reference again (what TRL issue #3985 asks for). The file carries the SHA-256 of its
+values, checked on load: a file that cannot be read, is partial, holds non-finite numbers or values that no longer
+match that hash (overwritten in place, a bad disk) is recomputed with a line saying why, never used; a file whose
+key differs from this run's is an error that names both (only possible when `reference_cache` names a file by
+hand, or after a hash collision).
 """
 
 from __future__ import annotations
@@ -81,13 +83,20 @@ def compute(model, examples: list[dict], pad_token_id: int, max_length: int, bat
     return torch.cat([mine[(b % world) * rounds + b // world, :len(batches[b])] for b in range(len(batches))])
 
 
+def values_sha256(logps: torch.Tensor) -> str:
+    """SHA-256 of the values (float32, row-major) and their shape."""
+    t = logps.detach().to(torch.float32).contiguous().cpu()
+    return hashlib.sha256(repr(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+
+
 def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
-    """The cached (n, 2) tensor, or None when the file is missing, unreadable, partial or not finite."""
+    """The cached (n, 2) tensor, or None when the file is missing, unreadable, partial, not finite or its values
+    do not match the hash stored beside them."""
     if not path.exists():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        logps, stored = data["logps"], data["key"]
+        logps, stored, digest = data["logps"], data["key"], data.get("sha256")
     except Exception as e:  # noqa: BLE001 - any unreadable file is recomputed
         print(f"[prefopt] reference cache {path} unreadable ({type(e).__name__}: {e}); recomputing")
         return None
@@ -98,11 +107,16 @@ def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
     if not isinstance(logps, torch.Tensor) or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
         print(f"[prefopt] reference cache {path} is partial or corrupt; recomputing")
         return None
+    if digest != values_sha256(logps):
+        why = "has no content hash (written by an older prefopt)" if digest is None else \
+            "holds values that do not match its content hash (changed since it was written)"
+        print(f"[prefopt] reference cache {path} {why}; recomputing", flush=True)
+        return None
     return logps
 
 
 def save(path: Path, key: dict, logps: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"key": key, "logps": logps}, tmp)
+    torch.save({"key": key, "logps": logps, "sha256": values_sha256(logps)}, tmp)
     os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache under the real name

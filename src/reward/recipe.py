@@ -11,7 +11,8 @@ or a classification head's logit at the last token of prompt + response + EOS (`
 Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits.
 Train: `likelihood`: the start model (a causal LM) in the shared preference loop (prefopt.preference.loop);
 `classifier`: the start model with a new one-output head in TRL's RewardTrainer. Both resume from the last
-checkpoint in `checkpoints/`. Every `save_steps` the model is scored on the validation split by us (the same
+checkpoint in `checkpoints/` whose manifest verifies, and a SIGTERM, SIGINT or SIGUSR1 saves one at the current
+step and stops (prefopt.faults). Every `save_steps` the model is scored on the validation split by us (the same
 inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
 validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
 checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the marker keeps later stages giving it the
@@ -30,6 +31,7 @@ import random
 import statistics
 from pathlib import Path
 
+from prefopt import faults
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import encode, render_prompt
@@ -194,6 +196,12 @@ def selection_callback(scorer_of, val_rows: list[dict], cfg, selection: Selectio
 
 
 def run(ctx) -> dict:
+    # a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
+    with faults.StopSignals(ctx.stage) as stop:
+        return _run(ctx, stop)
+
+
+def _run(ctx, stop: faults.StopSignals) -> dict:
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -215,12 +223,16 @@ def run(ctx) -> dict:
     model.config.pad_token_id = tok.pad_token_id
     args = reward_config(cfg, ctx)
     select = selection_callback(lambda m: ClassifierScorer(m, tok), val_rows, cfg, selection)
+    preempt = faults.trainer_callback(stop)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                            peft_config=peft_config(cfg.lora), callbacks=[trainer_callback(ctx.tracker), select])
+                            peft_config=peft_config(cfg.lora),
+                            callbacks=[trainer_callback(ctx.tracker), select, preempt])
     if cfg.lora.enabled:
         check_lora_mergeable(trainer.accelerator, "reward.lora.enabled")
-    last = last_checkpoint(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=last)
+    last = last_checkpoint(args.output_dir, ctx.stage)
+    with faults.writing(args.output_dir):
+        result = trainer.train(resume_from_checkpoint=last)
+    faults.raise_if_stopped(preempt, ctx.stage, args.output_dir)
 
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": result.training_loss, "train/steps": trainer.state.global_step, "resumed_from": last,
@@ -243,7 +255,8 @@ def run(ctx) -> dict:
         model = model.merge_and_unload()
     state = full_state_dict(trainer.accelerator, trainer.model_wrapped)  # collective under FSDP / ZeRO-3
     if ctx.is_main:
-        save_model(model, tok, ctx.dir / "model", state_dict=state)
+        with faults.writing(ctx.dir / "model"):
+            save_model(model, tok, ctx.dir / "model", state_dict=state)
         if state is not None:  # this process holds a shard: the test figures are of the saved, whole model
             model = load_reward_model(str(ctx.dir / "model"))
         report_test(ClassifierScorer(model, tok), test_rows, cfg, ctx, summary, trainer.state.global_step)
@@ -295,7 +308,8 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
         ckpt = ctx.dir / "checkpoints" / f"checkpoint-{best['step']}"
         if best["step"] != out["steps"] and ctx.is_main and ckpt.is_dir():
             shutil.rmtree(model_dir)
-            shutil.copytree(ckpt, model_dir, ignore=shutil.ignore_patterns("state", "checkpoint_complete"))
+            shutil.copytree(ckpt, model_dir, ignore=shutil.ignore_patterns("state", "checkpoint_complete",
+                                                                              "manifest.json", "train_state.json"))
             print(f"[reward] kept step {best['step']} (validation accuracy {best['accuracy']:.3f}) of "
                   f"{out['steps']}", flush=True)
     if ctx.is_main:

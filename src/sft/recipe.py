@@ -7,13 +7,15 @@ Setup: load the instruction data into prompt/completion rows (Alpaca rows render
 chat messages for the tokenizer's chat template) and tokenize them here with one BOS (`sft_example`), the model
 and tokenizer, optional LoRA. Train: SFTTrainer with
 `completion_only_loss=True`, so prompt tokens carry no loss. Save: the final model (LoRA merged) as an HF folder
-with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N`.
+with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N` whose
+manifest verifies (prefopt.faults); SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the current step and stops.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from prefopt import faults
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
@@ -94,14 +96,21 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
 
 
 def run(ctx) -> dict:
+    # a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
+    with faults.StopSignals(ctx.stage) as stop:
+        return _run(ctx, stop)
+
+
+def _run(ctx, stop: faults.StopSignals) -> dict:
     from prefopt.tracking import trainer_callback
 
     sec = ctx.section
     data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
     if data.skipped:
         ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
+    preempt = faults.trainer_callback(stop)
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
-                            callbacks=[trainer_callback(ctx.tracker)], eval_fraction=sec.eval_fraction)
+                            callbacks=[trainer_callback(ctx.tracker), preempt], eval_fraction=sec.eval_fraction)
     kept = len(trainer.train_dataset) + (len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0)
     if len(trainer.train_dataset) == 0:
         raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
@@ -109,8 +118,10 @@ def run(ctx) -> dict:
     note(f"examples dropped by TRL: the prompt fills max_length={sec.max_length} tokens", len(data.rows) - kept)
     if sec.lora.enabled:
         check_lora_mergeable(trainer.accelerator, "sft.lora.enabled")
-    resume = last_checkpoint(trainer.args.output_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
+    resume = last_checkpoint(trainer.args.output_dir, ctx.stage)
+    with faults.writing(trainer.args.output_dir):
+        result = trainer.train(resume_from_checkpoint=resume)
+    faults.raise_if_stopped(preempt, ctx.stage, trainer.args.output_dir)
     summary = {
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
@@ -132,6 +143,7 @@ def run(ctx) -> dict:
         final = trainer.model
         if sec.lora.enabled:
             final = final.merge_and_unload()  # later stages load a plain checkpoint
-        save_model(final, trainer.processing_class, Path(ctx.dir) / "model", state_dict=state)
+        with faults.writing(Path(ctx.dir) / "model"):
+            save_model(final, trainer.processing_class, Path(ctx.dir) / "model", state_dict=state)
     summary["model"] = str(Path(ctx.dir) / "model")
     return summary
