@@ -126,3 +126,199 @@ def test_response_batch_layout():
     assert b["source_index"].tolist() == [1, 2, 4]  # row 0 positions 1, 2; row 1 position 0 (4 * 1 + 0)
     assert b["target_ids"].tolist() == [7, 8, 9]
     assert b["seq_index"].tolist() == [0, 0, 1] and int(b["num_sequences"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ reward-model length
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny classifier reward model (the tiny Llama's backbone, a seeded head): max_position_embeddings 256, a
+    tokenizer with no length of its own (model_max_length 1e30)."""
+    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.utils import seed_everything
+
+    seed_everything(1)
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    save_model(load_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), out)
+    return out
+
+
+def test_scoring_length_is_the_reward_models_own_limit(rm_dir, tmp_path):
+    from prefopt.config import ConfigError
+    from prefopt.models import load_tokenizer
+    from prefopt.reward.score import scoring_length
+
+    assert scoring_length(str(rm_dir), 0, "score.max_length") == 256  # the config's; the tokenizer's is no limit
+    assert scoring_length(str(rm_dir), 100, "score.max_length") == 100  # fewer, as the config says
+    with pytest.raises(ConfigError, match=r"^score.max_length: 512 tokens, but the reward model .* reads at most 256 "
+                                          r"\(max_position_embeddings\)"):
+        scoring_length(str(rm_dir), 512, "score.max_length")
+    # a tokenizer that states a smaller limit than the positions: the smaller one
+    import shutil
+
+    shutil.copytree(rm_dir, tmp_path / "rm")
+    tok = load_tokenizer(str(tmp_path / "rm"))
+    tok.model_max_length = 64
+    tok.save_pretrained(tmp_path / "rm")
+    assert scoring_length(str(tmp_path / "rm"), 0, "ppo.rm_max_length") == 64
+    with pytest.raises(ConfigError, match=r"^ppo.rm_max_length: 100 tokens, .* at most 64 \(model_max_length\)"):
+        scoring_length(str(tmp_path / "rm"), 100, "ppo.rm_max_length")
+
+
+def test_evaluate_scores_at_the_reward_models_limit(rm_dir, monkeypatch):
+    """`evaluate` leaves rm_max_length unset: the reward model reads up to its own 256 tokens (not 512 it has no
+    positions for, nor a fixed cut); a configured 1000 stops the stage before anything is sampled, naming the key."""
+    from types import SimpleNamespace
+
+    from prefopt.config import ConfigError
+    from prefopt.evaluate.config import EvaluateConfig
+    from prefopt.evaluate.recipe import proxy_scorer
+    from prefopt.generation.base import Completion
+    from prefopt.reward import score
+
+    seen = []
+    monkeypatch.setattr(score, "score_texts", lambda model, tok, texts, bs, max_length, progress=None:
+                        seen.append(max_length) or [0.0] * len(texts))
+    ctx = SimpleNamespace(cfg=SimpleNamespace(stages=["evaluate"], task="none"), resolve=lambda p, model=True: p)
+    rows = [{"prompt_id": "a", "prompt": "Sort 3 1 2"}]
+    assert EvaluateConfig().rm_max_length == 0
+    _, score_fn, _ = proxy_scorer(ctx, EvaluateConfig(reward_model=str(rm_dir), rm_format="policy"), rows)
+    score_fn({"rendered": ["Sort 3 1 2\n"], "completions": [[Completion("1 2 3")]]}, rows)
+    assert seen == [256]
+    with pytest.raises(ConfigError, match=r"^evaluate.rm_max_length: 1000 tokens, .* at most 256"):
+        proxy_scorer(ctx, EvaluateConfig(reward_model=str(rm_dir), rm_format="policy", rm_max_length=1000), rows)
+
+
+# ------------------------------------------------------------------------------------------ PPO's placement
+
+
+def write_ppo_config(tmp_path: Path, tiny_model_dir, rm_dir, **ppo) -> Path:
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Sort {i} {i + 2} {i + 1}."}) + "\n" for i in range(8)))
+    section = {"policy": str(tiny_model_dir), "reward_model": str(rm_dir), "prompts": {"path": str(prompts)},
+               "total_episodes": 4, "rollout_batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+               "max_new_tokens": 4, "save_every": 1, **ppo}
+    cfg = {"name": "mem", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "stages": ["ppo"],
+           "ppo": section}
+    path = tmp_path / "mem.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def placements(model) -> set[tuple[str, torch.dtype]]:
+    return {(p.device.type, p.dtype) for p in model.parameters()}
+
+
+class Stop(Exception):
+    pass
+
+
+def record_ppo(monkeypatch, device: str | None = None, stop: bool = False) -> dict:
+    """Patches the ppo recipe to record, at each `accelerator.prepare` call, where every model's weights are, and
+    the order of prepare calls and rollout-engine construction. `device`: what the accelerator says its device is
+    (a device other than the CPU tells a model `prepare` moved from one moved before it)."""
+    from accelerate import Accelerator
+
+    from prefopt.ppo import recipe
+    from prefopt.reward import score
+
+    seen: dict = {"events": [], "at_prepare": []}
+
+    class Recording(Accelerator):
+        def prepare(self, *args, **kwargs):
+            seen["events"].append("prepare")
+            seen["at_prepare"].append({name: placements(m) for name, m in seen["models"].items()})
+            if stop:
+                raise Stop
+            return super().prepare(*args, **kwargs)
+
+    if device is not None:
+        Recording.device = property(lambda self: torch.device(device))
+
+    def make_accelerator():
+        acc = real_make()
+        acc.__class__ = Recording
+        return acc
+
+    def load_models(ctx, cfg):
+        policy, ref, value, tok = real_load(ctx, cfg)
+        seen["models"].update(policy=policy, ref=ref, value=value)
+        return policy, ref, value, tok
+
+    def load_scorer(*args, **kwargs):
+        scorer = real_scorer(*args, **kwargs)
+        seen["scorer"] = scorer
+        return scorer
+
+    def rollout_generator(*args, **kwargs):
+        seen["events"].append("generator")
+        return real_generator(*args, **kwargs)
+
+    seen["models"] = {}
+    real_make, real_load, real_generator = recipe.make_accelerator, recipe.load_models, recipe.rollout_generator
+    real_scorer = score.load_scorer
+    monkeypatch.setattr(recipe, "make_accelerator", make_accelerator)
+    monkeypatch.setattr(recipe, "load_models", load_models)
+    monkeypatch.setattr(recipe, "rollout_generator", rollout_generator)
+    monkeypatch.setattr(score, "load_scorer", load_scorer)
+    return seen
+
+
+def test_ppo_models_before_prepare(tmp_path, tiny_model_dir, rm_dir, monkeypatch):
+    """One process, frozen models in bf16, an accelerator whose device is not the CPU: when `prepare` is first
+    called, the policy and the value model are still on the CPU in float32 (prepare moves them; the old code had
+    moved them whole already), the reference is on the CPU in bfloat16 (placed after the trained models), the reward
+    model in bfloat16, and no rollout engine has been built yet."""
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage
+
+    seen = record_ppo(monkeypatch, device="meta", stop=True)
+    with pytest.raises(Stop):
+        run_stage(load_config(write_ppo_config(tmp_path, tiny_model_dir, rm_dir, frozen_dtype="bfloat16")), "ppo")
+    assert seen["events"] == ["prepare"]  # the engine comes after the models are placed
+    first = seen["at_prepare"][0]
+    assert first["policy"] == first["value"] == {("cpu", torch.float32)}
+    assert first["ref"] == {("cpu", torch.bfloat16)}
+    assert placements(seen["scorer"].model) == {("meta", torch.bfloat16)}  # frozen: a full copy on this device
+
+
+def test_ppo_runs_with_frozen_models_in_the_launchs_bf16(tmp_path, tiny_model_dir, rm_dir, monkeypatch):
+    """`frozen_dtype: auto` under a launch in bf16 mixed precision: the reference and the reward model in bfloat16,
+    the policy and the value model trained in float32; the engine is built after both prepare calls; the run's KL
+    at step 1 is bf16 rounding: not 0, small. With `frozen_dtype: float32` it is 0."""
+    from prefopt.config import load_config
+    from prefopt.stage import run_stage
+    from prefopt.tracking import read_metrics
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` passes on from its config
+    seen = record_ppo(monkeypatch)
+    cfg = load_config(write_ppo_config(tmp_path, tiny_model_dir, rm_dir))
+    run_stage(cfg, "ppo")
+    assert seen["events"] == ["prepare", "prepare", "generator"]
+    assert placements(seen["models"]["ref"]) == placements(seen["scorer"].model) == {("cpu", torch.bfloat16)}
+    assert placements(seen["models"]["policy"]) == placements(seen["models"]["value"]) == {("cpu", torch.float32)}
+    kl = read_metrics(cfg.root / "ppo")[0]["kl"]
+    assert kl != 0 and abs(kl) < 1e-3  # measured: -6e-6
+
+    # the stage's own float32 wins over the launch: an exact reference, KL 0 at step 1
+    seen = record_ppo(monkeypatch)
+    cfg = load_config(write_ppo_config(tmp_path / "fp32", tiny_model_dir, rm_dir, frozen_dtype="float32"))
+    run_stage(cfg, "ppo")
+    assert placements(seen["models"]["ref"]) == placements(seen["scorer"].model) == {("cpu", torch.float32)}
+    assert read_metrics(cfg.root / "ppo")[0]["kl"] == 0
+
+
+def test_frozen_dtype_follows_the_launch(monkeypatch):
+    from prefopt.ppo.config import PPOConfig
+    from prefopt.ppo.recipe import frozen_dtype
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert frozen_dtype(PPOConfig()) is None  # fp32 reference, reward model as loaded
+    for launch, want in (("no", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch)
+        assert frozen_dtype(PPOConfig()) == want
+        assert frozen_dtype(PPOConfig(frozen_dtype="float32")) == torch.float32  # the stage's own setting wins

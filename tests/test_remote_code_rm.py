@@ -319,4 +319,4 @@ def test_value_model_from_a_reward_model_without_a_scalar_head_is_refused(tmp_pa
                     total_episodes=4, rollout_batch_size=2, mini_batch_size=2)
     ctx = SimpleNamespace(resolve=lambda value, model=True: str(remote_rm) if value == "p" else value)
     with pytest.raises(ConfigError, match=r"has no scalar `score` head to read per token \(use ppo.value_init: policy\)"):
-        load_models(ctx, cfg, "cpu")
+        load_models(ctx, cfg)

@@ -71,8 +71,9 @@ class EvaluateConfig:
     """Generation backend; `auto` picks vLLM when it can run. Log-probs always use transformers."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the models loaded for log-probs (float32 on CPU whatever is asked)."""
-    rm_max_length: int = 512
-    """Tokens the reward model reads (prompt + response), as `score.max_length`."""
+    rm_max_length: int = 0
+    """Tokens the reward model reads (prompt + response), as `score.max_length`. 0: the reward model's own limit (its
+    config's max_position_embeddings or its tokenizer's model_max_length, the smaller); more than that is an error."""
     rm_format: Literal["auto", "policy", "chat"] = "auto"
     """What the reward model reads, as `score.rm_format`: the policy's rendered prompt + response (`policy`), or the
     raw prompt and response in the reward model's own chat template (`chat`, hub reward models; `auto` decides)."""
@@ -84,7 +85,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         check_ranges(self, samples_per_prompt=dict(ge=1), temperature=dict(ge=0), top_p=dict(gt=0, le=1),
-                     max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=1),
+                     max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=0),
                      checkpoint_prompts=dict(ge=0))
         if any(n < 1 for n in self.best_of_n):
             raise ValueError(f"evaluate.best_of_n: every n must be >= 1, got {self.best_of_n}")

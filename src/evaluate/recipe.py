@@ -226,13 +226,16 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     rm_ref = sec.reward_model
     if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
         return None
-    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
+    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt, scoring_length
     from prefopt.reward.score import reward_model_config
 
     # A reward model that needs its own code is refused here, before any policy is sampled, not when it is loaded.
     reward_model_config(ctx.resolve(rm_ref), sec.trust_remote_code, "evaluate.trust_remote_code")
     key = "evaluate.rm_format"
     fmt = rm_input_format(sec.rm_format, ctx.resolve(rm_ref), key, rm_ref.startswith("stage:"), sec.trust_remote_code)
+    # As many tokens as the reward model takes unless the config says fewer (a length above its limit is an error).
+    length = scoring_length(ctx.resolve(rm_ref), sec.rm_max_length, "evaluate.rm_max_length", sec.trust_remote_code,
+                            "evaluate.trust_remote_code")
     for r in rows:
         rm_prompt(r, "", fmt, key)
     holder = {}
@@ -244,7 +247,7 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
         prompts = [rm_prompt(r, p, fmt, key) for r, p, comps in zip(rows, s["rendered"], s["completions"])
                    for _ in comps]
         responses = [c.text for comps in s["completions"] for c in comps]
-        return _nest(holder["scorer"].score(prompts, responses, sec.batch_size, sec.rm_max_length), s)
+        return _nest(holder["scorer"].score(prompts, responses, sec.batch_size, length), s)
 
     return rm_ref, score_fn, holder
 

@@ -56,6 +56,15 @@ class PPOConfig:
     vllm_sleep: bool = False
     """With backend vllm: put the engine to sleep (vLLM sleep mode, level 2) between rollouts,
     so the PPO update gets its GPU memory back; the policy's weights are pushed again before each rollout anyway."""
+    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the frozen models (the reference and the reward model). `auto`: the launch's mixed precision (the
+    accelerate config's `mixed_precision`: bf16 -> bfloat16, fp16 -> float16); without one, a float32 reference and
+    the reward model as the `score` stage loads it (bfloat16 on a GPU). The policy and value model always train in
+    float32. A bfloat16 reference halves its memory (16 GB instead of 32 for an 8B policy) but no longer computes
+    exactly the policy's log-probs: the KL at step 0 is bf16 rounding, not 0 (float32 keeps it exact)."""
+    rm_max_length: int = 0
+    """Tokens the reward model reads (prompt + response), as `score.max_length`. 0: the reward model's own limit (its
+    config's max_position_embeddings or its tokenizer's model_max_length, the smaller); more than that is an error."""
     shard_reference: bool = True
     """Under FSDP (an accelerate config with `fsdp_version: 2`): shard the frozen reference over the processes as the
     policy is (each holds 1/N of its weights; a forward pass gathers one layer at a time). False: a full copy on
@@ -113,7 +122,8 @@ class PPOConfig:
                      kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
                      vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),
                      max_grad_norm=dict(ge=0), save_every=dict(ge=1), recipe_global_batch=dict(ge=0),
-                     generation_chunk=dict(ge=0), vllm_gpu_memory_utilization=dict(gt=0, le=1))
+                     generation_chunk=dict(ge=0), vllm_gpu_memory_utilization=dict(gt=0, le=1),
+                     rm_max_length=dict(ge=0))
         if self.backend == "vllm":  # PPO's log-probs assume the temperature sampled at is the one asked for
             from prefopt.generation.vllm_backend import temperature_problem
 

@@ -221,10 +221,13 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
 
     `score_fn(prompts, completions) -> (B,)` is the reward (the reward model in `run`); `generator` samples from
     the in-memory policy (its `load_weights(policy)`, if it has one, is called before each rollout: a vLLM
-    engine takes the new weights). With several processes, `rollout_batch_size` and `mini_batch_size` are global: each
-    process samples and scores its share of the prompts, the rollout is gathered, and advantages are whitened over
-    all of it. With `resume`, models, optimizers, RNG (accelerate's state), KL controller and sampler continue
-    from that checkpoint."""
+    engine takes the new weights), or is a function of the prepared (unwrapped) policy that builds one: `run`
+    passes one, so a vLLM engine reserves its memory beside the sharded models, not beside whole copies of them.
+    The trained models come in on the CPU (float32) and only `prepare` moves them: each process's device gets its
+    shard (FSDP2) or its replica (DDP), never a whole copy before sharding. With several processes,
+    `rollout_batch_size` and `mini_batch_size` are global: each process samples and scores its share of the
+    prompts, the rollout is gathered, and advantages are whitened over all of it. With `resume`, models,
+    optimizers, RNG (accelerate's state), KL controller and sampler continue from that checkpoint."""
     accelerator = accelerator or make_accelerator()
     check_world(cfg, accelerator.num_processes)
     ckpt_dir = Path(ckpt_dir)
@@ -235,6 +238,8 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     policy, opt_policy = accelerator.prepare(policy, opt_policy)
     value, opt_value = accelerator.prepare(value, opt_value)
     ref = place_frozen(accelerator, ref, cfg.shard_reference, "ppo.shard_reference")
+    if callable(generator) and not hasattr(generator, "generate"):  # built now: vLLM's share comes after the models
+        generator = generator(accelerator.unwrap_model(policy))
     if is_sharded(accelerator):
         accelerator.print(f"[ppo] {accelerator.num_processes} processes: policy and value model sharded (FSDP2), the "
                           f"reference {'sharded' if cfg.shard_reference else 'a full copy on each'} "
@@ -338,13 +343,18 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
     """The reward model's ScoreFn, given each prompt in its `rm_format` (checked before the model loads). Under
     FSDP the reward model is sharded when `ppo.shard_reward_model` (every process scores the same number of
     equal batches, so its collective forward passes line up)."""
-    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt
+    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt, scoring_length
 
     rm_path = ctx.resolve(cfg.reward_model)
     fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"),
                           trust_remote_code=cfg.trust_remote_code)
     rm_prompts = {p: rm_prompt(r, p, fmt, "ppo.rm_format") for r, p in zip(rows, rendered)}
-    scorer = load_scorer(rm_path, cfg.trust_remote_code, key="ppo.trust_remote_code")
+    length = scoring_length(rm_path, cfg.rm_max_length, "ppo.rm_max_length", cfg.trust_remote_code,
+                            "ppo.trust_remote_code")
+    with whole_on_every_process():
+        scorer = load_scorer(rm_path, cfg.trust_remote_code, key="ppo.trust_remote_code")
+    if frozen_dtype(cfg) is not None:
+        scorer.model = scorer.model.to(frozen_dtype(cfg))
     scorer.model = place_frozen(accelerator, scorer.model, cfg.shard_reward_model, "ppo.shard_reward_model")
     where = ""
     if is_sharded(accelerator):
@@ -352,22 +362,56 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
     accelerator.print(f"[ppo] reward: the reward model {rm_path}, reading the "
                       f"{'policy' if fmt == 'policy' else 'its own chat'} format (ppo.rm_format: {cfg.rm_format})"
                       f"{where}", flush=True)
-    return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, rm_prompts=rm_prompts)
+    return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, max_length=length, rm_prompts=rm_prompts)
 
 
-def load_models(ctx, cfg, device: str | torch.device | None = None):
-    """(policy, reference, value model, tokenizer), on `device` (default: CUDA when there is one). A resumed run
-    starts from these weights too; `accelerator.load_state` then puts the checkpoint's in."""
+def frozen_dtype(cfg) -> torch.dtype | None:
+    """The frozen models' dtype: `ppo.frozen_dtype`, or for `auto` the launch's mixed precision (`accelerate launch`
+    passes the config file's `mixed_precision` on as ACCELERATE_MIXED_PRECISION; `make_accelerator` itself trains in
+    float32 whatever it says). None when neither names one: the reference is then float32 (exactly the policy's
+    log-probs at step 0) and the reward model as `load_scorer` loads it."""
+    name = cfg.frozen_dtype
+    if name == "auto":
+        launch = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(launch)
+    return getattr(torch, name) if name else None
+
+
+class whole_on_every_process:
+    """Within: `from_pretrained` loads the whole weights on every process, even when the accelerate config's
+    fsdp_cpu_ram_efficient_loading has only process 0 load them (the others get empty meta tensors, filled when
+    FSDP2 shards the model). For a model that is not prepared by accelerate's FSDP2 (the reward model's scorer)."""
+
+    KEY = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+
+    def __enter__(self):
+        self.saved = os.environ.pop(self.KEY, None)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.environ[self.KEY] = self.saved
+
+
+def load_models(ctx, cfg):
+    """(policy, reference, value model, tokenizer) on the CPU, for `train` to place: the policy and the value model
+    in float32 for `prepare` to move (each process's device gets only its shard under FSDP2), the reference in the
+    run's precision (`frozen_dtype`). Under FSDP2 with fsdp_cpu_ram_efficient_loading, processes other than 0 hold
+    empty (meta) weights that sharding fills from process 0. A resumed run starts from these weights too;
+    `accelerator.load_state` then puts the checkpoint's in."""
     from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy_path = ctx.resolve(cfg.policy)
     tok = load_tokenizer(policy_path, padding_side="right")
-    # Trained models in float32 (AdamW on bf16 weights loses small updates). The reference in float32 too: it
-    # must compute exactly the policy's log-probs at step 0, and a bf16 reference beside an fp32 policy would
-    # give KL > 0 before any update (the upcast of bf16 weights is exact, so fp32 both sides agree to the bit).
+    # Trained models in float32 (AdamW on bf16 weights loses small updates). A float32 reference computes exactly
+    # the policy's log-probs at step 0 (KL 0 before any update); a bf16 one (`frozen_dtype`) halves its memory and
+    # gives KL of bf16 rounding there.
     policy = load_causal_lm(policy_path, dtype="float32")
-    ref = load_causal_lm(policy_path, dtype="float32")  # a second load of the checkpoint, never a copy of the policy
+    ref_dtype = str(frozen_dtype(cfg) or torch.float32).removeprefix("torch.")
+    if cfg.shard_reference:
+        ref = load_causal_lm(policy_path, dtype=ref_dtype)  # a second load of the checkpoint, never a policy copy
+    else:
+        with whole_on_every_process():
+            ref = load_causal_lm(policy_path, dtype=ref_dtype)
     for p in ref.parameters():
         p.requires_grad_(False)
     from_rm = cfg.value_init == "reward" and not cfg.reward_fn
@@ -389,7 +433,7 @@ def load_models(ctx, cfg, device: str | torch.device | None = None):
     if value.model.config.vocab_size < len(tok):
         raise ValueError(f"value model from {value_src} has vocab {value.model.config.vocab_size} < the policy "
                          f"tokenizer's {len(tok)}: it must read the policy's tokens (use value_init: policy)")
-    return policy.to(device), ref.to(device), value.to(device), tok
+    return policy, ref, value, tok
 
 
 def check_distributed_type(accelerator) -> None:
@@ -431,7 +475,7 @@ def run(ctx) -> dict:
     seed_everything(ctx.seed)
     ckpt_dir = ctx.dir / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
-    policy, ref, value, tok = load_models(ctx, cfg, accelerator.device)
+    policy, ref, value, tok = load_models(ctx, cfg)
 
     rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     prompts = [render_prompt(r["prompt"], tok) for r in rows]
@@ -442,9 +486,11 @@ def run(ctx) -> dict:
         accelerator.print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)
     else:
         score_fn = rm_score_fn(ctx, cfg, rows, prompts, accelerator)
-    generator = rollout_generator(ctx, cfg, policy, tok, accelerator, prompts)
 
-    last = train(policy, ref, value, tok, prompts, score_fn, generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
+    def build_generator(prepared_policy):  # called by train() once the models are placed
+        return rollout_generator(ctx, cfg, prepared_policy, tok, accelerator, prompts)
+
+    last = train(policy, ref, value, tok, prompts, score_fn, build_generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
                  resume=resume, accelerator=accelerator)
     save_policy(accelerator, policy, tok, ctx.dir / "model", lora=False)
     accelerator.wait_for_everyone()

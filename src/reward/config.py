@@ -92,8 +92,9 @@ class ScoreConfig:
     models (Skywork-Reward, ArmoRM) were trained; an error if its tokenizer has no chat template. `auto`: `chat`
     for a classifier prefopt did not train (no `reward_model.json`) whose tokenizer has a chat template, else
     `policy`."""
-    max_length: int = 512
-    """Truncate prompt + candidate to this many tokens (part of the cache key)."""
+    max_length: int = 0
+    """Truncate prompt + candidate to this many tokens (part of the cache key). 0: the reward model's own limit (its
+    config's max_position_embeddings or its tokenizer's model_max_length, the smaller); more than that is an error."""
 
     def __post_init__(self):
-        check_ranges(self, batch_size=dict(ge=1), max_length=dict(ge=1))
+        check_ranges(self, batch_size=dict(ge=1), max_length=dict(ge=0))

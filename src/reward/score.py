@@ -331,6 +331,8 @@ def run(ctx) -> dict:
     fmt = rm_input_format(cfg.rm_format, rm_path, "score.rm_format", cfg.reward_model.startswith("stage:"),
                           cfg.trust_remote_code)
     # The cache key names what the reward model reads: chat-format scores are kept apart from policy-format ones.
+    length = scoring_length(rm_path, cfg.max_length, "score.max_length", cfg.trust_remote_code,
+                            "score.trust_remote_code")
     rm_sha = scorer_sha256(rm_path)
     rm_id = rm_sha if fmt == "policy" else content_hash(rm_sha, "chat")
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))
@@ -350,7 +352,7 @@ def run(ctx) -> dict:
     for shard in todo:
         rows = list(iter_jsonl(shard))
         prompts = given[shard]
-        keys = [[cache.key(p, c, rm_id, cfg.max_length) for c in r["candidates"]] for r, p in zip(rows, prompts)]
+        keys = [[cache.key(p, c, rm_id, length) for c in r["candidates"]] for r, p in zip(rows, prompts)]
         missing = {}  # key -> (prompt, candidate) to score (a candidate repeated within a shard is scored once)
         for r, p, ks in zip(rows, prompts, keys):
             for c, k in zip(r["candidates"], ks):
@@ -362,7 +364,7 @@ def run(ctx) -> dict:
             if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
                 scorer = load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
             new = scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()], cfg.batch_size,
-                               cfg.max_length, progress=bar)
+                               length, progress=bar)
             check_finite(shard, rows, keys, dict(zip(missing, new)), rm_path)
             cache.add(dict(zip(missing, new)))
             scored += len(new)
@@ -392,3 +394,33 @@ def run(ctx) -> dict:
         summary["score/std"] = statistics.pstdev(all_scores)
         summary["score/min"], summary["score/max"] = min(all_scores), max(all_scores)
     return summary
+
+
+def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool = False,
+                   trust_key: str = "trust_remote_code") -> int:
+    """Tokens the reward model at `path` reads of each prompt + response: `configured` (the stage's `key`) when set,
+    else (0) the model's own limit, the smaller of its config's `max_position_embeddings` and its tokenizer's
+    `model_max_length` where each is a real number (a tokenizer without a limit says 1e30). A fixed default would
+    cut answers of 4,096 tokens to their first 512 for a model that reads 8K. Reads the config and tokenizer, not
+    the weights, so a wrong length stops the stage before any scoring.
+
+    A configured length above the model's limit is a config error naming `key`: the model has no positions for the
+    tokens past it."""
+    from prefopt.models import load_tokenizer
+
+    config = reward_model_config(path, trust_remote_code, trust_key)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    limits = {"max_position_embeddings": getattr(text, "max_position_embeddings", None),
+              "model_max_length": getattr(tok, "model_max_length", None)}
+    limits = {k: int(v) for k, v in limits.items() if isinstance(v, (int, float)) and 0 < v < 1e9}
+    if not limits:
+        if configured:
+            return configured
+        raise ConfigError(f"{key}: the reward model {path} states no length limit (no max_position_embeddings in its "
+                          f"config, no model_max_length in its tokenizer): set {key} to the tokens it reads")
+    name = min(limits, key=limits.get)
+    if configured > limits[name]:
+        raise ConfigError(f"{key}: {configured} tokens, but the reward model {path} reads at most {limits[name]} "
+                          f"({name}): set {key} to {limits[name]} or less, or 0 for its own limit")
+    return configured or limits[name]
