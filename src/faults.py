@@ -270,7 +270,7 @@ def describe(e: BaseException) -> str | None:
         if isinstance(x, torch.OutOfMemoryError):
             return ("out of GPU memory: lower per_device_train_batch_size (raise gradient_accumulation_steps to keep "
                     "the global batch), set gradient_checkpointing: true or a smaller max_length; `prefopt check` "
-                    "prints a memory plan. Rerun the same command to resume from the last checkpoint")
+                    "prints a memory plan; rerun the same command to resume from the last checkpoint")
         if isinstance(x, MemoryError):
             return ("out of host memory (RAM): give the job more memory or run fewer processes per node; rerun the "
                     "same command to resume from the last checkpoint")
@@ -280,7 +280,7 @@ def describe(e: BaseException) -> str | None:
             rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
             return (f"lost a peer process: rank {rank} of {world} lost its connection to another process of the "
                     f"launch ({type(x).__name__}: {_first_line(x)}); that process died first (out of memory? "
-                    "killed?): its own line, the kernel log (`dmesg`) or the scheduler says why. Rerun the same "
+                    "killed?): its own line, the kernel log (`dmesg`) or the scheduler says why; rerun the same "
                     "command to resume from the last checkpoint")
     return None
 

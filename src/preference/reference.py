@@ -118,5 +118,8 @@ def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
 def save(path: Path, key: dict, logps: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"key": key, "logps": logps, "sha256": values_sha256(logps)}, tmp)
+    from prefopt.faults import writing
+
+    with writing(tmp):
+        torch.save({"key": key, "logps": logps, "sha256": values_sha256(logps)}, tmp)
     os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache under the real name
