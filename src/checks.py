@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from prefopt.data.sources import check_problem
 from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, section, stage_inputs
 
 
@@ -13,6 +14,9 @@ def _paths_in(obj, key=""):
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
             yield from _paths_in(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, list):  # a dataset mixture's parts
+        for i, item in enumerate(obj):
+            yield from _paths_in(item, f"{key}[{i}]")
     elif isinstance(obj, str) and key.endswith(".path"):
         yield key, obj
 
@@ -162,12 +166,11 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
             if name not in cfg.stages and stage != "evaluate":
                 problems.append(f"{stage}: reads stage '{name}' (a `stage:{name}` reference) but '{name}' is not in "
                                 "this experiment's stages")
-        # dataset files that are neither produced here nor on disk
+        # dataset files that are neither produced here nor on disk (a Hub id: its form only, nothing is fetched)
         for key, value in _paths_in(sec, stage):
-            if value and not value.startswith("stage:") and not Path(value).exists():
-                warnings.append(f"{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
-            elif value and not value.startswith("stage:") and Path(value).is_dir():
-                problems.append(f"{key}: {value!r} is a directory, not a data file")
+            found = check_problem(value)
+            if found:
+                (problems if found[0] == "problem" else warnings).append(f"{key}: {found[1]}")
         for problem in (rm_format_problem(cfg, stage, sec), lora_launch_problem(cfg, stage, sec)):
             if problem:
                 problems.append(problem)

@@ -105,7 +105,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append((arg, e))
+        for arg, e in errors:  # a mapping meant for a section (`dpo.pairs: {path: ...}`): its own error names the key
+            if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                raise e
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)

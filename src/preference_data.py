@@ -19,39 +19,62 @@ from prefopt.data.counts import note
 from prefopt.data.templates import encode, render_prompt
 
 
-def pairs_path(resolved: str) -> str:
-    """`stage:pairs` resolves to the pairs stage folder; the rows are in pairs.jsonl inside it."""
-    p = Path(resolved)
-    return str(p / "pairs.jsonl") if p.is_dir() else str(p)
+def _pairs_file(path: str) -> str:
+    """A stage folder -> the pairs.jsonl inside it; a file, a dataset folder or a Hub id as it is."""
+    from prefopt.data.sources import is_dataset_folder
+
+    p = Path(path)
+    return str(p / "pairs.jsonl") if p.is_dir() and not is_dataset_folder(p) else str(path)
 
 
-# The loaders' advice for a bad row names `skip_bad_rows`, a dataset-spec key; `dpo.pairs` / `simpo.pairs` are
-# bare paths where it cannot be set, so their errors give advice the user can follow.
+def pairs_path(value, resolve=None):
+    """`stage:pairs` resolves to the pairs stage folder; the rows are in pairs.jsonl inside it. `value` is a path
+    (`dpo.pairs: stage:pairs`, a file, a dataset folder or a Hub id) or a DatasetSpec (a split, columns, a mixture),
+    whose paths are resolved the same way; `resolve` turns `stage:` references into paths."""
+    from dataclasses import replace
+
+    from prefopt.data.spec import DatasetSpec
+
+    resolve = resolve or (lambda v: v)
+    if not isinstance(value, DatasetSpec):
+        return _pairs_file(resolve(value))
+    return replace(value, path=_pairs_file(resolve(value.path)) if value.path else "",
+                   mixture=[replace(m, path=_pairs_file(resolve(m.path))) for m in value.mixture])
+
+
+# The loaders' advice for a bad row names `skip_bad_rows`, a dataset-spec key; `dpo.pairs` / `simpo.pairs` given as
+# a bare path cannot set it, so their errors give advice the user can follow.
 PAIRS_FILE_HINT = ("fix or remove this row: a dpo / simpo `pairs` file is read as it is, bad rows are not "
                    "skipped (the pairs stage writes files that read cleanly)")
 
 
-def load_pairs(path: str, template: str, tokenizer) -> list[dict]:
+def load_pairs(source, template: str, tokenizer) -> list[dict]:
     """Rows {"prompt", "chosen", "rejected"} as plain text, chat prompts rendered with the tokenizer's template.
-    A bad row is a DataError naming the file, row and field, with `PAIRS_FILE_HINT` as its advice."""
+    `source`: a path (as `pairs_path` gives it) or a DatasetSpec. A bad row is a DataError naming the file or
+    dataset, row and field, with `PAIRS_FILE_HINT` as its advice for a bare path."""
     from prefopt.data.errors import DataError
     from prefopt.data.loaders import SKIP_HINT, load_preferences
     from prefopt.data.spec import DatasetSpec
 
-    # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected, answer,
-    # and two answers that differ only in whitespace (different tokens the reward model scored apart); in a user's
-    # own file (no stage marker beside it) either is a broken row
-    path = pairs_path(path)
-    built_here = (Path(path).parent / "_FINGERPRINT").exists()
-    try:
-        rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
-                                whitespace_pairs=built_here).rows
-    except DataError as e:
-        if e.hint != SKIP_HINT:
-            raise
-        raise DataError(e.path, e.row, e.field, e.problem, PAIRS_FILE_HINT) from None
-    return [{"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in rows]
+    if isinstance(source, DatasetSpec):
+        rows = load_preferences(source, template).rows
+    else:
+        # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected,
+        # answer, and two answers that differ only in whitespace (different tokens the reward model scored apart);
+        # in a user's own file (no stage marker beside it) either is a broken row
+        path = pairs_path(source)
+        built_here = (Path(path).parent / "_FINGERPRINT").exists()
+        try:
+            rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
+                                    whitespace_pairs=built_here).rows
+        except DataError as e:
+            if e.hint != SKIP_HINT:
+                raise
+            raise DataError(e.path, e.row, e.field, e.problem, PAIRS_FILE_HINT) from None
+    # one row at a time, replaced as it is converted, so the loader's rows and these are not both held whole
+    for i, r in enumerate(rows):
+        rows[i] = {"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
+    return rows
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

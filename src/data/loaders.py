@@ -1,8 +1,11 @@
-"""Format loaders: every supported file format -> one canonical row form.
+"""Format loaders: every supported row format -> one canonical row form.
 
     load_sft(spec, template)          -> rows {"prompt", "completion", "meta"}
     load_preferences(spec, template)  -> rows {"prompt", "chosen", "rejected", "meta"}
     load_prompts(spec, template)      -> rows {"prompt_id", "prompt", "meta"}
+
+Rows come from a JSON/JSONL file, a parquet/Arrow/CSV file, a dataset folder, a Hub id or a mixture of them
+(sources.py: `path`, `split`, `name`, `revision`, `columns`, `mixture`); what follows is the same for all of them.
 
 Formats (DatasetSpec.format; `auto` decides from the first row's keys):
 
@@ -22,8 +25,9 @@ messages. A `prompt` that is already a string in the file is used verbatim: it i
 written by earlier stages hold such rendered prompts). SFT from preference data trains on the chosen answer.
 `meta` keeps the original instruction/input where the format has them (AlpacaEval output rows need them).
 
-A bad row (invalid JSON or UTF-8, a missing, empty or wrongly typed field) raises DataError naming the file, the
-row (1-based line, or array index) and the field, unless `spec.skip_bad_rows` is set; then it is counted in
+A bad row (invalid JSON or UTF-8, a missing, empty or wrongly typed field) raises DataError naming the file or
+dataset, the row (1-based line, or array or split index) and the field (the dataset's own column name where
+`columns` renamed it), unless `spec.skip_bad_rows` is set; then it is counted in
 `LoadResult.skipped`. `spec.languages` keeps rows in those languages (others counted in
 `LoadResult.language_filtered`), `spec.dedup` drops exact duplicates (`LoadResult.deduplicated`) and
 `spec.near_dedup` near duplicates (`LoadResult.near_duplicates`; see clean.py). A dataset that ends
@@ -43,6 +47,7 @@ from typing import Any, Callable
 from prefopt.data.clean import NearDuplicates, dedup_key, in_languages, prompt_text, row_text
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
+from prefopt.data.sources import open_rows, report_mixture
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
 from prefopt.utils import content_hash
@@ -66,14 +71,17 @@ class LoadResult:
     deduplicated: int = 0
     near_duplicates: int = 0
     language_filtered: int = 0
+    parts: list[dict] = field(default_factory=list)
+    """A mixture's parts: source, weight, rows available, drawn and kept (empty for one dataset)."""
 
     def __len__(self):
         return len(self.rows)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict:
         """What a stage writes to its summary and logs."""
-        return {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated,
-                "near_duplicates": self.near_duplicates, "language_filtered": self.language_filtered}
+        out = {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated,
+               "near_duplicates": self.near_duplicates, "language_filtered": self.language_filtered}
+        return {**out, "parts": self.parts} if self.parts else out
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -403,32 +411,37 @@ def detect_format(row: Any, prefix: str = "") -> str:
 def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_pairs: bool = False) -> LoadResult:
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
-    if spec.format != "auto" and spec.format not in PARSERS:
-        known = ", ".join(["auto", *PARSERS])
-        raise DataError("<config>", None, "format", f"unknown format '{spec.format}' (one of {known})")
-    path = resolve(spec.path) if resolve else spec.path
-    if not path:
-        raise DataError("<config>", None, "path", "no dataset path given")
-    result = LoadResult(path=str(path), rows=[])
-    fmt = None if spec.format == "auto" else spec.format  # with auto, the first good row fixes it
+    for fmt_key in [spec.format] + [m.format for m in spec.mixture]:
+        if fmt_key != "auto" and fmt_key not in PARSERS:
+            known = ", ".join(["auto", *PARSERS])
+            raise DataError("<config>", None, "format", f"unknown format '{fmt_key}' (one of {known})")
+    source = open_rows(spec, resolve)
+    result = LoadResult(path=source.label, rows=[])
+    fmts: dict[int, str] = {}  # per part: with auto, the part's first good row fixes it
     seen: set[str] = set()
     near = (NearDuplicates(spec.near_dedup_threshold, spec.near_dedup_ngram, spec.near_dedup_num_perm)
             if spec.near_dedup else None)
-    for n, rec in read_records(path):
+    for part, n, rec in source:
+        path = part.label
         try:
-            if isinstance(rec, _BadRecord):
-                raise DataError(path, n, None, rec.problem)
-            if not isinstance(rec, dict):
-                raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
-            row_fmt = fmt or detect_format(rec, spec.field_prefix)
-            if row_fmt == "unknown":
-                raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set `format`")
-            r = _Row(rec, path, n, spec.field_prefix, spec.allow_empty_answers, spec.max_chars)
-            row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
-            if need == "pair" and (row["chosen"] == row["rejected"] if whitespace_pairs
-                                   else row["chosen"].strip() == row["rejected"].strip()):
-                raise r.error("rejected", "same text as 'chosen': a pair with no preference to learn")
-            fmt = row_fmt
+            try:
+                if isinstance(rec, _BadRecord):
+                    raise DataError(path, n, None, rec.problem)
+                if not isinstance(rec, dict):
+                    raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
+                fmt = fmts.get(id(part)) or (None if part.format == "auto" else part.format)
+                row_fmt = fmt or detect_format(rec, part.field_prefix)
+                if row_fmt == "unknown":
+                    raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set "
+                                    "`format` (or map the dataset's columns with `columns`)")
+                r = _Row(rec, path, n, part.field_prefix, spec.allow_empty_answers, spec.max_chars)
+                row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
+                if need == "pair" and (row["chosen"] == row["rejected"] if whitespace_pairs
+                                       else row["chosen"].strip() == row["rejected"].strip()):
+                    raise r.error("rejected", "same text as 'chosen': a pair with no preference to learn")
+                fmts[id(part)] = row_fmt
+            except DataError as e:  # name the field as the dataset does, where `columns` renamed it
+                raise DataError(e.path, e.row, part.column(e.field), e.problem) from None
         except DataError as e:
             if not spec.skip_bad_rows:
                 raise DataError(e.path, e.row, e.field, e.problem, SKIP_HINT if e.row is not None else "") from None
@@ -449,17 +462,23 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
             result.near_duplicates += 1
             continue
         result.rows.append(row)
+        part.kept += 1
         if spec.limit and len(result.rows) >= spec.limit:
             break
-    name = Path(path).name
+    name = Path(source.label).name if not source.is_mixture and len(source.parts) == 1 else source.label
     note(f"rows skipped as bad (skip_bad_rows) in {name}", result.skipped)
     note(f"duplicate rows dropped (dedup) in {name}", result.deduplicated)
     note(f"near-duplicate rows dropped (near_dedup) in {name}", result.near_duplicates)
     note(f"rows dropped as not in {spec.languages} (languages) in {name}", result.language_filtered)
+    if source.is_mixture:
+        result.parts = report_mixture(source)
+        for i, d in enumerate(result.parts, start=1):
+            note(f"rows from mixture part {i}, {d['source']} (weight {d['weight']:g}: {d['drawn']:,} of "
+                 f"{d['available']:,} drawn)", d["kept"])
     if not result.rows:
         first = f"; the first skipped: {result.skipped_reasons[0]}" if result.skipped_reasons else ""
         other = f", {result.language_filtered} not in {spec.languages}" if result.language_filtered else ""
-        raise DataError(path, None, None, f"no usable rows ({result.skipped} skipped{other}){first}")
+        raise DataError(source.label, None, None, f"no usable rows ({result.skipped} skipped{other}){first}")
     return result
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prefopt.config import check_ranges
+from prefopt.data.spec import DatasetSpec
 from prefopt.models_config import LoraSpec
 from prefopt.train_args import TrainFields
 
@@ -14,8 +15,9 @@ from prefopt.train_args import TrainFields
 class PreferenceFields(TrainFields):
     model: str = "stage:sft"
     """The policy to align (and, for DPO, the reference unless `ref_model` is set)."""
-    pairs: str = "stage:pairs"
-    """Preference pairs: `stage:pairs` or a preference file."""
+    pairs: str | DatasetSpec = "stage:pairs"
+    """Preference pairs: `stage:pairs`, a preference file or dataset folder, a Hub id (split `train`), or a dataset
+    mapping for a split, columns or a mixture ({path: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs})."""
     template: Literal["alpaca", "chat"] = "alpaca"
     """How prompts are rendered: the Alpaca template, or the tokenizer's chat template."""
     layout: Literal["padded", "packed", "shared_prompt"] = "shared_prompt"

@@ -26,7 +26,11 @@ from prefopt.preference.batching import collate, pair_logps
 from prefopt.utils import content_hash, weights_sha256
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path) -> str:
+    """The pairs file's SHA-256; for pairs that are not one file (a dataset folder, a Hub id, a DatasetSpec), that of
+    how they are named: the key's token ids pin their content."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return content_hash(str(path))
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
