@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("PREFOPT_SHARED_DATA") or REPO.parent / "shared" / "data")  # ../shared/data
 TEST_DATA = Path(__file__).parent / "data"
 
 TINY_TEXTS = [

@@ -1,4 +1,4 @@
-"""Data loaders on real rows (tests/data, sliced from /work/shared/data), bad-row handling, cleaning and dedup."""
+"""Data loaders on real rows (tests/data, sliced from ../shared/data), bad-row handling, cleaning and dedup."""
 
 from __future__ import annotations
 

@@ -1,17 +1,21 @@
-"""Rebuild the small real-data slices in tests/data from /work/shared/data (see README.md for provenance).
+"""Rebuild the small real-data slices in tests/data from ../shared/data (see README.md for provenance).
 
-    python tests/data/make_slices.py [/work/shared/data]
+    python tests/data/make_slices.py [SHARED_DATA]
+
+SHARED_DATA: the argument, else $PREFOPT_SHARED_DATA, else ../shared/data beside the repository.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
-SRC = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data")
 OUT = Path(__file__).resolve().parent
+REPO = OUT.parents[1]
+SRC = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("PREFOPT_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
