@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 from prefopt.data.templates import encode
+from prefopt.preference.batching import pair_logps
 from prefopt.logps import completion_logps
 
 
@@ -154,49 +155,6 @@ def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
             "num_sequences": torch.tensor(B)}
 
 
-def _final_softcap(model) -> float | None:
-    """The soft-cap the model's own forward applies to its logits after the lm_head (Gemma-2: 30), or None."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "final_logit_softcapping", None)
-
-
-def _batch_logps(model, batch: dict[str, torch.Tensor], temperature: float, chunk_size: int) -> torch.Tensor:
-    """Summed response log-prob of each row of a `response_batch` (on the model's device): (B,).
-
-    Through the preference loop's vocabulary projection (`pair_logps`): the decoder runs once and only the
-    positions that predict a response token are projected to the vocabulary, `chunk_size` of them at a time, so
-    the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model).
-
-    A temperature T != 1 divides the logits the model's forward ends with. With no transform after the lm_head
-    but linear ones, that is the lm_head's output divided by T (a forward hook on it). Gemma-2 soft-caps its logits
-    after the lm_head (c * tanh(z / c)) and cap(z) / T != cap(z / T): such a model is run one row at a time through
-    its own forward, projecting only that row's response positions (`logits_to_keep`): (K, V) logits for one
-    response, never the batch's."""
-    from prefopt.preference.batching import pair_logps
-
-    if temperature == 1.0:
-        return pair_logps(model, batch, chunk_size)[0]
-    if _final_softcap(model) is None:
-        lm_head = model.get_output_embeddings()
-        handle = lm_head.register_forward_hook(lambda _module, _args, out: out / temperature)
-        try:
-            return pair_logps(model, batch, chunk_size)[0]
-        finally:
-            handle.remove()
-    T = batch["input_ids"].shape[1]
-    source, targets, rows = batch["source_index"], batch["target_ids"], batch["seq_index"]
-    sums = torch.zeros(int(batch["num_sequences"]), dtype=torch.float32, device=source.device)
-    for r in torch.unique(rows).tolist():
-        mine = rows == r
-        n = int(batch["attention_mask"][r].sum())
-        positions = source[mine] - r * T  # ascending: the response positions of this row
-        logits = model(input_ids=batch["input_ids"][r:r + 1, :n], attention_mask=batch["attention_mask"][r:r + 1, :n],
-                       use_cache=False, logits_to_keep=positions).logits[0].float() / temperature  # (K, V)
-        sums[r] = (logits.gather(-1, targets[mine].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)).sum()
-    return sums
-
-
 @torch.no_grad()
 def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
@@ -205,8 +163,10 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
 
     Sequences are right-padded (positions need no shifting) and taken in the given order in fixed batches, so
     two models scored on the same lists see exactly the same batches. `temperature` divides the logits: pass
-    the sampling temperature to get the log-probs of the distribution the responses came from. Only the positions
-    that predict a response token are projected to the vocabulary, `chunk_size` at a time (`_batch_logps`)."""
+    the sampling temperature to get the log-probs of the distribution the responses came from (divided after any
+    soft-capping, as the model's forward ends). Through the preference loop's vocabulary projection (`pair_logps`):
+    the decoder runs once and only the positions that predict a response token are projected, `chunk_size` at a
+    time, so the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model)."""
     from tqdm.auto import tqdm
 
     if len(prompt_ids) != len(response_ids):
@@ -222,8 +182,8 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
         batch = response_batch(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        if projectable:
-            sums = _batch_logps(model, batch, temperature, chunk_size)
+        if projectable:  # only the positions predicting a response token reach the vocabulary, in chunks
+            sums = pair_logps(model, batch, chunk_size, temperature)[0]
         else:
             comp = torch.zeros_like(batch["input_ids"]).flatten()
             comp[batch["source_index"] + 1] = 1

@@ -251,7 +251,7 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
-def _pair_logps_inside_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_logps_inside_forward(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """pair_logps for a sharded model: FSDP gathers a module's weights only inside its forward, so lm_head cannot
     be applied afterwards to captured hidden states. The model projects the positions that predict a completion
     token itself (`logits_to_keep`: the union of those positions over the rows, (R, K, V) logits), and the targets
@@ -262,7 +262,7 @@ def _pair_logps_inside_forward(model, batch: dict) -> tuple[torch.Tensor, torch.
     positions = torch.unique(source % T)  # sorted
     kwargs = {**attention_inputs(model, batch), "use_cache": False, "logits_to_keep": positions}
     logits = model(input_ids=ids, **kwargs).logits  # (R, K, V)
-    logits = logits[source // T, torch.searchsorted(positions, source % T)].float()  # (N, V)
+    logits = logits[source // T, torch.searchsorted(positions, source % T)].float() / temperature  # (N, V)
     targets = batch["target_ids"]
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     n = int(batch["num_sequences"])
@@ -271,22 +271,23 @@ def _pair_logps_inside_forward(model, batch: dict) -> tuple[torch.Tensor, torch.
     return sums, lengths
 
 
-def _target_logps(hidden: torch.Tensor, model, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target | hidden) per token: (N, d), (N,) -> (N,), the softmax in float32."""
-    logits = project_logits(model, hidden).float()
+def _target_logps(hidden: torch.Tensor, model, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target | hidden) per token: (N, d), (N,) -> (N,), the softmax in float32 over logits / temperature."""
+    logits = project_logits(model, hidden).float() / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, chunk_size: int = 0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion length of every sequence: (2B,), (2B,), chosen first.
 
     The model is called through its own forward (so DDP / DeepSpeed / PEFT hooks run) with `logits_to_keep` an
     empty 1D index tensor: it projects no position to the vocabulary (a 1D tensor of positions means the same in
     transformers 5.17 and 5.23; a 2D boolean mask is 5.2x-only); a hook takes the decoder's last hidden states and
     only the positions that predict completion tokens are projected here (chunk_size > 0: in chunks, each
-    recomputed in backward)."""
+    recomputed in backward). `temperature` divides the logits the model's forward ends with (after any
+    soft-capping): the log-probs of the distribution responses sampled at that temperature came from."""
     if _is_fsdp(model):
-        return _pair_logps_inside_forward(model, batch)
+        return _pair_logps_inside_forward(model, batch, temperature)
     inner = _unwrap(model)
     decoder = inner.get_decoder()
     captured = {}
@@ -305,11 +306,11 @@ def pair_logps(model, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, t
     hidden = captured["h"].flatten(0, 1)[batch["source_index"]]  # (N, d): only positions that predict a target
     targets = batch["target_ids"]
     if chunk_size and hidden.shape[0] > chunk_size:
-        parts = [checkpoint(_target_logps, hidden[i:i + chunk_size], inner, targets[i:i + chunk_size],
+        parts = [checkpoint(_target_logps, hidden[i:i + chunk_size], inner, targets[i:i + chunk_size], temperature,
                             use_reentrant=False) for i in range(0, hidden.shape[0], chunk_size)]
         logps = torch.cat(parts)
     else:
-        logps = _target_logps(hidden, inner, targets)
+        logps = _target_logps(hidden, inner, targets, temperature)
     n = int(batch["num_sequences"])
     sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
     lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
