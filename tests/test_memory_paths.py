@@ -251,7 +251,7 @@ def record_ppo(monkeypatch, device: str | None = None, stop: bool = False) -> di
 
     def load_scorer(*args, **kwargs):
         scorer = real_scorer(*args, **kwargs)
-        seen["scorer"] = scorer
+        seen["scorer"], seen["scorer_load"] = scorer, kwargs
         return scorer
 
     def rollout_generator(*args, **kwargs):
@@ -284,6 +284,8 @@ def test_ppo_models_before_prepare(tmp_path, tiny_model_dir, rm_dir, monkeypatch
     assert first["policy"] == first["value"] == {("cpu", torch.float32)}
     assert first["ref"] == {("cpu", torch.bfloat16)}
     assert placements(seen["scorer"].model) == {("meta", torch.bfloat16)}  # frozen: a full copy on this device
+    # loaded on the CPU in its run dtype, then placed (or sharded): never whole on the GPU before sharding
+    assert seen["scorer_load"]["device"] == "cpu" and seen["scorer_load"]["dtype"] == torch.bfloat16
 
 
 def test_ppo_runs_with_frozen_models_in_the_launchs_bf16(tmp_path, tiny_model_dir, rm_dir, monkeypatch):

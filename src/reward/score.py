@@ -142,10 +142,13 @@ def reward_model_config(path: str, trust_remote_code: bool = False, key: str = "
     return config
 
 
-def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code"):
+def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_remote_code", device: str | None = None,
+                dtype=None):
     """A scorer (`.score(prompts, responses, batch_size, max_length)`, `.model`, `.tokenizer`) for a reward-model
-    folder or hub id, eval mode, on the GPU if any: a likelihood reward model (a causal LM with
-    `reward_model.json`, reward/likelihood.py) or any AutoModelForSequenceClassification.
+    folder or hub id, eval mode: a likelihood reward model (a causal LM with `reward_model.json`,
+    reward/likelihood.py) or any AutoModelForSequenceClassification. By default on the GPU in bf16 if there is one
+    (the score and evaluate stages); a caller that shards the model itself (PPO under FSDP) passes device="cpu" and
+    its dtype, so the whole model never lands on one GPU before sharding.
 
     A causal LM folder without `reward_model.json` would get a random head: refused, train one first."""
     import torch
@@ -153,11 +156,12 @@ def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_re
     from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
     from prefopt.reward.likelihood import LikelihoodScorer, read_meta
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     meta = read_meta(path) if Path(path).is_dir() else None
     if meta is not None and meta["kind"] == "likelihood":
-        model = load_causal_lm(path, dtype="bfloat16" if device == "cuda" else "float32").to(device).eval()
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+        model = load_causal_lm(path, dtype=name).to(device).eval()
         return LikelihoodScorer(model, load_tokenizer(path, padding_side="right"), meta["beta"])
     config = reward_model_config(path, trust_remote_code, key)
     archs = getattr(config, "architectures", None) or []
