@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from families import GEMMA_TEMPLATE
 from test_remote_code_rm import LLAMA3_TEMPLATE, user
 
 from prefopt.config import ConfigError
@@ -46,14 +47,7 @@ LLAMA31_TEMPLATE = (
     "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
-GEMMA2_TEMPLATE = (  # google/gemma-2-27b-it, as Skywork-Reward-Gemma-2-27B ships it
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+GEMMA2_TEMPLATE = GEMMA_TEMPLATE  # gemma-2-27b-it's, as Skywork-Reward-Gemma-2-27B ships it
 TEXTS = ["system user assistant model Cutting Knowledge Date: December 2023 Today Date: 26 Jul 2024",
          "Sort the numbers in ascending order: 9 8 7 6 5 4 3 2 1 0. The answer is 0 1 2 3 4 5 6 7 8 9.",
          "Say hello. hello there, how can I help you today? Helpfulness, correctness, verbosity."] * 10
