@@ -321,27 +321,29 @@ def test_llama3_recipe_names_ultrafeedback_as_gemma_does():
 
 # ------------------------------------------------------------------------------------------------ memory
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a large pytest process would report the
+# parent's size as its own peak.
 MEASURE = r"""
-import json, os, resource, sys
+import json, sys
 import datasets, torch  # noqa: F401  (imported on both paths, before the baseline)
 from prefopt.data.spec import DatasetSpec
 from prefopt.preference_data import load_pairs
 
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
 
-base = rss()
+base = status("VmRSS")
 source = sys.argv[1] if sys.argv[1].endswith(".jsonl") else DatasetSpec(path=sys.argv[1])
 rows = load_pairs(source, "alpaca", None)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"rows": len(rows), "base": base, "peak": peak, "last": rows[-1]["chosen"]}))
+print(json.dumps({"rows": len(rows), "base": base, "peak": status("VmHWM"), "last": rows[-1]["chosen"]}))
 """
 
 
 def test_a_60k_row_parquet_set_costs_dpo_pair_loading_no_more_than_its_jsonl(tmp_path):
     """60,000 preference rows (26 MB as JSONL, 11 MB parquet), each loaded by `load_pairs` in a fresh process.
-    Measured here: peak RSS over the baseline after imports, JSONL 136 MB, parquet 98 MB on the first load (which
-    prepares datasets' Arrow cache), 81 MB from the cache."""
+    Measured here: peak RSS (VmHWM) over the RSS after imports, JSONL 133 MB, parquet 97 MB on the first load (which
+    prepares datasets' Arrow cache), 79 MB from the cache."""
     import random
 
     import pyarrow as pa

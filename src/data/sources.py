@@ -155,7 +155,7 @@ def _from_builder(path: str, label: str, name: str, split: str, revision: str, h
 
     try:
         builder = datasets.load_dataset_builder(path, name or None, revision=revision or None, **kw)
-    except (ConnectionError, FileNotFoundError, OSError) as e:
+    except OSError as e:  # ConnectionError (offline, no network), FileNotFoundError (no such repo or folder), HTTP
         if hub:
             offline = "HF_HUB_OFFLINE is set" if datasets.config.HF_HUB_OFFLINE else _one_line(e)
             raise DataError(path, None, None, f"no local file or folder of that name, and as a Hub dataset id it is "
@@ -201,8 +201,7 @@ def _from_file(path: Path, label: str, split: str):
         except Exception:  # noqa: BLE001 - an Arrow IPC *file* (Feather v2): through the builder, which reads both
             pass
     module = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}[suffix]
-    # parquet: a row group (often the whole file) at a time unless told; 1,000 rows keeps preparing it small
-    kw = {"sep": "\t"} if suffix == ".tsv" else {"batch_size": 1000} if suffix == ".parquet" else {}
+    kw = {"sep": "\t"} if suffix == ".tsv" else {}
     return _from_builder(module, label, "", split, "", hub=False, data_files={"train": [str(path.resolve())]}, **kw)
 
 
@@ -270,7 +269,6 @@ class Rows:
         if self.order is None:
             part = self.parts[0]
             for n, rec in part.rows:
-                part.taken += 1
                 yield part, n, part.record(rec)
             return
         for i, j in self.order:
