@@ -374,3 +374,25 @@ def test_a_60k_row_parquet_set_costs_dpo_pair_loading_no_more_than_its_jsonl(tmp
     mb = {k: (v["peak"] - v["base"]) / 2**20 for k, v in (("jsonl", jsonl), ("parquet", first), ("cached", cached))}
     print("peak over baseline, MB:", {k: round(v) for k, v in mb.items()})
     assert mb["parquet"] <= mb["jsonl"] and mb["cached"] <= mb["jsonl"]
+
+
+def test_check_reads_dataset_paths_without_fetching(tmp_path, hf_cache):
+    """`prefopt check` on dataset paths: a Hub id passes on its form, a dataset folder passes, a plain folder is a
+    problem, a mixture part that is not here is a warning naming its key; nothing reaches the cache."""
+    from prefopt.checks import problems_and_warnings
+
+    repo = hub_repo(tmp_path / "uf_mini")
+    (tmp_path / "plain").mkdir()
+    mixture = {"mixture": [{"path": "HuggingFaceH4/ultrafeedback_binarized", "split": "train_prefs"},
+                           {"path": str(tmp_path / "gone.parquet")}, {"path": str(repo)}]}
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["dpo"], dpo={"pairs": mixture},
+                                                          sft={"dataset": {"path": str(tmp_path / "plain")}}))
+    cfg = load_config(exp)
+    problems, warnings = problems_and_warnings(cfg)
+    assert [w for w in warnings if "pairs" in w] == [
+        f"dpo.pairs.mixture[1].path: file '{tmp_path / 'gone.parquet'}' does not exist here (fine if the GPU machine "
+        "has it)"]
+    cfg.stages = ["sft"]
+    problems, _ = problems_and_warnings(cfg)
+    assert f"sft.dataset.path: '{tmp_path / 'plain'}' is a directory, not a data file" in problems
+    assert not hf_cache.exists()
