@@ -125,6 +125,24 @@ def test_save_cut_by_a_kill_leaves_the_previous_checkpoints_usable(finished, tmp
     assert not (ck / ".tmp-checkpoint-6").exists() and verify_manifest(ck / "checkpoint-6") is None
 
 
+def test_final_save_lost_then_resumed_keeps_the_summary_figures(finished, tmp_path, tiny_model_dir):
+    """The final model save failed after checkpoint-6 (model/ gone, no marker): the rerun resumes at step 6, trains
+    nothing, saves model/ from the checkpoint and its summary still has the loss, margin and accuracy of step 6
+    (from the checkpoint's train_state.json), equal to the uninterrupted run's."""
+    import json
+
+    from prefopt.stage import run_stage
+
+    cfg, d = resumable_copy(finished, tmp_path, tiny_model_dir)
+    shutil.rmtree(d / "model")
+    summary = run_stage(cfg, "dpo")
+    want = json.loads((finished[0] / "runs" / "t" / "dpo" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-6")
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert summary[key] == want[key]
+    same_weights(finished[0] / "runs" / "t" / "dpo" / "model", d / "model")
+
+
 def test_reference_cache_with_20_values_overwritten_is_recomputed(finished, tmp_path, tiny_model_dir, capsys):
     """20 of the cache's 32 values overwritten inside a file that still loads (shape, key and finiteness all
     fine): its content hash no longer matches, so the next run recomputes it with a line, the file holds the

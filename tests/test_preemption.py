@@ -173,3 +173,83 @@ def test_sigterm_during_sft_saves_and_resumes_bit_identically(tmp_path, tiny_mod
     rc, err = baseline.wait()
     assert rc == 0, err[-3000:]
     assert_bit_identical(tmp_path / "a" / "runs" / "e" / "sft" / "model", d / "model")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, tiny_model_dir):
+    """A two-process dpo launch (`prefopt run`, launch.num_processes 2, gloo on CPU) where SIGTERM reaches rank 1
+    only: the ranks agree at the end of the step, both save their part of checkpoint-N (one RNG file each) and stop;
+    `prefopt run` shows one line and exits 143; the rerun resumes from checkpoint-N and finishes."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=16)
+    total = 40
+    cfg = write_yaml(tmp_path / "e.yaml", {
+        "name": "e", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"}, "stages": ["dpo"],
+        "launch": {"launcher": "accelerate", "num_processes": 2},
+        "dpo": {"model": str(tiny_model_dir), "pairs": str(pairs), "max_steps": total,
+                "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 25,
+                "max_length": 128}})
+    d = tmp_path / "runs" / "e" / "dpo"
+    ENV["ACCELERATE_USE_CPU"] = "true"
+    try:
+        run = Run(tmp_path, "run", str(cfg))
+        deadline = time.time() + 240
+        while logged_steps(d) < 3 and time.time() < deadline and run.proc.poll() is None:
+            time.sleep(0.01)
+        rank1 = json.loads((d / "_ranks" / "rank-1.json").read_text())["pid"]
+        os.kill(rank1, signal.SIGTERM)
+        seen = logged_steps(d)
+        rc, err = run.wait(timeout=120)
+        assert rc == 143, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        m = LINE.match(lines[0])
+        assert m, lines
+        step = int(m.group(2))
+        assert seen <= step <= seen + 2 and step < total  # (a step may end between the signal and `seen`)
+        ckpt = d / "checkpoints" / f"checkpoint-{step}"
+        assert verify_manifest(ckpt) is None
+        assert sorted(p.name for p in (ckpt / "state").glob("random_states_*.pkl")) == [
+            "random_states_0.pkl", "random_states_1.pkl"]
+        rc, err = Run(tmp_path, "run", str(cfg)).wait()
+    finally:
+        ENV.pop("ACCELERATE_USE_CPU")
+    assert rc == 0, err[-3000:]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["steps"] == total
+
+
+FAKE_PREFOPT = """#!/bin/bash
+# stands in for `prefopt run`: says it started, then on SIGTERM prints the stage's line and exits 143
+line="prefopt: dpo preempted at step 3 (signal SIGTERM); checkpoint-3 saved; rerun the same command to resume"
+trap 'echo "$line" >&2; exit 143' TERM
+echo "$@" > "$FAKE_DIR/args"
+while :; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_sbatch_script_passes_the_signal_on_and_requeues(tmp_path, sig):
+    """experiments/slurm/prefopt_run.sbatch gets USR1 (its --signal=B:USR1@120, before the time limit) or SIGTERM
+    (a preemption): it sends SIGTERM to `prefopt run`, waits for it to exit 143 after its checkpoint, calls
+    `scontrol requeue $SLURM_JOB_ID` and exits 143."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"prefopt": FAKE_PREFOPT, "scontrol": '#!/bin/bash\necho "$@" >> "$FAKE_DIR/scontrol"\n'}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = (REPO / "experiments" / "slurm" / "prefopt_run.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "1"}
+    proc = subprocess.Popen(["bash", "experiments/slurm/prefopt_run.sbatch", "exp.yaml"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "args").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # the script is in `wait` by now
+    proc.send_signal(getattr(signal, f"SIG{sig}"))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert (tmp_path / "args").read_text().startswith("run exp.yaml --launch.launcher=accelerate")
+    assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
+    assert "prefopt: dpo preempted at step 3" in err and f"SIG{sig}: prefopt saved a checkpoint; requeueing" in err

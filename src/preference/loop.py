@@ -229,12 +229,12 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
 
     From here to the final save, SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current step with a
     checkpoint (prefopt.faults.PreemptedError); a signal during the final save lets the save finish."""
-    with faults.StopSignals(ctx.stage) as stop:
-        return _train(ctx, objective, reference, ref_model, rows, section, hook, stop)
+    with faults.StopSignals(ctx.stage) as signals:
+        return _train(ctx, objective, reference, ref_model, rows, section, hook, signals)
 
 
 def _train(ctx, objective: Objective, reference: str | None, ref_model: str, rows: list[dict] | None, section,
-           hook: Callable | None, stop: faults.StopSignals) -> dict:
+           hook: Callable | None, signals: faults.StopSignals) -> dict:
     from accelerate import Accelerator
 
     from transformers import get_scheduler
@@ -308,7 +308,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         step = int(resumed.name[11:])
         last_row = json.loads((resumed / TRAIN_STATE).read_text()).get("last_row", {})
         accelerator.print(f"[prefopt] {ctx.stage}: resumed from {resumed} (step {step})")
-    signum = stop.agreed(accelerator.device)
+    signum = signals.agreed(accelerator.device)
     if signum:  # a signal while loading: nothing new to save
         raise faults.PreemptedError(ctx.stage, step, signum, str(resumed) if resumed is not None else None)
 
@@ -381,7 +381,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                     total = step  # ends both loops; the last checkpoint below is this step's
             if step >= total:
                 break
-            signum = stop.agreed(accelerator.device)  # every process, once per step: all stop at the same step
+            signum = signals.agreed(accelerator.device)  # every process, once per step: all stop at the same step
             if signum:
                 path = save(step) if saved_at != step else ckpt_dir / f"checkpoint-{step}"
                 progress.close()
