@@ -253,3 +253,46 @@ def test_sbatch_script_passes_the_signal_on_and_requeues(tmp_path, sig):
     assert (tmp_path / "args").read_text().startswith("run exp.yaml --launch.launcher=accelerate")
     assert (tmp_path / "scontrol").read_text() == "requeue 4242\n"
     assert "prefopt: dpo preempted at step 3" in err and f"SIG{sig}: prefopt saved a checkpoint; requeueing" in err
+
+
+@pytest.mark.parametrize("kind", ["classifier", "likelihood"])
+def test_sigterm_during_reward_saves_and_resumes(tmp_path, tiny_model_dir, monkeypatch, kind):
+    """Both reward kinds (TRL's RewardTrainer; the preference loop), run in this process: a real SIGTERM to this
+    process once step 3 of 8 is logged stops the stage at step 3 or 4 with a checkpoint of that step; the rerun
+    resumes there and saves the weights an uninterrupted run saves, bit for bit."""
+    from prefopt import tracking
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.faults import PreemptedError
+    from prefopt.stage import run_stage
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=32)
+
+    def cfg(name):
+        return from_dict(ExperimentConfig, {
+            "name": name, "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"}, "stages": ["reward"],
+            "reward": {"model": str(tiny_model_dir), "kind": kind, "dataset": {"path": str(pairs)}, "max_steps": 8,
+                       "save_steps": 5, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                       "eval_fraction": 0.0, "test_fraction": 0.25, "max_length": 128, "min_eval_accuracy": 0}})
+
+    run_stage(cfg("a"), "reward")
+    log = tracking.Tracker.log
+
+    def log_then_signal(self, metrics, step=None):
+        log(self, metrics, step)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.Tracker, "log", log_then_signal)
+    with pytest.raises(PreemptedError) as e:
+        run_stage(cfg("b"), "reward")
+    monkeypatch.undo()
+    step = e.value.step
+    assert str(e.value) == (f"reward preempted at step {step} (signal SIGTERM); checkpoint-{step} saved; rerun the "
+                            "same command to resume")
+    assert e.value.exit_code == 143 and step in (3, 4)
+    d = tmp_path / "runs" / "b" / "reward"
+    assert verify_manifest(d / "checkpoints" / f"checkpoint-{step}") is None
+    summary = run_stage(cfg("b"), "reward")
+    assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["train/steps"] == 8
+    assert_bit_identical(tmp_path / "runs" / "a" / "reward" / "model", d / "model")
