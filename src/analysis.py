@@ -5,7 +5,8 @@
     A.plot_frontier(data).savefig("frontier.png")
 
 `load_run` reads the local record every stage leaves (see prefopt.tracking): `<stage>/metrics.jsonl`,
-`<stage>/summary.json`, `pairs/pairs.jsonl`, `evaluate/summary.json`, and `round<k>/<stage>/` for later rounds.
+`<stage>/summary.json`, `pairs/pairs.jsonl`, `evaluate/summary.json`, `round<k>/<stage>/` for later rounds, and
+`seed-<s>/[round<k>/]<stage>/` for the stages a replicated experiment ran once per seed (their rows carry `seed`).
 `load_wandb` reads the same runs from the W&B API instead (online only).
 
 Every plot takes the dict of DataFrames `load_run(s)` returns and gives a matplotlib Figure. A panel whose data is
@@ -79,16 +80,24 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def stage_dirs(run_dir: str | Path) -> list[tuple[str, int, Path]]:
-    """(stage, round, folder) of every stage with a record under the run directory, in pipeline order."""
+def _rounds(base: Path) -> list[tuple[int, Path]]:
+    return [(1, base)] + sorted((int(p.name[5:]), p) for p in base.glob("round*") if p.name[5:].isdigit())
+
+
+def stage_dirs(run_dir: str | Path) -> list[tuple[str, int, Path, int | None]]:
+    """(stage, round, folder, seed) of every stage with a record under the run directory, in pipeline order; seed
+    is the replicate's for a stage under `seed-<s>/`, None for a stage run once."""
     root = Path(run_dir)
+    bases: list[tuple[int | None, Path]] = [(None, root)]
+    bases += sorted((int(p.name[5:]), p) for p in root.glob("seed-*") if p.name[5:].lstrip("-").isdigit())
     found = []
-    for r, base in [(1, root)] + sorted((int(p.name[5:]), p) for p in root.glob("round*") if p.name[5:].isdigit()):
-        for d in base.iterdir() if base.is_dir() else []:
-            if d.is_dir() and any((d / f).exists() for f in ("summary.json", "metrics.jsonl", "config.yaml")):
-                found.append((d.name, r, d))
+    for seed, top in bases:
+        for r, base in _rounds(top):
+            for d in base.iterdir() if base.is_dir() else []:
+                if d.is_dir() and any((d / f).exists() for f in ("summary.json", "metrics.jsonl", "config.yaml")):
+                    found.append((d.name, r, d, seed))
     rank = {s: i for i, s in enumerate(STAGE_ORDER)}
-    return sorted(found, key=lambda t: (t[1], rank.get(t[0], len(rank)), t[0]))
+    return sorted(found, key=lambda t: (t[1], rank.get(t[0], len(rank)), -1 if t[3] is None else t[3], t[0]))
 
 
 def _frame(rows: list[dict], name: str) -> pd.DataFrame:
@@ -111,27 +120,29 @@ def load_run(run_dir: str | Path, name: str | None = None) -> dict[str, pd.DataF
     root = Path(run_dir)
     run = name or root.name
     metrics, summaries, evaluate, pairs, curves = [], [], [], [], []
-    for stage, r, d in stage_dirs(root):
+    for stage, r, d, seed in stage_dirs(root):
         for row in _read_jsonl(d / "metrics.jsonl"):
-            metrics.append({"run": run, "stage": stage, "round": r, **row})
+            metrics.append({"run": run, "stage": stage, "round": r, "seed": seed, **row})
         summary = _read_json(d / "summary.json")
         if summary is not None:
             flat = {k: v for k, v in flatten(summary).items() if not isinstance(v, list)}
             # `path`: a sweep trial links the stages it shares with its parent, so the same folder can appear
             # in several runs; count its time once
-            summaries.append({**flat, "run": run, "stage": stage, "round": r, "path": str(d.resolve())})
+            summaries.append({**flat, "run": run, "stage": stage, "round": r, "seed": seed,
+                              "path": str(d.resolve())})
             if stage == "evaluate":
                 for policy, figs in (summary.get("policies") or {}).items():
-                    evaluate.append({"run": run, "round": r, "policy": policy,
+                    evaluate.append({"run": run, "round": r, "policy": policy, "seed": seed,
                                      **{k: v for k, v in figs.items() if not isinstance(v, (dict, list))}})
-                curves += curve_rows(summary, run, r)
+                curves += [{**row, "seed": seed} for row in curve_rows(summary, run, r)]
         if stage == "pairs":
             for row in _read_jsonl(d / "pairs.jsonl"):
-                pairs.append({"run": run, "round": r, **{c: row.get(c) for c in PAIR_COLUMNS}})
+                pairs.append({"run": run, "round": r, "seed": seed, **{c: row.get(c) for c in PAIR_COLUMNS}})
     timings = []
     for key, seconds in (_read_json(root / "timings.json") or {}).items():
-        stage, _, r = key.partition("@")
-        timings.append({"run": run, "stage": stage, "round": int(r or 1), "seconds": seconds})
+        stage, r, *rest = key.split("@")  # "dpo@1", or "dpo@1@seed-43" for a replicate's stage
+        seed = int(rest[0][5:]) if rest and rest[0].startswith("seed-") else None
+        timings.append({"run": run, "stage": stage, "round": int(r or 1), "seed": seed, "seconds": seconds})
     return {
         "metrics": _frame(metrics, "metrics"),
         "summaries": _frame(summaries, "summaries"),
@@ -347,11 +358,44 @@ def plot_overoptimisation(curves: dict, best_of_n: list[dict], path: str | Path)
     return Path(path)
 
 
+def plot_replicates(data: dict[str, pd.DataFrame]) -> Figure:
+    """A replicated run's figures seed by seed: per policy, one point per seed (gold score, reward-model score,
+    gold gain over SFT), and the mean over seeds with its across-seed standard error as a bar; the spread a
+    single run's ± over prompts does not show."""
+    ev = data["evaluate"]
+    fig = Figure(figsize=(13, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3)
+    seeded = ev[ev["seed"].notna()] if "seed" in ev.columns and len(ev) else ev.iloc[0:0]
+    seeded = seeded[~seeded["policy"].astype(str).str.startswith("best_of_")] if len(seeded) else seeded
+    for ax, key in zip(axes, ["gold_score", "rm_score", "gold_gain"]):
+        ax.set_title(f"{key} per seed")
+        df = seeded[seeded[key].notna()] if key in seeded.columns and len(seeded) else seeded.iloc[0:0]
+        if df.empty:
+            _no_data(ax, f"{key} of a replicated run (replicates: N)")
+            continue
+        last = df[df["round"] == df["round"].max()]
+        policies = list(dict.fromkeys(last["policy"]))
+        for i, policy in enumerate(policies):
+            g = last[last["policy"] == policy].sort_values("seed")
+            n = len(g)
+            xs = [i + (j - (n - 1) / 2) * 0.08 for j in range(n)]
+            ax.scatter(xs, g[key], color=COLORS.get(policy, "tab:cyan"), s=25, zorder=3)
+            for x, (_, row) in zip(xs, g.iterrows()):
+                ax.annotate(str(int(row["seed"])), (x, row[key]), fontsize=6, xytext=(3, 0), textcoords="offset points")
+            se = g[key].std(ddof=1) / n ** 0.5 if n > 1 else 0.0
+            ax.errorbar([i + 0.3], [g[key].mean()], yerr=[se], color="black", marker="_", ms=12, capsize=3)
+        ax.set_xticks(range(len(policies)), policies)
+        ax.set_ylabel(key)
+    fig.suptitle("Replicates: one point per seed; bar: mean ± across-seed standard error")
+    return fig
+
+
 FIGURES = {
     "training_curves": plot_training_curves,
     "reward_kl_frontier": plot_frontier,
     "overoptimisation": plot_overoptimisation_curves,
     "lengths": plot_lengths,
+    "replicates": plot_replicates,
 }
 
 
@@ -360,7 +404,11 @@ def save_figures(data: dict[str, pd.DataFrame], out_dir: str | Path, dpi: int = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
+    ev = data["evaluate"]
+    replicated = "seed" in ev.columns and ev["seed"].notna().any()
     for name, plot in FIGURES.items():
+        if name == "replicates" and not replicated:
+            continue  # a run with one seed has no seeds to draw
         fig = plot(data)
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=dpi)
@@ -373,7 +421,8 @@ def save_figures(data: dict[str, pd.DataFrame], out_dir: str | Path, dpi: int = 
 def evaluate_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The evaluate figures, one row per (run, round, policy), in the usual column order."""
     ev = data["evaluate"]
-    cols = ["run", "round", "policy"] + [c for c in EVAL_FIGURES if c in ev.columns]
+    seeded = "seed" in ev.columns and ev["seed"].notna().any()  # a replicated run: one row per seed
+    cols = ["run", "round", "policy"] + (["seed"] if seeded else []) + [c for c in EVAL_FIGURES if c in ev.columns]
     # the evaluation suite's figures beside them (perplexity, multiple choice, lm-eval), no standard errors twice
     cols += [c for c in ev.columns if c == "ppl" or (c.startswith(SUITE_PREFIXES) and not c.endswith("stderr"))]
     return ev[cols].reset_index(drop=True)
@@ -382,8 +431,9 @@ def evaluate_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def stage_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Per stage: wall time (as `prefopt run` measured it when it did, else the stage's own) and its figures."""
     s = data["summaries"].copy()
-    t = data["timings"][["run", "stage", "round", "seconds"]]
-    s = s.merge(t, on=["run", "stage", "round"], how="left")
+    keys = ["run", "stage", "round"] + (["seed"] if "seed" in s.columns and "seed" in data["timings"].columns else [])
+    t = data["timings"][[*keys, "seconds"]]
+    s = s.merge(t, on=keys, how="left")
     s["wall_seconds"] = s["seconds"].fillna(s["wall_seconds"])
     return s.drop(columns=["seconds"]).reset_index(drop=True)
 

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _common(sp)
         sp.add_argument("--round", type=int, default=1, help="round of an iterative experiment (default 1)")
+        sp.add_argument("--replicate-seed", type=int, help="the seed of the replicate to run, when the experiment "
+                        "runs this stage once per seed (replicates / seeds)")
     sp = sub.add_parser("run", help="run an experiment's stages in order, skipping finished ones",
                         description="Run every stage of the experiment in order. A finished stage whose "
                         "fingerprint (config section + inputs) is unchanged is skipped; a killed run resumes.")
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 1 <= args.round <= cfg.iterations:
             raise ConfigError(f"--round {args.round}: the experiment has rounds 1 to {cfg.iterations} (iterations)")
+        cfg = replicate_of(cfg, args.command, args.round, args.replicate_seed)
         check_inputs(cfg, args.command, args.round)
         # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
         with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
@@ -271,6 +274,25 @@ def main(argv: list[str] | None = None) -> int:
                       "unfinished one resumes")
         print(f"prefopt: {args.command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
         return 1
+    finally:
+        from prefopt import faults
+
+        faults.reported()  # a training stage's error is reported: signals act as before it again
+
+
+def replicate_of(cfg, stage: str, round_: int, seed: int | None):
+    """The config of the replicate `--replicate-seed` names, for a stage the experiment runs once per seed; a
+    config error when the seed is missing or not one of the experiment's, or given for a stage run once."""
+    from prefopt.experiment import for_seed, replicated_stage
+
+    if not replicated_stage(cfg, stage, round_):
+        if seed is not None:
+            raise ConfigError(f"--replicate-seed {seed}: {stage} runs once in this experiment, not once per seed")
+        return cfg
+    if seed is None or seed not in cfg.seed_list:
+        got = "is missing" if seed is None else f"{seed} is not one of them"
+        raise ConfigError(f"--replicate-seed: {stage} runs once per seed (seeds {cfg.seed_list}); {got}")
+    return for_seed(cfg, seed)
 
 
 def _log_file(cfg, command: str):
@@ -280,10 +302,25 @@ def _log_file(cfg, command: str):
     return root / "logs" / f"{command}.log"
 
 
+def _close_progress_bars() -> None:
+    """A training stage's progress bar left open by the error ends its line, so the error starts a line of its own
+    (and `prefopt run`, which relays a launched stage's stderr, finds it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
 def user_error(kind: str, error, code: int) -> int:
     """Print `prefopt: KIND: MESSAGE` (no kind: `prefopt: MESSAGE`) as one line; a stage launched by `prefopt run`
     also leaves the code for it."""
     msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
+    _close_progress_bars()
     print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
     exit_file = os.environ.get("PREFOPT_EXIT_FILE")
     if exit_file and int(os.environ.get("RANK", "0")) == 0:

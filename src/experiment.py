@@ -6,6 +6,7 @@ the reference both locates the input and makes NAME an input of the stage for fi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -46,6 +47,12 @@ ORDER = list(STAGES)
 OPT_IN_STAGES = ["self_instruct"]
 # Stages that run again in every round of an iterative experiment (round i+1 samples from round i's policy).
 ROUND_STAGES = ["generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
+# Stages that run once per seed in a replicated experiment (`replicates: N` or `seeds: [...]`) unless
+# `replicate_stages` says otherwise: the aligners' own randomness (data order, LoRA init, PPO's rollouts) and the
+# evaluation's samples, which is the noise a method comparison on a fixed SFT policy and reward model must beat.
+# Every stage that reads one of them is replicated with it; the rest (task, base, sft, generate, reward, score,
+# pairs) run once, under `seed`, and every replicate reads them.
+REPLICATE_STAGES = ["dpo", "simpo", "ppo", "evaluate"]
 # Where a stage's model lands inside its folder.
 MODEL_SUBDIR = {"base": "model", "sft": "model", "reward": "model", "dpo": "model", "simpo": "model", "ppo": "model"}
 
@@ -103,7 +110,18 @@ class ExperimentConfig:
     name: str
     """The experiment's name: its run directory (`<output_dir>/<name>`) and W&B group."""
     seed: int = 42
-    """Seeds model construction and every stage."""
+    """Seeds model construction and every stage (in a replicated experiment, the stages run once)."""
+    replicates: int = 1
+    """Run the stages in `replicate_stages` (and every stage that reads one of them) under this many seeds:
+    seed, seed + 1, ... Each replicate lands in `<output_dir>/<name>/seed-<s>/<stage>`; the final table gives the
+    mean over seeds, the across-seed standard error and the paired differences between policies (docs/methods.md,
+    "Replicates")."""
+    seeds: list[int] = field(default_factory=list)
+    """The replicates' seeds, named (instead of `replicates`); empty: seed, seed + 1, ... (`replicates` of them)."""
+    replicate_stages: list[str] = field(default_factory=lambda: list(REPLICATE_STAGES))
+    """Stages that run once per seed when the experiment is replicated; the stages reading them follow. The default
+    replicates the aligners and the evaluation on a shared SFT policy and reward model; add sft and reward to
+    replicate the pipeline from SFT on (generate, score and pairs then follow)."""
     output_dir: str = "runs"
     stages: list[str] = field(default_factory=lambda: [s for s in ORDER if s not in OPT_IN_STAGES])
     """Stages to run, in pipeline order (default: all but `self_instruct`, which runs only when named)."""
@@ -128,6 +146,8 @@ class ExperimentConfig:
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     """`prefopt annotate` (the feedback page), not a pipeline stage: what it serves and where labels go."""
     config_path: str = field(default="", init=False)
+    replicate_seed: Optional[int] = field(default=None, init=False)
+    """The seed of the replicate this copy of the config runs (`for_seed`); None: the experiment as a whole."""
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -141,6 +161,29 @@ class ExperimentConfig:
         if self.iterations > 1 and self.iterate_policy not in self.stages:
             raise FieldError("iterate_policy", f"'{self.iterate_policy}' feeds round 2's generation but is not in "
                                                f"stages {self.stages}")
+        check_range(self, "replicates", ge=1)
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise FieldError("seeds", f"repeats seed {repeated[0]}: replicates under one seed are one run twice "
+                                      f"(got {self.seeds})")
+        if self.seeds and self.replicates not in (1, len(self.seeds)):
+            raise FieldError("replicates", f"is {self.replicates} but seeds names {len(self.seeds)}: give one of them")
+        unknown = [s for s in self.replicate_stages if s not in STAGES]
+        if unknown:
+            raise FieldError("replicate_stages", f"names unknown stage(s) {unknown}; valid stages: {', '.join(ORDER)}")
+        if self.replicated and not any(replicated_stage(self, s, 1) for s in self.stages):
+            raise FieldError("replicate_stages", f"{self.replicate_stages} replicates none of the stages run "
+                                                 f"({self.stages}): the seeds would all give one result")
+
+    @property
+    def replicated(self) -> bool:
+        """Whether seeded stages run once per seed (`replicates` above 1, or `seeds` named)."""
+        return self.replicates > 1 or bool(self.seeds)
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The replicates' seeds: `seeds`, else seed, seed + 1, ... (`replicates` of them)."""
+        return list(self.seeds) if self.seeds else [self.seed + i for i in range(self.replicates)]
 
     @property
     def root(self) -> Path:
@@ -151,11 +194,48 @@ def section(cfg: ExperimentConfig, stage: str):
     return getattr(cfg, stage)
 
 
+def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    """The config one replicate runs under: the same sections, its replicated stages seeded with `seed` and kept in
+    `seed-<seed>/`. A shallow copy: the sections are shared, not duplicated."""
+    out = copy.copy(cfg)
+    out.replicate_seed = seed
+    if replicated_stage(cfg, "evaluate", cfg.iterations):
+        # The evaluate stage samples under its own `evaluate.seed`, not the stage seed: without this every
+        # replicate would score the shared SFT policy on the same samples, and the across-seed spread would
+        # leave out the evaluation's own sampling noise.
+        from prefopt.generation.base import derive_seed
+
+        out.evaluate = dataclasses.replace(cfg.evaluate, seed=derive_seed(cfg.evaluate.seed, seed))
+    return out
+
+
+def replicated_stage(cfg: ExperimentConfig, stage: str, round_: int = 1) -> bool:
+    """Whether this stage runs once per seed: a replicated experiment, and the stage is in `replicate_stages` or
+    reads (directly or through its inputs) one that is."""
+    if not cfg.replicated:
+        return False
+    if stage in cfg.replicate_stages:
+        return True
+    return any(replicated_stage(cfg, n, r) for n, r in input_stages(cfg, stage, round_))
+
+
+def stage_seed(cfg: ExperimentConfig, stage: str, round_: int = 1) -> int:
+    """The seed a stage runs under: the replicate's for a replicated stage (the first seed when `cfg` names no
+    replicate), else the experiment's `seed`."""
+    if not replicated_stage(cfg, stage, round_):
+        return cfg.seed
+    return cfg.replicate_seed if cfg.replicate_seed is not None else cfg.seed_list[0]
+
+
 def stage_dir(cfg: ExperimentConfig, stage: str, round_: int = 1) -> Path:
-    """`runs/<name>/<stage>`; in rounds after the first, `runs/<name>/round<k>/<stage>` for per-round stages."""
+    """`runs/<name>/<stage>`; in rounds after the first, `runs/<name>/round<k>/<stage>` for per-round stages; a
+    replicated stage under `runs/<name>/seed-<s>/`."""
+    root = cfg.root
+    if replicated_stage(cfg, stage, round_):
+        root = root / f"seed-{stage_seed(cfg, stage, round_)}"
     if round_ > 1 and stage in ROUND_STAGES:
-        return cfg.root / f"round{round_}" / stage
-    return cfg.root / stage
+        return root / f"round{round_}" / stage
+    return root / stage
 
 
 def references(obj: Any) -> list[str]:
@@ -193,6 +273,17 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> list[str]:
     if stage == "evaluate":  # policies whose stage is not run are dropped by the evaluate stage itself
         names = [n for n in names if n in cfg.stages or n in ("task", "base")]
     return names
+
+
+def input_stages(cfg: ExperimentConfig, stage: str, round_: int) -> list[tuple[str, int]]:
+    """(stage, round) pairs this stage reads; round k > 1 generation reads round k-1's aligned policy."""
+    out = []
+    for name in stage_inputs(cfg, stage):
+        r = round_ if name in ROUND_STAGES else 1
+        if round_ > 1 and stage in ROUND_STAGES and stage != "evaluate" and name == "sft":
+            name, r = cfg.iterate_policy, round_ - 1
+        out.append((name, r))
+    return out
 
 
 def resolve(cfg: ExperimentConfig, value: str, round_: int = 1, *, model: bool = True) -> str:

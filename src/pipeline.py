@@ -21,7 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefopt.experiment import ORDER, ROUND_STAGES, STAGES, ExperimentConfig, stage_dir
+from prefopt.experiment import (ORDER, ROUND_STAGES, STAGES, ExperimentConfig, for_seed, replicated_stage,
+                                 stage_dir)
 from prefopt.stage import (FINGERPRINT, MARKER, fingerprint, next_dir, recover_swap, run_stage, stage_status,
                            write_json)
 
@@ -123,9 +124,30 @@ def plan(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     return steps
 
 
-# A stage's own one-line user error (cli.user_error); what a launcher prints after it is its report of a failed
-# child (torchrun's ChildFailedError traceback under --multi_gpu, where --quiet does not apply): noise to drop.
-_USER_ERROR_LINE = re.compile(rb"(?:^|\n)prefopt: (?:(?:config error|data error|lock error|resource error|"
+def replicate_plan(cfg: ExperimentConfig) -> list[tuple[str, int, ExperimentConfig]]:
+    """(stage, round, config) in execution order: `plan`, with each replicated stage once per seed (its config
+    the replicate's, `for_seed`) and each other stage once (the experiment's config)."""
+    out = []
+    for s, r in plan(cfg):
+        if replicated_stage(cfg, s, r):
+            out += [(s, r, for_seed(cfg, seed)) for seed in cfg.seed_list]
+        else:
+            out.append((s, r, cfg))
+    return out
+
+
+def step_label(cfg: ExperimentConfig, stage: str, round_: int) -> str:
+    """`dpo`, `dpo (round 2)`, `dpo (seed 43)`: how a step is named in what `prefopt run` prints."""
+    parts = [f"round {round_}"] if cfg.iterations > 1 else []
+    if cfg.replicate_seed is not None and replicated_stage(cfg, stage, round_):
+        parts.append(f"seed {cfg.replicate_seed}")
+    return f"{stage} ({', '.join(parts)})" if parts else stage
+
+
+# A stage's own one-line user error (cli.user_error), at the start of a line or after a progress bar's \r; what a
+# launcher prints after it is its report of a failed child (torchrun's ChildFailedError traceback under
+# --multi_gpu, where --quiet does not apply): noise to drop.
+_USER_ERROR_LINE = re.compile(rb"(?:^|[\n\r])prefopt: (?:(?:config error|data error|lock error|resource error|"
                               rb"interrupted): |[\w-]+ preempted at step )[^\n]*\n")
 
 
@@ -184,7 +206,10 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
                 "--main_process_ip", launch.main_process_ip or slurm_head_node(),
                 "--main_process_port", str(launch.main_process_port)]
     # --quiet: a failed stage ends with its own one-line error, not accelerate's CalledProcessError traceback
-    cmd += ["--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_), *overrides]
+    cmd += ["--quiet", "-m", "prefopt", stage, cfg.config_path, "--round", str(round_)]
+    if cfg.replicate_seed is not None and replicated_stage(cfg, stage, round_):
+        cmd += ["--replicate-seed", str(cfg.replicate_seed)]
+    cmd += overrides
     return slurm_command(cmd, launch.num_machines) if srun else cmd
 
 
@@ -265,42 +290,46 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         raise ConfigError("; ".join(problems) + (f" ({len(problems)} problems; `prefopt check` lists them)"
                                                  if len(problems) > 1 else ""))
     overrides += derived
-    steps = plan(cfg)
+    steps = replicate_plan(cfg)
     t0 = time.time()
     with experiment_lock(cfg.root):
         forced = set()
         if from_stage:
             first = ORDER.index(from_stage)
-            for s, r in steps:  # from `from_stage` on, start clean: no partial outputs to resume; a finished
+            for s, r, scfg in steps:  # from `from_stage` on, start clean: no partial outputs to resume; a finished
                 if ORDER.index(s) >= first:  # result stays until its replacement is finished
-                    forced.add((s, r))
-                    d = stage_dir(cfg, s, r)
+                    d = stage_dir(scfg, s, r)
+                    forced.add(d)
                     shutil.rmtree(next_dir(d), ignore_errors=True)
                     if not (d / MARKER).exists():
                         (d / FINGERPRINT).unlink(missing_ok=True)  # prepare_dir then clears the partial outputs
-        for s, r in steps:
+        for s, r, scfg in steps:
             if only and s != only:
                 continue
-            label = s if cfg.iterations == 1 else f"{s} (round {r})"
-            recover_swap(stage_dir(cfg, s, r))  # a kill between a rerun's marker and its swap: finish the swap
-            done, why = (False, "--from") if (s, r) in forced else stage_status(cfg, s, r)
+            label, d = step_label(scfg, s, r), stage_dir(scfg, s, r)
+            recover_swap(d)  # a kill between a rerun's marker and its swap: finish the swap
+            done, why = (False, "--from") if d in forced else stage_status(scfg, s, r)
             if done:
                 print(f"[prefopt] {label}: finished with the same fingerprint, skipped", flush=True)
                 if s == "reward":
-                    reward_gate(cfg, r)
+                    reward_gate(scfg, r)
                 continue
-            check_inputs(cfg, s, r)
-            print(f"[prefopt] {label}: running ({why}) -> {stage_dir(cfg, s, r)}", flush=True)
+            check_inputs(scfg, s, r)
+            print(f"[prefopt] {label}: running ({why}) -> {d}", flush=True)
             t_stage = time.time()
-            run_one(cfg, s, r, overrides, fresh=(s, r) in forced)
-            record_timing(cfg, s, r, time.time() - t_stage)
+            run_one(scfg, s, r, overrides, fresh=d in forced)
+            record_timing(scfg, s, r, time.time() - t_stage)
             if s == "reward":
-                reward_gate(cfg, r)
+                reward_gate(scfg, r)
     wall = experiment_wall_seconds(cfg)
     result = {"experiment": cfg.name, "root": str(cfg.root), "wall_seconds": wall,
               "this_invocation_seconds": round(time.time() - t0, 1)}
     final_eval = stage_dir(cfg, "evaluate", cfg.iterations) / "summary.json"
-    if "evaluate" in cfg.stages and final_eval.exists():
+    if "evaluate" in cfg.stages and replicated_stage(cfg, "evaluate", cfg.iterations):
+        path = replicate_table(cfg)
+        if path is not None:
+            result["replicates"] = str(path)
+    elif "evaluate" in cfg.stages and final_eval.exists():
         summary = json.loads(final_eval.read_text())
         summary["stage_wall_seconds"] = summary.get("stage_wall_seconds", summary.get("wall_seconds"))
         summary["wall_seconds"] = wall
@@ -315,19 +344,52 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     return result
 
 
+def replicate_table(cfg: ExperimentConfig) -> Path | None:
+    """After a replicated run: every seed's final evaluate summary aggregated (prefopt.replicates) into
+    `<root>/replicates.json` and `replicates.md`, and the table printed. None when no seed has finished."""
+    from prefopt.replicates import aggregate, table_lines
+
+    summaries = {}
+    for seed in cfg.seed_list:
+        path = stage_dir(for_seed(cfg, seed), "evaluate", cfg.iterations) / "summary.json"
+        if path.exists():
+            summaries[seed] = json.loads(path.read_text())
+    if not summaries:
+        return None
+    agg = aggregate(summaries)
+    missing = [s for s in cfg.seed_list if s not in summaries]
+    write_json(cfg.root / "replicates.json", {**agg, "missing_seeds": missing})
+    lines = table_lines(agg)
+    reward = stage_dir(cfg, "reward", 1) / "summary.json"
+    line = reward_line(json.loads(reward.read_text())) if reward.exists() else None
+    if line and not replicated_stage(cfg, "reward", 1):
+        lines.append(line)
+    if missing:
+        lines.append(f"WARNING: seeds {missing} have no finished evaluate stage; the figures are over "
+                     f"{len(summaries)} seeds")
+    for seed, summary in summaries.items():
+        lines += [f"WARNING (seed {seed}): {w}" for w in summary.get("warnings") or []]
+    text = "\n".join(lines)
+    (cfg.root / "replicates.md").write_text(text + "\n", encoding="utf-8")
+    print(text, flush=True)
+    print(f"[prefopt] figures over seeds: {cfg.root / 'replicates.json'} (table: {cfg.root / 'replicates.md'}); "
+          f"each seed's own in {cfg.root}/seed-<s>/evaluate/; `prefopt report {cfg.root}` draws the seeds' points",
+          flush=True)
+    return cfg.root / "replicates.json"
+
+
 def print_counts(cfg: ExperimentConfig) -> None:
     """The table's footer: every stage's skipped, dropped, deduplicated and truncated rows, with the reason."""
     from prefopt.data.counts import describe
 
-    for s, r in plan(cfg):
-        path = stage_dir(cfg, s, r) / "summary.json"
+    for s, r, scfg in replicate_plan(cfg):
+        path = stage_dir(scfg, s, r) / "summary.json"
         try:
             counts = json.loads(path.read_text()).get("counts") if path.exists() else None
         except ValueError:
             counts = None
         if counts:
-            label = s if cfg.iterations == 1 else f"{s} (round {r})"
-            print(f"[prefopt] {label}: {describe(counts)}", flush=True)
+            print(f"[prefopt] {step_label(scfg, s, r)}: {describe(counts)}", flush=True)
 
 
 def reward_gate(cfg: ExperimentConfig, round_: int) -> None:
@@ -348,11 +410,18 @@ def reward_gate(cfg: ExperimentConfig, round_: int) -> None:
               f"reward.min_eval_accuracy {cfg.reward.min_eval_accuracy:g}: passes the gate", flush=True)
 
 
+def timing_key(cfg: ExperimentConfig, stage: str, round_: int) -> str:
+    """`dpo@1`, or `dpo@1@seed-43` for a replicate's stage."""
+    if cfg.replicate_seed is not None and replicated_stage(cfg, stage, round_):
+        return f"{stage}@{round_}@seed-{cfg.replicate_seed}"
+    return f"{stage}@{round_}"
+
+
 def record_timing(cfg: ExperimentConfig, stage: str, round_: int, seconds: float) -> None:
     """Wall time of each finished stage as `prefopt run` saw it (process start-up included)."""
     path = cfg.root / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
-    timings[f"{stage}@{round_}"] = round(seconds, 2)
+    timings[timing_key(cfg, stage, round_)] = round(seconds, 2)
     write_json(path, timings)
 
 
@@ -362,11 +431,12 @@ def experiment_wall_seconds(cfg: ExperimentConfig) -> float:
     path = cfg.root / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
     total = 0.0
-    for s, r in plan(cfg):
-        if f"{s}@{r}" in timings:
-            total += timings[f"{s}@{r}"]
+    for s, r, scfg in replicate_plan(cfg):
+        key = timing_key(scfg, s, r)
+        if key in timings:
+            total += timings[key]
             continue
-        p = stage_dir(cfg, s, r) / "summary.json"
+        p = stage_dir(scfg, s, r) / "summary.json"
         if p.exists():
             d = json.loads(p.read_text())
             total += float(d.get("stage_wall_seconds", d.get("wall_seconds", 0.0)))
@@ -402,14 +472,22 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
     print("-" * len(head))
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    if reward and reward.get("eval/accuracy") is not None:
-        line = (f"reward model: held-out pairwise accuracy {reward['eval/accuracy']:.3f} ± "
-                f"{reward.get('eval/accuracy_se', 0):.3f} on {reward.get('eval/pairs')} test pairs")
-        if reward.get("eval/gold_accuracy") is not None:
-            line += f", against gold {reward['eval/gold_accuracy']:.3f} ± {reward.get('eval/gold_accuracy_se', 0):.3f}"
+    line = reward_line(reward or {})
+    if line:
         print(line)
     for w in summary.get("warnings") or []:
         print(f"WARNING: {w}")
+
+
+def reward_line(reward: dict) -> str | None:
+    """The reward model's held-out accuracy under the table, or None when it has none."""
+    if reward.get("eval/accuracy") is None:
+        return None
+    line = (f"reward model: held-out pairwise accuracy {reward['eval/accuracy']:.3f} ± "
+            f"{reward.get('eval/accuracy_se', 0):.3f} on {reward.get('eval/pairs')} test pairs")
+    if reward.get("eval/gold_accuracy") is not None:
+        line += f", against gold {reward['eval/gold_accuracy']:.3f} ± {reward.get('eval/gold_accuracy_se', 0):.3f}"
+    return line
 
 
 def preflight(cfg: ExperimentConfig) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
@@ -431,14 +509,19 @@ def check(cfg: ExperimentConfig) -> int:
     """Validate and print the plan; returns 0, or 2 (the config error exit code) when a problem would stop the run."""
     notes, problems, warnings, plan_lines, _ = preflight(cfg)
     print(f"experiment {cfg.name}  ->  {cfg.root}")
+    if cfg.replicated:
+        shared = [s for s, r in plan(cfg) if not replicated_stage(cfg, s, r)]
+        print(f"replicates: seeds {cfg.seed_list}; run once under seed {cfg.seed}: {', '.join(shared) or 'none'}")
     for n in notes:
         print(f"global batch: {n}")
-    for s, r in plan(cfg):
-        done, why = stage_status(cfg, s, r)
+    for s, r, scfg in replicate_plan(cfg):
+        done, why = stage_status(scfg, s, r)
         state = "skip (done)" if done else f"run ({why})"
         launch = "accelerate" if STAGES[s][1] and cfg.launch.launcher == "accelerate" else "in-process"
         label = s if cfg.iterations == 1 else f"{s}@round{r}"
-        print(f"  {label:<18} {fingerprint(cfg, s, r)}  {launch:<11} {state}")
+        if scfg.replicate_seed is not None:
+            label += f"@seed-{scfg.replicate_seed}"
+        print(f"  {label:<18} {fingerprint(scfg, s, r)}  {launch:<11} {state}")
     for line in plan_lines:
         print(line)
     for w in warnings:

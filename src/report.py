@@ -3,8 +3,10 @@
     prefopt report runs/quickstart            # -> runs/quickstart/report/report.md (+ *.png beside it)
     prefopt report runs/sweeps/dpo_beta       # a sweep: every trial's run, the frontier across trials
 
-The summary holds the evaluate table (every round), each stage's wall time and key figures from its summary.json,
-the chosen/rejected length gap of the pairs, and the figures of prefopt.analysis.
+The summary holds the evaluate table (every round; in a replicated run one row per seed, and the table over seeds
+with its paired differences and verdicts), each stage's wall time and key figures from its summary.json, the
+chosen/rejected length gap of the pairs, and the figures of prefopt.analysis (a replicated run's per-seed points
+in replicates.png).
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def _write_report(run_dir: Path) -> str:
                   "SFT policy's on the same prompt by gold / by the reward model; rm_score: the reward model's; "
                   "kl_to_sft: KL(policy || SFT) per response, Monte-Carlo; length: mean response tokens. Each "
                   "`*_se` column is the standard error over prompts.", ""]
+    replicates = run_dir / "replicates.md"
+    if replicates.exists():  # a replicated run: the figures over seeds, as `prefopt run` printed them
+        lines += ["## Replicates", "", "```", *replicates.read_text(encoding="utf-8").splitlines(), "```", "",
+                  "Each seed's own figures are the evaluation rows with a `seed` above; `replicates.png` draws them "
+                  "(docs/methods.md, \"Replicates\").", ""]
     lines += warnings_section(run_dir)
     lines += reward_section(data)
 

@@ -36,10 +36,11 @@ from prefopt.experiment import (
     ROUND_STAGES,
     STAGES,
     ExperimentConfig,
+    input_stages,
     resolve,
     section,
     stage_dir,
-    stage_inputs,
+    stage_seed,
 )
 
 MARKER = "_DONE.json"
@@ -61,23 +62,13 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def input_stages(cfg: ExperimentConfig, stage: str, round_: int) -> list[tuple[str, int]]:
-    """(stage, round) pairs this stage reads; round k > 1 generation reads round k-1's aligned policy."""
-    out = []
-    for name in stage_inputs(cfg, stage):
-        r = round_ if name in ROUND_STAGES else 1
-        if round_ > 1 and stage in ROUND_STAGES and stage != "evaluate" and name == "sft":
-            name, r = cfg.iterate_policy, round_ - 1
-        out.append((name, r))
-    return out
-
-
 def fingerprint(cfg: ExperimentConfig, stage: str, round_: int = 1) -> str:
-    """Hash of the stage's resolved section, the experiment seed, and its inputs' fingerprints."""
+    """Hash of the stage's resolved section, its seed (a replicate's for a replicated stage), and its inputs'
+    fingerprints."""
     payload = {
         "stage": stage,
         "round": round_,
-        "seed": cfg.seed,
+        "seed": stage_seed(cfg, stage, round_),
         "section": to_dict(section(cfg, stage)),
         "inputs": {f"{n}@{r}": fingerprint(cfg, n, r) for n, r in input_stages(cfg, stage, round_)},
     }
@@ -316,7 +307,7 @@ class StageContext:
 
     @property
     def seed(self) -> int:
-        return self.cfg.seed + 1000 * (self.round - 1)
+        return stage_seed(self.cfg, self.stage, self.round) + 1000 * (self.round - 1)
 
     def resolve(self, value: str, model: bool = True) -> str:
         """A config value -> path. In round k > 1 the loop's starting policy (`stage:sft`) becomes round k-1's

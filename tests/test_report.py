@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -60,15 +61,47 @@ def test_report_writes_markdown_and_figures(tmp_path):
     assert "20 pairs" in text and "gap +" in text
     for name in A.FIGURES:
         png = run / "report" / f"{name}.png"
+        if name == "replicates":  # one seed: no per-seed figure
+            assert not png.exists() and "replicates.png" not in text
+            continue
         assert png.exists() and png.stat().st_size > 5000
         assert f"]({name}.png)" in text
+
+
+def test_replicated_run_rows_carry_their_seed(tmp_path):
+    """A replicated run keeps its seeded stages in seed-<s>/: load_run gives each row its seed, timings.json's
+    `dpo@1@seed-3` key joins its stage, and the report draws the per-seed points and shows the table over seeds."""
+    run = make_fake_run(tmp_path, "rep", stages=("task", "sft"))
+    for seed, shift in ((3, 0.0), (4, 0.1)):
+        make_fake_run(run / "tmp", "x", stages=("dpo", "evaluate"))
+        (run / "tmp" / "x").rename(run / f"seed-{seed}")
+        summary = run / f"seed-{seed}" / "evaluate" / "summary.json"
+        s = json.loads(summary.read_text())
+        s["policies"]["dpo"]["gold_score"] += shift
+        summary.write_text(json.dumps(s))
+    timings = json.loads((run / "timings.json").read_text())
+    (run / "timings.json").write_text(json.dumps({**timings, "dpo@1@seed-3": 7.0, "dpo@1@seed-4": 9.0}))
+    (run / "replicates.md").write_text("Figures over 2 seeds (3, 4)\n")
+    data = A.load_run(run)
+    ev = data["evaluate"]
+    dpo = ev[ev.policy == "dpo"].set_index("seed")
+    assert sorted(dpo.index) == [3, 4]
+    assert dpo.loc[4, "gold_score"] - dpo.loc[3, "gold_score"] == pytest.approx(0.1)
+    assert "seed" in A.evaluate_table(data).columns
+    stages = A.stage_table(data)
+    walls = stages[stages.stage == "dpo"].set_index("seed")["wall_seconds"]
+    assert walls.loc[3] == 7.0 and walls.loc[4] == 9.0
+    assert stages[stages.stage == "sft"]["wall_seconds"].iloc[0] == 1.5  # a shared stage's timing still joins
+    text = open(write_report(run)).read()
+    assert "## Replicates" in text and "Figures over 2 seeds (3, 4)" in text
+    assert (run / "report" / "replicates.png").stat().st_size > 5000 and "](replicates.png)" in text
 
 
 def test_report_on_a_run_with_missing_stages(tmp_path):
     run = make_fake_run(tmp_path, "early", stages=("task", "sft"))
     text = open(write_report(run)).read()
     assert "No evaluate stage has finished" in text and "| sft |" in text
-    assert all((run / "report" / f"{n}.png").exists() for n in A.FIGURES)
+    assert all((run / "report" / f"{n}.png").exists() for n in A.FIGURES if n != "replicates")
 
 
 def test_report_on_a_sweep_folder(tmp_path):
