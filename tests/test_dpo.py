@@ -154,4 +154,23 @@ def test_negative_label_smoothing_is_a_config_error(tmp_path):
     with pytest.raises(ValueError) as err:
         load_config(str(path), ["--dpo.label_smoothing=-0.1"])
     assert "dpo.label_smoothing: must be >= 0 and < 0.5, got -0.1" in str(err.value)
-    assert load_config(str(path), ["--dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+    assert load_config(str(path), ["--dpo.loss_type=cdpo", "--dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_label_smoothing_with_a_loss_that_ignores_it_is_a_config_error(tmp_path, loss_type):
+    """Only cDPO reads label_smoothing: with sigmoid or IPO it would change nothing (the loss is the same number, see
+    tests/test_losses.py), so it is refused naming both keys; 0 is accepted with every loss."""
+    from prefopt.config import load_config
+
+    path = write_config(tmp_path, "dpo", {"model": str(tmp_path / "m"), "pairs": str(tmp_path / "p.jsonl")})
+    with pytest.raises(ValueError) as err:
+        load_config(str(path), [f"--dpo.loss_type={loss_type}", "--dpo.label_smoothing=0.1"])
+    assert (f"dpo.label_smoothing: 0.1 does nothing with loss_type '{loss_type}' (only loss_type: cdpo reads it)"
+            in str(err.value))
+    assert load_config(str(path), [f"--dpo.loss_type={loss_type}"]).dpo.label_smoothing == 0.0
+    # what the error saves the user from: the loss is unchanged by label_smoothing for this loss_type
+    args = (torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]))
+    plain = dpo_loss(*args, beta=0.5, loss_type=loss_type)[0]
+    torch.testing.assert_close(dpo_loss(*args, beta=0.5, loss_type=loss_type, label_smoothing=0.1)[0], plain)
+    assert not torch.allclose(dpo_loss(*args, beta=0.5, loss_type="cdpo", label_smoothing=0.1)[0], plain)

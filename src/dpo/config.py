@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prefopt.config import check_ranges
+from prefopt.config import FieldError, check_ranges
 from prefopt.preference.config import PreferenceFields
 
 
@@ -16,7 +16,8 @@ class DPOStageConfig(PreferenceFields):
     loss_type: Literal["sigmoid", "ipo", "cdpo"] = "sigmoid"
     """sigmoid: DPO. ipo: IPO (Azar et al. 2023). cdpo: conservative DPO with `label_smoothing`."""
     label_smoothing: float = 0.0
-    """cDPO: assumed probability that a label is flipped, in [0, 0.5) (0.1 is a common choice)."""
+    """cDPO: assumed probability that a label is flipped, in [0, 0.5) (0.1 is a common choice). Only `loss_type:
+    cdpo` reads it; above 0 with another loss it is a config error (it would change nothing)."""
     ipo_per_token: bool = True
     """IPO on per-token log-ratios (each divided by its completion length), as TRL and the IPO authors' experiments;
     false: the paper's summed log-ratios."""
@@ -44,5 +45,9 @@ class DPOStageConfig(PreferenceFields):
         super().__post_init__()
         # beta <= 0 flips or removes the KL term; label_smoothing 0.5 makes every label a coin flip
         check_ranges(self, beta=dict(gt=0), label_smoothing=dict(ge=0, lt=0.5), sft_weight=dict(ge=0))
+        if self.label_smoothing > 0 and self.loss_type != "cdpo":
+            raise FieldError("label_smoothing", f"{self.label_smoothing:g} does nothing with loss_type "
+                             f"'{self.loss_type}' (only loss_type: cdpo reads it); set loss_type: cdpo, or "
+                             "label_smoothing: 0")
         if self.reference == "lora_base" and not self.lora.enabled:
             raise ValueError("reference: 'lora_base' needs lora.enabled: true (no adapter to disable otherwise)")
