@@ -8,7 +8,8 @@ from prefopt.config import from_dict
 from prefopt.data.loaders import load_preferences
 from prefopt.data.spec import DatasetSpec
 from prefopt.experiment import ExperimentConfig
-from prefopt.pairs.strategies import all_pairs, best_vs_random, best_vs_worst, drop_reason, select_pairs
+from prefopt.pairs.strategies import (all_pairs, best_vs_random, best_vs_worst, best_vs_z, drop_reason,
+                                     select_pairs)
 from prefopt.stage import run_stage
 from prefopt.utils import read_jsonl, write_jsonl
 
@@ -48,6 +49,32 @@ def test_all_pairs():
     assert all_pairs([0.2, 0.2, 0.2], k=10) == []
     with pytest.raises(ValueError, match="strategies are"):
         select_pairs("nope", scores)
+
+
+def test_best_vs_z_hand_computed():
+    """20 candidates: -3, 0, seventeen 1s, 2. mu = (-3 + 0 + 17 + 2) / 20 = 0.8; squared deviations 3.8^2 = 14.44,
+    0.8^2 = 0.64, 17 x 0.2^2 = 0.68, 1.2^2 = 1.44, sum 17.2, variance 0.86, sigma 0.92736. mu - 2 sigma = -1.0547:
+    0 is 1.0547 from it, -3 is 1.9453, so the rejected is 0 (index 1), not the worst (index 0); chosen: 2 (index 19).
+    Ten candidates -3, 0, seven 1s, 2: mu 0.6, variance (12.96 + 0.36 + 7 x 0.16 + 1.96) / 10 = 1.64, sigma 1.28062;
+    mu - 2 sigma = -1.9612 is nearer -3 (1.039) than 0 (1.961): the worst; at z = -1, -0.6806: 0 (0.681 vs 2.319)."""
+    twenty = [-3.0, 0.0] + [1.0] * 17 + [2.0]
+    assert best_vs_z(twenty) == [(19, 1)] and best_vs_worst(twenty) == [(19, 0)]
+    ten = [-3.0, 0.0] + [1.0] * 7 + [2.0]
+    assert best_vs_z(ten) == [(9, 0)]
+    assert best_vs_z(ten, z=-1.0) == [(9, 1)] == select_pairs("best_vs_z", ten, z=-1.0)
+    assert best_vs_z(ten, z=-1.0, margin=2.0) == []  # gap 2 - 0 = 2 is not above the margin
+    assert best_vs_z([0.4, 0.4, 0.4]) == [] and best_vs_z([1.0]) == []
+    # repeats count in mu and sigma (the policy's distribution) but are one candidate: texts a, a, b, c
+    # scores 0, 0, 1, 3: mu 1, sigma sqrt((1 + 1 + 0 + 4) / 4) = 1.2247; mu - sigma = -0.2247 -> "a" (index 0)
+    assert best_vs_z([0.0, 0.0, 1.0, 3.0], z=-1.0, texts=["a", "a", "b", "c"]) == [(3, 0)]
+
+
+def test_rejected_z_only_with_best_vs_z():
+    from prefopt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pairs.rejected_z: is read only by strategy best_vs_z, not 'best_vs_worst'"):
+        from_dict(ExperimentConfig, {"name": "x", "pairs": {"rejected_z": -1.5}})
+    assert from_dict(ExperimentConfig, {"name": "x", "pairs": {"strategy": "best_vs_z", "rejected_z": -1.5}})
 
 
 def test_drop_reasons():
@@ -128,6 +155,16 @@ def test_pairs_stage_all_pairs_margin_k(tmp_path):
     assert all(p["chosen_score"] - p["rejected_score"] > 0.3 for p in read_jsonl(d / "pairs.jsonl"))
     assert summary["pairs"] == 4
     assert summary["dropped"] == {"all_tied": 1, "fewer_than_2_candidates": 1}
+
+
+def test_pairs_stage_best_vs_z(tmp_path):
+    """p0 scores 0.1, 0.9, 0.4: mu 0.4667, sigma 0.3300, mu - 2 sigma = -0.193: index 0 (the worst); p3 2.0, -1.0,
+    0.5: mu 0.5, sigma 1.2247, -1.949: index 1 (the worst). Three candidates: the rule and the minimum agree."""
+    cfg, d = _fake_run(tmp_path, strategy="best_vs_z")
+    summary = run_stage(cfg, "pairs")
+    got = [(p["prompt_id"], p["chosen_index"], p["rejected_index"]) for p in read_jsonl(d / "pairs.jsonl")]
+    assert got == [("p0", 1, 0), ("p3", 0, 1)]
+    assert summary["rejected_z"] == -2.0 and summary["rejected_is_worst"] == 1.0
 
 
 def test_pairs_margin_drops_near_ties(tmp_path):

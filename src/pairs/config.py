@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from prefopt.config import check_ranges
+from prefopt.config import FieldError, check_ranges
 
 
 @dataclass
@@ -14,15 +14,23 @@ class PairsConfig:
     """The generate stage (or folder) whose candidate shards are paired."""
     score: str = "stage:score"
     """The score stage (or folder) holding one score per candidate, joined on prompt_id."""
-    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = "best_vs_worst"
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_vs_z"] = "best_vs_worst"
     """best_vs_worst: the SimPO recipe. best_vs_random: best against a random other. all_pairs: every pair above
-    `margin`."""
+    `margin`. best_vs_z: best against the candidate scored nearest mu + rejected_z * sigma of the prompt's scores
+    (Xiao et al. 2025, arXiv 2502.16825). The two compared with replicates: docs/methods.md, "Pairs from the reward
+    distribution"."""
     margin: float = 0.0
     """Drop pairs whose score difference is at most this (ties and near-ties)."""
     max_pairs_per_prompt: int = 1
     """At most k pairs per prompt (best_vs_worst always gives at most one)."""
     seed: int = 0
     """Seeds best_vs_random's draw, together with the experiment seed and the prompt id."""
+    rejected_z: float = -2.0
+    """best_vs_z: where the rejected answer sits in the prompt's score distribution, in standard deviations from
+    the mean. -2: the paper's best of seven positions (min, mu - 2 sigma, ..., max) on AlpacaEval 2."""
 
     def __post_init__(self):
-        check_ranges(self, margin=dict(), max_pairs_per_prompt=dict(ge=1))
+        check_ranges(self, margin=dict(), max_pairs_per_prompt=dict(ge=1), rejected_z=dict())
+        if self.rejected_z != -2.0 and self.strategy != "best_vs_z":
+            raise FieldError("rejected_z", f"is read only by strategy best_vs_z, not {self.strategy!r}; set "
+                                           "strategy: best_vs_z or leave rejected_z out")

@@ -64,13 +64,14 @@ def length_counter(generator_path: str | None):
     return len, "characters"
 
 
-def make_pairs(row: dict, strategy: str, margin: float, k: int, rng: random.Random, length) -> list[dict]:
-    """The pair rows of one scored prompt."""
+def make_pairs(row: dict, strategy: str, margin: float, k: int, rng: random.Random, length,
+               z: float = -2.0) -> list[dict]:
+    """The pair rows of one scored prompt (`z`: best_vs_z's position of the rejected answer)."""
     cands, scores = row["candidates"], row["scores"]
     seed = row.get("seed")
     per_candidate_seed = isinstance(seed, list) and len(seed) == len(cands)
     out = []
-    for c, r in select_pairs(strategy, scores, margin, k, texts=cands, rng=rng):
+    for c, r in select_pairs(strategy, scores, margin, k, texts=cands, rng=rng, z=z):
         pair = {
             "prompt_id": row["prompt_id"],
             "prompt": row["prompt"],
@@ -128,12 +129,13 @@ def run(ctx) -> dict:
     length, unit = length_counter(gen_path)
 
     pairs, dropped = [], Counter()
+    scored = {row["prompt_id"]: row["scores"] for row in rows}
     if missing:
         dropped["missing_scores"] = missing
     for row in tqdm(rows, desc="pairs", unit="prompt", disable=not ctx.is_main):
         # a per-prompt generator: the same prompt gets the same pairs whatever order the shards are read in
         rng = random.Random(f"{ctx.seed}-{cfg.seed}-{row['prompt_id']}")
-        new = make_pairs(row, cfg.strategy, cfg.margin, cfg.max_pairs_per_prompt, rng, length)
+        new = make_pairs(row, cfg.strategy, cfg.margin, cfg.max_pairs_per_prompt, rng, length, cfg.rejected_z)
         if not new:
             dropped[drop_reason(row["scores"], cfg.margin, row["candidates"]) or "no_pair"] += 1
         pairs += new
@@ -149,6 +151,9 @@ def run(ctx) -> dict:
         "strategy": cfg.strategy,
         "margin": cfg.margin,
         "max_pairs_per_prompt": cfg.max_pairs_per_prompt,
+        **({"rejected_z": cfg.rejected_z} if cfg.strategy == "best_vs_z" else {}),
+        "rejected_is_worst": (statistics.fmean(p["rejected_score"] == min(scored[p["prompt_id"]]) for p in pairs)
+                              if pairs else None),
         "prompts": len(rows) + missing,
         "prompts_with_pairs": len({p["prompt_id"] for p in pairs}),
         "pairs": len(pairs),

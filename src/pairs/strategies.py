@@ -4,6 +4,10 @@
                     Sec. 3 / App. B: 5 samples, the ArmoRM-best as chosen and the worst as rejected)
     best_vs_random  the highest against up to k others drawn at random among those more than `margin` below it
     all_pairs       every (i, j) with s_i - s_j > margin, largest gaps first, at most k
+    best_vs_z       the highest against the candidate scored nearest mu + z sigma of the prompt's scores (z = -2:
+                    Xiao et al. 2025, "Finding the Sweet Spot: Preference Data Construction for Scaling Preference
+                    Optimization", arXiv 2502.16825, who found the rejected answer at mu - 2 sigma better than the
+                    minimum once many candidates are sampled; with few candidates the two mostly coincide)
 
 A pair is kept only when s_chosen - s_rejected > margin (margin 0 drops exact ties). Candidates with the same
 text are one candidate (the first index keeps it): identical texts give a pair with nothing to learn.
@@ -12,8 +16,9 @@ text are one candidate (the first index keeps it): identical texts give a pair w
 from __future__ import annotations
 
 import random
+import statistics
 
-STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
+STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs", "best_vs_z")
 
 
 def distinct(scores: list[float], texts: list[str] | None = None) -> list[int]:
@@ -73,9 +78,27 @@ def all_pairs(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[
     return pairs[:max(k, 0)]
 
 
+def best_vs_z(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
+              rng: random.Random | None = None, z: float = -2.0) -> list[tuple[int, int]]:
+    """[(argmax, j)] with j the other distinct candidate whose score is nearest mu + z * sigma, when the gap exceeds
+    `margin`. mu and sigma (population, n in the denominator) are over all of the prompt's candidates, repeats
+    included: they are the policy's reward distribution, as the paper's. A tie in distance goes to the lower score,
+    then the lower index. One pair per prompt whatever k."""
+    idx = distinct(scores, texts)
+    if len(idx) < 2 or k < 1:
+        return []
+    best = max(idx, key=lambda i: (scores[i], -i))
+    target = statistics.fmean(scores) + z * statistics.pstdev(scores)
+    rejected = min((j for j in idx if j != best), key=lambda j: (abs(scores[j] - target), scores[j], j))
+    return [(best, rejected)] if scores[best] - scores[rejected] > margin else []
+
+
 def select_pairs(strategy: str, scores: list[float], margin: float = 0.0, k: int = 1,
-                 texts: list[str] | None = None, rng: random.Random | None = None) -> list[tuple[int, int]]:
+                 texts: list[str] | None = None, rng: random.Random | None = None,
+                 z: float = -2.0) -> list[tuple[int, int]]:
     fns = {"best_vs_worst": best_vs_worst, "best_vs_random": best_vs_random, "all_pairs": all_pairs}
+    if strategy == "best_vs_z":
+        return best_vs_z(scores, margin=margin, k=k, texts=texts, rng=rng, z=z)
     if strategy not in fns:
         raise ValueError(f"unknown pair strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
     return fns[strategy](scores, margin=margin, k=k, texts=texts, rng=rng)
