@@ -91,9 +91,14 @@ class StopSignals:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On the way out with an error (a lost peer, a full disk, this preemption), a signal must not cut the
+        # one-line report short: torchrun's agent SIGTERMs the survivors of a dead worker at about the moment they
+        # fail. Signals are ignored until the CLI has reported (`reported`), then the old handlers come back.
         for s, old in self._old.items():
-            signal.signal(s, old)
+            signal.signal(s, signal.SIG_IGN if exc_type is not None else old)
+        if exc_type is not None:
+            _held.update(self._old)  # nested: the outermost exits last, so its (the original) handlers stay
         self._old = {}
 
     def agreed(self, device=None) -> int:
@@ -108,6 +113,16 @@ class StopSignals:
         t = torch.tensor([self.signum], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
+
+
+_held: dict = {}  # the handlers StopSignals replaced, while an error it let through is reported
+
+
+def reported() -> None:
+    """The CLI has printed its line: signals act as they did before the stage again."""
+    for s, old in _held.items():
+        signal.signal(s, old)
+    _held.clear()
 
 
 def trainer_callback(stop: StopSignals):

@@ -218,6 +218,36 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, tiny_m
     assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["steps"] == total
 
 
+@pytest.mark.slow
+def test_a_killed_process_leaves_one_line_not_a_traceback(tmp_path, tiny_model_dir):
+    """A two-process dpo launch where rank 1 is killed (SIGKILL, as the kernel's OOM killer does): `prefopt run`
+    ends with exit code 6 and one line from rank 0 naming the lost peer process and the rerun, no gloo or torchrun
+    traceback on the console; rank 0's traceback is in logs/dpo.log."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=16)
+    cfg = write_yaml(tmp_path / "e.yaml", {
+        "name": "e", "output_dir": str(tmp_path / "runs"), "wandb": {"mode": "disabled"}, "stages": ["dpo"],
+        "launch": {"launcher": "accelerate", "num_processes": 2},
+        "dpo": {"model": str(tiny_model_dir), "pairs": str(pairs), "max_steps": 400,
+                "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 1000, "max_length": 128}})
+    d = tmp_path / "runs" / "e" / "dpo"
+    ENV["ACCELERATE_USE_CPU"] = "true"
+    try:
+        run = Run(tmp_path, "run", str(cfg))
+        deadline = time.time() + 240
+        while logged_steps(d) < 3 and time.time() < deadline and run.proc.poll() is None:
+            time.sleep(0.01)
+        os.kill(json.loads((d / "_ranks" / "rank-1.json").read_text())["pid"], signal.SIGKILL)
+        rc, err = run.wait(timeout=120)
+    finally:
+        ENV.pop("ACCELERATE_USE_CPU")
+    assert rc == 6, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+    assert len(lines) == 1 and lines[0].startswith("prefopt: resource error: lost a peer process: rank 0 of 2"), lines
+    assert "rerun the same command to resume" in lines[0]
+    assert "Traceback" in (tmp_path / "runs" / "e" / "logs" / "dpo.log").read_text()
+
+
 FAKE_PREFOPT = """#!/bin/bash
 # stands in for `prefopt run`: says it started, then on SIGTERM prints the stage's line and exits 143
 line="prefopt: dpo preempted at step 3 (signal SIGTERM); checkpoint-3 saved; rerun the same command to resume"
