@@ -94,11 +94,13 @@ class StopSignals:
     def __exit__(self, exc_type, exc, tb) -> None:
         # On the way out with an error (a lost peer, a full disk, this preemption), a signal must not cut the
         # one-line report short: torchrun's agent SIGTERMs the survivors of a dead worker at about the moment they
-        # fail. Signals are ignored until the CLI has reported (`reported`), then the old handlers come back.
-        for s, old in self._old.items():
-            signal.signal(s, signal.SIG_IGN if exc_type is not None else old)
+        # fail. For REPORT_GRACE seconds, or until the CLI has reported (`reported`), signals wait; then the old
+        # handlers come back (a caller in the same process, a test, gets them back by itself).
         if exc_type is not None:
             _held.update(self._old)  # nested: the outermost exits last, so its (the original) handlers stay
+            _held_since[0] = time.monotonic()
+        for s, old in self._old.items():
+            signal.signal(s, _after_error if exc_type is not None else old)
         self._old = {}
 
     def agreed(self, device=None) -> int:
@@ -116,6 +118,15 @@ class StopSignals:
 
 
 _held: dict = {}  # the handlers StopSignals replaced, while an error it let through is reported
+_held_since = [0.0]
+REPORT_GRACE = 10.0
+
+
+def _after_error(signum, frame) -> None:
+    if time.monotonic() - _held_since[0] < REPORT_GRACE:
+        return  # the error is being reported: it exits in a moment anyway
+    reported()
+    os.kill(os.getpid(), signum)  # too late for the report: act as the handler before the stage would
 
 
 def reported() -> None:

@@ -326,3 +326,25 @@ def test_sigterm_during_reward_saves_and_resumes(tmp_path, tiny_model_dir, monke
     summary = run_stage(cfg("b"), "reward")
     assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["train/steps"] == 8
     assert_bit_identical(tmp_path / "runs" / "a" / "reward" / "model", d / "model")
+
+
+def test_signal_during_an_error_report_waits_then_acts_as_before(monkeypatch):
+    """A stage that leaves StopSignals with an error: a SIGUSR1 in the next REPORT_GRACE seconds is held (its
+    report must not be cut short), one after it goes to the handler from before the stage, as after `reported`."""
+    from prefopt import faults
+
+    got = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    try:
+        with pytest.raises(RuntimeError):
+            with faults.StopSignals("dpo"):
+                raise RuntimeError("a lost peer")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == []  # held while the error is reported
+        monkeypatch.setattr(faults, "REPORT_GRACE", 0.0)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == [signal.SIGUSR1]  # past the grace: the old handler, put back
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert got == [signal.SIGUSR1] * 2
+    finally:
+        signal.signal(signal.SIGUSR1, old)
