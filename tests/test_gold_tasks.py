@@ -3,7 +3,6 @@ a broken task or reward function gives."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -130,4 +129,13 @@ def test_reward_functions(tmp_path):
     from prefopt.reward.functions import _one_number
 
     assert _one_number(torch.tensor(2.5)) == 2.5 and _one_number(torch.tensor([1.0])) is None
-    assert math.isnan(float("nan"))
+    # a 0-d tensor that is not finite is refused like a float one, naming the value and the prompt; a bool is not
+    # a score (True would pass as 1.0)
+    from prefopt.reward.functions import RewardFunction
+
+    for bad, shown in ((torch.tensor(float("inf")), "inf"), (torch.tensor(float("nan")), "nan")):
+        with pytest.raises(TaskError, match=rf"reward function t:bad returned {shown} for prompt 'q0'"):
+            RewardFunction("t:bad", lambda ex, r, bad=bad: bad)([{"prompt_id": "q0"}], ["a"])
+    with pytest.raises(TaskError, match="returned 'True' for prompt 'q0': expected one number"):
+        RewardFunction("t:bool", lambda ex, r: True)([{"prompt_id": "q0"}], ["a"])
+    assert RewardFunction("t:ok", lambda ex, r: torch.tensor(-0.25))([{"prompt_id": "q0"}], ["a"]) == [-0.25]

@@ -78,7 +78,12 @@ def test_reward_stage_resumes_from_checkpoint(tmp_path, tiny_model_dir):
     d = tmp_path / "t" / "reward"
     assert first["resumed_from"] is None and first["train/pairs"] == 24 and first["eval/pairs"] == 12
     assert first["select/pairs"] == 12 and [h["step"] for h in first["select/history"]] == [1, 2]
-    assert 0 <= first["eval/accuracy"] <= 1 and "eval/margin" in first
+    # the reported figures are those of the test pairs' margins the stage kept (ties count one half)
+    margins = [json.loads(line)["margin"] for line in (d / "test_margins.jsonl").read_text().splitlines()]
+    assert len(margins) == first["eval/pairs"] == 12
+    right = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / 12
+    assert first["eval/accuracy"] == pytest.approx(right) and first["eval/margin"] == pytest.approx(sum(margins) / 12)
+    assert first["eval/accuracy_se"] == pytest.approx((right * (1 - right) / 12) ** 0.5)
     assert (d / "model" / "model.safetensors").exists()
     assert any("loss" in json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines())
     # killed after its last checkpoint, before saving: the rerun resumes there instead of starting over
@@ -88,6 +93,9 @@ def test_reward_stage_resumes_from_checkpoint(tmp_path, tiny_model_dir):
     shutil.rmtree(d / "model")
     again = run_stage(cfg, "reward")
     assert again["resumed_from"].endswith("checkpoint-2")
+    # the same final weights: the same test margins, so the same accuracy and margin
+    assert (again["eval/accuracy"], again["eval/margin"]) == pytest.approx((first["eval/accuracy"],
+                                                                            first["eval/margin"]), abs=1e-6)
     assert (d / "model" / "model.safetensors").exists()
 
 

@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,expected", [("reverse", "gains"), ("lookup", "gate")])  # as measured: a change shows
-def test_quickstart_recipe_on_another_task(tmp_path, task, expected):
+# reverse gains as measured; lookup stopped at the gate, but a better reward model (or SFT policy) that passes it
+# must then show the gains: either outcome is right, a silent pass through the gate without them is not
+@pytest.mark.parametrize("task,allowed", [("reverse", {"gains"}), ("lookup", {"gains", "gate"})])
+def test_quickstart_recipe_on_another_task(tmp_path, task, allowed):
     env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "prefopt", "run", "experiments/quickstart.yaml",
                           f"--output_dir={tmp_path}", f"--name=qs-{task}", f"--task.name={task}",
@@ -30,8 +32,9 @@ def test_quickstart_recipe_on_another_task(tmp_path, task, expected):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     root = tmp_path / f"qs-{task}"
     reward = json.loads((root / "reward" / "summary.json").read_text())
-    assert out.returncode == (5 if expected == "gate" else 0), out.stdout[-2000:] + out.stderr[-4000:]
-    if out.returncode == 5:  # the gate: the message, and no stage that uses the reward model ran
+    outcome = {0: "gains", 5: "gate"}.get(out.returncode)
+    assert outcome in allowed, f"exit {out.returncode}: " + out.stdout[-2000:] + out.stderr[-4000:]
+    if outcome == "gate":  # the gate: the message, and no stage that uses the reward model ran
         assert "reward model gate" in out.stderr and "reward.min_eval_accuracy=0.65" in out.stderr
         assert reward["eval/accuracy"] - 1.96 * reward["eval/accuracy_se"] < 0.65
         assert not (root / "pairs").exists() and not (root / "dpo").exists()
