@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from types import SimpleNamespace
@@ -164,7 +165,8 @@ def stage_run(tiny_model_dir, tmp_path_factory):
         "name": "t", "output_dir": str(tmp), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
         "stages": ["evaluate"],
         "evaluate": {"policies": {"a": str(tiny_model_dir), "sft": str(tiny_model_dir), "dpo": "stage:dpo"},
-                     "reward_model": str(tmp / "rm"), "task": "sort", "prompts": {"path": str(prompts)}, "samples_per_prompt": 2,
+                     "reward_model": str(tmp / "rm"), "task": "sort", "prompts": {"path": str(prompts)},
+                     "samples_per_prompt": 2,
                      "max_new_tokens": 6, "backend": "transformers", "judge": {"model": str(tiny_model_dir)}},
     })
     summary = run_stage(cfg, "evaluate")
@@ -187,35 +189,91 @@ def test_stage_writes_alpaca_eval_files(stage_run):
             else:
                 assert "input" not in row
                 assert list(row) == ["instruction", "output", "generator"]
-    assert json.loads((d / "a.json").read_text()) == [{**r, "generator": "a"} for r in
-                                                       json.loads((d / "sft.json").read_text())]  # same seed
+    # the same model under two names, sampled under two seeds (recorded): not the same answers
+    seeds = json.loads((d / "summary.json").read_text())["sampling_seeds"]
+    assert seeds["a"] != seeds["sft"]
+    assert [r["output"] for r in json.loads((d / "a.json").read_text())] != \
+        [r["output"] for r in json.loads((d / "sft.json").read_text())]
 
 
 def test_stage_summary_policy_against_itself(stage_run):
-    """The same model under two names: KL exactly 0, win rates 1/2 by RM, gold and judge (ties count half;
-    the same seed gives the same responses both sides), the figures the summary promises, the table, the figure."""
+    """The same model under two names, sampled independently: KL exactly 0 (each sample scored by the same weights
+    in the same batches); the win rates are recomputed here from the per-sample file of each side (every sample
+    against every baseline sample of the prompt, ties 1/2) and the identical-pair rate counted the same way; the
+    baseline's own rows are 1/2; the table and the figure. (Closed-form values of these figures: test_unbiased_eval.)"""
     d, summary = stage_run
     on_disk = json.loads((d / "summary.json").read_text())
     assert on_disk["policies"] == summary["policies"] and set(on_disk["policies"]) == {"a", "sft"}
-    for name in ("a", "sft"):
-        p = on_disk["policies"][name]
-        assert p["kl_to_sft"] == 0.0
-        assert p["win_rate_vs_sft"] == 0.5 and p["win_rate_vs_sft_gold"] == 0.5
-        assert 0.0 <= p["gold_score"] <= 1.0 and math.isfinite(p["rm_score"])
-        assert 1 <= p["length"] <= 6
-    a = on_disk["policies"]["a"]
-    assert a["judge_win_rate"] == pytest.approx(0.5)
-    assert 0.0 <= a["judge_order_disagreement"] <= 1.0
-    assert "judge_win_rate" not in on_disk["policies"]["sft"]
-    samples = [json.loads(x) for x in (d / "samples_a.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 * len(PROMPTS)
-    assert all(s["logp"] == s["ref_logp"] and s["logp"] < 0 for s in samples)
-    assert on_disk["policies"]["a"]["rm_score"] == on_disk["policies"]["sft"]["rm_score"]
+    rows = {n: [json.loads(x) for x in (d / f"samples_{n}.jsonl").read_text().splitlines()] for n in ("a", "sft")}
+    by_prompt = {n: [[r for r in rows[n] if r["prompt_id"] == pid] for pid in dict.fromkeys(r["prompt_id"]
+                                                                                           for r in rows["sft"])]
+                 for n in rows}
+    a, sft = on_disk["policies"]["a"], on_disk["policies"]["sft"]
+    for key, field in (("win_rate_vs_sft", "rm"), ("win_rate_vs_sft_gold", "gold")):
+        per = [M.prompt_win_rate([r[field] for r in x], [r[field] for r in y])
+               for x, y in zip(by_prompt["a"], by_prompt["sft"])]
+        assert (a[key], a[key + "_se"]) == pytest.approx(M.mean_se(per)) and sft[key] == 0.5
+    same = [sum(r["response"] == b["response"] for r in x for b in y) / (len(x) * len(y))
+            for x, y in zip(by_prompt["a"], by_prompt["sft"])]
+    assert a["identical_pairs"] == pytest.approx(sum(same) / len(same))
+    assert a["gold_gain"] == pytest.approx(a["gold_score"] - sft["gold_score"])
+    for p in (a, sft):
+        assert p["kl_to_sft"] == 0.0 and p["kl_to_sft_se"] == 0.0
+        assert 0.0 <= p["gold_score"] <= 1.0 and math.isfinite(p["rm_score"]) and 1 <= p["length"] <= 6
+    assert 0.0 < a["judge_win_rate"] < 1.0 and a["judge_win_rate_se"] >= 0
+    assert 0.0 <= a["judge_order_disagreement"] <= 1.0 and 0.0 < a["judge_win_rate_lc"] < 1.0
+    assert "judge_win_rate" not in sft
+    assert len(rows["a"]) == 2 * len(PROMPTS)
+    assert all(s["logp"] == s["ref_logp"] and s["logp"] < 0 for s in rows["a"])
     table = (d / "table.md").read_text()
     assert table.startswith("Figures on 3 test prompts") and "| a |" in table and "| sft |" in table
+    assert "LC win vs SFT (RM)" in table and "LC judge win" in table
     assert "0.500 ± 0.000" not in table and on_disk["split"] == "test"  # an SE of 0 is not printed as ± 0
-    assert p["gold_score_se"] >= 0 and p["kl_to_sft_se"] == 0.0 and p["gold_gain"] == 0.0
     assert (d / "evaluate.png").stat().st_size > 0
+
+
+def test_kl_to_sft_against_two_known_categorical_distributions(tiny_model_dir, tmp_path):
+    """Policy and baseline sample 4 tokens, each iid from a 3-letter distribution set by hand (tests/unigram_lm.py):
+    q = (0.4, 0.3, 0.3) and p = (0.6, 0.3, 0.1), at temperature 0.7. Every sample's logp / ref_logp is the sum of
+    log q_T / log p_T of its letters (q_T proportional to q^(1/0.7)), and the stage's KL is within 3 standard errors
+    of the analytic 4 * KL(q_T || p_T) = 1.22, which T = 1 log-probs of the same samples (0.56) or the T = 1 KL
+    (0.67) would miss by more than 5 standard errors."""
+    import unigram_lm as U
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.stage import run_stage
+
+    T, K = 0.7, 4
+    p_dir = U.save_unigram_lm(tiny_model_dir, tmp_path / "p", (0.6, 0.3, 0.1))
+    q_dir = U.save_unigram_lm(tiny_model_dir, tmp_path / "q", (0.4, 0.3, 0.3))
+    pT, qT = U.letter_distribution(p_dir, T), U.letter_distribution(q_dir, T)
+    p1, q1 = U.letter_distribution(p_dir), U.letter_distribution(q_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Say something {i}."}) + "\n" for i in range(48)))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "kl", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"sft": str(p_dir), "q": str(q_dir)}, "reward_model": "", "task": "none",
+                     "prompts": {"path": str(prompts)}, "samples_per_prompt": 8, "max_new_tokens": K,
+                     "temperature": T, "backend": "transformers", "batch_size": 16},
+    })
+    f = run_stage(cfg, "evaluate")["policies"]["q"]
+    rows = [json.loads(x) for x in (tmp_path / "kl" / "evaluate" / "samples_q.jsonl").read_text().splitlines()]
+    for r in rows:
+        letters = [U.LETTERS.index(ch) for ch in r["response"]]
+        assert len(letters) == K
+        assert r["logp"] == pytest.approx(sum(math.log(qT[i]) for i in letters), abs=1e-4)
+        assert r["ref_logp"] == pytest.approx(sum(math.log(pT[i]) for i in letters), abs=1e-4)
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b))
+
+    analytic = K * kl(qT, pT)
+    assert analytic == pytest.approx(1.2167, abs=1e-4)
+    assert abs(f["kl_to_sft"] - analytic) < 3 * f["kl_to_sft_se"], (f["kl_to_sft"], f["kl_to_sft_se"])
+    wrong_T = K * sum(x * math.log(a / b) for x, a, b in zip(qT, q1, p1))  # T = 1 log-probs of T = 0.7 samples
+    for wrong in (wrong_T, K * kl(q1, p1)):
+        assert abs(f["kl_to_sft"] - wrong) > 5 * f["kl_to_sft_se"]
 
 
 def test_cli_evaluate_as_a_user_runs_it(tiny_model_dir, tmp_path):
@@ -248,7 +306,10 @@ def test_cli_evaluate_as_a_user_runs_it(tiny_model_dir, tmp_path):
 def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     """`evaluate.checkpoints` scores every checkpoint an aligner saved (trainer `checkpoint-N`, PPO `iter-N`
     snapshots) on the first `checkpoint_prompts`; the curve starts at the baseline (KL 0) and ends at the final
-    model; best-of-n rows carry the analytic KL log n - (n-1)/n. The figure's data is what the summary says."""
+    model; best-of-n rows are recomputed from the samples they picked from (`samples_best_of_n.jsonl`): the
+    reward-model best of the first n per prompt (first on a tie), its gold, and the KL estimated from each prompt's
+    samples by brute force over n-tuples, with the bound log n - (n-1)/n beside it. The figure's data is what the
+    summary says."""
     import shutil
 
     from prefopt.analysis import curve_rows
@@ -289,13 +350,31 @@ def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     assert [p["step"] for p in curve] == [0, 3, 7, "final"]
     assert curve[0]["kl"] == 0.0 and curve[-1]["kl"] == 0.0  # the final model is the SFT model here
     assert curve[1]["kl"] > 0 and curve[2]["kl"] > 0  # the perturbed checkpoints moved away from it
-    assert curve[0]["gold"] == curve[-1]["gold"]  # same model, same seed, same 2 prompts: same samples
+    assert summary["sampling_seeds"]["dpo"] != summary["sampling_seeds"]["sft"]  # the final point: its own draw
     bon = summary["best_of_n"]
     assert [b["n"] for b in bon] == [1, 2, 4]
-    assert [b["kl"] for b in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
-    assert bon[0]["rm"] <= bon[1]["rm"] <= bon[2]["rm"]  # the best of more samples scores at least as high
-    assert summary["policies"]["best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 0.75)
+    assert [b["kl_bound"] for b in bon] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
     d = tmp_path / "t" / "evaluate"
+    rows = [json.loads(x) for x in (d / "samples_best_of_n.jsonl").read_text().splitlines()]
+    prompts = [[r for r in rows if r["prompt_id"] == pid] for pid in dict.fromkeys(r["prompt_id"] for r in rows)]
+    assert len(prompts) == len(PROMPTS) and all([r["sample"] for r in x] == [0, 1, 2, 3] for x in prompts)
+    for b in bon:
+        n = b["n"]
+        best = [max(x[:n], key=lambda r: (r["rm"], -r["sample"])) for x in prompts]
+        assert (b["rm"], b["gold"]) == pytest.approx((sum(r["rm"] for r in best) / len(best),
+                                                      sum(r["gold"] for r in best) / len(best)))
+        kls = []
+        for x in prompts:  # pi_n by enumerating the 4^n tuples of this prompt's samples, each with weight 1/4^n
+            pn: dict = {}
+            for tup in itertools.product(x, repeat=n):
+                top = max(range(n), key=lambda j: (tup[j]["rm"], -j))
+                pn[tup[top]["response"]] = pn.get(tup[top]["response"], 0.0) + 0.25 ** n
+            freq = {r["response"]: sum(y["response"] == r["response"] for y in x) / 4 for r in x}
+            kls.append(sum(v * math.log(v / freq[k]) for k, v in pn.items()))
+        assert (b["kl"], b["kl_se"]) == pytest.approx(M.mean_se(kls), abs=1e-9)
+        assert b["kl"] <= b["kl_bound"] + 1e-12
+        assert summary["policies"][f"best_of_{n}"]["kl_to_sft"] == b["kl"]
+        assert summary["policies"][f"best_of_{n}"]["kl_to_sft_bound"] == b["kl_bound"]
     on_disk = json.loads((d / "curves.json").read_text())
     rows = curve_rows({"curves": on_disk["curves"], "best_of_n": on_disk["best_of_n"]})
     assert [r["step"] for r in rows if r["method"] == "dpo"] == [0, 3, 7, "final"]

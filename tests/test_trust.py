@@ -35,7 +35,7 @@ def test_best_of_n_by_hand():
     assert M.best_of_n(scores, 1) == [0, 0]
     assert M.best_of_n(scores, 2) == [1, 0]  # a tie goes to the first
     assert M.best_of_n(scores, 4) == [3, 0]
-    assert M.best_of_n_kl(1) == 0.0 and M.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    assert M.best_of_n_kl_bound(1) == 0.0 and M.best_of_n_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
     with pytest.raises(ValueError, match="needs 8 samples"):
         M.best_of_n(scores, 8)
 

@@ -57,14 +57,17 @@ class EvaluateConfig:
     """Prompts used for the checkpoint curves (the first N of the split; 0: all). Curves are cheaper on fewer."""
     best_of_n: list[int] = field(default_factory=list)
     """Best-of-n rows from the baseline: sample max(n) per prompt, keep the reward model's (or reward_fn's) best
-    of the first n. KL to the baseline is log n - (n-1)/n (Stiennon et al. 2020). Empty: none."""
+    of the first n. KL to the baseline: the exact best-of-n KL under each prompt's max(n) samples, ties counted
+    (Beirami et al. 2024), beside the upper bound log n - (n-1)/n (Stiennon et al. 2020). Empty: none."""
     samples_per_prompt: int = 2
     temperature: float = 1.0
     """Sampling temperature; the KL to the baseline is measured between the distributions at this temperature."""
     top_p: float = 1.0
     max_new_tokens: int = 32
     seed: int = 1234
-    """Sampling seed, the same for every policy."""
+    """Sampling seed. Each policy (checkpoint, best-of-n draw) samples under its own seed derived from this one, the
+    experiment's seed and its name (`sampling_seeds` in the summary), so no policy's samples share random numbers
+    with the baseline's: shared ones made identical responses, ties that pulled win rates towards 1/2."""
     batch_size: int = 64
     """Prompts per generate call; sequences per log-prob / reward-model batch."""
     backend: Literal["auto", "transformers", "vllm"] = "auto"

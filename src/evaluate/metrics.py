@@ -112,12 +112,182 @@ def best_of_n(scores: Sequence[Sequence[float]], n: int) -> list[int]:
     return out
 
 
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || base) = log n - (n - 1) / n (Stiennon et al. 2020, App. G; Gao et al. 2022, Eq. 1): the
-    analytic value for continuous, distinct scores, an upper bound otherwise."""
+def best_of_n_kl_bound(n: int) -> float:
+    """The analytical formula log n - (n - 1) / n (Stiennon et al. 2020, App. G; Gao et al. 2022, Eq. 1): an UPPER
+    BOUND on KL(best-of-n || base) (Beirami et al. 2024, arXiv 2401.01879, Sec. 3), reached only in the limit where
+    no single outcome has positive probability (continuous, distinct scores). Reported beside the estimate
+    (`best_of_n_kl_estimate`), never as the value."""
     if n < 1:
         raise ValueError("n must be >= 1")
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_probs(probs: Sequence[float], scores: Sequence[float], n: int) -> list[float]:
+    """pi_n(i): the probability that best-of-n picks outcome i, for a discrete base distribution p over outcomes with
+    scores s (Beirami et al. 2024, Sec. 2, with ties).
+
+    Derivation. Draw y_1..y_n iid from p and keep the draw of highest score, the FIRST such draw on a tie (the rule
+    of `best_of_n`). With F(s) = P(score <= s) and F(s-) = P(score < s), the kept score is s exactly when all n
+    draws score <= s and not all score < s:  P(max = s) = F(s)^n - F(s-)^n. Given which draws score s, each of them
+    is, independently, outcome i with probability p_i / q(s) among the outcomes of score s (q(s) = P(score = s)),
+    so the first of them is too. Hence
+
+        pi_n(i) = p_i / q(s_i) * ( F(s_i)^n - F(s_i-)^n ).
+
+    With all scores distinct q(s_i) = p_i and this is the formula of Beirami et al.; tied outcomes share their
+    level's mass in proportion to p. Outcomes with p_i = 0 get 0."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    if len(probs) != len(scores) or not probs:
+        raise ValueError(f"{len(probs)} probabilities, {len(scores)} scores: need as many, at least one")
+    p = [float(x) for x in probs]
+    if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-9:
+        raise ValueError(f"probabilities must be >= 0 and sum to 1, got sum {sum(p)}")
+    level: dict[float, float] = {}  # score -> q(score)
+    for x, s in zip(p, scores):
+        level[float(s)] = level.get(float(s), 0.0) + x
+    mass, below = {}, 0.0  # score -> F(s)^n - F(s-)^n, levels in increasing score
+    for s in sorted(level):
+        at_or_below = below + level[s]
+        mass[s] = min(at_or_below, 1.0) ** n - below ** n
+        below = at_or_below
+    return [x / level[float(s)] * mass[float(s)] if x > 0 else 0.0 for x, s in zip(p, scores)]
+
+
+def best_of_n_kl_exact(probs: Sequence[float], scores: Sequence[float], n: int) -> float:
+    """KL(pi_n || p) = sum_i pi_n(i) log( pi_n(i) / p_i ) with pi_n from `best_of_n_probs`.
+
+    Since pi_n(i) / p_i = (F(s_i)^n - F(s_i-)^n) / q(s_i) is the same for every outcome of a score level, the KL is
+    that of the best-of-n score distribution against the base one: it depends on the scores' levels only. For n = 1
+    it is 0; one level (every score tied) gives 0 for every n; it never exceeds `best_of_n_kl_bound(n)`."""
+    pn = best_of_n_probs(probs, scores, n)
+    return sum(a * math.log(a / float(b)) for a, b in zip(pn, probs) if a > 0)
+
+
+def empirical_outcomes(responses: Sequence, scores: Sequence[float]) -> tuple[list[float], list[float]]:
+    """(probabilities, scores) of the distinct responses among a prompt's samples: p = count / number of samples,
+    each response's score the mean of its samples' scores (a response scored twice may differ in the last bits
+    with its batch: it is still one outcome)."""
+    if len(responses) != len(scores) or not responses:
+        raise ValueError(f"{len(responses)} responses, {len(scores)} scores: need as many, at least one")
+    groups: dict = {}
+    for r, s in zip(responses, scores):
+        groups.setdefault(tuple(r) if isinstance(r, list) else r, []).append(float(s))
+    m = len(responses)
+    return [len(v) / m for v in groups.values()], [sum(v) / len(v) for v in groups.values()]
+
+
+def best_of_n_kl_estimate(responses: Sequence[Sequence], scores: Sequence[Sequence[float]], n: int) -> list[float]:
+    """Per prompt, the exact best-of-n KL (`best_of_n_kl_exact`) under the empirical distribution of that prompt's
+    base samples (`empirical_outcomes`): a plug-in estimate of KL(best-of-n || base) that counts ties. Average it
+    over prompts (`mean_se`) for the figure.
+
+    The estimate uses only outcomes seen among the m samples of a prompt, so it is at most log m; with all m
+    samples distinct it is the exact KL of a uniform m-atom distribution, which falls short of the continuous
+    value log n - (n-1)/n by little (m = n = 16: 1.794 against 1.835; m = n = 4: 0.590 against 0.636). When a
+    few answers carry most of the probability (a tuned policy on a checkable task) it is far below the bound:
+    best answer at 0.7, the rest spread thinly: 0.32, 0.36, 0.36 at n = 4, 8, 16 against 0.64, 1.20, 1.84."""
+    if len(responses) != len(scores):
+        raise ValueError(f"{len(responses)} prompts of responses, {len(scores)} of scores")
+    out = []
+    for resp, sc in zip(responses, scores):
+        p, s = empirical_outcomes(resp, sc)
+        out.append(best_of_n_kl_exact(p, s, n))
+    return out
+
+
+def prompt_identical_rate(policy: Sequence, baseline: Sequence) -> float:
+    """The fraction of (policy sample, baseline sample) pairs of one prompt, all n * m of them, whose responses are
+    identical: such a pair always ties. Independent draws give sum_y pi(y) pi_base(y) in expectation (sum_y
+    pi(y)^2 for a policy against itself); samples that share random numbers give more."""
+    if not policy or not baseline:
+        raise ValueError("each side needs at least one sample")
+    same = sum(1 for a in policy for b in baseline if a == b)
+    return same / (len(policy) * len(baseline))
+
+
+def length_controlled_win_rate(preferences: Sequence[float], length_diffs: Sequence[float],
+                               clusters: Sequence | None = None, ridge: float = 1e-6) -> dict:
+    """The length-controlled win rate of AlpacaEval 2 (Dubois et al. 2024, "Length-Controlled AlpacaEval", arXiv
+    2404.04475, Sec. 3), in its simplest form: the logistic regression
+
+        logit P(policy preferred in pair i) = theta + phi * tanh( d_i / sd(d) ),    d_i = len(policy) - len(baseline)
+
+    fitted by maximum likelihood to the preferences y_i in [0, 1] (soft labels: a tie is 1/2, a judge's p counts as
+    it is), and the win rate predicted with the length difference set to 0:  LC = sigmoid(theta).
+
+    Deviations from AlpacaEval's GLM (`length_controlled_v1`): no instruction-difficulty term (AlpacaEval's is
+    fitted once on many models' annotations of its 805 instructions; here there is one policy against one
+    baseline per fit, so the per-prompt term would not be identified), no regularisation towards gamed baselines and
+    no cross-validated L1 penalty (a ridge of `ridge` on (theta, phi) only keeps the fit finite when one side wins
+    every pair); lengths are in tokens, not characters (the difference is standardised, so only its shape matters).
+
+    Returns {"win_rate": LC, "se": its standard error, "length_coef": phi, "raw": mean(y)}. The error is the delta
+    method on a sandwich covariance of theta clustered by `clusters` (the prompt of each pair: pairs of one prompt
+    are not independent), with the small-sample factor C / (C - 1); with no length difference it equals `mean_se`
+    of the per-prompt mean preferences when every prompt has the same number of pairs. One cluster: error 0."""
+    import numpy as np
+
+    y = np.asarray(preferences, dtype=np.float64)
+    d = np.asarray(length_diffs, dtype=np.float64)
+    if y.ndim != 1 or len(y) == 0 or d.shape != y.shape:
+        raise ValueError(f"{len(y)} preferences and {len(d)} length differences: need as many, at least one")
+    if ((y < 0) | (y > 1)).any():
+        raise ValueError("preferences must lie in [0, 1]")
+    groups = list(range(len(y))) if clusters is None else list(clusters)
+    if len(groups) != len(y):
+        raise ValueError(f"{len(groups)} cluster labels for {len(y)} preferences")
+    sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    X = np.stack([np.ones_like(x), x], 1)  # (N, 2): intercept, length term
+
+    def objective(b):  # penalised negative log-likelihood with soft labels
+        z = X @ b
+        return float(np.sum(np.logaddexp(0, z) - y * z) + 0.5 * ridge * b @ b)
+
+    beta = np.zeros(2)
+    for _ in range(200):  # damped Newton: the objective is convex
+        p = 1 / (1 + np.exp(-(X @ beta)))
+        grad = X.T @ (p - y) + ridge * beta
+        H = X.T @ (X * (p * (1 - p))[:, None]) + ridge * np.eye(2)
+        step = np.linalg.solve(H, grad)
+        t, f0 = 1.0, objective(beta)
+        while objective(beta - t * step) > f0 - 1e-4 * t * (grad @ step) and t > 1e-8:
+            t /= 2
+        beta = beta - t * step
+        if np.max(np.abs(t * step)) < 1e-12:
+            break
+    p = 1 / (1 + np.exp(-(X @ beta)))
+    lc = float(1 / (1 + np.exp(-beta[0])))
+    index: dict = {}
+    for g in groups:
+        index.setdefault(g, len(index))
+    C = len(index)
+    se = 0.0
+    if C > 1:
+        H = X.T @ (X * (p * (1 - p))[:, None]) + ridge * np.eye(2)
+        per = np.zeros((C, 2))
+        np.add.at(per, [index[g] for g in groups], X * (y - p)[:, None])  # score of each cluster
+        Hinv = np.linalg.pinv(H)
+        cov = Hinv @ (per.T @ per) @ Hinv * C / (C - 1)
+        se = float(lc * (1 - lc) * math.sqrt(max(cov[0, 0], 0.0)))
+    return {"win_rate": lc, "se": se, "length_coef": float(beta[1]), "raw": float(y.mean())}
+
+
+def rm_preference_pairs(policy: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                        policy_lengths: Sequence[Sequence[int]], baseline_lengths: Sequence[Sequence[int]]) -> tuple:
+    """Every (policy sample, baseline sample) pair of each prompt, as `prompt_win_rate` counts them, flattened for
+    `length_controlled_win_rate`: (preferences 1 / 1/2 / 0, length differences policy - baseline, prompt index)."""
+    if not (len(policy) == len(baseline) == len(policy_lengths) == len(baseline_lengths)):
+        raise ValueError("scores and lengths must cover the same prompts")
+    prefs, diffs, prompts = [], [], []
+    for i, (ps, bs, pl, bl) in enumerate(zip(policy, baseline, policy_lengths, baseline_lengths)):
+        for s, a in zip(ps, pl):
+            for b, c in zip(bs, bl):
+                prefs.append(1.0 if s > b else 0.5 if s == b else 0.0)
+                diffs.append(float(a - c))
+                prompts.append(i)
+    return prefs, diffs, prompts
 
 
 # ------------------------------------------------------------------------------------------------ model-based

@@ -3,11 +3,30 @@
     prefopt evaluate experiments/quickstart.yaml
     prefopt evaluate experiments/quickstart.yaml --evaluate.temperature=0.7 --evaluate.judge.model=<judge folder>
 
-Per policy (same prompts, same sampling seed for all): mean gold score (when the task has one), mean reward-model
-score, win rate against the baseline by the reward model and by gold (every sample against every baseline sample
-of the same prompt, ties 1/2), the Monte-Carlo sequence-level KL to the baseline, mean response length in tokens,
-and optionally an order-swapped pairwise judge's win rate against the baseline. The reward model reads each sample
-as the `score` stage gives it one (`rm_format`: a hub reward model gets the raw prompt in its own chat template).
+Per policy (same prompts): mean gold score (when the task has one), mean reward-model score, win rate against the
+baseline by the reward model and by gold (every sample against every baseline sample of the same prompt, ties 1/2)
+and the reward model's length-controlled win rate beside it, the Monte-Carlo sequence-level KL to the baseline, mean
+response length in tokens, and optionally an order-swapped pairwise judge's win rate against the baseline (raw and
+length-controlled). The reward model reads each sample as the `score` stage gives it one (`rm_format`: a hub reward
+model gets the raw prompt in its own chat template).
+
+Independent samples. Every sample set (each policy, each checkpoint, the best-of-n draw) is sampled under its own
+seed, derived from (evaluate.seed, the experiment's seed, the set's name) and recorded in `sampling_seeds`. With one
+seed for all, sample j of a policy and sample j of the baseline shared their random numbers: a lightly tuned policy
+gave the very same response in 63% of those pairs, each a tie that pulls the win rate towards 1/2 (and the judge,
+which reads sample 0 of each side, saw only such pairs). `identical_pairs` reports the fraction of compared pairs
+that are the same response; for independent draws it is sum_y pi(y) pi_sft(y) (tests/test_unbiased_eval.py).
+
+Length control. `win_rate_vs_sft_lc` and `judge_win_rate_lc` are AlpacaEval 2's length-controlled win rates
+(Dubois et al. 2024): a logistic regression of each pair's preference on a policy term and tanh(length difference /
+its sd), read at length difference 0 (`metrics.length_controlled_win_rate`, which states how it departs from
+AlpacaEval's GLM). A policy that wins only by answering longer gets an LC win rate near 1/2.
+
+Best-of-n. Rows `best_of_<n>` keep the reward model's best of the first n of max(n) baseline samples per prompt. Their
+`kl_to_sft` is the exact KL of best-of-n under the empirical distribution of each prompt's max(n) samples, ties
+included (Beirami et al. 2024; `metrics.best_of_n_kl_estimate`), with its standard error over prompts;
+`kl_to_sft_bound` is the analytical log n - (n-1)/n, an upper bound approached only when no single answer has
+appreciable probability (continuous scores). The over-optimisation plot draws the estimate.
 
 KL. For samples y ~ pi_T(.|x) (the policy at the sampling temperature T), the stage reports
     mean over samples of [ log pi_T(y|x) - log pi_sft,T(y|x) ]
@@ -15,14 +34,16 @@ with both log-probs computed from logits divided by T: an unbiased estimate of K
 T = 1 (the default) is the sequence-level KL(pi || pi_sft) of the DPO/RLHF objectives. top_p < 1 truncates the
 sampling distribution, which these log-probs do not model: the figure is then only approximate. Responses cut at
 max_new_tokens count as the prefixes they are. With temperature 0 (greedy) there is no sampling distribution;
-the T = 1 log-prob difference of the greedy responses is reported instead. The baseline scores the policy's own token ids, so the two must
-share a tokenizer (true for policies trained from the SFT model).
+the T = 1 log-prob difference of the greedy responses is reported instead. The baseline scores the policy's own token
+ids, so the two must share a tokenizer (true for policies trained from the SFT model).
 
 Outputs in the stage folder:
   <policy>.json            AlpacaEval format, the first sample per prompt: [{instruction, input?, output, generator}]
   samples_<policy>.jsonl   every sample with its figures (gold, rm, logp, ref_logp, tokens)
+  samples_best_of_n.jsonl  the max(n) baseline samples per prompt best-of-n picks from (rm, gold, tokens)
   table.md, evaluate.png   the comparison table and figure
-  summary.json             {"policies": {name: {gold_score, rm_score, win_rate_vs_sft, kl_to_sft, length, ...}}}
+  summary.json             {"policies": {name: {gold_score, rm_score, win_rate_vs_sft, win_rate_vs_sft_lc, kl_to_sft,
+                           length, identical_pairs, ...}}, "sampling_seeds": {set: seed}, "best_of_n": [...]}
 """
 
 from __future__ import annotations
@@ -37,15 +58,23 @@ from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.suite import check_files as check_suite_files
 from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
-from prefopt.generation.base import Sampling
+from prefopt.generation.base import Sampling, derive_seed
 from prefopt.stage import atomic_write, write_json
 from prefopt.utils import seed_everything, weights_sha256, write_jsonl
 from tqdm.auto import tqdm
 
 # (figure, column head); a figure with a `<figure>_se` beside it is printed as "mean ± standard error"
 COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold − SFT"), ("win_rate_vs_sft_gold", "win vs SFT (gold)"),
-           ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"), ("kl_to_sft", "KL to SFT"),
-           ("length", "length"), ("judge_win_rate", "judge win"), ("judge_order_disagreement", "judge order disagree")]
+           ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"), ("win_rate_vs_sft_lc", "LC win vs SFT (RM)"),
+           ("kl_to_sft", "KL to SFT"), ("kl_to_sft_bound", "KL bound (best-of-n)"), ("length", "length"),
+           ("judge_win_rate", "judge win"), ("judge_win_rate_lc", "LC judge win"),
+           ("judge_order_disagreement", "judge order disagree")]
+
+
+def sampling_seed(eval_seed: int, run_seed: int, name: str) -> int:
+    """The seed sample set `name` is drawn under: (evaluate.seed, experiment seed, name) hashed, so no two sets share
+    random numbers and a set redrawn later is drawn alike."""
+    return derive_seed(eval_seed, run_seed, name)
 
 
 def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
@@ -151,7 +180,9 @@ def _fmt(v, se=None) -> str:
         return "–"
     if not isinstance(v, float):
         return str(v)
-    return f"{v:.3f} ± {se:.3f}" if se else f"{v:.3f}"
+    if not se:
+        return f"{v:.3f}"
+    return f"{v:.3f} ± {se:.3f}" if se >= 5e-4 else f"{v:.3f} ± <0.001"  # a tiny error is not printed as ± 0.000
 
 
 def table(policies: dict[str, dict], split: str = "", n_prompts: int = 0) -> str:
@@ -187,7 +218,7 @@ def plot(policies: dict[str, dict], path: Path) -> bool:
     ax2.scatter([policies[n]["kl_to_sft"] for n in kl], [policies[n][key] for n in kl], color="tab:orange")
     for n in kl:
         ax2.annotate(n, (policies[n]["kl_to_sft"], policies[n][key]), textcoords="offset points", xytext=(4, 4))
-    ax2.set_xlabel("KL to baseline (nats, Monte-Carlo)")
+    ax2.set_xlabel("KL to baseline (nats; Monte-Carlo, best-of-n estimated from its samples)")
     ax2.set_ylabel(key.replace("_", " "))
     ax2.set_title(f"{key.replace('_', ' ')} vs KL")
     fig.tight_layout()
@@ -218,7 +249,8 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
         fn = load_reward_function(sec.reward_fn, ctx.cfg.task)
 
         def score_fn(s, rows):
-            flat_rows = [{**r, "prompt": p} for r, p, comps in zip(rows, s["rendered"], s["completions"]) for _ in comps]
+            flat_rows = [{**r, "prompt": p} for r, p, comps in zip(rows, s["rendered"], s["completions"])
+                         for _ in comps]
             flat = fn(flat_rows, [c.text for comps in s["completions"] for c in comps])
             return _nest(flat, s)
 
@@ -252,9 +284,19 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     return rm_ref, score_fn, holder
 
 
-def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm) -> dict:
+def _lengths(s: dict) -> list[list[int]]:
+    return [[len(c.token_ids) for c in cs] for cs in s["completions"]]
+
+
+def _ids(s: dict) -> list[list[tuple]]:
+    return [[tuple(c.token_ids) for c in cs] for cs in s["completions"]]
+
+
+def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm, base_s: dict | None = None,
+               is_baseline: bool = False) -> dict:
     """Every figure of one sample set, each a mean over prompts with its standard error (`*_se`); gains and win
-    rates are paired with the baseline's samples of the same prompts."""
+    rates are paired with the baseline's samples of the same prompts (`base_s`: those samples, for the
+    length-controlled win rate and, unless the set is the baseline's own, the identical-pair rate)."""
     f: dict = {}
 
     def put(key, values):
@@ -269,6 +311,12 @@ def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm) -> di
         put("rm_score", M.per_prompt_means(rm))
         if base_rm is not None:
             put("win_rate_vs_sft", M.per_prompt_win_rates(rm, base_rm))
+            if base_s is not None:
+                lc = M.length_controlled_win_rate(*M.rm_preference_pairs(rm, base_rm, _lengths(s), _lengths(base_s)))
+                f["win_rate_vs_sft_lc"], f["win_rate_vs_sft_lc_se"] = lc["win_rate"], lc["se"]
+                f["rm_length_coef"] = lc["length_coef"]
+    if base_s is not None and not is_baseline:
+        put("identical_pairs", [M.prompt_identical_rate(a, b) for a, b in zip(_ids(s), _ids(base_s))])
     if own is not None and ref is not None:
         put("kl_to_sft", M.per_prompt_means(_nest([a - b for a, b in zip(own, ref)], s)))
     comps = [c for cs in s["completions"] for c in cs]
@@ -277,6 +325,19 @@ def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm) -> di
     if own is not None:
         f["logp"] = sum(own) / len(own)
     return f
+
+
+def judge_figures(judged: dict, s: dict, base_s: dict, k: int) -> dict:
+    """The judge's figures for one policy on its first k prompts (sample 0 of each side): win rate with its error
+    over prompts, the length-controlled win rate, order disagreement, and how many judged pairs were one response."""
+    p = judged["p_first_better"]
+    d = [len(a[0].token_ids) - len(b[0].token_ids) for a, b in zip(s["completions"][:k], base_s["completions"][:k])]
+    lc = M.length_controlled_win_rate(p, d, clusters=range(len(p)))
+    win, se = M.mean_se(p)
+    same = [float(a[0].token_ids == b[0].token_ids) for a, b in zip(s["completions"][:k], base_s["completions"][:k])]
+    return {"judge_win_rate": win, "judge_win_rate_se": se, "judge_win_rate_lc": lc["win_rate"],
+            "judge_win_rate_lc_se": lc["se"], "judge_length_coef": lc["length_coef"],
+            "judge_order_disagreement": judged["disagreement"], "judge_identical_pairs": sum(same) / len(same)}
 
 
 def run(ctx) -> dict:
@@ -311,11 +372,12 @@ def run(ctx) -> dict:
                 sets[f"{name}@{step}"] = {"path": ck, "rows": rows[:k_ckpt], "n": sec.samples_per_prompt,
                                           "method": name, "step": step}
     if sec.best_of_n and base is not None:
-        sets["_bon"] = {"path": policies[base], "rows": rows, "n": max(sec.best_of_n), "seed_offset": 1}
+        sets["_bon"] = {"path": policies[base], "rows": rows, "n": max(sec.best_of_n)}
 
-    # 1. Samples: every set, same prompts, same seed.
-    samples = {name: sample_policy(name, st["path"], st["rows"], sec, n=st["n"],
-                                   seed=sec.seed + st.get("seed_offset", 0)) for name, st in sets.items()}
+    # 1. Samples: every set on the same prompts, each under its own seed (independent of every other set's draws).
+    seeds = {name: sampling_seed(sec.seed, ctx.seed, name) for name in sets}
+    samples = {name: sample_policy(name, st["path"], st["rows"], sec, n=st["n"], seed=seeds[name])
+               for name, st in sets.items()}
     for name in policies:
         write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, samples[name]["completions"]))
 
@@ -383,15 +445,16 @@ def run(ctx) -> dict:
     # 5. Figures per policy, with standard errors over prompts.
     def fig(name, k=None):
         k = k or len(sets[name]["rows"])
+        base_s = _subset(samples[base], k) if base is not None else None
         return figures_of(name, samples[name], gold.get(name), rm.get(name), own.get(name), ref.get(name),
-                          gold[base][:k] if base in gold else None, rm[base][:k] if base in rm else None)
+                          gold[base][:k] if base in gold else None, rm[base][:k] if base in rm else None, base_s,
+                          is_baseline=name == base)
 
     figures: dict[str, dict] = {}
     for name in policies:
         f = {"model": policies[name], **fig(name)}
         if name in judged:
-            f["judge_win_rate"] = judged[name]["win_rate"]
-            f["judge_order_disagreement"] = judged[name]["disagreement"]
+            f.update(judge_figures(judged[name], samples[name], samples[base], min(sec.judge.max_prompts, len(rows))))
         figures[name] = f
         ctx.tracker.log({f"{name}/{k}": v for k, v in f.items() if isinstance(v, (int, float))})
         write_jsonl(ctx.dir / f"samples_{name}.jsonl", _sample_rows(name, rows, samples[name], gold, rm, own, ref))
@@ -408,15 +471,19 @@ def run(ctx) -> dict:
                                                   _sub(gold.get(name), k_ckpt), _sub(rm.get(name), k_ckpt),
                                                   own[name][:_count(samples[name], k_ckpt)],
                                                   ref[name][:_count(samples[name], k_ckpt)] if name in ref else None,
-                                                  _sub(gold.get(base), k_ckpt), _sub(rm.get(base), k_ckpt))))
+                                                  _sub(gold.get(base), k_ckpt), _sub(rm.get(base), k_ckpt),
+                                                  _subset(samples[base], k_ckpt))))
             curves[name] = pts
     bon = []
     if "_bon" in samples and "_bon" in rm:
+        write_jsonl(ctx.dir / "samples_best_of_n.jsonl", _sample_rows("_bon", rows, samples["_bon"], gold, rm, {}, {}))
         for n in sorted(set(sec.best_of_n)):
             pick = M.best_of_n(rm["_bon"], n)
             g = [[gold["_bon"][i][j]] for i, j in enumerate(pick)] if "_bon" in gold else None
             r = [[rm["_bon"][i][j]] for i, j in enumerate(pick)]
-            point = {"n": n, "kl": M.best_of_n_kl(n)}
+            # KL of best-of-n from the max(n) samples of each prompt, ties counted; the analytical bound beside it
+            kl, kl_se = M.mean_se(M.best_of_n_kl_estimate(_ids(samples["_bon"]), rm["_bon"], n))
+            point = {"n": n, "kl": kl, "kl_se": kl_se, "kl_bound": M.best_of_n_kl_bound(n)}
             for key, vals in (("gold", g), ("rm", r)):
                 if vals is not None:
                     point[key], point[key + "_se"] = M.mean_se(M.per_prompt_means(vals))
@@ -426,6 +493,7 @@ def run(ctx) -> dict:
             bon.append(point)
         figures.update({f"best_of_{p['n']}": {"gold_score": p.get("gold"), "gold_score_se": p.get("gold_se"),
                                               "rm_score": p["rm"], "rm_score_se": p["rm_se"], "kl_to_sft": p["kl"],
+                                              "kl_to_sft_se": p["kl_se"], "kl_to_sft_bound": p["kl_bound"],
                                               "gold_gain": p.get("gold_gain"), "gold_gain_se": p.get("gold_gain_se")}
                         for p in bon})
 
@@ -456,6 +524,7 @@ def run(ctx) -> dict:
         "samples_per_prompt": sec.samples_per_prompt,
         "temperature": sec.temperature,
         "seed": sec.seed,
+        "sampling_seeds": {("best_of_n" if n == "_bon" else n): v for n, v in seeds.items()},
         "proxy": proxy[0] if proxy else None,
         "curves": curves,
         "best_of_n": bon,
@@ -508,6 +577,6 @@ def _sample_rows(name, rows, s, gold, rm, own, ref):
                 "tokens": len(c.token_ids), "finished": c.finished,
                 "gold": gold[name][j][k] if name in gold else None,
                 "rm": rm[name][j][k] if name in rm else None,
-                "logp": own[name][i], "ref_logp": ref[name][i] if name in ref else None,
+                "logp": own[name][i] if name in own else None, "ref_logp": ref[name][i] if name in ref else None,
             }
             i += 1
