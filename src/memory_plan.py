@@ -26,6 +26,8 @@ Per GPU, for a model of P parameters of which T train, over n processes (`launch
                training. PPO: the reference (4P) and the reward model (bf16 on GPU), sharded under FSDP2 when
                ppo.shard_reference / shard_reward_model say so; the value model trains like the policy.
   vLLM         the engine takes gpu_memory_utilization x the GPU's memory (its weights and KV cache inside it).
+  scoring      the reward model whole in bf16 and one batch's forward, per GPU: `score.data_parallel` workers each
+               hold their own copy on their own GPU, so the figure does not change with their number.
 
 Tokens per micro-batch: sft b*s; a preference pair stage 2*b*s (chosen and rejected; packed layouts carry at most
 that many), in rows of s (padded, packed) or of 2s (shared_prompt: prompt, chosen and rejected in one row);
@@ -465,8 +467,13 @@ def stage_plan(cfg, stage: str, b: Backend, gpu_gb: float) -> StagePlan | None:
             return None
         m = _size(cfg, sec.reward_model, plan)
         if m:  # max_length 0: the reward model's own limit
-            plan.phases.append(_inference_phase("scoring batch", m, 2, sec.batch_size,
-                                                sec.max_length or m.max_positions))
+            ph = _inference_phase("scoring batch", m, 2, sec.batch_size, sec.max_length or m.max_positions)
+            # data parallel: a whole reward model per worker process, one worker per GPU; nothing is divided
+            dp = sec.data_parallel
+            ph.notes.append(f"score.data_parallel {dp}: " + ("one process on one GPU" if dp == 1 else
+                            f"{'one process per visible GPU' if dp == 0 else f'{dp} processes'}, each a whole "
+                            "reward model on its own GPU (the figure is per GPU)"))
+            plan.phases.append(ph)
     elif stage == "evaluate":
         sizes = [m for ref in sec.policies.values() if (m := _size(cfg, ref, plan))]
         if sizes:

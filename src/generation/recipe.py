@@ -31,6 +31,7 @@ from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import render_prompt
 from prefopt.generation.base import Completion, Sampling, derive_seed, generate_many
 from prefopt.generation.factory import make_generator, resolve_backend
+from prefopt.gpus import data_parallel_size, free_gpu_memory, run_workers
 from prefopt.utils import read_jsonl, weights_sha256, write_jsonl
 
 
@@ -118,20 +119,11 @@ def release(generator) -> None:
     """Free the generator's GPU memory before the next stage loads a model in this process: vLLM's close (sleep,
     delete, its distributed cleanup), then the CUDA cache. An engine left alive held most of the GPU while `score`
     loaded the reward model beside it."""
-    import gc
-
     close = getattr(generator, "close", None)
     if close is not None:
         close()
     del generator
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_gpu_memory()
 
 
 def sample_shard(generator, k: int, chunk: list[dict], texts: list[str], sec, base_seed: int, generator_info: dict,
@@ -169,13 +161,14 @@ def run(ctx) -> dict:
 
     todo = [k for k in range(n_shards)
             if finished_shard(shard(k)[2], [p["prompt_id"] for p in shard(k)[0]], generator_info["sha256"]) is None]
-    workers = min(data_parallel_size(sec), len(todo))
+    workers = min(data_parallel_size(sec.data_parallel, sec.tensor_parallel_size), len(todo))
     dp_seconds = 0.0
     if workers > 1:  # one process per engine, each its share of the shards; the loop below then finds them done
         t0 = time.time()
-        job = {"model_path": model_path, "backend": backend, "sec": sec, "base_seed": ctx.seed,
-               "generator_info": generator_info, "shards": {k: shard(k) for k in todo}}
-        run_data_parallel(ctx.dir, job, workers, sec.tensor_parallel_size)
+        job = {"worker": "prefopt.generation.recipe:generate_worker", "model_path": model_path, "backend": backend,
+               "sec": sec, "base_seed": ctx.seed, "generator_info": generator_info,
+               "shards": {k: shard(k) for k in todo}}
+        run_workers(ctx.dir, job, workers, sec.tensor_parallel_size, "generation", "generate.data_parallel")
         dp_seconds = time.time() - t0
 
     generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
@@ -257,80 +250,8 @@ def run(ctx) -> dict:
 # ------------------------------------------------------------------------------- data parallel over a node's GPUs
 
 
-def data_parallel_size(sec) -> int:
-    """Engines to run at once: `data_parallel`, or with 0 one per `tensor_parallel_size` visible GPUs."""
-    if sec.data_parallel:
-        return sec.data_parallel
-    return max(1, len(visible_gpus()) // sec.tensor_parallel_size)
-
-
-def visible_gpus() -> list[str]:
-    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES, else every device torch sees)."""
-    import os
-
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def run_data_parallel(folder: Path, job: dict, workers: int, tp: int) -> None:
-    """Sample `job`'s shards in `workers` processes (`python -m prefopt.generation.recipe JOB RANK WORLD`), worker i
-    taking the i-th, (i+workers)-th, ... shard left to do, on GPUs [i*tp, (i+1)*tp) of the visible ones (each its own
-    engine; the engine dies with its process). Every shard is seeded by its index alone, so the merged shards are
-    what one process writes. A failed worker is an error naming it, with the end of its output."""
-    import os
-    import pickle
-    import subprocess
-    import sys
-
-    gpus = visible_gpus() if _has_cuda() else []
-    if gpus and workers * tp > len(gpus):
-        raise ValueError(f"generate.data_parallel {workers} x generate.tensor_parallel_size {tp} needs "
-                         f"{workers * tp} GPUs; {len(gpus)} are visible")
-    job_file = Path(folder) / ".data_parallel_job.pkl"  # a dot-file: not an output of the stage
-    with open(job_file, "wb") as f:
-        pickle.dump(job, f)
-    omp = os.environ.get("OMP_NUM_THREADS")
-    budget = int(omp) if omp and omp.isdigit() else (os.cpu_count() or 1)
-    procs = []
-    for rank in range(workers):
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, budget // workers))}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[rank * tp:(rank + 1) * tp])
-        log = open(Path(folder) / f".data_parallel_{rank}.log", "w+")
-        procs.append((subprocess.Popen([sys.executable, "-m", "prefopt.generation.recipe", str(job_file), str(rank),
-                                        str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for rank, (proc, log) in enumerate(procs):
-        proc.wait()
-        log.seek(0)
-        text = log.read()
-        log.close()
-        if proc.returncode != 0:
-            failed.append(f"worker {rank} exited {proc.returncode}: ...{text[-1500:]}")
-    job_file.unlink(missing_ok=True)
-    if failed:
-        raise RuntimeError("data-parallel generation failed (the shards it finished are kept; rerun to resume): "
-                           + " | ".join(failed))
-    for rank in range(workers):
-        (Path(folder) / f".data_parallel_{rank}.log").unlink(missing_ok=True)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def worker_main(job_file: str, rank: int, world: int) -> None:
-    """One data-parallel worker: its engine, its shards, then the engine released."""
-    import pickle
-
-    with open(job_file, "rb") as f:
-        job = pickle.load(f)
+def generate_worker(job: dict, rank: int, world: int) -> None:
+    """One data-parallel worker (`prefopt.gpus.run_workers`): its engine, its shards, then the engine released."""
     mine = sorted(job["shards"])[rank::world]
     sec, info = job["sec"], dict(job["generator_info"])
     generator = build_generator(job["model_path"], job["backend"], sec)
@@ -340,9 +261,3 @@ def worker_main(job_file: str, rank: int, world: int) -> None:
         sample_shard(generator, k, chunk, texts, sec, job["base_seed"], info, path)
         print(f"[prefopt] generate worker {rank}/{world}: shard {k} written", flush=True)
     release(generator)
-
-
-if __name__ == "__main__":
-    import sys
-
-    worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -95,6 +95,10 @@ class ScoreConfig:
     max_length: int = 0
     """Truncate prompt + candidate to this many tokens (part of the cache key). 0: the reward model's own limit (its
     config's max_position_embeddings or its tokenizer's model_max_length, the smaller); more than that is an error."""
+    data_parallel: int = 1
+    """Reward models scoring at once, each in its own process with a whole copy on its own GPU and every N-th shard
+    with something left to score; the shards and the score cache are those one process writes. 0: one per visible
+    GPU (8 on an 8-GPU node)."""
 
     def __post_init__(self):
-        check_ranges(self, batch_size=dict(ge=1), max_length=dict(ge=0))
+        check_ranges(self, batch_size=dict(ge=1), max_length=dict(ge=0), data_parallel=dict(ge=0))

@@ -8,6 +8,12 @@ a killed run rescores at most the shard it was in, and finished shards are skipp
 `<experiment>/cache/scores.jsonl`, keyed by (prompt, response, reward-model weights hash, max_length), so scoring
 the same candidates again (another round, a rerun after a config change elsewhere) costs no model call.
 
+Over a node's GPUs (`score.data_parallel`, 0: one per visible GPU): one process per GPU, each with its own reward
+model and every N-th shard with something to score; each appends its scores to its own cache part, merged into the
+cache when they exit, and this process then writes the shards from the cache. Which candidate a shard scores is
+planned before any worker starts, as one process would do it (`scoring_plan`), so the shards and the cache are one
+process's.
+
 What the reward model reads is what it was trained on: for a classifier (TRL's RewardTrainer) prompt text +
 response + EOS, right padded, the score being the head's first logit (or a hub model's `score` field) at the token
 the model reads on that text alone, whatever its lookup (`batch_pad_id`); for a likelihood
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -33,6 +40,7 @@ from tqdm.auto import tqdm
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.templates import encode, prompt_messages
+from prefopt.gpus import data_parallel_size, free_gpu_memory, run_workers
 from prefopt.utils import content_hash, iter_jsonl, weights_sha256, write_jsonl
 
 
@@ -250,19 +258,35 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
 
 
 class ScoreCache:
-    """Scores already computed, keyed by (prompt, response, reward-model hash, max_length); an append-only JSONL."""
+    """Scores already computed, keyed by (prompt, response, reward-model hash, max_length); an append-only JSONL.
+
+    One writer a file: data-parallel workers (`score.data_parallel`) never append here but each to its own part
+    (`part`, `scores.worker-R.jsonl` beside it), which the stage folds in (`merge_parts`) once they have exited; a
+    new cache folds in the parts a killed run left. So no two processes interleave lines, and no score a worker
+    finished is lost."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.scores: dict[str, float] = {}
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                        self.scores[row["key"]] = row["score"]
-                    except (ValueError, KeyError):
-                        continue  # a line cut short by a kill: that score is recomputed
+        self.scores: dict[str, float] = read_scores(self.path)
+        self.merge_parts()
+
+    @staticmethod
+    def part(path: str | Path, rank: int) -> Path:
+        """Where data-parallel worker `rank` appends the scores it computes for the cache at `path`."""
+        path = Path(path)
+        return path.with_name(f"{path.stem}.worker-{rank}{path.suffix}")
+
+    def merge_parts(self) -> int:
+        """Append every worker part to the cache and remove it (a kill between the two leaves the part's lines
+        twice: the same keys and scores, read once). Returns the scores merged."""
+        n = 0
+        for part in sorted(self.path.parent.glob(f"{self.path.stem}.worker-*{self.path.suffix}")):
+            items = read_scores(part)
+            append_scores(self.path, items)
+            self.scores.update(items)
+            part.unlink()
+            n += len(items)
+        return n
 
     @staticmethod
     def key(prompt: str | list[dict], response: str, rm_sha: str, max_length: int) -> str:
@@ -272,13 +296,39 @@ class ScoreCache:
         return self.scores.get(key)
 
     def add(self, items: dict[str, float]) -> None:
-        if not items:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for k, v in items.items():
-                f.write(json.dumps({"key": k, "score": v}) + "\n")
+        append_scores(self.path, items)
         self.scores.update(items)
+
+
+def read_scores(path: Path) -> dict[str, float]:
+    scores = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    scores[row["key"]] = row["score"]
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a kill: that score is recomputed
+    return scores
+
+
+def append_scores(path: Path, items: dict[str, float]) -> None:
+    """Append `items` as JSON lines and sync them to disk. A last line a kill cut short is ended first, so the
+    first new line is not glued to it (and lost with it)."""
+    if not items:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"key": k, "score": v}) + "\n" for k, v in items.items())
+    with open(path, "ab") as f:
+        if f.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    lines = "\n" + lines
+        f.write(lines.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def input_shards(folder: str | Path) -> list[Path]:
@@ -334,44 +384,43 @@ def run(ctx) -> dict:
     rm_path = ctx.resolve(cfg.reward_model)
     fmt = rm_input_format(cfg.rm_format, rm_path, "score.rm_format", cfg.reward_model.startswith("stage:"),
                           cfg.trust_remote_code)
-    # The cache key names what the reward model reads: chat-format scores are kept apart from policy-format ones.
     length = scoring_length(rm_path, cfg.max_length, "score.max_length", cfg.trust_remote_code,
                             "score.trust_remote_code")
     rm_sha = scorer_sha256(rm_path)
-    rm_id = rm_sha if fmt == "policy" else content_hash(rm_sha, "chat")
+    # The cache key names what the reward model reads: chat-format scores are kept apart from policy-format ones.
+    job = {"rm_path": str(rm_path), "sec": cfg, "fmt": fmt, "length": length,
+           "rm_id": rm_sha if fmt == "policy" else content_hash(rm_sha, "chat")}
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))
     cache = ScoreCache(ctx.cfg.root / "cache" / "scores.jsonl")
     todo = [s for s in shards if not (ctx.dir / s.name).exists()]
     # Every row's reward-model prompt before any scoring: a row without its raw prompt stops the stage here.
-    given = {s: [rm_prompt(r, r["prompt"], fmt, "score.rm_format", f" ({s}, row {n})")
-                 for n, r in enumerate(iter_jsonl(s), start=1)] for s in todo}
-    total = sum(len(r["candidates"]) for s in todo for r in iter_jsonl(s))
+    plan, total = scoring_plan(todo, cache, job)
     print(f"[score] reward model {rm_path} reads the {'policy' if fmt == 'policy' else 'its own chat'} format "
           f"(score.rm_format: {cfg.rm_format})", flush=True)
+
+    workers = min(data_parallel_size(cfg.data_parallel), sum(1 for s in todo if plan[s]))
+    if workers > 1:  # one reward model per process and GPU, each its share of the shards; the loop below writes them
+        try:
+            run_workers(ctx.dir, {**job, "worker": "prefopt.reward.score:score_worker", "cache": str(cache.path),
+                                  "shards": {s: plan[s] for s in todo if plan[s]}},
+                        workers, 1, "scoring", "score.data_parallel")
+        finally:
+            cache.merge_parts()  # what every worker finished, also when one failed
 
     scorer = None
     scored = cached = 0
     all_scores: list[float] = []
     bar = tqdm(total=total, desc="score", unit="cand", disable=not ctx.is_main)
     for shard in todo:
-        rows = list(iter_jsonl(shard))
-        prompts = given[shard]
-        keys = [[cache.key(p, c, rm_id, length) for c in r["candidates"]] for r, p in zip(rows, prompts)]
-        missing = {}  # key -> (prompt, candidate) to score (a candidate repeated within a shard is scored once)
-        for r, p, ks in zip(rows, prompts, keys):
-            for c, k in zip(r["candidates"], ks):
-                if cache.get(k) is None and k not in missing:
-                    missing[k] = (p, c)
-        cached += sum(len(ks) for ks in keys) - len(missing)
-        bar.update(sum(len(ks) for ks in keys) - len(missing))
+        rows, keys, missing = shard_work(shard, job, {k for k in plan[shard] if cache.get(k) is None})
+        n = sum(len(ks) for ks in keys)
+        scored += len(plan[shard])  # here or by a worker
+        cached += n - len(plan[shard])
+        bar.update(n - len(missing))
         if missing:
             if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
                 scorer = load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
-            new = scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()], cfg.batch_size,
-                               length, progress=bar)
-            check_finite(shard, rows, keys, dict(zip(missing, new)), rm_path)
-            cache.add(dict(zip(missing, new)))
-            scored += len(new)
+            cache.add(score_missing(scorer, shard, rows, keys, missing, job, progress=bar))
         out = []
         for r, ks in zip(rows, keys):
             scores = [cache.get(k) for k in ks]
@@ -381,6 +430,9 @@ def run(ctx) -> dict:
         write_jsonl(ctx.dir / shard.name, out)
         ctx.tracker.log({"scored": scored, "cached": cached})
     bar.close()
+    if scorer is not None:
+        scorer = None  # the last reference to the reward model: its GPU memory goes back before the next stage
+        free_gpu_memory()
 
     summary = {
         "shards": len(shards),
@@ -390,6 +442,7 @@ def run(ctx) -> dict:
         "cached": cached,
         "reward_model": {"path": str(rm_path), "sha256": rm_sha},
         "rm_format": fmt,
+        "data_parallel": max(workers, 1),
     }
     if all_scores:
         import statistics
@@ -398,6 +451,63 @@ def run(ctx) -> dict:
         summary["score/std"] = statistics.pstdev(all_scores)
         summary["score/min"], summary["score/max"] = min(all_scores), max(all_scores)
     return summary
+
+
+def shard_keys(shard: Path, job: dict) -> tuple[list[dict], list, list[list[str]]]:
+    """A candidate shard's rows, each row's reward-model prompt and the cache key of each of its candidates."""
+    rows = list(iter_jsonl(shard))
+    prompts = [rm_prompt(r, r["prompt"], job["fmt"], "score.rm_format", f" ({shard}, row {n})")
+               for n, r in enumerate(rows, start=1)]
+    keys = [[ScoreCache.key(p, c, job["rm_id"], job["length"]) for c in r["candidates"]]
+            for r, p in zip(rows, prompts)]
+    return rows, prompts, keys
+
+
+def scoring_plan(todo: list[Path], cache: ScoreCache, job: dict) -> tuple[dict[Path, list[str]], int]:
+    """What each shard left to do scores: the keys not in the cache, each in the first shard (and row) it is in, as
+    one process scoring the shards in order does. A worker given a shard then scores exactly the batches one
+    process would, and the shards it writes are one process's. Also the number of candidates in `todo`."""
+    plan, seen, total = {}, set(), 0
+    for shard in todo:
+        _, _, keys = shard_keys(shard, job)
+        plan[shard] = []
+        for k in (k for ks in keys for k in ks):
+            if k not in seen and cache.get(k) is None:
+                plan[shard].append(k)
+            seen.add(k)
+        total += sum(len(ks) for ks in keys)
+    return plan, total
+
+
+def shard_work(shard: Path, job: dict, wanted: set[str]) -> tuple[list[dict], list[list[str]], dict]:
+    """A shard's rows, keys, and {key: (prompt, candidate)} of the `wanted` keys, in the order they occur."""
+    rows, prompts, keys = shard_keys(shard, job)
+    missing = {}
+    for r, p, ks in zip(rows, prompts, keys):
+        for c, k in zip(r["candidates"], ks):
+            if k in wanted and k not in missing:
+                missing[k] = (p, c)
+    return rows, keys, missing
+
+
+def score_missing(scorer, shard: Path, rows: list[dict], keys: list[list[str]], missing: dict, job: dict,
+                  progress=None) -> dict[str, float]:
+    """The reward model's score of each of a shard's `missing` (prompt, candidate), all finite."""
+    new = dict(zip(missing, scorer.score([p for p, _ in missing.values()], [c for _, c in missing.values()],
+                                         job["sec"].batch_size, job["length"], progress=progress)))
+    check_finite(shard, rows, keys, new, job["rm_path"])
+    return new
+
+
+def score_worker(job: dict, rank: int, world: int) -> None:
+    """One data-parallel worker (`prefopt.gpus.run_workers`): its own reward model on its own GPU, every `world`-th
+    shard of the plan from `rank`, the scores appended to its own cache part after each shard."""
+    part = ScoreCache.part(job["cache"], rank)
+    scorer = load_scorer(job["rm_path"], job["sec"].trust_remote_code, key="score.trust_remote_code")
+    for shard in sorted(job["shards"])[rank::world]:
+        rows, keys, missing = shard_work(shard, job, set(job["shards"][shard]))
+        append_scores(part, score_missing(scorer, shard, rows, keys, missing, job))
+        print(f"[prefopt] score worker {rank}/{world}: {shard.name}, {len(missing)} candidates scored", flush=True)
 
 
 def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool = False,
