@@ -28,6 +28,10 @@ STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "d
 ALIGNERS = ["dpo", "simpo", "ppo"]
 EVAL_FIGURES = ["gold_score", "gold_gain", "win_rate_vs_sft_gold", "rm_score", "win_rate_vs_sft", "kl_to_sft",
                 "length"]
+# Figures some runs have, shown right after the figure they qualify when present: the length-controlled win rates,
+# best-of-n's KL bound (its `kl_to_sft` is the estimate), the judge's win rates
+BESIDE = {"win_rate_vs_sft": ["win_rate_vs_sft_lc"], "kl_to_sft": ["kl_to_sft_bound"],
+          "length": ["judge_win_rate", "judge_win_rate_lc"]}
 SUITE_PREFIXES = ("mc/", "lm_eval/")
 CURVE_COLUMNS = ["run", "round", "method", "step", "kl", "gold", "gold_se", "rm", "rm_se"]
 PAIR_COLUMNS = ["prompt_id", "chosen_score", "rejected_score", "chosen_len", "rejected_len"]
@@ -422,7 +426,10 @@ def evaluate_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The evaluate figures, one row per (run, round, policy), in the usual column order."""
     ev = data["evaluate"]
     seeded = "seed" in ev.columns and ev["seed"].notna().any()  # a replicated run: one row per seed
-    cols = ["run", "round", "policy"] + (["seed"] if seeded else []) + [c for c in EVAL_FIGURES if c in ev.columns]
+    cols = ["run", "round", "policy"] + (["seed"] if seeded else [])
+    for c in EVAL_FIGURES:
+        if c in ev.columns:
+            cols += [c] + [b for b in BESIDE.get(c, []) if b in ev.columns and ev[b].notna().any()]
     # the evaluation suite's figures beside them (perplexity, multiple choice, lm-eval), no standard errors twice
     cols += [c for c in ev.columns if c == "ppl" or (c.startswith(SUITE_PREFIXES) and not c.endswith("stderr"))]
     return ev[cols].reset_index(drop=True)

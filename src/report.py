@@ -107,9 +107,13 @@ def _write_report(run_dir: Path) -> str:
         lines += [*markdown_table(ev), "",
                   "gold_score: the task's programmatic reward; gold_gain: gold_score minus the SFT policy's on the "
                   "same prompts; win_rate_vs_sft_gold / win_rate_vs_sft: how often the policy's response beats the "
-                  "SFT policy's on the same prompt by gold / by the reward model; rm_score: the reward model's; "
-                  "kl_to_sft: KL(policy || SFT) per response, Monte-Carlo; length: mean response tokens. Each "
-                  "`*_se` column is the standard error over prompts.", ""]
+                  "SFT policy's on the same prompt by gold / by the reward model (each policy sampled independently "
+                  "of the SFT policy); win_rate_vs_sft_lc: the reward model's length-controlled win rate "
+                  "(AlpacaEval 2's regression, read at equal length); rm_score: the reward model's; kl_to_sft: "
+                  "KL(policy || SFT) per response, Monte-Carlo (best-of-n: the exact KL under its samples, ties "
+                  "counted; kl_to_sft_bound: the bound log n - (n-1)/n); length: mean response tokens; "
+                  "judge_win_rate(_lc): the pairwise judge's, raw and length-controlled. Each `*_se` column is the "
+                  "standard error over prompts.", ""]
     replicates = run_dir / "replicates.md"
     if replicates.exists():  # a replicated run: the figures over seeds, as `prefopt run` printed them
         lines += ["## Replicates", "", "```", *replicates.read_text(encoding="utf-8").splitlines(), "```", "",

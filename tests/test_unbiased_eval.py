@@ -242,3 +242,22 @@ def test_shared_seeds_would_fail_the_check(models, tiny_model_dir, monkeypatch):
     a = s["policies"]["a"]
     assert a["judge_identical_pairs"] == 1.0 and a["identical_pairs"] >= 1 / N
 
+
+
+def test_report_and_notebook_tables_show_lc_beside_raw(models, independent):
+    """`prefopt report`'s and the notebook's evaluate table (analysis.evaluate_table) on the run above: the
+    length-controlled win rate right after the raw one, the judge's win rates after length, with the summary's
+    numbers; the report's markdown carries the same columns."""
+    from prefopt import analysis as A
+    from prefopt.report import write_report
+
+    run = models[0] / "runs" / "u"
+    ev = A.evaluate_table(A.load_run(run))
+    cols = list(ev.columns)
+    assert cols[cols.index("win_rate_vs_sft") + 1] == "win_rate_vs_sft_lc"
+    assert cols[cols.index("length") + 1:cols.index("length") + 3] == ["judge_win_rate", "judge_win_rate_lc"]
+    assert "kl_to_sft_bound" not in cols  # no best-of-n rows in this run
+    q = ev.set_index("policy").loc["q"]
+    assert q["win_rate_vs_sft_lc"] == independent["policies"]["q"]["win_rate_vs_sft_lc"]
+    text = open(write_report(run)).read()
+    assert "| win_rate_vs_sft | win_rate_vs_sft_lc |" in text and "length-controlled" in text
