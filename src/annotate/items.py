@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.errors import DataError
-from prefopt.data.loaders import SKIP_HINT, _BadRecord, load_preferences, read_records
+from prefopt.data.loaders import SKIP_HINT, load_preferences
+from prefopt.data.records import _BadRecord, read_records
 from prefopt.data.spec import DatasetSpec
 from prefopt.utils import content_hash
 

@@ -36,10 +36,7 @@ up empty is always an error.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +44,7 @@ from typing import Any, Callable
 from prefopt.data.clean import NearDuplicates, dedup_key, in_languages, prompt_text, row_text
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
+from prefopt.data.records import _BadRecord, read_records  # noqa: F401 - read_records is this module's API too
 from prefopt.data.sources import open_rows, report_mixture
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
@@ -85,72 +83,6 @@ class LoadResult:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
-class _BadRecord:
-    """A JSONL line that could not be read; it becomes a DataError (or a skip) when the loader reaches it."""
-
-    def __init__(self, problem: str):
-        self.problem = problem
-
-
-def _read_bytes(path: Path) -> bytes:
-    if path.suffix != ".gz":
-        return path.read_bytes()
-    try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(path, None, None, f"not a readable gzip file ({e})") from None
-
-
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """(row number, parsed object) for a JSON array file or a JSONL file (optionally gzipped).
-
-    Row numbers are 1-based JSONL line numbers, or 1-based array indices for a JSON array. A JSONL line that is not
-    valid UTF-8 or JSON comes back as a bad record, so that `skip_bad_rows` can skip just that line."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(path, None, None, "is a directory, not a data file (name a .json/.jsonl file inside it)")
-    if not path.is_file():
-        raise DataError(path, None, None, "file not found")
-    raw = _read_bytes(path)
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    if raw.lstrip().startswith(b"["):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(path, None, None, f"not valid UTF-8 at line {line} ({e.reason})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(path, None, None, f"invalid JSON array at line {e.lineno}: {e.msg}") from None
-        except RecursionError:
-            raise DataError(path, None, None, "JSON nested too deeply to read") from None
-        return [(i + 1, row) for i, row in enumerate(data)]
-    if raw.lstrip().startswith(b"{") and raw.strip().count(b"\n"):
-        try:  # one pretty-printed object (e.g. {"data": [...]}) rather than one object per line
-            whole = json.loads(raw)
-        except (ValueError, RecursionError):
-            whole = None
-        if isinstance(whole, dict):
-            raise DataError(path, None, None, f"is one JSON object (keys {sorted(whole)[:5]}), not rows: expected a "
-                            "JSON array of rows or one JSON object per line (JSONL)")
-    out: list[tuple[int, Any]] = []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((n, json.loads(line.decode("utf-8"))))
-        except UnicodeDecodeError as e:
-            out.append((n, _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)")))
-        except json.JSONDecodeError as e:
-            out.append((n, _BadRecord(f"invalid JSON: {e.msg}")))
-        except RecursionError:
-            out.append((n, _BadRecord("JSON nested too deeply to read")))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ fields

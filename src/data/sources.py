@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
+from prefopt.data.records import read_records
 from prefopt.data.spec import DatasetSpec, MixturePart, is_json_file
 
 DATASET_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")
@@ -207,8 +208,6 @@ def _from_file(path: Path, label: str, split: str):
 
 def open_part(src: DatasetSpec | MixturePart, resolve: Callable[[str], str] | None = None) -> Part:
     """One source's rows: a file, a dataset folder or a Hub id (see the module docstring)."""
-    from prefopt.data.loaders import read_records
-
     path = resolve(src.path) if resolve else src.path
     if not path:
         raise DataError("<config>", None, "path", "no dataset path given")
