@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from prefopt.evaluate.judge import LMJudge, combine_orders, judge_pairs
 
 
@@ -58,6 +61,13 @@ def test_lm_judge_end_to_end(tiny_model_dir):
     assert len(p) == 3 and all(0.0 < x < 1.0 for x in p)
     single = [judge.prob_a([t])[0] for t in triples]  # right padding must not move the answer position
     assert single == pytest.approx(p, abs=1e-5)
+    # P(A) is the softmax over the two letters' logits after the rendered prompt, from the model's own forward
+    from prefopt.data.templates import encode
+
+    for t, got in zip(triples, p):
+        with torch.no_grad():
+            logits = judge.model(input_ids=torch.tensor([encode(judge.render(*t), tok)])).logits[0, -1].double()
+        assert got == pytest.approx(float(torch.softmax(logits[[a, b]], -1)[0]), abs=1e-6)
     assert judge.render(*triples[0]).rstrip().endswith(("Answer:", "Answer: "))
     out = judge_pairs(judge.prob_a, [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples])
     assert 0.0 < out["win_rate"] < 1.0 and 0.0 <= out["disagreement"] <= 1.0
@@ -66,3 +76,24 @@ def test_lm_judge_end_to_end(tiny_model_dir):
     chat = LMJudge(judge.model, tok, chat=True)
     assert chat.render(*triples[0]).startswith("<|im_start|>user")
     assert all(0.0 < x < 1.0 for x in chat.prob_a(triples[:1]))
+
+
+def test_judge_figures_length_controlled_and_identical_pairs():
+    """The stage's judge figures (sample 0 of each side per prompt) from a judge that prefers the longer answer with
+    0.9 whatever it says. 10 prompts: on 7 the policy's answer is 2 tokens longer (p = 0.9), on 2 it is 2 shorter
+    (p = 0.1), on 1 both gave the same answer (p = 1/2). Raw win rate (7 * 0.9 + 0.5 + 2 * 0.1) / 10 = 0.70, its
+    error mean_se's over the 10 prompts; the GLM fits the three groups exactly with theta = 0 (the longer answer
+    wins 0.9 from either side), so the length-controlled win rate is 0.5; identical pairs 1/10."""
+    from prefopt.evaluate import metrics as M
+    from prefopt.evaluate.recipe import judge_figures
+
+    def sample_set(*answers):
+        return {"completions": [[SimpleNamespace(token_ids=list(ids), text="")] for ids in answers]}
+
+    policy = sample_set(*[(1, 2, 3, 4)] * 7, (3, 3), (1,), (5,))
+    base = sample_set(*[(7, 8)] * 7, (3, 3), (1, 2, 3), (5, 6, 7))
+    p = [0.9] * 7 + [0.5] + [0.1] * 2
+    f = judge_figures({"p_first_better": p, "disagreement": 0.25}, policy, base, 10)
+    assert f["judge_win_rate"] == pytest.approx(0.70) and f["judge_win_rate_se"] == pytest.approx(M.mean_se(p)[1])
+    assert f["judge_win_rate_lc"] == pytest.approx(0.5, abs=1e-6) and f["judge_length_coef"] > 1
+    assert f["judge_identical_pairs"] == pytest.approx(0.1) and f["judge_order_disagreement"] == 0.25
