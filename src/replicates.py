@@ -4,6 +4,10 @@ between policies with t-intervals and Holm-corrected verdicts, and the seeds a d
     agg = aggregate({42: summary_42, 43: summary_43, 44: summary_44})   # evaluate/summary.json of each seed
     print("\\n".join(table_lines(agg)))
 
+Across runs (one policy of replicated runs that differ in a setting, paired by seed):
+
+    python -m prefopt.replicates worst=runs/a z=runs/b --policy dpo
+
 Each seed is one replicate of the whole comparison: its evaluate stage scored every policy on the same prompts, so
 the difference between two policies is taken within a seed (paired) and its spread over seeds is the noise that a
 verdict must beat. That spread holds both the training noise (seeds of the aligners) and the evaluation's sampling
@@ -275,3 +279,67 @@ def table_lines(agg: dict) -> list[str]:
                      f"strictest step ({ALPHA:g}/{p['comparisons']}), {need(p['seeds_needed_worst'])} at the "
                      "largest sd")
     return lines
+
+
+# ----------------------------------------------------------------------------------------------- across runs
+
+
+def seed_summaries(run_dir, round_: int | None = None) -> dict[int, dict]:
+    """{seed: evaluate/summary.json} of a replicated run directory (`seed-<s>/[round<k>/]evaluate/`), the last
+    round unless `round_` says which."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for d in sorted(Path(run_dir).glob("seed-*")):
+        if not d.name[5:].lstrip("-").isdigit():
+            continue
+        rounds = sorted((int(p.name[5:]), p) for p in d.glob("round*") if p.name[5:].isdigit())
+        base = dict(rounds).get(round_, d) if round_ else (rounds[-1][1] if rounds else d)
+        path = base / "evaluate" / "summary.json"
+        if path.exists():
+            out[int(d.name[5:])] = json.loads(path.read_text())
+    return out
+
+
+def across_runs(runs: dict[str, dict[int, dict]], policy: str, baseline: str | None = None) -> dict:
+    """One policy of several replicated runs (settings A, B, ...) compared seed by seed: {label: {seed: summary}}
+    -> `aggregate` over the seeds every run has, the policies named by the run labels, and the first run's
+    baseline (SFT) beside them. Paired by seed: each seed's evaluation samples are drawn alike in every run."""
+    labels = list(runs)
+    seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
+    if not seeds:
+        raise ValueError(f"the runs {labels} share no seed with a finished evaluate stage")
+    first = runs[labels[0]]
+    base = baseline or first[seeds[0]].get("baseline")
+    merged = {}
+    for s in seeds:
+        pol = {base: first[s]["policies"][base]} if base else {}
+        for label in labels:
+            if policy not in runs[label][s].get("policies", {}):
+                raise ValueError(f"run {label}, seed {s}: no policy {policy!r} in its evaluate summary")
+            pol[label] = runs[label][s]["policies"][policy]
+        merged[s] = {**first[s], "policies": pol, "baseline": base}
+    return aggregate(merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m prefopt.replicates RUN_A RUN_B [...] --policy dpo`: one policy across replicated runs."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m prefopt.replicates",
+                                description="Compare one policy across replicated runs (settings), paired by seed.")
+    p.add_argument("runs", nargs="+", help="replicated run directories (runs/<name>), or LABEL=DIR")
+    p.add_argument("--policy", default="dpo", help="the evaluated policy to compare (default dpo)")
+    args = p.parse_args(argv)
+    runs = {}
+    for spec in args.runs:
+        label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        runs[label] = seed_summaries(path)
+    print("\n".join(table_lines(across_runs(runs, args.policy))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

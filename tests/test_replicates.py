@@ -176,3 +176,26 @@ def test_tiny_experiment_with_two_replicates(tmp_path, capsys):
     assert "dpo runs once per seed (seeds [1, 2]); is missing" in capsys.readouterr().err
     assert cli.main(["dpo", str(exp), "--replicate-seed", "5"]) == 2
     assert cli.main(["sft", str(exp), "--replicate-seed", "1"]) == 2
+
+
+def test_one_policy_across_replicated_runs(tmp_path, capsys):
+    """Two runs that differ in a setting, compared seed by seed: dpo gold (0.80, 0.90) in run a and (0.85, 0.97) in
+    run b: b - a = (0.05, 0.07), mean 0.06, sd 0.01414, se 0.01, t = 6 on 1 df, p = 1 - 2 atan(6) / pi = 0.1051."""
+    from prefopt.replicates import across_runs, main, seed_summaries
+
+    for run, golds in (("a", (0.80, 0.90)), ("b", (0.85, 0.97))):
+        for seed, g in zip((1, 2), golds):
+            d = tmp_path / run / f"seed-{seed}" / "evaluate"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"baseline": "sft", "policies": {
+                "sft": {"gold_score": 0.7}, "dpo": {"gold_score": g}}}))
+    runs = {"a": seed_summaries(tmp_path / "a"), "b": seed_summaries(tmp_path / "b")}
+    assert sorted(runs["a"]) == [1, 2]
+    agg = across_runs(runs, "dpo")
+    c = next(c for c in agg["comparisons"] if c["figure"] == "gold_score" and (c["a"], c["b"]) == ("a", "b"))
+    assert c["diff"] == pytest.approx(-0.06) and c["se"] == pytest.approx(0.01)
+    assert c["p"] == pytest.approx(1 - 2 * math.atan(6) / math.pi, abs=1e-9)
+    assert main([f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}", "--policy", "dpo"]) == 0
+    assert "a - b" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no policy 'ppo'"):
+        across_runs(runs, "ppo")
