@@ -64,7 +64,11 @@ def test_quickstart_improves_gold_score_with_every_method(tmp_path):
         assert len(c) >= 4 and c.iloc[0]["step"] == 0 and c.iloc[0]["kl"] == 0 and c.iloc[-1]["step"] == "final"
         assert c["gold"].notna().all() and c["rm"].notna().all() and (c["kl"].iloc[1:] > 0).all()
     bon = curves[curves["method"] == "best_of_n"]
-    assert list(bon["step"]) == [1, 2, 4, 8, 16] and bon["kl"].iloc[-1] == pytest.approx(math.log(16) - 15 / 16)
+    assert list(bon["step"]) == [1, 2, 4, 8, 16] and bon["kl"].iloc[0] == 0
+    # best-of-n's KL is the exact KL under its samples (ties counted), at most the bound log n - (n-1)/n beside it
+    assert list(bon["kl"]) == pytest.approx([b["kl"] for b in summary["best_of_n"]])
+    assert all(b["kl"] <= b["kl_bound"] + 1e-12 for b in summary["best_of_n"])
+    assert summary["best_of_n"][-1]["kl_bound"] == pytest.approx(math.log(16) - 15 / 16)
     report = subprocess.run([sys.executable, "-m", "prefopt", "report", str(root)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
