@@ -44,6 +44,22 @@ def load_tokenizer(path: str, padding_side: str = "right", trust_remote_code: bo
     return tok
 
 
+def attention_kwargs(path: str, trust_remote_code: bool = False) -> dict:
+    """`attn_implementation="eager"` for a model that soft-caps its attention scores (Gemma-2), else nothing.
+
+    Gemma-2 is defined with soft-capping inside attention; SDPA cannot apply it. transformers 5.23 refuses SDPA for
+    Gemma-2, but 5.17 (the vLLM set) picks SDPA by default and silently trains and scores a model without its
+    soft-cap. Every prefopt stage loads such a model with eager attention, as transformers recommends for training
+    it, so the numbers are the model's own on every version."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained itself reports an unreadable folder or id
+        return {}
+    return {"attn_implementation": "eager"} if getattr(config.get_text_config(), "attn_logit_softcapping", None) else {}
+
+
 def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
@@ -53,7 +69,8 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     check_model_path(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                 **attention_kwargs(path, trust_remote_code))
     warn_if_unchecked(model.config, str(path))  # a family the conformance suite has not run: said, not refused
     return model
 
@@ -110,6 +127,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: in
 
     check_model_path(path)
     kw = {"num_labels": num_labels} if num_labels is not None else {}
+    kw.update(attention_kwargs(path, trust_remote_code))
     if dtype is not None:
         kw["dtype"] = dtype
     model, info = _from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,

@@ -221,3 +221,18 @@ def test_reward_model_scores_batched_equal_scores_alone(tmp_path, tokenizers, fa
     batched = scorer.score(prompts, responses, batch_size=3, max_length=256)
     assert len(set(round(a, 4) for a in alone)) == 3  # the scores depend on the text
     assert batched == pytest.approx(alone, abs=1e-5)
+
+
+def test_a_soft_capped_model_loads_with_the_attention_that_applies_its_soft_cap(tmp_path, tokenizers):
+    """Gemma-2 soft-caps its attention scores, which SDPA cannot do. transformers 5.17 (the vLLM set) would load it
+    with SDPA by default and drop the cap; every prefopt loader asks for eager attention, on both versions."""
+    import transformers
+
+    from families import save_family
+    from prefopt.models import load_causal_lm, load_reward_model
+
+    path = save_family(FAMILIES["gemma2"], tmp_path / "gemma2", hidden_size=32, layers=1)
+    assert load_causal_lm(str(path)).config._attn_implementation == "eager"
+    assert load_reward_model(str(path)).config._attn_implementation == "eager"
+    default = transformers.AutoModelForCausalLM.from_pretrained(str(path)).config._attn_implementation
+    print(f"transformers {transformers.__version__} alone picks {default!r} for Gemma-2")
