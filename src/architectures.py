@@ -26,8 +26,9 @@ CHECKED: dict[str, dict] = {
     "llama": {"family": "llama3", "models": "Llama-3 / 3.1 8B-Instruct, Skywork-Reward-Llama-3.1, ArmoRM backbone",
               "attn": ("eager", "sdpa"), "notes": "GQA, no pad token (EOS pads)"},
     "gemma2": {"family": "gemma2", "models": "gemma-2-2b/9b/27b-it, Skywork-Reward-Gemma-2-27B",
-               "attn": ("eager",), "notes": "eager only; attention and final-logit soft-capping; sliding window "
-                                            "on alternate layers; tied embeddings"},
+               "attn": ("eager",), "notes": "eager (prefopt loads it so on every version: SDPA, which transformers "
+                                            "5.17 picks, drops the attention soft-cap); attention and final-logit "
+                                            "soft-capping; sliding window on alternate layers; tied embeddings"},
     "qwen2": {"family": "qwen2.5", "models": "Qwen2.5-*-Instruct", "attn": ("eager", "sdpa"),
               "notes": "ChatML, no BOS; sliding-window layers when use_sliding_window"},
     "mistral": {"family": "mistral", "models": "Mistral-7B-Instruct", "attn": ("eager", "sdpa"),
