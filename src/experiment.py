@@ -196,7 +196,8 @@ def section(cfg: ExperimentConfig, stage: str):
 
 def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
     """The config one replicate runs under: the same sections, its replicated stages seeded with `seed` and kept in
-    `seed-<seed>/`. A shallow copy: the sections are shared, not duplicated."""
+    `seed-<seed>/`. A shallow copy: the sections are shared, not duplicated, but for a replicated evaluate stage's,
+    which gets its own sampling seed (and, after the first seed, no curves or best-of-n)."""
     out = copy.copy(cfg)
     out.replicate_seed = seed
     if replicated_stage(cfg, "evaluate", cfg.iterations):
@@ -205,7 +206,13 @@ def for_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
         # leave out the evaluation's own sampling noise.
         from prefopt.generation.base import derive_seed
 
-        out.evaluate = dataclasses.replace(cfg.evaluate, seed=derive_seed(cfg.evaluate.seed, seed))
+        sec = dataclasses.replace(cfg.evaluate, seed=derive_seed(cfg.evaluate.seed, seed))
+        if seed != cfg.seed_list[0]:
+            # Later seeds score the final policies only: best-of-n samples the shared SFT policy, and the
+            # checkpoint curves are a figure, not a comparison; the first seed draws both (about half the
+            # quickstart's evaluate time, which would otherwise be paid once per seed).
+            sec = dataclasses.replace(sec, checkpoints=False, best_of_n=[])
+        out.evaluate = sec
     return out
 
 

@@ -109,13 +109,17 @@ def test_bad_replicates_are_config_errors(extra, message):
 def test_which_stages_run_per_seed():
     """dpo/simpo/ppo/evaluate are replicated, and whatever reads them; with sft replicated, generate, score and
     pairs follow (their inputs depend on the seed); nothing is replicated without replicates."""
-    cfg = from_dict(ExperimentConfig, {"name": "x", "seed": 5, "replicates": 3})
+    cfg = from_dict(ExperimentConfig, {"name": "x", "seed": 5, "replicates": 3,
+                                       "evaluate": {"best_of_n": [1, 4], "checkpoints": True}})
     assert cfg.seed_list == [5, 6, 7]
     per_seed = [s for s in cfg.stages if replicated_stage(cfg, s)]
     assert per_seed == ["dpo", "simpo", "ppo", "evaluate"]
     c6 = for_seed(cfg, 6)
     assert stage_dir(c6, "dpo") == cfg.root / "seed-6" / "dpo" and stage_dir(c6, "pairs") == cfg.root / "pairs"
     assert c6.evaluate.seed != cfg.evaluate.seed != for_seed(cfg, 7).evaluate.seed  # its own evaluation samples
+    c5 = for_seed(cfg, 5)  # the first seed draws the curves and best-of-n; the others the final policies only
+    assert (c5.evaluate.best_of_n, c5.evaluate.checkpoints) == ([1, 4], True)
+    assert (c6.evaluate.best_of_n, c6.evaluate.checkpoints) == ([], False) and cfg.evaluate.best_of_n == [1, 4]
     wide = from_dict(ExperimentConfig, {"name": "x", "seeds": [1, 9], "replicate_stages": ["sft", "reward"]})
     assert [s for s in wide.stages if not replicated_stage(wide, s)] == ["task", "base"]
     one = from_dict(ExperimentConfig, {"name": "x"})
