@@ -217,3 +217,135 @@ def test_a_failed_generation_worker_is_named(tmp_path, tiny_model_dir):
             (bad / f.name).write_bytes(f.read_bytes())
     with pytest.raises(RuntimeError, match=r"data-parallel generation failed .*worker 0 exited 1"):
         run_stage(_generate_experiment(tmp_path, bad, "bad", data_parallel=2), "generate")
+
+
+# -------------------------------------------------------------------------------- scoring over a node's GPUs
+
+
+@pytest.fixture(scope="module")
+def score_rms(tiny_model_dir, tmp_path_factory):
+    """Two tiny reward models (the tiny Llama with a one-label head): a working one, and one whose head is NaN."""
+    import torch
+
+    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.utils import seed_everything
+
+    seed_everything(0)
+    root = tmp_path_factory.mktemp("rms")
+    model = load_reward_model(str(tiny_model_dir))
+    save_model(model, load_tokenizer(str(tiny_model_dir)), root / "rm")
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    save_model(model, load_tokenizer(str(tiny_model_dir)), root / "nan-rm")
+    return root / "rm", root / "nan-rm"
+
+
+def _score_experiment(tmp_path, rm_dir, out: str, **score):
+    """4 candidate shards of 2 prompts x 3 candidates. Prompt "P1" is in shards 0 and 1 (two workers' shares) with
+    the candidate "1 2 3" both times, and "1 2 3" repeats within each row: one process scores that text once."""
+    from prefopt.utils import write_jsonl
+
+    gen = tmp_path / "candidates"
+    if not gen.exists():
+        prompts = ["P0", "P1", "P1", "P2", "P3", "P4", "P5", "P6"]
+        rows = [{"prompt_id": f"r{i}", "prompt": f"### Input:\n{p} 3 1 2\n\n### Response:\n",
+                 "candidates": ["1 2 3", f"{i} {i} 1", "1 2 3"], "generator": {"sha256": "g"}}
+                for i, p in enumerate(prompts)]
+        for k in range(4):
+            write_jsonl(gen / f"shard-{k:05d}.jsonl", rows[2 * k:2 * k + 2])
+    section = {"reward_model": str(rm_dir), "candidates": str(gen), "rm_format": "policy", "batch_size": 2, **score}
+    return {"name": "s", "output_dir": str(tmp_path / out), "wandb": {"mode": "disabled"}, "score": section}
+
+
+def _scored(root):
+    from prefopt.utils import read_jsonl
+
+    return {p.name: read_jsonl(p) for p in sorted((root / "s" / "score").glob("shard-*.jsonl"))}
+
+
+def test_two_scoring_processes_write_what_one_writes(tmp_path, score_rms):
+    """score.data_parallel 2: two worker processes, each its own reward model and every other shard; the 4 output
+    shards and the score cache equal one process's, value for value, and each (prompt, response) is scored and
+    cached once: of 24 candidates 15 distinct texts (8 rows x 2, less P1's second "1 2 3")."""
+    from prefopt.reward.score import read_scores
+    from prefopt.stage import run_stage
+
+    one = run_stage(from_dict(ExperimentConfig, _score_experiment(tmp_path, score_rms[0], "one")), "score")
+    two = run_stage(from_dict(ExperimentConfig, _score_experiment(tmp_path, score_rms[0], "two", data_parallel=2)),
+                    "score")
+    assert one["data_parallel"] == 1 and two["data_parallel"] == 2
+    assert (one["candidates"], one["scored"], one["cached"]) == (24, 15, 9)
+    assert {k: two[k] for k in ("candidates", "scored", "cached", "score/mean", "score/std")} == \
+        {k: one[k] for k in ("candidates", "scored", "cached", "score/mean", "score/std")}
+    a, b = _scored(tmp_path / "one"), _scored(tmp_path / "two")
+    assert list(a) == [f"shard-{k:05d}.jsonl" for k in range(4)] and a == b
+    assert a["shard-00000.jsonl"][1]["scores"][0] == a["shard-00001.jsonl"][0]["scores"][0]  # P1's "1 2 3"
+    cache_one, cache_two = (tmp_path / d / "s" / "cache" / "scores.jsonl" for d in ("one", "two"))
+    assert read_scores(cache_one) == read_scores(cache_two) and len(read_scores(cache_one)) == 15
+    assert len(cache_two.read_text().splitlines()) == 15  # no text scored by both workers
+    assert [p.name for p in cache_two.parent.iterdir()] == ["scores.jsonl"]  # the workers' parts merged
+    assert not list((tmp_path / "two" / "s" / "score").glob(".data_parallel*"))  # job and logs cleaned up
+
+
+def test_a_failed_scoring_worker_is_one_line_naming_it(tmp_path, score_rms):
+    """A reward model that scores NaN, two workers: each refuses it before its cache part (a data error, exit 3),
+    and `prefopt score` prints one line naming both workers, their exits and errors, and exits 3."""
+    import contextlib
+    import io
+
+    from conftest import write_yaml
+    from prefopt.cli import main
+
+    exp = write_yaml(tmp_path / "bad.yaml", _score_experiment(tmp_path, score_rms[1], "bad", data_parallel=2))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["score", str(exp)])
+    lines = re.findall(r"prefopt: [^\r\n]*", err.getvalue())  # the progress bar shares stderr
+    assert code == 3 and len(lines) == 1, err.getvalue()
+    assert re.fullmatch(r"prefopt: data error: data-parallel scoring failed \(.*\): worker 0 exited 3: DataError: "
+                        r".*shard-00000\.jsonl, row 1, field 'candidates\[0\]': the reward model .* gave a non-finite "
+                        r"score \(nan\) .*; its output: .*\.data_parallel_0\.log \| worker 1 exited 3: DataError: "
+                        r".*shard-00001\.jsonl, .*; its output: .*\.data_parallel_1\.log", lines[0])
+    assert "Traceback" not in err.getvalue()
+    cache = tmp_path / "bad" / "s" / "cache"
+    assert not cache.exists() or all(p.read_text() == "" for p in cache.iterdir())
+
+
+def test_score_cache_parts_and_cut_lines(tmp_path):
+    """A killed run's worker part is merged when the cache opens, and an append after a line a kill cut short
+    starts on a line of its own: no score is lost."""
+    from prefopt.reward.score import ScoreCache, read_scores
+
+    path = tmp_path / "scores.jsonl"
+    path.write_text('{"key": "a", "score": 1.5}\n{"key": "b", "sco')  # killed mid-line
+    ScoreCache.part(path, 1).write_text('{"key": "c", "score": -2.0}\n')
+    cache = ScoreCache(path)
+    assert cache.scores == {"a": 1.5, "c": -2.0} and not ScoreCache.part(path, 1).exists()
+    cache.add({"b": 0.25})
+    assert read_scores(path) == {"a": 1.5, "b": 0.25, "c": -2.0}
+
+
+def test_the_reward_model_is_released_before_the_next_stage(tmp_path, score_rms, monkeypatch):
+    """One process: the stage drops its last reference to the reward model before it empties the CUDA cache."""
+    import gc
+    import weakref
+
+    import prefopt.reward.score as score
+    from prefopt.stage import run_stage
+
+    refs, alive_at_free = [], []
+    real = score.load_scorer
+
+    def tracked(*args, **kwargs):
+        scorer = real(*args, **kwargs)
+        refs.append(weakref.ref(scorer.model))
+        return scorer
+
+    def free():
+        gc.collect()
+        alive_at_free.append([r() is not None for r in refs])
+
+    monkeypatch.setattr(score, "load_scorer", tracked)
+    monkeypatch.setattr(score, "free_gpu_memory", free)
+    run_stage(from_dict(ExperimentConfig, _score_experiment(tmp_path, score_rms[0], "rel")), "score")
+    assert alive_at_free == [[False]]
