@@ -13,8 +13,15 @@ Dropout is off everywhere (all models stay in eval mode), so the log-probs of th
 rollout.
 
 Outputs in the stage folder: `model/` (final policy + tokenizer), `checkpoints/iter-N/` every `save_every`
-iterations (policy, value, optimizers, KL controller, RNG and sampler state; the latest two are kept). A killed run
-resumes from the latest checkpoint and continues exactly as an uninterrupted one would.
+iterations (policy, value, optimizers, KL controller, RNG and sampler state; the latest two are kept), each written
+as `.iter-N.partial/`, its files' SHA-256 recorded in `manifest.json` (prefopt.faults), then renamed into place. A
+killed run resumes from the newest checkpoint whose manifest verifies (the previous one, with a line naming the bad
+file, if the newest is damaged; the stage starts over, with a line, if none is) and continues exactly as an
+uninterrupted one would.
+
+Preemption (prefopt.faults): SIGTERM, SIGINT or SIGUSR1 let the current iteration finish its update; every process
+agrees on the signal at the iteration's end, a checkpoint of that iteration is saved, and the stage ends with
+PreemptedError (exit 143, one line). A signal during the final save lets it finish.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from prefopt import faults
 from prefopt.config import ConfigError
 from prefopt.generation.base import Sampling
 from prefopt.logps import masked_mean
@@ -79,17 +87,50 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `iter-N` folder."""
+    """The newest complete `iter-N` folder (not verified: `resumable_checkpoint` hashes it)."""
     done = complete_checkpoints(folder)
     return done[-1] if done else None
+
+
+def resumable_checkpoint(accelerator, folder: Path) -> Path | None:
+    """The newest `iter-N` whose manifest verifies (the main process hashes, the others are told). A damaged one
+    is removed with a line naming the bad file and the previous one is tried; with none left the stage starts
+    over, with a line. Collective: every process calls it."""
+    choice = [None]
+    if accelerator.is_main_process:
+        choice[0] = _newest_valid(Path(folder))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _newest_valid(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    for tmp in folder.glob(".iter-*.partial"):  # a save a kill cut short
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = sorted((p for p in folder.glob("iter-*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    for ck in reversed(found):
+        bad = faults.verify_manifest(ck)
+        if bad is None:
+            return str(ck)
+        print(f"[prefopt] ppo: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
+              flush=True)
+        shutil.rmtree(ck, ignore_errors=True)
+    if found:
+        print(f"[prefopt] ppo: no valid checkpoint to resume from in {folder}: starting the stage over", flush=True)
+    return None
 
 
 def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, sampler, last_metrics: dict,
                     snapshot_tokenizer=None) -> Path:
     """A resumable checkpoint `iter-N`: `state/` is `accelerator.save_state` (policy, value, both optimizers and
     every process's RNG, sharded or gathered as the DDP / FSDP / DeepSpeed setup saves them), `trainer_state.pt`
-    the loop's own state. With `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`. Collective:
-    every process calls it."""
+    the loop's own state, `manifest.json` (every file's size and SHA-256) last, before the rename. With
+    `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`. Collective: every process calls it."""
     from prefopt.preference.loop import save_policy
 
     out, tmp = folder / f"iter-{iteration}", folder / f".iter-{iteration}.partial"
@@ -98,6 +139,17 @@ def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, s
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    with faults.writing(tmp):
+        _write_checkpoint(accelerator, folder, tmp, out, iteration, policy, kl_ctl, sampler, last_metrics,
+                          snapshot_tokenizer)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _write_checkpoint(accelerator, folder: Path, tmp: Path, out: Path, iteration: int, policy, kl_ctl, sampler,
+                      last_metrics: dict, snapshot_tokenizer) -> None:
+    from prefopt.preference.loop import save_policy
+
     accelerator.save_state(str(tmp / "state"))
     if snapshot_tokenizer is not None:
         snap = folder.parent / "snapshots" / f"iter-{iteration}"
@@ -107,6 +159,7 @@ def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, s
     if accelerator.is_main_process:
         torch.save({"iteration": iteration, "kl_controller": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
                     "last_metrics": last_metrics, "num_processes": accelerator.num_processes}, tmp / TRAINER_STATE)
+        faults.write_manifest(tmp)  # after every process has written its part: what makes the folder trusted
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -116,8 +169,6 @@ def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, s
             if snap.exists():
                 shutil.rmtree(snap)
             os.replace(tmp_snap, snap)
-    accelerator.wait_for_everyone()
-    return out
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -216,7 +267,8 @@ def check_world(cfg, num_processes: int) -> None:
 
 
 def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator, cfg, seed: int,
-          ckpt_dir: Path, tracker, resume: Path | None = None, accelerator=None) -> dict:
+          ckpt_dir: Path, tracker, resume: Path | None = None, accelerator=None,
+          signals: faults.StopSignals | None = None) -> dict:
     """The PPO loop over `total_episodes // rollout_batch_size` iterations; returns the last iteration's metrics.
 
     `score_fn(prompts, completions) -> (B,)` is the reward (the reward model in `run`); `generator` samples from
@@ -227,7 +279,14 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     shard (FSDP2) or its replica (DDP), never a whole copy before sharding. With several processes,
     `rollout_batch_size` and `mini_batch_size` are global: each process samples and scores its share of the
     prompts, the rollout is gathered, and advantages are whitened over all of it. With `resume`, models,
-    optimizers, RNG (accelerate's state), KL controller and sampler continue from that checkpoint."""
+    optimizers, RNG (accelerate's state), KL controller and sampler continue from that checkpoint.
+
+    SIGTERM, SIGINT and SIGUSR1 (held by `signals`, or by this call) end training after the current iteration's
+    update, with a checkpoint of that iteration: prefopt.faults.PreemptedError."""
+    if signals is None:
+        with faults.StopSignals("ppo") as signals:
+            return train(policy, ref, value, tokenizer, prompts, score_fn, generator, cfg, seed, ckpt_dir, tracker,
+                         resume, accelerator, signals)
     accelerator = accelerator or make_accelerator()
     check_world(cfg, accelerator.num_processes)
     ckpt_dir = Path(ckpt_dir)
@@ -263,14 +322,17 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         sampler.load_state_dict(state["sampler"])
         start, metrics = state["iteration"], state["last_metrics"]
         accelerator.print(f"[ppo] resuming from {resume} (iteration {start} of {iterations})", flush=True)
+    signum = signals.agreed(accelerator.device)
+    if signum:  # a signal while loading: nothing new to save
+        raise faults.PreemptedError("ppo", start, signum, str(resume) if resume is not None else None)
     for model in (policy, ref, value):
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     local = cfg.rollout_batch_size // world
     chunk = cfg.generation_chunk or local
-    for it in tqdm(range(start + 1, iterations + 1), desc="ppo", initial=start, total=iterations,
-                   disable=not accelerator.is_main_process):
+    bar = tqdm(desc="ppo", initial=start, total=iterations, disable=not accelerator.is_main_process)
+    for it in range(start + 1, iterations + 1):
         # Every process draws the same global prompts and takes its share; each generation chunk is seeded by its
         # index in the global rollout, so with a fixed generation_chunk the samples do not depend on the world size.
         batch_prompts = [prompts[i] for i in sampler.next(cfg.rollout_batch_size)][rank * local: (rank + 1) * local]
@@ -289,9 +351,21 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
         metrics["episodes"] = it * cfg.rollout_batch_size
         tracker.log(metrics, step=it)
-        if it % cfg.save_every == 0 or it == iterations:
-            save_checkpoint(accelerator, ckpt_dir, it, policy, kl_ctl, sampler, metrics,
-                            snapshot_tokenizer=tokenizer if cfg.keep_snapshots else None)
+        bar.update(1)
+
+        def save() -> Path:
+            return save_checkpoint(accelerator, ckpt_dir, it, policy, kl_ctl, sampler, metrics,
+                                   snapshot_tokenizer=tokenizer if cfg.keep_snapshots else None)
+
+        saved = save() if it % cfg.save_every == 0 or it == iterations else None
+        if it == iterations:
+            break
+        signum = signals.agreed(accelerator.device)  # every process, once per iteration: all stop at the same one
+        if signum:
+            path = saved or save()
+            bar.close()
+            raise faults.PreemptedError("ppo", it, signum, str(path))
+    bar.close()
     return {**metrics, "iterations": iterations}
 
 
@@ -455,6 +529,13 @@ def check_distributed_type(accelerator) -> None:
 
 
 def run(ctx) -> dict:
+    """From the first load to the final save, SIGTERM / SIGINT / SIGUSR1 stop at an iteration's end (`train`); one
+    during the final save lets it finish."""
+    with faults.StopSignals(ctx.stage) as signals:
+        return _run(ctx, signals)
+
+
+def _run(ctx, signals: faults.StopSignals) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
     from prefopt.preference.loop import save_policy
@@ -473,7 +554,7 @@ def run(ctx) -> dict:
             reward_model_config(rm_path, cfg.trust_remote_code, "ppo.trust_remote_code")
     seed_everything(ctx.seed)
     ckpt_dir = ctx.dir / "checkpoints"
-    resume = latest_checkpoint(ckpt_dir)
+    resume = resumable_checkpoint(accelerator, ckpt_dir)
     policy, ref, value, tok = load_models(ctx, cfg)
 
     rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
@@ -490,8 +571,9 @@ def run(ctx) -> dict:
         return rollout_generator(ctx, cfg, prepared_policy, tok, accelerator, prompts)
 
     last = train(policy, ref, value, tok, prompts, score_fn, build_generator, cfg, ctx.seed, ckpt_dir, ctx.tracker,
-                 resume=resume, accelerator=accelerator)
-    save_policy(accelerator, policy, tok, ctx.dir / "model", lora=False)
+                 resume=resume, accelerator=accelerator, signals=signals)
+    with faults.writing(ctx.dir / "model"):
+        save_policy(accelerator, policy, tok, ctx.dir / "model", lora=False)
     accelerator.wait_for_everyone()
     return {
         "reward": last.get("reward"),
