@@ -78,7 +78,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
         "stages": ["generate", "score"],
         "generate": {"model": str(tiny_model_dir), "prompts": {"path": str(prompts)}, "backend": "transformers",
                      "n": 2, "max_new_tokens": 4, "shard_size": 2, "batch_size": 2},
-        "score": {"reward_model": "stand-in/rm", "rm_format": "policy"}})  # the stand-in has no tokenizer to read
+        "score": {"reward_model": "stand-in/rm", "max_length": 64, "rm_format": "policy"}})  # the stand-in has no tokenizer to read
     root = tmp_path / "runs" / "t"
     run_stage(cfg, "generate")
     run_stage(cfg, "score")
@@ -117,7 +117,7 @@ def test_non_finite_score_from_the_reward_model_is_a_data_error(tmp_path, monkey
     shard = _jsonl(gen / "shard-00000.jsonl", [{"prompt_id": "a", "prompt": "p", "candidates": ["x", "y"]},
                                                {"prompt_id": "b", "prompt": "q", "candidates": ["x", "z"]}])
     exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["score"], wandb={"mode": "disabled"},
-                                                          score={"reward_model": "stand-in/rm",
+                                                          score={"reward_model": "stand-in/rm", "max_length": 64,
                                                                  "rm_format": "policy",
                                                                  "candidates": str(gen)}))
     code, err = cli("score", exp)

@@ -522,9 +522,14 @@ def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool
     tokens past it."""
     from prefopt.models import load_tokenizer
 
-    config = reward_model_config(path, trust_remote_code, trust_key)
+    try:
+        config = reward_model_config(path, trust_remote_code, trust_key)
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except OSError:
+        if configured:  # unreadable here (not cached offline, a stand-in): loading the scorer says why, if it fails
+            return configured
+        raise
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
     limits = {"max_position_embeddings": getattr(text, "max_position_embeddings", None),
               "model_max_length": getattr(tok, "model_max_length", None)}
     limits = {k: int(v) for k, v in limits.items() if isinstance(v, (int, float)) and 0 < v < 1e9}
