@@ -204,6 +204,20 @@ def build_tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attent
     return LlamaForCausalLM(config)
 
 
+REWARD_META = "reward_model.json"  # how a reward model prefopt saved reads its input (prefopt.reward.likelihood)
+
+
+def write_classifier_meta(folder: str | Path) -> None:
+    """Mark a sequence classifier prefopt saves (`save_model`): it was trained on the policy's rendered prompt
+    text, so `rm_format: auto` keeps giving it that. Hub reward models carry no `reward_model.json`."""
+    import json
+
+    (Path(folder) / REWARD_META).write_text(json.dumps(
+        {"kind": "classifier", "input": "policy",
+         "reward": "the head's logit at the last token of rendered prompt + response + EOS (prefopt.reward.score)"},
+        indent=2) + "\n")
+
+
 def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """save_pretrained both (safetensors), atomically: written to a temporary folder, then renamed. `state_dict`:
     the weights to write when `model`'s own are shards (`full_state_dict`); None reads them from `model`.
@@ -221,8 +235,6 @@ def save_model(model, tokenizer, out_dir: str | Path, state_dict: dict | None = 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if type(model).__name__.endswith("ForSequenceClassification"):
-        from prefopt.reward.score import write_classifier_meta
-
         write_classifier_meta(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from prefopt.models import REWARD_META
 from prefopt.reward.loss import bradley_terry_loss
 
-META = "reward_model.json"
+META = REWARD_META  # reward_model.json
 
 
 def likelihood_reward(sum_logps: torch.Tensor, lengths: torch.Tensor, beta: float) -> torch.Tensor:
@@ -53,7 +54,7 @@ def write_meta(folder: Path, beta: float) -> None:
 def read_meta(folder: str | Path) -> dict | None:
     """A reward model's `reward_model.json`, or None when it has none (a hub reward model). prefopt writes one for
     each reward model it saves: a likelihood one (`write_meta`) or a sequence classifier
-    (`reward.score.write_classifier_meta`)."""
+    (`models.write_classifier_meta`)."""
     path = Path(folder) / META
     if not path.is_file():
         return None

@@ -77,17 +77,6 @@ class ClassifierScorer:
         return score_texts(self.model, self.tokenizer, texts, batch_size, max_length, progress)
 
 
-def write_classifier_meta(folder: str | Path) -> None:
-    """Mark a sequence classifier prefopt saves (`models.save_model`): it was trained on the policy's rendered
-    prompt text, so `rm_format: auto` keeps giving it that. Hub reward models carry no `reward_model.json`."""
-    from prefopt.reward.likelihood import META
-
-    (Path(folder) / META).write_text(json.dumps(
-        {"kind": "classifier", "input": "policy",
-         "reward": "the head's logit at the last token of rendered prompt + response + EOS (prefopt.reward.score)"},
-        indent=2) + "\n")
-
-
 def rm_input_format(rm_format: str, path: str, key: str, from_stage: bool = False,
                     trust_remote_code: bool = False) -> str:
     """`policy` or `chat`: what `rm_format` (`key`, e.g. `score.rm_format`) means for the reward model at `path`.
