@@ -12,6 +12,11 @@ hashes of the files outside the experiment it read (a dataset, a local model). `
 a stage reads an input stage's outputs, `verify_inputs` hashes them in full against that stage's marker (a file
 damaged in place keeps its size and mtime): a mismatch is a one-line error naming the file.
 
+Inputs hashed when read: the input records the marker keeps are taken just before the stage runs (`read_inputs`),
+not when it finishes; if an input changed meanwhile (another experiment rebuilding a folder this one reads), the
+stage is not marked done (`check_inputs_unchanged`: a data error naming the file) and its partial outputs are
+discarded by the rerun, so a marker never names inputs the stage did not see.
+
 Never destroying finished work: a stage that already has a finished result works in a fresh folder beside it
 (`.<stage>.next`) and replaces the finished one by renaming only once its own marker is written; a failure or a
 kill leaves the last good result in place (and the rerun resumes in `.next`). A stage with no finished result
@@ -237,16 +242,51 @@ def stages_in_digests(cfg: ExperimentConfig, stage: str, round_: int) -> dict[st
     return out
 
 
-def completion_record(cfg: ExperimentConfig, stage: str, round_: int, d: Path) -> dict:
-    """The marker: fingerprint, output hashes, the input stages' output digests, outside input files' hashes."""
+def read_inputs(cfg: ExperimentConfig, stage: str, round_: int) -> dict:
+    """{"stages_in", "files_in"}: the input stages' output digests and the outside files' records as the stage is
+    about to read them (taken before it runs: what the marker records)."""
+    return {"stages_in": stages_in_digests(cfg, stage, round_),
+            "files_in": {str(p): file_record(p) for p in external_inputs(cfg, stage)}}
+
+
+def check_inputs_unchanged(cfg: ExperimentConfig, stage: str, round_: int, inputs: dict, d: Path) -> None:
+    """Before the marker: every input still as `read_inputs` recorded it (size + mtime, the hash when those
+    differ). Else a data error naming the input, and the working folder `d` loses its fingerprint file, so the rerun
+    starts the stage over instead of resuming work done on the earlier inputs."""
+    from prefopt.data.errors import DataError
+
+    changed = None
+    for path, rec in inputs["files_in"].items():
+        why = file_changed(Path(path), rec)
+        if why:
+            changed = (path, f"{'was removed' if why == 'is missing' else 'changed'} while {stage} ran")
+            break
+    if changed is None:
+        now = stages_in_digests(cfg, stage, round_)
+        for key, digest in inputs["stages_in"].items():
+            if now.get(key) != digest:
+                name, _, r = key.partition("@")
+                changed = (stage_dir(cfg, name, int(r)), f"input stage {name} was rebuilt while {stage} ran")
+                break
+    if changed is None:
+        return
+    (d / FINGERPRINT).unlink(missing_ok=True)
+    raise DataError(changed[0], None, None, f"{changed[1]} (another experiment rebuilding it?): {stage} read the "
+                    "earlier version, so it is not marked done; rerun once the input is final (the stage starts over)")
+
+
+def completion_record(cfg: ExperimentConfig, stage: str, round_: int, d: Path, inputs: dict | None = None) -> dict:
+    """The marker: fingerprint, output hashes, and the inputs as the stage read them (`read_inputs`; taken now
+    when not given): the input stages' output digests, outside input files' hashes."""
     outputs = {str(p.relative_to(d)): file_record(p) for p in output_files(d)}
+    inputs = inputs if inputs is not None else read_inputs(cfg, stage, round_)
     return {
         "fingerprint": fingerprint(cfg, stage, round_),
         "finished": time.time(),
         "outputs": outputs,
         "outputs_digest": outputs_digest(outputs),
-        "stages_in": stages_in_digests(cfg, stage, round_),
-        "files_in": {str(p): file_record(p) for p in external_inputs(cfg, stage)},
+        "stages_in": inputs["stages_in"],
+        "files_in": inputs["files_in"],
     }
 
 
@@ -414,6 +454,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     (d / "_ranks").mkdir(exist_ok=True)
     write_json(d / "_ranks" / f"rank-{rank}.json", {"rank": rank, "pid": os.getpid(), "world_size": extra["world_size"]})
     t0 = time.time()
+    inputs = read_inputs(cfg, stage, round_) if main else None  # the inputs as the stage reads them
     data_counts.take()  # counts noted from here on are this stage's
     summary = module.run(ctx) or {}
     summary = {"stage": stage, "round": round_, **summary, "wall_seconds": round(time.time() - t0, 2), **extra}
@@ -427,9 +468,10 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
         summary = json.loads(json.dumps(summary, default=str).replace(json.dumps(str(d))[1:-1],
                                                                       json.dumps(str(final))[1:-1]))
     if main:
+        check_inputs_unchanged(cfg, stage, round_, inputs, d)
         write_json(d / "summary.json", summary)
         tracker.finish(summary)
-        write_json(d / MARKER, completion_record(cfg, stage, round_, d))  # last: the stage is finished
+        write_json(d / MARKER, completion_record(cfg, stage, round_, d, inputs))  # last: the stage is finished
         swap_in(d, final)
     dist_barrier()
     return summary

@@ -258,3 +258,49 @@ def test_finished_input_damaged_in_place_is_named_before_use(tmp_path, tiny_mode
     assert err.startswith(f"prefopt: data error: {weights}: does not match the SHA-256 that {sft / MARKER} "
                           "recorded when sft finished") and "--from sft" in err, err
     assert not (tmp_path / "runs" / "t" / "dpo" / "checkpoints").exists()
+
+
+def test_pairs_rewritten_while_dpo_runs_are_not_marked_done(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Experiment B trains dpo on experiment A's pairs folder; A rebuilds it (16 -> 10 pairs, written by rename as
+    the pairs stage writes) right after B has loaded the pairs. B refuses to mark itself done: exit code 3 and one
+    line naming the file; no marker. The rerun starts over (nothing resumed from the steps on the old pairs) and
+    finishes; in every finished run the summary's pair count is that of the file whose hash the marker records."""
+    import json
+
+    import prefopt.preference.loop as loop
+    from prefopt.cli import main
+    from prefopt.config import load_config
+    from prefopt.stage import MARKER, sha256_file, stage_status
+
+    a_pairs = tmp_path / "a" / "runs" / "a" / "pairs"
+    a_pairs.mkdir(parents=True)
+    pairs = write_pairs(a_pairs / "pairs.jsonl", n=16)
+    (tmp_path / "b").mkdir()
+    cfg_path = write_config(tmp_path / "b", "dpo", {"model": str(tiny_model_dir), "pairs": str(a_pairs),
+                                                    **SECTION, "max_steps": 4}, name="b")
+    d = tmp_path / "b" / "runs" / "b" / "dpo"
+    tokenize = loop.tokenize_pairs
+
+    def rebuilt_by_a(rows, *args, **kwargs):  # the pairs are read: A's pairs stage now replaces the file
+        out = tokenize(rows, *args, **kwargs)
+        write_pairs(a_pairs / ".pairs.jsonl.tmp", n=10, seed=1)
+        os.replace(a_pairs / ".pairs.jsonl.tmp", pairs)
+        return out
+
+    monkeypatch.setattr(loop, "tokenize_pairs", rebuilt_by_a)
+    assert main(["dpo", str(cfg_path)]) == 3
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"prefopt: data error: {pairs}: changed while dpo ran") and "not marked done" in lines[0]
+    assert not (d / MARKER).exists()
+    assert stage_status(load_config(str(cfg_path)), "dpo") == (False, "not finished")
+
+    monkeypatch.undo()
+    assert main(["dpo", str(cfg_path)]) == 0
+    summary = json.loads((d / "summary.json").read_text())
+    marker = json.loads((d / MARKER).read_text())
+    assert summary["resumed_from"] is None and summary["steps"] == 4  # started over
+    assert summary["pairs"] == 10 == len(pairs.read_text().splitlines())
+    assert marker["files_in"][str(pairs.resolve())][2] == sha256_file(pairs)
+    assert stage_status(load_config(str(cfg_path)), "dpo")[0]
