@@ -68,8 +68,8 @@ def test_ppo_global_batch_in_check():
         "ppo": {"rollout_batch_size": 16, "mini_batch_size": 8, "recipe_global_batch": 64}})
     _, warnings = problems_and_warnings(cfg)
     ppo = [w for w in warnings if w.startswith("ppo: global batch")]
-    assert ppo == ["ppo: global batch is 16 (rollout_batch_size 16, split over 2 processes) but the recipe states "
-                   "64; results (SimPO's especially) move with the global batch"]
+    assert ppo == ["ppo: global batch is 16 (ppo.rollout_batch_size, split over the processes) but the recipe "
+                   "states 64 (ppo.recipe_global_batch)"]
     cfg.ppo.recipe_global_batch = 16
     assert not [w for w in problems_and_warnings(cfg)[1] if w.startswith("ppo: global batch")]
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from prefopt.config import FieldError, check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
-from prefopt.generation.vllm_backend import temperature_problem  # the limits only: vllm itself is not imported
+from prefopt.generation.limits import temperature_problem  # the limits only: vllm itself is not imported
 
 
 @dataclass

@@ -125,7 +125,7 @@ class PPOConfig:
                      generation_chunk=dict(ge=0), vllm_gpu_memory_utilization=dict(gt=0, le=1),
                      rm_max_length=dict(ge=0))
         if self.backend == "vllm":  # PPO's log-probs assume the temperature sampled at is the one asked for
-            from prefopt.generation.vllm_backend import temperature_problem
+            from prefopt.generation.limits import temperature_problem
 
             problem = temperature_problem(self.temperature)
             if problem:

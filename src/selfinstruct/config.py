@@ -5,7 +5,7 @@ from typing import Literal
 
 from prefopt.config import FieldError, check_range, check_ranges
 from prefopt.data.spec import DatasetSpec
-from prefopt.generation.vllm_backend import temperature_problem  # the limits only: vllm is not imported
+from prefopt.generation.limits import temperature_problem  # the limits only: vllm is not imported
 
 # Stanford Alpaca's generate_instruction.py: words that ask for what a text model cannot give (self-instruct's
 # "image, picture, graph" list as Alpaca extended it). Matched as whole words, case-insensitively.
