@@ -156,7 +156,7 @@ def trainer_callback(stop: StopSignals):
 
         def on_save(self, args, state, control, **kwargs):
             # the Trainer writes checkpoint-N in place, trainer_state.json last: the manifest, after every process
-            # has written its part, is what makes the folder one a resume trusts (train_args.last_checkpoint)
+            # has written its part, is what makes the folder one a resume trusts (training.checkpoints.last_checkpoint)
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():

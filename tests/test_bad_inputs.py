@@ -91,7 +91,7 @@ def test_check_refuses_bad_values(tmp_path, override, message):
 def test_misspelt_scheduler_lists_the_known_ones(tmp_path):
     from transformers.trainer_utils import SchedulerType
 
-    from prefopt.train_args import SCHEDULERS
+    from prefopt.training.fields import SCHEDULERS
 
     assert set(SCHEDULERS) == {s.value for s in SchedulerType}  # the list kept here is transformers' own
     exp = write_yaml(tmp_path / "e.yaml", {"name": "x", "sft": {"lr_scheduler_type": "cosin"}})

@@ -7,8 +7,7 @@ from typing import Literal
 
 from prefopt.config import check_ranges
 from prefopt.data.spec import DatasetSpec
-from prefopt.models_config import LoraSpec
-from prefopt.train_args import TrainFields
+from prefopt.training.fields import LoraSpec, TrainFields
 
 
 @dataclass

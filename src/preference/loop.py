@@ -46,6 +46,7 @@ from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_l
 from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
+from prefopt.training.lora import lora_config
 from prefopt.utils import seed_everything
 
 DONE = "checkpoint_complete"  # written into checkpoint-N after every process has saved its part
@@ -145,11 +146,9 @@ def _newest_valid(ckpt_dir: Path, stage: str) -> str | None:
 
 
 def _lora(model, spec):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
-    return get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                                            task_type="CAUSAL_LM", target_modules=targets))
+    return get_peft_model(model, lora_config(spec, "CAUSAL_LM"))
 
 
 def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_path: str, tokenizer, examples,

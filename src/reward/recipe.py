@@ -38,7 +38,9 @@ from prefopt.data.templates import encode, render_prompt
 from prefopt.models import check_lora_mergeable, full_state_dict, load_reward_model, load_tokenizer, save_model
 from prefopt.reward.score import ClassifierScorer, reward_text
 from prefopt.tracking import trainer_callback
-from prefopt.train_args import hf_training_kwargs, last_checkpoint
+from prefopt.training.checkpoints import last_checkpoint
+from prefopt.training.fields import hf_training_kwargs
+from prefopt.training.lora import lora_config
 from prefopt.utils import seed_everything
 
 
@@ -83,18 +85,8 @@ def reward_config(cfg, ctx):
 
 
 def peft_config(lora):
-    if not lora.enabled:
-        return None
-    from peft import LoraConfig
-
-    targets = lora.target_modules
-    return LoraConfig(
-        task_type="SEQ_CLS",  # keeps the new score head trainable (modules_to_save)
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-    )
+    """The classifier's LoRA config: SEQ_CLS keeps the new score head trainable (modules_to_save)."""
+    return lora_config(lora, "SEQ_CLS") if lora.enabled else None
 
 
 def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict:

@@ -22,7 +22,9 @@ from prefopt.data.loaders import load_sft
 from prefopt.data.templates import encode, render_prompt
 from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference_data import common_prefix
-from prefopt.train_args import hf_training_kwargs, last_checkpoint
+from prefopt.training.checkpoints import last_checkpoint
+from prefopt.training.fields import hf_training_kwargs
+from prefopt.training.lora import lora_config
 from prefopt.utils import seed_everything
 
 
@@ -48,19 +50,6 @@ def sft_example(prompt, completion: str, tokenizer) -> dict:
     prompt_ids, ids = encode(prompt_text, tokenizer), encode(full_text, tokenizer)
     n = common_prefix(prompt_ids, ids)
     return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
-
-
-def lora_config(spec, task_type: str):
-    from peft import LoraConfig
-
-    targets = spec.target_modules
-    return LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        task_type=task_type,
-    )
 
 
 def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed: int, callbacks=(),

@@ -1,4 +1,4 @@
-"""Training fields every training stage shares, with defaults chosen for the tiny CPU runs and stated explicitly.
+"""Training fields every training stage shares (and the LoRA spec), with defaults chosen for the tiny CPU runs and stated explicitly.
 
 TRL's own configs default to gradient checkpointing on, bf16 on, DPO lr 1e-6 and max_length 1024; prefopt sets
 each of these itself so an experiment YAML says what it runs. The GPU recipes under experiments/ set them to the
@@ -7,7 +7,7 @@ papers' values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prefopt.config import check_choice, check_range, check_ranges
 
@@ -113,42 +113,18 @@ def hf_training_kwargs(sec: TrainFields, output_dir, seed: int) -> dict:
     )
 
 
-def last_checkpoint(output_dir, stage: str = "") -> str | None:
-    """The newest `checkpoint-N` a stopped Trainer run left whose manifest verifies, or None.
+@dataclass
+class LoraSpec:
+    enabled: bool = False
+    """Train a LoRA adapter (PEFT) instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names to adapt ('all-linear' as the single entry adapts every linear layer)."""
 
-    The Trainer writes checkpoint-N in place; `prefopt.faults.trainer_callback` records every file's SHA-256 in its
-    `manifest.json` after the Trainer has finished it. A checkpoint without one (a kill during the save), or with
-    a file that no longer matches it (truncated, overwritten), is removed with a line naming the bad file and the
-    previous one is tried (the Trainer keeps `save_total_limit` whole checkpoints, optimizer state included); with
-    none left the stage starts over, with a line. The main process decides, the others are told."""
-    import torch.distributed as dist
-
-    choice = [None]
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        choice[0] = _newest_valid(output_dir, stage)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
-
-
-def _newest_valid(output_dir, stage: str) -> str | None:
-    import shutil
-    from pathlib import Path
-
-    from prefopt.faults import verify_manifest
-
-    d = Path(output_dir)
-    if not d.is_dir():
-        return None
-    ckpts = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for ck in reversed(ckpts):
-        bad = verify_manifest(ck)
-        if bad is None:
-            return str(ck)
-        print(f"[prefopt] {stage}: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
-              flush=True)
-        shutil.rmtree(ck, ignore_errors=True)
-    if ckpts:
-        print(f"[prefopt] {stage}: no valid checkpoint to resume from in {d}: starting the stage over", flush=True)
-    return None
+    def __post_init__(self):
+        check_ranges(self, r=dict(ge=1), alpha=dict(gt=0), dropout=dict(ge=0, lt=1))
