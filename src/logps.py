@@ -1,4 +1,6 @@
-"""Shared math on token log-probabilities: free functions used by DPO, SimPO, PPO and evaluation."""
+"""Shared math on token log-probabilities and masks: PPO's per-token log-probs and whitening, and the plain
+full-logits reference (`sequence_logps`) the tests hold every faster path to. Training and evaluation sum
+completion log-probs through `prefopt.preference.batching.pair_logps` (chunked, any layout), not here."""
 
 from __future__ import annotations
 
@@ -29,10 +31,6 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return token_logps(logits, labels, temperature) * mask
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return (values * mask).sum(dim)
-
-
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     mask = mask.to(values.dtype)
     if dim is None:
@@ -61,9 +59,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-prob and completion length of each sequence: (B,), (B,).
-
-    DPO uses the sum (log pi(y|x)); SimPO divides by the length (the average per-token log-prob)."""
+    """Summed completion log-prob and completion length of each sequence: (B,), (B,), from the model's full
+    logits: the plain reference `pair_logps` is tested against."""
     per_token = completion_logps(model, input_ids, attention_mask, completion_mask)  # (B, T-1), 0 off-completion
     lengths = completion_mask[:, 1:].sum(-1).to(per_token.dtype)
     return per_token.sum(-1), lengths

@@ -1,7 +1,7 @@
 """Preference pairs for the aligners: read the pairs file, render prompts, tokenize prompt + completion + EOS.
 
-Tokenization matches TRL's DPOTrainer (non-conversational path), so DPO through TRL and SimPO here see the same
-tokens: the prompt and prompt + completion are tokenized separately (the tokenizer adds BOS to both) and the
+Tokenization matches TRL's DPOTrainer (non-conversational path), so prefopt's DPO and SimPO and TRL's trainers see
+the same tokens (tests/test_losses.py): the prompt and prompt + completion are tokenized separately (the tokenizer adds BOS to both) and the
 completion starts where the two token lists diverge; EOS is appended to each completion as text; a sequence longer
 than `max_length` keeps its start. A pair whose prompt alone fills `max_length` (long multi-turn chats) keeps, by
 default, its BOS and the last `max_length // 2` prompt tokens, i.e. the latest turns (TRL's `truncation_mode:
