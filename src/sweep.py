@@ -13,15 +13,24 @@ The same file drives `wandb sweep` + `wandb agent` on a cluster. Locally:
 - stages the swept keys do not reach (same fingerprint in every trial, e.g. task, base, sft, generate, reward) run
   once, in the parent experiment's run directory `runs/<experiment>`, and each trial links to them
   (`reuse_upstream`), so `prefopt run` skips them there: a trial trains only what its values change;
-- `runs/sweeps/<sweep>/trials.csv` and `trials.md` hold each trial's swept values and final evaluate figures,
-  rewritten after every trial.
+- `runs/sweeps/<sweep>/trials.csv` and `trials.md` hold every trial's swept values, status and final evaluate
+  figures, rebuilt after every trial from the trials' own records (their completion markers, evaluate summaries
+  and `sweep_trial.json`, the outcome of their last attempt) and replaced atomically under a lock: two agents of
+  one sweep file at once, or a rerun, show every finished trial as finished.
+
+Several agents at once (`prefopt sweep` twice, as two `wandb agent`s): the shared stages run in one, the other
+waits for its lock; a trial another agent is running (its experiment lock is held) is left to it.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import itertools
+import json
 import math
+import os
 import random
 import shlex
 import time
@@ -219,7 +228,7 @@ def run_shared(parent, steps: list[tuple[str, int]], overrides: list[str]) -> No
 
     labels = ", ".join(s if r == 1 else f"{s}@round{r}" for s, r in steps)
     print(f"[sweep] stages every trial shares, run once in {parent.root}: {labels}", flush=True)
-    with experiment_lock(parent.root):
+    with _wait_for_lock(parent.root, experiment_lock):
         for s, r in steps:
             if is_done(parent, s, r):
                 print(f"[sweep] {s}: finished with the same fingerprint, skipped", flush=True)
@@ -227,6 +236,34 @@ def run_shared(parent, steps: list[tuple[str, int]], overrides: list[str]) -> No
             t0 = time.time()
             run_one(parent, s, r, overrides)
             record_timing(parent, s, r, time.time() - t0)
+
+
+class _wait_for_lock:
+    """`experiment_lock(root)`, waiting while another agent of the sweep holds it (it is running the shared stages;
+    they are then found finished)."""
+
+    def __init__(self, root: Path, lock):
+        self.root, self.lock, self.held = root, lock, None
+
+    def __enter__(self):
+        from prefopt.pipeline import LockedError
+
+        said = False
+        while True:
+            held = self.lock(self.root)
+            try:
+                held.__enter__()
+            except LockedError as e:
+                if not said:
+                    print(f"[sweep] waiting: {e}", flush=True)
+                    said = True
+                time.sleep(1.0)
+                continue
+            self.held = held
+            return self
+
+    def __exit__(self, *exc):
+        return self.held.__exit__(*exc)
 
 
 def reuse_upstream(parent, trial) -> list[str]:
@@ -245,7 +282,10 @@ def reuse_upstream(parent, trial) -> list[str]:
         if not same or dst.exists():
             continue  # the trial's own run (or a finished earlier one) stays as it is
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(stage_dir(parent, s, r).resolve(), target_is_directory=True)
+        try:
+            dst.symlink_to(stage_dir(parent, s, r).resolve(), target_is_directory=True)
+        except FileExistsError:  # another agent of the sweep linked it a moment ago
+            continue
         linked.append(s if r == 1 else f"{s}@round{r}")
     return linked
 
@@ -253,10 +293,54 @@ def reuse_upstream(parent, trial) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- the table
 
 
+ATTEMPT = "sweep_trial.json"  # in a trial's run directory: the outcome of its last attempt
+
+
+def lock_holder(root: Path) -> str | None:
+    """"pid N" when a process holds the experiment lock `root/.lock` now, else None. Read from /proc/locks, never
+    by trying the lock: a probe that took it for a moment would turn another agent starting the trial away."""
+    try:
+        ino = (Path(root) / ".lock").stat().st_ino
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        f = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF"; a waiter's line has "->" after the number
+        if len(f) >= 6 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(ino):
+            return f"pid {f[4]}"
+    return None
+
+
+def record_attempt(cfg, k: int, values: dict, status: str) -> None:
+    from prefopt.stage import write_json
+
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.root / ATTEMPT, {"trial": k, "values": values, "status": status, "time": time.time(),
+                                    "pid": os.getpid()})
+
+
+def trial_status(cfg) -> str:
+    """From the trial's own records: "ok" when every stage of its plan is finished (its markers hold), "running
+    (pid N)" while a process holds its experiment lock, else its last attempt's outcome ("exit 2", "error"),
+    "not finished" (an attempt ended well but a stage is no longer done), or "not run"."""
+    from prefopt.pipeline import replicate_plan
+    from prefopt.stage import is_done
+
+    if cfg.root.is_dir() and all(is_done(c, s, r) for s, r, c in replicate_plan(cfg)):
+        return "ok"
+    holder = lock_holder(cfg.root)
+    if holder:
+        return f"running ({holder})"
+    try:
+        status = json.loads((cfg.root / ATTEMPT).read_text())["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "not run"
+    return "not finished" if status == "ok" else status
+
+
 def trial_figures(cfg) -> dict[str, Any]:
     """The final round's evaluate figures, flattened as in the W&B run summary (`policies/dpo/gold_score`)."""
-    import json
-
     from prefopt.experiment import stage_dir
 
     path = stage_dir(cfg, "evaluate", cfg.iterations) / "summary.json"
@@ -278,16 +362,20 @@ def _cell(v: Any) -> str:
 
 
 def write_table(rows: list[dict], out_dir: Path, sweep: Sweep) -> tuple[Path, Path]:
-    """trials.csv (every column) and trials.md (sorted by the sweep's metric when it has one)."""
+    """trials.csv (every column) and trials.md (sorted by the sweep's metric when it has one), each written to a
+    temporary name and renamed: a reader never sees half a table."""
+    from prefopt.stage import atomic_write
+
     out_dir.mkdir(parents=True, exist_ok=True)
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols]
     csv_path = out_dir / "trials.csv"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(csv_path, buf.getvalue())
     metric, goal = sweep.metric.get("name"), sweep.metric.get("goal", "maximize")
     ordered = rows
     if metric and any(isinstance(r.get(metric), (int, float)) for r in rows):
@@ -300,8 +388,20 @@ def write_table(rows: list[dict], out_dir: Path, sweep: Sweep) -> tuple[Path, Pa
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in ordered]
     md_path = out_dir / "trials.md"
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def rebuild_table(sweep: Sweep, values: list[dict], trials: list, out_dir: Path) -> list[dict]:
+    """Every trial's row from its own records (`trial_status`, `trial_figures`), the table rewritten. Under
+    `out_dir/.trials.lock`: the agent that writes last also read last, so its view is the newest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".trials.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [{"trial": k, "name": cfg.name, "status": trial_status(cfg), **v, **trial_figures(cfg),
+                 "run_dir": str(cfg.root)} for k, (v, cfg) in enumerate(zip(values, trials), 1)]
+        write_table(rows, out_dir, sweep)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -334,8 +434,12 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
     out_dir = Path(parent.output_dir) / "sweeps" / sweep.name
     if shared:
         run_shared(parent, shared, [*sweep.fixed_args, *extra])
-    rows = []
     for k, (v, argv, cfg) in enumerate(zip(values, argvs, trials), 1):
+        holder = lock_holder(cfg.root)
+        if holder:
+            print(f"[sweep] trial {k}/{len(values)} {cfg.name}: another process runs it ({holder}); left to it",
+                  flush=True)
+            continue
         linked = reuse_upstream(parent, cfg)
         print(f"[sweep] trial {k}/{len(values)} {cfg.name}: "
               + ", ".join(f"{key}={format_value(x)}" for key, x in v.items())
@@ -349,11 +453,12 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
         except Exception:  # noqa: BLE001 - one broken trial must not lose the others' results
             traceback.print_exc()
             status = "error"
-        row = {"trial": k, "name": cfg.name, "status": status, **v, **trial_figures(cfg), "run_dir": str(cfg.root)}
-        rows.append(row)
-        csv_path, md_path = write_table(rows, out_dir, sweep)
-    if rows:
-        print(f"[sweep] {sweep.name}: {len(rows)} trial(s); table in {md_path} and {csv_path}", flush=True)
-        print(md_path.read_text(), flush=True)
+        if status != "exit 4":  # 4: another agent took the trial's lock first; the outcome is its to record
+            record_attempt(cfg, k, v, status)
+        rebuild_table(sweep, values, trials, out_dir)
+    rows = rebuild_table(sweep, values, trials, out_dir)
+    print(f"[sweep] {sweep.name}: {len(rows)} trial(s); table in {out_dir / 'trials.md'} and "
+          f"{out_dir / 'trials.csv'}", flush=True)
+    print((out_dir / "trials.md").read_text(), flush=True)
     return rows
 

@@ -263,3 +263,52 @@ def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, m
     again = run_sweep("grid.yaml", extra=extra)
     assert [r["policies/dpo/kl_to_sft"] for r in again] == [r["policies/dpo/kl_to_sft"] for r in rows]
     assert {p: p.read_text() for p in before} == before
+
+
+# ------------------------------------------------------------------------------------------- concurrent agents
+
+
+@pytest.mark.slow
+def test_two_concurrent_agents_show_every_finished_trial_as_finished(tmp_path, monkeypatch):
+    """Two `prefopt sweep` processes of one file at once (3 trials over sft.max_steps: 40, 2, 40; task and base
+    shared). One runs the shared stages while the other waits for their lock; a trial one agent is running is left
+    to it by the other. The table, rebuilt from the trials' own records and written last by whichever agent ends
+    last, shows all three finished ("ok", never "exit 4"); each trial trained once; a rerun agrees and trains
+    nothing."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = {"name": "tiny", "seed": 0, "output_dir": "runs", "stages": ["task", "base", "sft"],
+           "wandb": {"mode": "disabled"}, "launch": {"launcher": "inline"}, "task": TINY["task"],
+           "base": TINY["base"], "sft": {**TINY["sft"], "save_steps": 1000}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
+        "name": "grid", "method": "grid", "parameters": {"sft.max_steps": {"values": [40, 2, 40]}},
+        "command": ["${env}", "prefopt", "run", "tiny.yaml", "${args}"]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    agents = []
+    for i in range(2):
+        with open(tmp_path / f"agent{i}.log", "w") as log:
+            agents.append(subprocess.Popen([sys.executable, "-m", "prefopt", "sweep", "grid.yaml"], cwd=tmp_path,
+                                           env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [a.wait(timeout=300) for a in agents]
+    logs = [(tmp_path / f"agent{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    both = "\n".join(logs)
+    assert "tiny-grid-t1: another process runs it" in both  # the agents did overlap on a trial
+    with open(tmp_path / "runs" / "sweeps" / "grid" / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["trial"], r["status"], r["sft.max_steps"]) for r in table] == [
+        ("1", "ok", "40"), ("2", "ok", "2"), ("3", "ok", "40")]
+    for k, steps in [(1, 40), (2, 2), (3, 40)]:  # trained once: a second training would append its rows
+        rows = (tmp_path / "runs" / f"tiny-grid-t{k}" / "sft" / "metrics.jsonl").read_text().splitlines()
+        assert len([r for r in rows if '"loss"' in r]) == steps
+        assert json.loads((tmp_path / "runs" / f"tiny-grid-t{k}" / "sweep_trial.json").read_text())["status"] == "ok"
+    assert not list((tmp_path / "runs" / "sweeps" / "grid").glob(".trials.*.tmp*"))
+
+    monkeypatch.chdir(tmp_path)  # a rerun: every trial finished, nothing trains
+    markers = {p: p.read_text() for p in (tmp_path / "runs").glob("tiny-grid-t*/sft/_DONE.json")}
+    rows = run_sweep("grid.yaml")
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert {p: p.read_text() for p in markers} == markers and len(markers) == 3
