@@ -131,8 +131,6 @@ def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, s
     every process's RNG, sharded or gathered as the DDP / FSDP / DeepSpeed setup saves them), `trainer_state.pt`
     the loop's own state, `manifest.json` (every file's size and SHA-256) last, before the rename. With
     `snapshot_tokenizer`, also a loadable policy `../snapshots/iter-N`. Collective: every process calls it."""
-    from prefopt.preference.loop import save_policy
-
     out, tmp = folder / f"iter-{iteration}", folder / f".iter-{iteration}.partial"
     if accelerator.is_main_process:
         if tmp.exists():
