@@ -7,6 +7,11 @@ step, so a signal that reached one process stops them all at the same step), a c
 the stage raises `PreemptedError` (exit code 143): `prefopt: dpo preempted at step 7 (signal SIGTERM);
 checkpoint-7 saved; rerun the same command to resume`. At most one step is lost.
 
+Work in shards (generation): `ShardSignals` lets a signal abandon the shard being sampled at once (`ShardDropped`;
+shards are written by rename, so nothing of it is on disk) or, between shards, stop before the next; the stage
+raises `ShardsPreempted` (exit code 143): `prefopt: generate preempted (signal SIGTERM); 3 of 8 shards written, the
+one in progress dropped; rerun the same command to resume at shard 3`. Its worker processes get the signal too.
+
 Checkpoints that prove themselves (`write_manifest`, `verify_manifest`): a checkpoint folder records the SHA-256 of
 each of its files in `manifest.json`, written last; a resume verifies it and falls back to an older one.
 
@@ -52,6 +57,22 @@ class PreemptedError(Exception):
         super().__init__(f"{stage} preempted at step {step} (signal {signal_name(signum)}); {saved}")
 
 
+class ShardsPreempted(PreemptedError):
+    """A signal stopped a stage that works in shards; the shards written are kept, a rerun does the others."""
+
+    def __init__(self, stage: str, signum: int, written: int, total: int, dropped: bool, next_shard: int | None):
+        self.stage, self.step, self.signum, self.checkpoint = stage, None, signum, None
+        self.written, self.total = written, total
+        lost = ", the one in progress dropped" if dropped else ""
+        where = f" at shard {next_shard}" if next_shard is not None else ""
+        Exception.__init__(self, f"{stage} preempted (signal {signal_name(signum)}); {written} of {total} shards "
+                                 f"written{lost}; rerun the same command to resume{where}")
+
+
+class ShardDropped(Exception):
+    """Raised by `ShardSignals` where a shard was being sampled: that shard is abandoned."""
+
+
 class ResourceError(Exception):
     """Out of disk, memory or a peer process: one line with what to do."""
 
@@ -72,6 +93,8 @@ class StopSignals:
     KeyboardInterrupt (a user who presses Ctrl-C twice means it); repeated SIGTERMs are not (Slurm, the launcher and
     `prefopt run` may each pass the same one on)."""
 
+    notice = "finishing this step, then saving a checkpoint"
+
     def __init__(self, stage: str = ""):
         self.stage, self.signum, self.t, self._old = stage, 0, 0.0, {}
 
@@ -80,8 +103,8 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum, self.t = signum, time.monotonic()
-            print(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: finishing this step, then saving a "
-                  "checkpoint", file=sys.stderr, flush=True)
+            print(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: {self.notice}", file=sys.stderr,
+                  flush=True)
 
     def __enter__(self) -> "StopSignals":
         import threading
@@ -115,6 +138,58 @@ class StopSignals:
         t = torch.tensor([self.signum], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
+
+
+class ShardSignals(StopSignals):
+    """StopSignals for work in shards. Inside `sampling()` a signal raises ShardDropped at once: the shard being
+    sampled is abandoned (a shard is only ever written whole, by rename, after sampling). Elsewhere (writing a
+    shard, between shards) it only sets `signum`; the stage checks it before each shard. The signal is passed on
+    to this process's children (data-parallel workers), which stop the same way."""
+
+    notice = "dropping the shard in progress, keeping those written"
+
+    def __init__(self, stage: str = ""):
+        super().__init__(stage)
+        self._sampling = False
+
+    def _handle(self, signum, frame) -> None:
+        first = not self.signum
+        super()._handle(signum, frame)
+        if first:
+            for pid in _children(os.getpid()):
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+        if self._sampling:
+            self._sampling = False
+            raise ShardDropped(signal_name(signum))
+
+    @contextmanager
+    def sampling(self):
+        if self.signum:
+            raise ShardDropped(signal_name(self.signum))
+        self._sampling = True
+        try:
+            yield
+        finally:
+            self._sampling = False
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
 
 
 _held: dict = {}  # the handlers StopSignals replaced, while an error it let through is reported

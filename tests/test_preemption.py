@@ -347,3 +347,58 @@ def test_signal_during_an_error_report_waits_then_acts_as_before(monkeypatch):
         assert got == [signal.SIGUSR1] * 2
     finally:
         signal.signal(signal.SIGUSR1, old)
+
+
+GEN_LINE = re.compile(r"^prefopt: generate preempted \(signal SIGTERM\); (\d+) of 12 shards written(, the one in "
+                      r"progress dropped)?; rerun the same command to resume at shard (\d+)$")
+
+
+@pytest.mark.slow
+def test_sigterm_during_generate_drops_the_shard_and_the_rerun_resumes_there(tmp_path, tiny_model_dir):
+    """`prefopt generate` (transformers backend, 12 shards of 2 prompts) gets SIGTERM once shard 2 is on disk: the
+    shard being sampled is dropped (or, between shards, none is started), the process exits 143 within 10 s with
+    one line saying how many shards are written and where the rerun resumes; every shard on disk is whole and no
+    temporary file is left. The rerun resumes there and its shards equal an uninterrupted run's, byte for byte."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Sort the numbers {i} {i + 3} {i + 1}.", "input": ""})
+                               + "\n" for i in range(24)))
+
+    def cfg(name):
+        return write_yaml(tmp_path / name / "e.yaml", {
+            "name": "e", "output_dir": str(tmp_path / name / "runs"), "wandb": {"mode": "disabled"},
+            "stages": ["generate"],
+            "generate": {"model": str(tiny_model_dir), "prompts": {"path": str(prompts)}, "backend": "transformers",
+                         "n": 2, "max_new_tokens": 48, "shard_size": 2, "batch_size": 2}})
+
+    straight, cut = cfg("a"), cfg("b")
+    baseline = Run(tmp_path / "a", "generate", str(straight))
+    d = tmp_path / "b" / "runs" / "e" / "generate"
+    run = Run(tmp_path / "b", "generate", str(cut))
+    deadline = time.time() + 240
+    while not (d / "shard-00002.jsonl").exists() and time.time() < deadline and run.proc.poll() is None:
+        time.sleep(0.01)
+    run.proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rc, err = run.wait(timeout=60)
+    assert time.time() - t0 < 10, "generate took over 10 s to stop after SIGTERM"
+    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-3000:]
+    m = GEN_LINE.match(lines[0])
+    assert m, lines[0]
+    written, at = int(m.group(1)), int(m.group(3))
+    assert 3 <= written == at < 12
+    shards = sorted(p.name for p in d.glob("shard-*.jsonl"))
+    assert shards == [f"shard-{k:05d}.jsonl" for k in range(written)]
+    for name in shards:  # whole: every row parses, one per prompt
+        assert len([json.loads(ln) for ln in (d / name).read_text().splitlines()]) == 2
+    assert not [p.name for p in d.iterdir() if ".tmp" in p.name] and not (d / "_DONE.json").exists()
+
+    rc, err = Run(tmp_path / "b", "generate", str(cut)).wait()
+    assert rc == 0, err[-3000:]
+    assert json.loads((d / "summary.json").read_text())["resumed_shards"] == written
+    rc, err = baseline.wait()
+    assert rc == 0, err[-3000:]
+    a = tmp_path / "a" / "runs" / "e" / "generate"
+    for k in range(12):
+        assert (a / f"shard-{k:05d}.jsonl").read_bytes() == (d / f"shard-{k:05d}.jsonl").read_bytes(), k

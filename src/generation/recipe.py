@@ -16,6 +16,9 @@ written (atomically) as `shard-00000.jsonl`, ... One row per prompt:
 Resume: a shard's sampling is seeded from (configured seed, experiment seed and round, shard index), never from
 what ran before, so a killed run redone gives exactly the candidates it would have given: none lost, none
 duplicated, finished shards untouched.
+Preemption: SIGTERM / SIGINT / SIGUSR1 drop the shard being sampled at once (nothing of it is on disk: shards are
+written whole, by rename) or stop before the next one, in this process and in its data-parallel workers; the stage
+ends with one line and exit code 143 (prefopt.faults.ShardsPreempted), and the rerun resumes at the dropped shard.
 
 The SimPO on-policy recipe (Meng et al., 2024, Sec. 3 / their on-policy data scripts): one sample per seed,
     generate: {seeds: [13, 21, 42, 79, 100], temperature: 0.8, top_p: 0.95, drop_identical: true}
@@ -24,8 +27,10 @@ The SimPO on-policy recipe (Meng et al., 2024, Sec. 3 / their on-policy data scr
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+from prefopt import faults
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import render_prompt
@@ -127,10 +132,12 @@ def release(generator) -> None:
 
 
 def sample_shard(generator, k: int, chunk: list[dict], texts: list[str], sec, base_seed: int, generator_info: dict,
-                 path: Path, progress=None) -> list[dict]:
-    """Sample one shard's prompts and write its rows (atomically): the same rows whichever process does it."""
+                 path: Path, progress=None, signals: faults.ShardSignals | None = None) -> list[dict]:
+    """Sample one shard's prompts and write its rows (atomically): the same rows whichever process does it. A
+    signal while sampling raises faults.ShardDropped (`signals`); one while writing lets the write finish."""
     samplings = shard_samplings(sec, base_seed, k)
-    outputs = generate_many(generator, texts, samplings, progress=progress)  # vLLM: one call for all seeds
+    with signals.sampling() if signals is not None else nullcontext():
+        outputs = generate_many(generator, texts, samplings, progress=progress)  # vLLM: one call for all seeds
     rows = make_rows(chunk, texts, outputs, sec, samplings, generator_info)
     if sec.drop_identical:
         rows = [r for r in rows if not all_identical(r["candidates"])]
@@ -138,8 +145,23 @@ def sample_shard(generator, k: int, chunk: list[dict], texts: list[str], sec, ba
     return rows
 
 
+def preempted(d: Path, n_shards: int, signals: faults.ShardSignals, dropped: bool) -> faults.ShardsPreempted:
+    """The stage's line: how many shards are on disk (each whole) and where the rerun starts."""
+    done = {k for k in range(n_shards) if shard_path(d, k).exists()}
+    todo = [k for k in range(n_shards) if k not in done]
+    return faults.ShardsPreempted("generate", signals.signum, len(done), n_shards, dropped, todo[0] if todo else None)
+
+
 def run(ctx) -> dict:
+    """From loading to the last shard, a signal drops the shard in progress (or stops before the next one)."""
+    with faults.ShardSignals(ctx.stage) as signals:
+        return _run(ctx, signals)
+
+
+def _run(ctx, signals: faults.ShardSignals) -> dict:
     from tqdm.auto import tqdm
+
+    from prefopt.gpus import WorkerFailed
 
     from prefopt.models import load_tokenizer
 
@@ -168,7 +190,12 @@ def run(ctx) -> dict:
         job = {"worker": "prefopt.generation.recipe:generate_worker", "model_path": model_path, "backend": backend,
                "sec": sec, "base_seed": ctx.seed, "generator_info": generator_info,
                "shards": {k: shard(k) for k in todo}}
-        run_workers(ctx.dir, job, workers, sec.tensor_parallel_size, "generation", "generate.data_parallel")
+        try:
+            run_workers(ctx.dir, job, workers, sec.tensor_parallel_size, "generation", "generate.data_parallel")
+        except WorkerFailed:
+            if signals.signum:  # the workers got the signal too (passed on by ShardSignals) and dropped their shard
+                raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
+            raise
         dp_seconds = time.time() - t0
 
     generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
@@ -190,38 +217,47 @@ def run(ctx) -> dict:
                          "tokens/s": f"{new_tokens / elapsed:.1f}"})
 
     totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0}
-    for k in range(n_shards):
-        chunk, texts, path = shard(k)
-        rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
-        if rows is not None and k in todo:  # written by a data-parallel worker: this run's work
-            new_prompts += len(chunk)
-            new_tokens += sum(sum(r["candidate_lengths"]) for r in rows)
-            generator_info["batch_invariant"] = rows[0]["generator"]["batch_invariant"] if rows else False
-            bar.update(len(chunk) * passes)
-        elif rows is not None:
-            resumed += 1
-            bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
-        else:
-            if generator is None:
-                generator = build_generator(model_path, backend, sec)
-                # what the engine really runs (vLLM's mode may also come from the environment), not what was asked
-                generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
-                t_start = time.time()
-            t0 = time.time()
-            rows = sample_shard(generator, k, chunk, texts, sec, ctx.seed, generator_info, path, progress)
-            gen_seconds += time.time() - t0
-            new_prompts += len(chunk)
-            ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
-                             "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
-        totals["rows"] += len(rows)
-        totals["dropped"] += len(chunk) - len(rows)
-        totals["candidates"] += sum(len(r["candidates"]) for r in rows)
-        totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
-        totals["finished"] += sum(sum(r["finished"]) for r in rows)
-    bar.close()
-    if generator is not None:
-        release(generator)
-        generator = None
+    try:
+        for k in range(n_shards):
+            chunk, texts, path = shard(k)
+            rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
+            if rows is not None and k in todo:  # written by a data-parallel worker: this run's work
+                new_prompts += len(chunk)
+                new_tokens += sum(sum(r["candidate_lengths"]) for r in rows)
+                generator_info["batch_invariant"] = rows[0]["generator"]["batch_invariant"] if rows else False
+                bar.update(len(chunk) * passes)
+            elif rows is not None:
+                resumed += 1
+                bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
+            else:
+                if signals.signum:  # came while a shard was written or the model loaded: stop before this one
+                    raise preempted(ctx.dir, n_shards, signals, dropped=False)
+                if generator is None:
+                    generator = build_generator(model_path, backend, sec)
+                    # what the engine really runs (vLLM's mode may also come from the environment), not what was
+                    # asked
+                    generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
+                    t_start = time.time()
+                t0 = time.time()
+                try:
+                    rows = sample_shard(generator, k, chunk, texts, sec, ctx.seed, generator_info, path, progress,
+                                        signals)
+                except faults.ShardDropped:
+                    raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
+                gen_seconds += time.time() - t0
+                new_prompts += len(chunk)
+                ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
+                                 "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
+            totals["rows"] += len(rows)
+            totals["dropped"] += len(chunk) - len(rows)
+            totals["candidates"] += sum(len(r["candidates"]) for r in rows)
+            totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
+            totals["finished"] += sum(sum(r["finished"]) for r in rows)
+    finally:
+        bar.close()  # before the stage's line, if a signal ends it
+        if generator is not None:
+            release(generator)
+            generator = None
     gen_seconds += dp_seconds
 
     ctx.tracker.log_artifact(sorted(ctx.dir.glob("shard-*.jsonl")), name=f"{ctx.cfg.name}-candidates-r{ctx.round}",
@@ -254,10 +290,18 @@ def generate_worker(job: dict, rank: int, world: int) -> None:
     """One data-parallel worker (`prefopt.gpus.run_workers`): its engine, its shards, then the engine released."""
     mine = sorted(job["shards"])[rank::world]
     sec, info = job["sec"], dict(job["generator_info"])
-    generator = build_generator(job["model_path"], job["backend"], sec)
-    info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
-    for k in mine:
-        chunk, texts, path = job["shards"][k]
-        sample_shard(generator, k, chunk, texts, sec, job["base_seed"], info, path)
-        print(f"[prefopt] generate worker {rank}/{world}: shard {k} written", flush=True)
-    release(generator)
+    with faults.ShardSignals(f"generate worker {rank}") as signals:  # the stage passes its signal on to us
+        generator = build_generator(job["model_path"], job["backend"], sec)
+        info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
+        for i, k in enumerate(mine):
+            chunk, texts, path = job["shards"][k]
+            try:
+                sample_shard(generator, k, chunk, texts, sec, job["base_seed"], info, path, signals=signals)
+            except faults.ShardDropped:
+                raise faults.ShardsPreempted(f"generate worker {rank}", signals.signum, i, len(mine), True, k) \
+                    from None
+            print(f"[prefopt] generate worker {rank}/{world}: shard {k} written", flush=True)
+            if signals.signum and i + 1 < len(mine):
+                raise faults.ShardsPreempted(f"generate worker {rank}", signals.signum, i + 1, len(mine), False,
+                                             mine[i + 1])
+        release(generator)
