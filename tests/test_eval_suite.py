@@ -14,7 +14,7 @@ import pytest
 import torch
 from prefopt.data.errors import DataError
 from prefopt.evaluate import suite as S
-from prefopt.evaluate.suite import SuiteConfig
+from prefopt.evaluate.config import SuiteConfig
 
 LM_EVAL_TASK = Path(__file__).parent / "data" / "lm_eval_task"
 LN2 = math.log(2)

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from prefopt.config import FieldError, check_ranges
 from prefopt.data.spec import DatasetSpec
 from prefopt.generation.limits import temperature_problem  # the limits only: vllm is not imported
-from prefopt.evaluate.suite import SuiteConfig
 
 
 @dataclass
@@ -21,6 +21,62 @@ class JudgeConfig:
 
     def __post_init__(self):
         check_ranges(self, max_prompts=dict(ge=0), batch_size=dict(ge=1))
+
+
+@dataclass
+class SuiteConfig:
+    """`evaluate.suite`: figures beyond the sampled responses; everything empty (the default) runs nothing."""
+
+    perplexity_file: str = ""
+    """Held-out text for perplexity: a .txt file (one text per non-empty line) or a .json / .jsonl(.gz) file of
+    rows with a `perplexity_field`. Each text must fit the model's context. Empty: no perplexity."""
+    perplexity_field: str = "text"
+    """The field holding the text in a JSON / JSONL perplexity file."""
+    multiple_choice: list[str] = field(default_factory=list)
+    """Local multiple-choice files, each reported as `mc/<file stem>/accuracy`: C-Eval's CSV
+    (`id,question,A,B,C,D,answer`, any header with those columns), MMLU's headerless CSV
+    (`question,A,B,C,D,answer`), or JSON / JSONL rows with question, A, B, C, D, answer (a letter A-D)."""
+    mc_method: Literal["letter", "full"] = "letter"
+    """`letter`: log-probs of " A".." D" after a prompt listing the options (C-Eval / MMLU); `full`: each option's
+    own log-likelihood after the question (lm-eval-harness)."""
+    mc_normalize: Literal["sum", "mean"] = "sum"
+    """`full` only: sum the option's token log-probs (lm-eval's `acc`) or average them per token (long options
+    are then not penalised for their length)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (`pip install 'prefopt[eval]'`): task or group names (hellaswag, mmlu, ...), or
+    a local folder of task YAMLs, whose tasks all run (relative `data_files` there are read from that folder).
+    Run with `--model hf`, `pretrained=<policy folder>`."""
+    lm_eval_num_fewshot: dict[str, int] = field(default_factory=dict)
+    """Few-shot examples per task name (others: the task's default, usually 0). The Open LLM Leaderboard (v1)
+    used hellaswag 10, winogrande 5, truthfulqa_mc2 0, mmlu 5."""
+    lm_eval_limit: float = 0
+    """Examples per task (a fraction when below 1; 0: all). For a quick look only: limited figures are not
+    comparable with published ones."""
+    lm_eval_batch_size: int = 0
+    """lm-eval batch size; 0: lm-eval finds the largest that fits on a GPU (`auto`), 8 on CPU (where `auto`'s
+    probing with long dummy batches takes longer than the evaluation)."""
+    lm_eval_model_args: dict[str, Any] = field(default_factory=dict)
+    """Extra `--model_args` for lm-eval's `hf` model, e.g. {parallelize: true} to spread a large model over GPUs."""
+    batch_size: int = 16
+    """Sequences per forward pass for perplexity and multiple choice."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the policies are loaded in (float32 on CPU whatever is asked)."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        check_ranges(self, lm_eval_limit=dict(ge=0), lm_eval_batch_size=dict(ge=0), batch_size=dict(ge=1))
+        negative = {t: k for t, k in self.lm_eval_num_fewshot.items() if k < 0}
+        if negative:
+            raise FieldError("lm_eval_num_fewshot", f"shots must be >= 0, got {negative}")
+        stems = [Path(p).name.split(".")[0] for p in self.multiple_choice]
+        twice = sorted({s for s in stems if stems.count(s) > 1})
+        if twice:
+            raise FieldError("multiple_choice", f"file stems {twice} appear twice; the figures `mc/<stem>/accuracy` "
+                             "would collide (rename or copy one file)")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.perplexity_file or self.multiple_choice or self.lm_eval_tasks)
 
 
 @dataclass
