@@ -23,19 +23,15 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import json
 import os
-import re
 import sys
 import textwrap
-import traceback
 import typing
 from contextlib import nullcontext
 from functools import lru_cache
 
 from prefopt.config import ConfigError
-from prefopt.data.errors import DataError
-from prefopt.reward.gate import RewardGateError
+from prefopt.exits import log_file, run_reported
 
 STAGE_HELP = {
     "task": "write the task's data files (gold-reward task: SFT demos, prompts, annotated preferences)",
@@ -190,94 +186,62 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    cfg = None
-    try:
-        if args.command == "sweep":
-            from prefopt.sweep import run_sweep
+    holder: dict = {"cfg": None}
+    return run_reported(args.command, lambda: _dispatch(args, rest, holder),
+                        lambda: log_file(holder["cfg"], args.command))
 
-            run_sweep(args.sweep_file, max_trials=args.max_trials, dry_run=args.dry_run, extra=rest)
-            return 0
-        if args.command == "report":
-            from prefopt.report import write_report
 
-            if not os.path.isdir(args.run_dir):
-                raise ConfigError(f"no run directory {args.run_dir} (runs/<experiment>)")
-            print(write_report(args.run_dir))
-            return 0
-        if args.command == "annotate":
-            from prefopt.annotate.command import main as annotate
+def _dispatch(args, rest: list[str], holder: dict) -> int:
+    """The command itself; errors are reported by `exits.run_reported` (one line and an exit code)."""
+    if args.command == "sweep":
+        from prefopt.sweep import run_sweep
 
-            return annotate(args, rest)
-        from prefopt.config import load_config
-
-        cfg = load_config(args.config, rest)
-        if args.command == "check":
-            from prefopt.pipeline import check
-
-            return check(cfg)
-        if args.command == "run":
-            from prefopt.pipeline import run_experiment
-
-            if args.launcher:
-                cfg.launch.launcher = args.launcher
-            run_experiment(cfg, from_stage=args.from_stage, only=args.only, overrides=rest)
-            return 0
-        from prefopt.stage import run_stage
-
-        from prefopt.experiment import env_rank, stage_dir
-        from prefopt.pipeline import check_inputs, experiment_lock
-
-        if not 1 <= args.round <= cfg.iterations:
-            raise ConfigError(f"--round {args.round}: the experiment has rounds 1 to {cfg.iterations} (iterations)")
-        cfg = replicate_of(cfg, args.command, args.round, args.replicate_seed)
-        check_inputs(cfg, args.command, args.round)
-        # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
-        with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
-            summary = run_stage(cfg, args.command, args.round)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
-                  f"{stage_dir(cfg, args.command, args.round)}", flush=True)
-            table = stage_dir(cfg, args.command, args.round) / "table.md"
-            if args.command == "evaluate" and table.exists():  # with the suite's figures under it, when it ran
-                print(table.read_text(), flush=True)
+        run_sweep(args.sweep_file, max_trials=args.max_trials, dry_run=args.dry_run, extra=rest)
         return 0
-    except ConfigError as e:
-        return user_error("config error", e, 2)
-    except RewardGateError as e:
-        print(f"prefopt: {e}", file=sys.stderr)
-        return RewardGateError.exit_code
-    except DataError as e:
-        return user_error("data error", e, 3)
-    except KeyboardInterrupt:
-        return user_error("interrupted", "finished stages are kept; rerun the same command to resume", 130)
-    except Exception as e:  # noqa: BLE001
-        from prefopt.pipeline import StageFailed
+    if args.command == "report":
+        from prefopt.report import write_report
 
-        if isinstance(e, StageFailed):  # a launched stage; a user error there was printed by it already
-            if str(e):
-                print(f"prefopt: {e}", file=sys.stderr)
-            return e.exit_code
-        from prefopt import faults
+        if not os.path.isdir(args.run_dir):
+            raise ConfigError(f"no run directory {args.run_dir} (runs/<experiment>)")
+        print(write_report(args.run_dir))
+        return 0
+    if args.command == "annotate":
+        from prefopt.annotate.command import main as annotate
 
-        fault = faults.describe(e)  # a full disk, out of memory, a lost peer: one line, the traceback to a log
-        if fault is not None:
-            log = faults.log_traceback(_log_file(cfg, args.command), args.command)
-            return user_error("resource error", fault + (f" (traceback in {log})" if log else ""),
-                              faults.RESOURCE_EXIT)
-        code = getattr(e, "exit_code", None)
-        if isinstance(code, int):  # LockedError, PreemptedError and other errors that carry their own code and kind
-            return user_error(getattr(e, "kind", "error"), e, code)
-        traceback.print_exc()
-        advice = "the traceback above"
-        if args.command not in ("check", "report", "sweep", "annotate"):  # a rerun resumes a stage, not these
-            advice = ("fix the cause above, then rerun the same command: finished stages are kept and the "
-                      "unfinished one resumes")
-        print(f"prefopt: {args.command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
-        return 1
-    finally:
-        from prefopt import faults
+        return annotate(args, rest)
+    from prefopt.config import load_config
 
-        faults.reported()  # a training stage's error is reported: signals act as before it again
+    cfg = holder["cfg"] = load_config(args.config, rest)
+    if args.command == "check":
+        from prefopt.pipeline import check
+
+        return check(cfg)
+    if args.command == "run":
+        from prefopt.pipeline import run_experiment
+
+        if args.launcher:
+            cfg.launch.launcher = args.launcher
+        run_experiment(cfg, from_stage=args.from_stage, only=args.only, overrides=rest)
+        return 0
+    from prefopt.stage import run_stage
+
+    from prefopt.experiment import env_rank, stage_dir
+    from prefopt.pipeline import check_inputs, experiment_lock
+
+    if not 1 <= args.round <= cfg.iterations:
+        raise ConfigError(f"--round {args.round}: the experiment has rounds 1 to {cfg.iterations} (iterations)")
+    cfg = replicate_of(cfg, args.command, args.round, args.replicate_seed)
+    check_inputs(cfg, args.command, args.round)
+    # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
+    with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
+        summary = run_stage(cfg, args.command, args.round)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
+              f"{stage_dir(cfg, args.command, args.round)}", flush=True)
+        table = stage_dir(cfg, args.command, args.round) / "table.md"
+        if args.command == "evaluate" and table.exists():  # with the suite's figures under it, when it ran
+            print(table.read_text(), flush=True)
+    return 0
 
 
 def replicate_of(cfg, stage: str, round_: int, seed: int | None):
@@ -293,43 +257,6 @@ def replicate_of(cfg, stage: str, round_: int, seed: int | None):
         got = "is missing" if seed is None else f"{seed} is not one of them"
         raise ConfigError(f"--replicate-seed: {stage} runs once per seed (seeds {cfg.seed_list}); {got}")
     return for_seed(cfg, seed)
-
-
-def _log_file(cfg, command: str):
-    from pathlib import Path
-
-    root = Path(cfg.root) if cfg is not None else Path.cwd()
-    return root / "logs" / f"{command}.log"
-
-
-def _close_progress_bars() -> None:
-    """A training stage's progress bar left open by the error ends its line, so the error starts a line of its own
-    (and `prefopt run`, which relays a launched stage's stderr, finds it)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return
-    for bar in list(getattr(tqdm, "_instances", ())):
-        try:
-            bar.close()
-        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
-            pass
-
-
-def user_error(kind: str, error, code: int) -> int:
-    """Print `prefopt: KIND: MESSAGE` (no kind: `prefopt: MESSAGE`) as one line; a stage launched by `prefopt run`
-    also leaves the code for it."""
-    msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
-    _close_progress_bars()
-    print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
-    exit_file = os.environ.get("PREFOPT_EXIT_FILE")
-    if exit_file and int(os.environ.get("RANK", "0")) == 0:
-        try:
-            with open(exit_file, "w") as f:
-                json.dump({"code": code, "message": msg}, f)
-        except OSError:
-            pass
-    return code
 
 
 if __name__ == "__main__":

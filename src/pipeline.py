@@ -144,7 +144,7 @@ def step_label(cfg: ExperimentConfig, stage: str, round_: int) -> str:
     return f"{stage} ({', '.join(parts)})" if parts else stage
 
 
-# A stage's own one-line user error (cli.user_error), at the start of a line or after a progress bar's \r; what a
+# A stage's own one-line user error (exits.user_error), at the start of a line or after a progress bar's \r; what a
 # launcher prints after it is its report of a failed child (torchrun's ChildFailedError traceback under
 # --multi_gpu, where --quiet does not apply): noise to drop.
 _USER_ERROR_LINE = re.compile(rb"(?:^|[\n\r])prefopt: (?:(?:config error|data error|lock error|resource error|"

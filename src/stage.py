@@ -144,8 +144,9 @@ def external_inputs(cfg: ExperimentConfig, stage: str) -> list[Path]:
         try:
             if p.is_file():
                 files.append(p.resolve())
-            elif p.is_dir():
-                files += [f.resolve() for f in sorted(p.rglob("*")) if f.is_file()]
+            elif p.is_dir():  # hidden files are caches prefopt itself writes there (.weights_sha256), not inputs
+                files += [f.resolve() for f in sorted(p.rglob("*"))
+                          if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
         except OSError:
             continue
     return sorted(set(files))

@@ -407,11 +407,25 @@ def rebuild_table(sweep: Sweep, values: list[dict], trials: list, out_dir: Path)
 # ------------------------------------------------------------------------------------------------------ the run
 
 
+def run_trial(argv: list[str]) -> int:
+    """`prefopt run CONFIG OVERRIDES...` in this process, its errors reported as the CLI reports them (one line and
+    an exit code, `prefopt.exits`), so a trial fails exactly as the command would."""
+    from prefopt.exits import log_file, run_reported
+    from prefopt.pipeline import run_experiment
+
+    holder: dict = {}
+
+    def body() -> int:
+        holder["cfg"] = load_config(argv[0], argv[1:])
+        run_experiment(holder["cfg"], overrides=argv[1:])
+        return 0
+
+    return run_reported("run", body, lambda: log_file(holder.get("cfg"), "run"))
+
+
 def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extra: list[str] | None = None,
               seed: int = 0) -> list[dict]:
     """Run every trial of the sweep file here, one after another; returns the table's rows."""
-    from prefopt.cli import main as cli_main
-
     extra = list(extra or [])
     sweep = load_sweep(path)
     values = expand(sweep, max_trials, seed)
@@ -446,7 +460,7 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
               + (f" (reusing {', '.join(linked)})" if linked else ""), flush=True)
         status = "ok"
         try:
-            rc = cli_main(["run", *argv])
+            rc = run_trial(argv)
             status = "ok" if rc == 0 else f"exit {rc}"
         except SystemExit as e:  # a training subprocess failed; the next trial still runs, as with wandb agent
             status = f"exit {e.code}"

@@ -1,0 +1,101 @@
+"""What an error means for `prefopt`'s exit code and its one console line: the CLI and the sweep (which runs each
+trial's pipeline itself) report through `run_reported`, so a trial fails exactly as `prefopt run` would.
+
+Exit codes (the CLI's docstring lists them): 2 config, 3 data, 4 locked, 5 reward-model gate, 6 resource fault,
+130 interrupted, 143 preempted, 1 a crash (traceback, then the advice to rerun).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from prefopt.config import ConfigError
+from prefopt.data.errors import DataError
+from prefopt.reward.gate import RewardGateError
+
+
+def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], Path]) -> int:
+    """`body()`'s return code, or the code of what it raised, reported as one line (`log_path()`: where a resource
+    fault's traceback goes)."""
+    try:
+        return body()
+    except ConfigError as e:
+        return user_error("config error", e, 2)
+    except RewardGateError as e:
+        print(f"prefopt: {e}", file=sys.stderr)
+        return RewardGateError.exit_code
+    except DataError as e:
+        return user_error("data error", e, 3)
+    except KeyboardInterrupt:
+        return user_error("interrupted", "finished stages are kept; rerun the same command to resume", 130)
+    except Exception as e:  # noqa: BLE001
+        from prefopt.pipeline import StageFailed
+
+        if isinstance(e, StageFailed):  # a launched stage; a user error there was printed by it already
+            if str(e):
+                print(f"prefopt: {e}", file=sys.stderr)
+            return e.exit_code
+        from prefopt import faults
+
+        fault = faults.describe(e)  # a full disk, out of memory, a lost peer: one line, the traceback to a log
+        if fault is not None:
+            log = faults.log_traceback(log_path(), command)
+            return user_error("resource error", fault + (f" (traceback in {log})" if log else ""),
+                              faults.RESOURCE_EXIT)
+        code = getattr(e, "exit_code", None)
+        if isinstance(code, int):  # LockedError, PreemptedError and other errors that carry their own code and kind
+            return user_error(getattr(e, "kind", "error"), e, code)
+        traceback.print_exc()
+        advice = "the traceback above"
+        if command not in ("check", "report", "sweep", "annotate"):  # a rerun resumes a stage, not these
+            advice = ("fix the cause above, then rerun the same command: finished stages are kept and the "
+                      "unfinished one resumes")
+        print(f"prefopt: {command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
+        return 1
+    finally:
+        from prefopt import faults
+
+        faults.reported()  # a training stage's error is reported: signals act as before it again
+
+
+
+
+def log_file(cfg, command: str):
+    root = Path(cfg.root) if cfg is not None else Path.cwd()
+    return root / "logs" / f"{command}.log"
+
+
+def _close_progress_bars() -> None:
+    """A training stage's progress bar left open by the error ends its line, so the error starts a line of its own
+    (and `prefopt run`, which relays a launched stage's stderr, finds it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def user_error(kind: str, error, code: int) -> int:
+    """Print `prefopt: KIND: MESSAGE` (no kind: `prefopt: MESSAGE`) as one line; a stage launched by `prefopt run`
+    also leaves the code for it."""
+    msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
+    _close_progress_bars()
+    print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
+    exit_file = os.environ.get("PREFOPT_EXIT_FILE")
+    if exit_file and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            with open(exit_file, "w") as f:
+                json.dump({"code": code, "message": msg}, f)
+        except OSError:
+            pass
+    return code
