@@ -80,7 +80,7 @@ def hh_pairs(n: int, max_chars: int = 1500) -> list[dict]:
 def build(workdir: Path, n_alpaca: int, n_hh: int) -> None:
     """The model, its tokenizer and both pairs files in workdir (once; reused by every run)."""
     from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     if (workdir / "model" / "model.safetensors").exists():
         return

@@ -424,7 +424,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     """Run one stage in this process (under `accelerate launch`, in every process) and record it. `fresh`: reuse
     nothing of a finished result (`prefopt run --from`)."""
     from prefopt.tracking import NullTracker, Tracker
-    from prefopt.utils import dist_barrier, is_main_process
+    from prefopt.dist import dist_barrier, is_main_process
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")

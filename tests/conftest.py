@@ -29,7 +29,7 @@ TINY_TEXTS = [
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama (2 layers, hidden 32) and its byte-level BPE tokenizer, randomly initialised."""
     from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS, vocab_size=300)

@@ -13,7 +13,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_preferences, load_prompts, load_sft
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import messages_to_prompt
-from prefopt.utils import content_hash
+from prefopt.io import content_hash
 
 HEAD_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"

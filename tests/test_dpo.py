@@ -21,7 +21,7 @@ TRAIN = {"per_device_train_batch_size": 8, "lr_scheduler_type": "constant", "max
 def other_model_dir(tiny_model_dir, tmp_path_factory):
     """A second random init of the tiny model: a reference whose log-probs differ from the policy's."""
     from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     tok = load_tokenizer(str(tiny_model_dir))
     seed_everything(7)

@@ -152,7 +152,7 @@ def stage_run(tiny_model_dir, tmp_path_factory):
     from prefopt.experiment import ExperimentConfig
     from prefopt.models import load_tokenizer, save_model
     from prefopt.stage import run_stage
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
     from transformers import AutoModelForSequenceClassification
 
     tmp = tmp_path_factory.mktemp("eval")

@@ -18,7 +18,7 @@ from prefopt.generation.hf import TransformersGenerator, left_pad
 from prefopt.generation.recipe import all_identical, unique_prompts
 from prefopt.generation.vllm_backend import VLLMGenerator, llm_kwargs, sampling_params_kwargs, to_completions
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.utils import read_jsonl, weights_sha256
+from prefopt.io import read_jsonl, weights_sha256
 
 PROMPTS = ["### Instruction:\nSort 3 1 2\n\n### Response:\n", "hi", "The quick brown fox jumps over the lazy dog"]
 

@@ -18,7 +18,7 @@ from prefopt.tasks.base import FILES
 from prefopt.tasks.lookup import score_values
 from prefopt.tasks.reverse import MISTAKES as REVERSE_MISTAKES
 from prefopt.tasks.reverse import mistake, score_letters
-from prefopt.utils import read_jsonl
+from prefopt.io import read_jsonl
 
 
 def experiment(tmp_path, **task):

@@ -15,7 +15,7 @@ from conftest import TINY_TEXTS
 def bf16_model_dir(tmp_path_factory):
     """The tiny Llama of conftest's `tiny_model_dir`, saved in bfloat16 as hub chat models are."""
     from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS, vocab_size=300)

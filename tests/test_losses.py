@@ -177,7 +177,7 @@ def _rows():
 def trl_setup(tiny_model_dir):
     """Policy = the tiny model; reference = another random init, so the log-ratios are far from 0."""
     from prefopt.models import build_tiny_llama, load_tokenizer
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     tok = load_tokenizer(str(tiny_model_dir))
     seed_everything(1)

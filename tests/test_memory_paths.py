@@ -136,7 +136,7 @@ def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny classifier reward model (the tiny Llama's backbone, a seeded head): max_position_embeddings 256, a
     tokenizer with no length of its own (model_max_length 1e30)."""
     from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(1)
     out = tmp_path_factory.mktemp("rm") / "rm"

@@ -61,7 +61,7 @@ def setup(request, tmp_path_factory):
     """(flavour, tokenizer, saved tiny model folder, rendered prompt) for one template flavour: the family's own
     architecture for a family, a tiny Llama for prefopt's ChatML and Alpaca flavours."""
     from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     tok = make_tokenizer(request.param)

@@ -11,7 +11,7 @@ from prefopt.experiment import ExperimentConfig
 from prefopt.pairs.strategies import (all_pairs, best_vs_random, best_vs_worst, best_vs_z, drop_reason,
                                      select_pairs)
 from prefopt.stage import run_stage
-from prefopt.utils import read_jsonl, write_jsonl
+from prefopt.io import read_jsonl, write_jsonl
 
 
 def test_best_vs_worst():

@@ -74,7 +74,7 @@ def generator_backend(monkeypatch):
 def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny reward model: the tiny Llama's backbone with a fresh (seeded) scalar head."""
     from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(1)
     out = tmp_path_factory.mktemp("rm") / "rm"
@@ -190,7 +190,7 @@ def test_ppo_raises_a_learnable_reward(tiny_model_dir, tmp_path):
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import train
     from prefopt.ppo.rollout import ValueModel
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     tok = load_tokenizer(str(tiny_model_dir))

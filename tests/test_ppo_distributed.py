@@ -208,7 +208,7 @@ def test_fsdp2_shards_the_reference_and_reward_model_as_the_config_says(tmp_path
     once with the reference and reward model sharded and once with a full copy of each on every process: the
     stage says which it did, and both give the same run."""
     from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(1)
     rm = tmp_path / "rm"
@@ -356,7 +356,7 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import make_accelerator, rollout_generator, train
     from prefopt.ppo.rollout import ValueModel
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))

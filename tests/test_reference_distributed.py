@@ -34,7 +34,7 @@ CACHE_ATOL = 1e-6
 def other_model_dir(tiny_model_dir, tmp_path_factory):
     """A second random init of the tiny model (same tokenizer): a `ref_model` whose log-probs differ."""
     from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     tok = load_tokenizer(str(tiny_model_dir))
     seed_everything(7)

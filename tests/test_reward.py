@@ -149,7 +149,8 @@ def test_reward_model_learns_the_gold_task_from_scratch(tmp_path):
     model starts from the SFT model as the quickstart configures it (0.87 there)."""
     from prefopt.data.templates import alpaca_prompt
     from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.utils import read_jsonl, seed_everything
+    from prefopt.dist import seed_everything
+    from prefopt.io import read_jsonl
 
     cfg = from_dict(ExperimentConfig, {"name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"},
                                        "seed": 42, "task": {"distinct": True},  # as in the quickstart

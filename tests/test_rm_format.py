@@ -27,7 +27,7 @@ from prefopt.generation.base import Completion
 from prefopt.reward import score
 from prefopt.reward.score import rm_input_format
 from prefopt.stage import run_stage
-from prefopt.utils import read_jsonl, write_jsonl
+from prefopt.io import read_jsonl, write_jsonl
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"

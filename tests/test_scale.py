@@ -170,7 +170,7 @@ def _generate_experiment(tmp_path, model_dir, out: str, **generate):
 
 
 def _shards(root):
-    from prefopt.utils import read_jsonl
+    from prefopt.io import read_jsonl
 
     return {p.name: read_jsonl(p) for p in sorted((root / "g" / "generate").glob("shard-*.jsonl"))}
 
@@ -228,7 +228,7 @@ def score_rms(tiny_model_dir, tmp_path_factory):
     import torch
 
     from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     root = tmp_path_factory.mktemp("rms")
@@ -243,7 +243,7 @@ def score_rms(tiny_model_dir, tmp_path_factory):
 def _score_experiment(tmp_path, rm_dir, out: str, **score):
     """4 candidate shards of 2 prompts x 3 candidates. Prompt "P1" is in shards 0 and 1 (two workers' shares) with
     the candidate "1 2 3" both times, and "1 2 3" repeats within each row: one process scores that text once."""
-    from prefopt.utils import write_jsonl
+    from prefopt.io import write_jsonl
 
     gen = tmp_path / "candidates"
     if not gen.exists():
@@ -258,7 +258,7 @@ def _score_experiment(tmp_path, rm_dir, out: str, **score):
 
 
 def _scored(root):
-    from prefopt.utils import read_jsonl
+    from prefopt.io import read_jsonl
 
     return {p.name: read_jsonl(p) for p in sorted((root / "s" / "score").glob("shard-*.jsonl"))}
 

@@ -10,7 +10,8 @@ from prefopt.experiment import ExperimentConfig
 from prefopt.models import load_reward_model, load_tokenizer, save_model
 from prefopt.reward.score import load_scorer, reward_text, score_texts
 from prefopt.stage import run_stage
-from prefopt.utils import read_jsonl, seed_everything, weights_sha256, write_jsonl
+from prefopt.dist import seed_everything
+from prefopt.io import read_jsonl, weights_sha256, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -328,7 +328,7 @@ def long_context_tiny_model(tmp_path_factory) -> Path:
     from conftest import TINY_TEXTS
     from prefopt.models import build_tiny_llama, build_tokenizer, save_model
     from prefopt.selfinstruct.prompt import BRIEF
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS + [BRIEF, SEEDS.read_text()], vocab_size=600)

@@ -12,7 +12,7 @@ from prefopt.experiment import ExperimentConfig
 from prefopt.stage import run_stage
 from prefopt.tasks import get_task
 from prefopt.tasks.sort import MISTAKES, annotate, gold_score, mistake, parse_input, score_numbers
-from prefopt.utils import read_jsonl
+from prefopt.io import read_jsonl
 
 
 def experiment(tmp_path, **task):

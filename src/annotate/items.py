@@ -26,7 +26,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.loaders import SKIP_HINT, load_preferences
 from prefopt.data.records import _BadRecord, read_records
 from prefopt.data.spec import DatasetSpec
-from prefopt.utils import content_hash
+from prefopt.io import content_hash
 
 
 @dataclass

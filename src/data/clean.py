@@ -23,7 +23,7 @@ import unicodedata
 from functools import lru_cache
 from typing import Any
 
-from prefopt.utils import content_hash
+from prefopt.io import content_hash
 
 ANSWER_FIELDS = ("completion", "chosen", "rejected")
 TEXT_FIELDS = ("prompt",) + ANSWER_FIELDS

@@ -48,7 +48,7 @@ from prefopt.data.records import _BadRecord, read_records  # noqa: F401 - read_r
 from prefopt.data.sources import open_rows, report_mixture
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
-from prefopt.utils import content_hash
+from prefopt.io import content_hash
 
 TEMPLATES = ("alpaca", "chat")
 ROLES = ("system", "user", "assistant")

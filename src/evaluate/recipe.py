@@ -60,7 +60,8 @@ from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling, derive_seed
 from prefopt.stage import atomic_write, write_json
-from prefopt.utils import seed_everything, weights_sha256, write_jsonl
+from prefopt.dist import seed_everything
+from prefopt.io import weights_sha256, write_jsonl
 from tqdm.auto import tqdm
 
 # (figure, column head); a figure with a `<figure>_se` beside it is printed as "mean ± standard error"

@@ -306,7 +306,7 @@ def _folder_sha256(folder: Path) -> str:
 def lm_eval_settings(path: str, cfg: SuiteConfig) -> dict:
     """What one policy's lm-eval figures depend on, as JSON gives it back: the run is reused only when all equal.
     Batch size and `parallelize`-like model args change speed, not figures, but model args are kept whole."""
-    from prefopt.utils import weights_sha256
+    from prefopt.io import weights_sha256
 
     settings = {"tasks": list(cfg.lm_eval_tasks), "num_fewshot": dict(sorted(cfg.lm_eval_num_fewshot.items())),
                 "limit": cfg.lm_eval_limit, "dtype": _lm_eval_dtype(cfg), "model_args": cfg.lm_eval_model_args,

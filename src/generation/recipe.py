@@ -37,7 +37,7 @@ from prefopt.data.templates import render_prompt
 from prefopt.generation.base import Completion, Sampling, derive_seed, generate_many
 from prefopt.generation.factory import make_generator, resolve_backend
 from prefopt.gpus import data_parallel_size, free_gpu_memory, run_workers
-from prefopt.utils import read_jsonl, weights_sha256, write_jsonl
+from prefopt.io import read_jsonl, weights_sha256, write_jsonl
 
 
 def shard_path(d: Path, k: int) -> Path:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.pairs.strategies import drop_reason, gold_audit, select_pairs
-from prefopt.utils import iter_jsonl, write_jsonl
+from prefopt.io import iter_jsonl, write_jsonl
 
 
 def load_scored(gen_dir: str | Path, score_dir: str | Path) -> tuple[list[dict], int]:

@@ -537,7 +537,7 @@ def _run(ctx, signals: faults.StopSignals) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
     from prefopt.preference.loop import save_policy
-    from prefopt.utils import seed_everything
+    from prefopt.dist import seed_everything
 
     cfg = ctx.section
     accelerator = make_accelerator()

@@ -47,7 +47,7 @@ from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.training.lora import lora_config
-from prefopt.utils import seed_everything
+from prefopt.dist import seed_everything
 
 DONE = "checkpoint_complete"  # written into checkpoint-N after every process has saved its part
 TRAIN_STATE = "train_state.json"  # the last logged metrics, so a resumed run's summary still has them

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefopt.preference.batching import collate, pair_logps
-from prefopt.utils import content_hash, weights_sha256
+from prefopt.io import content_hash, weights_sha256
 
 
 def file_sha256(path) -> str:

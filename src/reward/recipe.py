@@ -39,9 +39,9 @@ from prefopt.models import check_lora_mergeable, full_state_dict, load_reward_mo
 from prefopt.reward.score import ClassifierScorer, reward_text
 from prefopt.tracking import trainer_callback
 from prefopt.training.checkpoints import last_checkpoint
-from prefopt.training.fields import hf_training_kwargs
+from prefopt.training.trainer import hf_training_kwargs
 from prefopt.training.lora import lora_config
-from prefopt.utils import seed_everything
+from prefopt.dist import seed_everything
 
 
 def split(rows: list[dict], eval_fraction: float, seed: int,
@@ -328,7 +328,7 @@ def score_pairs(scorer, rows: list[dict], cfg) -> tuple[list[float], list[float]
 
 def evaluate(scorer, rows: list[dict], cfg, ctx) -> dict:
     """Test-split figures with standard errors; each pair's margin goes to `test_margins.jsonl`."""
-    from prefopt.utils import write_jsonl
+    from prefopt.io import write_jsonl
 
     chosen, rejected = score_pairs(scorer, rows, cfg)
     m = pairwise_metrics(chosen, rejected)

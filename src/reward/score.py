@@ -41,7 +41,7 @@ from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.templates import encode, prompt_messages
 from prefopt.gpus import data_parallel_size, free_gpu_memory, run_workers
-from prefopt.utils import content_hash, iter_jsonl, weights_sha256, write_jsonl
+from prefopt.io import content_hash, iter_jsonl, weights_sha256, write_jsonl
 
 
 def reward_text(prompt: str, response: str, eos_token: str | None) -> str:

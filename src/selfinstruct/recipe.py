@@ -36,7 +36,7 @@ from prefopt.generation.factory import make_generator, resolve_backend
 from prefopt.selfinstruct.filters import SimilarityPool, reject_reason
 from prefopt.selfinstruct.prompt import encode_prompt, parse_completion
 from prefopt.stage import write_json
-from prefopt.utils import weights_sha256
+from prefopt.io import weights_sha256
 
 EXAMPLE_CHARS = 300  # an example in the summary is cut here: enough to see what went wrong
 

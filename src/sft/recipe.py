@@ -23,9 +23,9 @@ from prefopt.data.templates import encode, render_prompt
 from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference_data import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
-from prefopt.training.fields import hf_training_kwargs
+from prefopt.training.trainer import hf_training_kwargs
 from prefopt.training.lora import lora_config
-from prefopt.utils import seed_everything
+from prefopt.dist import seed_everything
 
 
 def sft_example(prompt, completion: str, tokenizer) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prefopt.tasks import get_task, has_gold
 from prefopt.tasks.base import FILES
-from prefopt.utils import write_jsonl
+from prefopt.io import write_jsonl
 
 
 def summarize(data: dict[str, list[dict]], task) -> dict:

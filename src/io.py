@@ -1,4 +1,5 @@
-"""Small helpers shared by several stages: seeding, ranks, JSONL files, content hashes of model weights."""
+"""Files: JSONL rows (gzip too, written atomically) and content hashes of rows and of model weights. The one home
+of these helpers; torch-free, so config-level code may use them."""
 
 from __future__ import annotations
 
@@ -6,36 +7,8 @@ import gzip
 import hashlib
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch. Call before building a model: a Trainer seeds only after it exists."""
-    import numpy as np
-    import torch
-    import transformers
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    transformers.set_seed(seed)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def dist_barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def open_text(path: str | Path, mode: str = "rt"):
