@@ -104,7 +104,7 @@ def build(workdir: Path, n_alpaca: int, n_hh: int) -> None:
 def run_prefopt(system: str, job: str, workdir: Path) -> dict:
     import yaml
 
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
     from prefopt.tracking import read_metrics
 

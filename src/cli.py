@@ -209,7 +209,7 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
         from prefopt.annotate.command import main as annotate
 
         return annotate(args, rest)
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     cfg = holder["cfg"] = load_config(args.config, rest)
     if args.command == "check":

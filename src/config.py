@@ -329,19 +329,6 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | dict | None = None):
-    """Load an experiment YAML with overrides into an ``ExperimentConfig``."""
-    from prefopt.experiment import ExperimentConfig  # late: the experiment imports every stage's config
-
-    data = load_yaml(path)
-    if overrides:
-        if isinstance(overrides, list):
-            overrides = parse_overrides(overrides)
-        data = apply_overrides(data, overrides)
-    cfg = from_dict(ExperimentConfig, data)
-    cfg.config_path = str(Path(path).resolve())
-    return cfg
-
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)

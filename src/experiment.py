@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from prefopt.annotate.config import AnnotateConfig
 from prefopt.base.config import BaseConfig
-from prefopt.config import FieldError, check_choice, check_range
+from prefopt.config import FieldError, apply_overrides, check_choice, check_range, from_dict, load_yaml, parse_overrides
 from prefopt.dpo.config import DPOStageConfig
 from prefopt.evaluate.config import EvaluateConfig
 from prefopt.generation.config import GenerateConfig
@@ -314,3 +314,15 @@ def resolve(cfg: ExperimentConfig, value: str, round_: int = 1, *, model: bool =
 
 def env_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def load_config(path: str | Path, overrides: list[str] | dict | None = None):
+    """Load an experiment YAML with overrides into an ``ExperimentConfig``."""
+    data = load_yaml(path)
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        data = apply_overrides(data, overrides)
+    cfg = from_dict(ExperimentConfig, data)
+    cfg.config_path = str(Path(path).resolve())
+    return cfg

@@ -41,7 +41,9 @@ from typing import Any
 
 import yaml
 
-from prefopt.config import ConfigError, load_config, load_yaml
+from prefopt.config import ConfigError, load_yaml
+
+from prefopt.experiment import load_config
 
 # W&B command macros that mean nothing here (the interpreter and `env` are this process)
 _DROPPED_MACROS = {"${env}", "${interpreter}"}

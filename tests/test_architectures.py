@@ -164,7 +164,7 @@ def test_the_gemma_recipes_defaults_give_the_models_own_log_probs(tokenizers, st
     Gemma-2's architecture under the attention it runs (eager), with bf16 autocast off: the padded numbers."""
     from pathlib import Path
 
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments/simpo/gemma2_9b_it.yaml")
     sec = getattr(cfg, stage)

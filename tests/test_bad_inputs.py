@@ -263,7 +263,7 @@ def test_killed_rerun_resumes_and_swaps_in(finished, monkeypatch):
     """A rerun over a finished result works in `.base.next`; killed there, the finished result stays; the next
     run finishes in `.next` and only then replaces it."""
     from prefopt.base import recipe
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage, stage_status
 
     d, exp, root, extra = finished

@@ -23,7 +23,7 @@ SECTION = {"max_steps": 6, "save_steps": 2, "save_total_limit": 2, "per_device_t
 
 
 def load(tmp_path: Path, tiny_model_dir, pairs: Path, name: str = "t", **kw):
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     section = {"model": str(tiny_model_dir), "pairs": str(pairs), **SECTION, **kw}
     return load_config(str(write_config(tmp_path, "dpo", section, name=name)))
@@ -233,7 +233,7 @@ def test_finished_input_damaged_in_place_is_named_before_use(tmp_path, tiny_mode
     import yaml
 
     from prefopt.cli import main
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import MARKER, completion_record, stage_status, write_json
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=4)
@@ -269,7 +269,7 @@ def test_pairs_rewritten_while_dpo_runs_are_not_marked_done(tmp_path, tiny_model
 
     import prefopt.preference.loop as loop
     from prefopt.cli import main
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import MARKER, sha256_file, stage_status
 
     a_pairs = tmp_path / "a" / "runs" / "a" / "pairs"

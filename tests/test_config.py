@@ -2,7 +2,9 @@
 
 import pytest
 
-from prefopt.config import ConfigError, from_dict, load_config, parse_overrides, to_dict
+from prefopt.config import ConfigError, from_dict, parse_overrides, to_dict
+
+from prefopt.experiment import load_config
 from prefopt.experiment import ExperimentConfig, resolve, stage_inputs
 from prefopt.stage import fingerprint
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TEST_DATA, tiny_experiment, write_yaml
 
-from prefopt.config import ConfigError, from_dict, load_config
+from prefopt.config import ConfigError, from_dict
+
+from prefopt.experiment import load_config
 from prefopt.data import counts
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_preferences, load_prompts

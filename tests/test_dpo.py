@@ -124,7 +124,7 @@ def test_dpo_stage_equals_trl_after_three_steps(tmp_path, tiny_model_dir, other_
 def test_reference_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, other_model_dir):
     """A `ref_model` whose vocabulary differs from the policy's is refused before any training, naming the
     reference; a reference that shares the tokenizer (another init, same vocabulary) passes the same check."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.models import build_tiny_llama, build_tokenizer, load_tokenizer, save_model
     from prefopt.preference.loop import check_same_tokenizer
     from prefopt.stage import run_stage
@@ -148,7 +148,7 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, o
 
 def test_negative_label_smoothing_is_a_config_error(tmp_path):
     """`--dpo.label_smoothing=-0.1`: the error names the key, the range and the value (as 0.5 does above it)."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     path = write_config(tmp_path, "dpo", {"model": str(tmp_path / "m"), "pairs": str(tmp_path / "p.jsonl")})
     with pytest.raises(ValueError) as err:
@@ -161,7 +161,7 @@ def test_negative_label_smoothing_is_a_config_error(tmp_path):
 def test_label_smoothing_with_a_loss_that_ignores_it_is_a_config_error(tmp_path, loss_type):
     """Only cDPO reads label_smoothing: with sigmoid or IPO it would change nothing (the loss is the same number, see
     tests/test_losses.py), so it is refused naming both keys; 0 is accepted with every loss."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     path = write_config(tmp_path, "dpo", {"model": str(tmp_path / "m"), "pairs": str(tmp_path / "p.jsonl")})
     with pytest.raises(ValueError) as err:

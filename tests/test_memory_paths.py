@@ -273,7 +273,7 @@ def test_ppo_models_before_prepare(tmp_path, tiny_model_dir, rm_dir, monkeypatch
     called, the policy and the value model are still on the CPU in float32 (prepare moves them; the old code had
     moved them whole already), the reference is on the CPU in bfloat16 (placed after the trained models), the reward
     model in bfloat16, and no rollout engine has been built yet."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     seen = record_ppo(monkeypatch, device="meta", stop=True)
@@ -292,7 +292,7 @@ def test_ppo_runs_with_frozen_models_in_the_launchs_bf16(tmp_path, tiny_model_di
     """`frozen_dtype: auto` under a launch in bf16 mixed precision: the reference and the reward model in bfloat16,
     the policy and the value model trained in float32; the engine is built after both prepare calls; the run's KL
     at step 1 is bf16 rounding: not 0, small. With `frozen_dtype: float32` it is 0."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
     from prefopt.tracking import read_metrics
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from prefopt.config import from_dict, load_config
+from prefopt.config import from_dict
+from prefopt.experiment import load_config
 from prefopt.experiment import ExperimentConfig
 from prefopt.memory_plan import KNOWN, backend_of, count_params, model_size, stage_plan
 

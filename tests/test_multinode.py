@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefopt.config import load_config
+from prefopt.experiment import load_config
 from prefopt.pipeline import launch_command, slurm_head_node
 
 REPO = Path(__file__).resolve().parents[1]

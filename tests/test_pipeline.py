@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_experiment, write_yaml
-from prefopt.config import load_config
+from prefopt.experiment import load_config
 from prefopt.pipeline import LockedError, experiment_lock
 
 REPO = Path(__file__).resolve().parents[1]

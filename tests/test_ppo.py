@@ -115,7 +115,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, rm_dir, prom
     """3 iterations straight vs 2, a crash right after checkpoint 2, and a resumed run: same weights and metrics."""
     from safetensors.torch import load_file
 
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.ppo import recipe
     from prefopt.stage import run_stage
 

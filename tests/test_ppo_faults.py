@@ -68,7 +68,7 @@ def test_sigterm_during_ppo_saves_the_iteration_and_resumes_bit_identically(tmp_
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir, rm_dir, prompts_file):
     """One finished 3-iteration ppo run in this process (a checkpoint every iteration: iter-2 and iter-3 kept)."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     root = tmp_path_factory.mktemp("finished")
@@ -79,7 +79,7 @@ def finished(tmp_path_factory, tiny_model_dir, rm_dir, prompts_file):
 
 def resumable_copy(finished: Path, tmp_path: Path, tiny_model_dir, rm_dir, prompts_file):
     """The finished run copied, its marker and model removed: the stage is unfinished and resumes."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     shutil.copytree(finished / "t", tmp_path / "t")
     cfg = load_config(str(write_config(tmp_path, "t", tiny_model_dir, rm_dir, prompts_file, total_episodes=24)))

@@ -90,7 +90,7 @@ def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir)
     """A beta sweep reuses the reference log-probs of the first run (same key: weights, pairs, tokenizer, max_length);
     a truncated cache file is recomputed, not used; a file made for another reference is refused, naming both."""
     from pair_helpers import write_config, write_pairs
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
@@ -123,7 +123,7 @@ def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir)
 
 def _dpo_runner(tmp_path, tiny_model_dir):
     from pair_helpers import write_config, write_pairs
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)

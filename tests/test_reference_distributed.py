@@ -185,7 +185,7 @@ def test_resume_without_the_cache_recomputes_it_from_the_starting_weights(tmp_pa
     """A run killed after its step-2 checkpoint, its reference cache deleted, started again: it resumes from
     checkpoint-2 and recomputes the cache from the policy's starting weights (the pass runs before the checkpoint is
     loaded), bit-identical to the first run's, not from the checkpoint's weights (which give log-probs 1e-1 away)."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.models import load_causal_lm, load_tokenizer
     from prefopt.preference import loop
     from prefopt.preference import reference as refcache
@@ -226,7 +226,7 @@ def test_resume_without_the_cache_recomputes_it_from_the_starting_weights(tmp_pa
 def test_a_lora_policys_reference_is_its_base(tmp_path, tiny_model_dir, pairs):
     """With LoRA the pass runs on the prepared PEFT model (adapter switched off; a fresh adapter adds exactly zero
     anyway): the same cache as without LoRA, bit for bit, and step 1 is at log 2."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     runs = {}

@@ -215,7 +215,7 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 def ppo_config(tmp_path: Path, name: str, policy: Path, rm: Path, prompts: Path, **ppo):
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
 
     section = {"policy": str(policy), "reward_model": str(rm), "prompts": {"path": str(prompts)},
                "rm_format": "chat", "value_init": "policy", "trust_remote_code": True,

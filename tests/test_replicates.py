@@ -8,7 +8,8 @@ import math
 import pytest
 
 from conftest import tiny_experiment, write_yaml
-from prefopt.config import ConfigError, from_dict, load_config
+from prefopt.config import ConfigError, from_dict
+from prefopt.experiment import load_config
 from prefopt.experiment import ExperimentConfig, for_seed, replicated_stage, stage_dir
 from prefopt.replicates import aggregate, holm, paired_difference, seeds_needed, t_cdf, t_quantile
 

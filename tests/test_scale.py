@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from prefopt.config import ConfigError, from_dict, load_config
+from prefopt.config import ConfigError, from_dict
+from prefopt.experiment import load_config
 from prefopt.experiment import ExperimentConfig
 
 GEMMA = REPO / "experiments/simpo/gemma2_9b_it.yaml"

@@ -51,7 +51,7 @@ def test_simpo_smoke_and_resume(tmp_path, tiny_model_dir, monkeypatch):
         torch.testing.assert_close(v, uninterrupted[k])
 
     # the same run killed right after its step-2 checkpoint, then started again: it resumes at step 2
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.preference import loop
     from prefopt.stage import run_stage
 
@@ -140,7 +140,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir)
     each micro-batch's loss by the accumulation count, so the summed gradients, the logged losses and the final
     weights are the large batch's (1e-5). Constant lr, no clipping: Adam's steps are then ~lr per weight, and the
     weights move by far more than the tolerance."""
-    from prefopt.config import load_config
+    from prefopt.experiment import load_config
     from prefopt.stage import run_stage
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from prefopt.cli import main as cli_main
-from prefopt.config import ConfigError, load_config
+from prefopt.config import ConfigError
+from prefopt.experiment import load_config
 from prefopt.experiment import stage_dir
 from prefopt.stage import fingerprint
 from prefopt.sweep import Sweep, expand, load_sweep, parse_command, reuse_upstream, run_sweep, write_table

@@ -56,7 +56,7 @@ def resolve_target(args, rest: list[str]) -> tuple[AnnotateConfig, Path | None, 
     if args.candidates is not None:
         flags["source"] = "candidates"
     if args.config:
-        from prefopt.config import load_config
+        from prefopt.experiment import load_config
         from prefopt.experiment import resolve
 
         cfg = load_config(args.config, rest)
