@@ -448,7 +448,7 @@ def stage_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def key_figures(row: dict[str, Any], limit: int = 8) -> dict[str, Any]:
     """The scalar figures of a stage summary worth a glance (numbers; not bookkeeping or per-policy detail)."""
     skip = {"run", "stage", "round", "wall_seconds", "path", "stage_wall_seconds", "world_size", "global_batch_size",
-            "seed", "num_prompts", "samples_per_prompt", "temperature"}
+            "seed", "replicate_seed", "num_prompts", "samples_per_prompt", "temperature"}
     out = {}
     for k, v in row.items():
         if k in skip or k.startswith("policies/") or isinstance(v, bool):

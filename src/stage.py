@@ -44,6 +44,7 @@ from prefopt.experiment import (
     input_stages,
     resolve,
     section,
+    replicated_stage,
     stage_dir,
     stage_seed,
 )
@@ -444,6 +445,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     if not main:  # after the main rank chose (and made) the working folder
         d = prepare_dir(cfg, stage, round_, False)
     extra = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if cfg.replicate_seed is not None and replicated_stage(cfg, stage, round_):
+        extra["replicate_seed"] = cfg.replicate_seed  # in config.yaml, the W&B config and the summary
     sec = section(cfg, stage)
     if hasattr(sec, "global_batch"):
         extra["global_batch_size"] = sec.global_batch(extra["world_size"])

@@ -154,6 +154,7 @@ def test_tiny_experiment_with_two_replicates(tmp_path, capsys):
     assert weights[0] != weights[1]  # another seed, another data order: another model
     ev = {k: json.loads((root / f"seed-{k}" / "evaluate" / "summary.json").read_text())["policies"] for k in (1, 2)}
     assert ev[1]["dpo"]["rm_score"] != ev[2]["dpo"]["rm_score"]
+    assert json.loads((root / "seed-2" / "dpo" / "summary.json").read_text())["replicate_seed"] == 2
 
     agg = json.loads((root / "replicates.json").read_text())
     assert agg["seeds"] == [1, 2] and agg["missing_seeds"] == []
