@@ -394,7 +394,7 @@ def test_pairs_stage_prints_what_it_dropped_and_why(tmp_path):
 def test_skipped_and_deduplicated_rows_are_counted(reward_yaml, capsys):
     """`skip_bad_rows` and `dedup`: the stage goes on, prints both counts with their reasons and records them."""
     d, exp = reward_yaml
-    good = [_pref(prompt=f"Sort {i} 1 2") for i in range(8)]
+    good = [_pref(prompt=f"Sort {i} 1 2") for i in range(20)]  # 2 prompts each in the test and validation splits
     path = _jsonl(d / "mixed.jsonl", good + [_pref(chosen=""), good[0], '{"broken', _pref(chosen="1", rejected="1")])
     code, err = cli("reward", exp, f"--reward.dataset.path={path}", "--reward.dataset.skip_bad_rows=true",
                     "--reward.dataset.dedup=true", "--reward.min_eval_accuracy=0")

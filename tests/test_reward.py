@@ -1,6 +1,7 @@
 """The `reward` stage: held-out metrics by hand, explicit TRL settings, resume, LoRA, and the gold task's accuracy."""
 
 import json
+import statistics
 
 import pytest
 
@@ -24,10 +25,11 @@ def test_pairwise_metrics_by_hand():
     # margins 1.0, -0.5, 0.25 -> accuracy 2/3, mean margin (1.0 - 0.5 + 0.25) / 3 = 0.25
     m = pairwise_metrics([2.0, 0.0, 1.0], [1.0, 0.5, 0.75])
     assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx(0.25)
-    # SE of the accuracy: sqrt(p (1 - p) / n) = sqrt(2/9 / 3); of the margin: sample sd / sqrt(3), where the
-    # deviations are 0.75, -0.75, 0 -> sd = sqrt((0.5625 * 2) / 2) = 0.75 -> 0.75 / sqrt(3)
-    assert m["accuracy_se"] == pytest.approx((2 / 9 / 3) ** 0.5)
-    assert m["margin_se"] == pytest.approx(0.75 / 3 ** 0.5)
+    # each pair its own prompt, so the clustered SEs are the ordinary s / sqrt(n), s with n - 1: accuracy outcomes
+    # 1, 0, 1 -> s^2 = (1/9 + 4/9 + 1/9) / 2 = 1/3 -> sqrt(1/3 / 3) = 1/3 (= sqrt(p (1 - p) / n) * sqrt(3/2));
+    # margin deviations 0.75, -0.75, 0 -> sd = sqrt((0.5625 * 2) / 2) = 0.75 -> 0.75 / sqrt(3)
+    assert m["accuracy_se"] == pytest.approx(1 / 3) == pytest.approx((2 / 9 / 3 * 3 / 2) ** 0.5)
+    assert m["margin_se"] == pytest.approx(0.75 / 3 ** 0.5) and m["prompts"] == 3
     # BT loss: mean of log(1 + exp(-m)) over 1.0, -0.5, 0.25
     import math
 
@@ -50,7 +52,7 @@ def test_gold_accuracy_ignores_labels_and_gold_ties():
 
 
 def test_split_is_seeded_and_disjoint():
-    rows = [{"i": i} for i in range(100)]
+    rows = [{"i": i, "prompt": f"p{i}"} for i in range(100)]
     train, val, test = split(rows, 0.1, seed=1, test_fraction=0.2)
     assert (len(train), len(val), len(test)) == (70, 10, 20)
     assert sorted(r["i"] for r in train + val + test) == list(range(100))
@@ -83,7 +85,10 @@ def test_reward_stage_resumes_from_checkpoint(tmp_path, tiny_model_dir):
     assert len(margins) == first["eval/pairs"] == 12
     right = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / 12
     assert first["eval/accuracy"] == pytest.approx(right) and first["eval/margin"] == pytest.approx(sum(margins) / 12)
-    assert first["eval/accuracy_se"] == pytest.approx((right * (1 - right) / 12) ** 0.5)
+    # 12 test pairs of 12 prompts (the task draws each input once): the clustered SE is the ordinary s / sqrt(n)
+    outcomes = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+    assert first["eval/prompts"] == 12
+    assert first["eval/accuracy_se"] == pytest.approx(statistics.stdev(outcomes) / 12 ** 0.5)
     assert (d / "model" / "model.safetensors").exists()
     assert any("loss" in json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines())
     # killed after its last checkpoint, before saving: the rerun resumes there instead of starting over

@@ -10,6 +10,10 @@ chance is not a floor.
 A reward model near chance (0.5) ranks candidates at random: the pairs built from its scores are near random and
 DPO, SimPO and PPO then optimise noise, while the reward model's own win rates still say "better". The gate is the
 last line of defence; the reward stage's early stopping and defaults are the plan.
+
+The standard error is the one the reward stage records, clustered by prompt (reward.recipe.clustered_se): pairs
+that share a prompt are not independent evidence, and a preference file with several pairs per prompt would make
+an SE over pairs too small and the gate too easy to pass.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class RewardGateError(RuntimeError):
 
 
 def lower_bound(summary: dict) -> float | None:
-    """The gate's figure: held-out accuracy - Z standard errors (the accuracy itself when no SE was recorded)."""
+    """The gate's figure: held-out accuracy - Z standard errors clustered by prompt (`eval/accuracy_se`; the
+    accuracy itself when no SE was recorded)."""
     acc = summary.get("eval/accuracy")
     if acc is None:
         return None
@@ -40,8 +45,10 @@ def gate_message(summary: dict, floor: float, where: str = "") -> str | None:
     if floor <= 0 or low is None or low >= floor:
         return None
     acc, se = summary["eval/accuracy"], summary.get("eval/accuracy_se")
-    n = summary.get("eval/pairs")
+    n, prompts = summary.get("eval/pairs"), summary.get("eval/prompts")
     fig = f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "") + (f" on {n} held-out pairs" if n else "")
+    if prompts:
+        fig += f" of {prompts} prompts (standard error clustered by prompt)"
     verdict = ("is below" if acc < floor else "is not above")
     noise = "" if acc < floor else f" beyond noise (95% interval down to {low:.3f})"
     return (f"reward model gate{' (' + where + ')' if where else ''}: held-out pairwise accuracy {fig} {verdict} "

@@ -8,7 +8,8 @@ Loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1): -log sigmoid(r(x, y_chos
 either beta * mean log p(response + EOS | prompt) under the model itself (`kind: likelihood`, reward/likelihood.py)
 or a classification head's logit at the last token of prompt + response + EOS (`kind: classifier`).
 
-Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits.
+Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits by
+prompt (every pair of a prompt in one split).
 Train: `likelihood`: the start model (a causal LM) in the shared preference loop (prefopt.preference.loop);
 `classifier`: the start model with a new one-output head in TRL's RewardTrainer. Both resume from the last
 checkpoint in `checkpoints/` whose manifest verifies, and a SIGTERM, SIGINT or SIGUSR1 saves one at the current
@@ -19,8 +20,9 @@ checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the marker ke
 policy's text, `score.rm_format: auto`). Report on the test split, which nothing was chosen on: pairwise
 accuracy against the labels (`eval/accuracy` ± `eval/accuracy_se`), mean reward margin (`eval/margin` ±
 `eval/margin_se`) and, on a gold-reward task, accuracy against the gold score on pairs whose gold scores differ
-(`eval/gold_accuracy`, label noise removed). `test_margins.jsonl` keeps each test pair's margin: the pairs stage
-calibrates its label-quality estimate on it. `prefopt run` stops at the gate (`min_eval_accuracy`) after this stage.
+(`eval/gold_accuracy`, label noise removed), with standard errors clustered by prompt (`eval/prompts` of them).
+`test_margins.jsonl` keeps each test pair's margin: the pairs stage calibrates its label-quality estimate on it.
+`prefopt run` stops at the gate (`min_eval_accuracy`) after this stage.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import json
 import math
 import random
 import statistics
+from collections import defaultdict
 from pathlib import Path
 
 from prefopt import faults
+from prefopt.config import ConfigError
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import encode, render_prompt
@@ -44,18 +48,58 @@ from prefopt.training.lora import lora_config
 from prefopt.dist import seed_everything
 
 
+MIN_PROMPTS = 2
+"""Prompts each split holds at least: a standard error over prompts needs two."""
+
+
+def prompt_key(row: dict) -> str:
+    """What makes two rows the same prompt: its text (chat messages as their JSON)."""
+    p = row["prompt"]
+    return p if isinstance(p, str) else json.dumps(p, sort_keys=True, ensure_ascii=False)
+
+
 def split(rows: list[dict], eval_fraction: float, seed: int,
           test_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, validation, test): shuffle with `seed`, hold out `test_fraction` then `eval_fraction` of the rows
-    (at least one each when its fraction is > 0 and rows are left for training)."""
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
+    """(train, validation, test) by prompt: the rows are grouped by prompt, the prompts shuffled with `seed`, and
+    `test_fraction` then `eval_fraction` of the prompts held out with all their rows, so a file with several pairs
+    per prompt never puts one prompt in two splits (its pairs would let the test split reward memorising the
+    prompt). A split asked for (fraction > 0), and the train split, must hold at least MIN_PROMPTS prompts; else a
+    ConfigError naming the split and what to change. With one row per prompt this is the row split it replaced
+    (the same shuffle, the same parts)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(prompt_key(r), []).append(r)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = _prompts_in(n, test_fraction, "test", "test_fraction")
+    n_val = _prompts_in(n, eval_fraction, "validation", "eval_fraction")
+    if n - n_test - n_val < MIN_PROMPTS:
+        raise ConfigError(
+            f"reward.eval_fraction={eval_fraction:g} and reward.test_fraction={test_fraction:g} leave "
+            f"{n - n_test - n_val} of {n} prompts in the train split, which needs at least {MIN_PROMPTS}: give more "
+            "preference data or lower the fractions")
 
-    def size(f: float) -> int:
-        return max(1, round(len(rows) * f)) if f > 0 and len(rows) > 2 else 0
+    def rows_of(parts: list[list[dict]]) -> list[dict]:
+        return [r for part in parts for r in part]
 
-    n_test, n_val = size(test_fraction), size(eval_fraction)
-    return rows[n_test + n_val:], rows[n_test:n_test + n_val], rows[:n_test]
+    return rows_of(order[n_test + n_val:]), rows_of(order[n_test:n_test + n_val]), rows_of(order[:n_test])
+
+
+def _prompts_in(n: int, fraction: float, part: str, key: str) -> int:
+    """round(n * fraction) prompts for a split, refused when that is fewer than MIN_PROMPTS (fraction 0: none)."""
+    if fraction <= 0:
+        return 0
+    k = round(n * fraction)
+    if k >= MIN_PROMPTS:
+        return k
+    need = math.ceil(100 * MIN_PROMPTS / n) / 100  # round(n * need) >= MIN_PROMPTS
+    fix = (f"reward.{key}={need:g} or more, or more preference data" if need < 0.5 else
+           f"more preference data ({3 * MIN_PROMPTS} prompts hold {MIN_PROMPTS} in each of train, validation and "
+           f"test)")
+    raise ConfigError(f"reward.{key}={fraction:g} puts {k} of {n} distinct prompts in the {part} split, which needs "
+                      f"at least {MIN_PROMPTS} (no prompt is split across parts; standard errors are over prompts): "
+                      f"use {fix}, or reward.{key}=0 for no {part} split")
 
 
 def classifier_rows(rows: list[dict], tok, max_length: int) -> list[dict]:
@@ -89,16 +133,39 @@ def peft_config(lora):
     return lora_config(lora, "SEQ_CLS") if lora.enabled else None
 
 
-def pairwise_metrics(chosen: list[float], rejected: list[float]) -> dict:
+def clustered_se(values: list[float], clusters: list) -> float:
+    """Standard error of the mean of `values`, clustered by `clusters` (the prompt of each pair): pairs of one
+    prompt are not independent, so the residuals are summed within each prompt before squaring. The cluster-robust
+    (sandwich) variance of a mean (Liang & Zeger 1986) with the small-sample factor G / (G - 1) (CR1; Cameron &
+    Miller 2015, "A Practitioner's Guide to Cluster-Robust Inference", J. Human Resources 50(2)):
+
+        SE = sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / n,   G clusters, n values.
+
+    With one value per cluster it is the ordinary s / sqrt(n) (s with n - 1); NaN with fewer than two clusters."""
+    n = len(values)
+    if n == 0:
+        return math.nan
+    mean = statistics.fmean(values)
+    totals: dict = defaultdict(float)
+    for x, g in zip(values, clusters, strict=True):
+        totals[g] += x - mean
+    g = len(totals)
+    if g < 2:
+        return math.nan
+    return math.sqrt(g / (g - 1) * sum(t * t for t in totals.values())) / n
+
+
+def pairwise_metrics(chosen: list[float], rejected: list[float], prompts: list | None = None) -> dict:
     """Held-out pairwise accuracy (r_chosen > r_rejected; a tie counts 1/2) and mean margin r_chosen - r_rejected,
-    each with its standard error over pairs (accuracy: sqrt(p(1-p)/n); margin: sd/sqrt(n)), and the mean
-    Bradley-Terry loss -log sigmoid(margin)."""
+    each with its standard error clustered by prompt (`clustered_se`; `prompts`: each pair's prompt, None: every
+    pair its own), the number of prompts, and the mean Bradley-Terry loss -log sigmoid(margin)."""
     margins = [c - r for c, r in zip(chosen, rejected)]
     n = len(margins)
-    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n
-    return {"accuracy": acc, "accuracy_se": math.sqrt(acc * (1 - acc) / n), "margin": statistics.fmean(margins),
-            "margin_se": statistics.stdev(margins) / math.sqrt(n) if n > 1 else 0.0,
-            "loss": statistics.fmean(_softplus(-m) for m in margins), "pairs": n}
+    clusters = list(range(n)) if prompts is None else prompts
+    right = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+    return {"accuracy": statistics.fmean(right), "accuracy_se": clustered_se(right, clusters),
+            "margin": statistics.fmean(margins), "margin_se": clustered_se(margins, clusters),
+            "loss": statistics.fmean(_softplus(-m) for m in margins), "pairs": n, "prompts": len(set(clusters))}
 
 
 def _softplus(x: float) -> float:
@@ -108,9 +175,16 @@ def _softplus(x: float) -> float:
 def gold_accuracy(rows: list[dict], chosen: list[float], rejected: list[float], task) -> tuple[float, int] | None:
     """Accuracy against the gold score on pairs whose gold scores differ (ignores annotator noise), and how many
     pairs that is. None when the rows are not the task's (no task input in their metadata)."""
+    hits = gold_hits(rows, chosen, rejected, task)
+    return (statistics.fmean(h for h, _ in hits), len(hits)) if hits else None
+
+
+def gold_hits(rows: list[dict], chosen: list[float], rejected: list[float], task) -> list[tuple[float, str]] | None:
+    """(1.0 if the reward model orders the pair as the gold score does else 0.0, the pair's prompt) for each pair
+    whose gold scores differ; None when the rows are not the task's."""
     from prefopt.tasks import TaskError, example
 
-    hits = n = 0
+    out = []
     for row, rc, rr in zip(rows, chosen, rejected):
         ex = example(row)
         if not isinstance(ex.get("input"), str):
@@ -119,11 +193,9 @@ def gold_accuracy(rows: list[dict], chosen: list[float], rejected: list[float], 
             gc, gr = task.gold_score(ex, row["chosen"]), task.gold_score(ex, row["rejected"])
         except TaskError:
             return None
-        if gc == gr:
-            continue
-        n += 1
-        hits += (rc > rr) == (gc > gr)
-    return (hits / n, n) if n else None
+        if gc != gr:
+            out.append((float((rc > rr) == (gc > gr)), prompt_key(row)))
+    return out
 
 
 class Selection:
@@ -263,7 +335,8 @@ def report_test(scorer, test_rows: list[dict], cfg, ctx, summary: dict, step: in
     summary.update(evaluate(scorer, test_rows, cfg, ctx))
     ctx.tracker.log({k: v for k, v in summary.items() if k.startswith("eval/")}, step=step)
     print(f"[reward] held-out (test) pairwise accuracy {summary['eval/accuracy']:.3f} ± "
-          f"{summary['eval/accuracy_se']:.3f} over {len(test_rows)} pairs, margin "
+          f"{summary['eval/accuracy_se']:.3f} over {len(test_rows)} pairs of {summary['eval/prompts']} prompts "
+          f"(standard errors clustered by prompt), margin "
           f"{summary['eval/margin']:.3f} ± {summary['eval/margin_se']:.3f}"
           + (f", gold accuracy {summary['eval/gold_accuracy']:.3f}" if "eval/gold_accuracy" in summary else ""),
           flush=True)
@@ -314,7 +387,7 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
 def evaluate_pairs(scorer, rows: list[dict], cfg) -> dict:
     """Pairwise figures of a scorer on preference rows, scored as the `score` stage scores (eval mode)."""
     chosen, rejected = score_pairs(scorer, rows, cfg)
-    return pairwise_metrics(chosen, rejected)
+    return pairwise_metrics(chosen, rejected, [prompt_key(r) for r in rows])
 
 
 def score_pairs(scorer, rows: list[dict], cfg) -> tuple[list[float], list[float]]:
@@ -327,21 +400,23 @@ def score_pairs(scorer, rows: list[dict], cfg) -> tuple[list[float], list[float]
 
 
 def evaluate(scorer, rows: list[dict], cfg, ctx) -> dict:
-    """Test-split figures with standard errors; each pair's margin goes to `test_margins.jsonl`."""
+    """Test-split figures with standard errors clustered by prompt (`eval/prompts` of them);
+    each pair's margin goes to `test_margins.jsonl`."""
     from prefopt.io import write_jsonl
 
     chosen, rejected = score_pairs(scorer, rows, cfg)
-    m = pairwise_metrics(chosen, rejected)
+    m = pairwise_metrics(chosen, rejected, [prompt_key(r) for r in rows])
     out = {f"eval/{k}": v for k, v in m.items()}
     gold_of = None
     from prefopt.tasks import get_task, has_gold
 
     if has_gold(ctx.cfg.task):
         task = get_task(ctx.cfg.task)
-        gold = gold_accuracy(rows, chosen, rejected, task)
-        if gold is not None:
-            out["eval/gold_accuracy"], out["eval/gold_pairs"] = gold
-            out["eval/gold_accuracy_se"] = math.sqrt(gold[0] * (1 - gold[0]) / gold[1])
+        hits = gold_hits(rows, chosen, rejected, task)
+        if hits:
+            out["eval/gold_accuracy"] = statistics.fmean(h for h, _ in hits)
+            out["eval/gold_pairs"] = len(hits)
+            out["eval/gold_accuracy_se"] = clustered_se([h for h, _ in hits], [p for _, p in hits])
             gold_of = task
     margins = []
     for r, c, j in zip(rows, chosen, rejected):
