@@ -1,5 +1,6 @@
 """Fewer tokens, same numbers: every batch layout and chunked log-probs give the plain padded path's loss and
-gradients (to 1e-5) on pairs of very different lengths; and the reference cache is reused, recomputed or refused."""
+gradients (to 1e-5) on pairs of very different lengths; and the reference cache is reused, recomputed or refused,
+under a key that holds everything that changes the reference log-probs (precision, revision, layout, attention)."""
 
 from __future__ import annotations
 
@@ -173,3 +174,118 @@ def test_another_objective_reuses_the_reference(tmp_path, tiny_model_dir):
     assert second["reference_reused"] is True and second["reference_cache"] == first["reference_cache"]
     assert json.loads((tmp_path / "runs" / "a" / "dpo" / "reference.json").read_text())["reused"] is True
     assert second["loss"] == pytest.approx(25.0, abs=1e-4)
+
+
+def _key(tiny_model_dir, tmp_path, **kw):
+    """A reference cache key for the tiny model and 3 token-id pairs, with the given settings over fp32 defaults."""
+    from prefopt.models import load_tokenizer
+    from prefopt.preference import reference as refcache
+
+    pairs = tmp_path / "p.jsonl"
+    if not pairs.exists():
+        pairs.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    examples = [{"prompt_ids": [1, 5 + i], "chosen_ids": [7, 2], "rejected_ids": [8, 2]} for i in range(3)]
+    settings = {"precision": "no", "layout": "shared_prompt", "batch_size": 8, "chunk_size": 512,
+                "attention": "sdpa", **kw}
+    ref = settings.pop("ref", str(tiny_model_dir))
+    return refcache.cache_key(ref, str(pairs), load_tokenizer(str(tiny_model_dir)), "alpaca", 256, examples,
+                              **settings)
+
+
+def test_reference_cache_key_names_precision_layout_and_attention(tmp_path, tiny_model_dir):
+    """Every setting that changes the reference's float rounding is in the key, so its file name differs; the same
+    settings give the same key and name."""
+    from prefopt.preference.reference import key_name
+
+    base = _key(tiny_model_dir, tmp_path)
+    assert _key(tiny_model_dir, tmp_path) == base and base["precision"] == "fp32" and base["revision"] is None
+    for change, field in [({"precision": "bf16"}, "precision"), ({"layout": "padded"}, "layout"),
+                          ({"batch_size": 4}, "batch_size"), ({"chunk_size": 0}, "logps_chunk_size"),
+                          ({"attention": "eager"}, "attention")]:
+        other = _key(tiny_model_dir, tmp_path, **change)
+        assert [k for k in base if base[k] != other[k]] == [field], change
+        assert key_name(other) != key_name(base), change
+
+
+def test_reference_cache_key_pins_a_hub_ids_revision(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id: the commit the local HF cache resolves `main` to (a new commit is a new key), else `main`."""
+    import huggingface_hub.constants
+
+    from prefopt.preference.reference import hub_revision
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    assert hub_revision("org/model") == "main"  # not in the cache: the revision asked for
+    refs = hub / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert hub_revision("org/model") == "a" * 40 and hub_revision("org/model", "b" * 40) == "b" * 40
+    first = _key(tiny_model_dir, tmp_path, ref="org/model")
+    (refs / "main").write_text("c" * 40)  # the hub id moved to a new commit
+    second = _key(tiny_model_dir, tmp_path, ref="org/model")
+    assert (first["revision"], second["revision"]) == ("a" * 40, "c" * 40)
+    assert first["reference_weights"] == second["reference_weights"]  # the id alone cannot tell them apart
+    assert hub_revision(str(tiny_model_dir)) is None  # a local folder: its weights are hashed instead
+
+
+def test_attention_implementation_read_without_loading(tmp_path, tiny_model_dir):
+    """A path's attention implementation is the one load_causal_lm gives it: the tiny Llama's default, and eager for
+    a soft-capping Gemma-2 (only its config.json exists here: no weights are read)."""
+    from transformers import Gemma2Config
+
+    from prefopt.models import load_causal_lm
+    from prefopt.preference.batching import attention_implementation as loaded_impl
+    from prefopt.preference.reference import attention_implementation
+
+    assert attention_implementation(str(tiny_model_dir)) == loaded_impl(load_causal_lm(str(tiny_model_dir), "float32"))
+    gemma = tmp_path / "gemma"
+    Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16).save_pretrained(gemma)
+    assert attention_implementation(str(tiny_model_dir)) != "eager" and attention_implementation(str(gemma)) == "eager"
+    assert attention_implementation(str(tmp_path / "nothing")) is None
+
+
+def test_reference_cache_from_an_older_key_is_refused_naming_it(tmp_path, tiny_model_dir):
+    """A hand-named cache file whose key lacks the newer fields (an older prefopt's) is not reused: one error that
+    says so and names the fields."""
+    from prefopt.preference import reference as refcache
+
+    key = _key(tiny_model_dir, tmp_path)
+    old = {k: v for k, v in key.items() if k not in ("precision", "revision", "layout", "batch_size",
+                                                      "logps_chunk_size", "attention")}
+    path = tmp_path / "hand.pt"
+    refcache.save(path, old, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"older prefopt.*'attention'.*'precision'"):
+        refcache.load(path, key, 3)
+    refcache.save(path, key, torch.zeros(3, 2))
+    torch.testing.assert_close(refcache.load(path, key, 3), torch.zeros(3, 2))
+
+
+def test_bf16_fp32_and_layout_runs_keep_separate_reference_caches(tmp_path, tiny_model_dir):
+    """A bf16 run and an fp32 run of the same reference and pairs do not share cached log-probs (each computes its
+    own, and they differ), the same run again reuses its file, and a layout change is a new key (only `layout`)."""
+    import json
+
+    from pair_helpers import run_prefopt, write_config
+
+    run = _dpo_runner(tmp_path, tiny_model_dir)
+    fp32 = run("a", beta=0.1)
+    # bf16 in a process of its own, as a user runs it: accelerate's precision is fixed once per process
+    exp = write_config(tmp_path, "dpo", {"model": str(tiny_model_dir), "pairs": str(tmp_path / "pairs.jsonl"),
+                                         "max_steps": 1, "per_device_train_batch_size": 8, "logging_steps": 1,
+                                         "max_length": 256, "beta": 0.1, "bf16": True}, name="a")
+    run_prefopt("dpo", str(exp))
+    bf16 = json.loads((tmp_path / "runs" / "a" / "dpo" / "summary.json").read_text())
+    again = run("a", beta=0.2)
+    padded = run("a", beta=0.1, layout="padded")
+    assert (fp32["reference_reused"], bf16["reference_reused"], padded["reference_reused"]) == (False, False, False)
+    assert again["reference_reused"] is True and again["reference_cache"] == fp32["reference_cache"]
+    assert len({fp32["reference_cache"], bf16["reference_cache"], padded["reference_cache"]}) == 3
+    a, b, p = (torch.load(s["reference_cache"], weights_only=True) for s in (fp32, bf16, padded))
+    assert (a["key"]["precision"], b["key"]["precision"]) == ("fp32", "bf16")
+    assert [k for k in a["key"] if a["key"][k] != b["key"][k]] == ["precision"]
+    assert [k for k in a["key"] if a["key"][k] != p["key"][k]] == ["layout"]
+    diff = (a["logps"] - b["logps"]).abs().max().item()
+    print(f"\nmax |bf16 - fp32| reference log-prob: {diff:.3g} (log-probs about {a['logps'].mean():.1f})")
+    assert diff > 1e-4  # measured 2.3e-3: what the shared file used to hand a bf16 run as its own reference
+    torch.testing.assert_close(p["logps"], a["logps"], atol=1e-4, rtol=0)  # same numbers up to rounding

@@ -160,7 +160,14 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
     starting weights; else `ref_model` placed as `_frozen_reference` says), the shares are gathered, and the main
     process writes the file. On a resume the cache is loaded; if it is gone, it is recomputed from the starting
     weights, which are still the policy's here (the checkpoint is loaded after this)."""
-    key = refcache.cache_key(ref_path, pairs_file, tokenizer, sec.template, sec.max_length, examples)
+    own = ref_path == model_path
+    # the attention implementation of the model that would run the pass: the policy's own, or the one `ref_model`
+    # would be loaded with (read without loading it: a cache hit never loads the reference)
+    attention = refcache.attention_implementation(accelerator.unwrap_model(policy) if own else ref_path)
+    key = refcache.cache_key(ref_path, pairs_file, tokenizer, sec.template, sec.max_length, examples,
+                             precision=accelerator.mixed_precision, layout=sec.layout,
+                             batch_size=sec.per_device_train_batch_size, chunk_size=sec.logps_chunk_size,
+                             attention=attention)
     path = Path(getattr(sec, "reference_cache", "") or ctx.cfg.root / "cache" / "reference" /
                 f"{refcache.key_name(key)}.pt")
     logps = refcache.load(path, key, len(examples))
@@ -168,7 +175,6 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
     found = accelerator.gather(torch.tensor([int(logps is not None)], device=accelerator.device))
     reused = bool(found.all())
     if not reused:
-        own = ref_path == model_path
         ref = policy if own else _frozen_reference(accelerator, ref_path, f"{ctx.stage}.ref_model")
         # a LoRA policy's reference is its base: the adapter is off (it starts at zero, so this is exact either way)
         base = accelerator.unwrap_model(policy).disable_adapter() if own and sec.lora.enabled else nullcontext()

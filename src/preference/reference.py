@@ -2,13 +2,19 @@
 the processes of a launch (`compute`), stored under `<experiment>/cache/reference/<key>.pt` by the main process
 and pointed to by `reference.json` in the stage folder.
 
-The key is (reference weights hash, pairs file hash, tokenizer and template, max_length, token ids): a rerun, a
-resumed run, a beta sweep, another objective or another stage with the same reference and pairs loads the file
-instead of running the reference again (what TRL issue #3985 asks for). The file carries the SHA-256 of its
-values, checked on load: a file that cannot be read, is partial, holds non-finite numbers or values that no longer
-match that hash (overwritten in place, a bad disk) is recomputed with a line saying why, never used; a file whose
-key differs from this run's is an error that names both (only possible when `reference_cache` names a file by
-hand, or after a hash collision).
+The key is everything the numbers depend on: the reference's weights (their hash; for a hub id, the id and its
+revision: the commit the local Hugging Face cache resolves it to, else the revision asked for), the pairs file,
+tokenizer and template, max_length, the token ids, and what changes their float rounding: the precision (the
+accelerator's mixed precision: on the tests' tiny Llama a bf16 and an fp32 pass differ by 2e-3 in summed log-probs
+of about -46), the batching layout (layout, batch size, logps_chunk_size) and the attention implementation. A
+rerun, a resumed run, a beta sweep, another objective or another stage with the same reference, pairs and settings
+loads the file instead of running the reference again (what TRL issue #3985 asks for); a run that differs in any
+of them gets its own file (the name is the key's hash). The file carries the SHA-256 of its values, checked on
+load: a file that cannot be read, is partial, holds non-finite numbers or values that no longer match that hash
+(overwritten in place, a bad disk) is recomputed with a line saying why, never used; a file whose key differs from
+this run's is an error that names the fields that differ (only possible when `reference_cache` names a file by
+hand, or after a hash collision; a file written by an older prefopt, whose key lacks the newer fields, is refused
+the same way).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -38,17 +45,68 @@ def file_sha256(path) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(ref_path: str, pairs_file: str, tokenizer, template: str, max_length: int, examples: list[dict]) -> dict:
-    """What the reference log-probs depend on, as a dict (stored in the file and compared on load)."""
+def cache_key(ref_path: str, pairs_file: str, tokenizer, template: str, max_length: int, examples: list[dict], *,
+              precision: str, layout: str, batch_size: int, chunk_size: int, attention: str | None) -> dict:
+    """What the reference log-probs depend on, as a dict (stored in the file and compared on load).
+
+    precision: the accelerator's mixed precision (`no` is fp32); layout, batch_size, chunk_size: the batches
+    `compute` runs (the one-process batches, whatever the number of processes); attention: the reference model's
+    attention implementation (`attention_implementation`)."""
     vocab = sorted(tokenizer.get_vocab().items())
     return {
         "reference_weights": weights_sha256(ref_path),
+        "revision": hub_revision(ref_path),
         "pairs_file": file_sha256(pairs_file),
         "tokenizer": content_hash(vocab, tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__),
         "template": template,
         "max_length": max_length,
         "token_ids": content_hash([[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in examples]),
+        "precision": "fp32" if precision in ("no", None) else str(precision),
+        "layout": layout,
+        "batch_size": batch_size,
+        "logps_chunk_size": chunk_size,
+        "attention": attention,
     }
+
+
+def hub_revision(ref_path: str, requested: str = "main") -> str | None:
+    """The revision of a hub id: the commit the local Hugging Face cache resolves `requested` to, else `requested`
+    (prefopt loads a hub model at its default revision). None for a local folder, whose weights the key hashes."""
+    if Path(str(ref_path)).expanduser().is_dir():
+        return None
+    if re.fullmatch(r"[0-9a-f]{40}", requested):
+        return requested
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(HF_HUB_CACHE) / repo_folder_name(repo_id=str(ref_path), repo_type="model") / "refs" / requested
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return requested
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else requested
+
+
+def attention_implementation(model_or_path) -> str | None:
+    """The attention implementation a model runs with: a loaded model's own, or, for a path or hub id, the one
+    prefopt's loader (models.load_causal_lm) would give it, read from the model built on the meta device (no
+    weights are read). None when its config cannot be read here (the reference's loading then says why)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prefopt.models import attention_kwargs
+    from prefopt.preference.batching import attention_implementation as implementation_of
+
+    if not isinstance(model_or_path, (str, Path)):
+        return implementation_of(model_or_path)
+    try:
+        config = AutoConfig.from_pretrained(str(model_or_path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     **attention_kwargs(str(model_or_path)))
+    except Exception:  # noqa: BLE001 - loading the reference reports an unreadable model itself
+        return None
+    return implementation_of(model)
 
 
 def key_name(key: dict) -> str:
@@ -105,9 +163,11 @@ def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
         print(f"[prefopt] reference cache {path} unreadable ({type(e).__name__}: {e}); recomputing")
         return None
     if stored != key:
-        diff = {k: (stored.get(k), v) for k, v in key.items() if stored.get(k) != v}
-        raise ValueError(f"reference cache {path} was made for another key: (stored, this run) differ in {diff}. "
-                         f"Delete the file or point `reference_cache` elsewhere.")
+        diff = {k: (stored.get(k), key.get(k)) for k in sorted(set(key) | set(stored)) if stored.get(k) != key.get(k)}
+        older = " (a file written by an older prefopt, whose key lacks the newer fields)" if set(key) - set(stored) \
+            else ""
+        raise ValueError(f"reference cache {path} was made for another key{older}: (stored, this run) differ in "
+                         f"{diff}. Delete the file or point `reference_cache` elsewhere.")
     if not isinstance(logps, torch.Tensor) or tuple(logps.shape) != (n, 2) or not torch.isfinite(logps).all():
         print(f"[prefopt] reference cache {path} is partial or corrupt; recomputing")
         return None
