@@ -11,6 +11,8 @@ Work in shards (generation): `ShardSignals` lets a signal abandon the shard bein
 shards are written by rename, so nothing of it is on disk) or, between shards, stop before the next; the stage
 raises `ShardsPreempted` (exit code 143): `prefopt: generate preempted (signal SIGTERM); 3 of 8 shards written, the
 one in progress dropped; rerun the same command to resume at shard 3`. Its worker processes get the signal too.
+Scoring does the same with the shard being scored. A stage that keeps no partial results (evaluation) is one piece
+of work: a signal drops it at once and the stage raises `StagePreempted` (exit code 143); the rerun starts it over.
 
 Checkpoints that prove themselves (`write_manifest`, `verify_manifest`): a checkpoint folder records the SHA-256 of
 each of its files in `manifest.json`, written last; a resume verifies it and falls back to an older one.
@@ -69,8 +71,20 @@ class ShardsPreempted(PreemptedError):
                                  f"written{lost}; rerun the same command to resume{where}")
 
 
-class ShardDropped(Exception):
-    """Raised by `ShardSignals` where a shard was being sampled: that shard is abandoned."""
+class StagePreempted(PreemptedError):
+    """A signal stopped a stage that keeps no partial results (evaluate): it is not marked done, the rerun starts
+    it over."""
+
+    def __init__(self, stage: str, signum: int):
+        self.stage, self.step, self.signum, self.checkpoint = stage, None, signum, None
+        Exception.__init__(self, f"{stage} preempted (signal {signal_name(signum)}); it keeps no partial results, so "
+                                 "it is not marked done; rerun the same command to start it over")
+
+
+class ShardDropped(BaseException):
+    """Raised by `ShardSignals` where a shard was being sampled: that shard is abandoned. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (a loader's fallback, a reward function's error
+    report) takes it for an error of its own and carries on or reports something else."""
 
 
 class ResourceError(Exception):
@@ -148,9 +162,10 @@ class ShardSignals(StopSignals):
 
     notice = "dropping the shard in progress, keeping those written"
 
-    def __init__(self, stage: str = ""):
+    def __init__(self, stage: str = "", notice: str = ""):
         super().__init__(stage)
         self._sampling = False
+        self.notice = notice or self.notice  # what the console is told the stage does about the signal
 
     def _handle(self, signum, frame) -> None:
         first = not self.signum

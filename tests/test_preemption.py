@@ -402,3 +402,138 @@ def test_sigterm_during_generate_drops_the_shard_and_the_rerun_resumes_there(tmp
     a = tmp_path / "a" / "runs" / "e" / "generate"
     for k in range(12):
         assert (a / f"shard-{k:05d}.jsonl").read_bytes() == (d / f"shard-{k:05d}.jsonl").read_bytes(), k
+
+
+SCORE_LINE = re.compile(r"^prefopt: score preempted \(signal SIGTERM\); (\d+) of 30 shards written(, the one in "
+                        r"progress dropped)?; rerun the same command to resume at shard (\d+)$")
+
+
+def write_candidate_shards(folder: Path, shards: int = 30, rows: int = 5) -> list[list[dict]]:
+    """Generation's output at toy size: `shards` files of `rows` prompts x 4 candidates. "1 2 3" is a candidate of
+    every row and each prompt is in two neighbouring shards, so the score cache serves later shards (which text a
+    shard scores depends on what came before it)."""
+    from prefopt.io import write_jsonl
+
+    out = []
+    for k in range(shards):
+        chunk = []
+        for i in range(rows):
+            p = (k * rows + i) // 2  # rows 2j and 2j+1 share prompt j; with 5 rows a shard, pairs straddle two
+            digits = " ".join(str((p * 7 + d * 3) % 10) for d in range(6))
+            chunk.append({"prompt_id": f"r{k}-{i}", "prompt": f"### Instruction:\nSort {digits} (item {p}).\n\n### Response:\n",
+                          "candidates": ["1 2 3", f"{digits} {i}", f"{i} " * 12, f"{digits[::-1]} {p}"],
+                          "generator": {"sha256": "g"}})
+        write_jsonl(folder / f"shard-{k:05d}.jsonl", chunk)
+        out.append(chunk)
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_during_score_drops_the_shard_and_the_rerun_resumes_there(tmp_path, tiny_model_dir):
+    """`prefopt score` (a tiny classifier, 30 candidate shards) gets SIGTERM once shard 0 is on disk: the shard being
+    scored is dropped (or, between shards, none is started), the process exits 143 within 10 s with one line saying
+    how many shards are written and where the rerun resumes. Only whole shards are on disk, no temporary file, and
+    the score cache holds whole lines: exactly the texts of the shards written, the first lines of an uninterrupted
+    run's cache. The rerun resumes there, and its shards and cache equal an uninterrupted run's, byte for byte."""
+    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist import seed_everything
+
+    seed_everything(0)
+    rm = tmp_path / "rm"
+    save_model(load_reward_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), rm)
+    inputs = write_candidate_shards(tmp_path / "candidates")
+
+    def cfg(name):
+        return write_yaml(tmp_path / name / "e.yaml", {
+            "name": "e", "output_dir": str(tmp_path / name / "runs"), "wandb": {"mode": "disabled"},
+            "stages": ["score"],
+            "score": {"reward_model": str(rm), "candidates": str(tmp_path / "candidates"), "rm_format": "policy",
+                      "batch_size": 2}})
+
+    straight, cut = cfg("a"), cfg("b")
+    baseline = Run(tmp_path / "a", "score", str(straight))
+    d = tmp_path / "b" / "runs" / "e" / "score"
+    run = Run(tmp_path / "b", "score", str(cut))
+    deadline = time.time() + 240
+    while not (d / "shard-00000.jsonl").exists() and time.time() < deadline and run.proc.poll() is None:
+        time.sleep(0.005)
+    run.proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rc, err = run.wait(timeout=60)
+    assert time.time() - t0 < 10, "score took over 10 s to stop after SIGTERM"
+    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+    assert len(lines) == 1 and err.strip().splitlines()[-1] == lines[0], err[-3000:]
+    m = SCORE_LINE.match(lines[0])
+    assert m, lines[0]
+    written, at = int(m.group(1)), int(m.group(3))
+    assert 1 <= written == at < 30
+    assert sorted(p.name for p in d.glob("shard-*.jsonl")) == [f"shard-{k:05d}.jsonl" for k in range(written)]
+    for k in range(written):  # whole: one row per input row, a score per candidate
+        rows = [json.loads(ln) for ln in (d / f"shard-{k:05d}.jsonl").read_text().splitlines()]
+        assert [len(r["scores"]) for r in rows] == [len(r["candidates"]) for r in inputs[k]]
+    assert not [p.name for p in d.iterdir() if ".tmp" in p.name] and not (d / "_DONE.json").exists()
+    cache = tmp_path / "b" / "runs" / "e" / "cache" / "scores.jsonl"
+    cut_cache = cache.read_bytes()
+    assert cut_cache.endswith(b"\n") and all(json.loads(ln) for ln in cut_cache.splitlines())
+    texts = {(r["prompt"], c) for chunk in inputs[:written] for r in chunk for c in r["candidates"]}
+    assert len(cut_cache.splitlines()) == len(texts)  # the written shards' texts, none of the dropped shard's
+
+    rc, err = Run(tmp_path / "b", "score", str(cut)).wait()
+    assert rc == 0, err[-3000:]
+    assert json.loads((d / "summary.json").read_text())["shards_skipped"] == written
+    rc, err = baseline.wait()
+    assert rc == 0, err[-3000:]
+    a = tmp_path / "a" / "runs" / "e"
+    for k in range(30):
+        assert (a / "score" / f"shard-{k:05d}.jsonl").read_bytes() == (d / f"shard-{k:05d}.jsonl").read_bytes(), k
+    straight_cache = (a / "cache" / "scores.jsonl").read_bytes()
+    assert straight_cache.startswith(cut_cache) and cache.read_bytes() == straight_cache
+
+
+EVAL_LINE = ("prefopt: evaluate preempted (signal SIGTERM); it keeps no partial results, so it is not marked done; "
+             "rerun the same command to start it over")
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluate_stops_it_unmarked_and_the_rerun_finishes(tmp_path, tiny_model_dir):
+    """`prefopt evaluate` (two policies, transformers backend) gets SIGTERM while it samples the second policy: it
+    exits 143 within 10 s with one line, writes no table or summary, no completion marker and no temporary file. The
+    rerun starts it over and writes what an uninterrupted run writes: the same samples and table."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": f"Sort the numbers {i} {i + 3} {i + 1}.", "input": ""})
+                               + "\n" for i in range(16)))
+
+    def cfg(name):
+        return write_yaml(tmp_path / name / "e.yaml", {
+            "name": "e", "output_dir": str(tmp_path / name / "runs"), "wandb": {"mode": "disabled"},
+            "task": {"name": "none"}, "stages": ["evaluate"],
+            "evaluate": {"policies": {"sft": str(tiny_model_dir), "a": str(tiny_model_dir)}, "reward_model": "",
+                         "prompts": {"path": str(prompts)}, "samples_per_prompt": 2, "max_new_tokens": 48,
+                         "batch_size": 4, "backend": "transformers"}})
+
+    straight, cut = cfg("a"), cfg("b")
+    baseline = Run(tmp_path / "a", "evaluate", str(straight))
+    d = tmp_path / "b" / "runs" / "e" / "evaluate"
+    run = Run(tmp_path / "b", "evaluate", str(cut))
+    deadline = time.time() + 240
+    while "generate a" not in run.err_path.read_text() and time.time() < deadline and run.proc.poll() is None:
+        time.sleep(0.01)  # the baseline policy is sampled, the second one is being sampled
+    run.proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    rc, err = run.wait(timeout=60)
+    assert time.time() - t0 < 10, "evaluate took over 10 s to stop after SIGTERM"
+    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("prefopt:")]
+    assert lines == [EVAL_LINE] and err.strip().splitlines()[-1] == EVAL_LINE, err[-3000:]
+    assert not [p.name for p in d.iterdir() if p.name in ("_DONE.json", "summary.json", "table.md")
+                or ".tmp" in p.name]
+
+    rc, err = Run(tmp_path / "b", "evaluate", str(cut)).wait()
+    assert rc == 0, err[-3000:]
+    assert (d / "_DONE.json").exists()
+    rc, err = baseline.wait()
+    assert rc == 0, err[-3000:]
+    a = tmp_path / "a" / "runs" / "e" / "evaluate"
+    for name in ("samples_sft.jsonl", "samples_a.jsonl", "sft.json", "a.json", "table.md"):
+        assert (a / name).read_bytes() == (d / name).read_bytes(), name

@@ -44,13 +44,21 @@ Outputs in the stage folder:
   table.md, evaluate.png   the comparison table and figure
   summary.json             {"policies": {name: {gold_score, rm_score, win_rate_vs_sft, win_rate_vs_sft_lc, kl_to_sft,
                            length, identical_pairs, ...}}, "sampling_seeds": {set: seed}, "best_of_n": [...]}
+
+Preemption: the stage keeps no partial results, so SIGTERM / SIGINT / SIGUSR1 stop it at once, wherever it is
+(sampling, log-probs, scoring, the suite, the final writes): one line, exit code 143 (prefopt.faults.StagePreempted),
+no completion marker, and the rerun starts it over (only lm-eval's results per policy, already written, are reused:
+suite.py). The table, the samples and every JSON file are written whole, by rename (a temporary file the signal
+cut is removed); a figure it cuts is a file of a stage not done, which the rerun draws again.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
+from prefopt import faults
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import encode, prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
@@ -342,6 +350,19 @@ def judge_figures(judged: dict, s: dict, base_s: dict, k: int) -> dict:
 
 
 def run(ctx) -> dict:
+    """The whole stage is the piece of work a signal drops (faults.ShardSignals): nothing of it is kept as done."""
+    notice = "stopping now; evaluate keeps no partial results, the rerun starts it over"
+    with faults.ShardSignals(ctx.stage, notice) as signals:
+        try:
+            with signals.sampling():
+                return _run(ctx)
+        except faults.ShardDropped:
+            for tmp in ctx.dir.glob(f".*.tmp{os.getpid()}"):  # an atomic write the signal cut before its rename
+                tmp.unlink(missing_ok=True)
+            raise faults.StagePreempted(ctx.stage, signals.signum) from None
+
+
+def _run(ctx) -> dict:
     sec = ctx.section
     seed_everything(ctx.seed)
     policies = {n: ctx.resolve(ref) for n, ref in active_policies(ctx.cfg, sec.policies).items()}

@@ -14,6 +14,12 @@ cache when they exit, and this process then writes the shards from the cache. Wh
 planned before any worker starts, as one process would do it (`scoring_plan`), so the shards and the cache are one
 process's.
 
+Preemption: SIGTERM / SIGINT / SIGUSR1 drop the shard being scored at once (its scores reach neither the cache nor
+a shard file) or, while a shard or the cache is written, let that write finish; no new shard is scored after it.
+Data-parallel workers get the signal from this process and do the same; the shards whose scores are all cached are
+then written. One line and exit code 143 (prefopt.faults.ShardsPreempted); the rerun resumes at the first shard not
+written, and writes what an uninterrupted run writes, byte for byte.
+
 What the reward model reads is what it was trained on: for a classifier (TRL's RewardTrainer) prompt text +
 response + EOS, right padded, the score being the head's first logit (or a hub model's `score` field) at the token
 the model reads on that text alone, whatever its lookup (`batch_pad_id`); for a likelihood
@@ -37,6 +43,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from prefopt import faults
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.templates import encode, prompt_messages
@@ -327,24 +334,30 @@ def input_shards(folder: str | Path) -> list[Path]:
     return shards
 
 
-def run_function(ctx, cfg) -> dict:
+def run_function(ctx, cfg, signals: faults.ShardSignals) -> dict:
     """Score every candidate with a reward function (`score.reward_fn`): all shards checked before any is written,
-    so a NaN or a wrong shape stops the stage with nothing half-written."""
+    so a NaN or a wrong shape stops the stage with nothing half-written (and a signal, with nothing written)."""
     from prefopt.reward.functions import load_reward_function
 
     fn = load_reward_function(cfg.reward_fn, ctx.cfg.task)
     shards = input_shards(ctx.resolve(cfg.candidates, model=False))
     provenance = {"path": fn.name, "sha256": content_hash(fn.name)}
     outputs, all_scores = {}, []
-    for shard in tqdm(shards, desc="score", unit="shard", disable=not ctx.is_main):
-        out = []
-        for r in iter_jsonl(shard):
-            scores = fn([r] * len(r["candidates"]), r["candidates"])
-            all_scores += scores
-            out.append({"prompt_id": r["prompt_id"], "scores": scores, "reward_model": provenance})
-        outputs[shard.name] = out
+    try:
+        with signals.sampling():
+            for shard in tqdm(shards, desc="score", unit="shard", disable=not ctx.is_main):
+                out = []
+                for r in iter_jsonl(shard):
+                    scores = fn([r] * len(r["candidates"]), r["candidates"])
+                    all_scores += scores
+                    out.append({"prompt_id": r["prompt_id"], "scores": scores, "reward_model": provenance})
+                outputs[shard.name] = out
+    except faults.ShardDropped:
+        raise preempted(ctx.dir, shards, signals, dropped=True) from None
     for name, out in outputs.items():
         write_jsonl(ctx.dir / name, out)
+    if signals.signum:  # came while the shards were written: they are, but the stage stops here
+        raise preempted(ctx.dir, shards, signals, dropped=False)
     summary = {"shards": len(shards), "candidates": len(all_scores), "scored": len(all_scores), "cached": 0,
                "reward_model": provenance}
     if all_scores:
@@ -366,10 +379,26 @@ def check_finite(shard: Path, rows: list[dict], keys: list[list[str]], new: dict
                                 f"({s!r}) for prompt_id {r['prompt_id']!r}", "check the reward model")
 
 
+def preempted(out_dir: Path, shards: list[Path], signals: faults.ShardSignals,
+              dropped: bool) -> faults.ShardsPreempted:
+    """The stage's line: how many output shards are on disk (each whole) and the first one the rerun does."""
+    on_disk = [(Path(out_dir) / s.name).exists() for s in shards]
+    return faults.ShardsPreempted("score", signals.signum, sum(on_disk), len(shards), dropped,
+                                  None if all(on_disk) else on_disk.index(False))
+
+
 def run(ctx) -> dict:
+    """From loading to the last shard, a signal drops the shard being scored (or stops before the next one)."""
+    with faults.ShardSignals(ctx.stage) as signals:
+        return _run(ctx, signals)
+
+
+def _run(ctx, signals: faults.ShardSignals) -> dict:
+    from prefopt.gpus import WorkerFailed
+
     cfg = ctx.section
     if cfg.reward_fn:
-        return run_function(ctx, cfg)
+        return run_function(ctx, cfg, signals)
     rm_path = ctx.resolve(cfg.reward_model)
     fmt = rm_input_format(cfg.rm_format, rm_path, "score.rm_format", cfg.reward_model.startswith("stage:"),
                           cfg.trust_remote_code)
@@ -388,11 +417,18 @@ def run(ctx) -> dict:
           f"(score.rm_format: {cfg.rm_format})", flush=True)
 
     workers = min(data_parallel_size(cfg.data_parallel), sum(1 for s in todo if plan[s]))
-    if workers > 1:  # one reward model per process and GPU, each its share of the shards; the loop below writes them
+    dropped = False
+    if workers > 1 and not signals.signum:  # one reward model per process and GPU; the loop below writes the shards
         try:
             run_workers(ctx.dir, {**job, "worker": "prefopt.reward.score:score_worker", "cache": str(cache.path),
                                   "shards": {s: plan[s] for s in todo if plan[s]}},
                         workers, 1, "scoring", "score.data_parallel")
+        except WorkerFailed:
+            if not signals.signum:
+                raise
+            # the workers got the signal too (passed on by ShardSignals) and dropped their shards: the loop below
+            # writes the shards whose scores are all in the cache and stops at the first that is not
+            dropped = True
         finally:
             cache.merge_parts()  # what every worker finished, also when one failed
 
@@ -407,9 +443,16 @@ def run(ctx) -> dict:
         cached += n - len(plan[shard])
         bar.update(n - len(missing))
         if missing:
+            if signals.signum:  # came while a shard was written, or the workers ran: no new scoring
+                raise preempted(ctx.dir, shards, signals, dropped)
             if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
                 scorer = load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
-            cache.add(score_missing(scorer, shard, rows, keys, missing, job, progress=bar))
+            try:
+                with signals.sampling():  # (also when the signal came while the reward model loaded)
+                    new = score_missing(scorer, shard, rows, keys, missing, job, progress=bar)
+            except faults.ShardDropped:
+                raise preempted(ctx.dir, shards, signals, dropped=True) from None
+            cache.add(new)  # whole lines, synced; a signal now waits for it, and for the shard's file below
         out = []
         for r, ks in zip(rows, keys):
             scores = [cache.get(k) for k in ks]
@@ -419,6 +462,8 @@ def run(ctx) -> dict:
         write_jsonl(ctx.dir / shard.name, out)
         ctx.tracker.log({"scored": scored, "cached": cached})
     bar.close()
+    if signals.signum:  # every shard is written, but the stage stops here (`prefopt run` goes no further)
+        raise preempted(ctx.dir, shards, signals, dropped)
     if scorer is not None:
         scorer = None  # the last reference to the reward model: its GPU memory goes back before the next stage
         free_gpu_memory()
@@ -490,13 +535,24 @@ def score_missing(scorer, shard: Path, rows: list[dict], keys: list[list[str]], 
 
 def score_worker(job: dict, rank: int, world: int) -> None:
     """One data-parallel worker (`prefopt.gpus.run_workers`): its own reward model on its own GPU, every `world`-th
-    shard of the plan from `rank`, the scores appended to its own cache part after each shard."""
+    shard of the plan from `rank`, the scores appended to its own cache part after each shard. A signal (passed on
+    by the stage) drops the shard being scored, or lets the append finish and stops before the next."""
     part = ScoreCache.part(job["cache"], rank)
-    scorer = load_scorer(job["rm_path"], job["sec"].trust_remote_code, key="score.trust_remote_code")
-    for shard in sorted(job["shards"])[rank::world]:
-        rows, keys, missing = shard_work(shard, job, set(job["shards"][shard]))
-        append_scores(part, score_missing(scorer, shard, rows, keys, missing, job))
-        print(f"[prefopt] score worker {rank}/{world}: {shard.name}, {len(missing)} candidates scored", flush=True)
+    mine = sorted(job["shards"])[rank::world]
+    with faults.ShardSignals(f"score worker {rank}") as signals:
+        scorer = load_scorer(job["rm_path"], job["sec"].trust_remote_code, key="score.trust_remote_code")
+        for i, shard in enumerate(mine):
+            rows, keys, missing = shard_work(shard, job, set(job["shards"][shard]))
+            try:
+                with signals.sampling():
+                    new = score_missing(scorer, shard, rows, keys, missing, job)
+            except faults.ShardDropped:
+                raise faults.ShardsPreempted(f"score worker {rank}", signals.signum, i, len(mine), True, None) \
+                    from None
+            append_scores(part, new)
+            print(f"[prefopt] score worker {rank}/{world}: {shard.name}, {len(missing)} candidates scored", flush=True)
+            if signals.signum and i + 1 < len(mine):
+                raise faults.ShardsPreempted(f"score worker {rank}", signals.signum, i + 1, len(mine), False, None)
 
 
 def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool = False,
