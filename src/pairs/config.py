@@ -17,8 +17,9 @@ class PairsConfig:
     strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_vs_z"] = "best_vs_worst"
     """best_vs_worst: the SimPO recipe. best_vs_random: best against a random other. all_pairs: every pair above
     `margin`. best_vs_z: best against the candidate scored nearest mu + rejected_z * sigma of the prompt's scores
-    (Xiao et al. 2025, arXiv 2502.16825). The two compared with replicates: docs/methods.md, "Pairs from the reward
-    distribution"."""
+    (Xiao et al. 2025, arXiv 2502.16825). best_vs_worst stays the default: at the quickstart's 8 candidates the two
+    build the same pairs; at 32, DPO on best_vs_worst's pairs had +0.010 gold [+0.003, +0.016] over best_vs_z's
+    (sort, validation, 3 seeds, Holm p 0.026; docs/methods.md, "Pairs from the reward distribution")."""
     margin: float = 0.0
     """Drop pairs whose score difference is at most this (ties and near-ties)."""
     max_pairs_per_prompt: int = 1
