@@ -25,7 +25,6 @@ the stage's log file (`log_traceback`), not the console.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,8 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+
+from prefopt.io import sha256_file
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended; here, after a checkpoint
 RESOURCE_EXIT = 6
@@ -274,14 +275,6 @@ def raise_if_stopped(callback, stage: str, output_dir) -> None:
 
 
 # ------------------------------------------------------------------------------------------- checkpoint manifests
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path) -> None:

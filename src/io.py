@@ -74,3 +74,12 @@ def weights_sha256(model_dir: str | Path) -> str:
 
 def content_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks): checkpoint manifests, stage markers, cache keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -37,6 +37,7 @@ from typing import Any
 
 from prefopt.config import to_dict
 from prefopt.data import counts as data_counts
+from prefopt.io import sha256_file  # noqa: F401 - also this module's name for it (tests import it here)
 from prefopt.experiment import (
     ROUND_STAGES,
     STAGES,
@@ -88,14 +89,6 @@ def is_done(cfg: ExperimentConfig, stage: str, round_: int = 1) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- content hashes
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_record(path: Path) -> list:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prefopt.io import content_hash, sha256_file, weights_sha256
 from prefopt.preference.batching import collate, pair_logps
-from prefopt.io import content_hash, weights_sha256
 
 
 def file_sha256(path) -> str:
@@ -38,11 +38,7 @@ def file_sha256(path) -> str:
     how they are named: the key's token ids pin their content."""
     if not isinstance(path, (str, Path)) or not Path(path).is_file():
         return content_hash(str(path))
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def cache_key(ref_path: str, pairs_file: str, tokenizer, template: str, max_length: int, examples: list[dict], *,
