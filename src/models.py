@@ -256,6 +256,31 @@ def sharded_weights(accelerator) -> str | None:
     return None
 
 
+def place_frozen(accelerator, model, shard: bool, key: str):
+    """A frozen model (a reference, a reward model) placed for this launch, never registered with the accelerator
+    (so `save_state` never writes it; it is reloaded from its checkpoint). With `shard` where the launch shards
+    weights: under FSDP2 by accelerate's own wrapping (per transformer layer, as the trained models), under ZeRO-3
+    by TRL's inference engine (as TRL's DPOTrainer builds its reference). Otherwise a whole copy on this process's
+    device. `key`: the config key a sharding failure names."""
+    kind = sharded_weights(accelerator) if shard else None
+    if kind == "DeepSpeed ZeRO-3":  # not run here: DeepSpeed is not installed on the test machines
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 2:  # FSDP1: a whole copy
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        from prefopt.config import ConfigError
+
+        try:
+            return fsdp2_prepare_model(accelerator, model)
+        except ValueError as e:  # the config's fsdp_transformer_layer_cls_to_wrap names a class this model lacks
+            raise ConfigError(f"{key}: cannot shard {type(model).__name__} with this FSDP config ({e}): use a model "
+                              "of the policy's architecture, set the key for a whole copy, or leave "
+                              "fsdp_transformer_layer_cls_to_wrap unset") from None
+    return model.to(accelerator.device)
+
+
 def full_state_dict(accelerator, model) -> dict | None:
     """The whole weights of a prepared model whose processes hold shards of them, gathered onto every process's
     CPU (collective: every process must call it, or the gather waits forever); None when each process already

@@ -38,6 +38,7 @@ from prefopt import faults
 from prefopt.config import ConfigError
 from prefopt.generation.base import Sampling
 from prefopt.logps import masked_mean
+from prefopt.models import place_frozen
 from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, policy_loss, value_loss
 from prefopt.ppo.rollout import ValueModel, collect, policy_forward, reward_model_scorer, trim
 
@@ -372,23 +373,6 @@ def is_sharded(accelerator) -> bool:
     from prefopt.models import sharded_weights
 
     return sharded_weights(accelerator) == "FSDP"
-
-
-def place_frozen(accelerator, model, shard: bool, key: str):
-    """A frozen model (the reference, the reward model) for this launch. Under FSDP with `shard`: sharded the way
-    the trained models are, by accelerate's own FSDP2 wrapping (per transformer layer), but not registered with
-    the accelerator, so `save_state` never writes it (it is reloaded from its checkpoint). Otherwise a full copy on
-    this process's device."""
-    if not (shard and is_sharded(accelerator)):
-        return model.to(accelerator.device)
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    try:
-        return fsdp2_prepare_model(accelerator, model)
-    except ValueError as e:  # the config's fsdp_transformer_layer_cls_to_wrap names a class this model lacks
-        raise ConfigError(f"{key}: cannot shard {type(model).__name__} with this FSDP config ({e}): set {key}: "
-                          "false for a full copy on each process, or leave fsdp_transformer_layer_cls_to_wrap "
-                          "unset") from None
 
 
 def gather_rows(accelerator, t: torch.Tensor, pad) -> torch.Tensor:

@@ -40,9 +40,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from prefopt import faults
-from prefopt.config import ConfigError
-from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model,
-                             sharded_weights)
+from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, place_frozen,
+                             save_model)
 from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
@@ -195,27 +194,11 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
 
 
 def _frozen_reference(accelerator, ref_path: str, key: str):
-    """A `ref_model` other than the policy, for the reference pass, placed as the policy is: sharded like it under
-    FSDP2 (accelerate's own wrapping, as PPO's frozen models) and ZeRO-3 (TRL's inference engine, as TRL's
-    DPOTrainer builds for its reference), a full copy on each process otherwise. Not registered with the
-    accelerator, so `save_state` never writes it."""
+    """A `ref_model` other than the policy, for the reference pass, placed as the policy is
+    (`models.place_frozen`: sharded under FSDP2 and ZeRO-3, a whole copy otherwise)."""
     ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
     disable_dropout(ref)
-    kind = sharded_weights(accelerator)
-    if kind == "DeepSpeed ZeRO-3":  # not run here: DeepSpeed is not installed on the test machines
-        from trl.models.utils import prepare_deepspeed
-
-        return prepare_deepspeed(ref, accelerator)
-    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 2:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-        try:
-            return fsdp2_prepare_model(accelerator, ref)
-        except ValueError as e:  # the config's fsdp_transformer_layer_cls_to_wrap names a class this model lacks
-            raise ConfigError(f"{key}: cannot shard {type(ref).__name__} with this FSDP config ({e}): use a "
-                              "reference of the policy's architecture, or leave fsdp_transformer_layer_cls_to_wrap "
-                              "unset") from None
-    return ref.to(accelerator.device)
+    return place_frozen(accelerator, ref, True, key)
 
 
 def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:

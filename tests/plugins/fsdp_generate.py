@@ -16,7 +16,7 @@ from prefopt.data.templates import encode
 from prefopt.generation.base import Sampling
 from prefopt.generation.hf import TransformersGenerator
 from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.ppo.recipe import place_frozen
+from prefopt.models import place_frozen
 
 path = sys.argv[1]
 accelerator = Accelerator(cpu=True)
