@@ -170,7 +170,11 @@ class Run:
             reset_peak(self.size.device)
             signal.setitimer(signal.ITIMER_REAL, limit)
             try:
-                rec = {"status": "ok", **fn()}
+                try:
+                    figures = fn()
+                finally:  # disarmed before any clean-up below, which may itself take a while (gc in a big process)
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                rec = {"status": "ok", **figures}
             except Skip as e:
                 rec = {"status": "skipped", "reason": str(e)}
             except Exception as e:  # noqa: BLE001 - one section's failure must not stop the others

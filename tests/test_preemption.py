@@ -85,8 +85,9 @@ def assert_bit_identical(a: Path, b: Path) -> None:
 
 def check_preempted(run: Run, stage: str, stage_dir: Path, seen: int, total: int) -> int:
     """Exit 143 within 10 s, one `prefopt:` line, the last of stderr, no traceback; the checkpoint of the step it
-    names is there and verifies, and that step is the one logged at the signal or the one after (at most one
-    step lost). Returns that step."""
+    names is there and verifies, and that step is at most two after the one logged when the signal went (no step
+    is lost: the checkpoint is of the step it stopped at; a step of these tiny runs takes ~50 ms, and `prefopt run`
+    passes the signal on to the stage, so on a loaded machine one more step can finish first). Returns that step."""
     t0 = time.time()
     rc, err = run.wait(timeout=60)
     assert time.time() - t0 < 10, "the stage took over 10 s to stop after SIGTERM"
@@ -98,7 +99,7 @@ def check_preempted(run: Run, stage: str, stage_dir: Path, seen: int, total: int
     assert m, lines[0]
     assert m.group(1) == stage and m.group(2) == m.group(3)
     step = int(m.group(2))
-    assert seen <= step <= seen + 1 and step < total
+    assert seen <= step <= seen + 2 and step < total
     ckpt = stage_dir / "checkpoints" / f"checkpoint-{step}"
     assert verify_manifest(ckpt) is None
     assert not (stage_dir / "_DONE.json").exists()
