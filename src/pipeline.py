@@ -444,7 +444,8 @@ def experiment_wall_seconds(cfg: ExperimentConfig) -> float:
 
 
 TABLE_COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold - SFT"), ("win_rate_vs_sft_gold", "win (gold)"),
-                 ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("kl_to_sft", "KL to SFT"), ("length", "length")]
+                 ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("win_rate_vs_sft_lc", "LC win (RM)"),
+                 ("kl_to_sft", "KL to SFT"), ("kl_to_sft_bound", "KL bound"), ("length", "length")]
 
 
 def _cell(figs: dict, key: str) -> str:
