@@ -192,8 +192,8 @@ class ShardSignals(StopSignals):
             self._sampling = False
 
 
-def _children(pid: int) -> list[int]:
-    """Live child processes of `pid` (from /proc)."""
+def _live_processes(field: int, value: int) -> list[int]:
+    """Live (not zombie) processes whose /proc stat field `field` equals `value`: 1 the parent pid, 2 the group."""
     out = []
     for d in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
         if not d.name.isdigit():
@@ -203,9 +203,14 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[field]) == value and fields[0] != "Z":
             out.append(int(d.name))
     return out
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid`."""
+    return _live_processes(1, pid)
 
 
 _held: dict = {}  # the handlers StopSignals replaced, while an error it let through is reported
@@ -441,16 +446,6 @@ def forward_signals(proc):
 
 
 def _group(pgid: int) -> list[int]:
-    """Live processes whose process group is `pgid` (from /proc)."""
-    out = []
-    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(d.name))
-    return out
+    """Live processes whose process group is `pgid`."""
+    return _live_processes(2, pgid)
+

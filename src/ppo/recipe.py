@@ -39,6 +39,7 @@ from prefopt.config import ConfigError
 from prefopt.generation.base import Sampling
 from prefopt.logps import masked_mean
 from prefopt.models import place_frozen
+from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, policy_loss, value_loss
 from prefopt.ppo.rollout import ValueModel, collect, policy_forward, reward_model_scorer, trim
 
@@ -97,33 +98,14 @@ def resumable_checkpoint(accelerator, folder: Path) -> Path | None:
     """The newest `iter-N` whose manifest verifies (the main process hashes, the others are told). A damaged one
     is removed with a line naming the bad file and the previous one is tried; with none left the stage starts
     over, with a line. Collective: every process calls it."""
-    choice = [None]
-    if accelerator.is_main_process:
-        choice[0] = _newest_valid(Path(folder))
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(choice)
-    return Path(choice[0]) if choice[0] else None
+    return decided_by_main(accelerator, lambda: _newest_valid(Path(folder)))
 
 
 def _newest_valid(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    for tmp in folder.glob(".iter-*.partial"):  # a save a kill cut short
+    for tmp in folder.glob(".iter-*.partial") if folder.is_dir() else []:  # a save a kill cut short
         shutil.rmtree(tmp, ignore_errors=True)
-    found = sorted((p for p in folder.glob("iter-*") if p.is_dir() and p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
-    for ck in reversed(found):
-        bad = faults.verify_manifest(ck)
-        if bad is None:
-            return str(ck)
-        print(f"[prefopt] ppo: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
-              flush=True)
-        shutil.rmtree(ck, ignore_errors=True)
-    if found:
-        print(f"[prefopt] ppo: no valid checkpoint to resume from in {folder}: starting the stage over", flush=True)
-    return None
+    found = numbered_folders(folder, "iter-")
+    return newest_verified(found, "ppo", folder, bool(found))
 
 
 def save_checkpoint(accelerator, folder: Path, iteration: int, policy, kl_ctl, sampler, last_metrics: dict,

@@ -45,6 +45,7 @@ from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_l
 from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
+from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.training.lora import lora_config
 from prefopt.dist import seed_everything
 
@@ -102,8 +103,7 @@ def disable_dropout(model) -> None:
 
 
 def checkpoint_folders(ckpt_dir: Path) -> list[Path]:
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
+    return numbered_folders(ckpt_dir, "checkpoint-")
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -114,14 +114,7 @@ def resumable_checkpoint(accelerator, ckpt_dir: Path, stage: str) -> Path | None
     """The newest checkpoint whose manifest verifies, model and `state/` (the main process hashes, the others are
     told). A damaged one is removed with a line naming the bad file, and the next older one is tried; with none
     left the stage starts over, with a line, and the unusable folders are removed."""
-    choice = [None]
-    if accelerator.is_main_process:
-        choice[0] = _newest_valid(ckpt_dir, stage)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(choice)
-    return Path(choice[0]) if choice[0] else None
+    return decided_by_main(accelerator, lambda: _newest_valid(ckpt_dir, stage))
 
 
 def _newest_valid(ckpt_dir: Path, stage: str) -> str | None:
@@ -129,19 +122,11 @@ def _newest_valid(ckpt_dir: Path, stage: str) -> str | None:
         shutil.rmtree(tmp, ignore_errors=True)
     found = checkpoint_folders(ckpt_dir)
     resumable = [p for p in found if (p / "state").is_dir()]  # older ones keep only their model, by design
-    for ck in reversed(resumable):
-        bad = faults.verify_manifest(ck)
-        if bad is None:
-            return str(ck)
-        print(f"[prefopt] {stage}: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
-              flush=True)
-        shutil.rmtree(ck, ignore_errors=True)
-    if found:
-        print(f"[prefopt] {stage}: no valid checkpoint to resume from in {ckpt_dir}: starting the stage over",
-              flush=True)
+    chosen = newest_verified(resumable, stage, ckpt_dir, bool(found))
+    if chosen is None:
         for ck in checkpoint_folders(ckpt_dir):
             shutil.rmtree(ck, ignore_errors=True)
-    return None
+    return chosen
 
 
 def _lora(model, spec):

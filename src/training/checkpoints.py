@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 
 def last_checkpoint(output_dir, stage: str = "") -> str | None:
     """The newest `checkpoint-N` a stopped Trainer run left whose manifest verifies, or None.
@@ -22,23 +25,44 @@ def last_checkpoint(output_dir, stage: str = "") -> str | None:
 
 
 def _newest_valid(output_dir, stage: str) -> str | None:
-    import shutil
-    from pathlib import Path
+    ckpts = numbered_folders(Path(output_dir), "checkpoint-")
+    return newest_verified(ckpts, stage, Path(output_dir), bool(ckpts))
 
+
+def numbered_folders(folder: Path, prefix: str) -> list[Path]:
+    """The `<prefix>N` folders under `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    n = len(prefix)
+    return sorted((p for p in folder.glob(prefix + "*") if p.is_dir() and p.name[n:].isdigit()),
+                  key=lambda p: int(p.name[n:]))
+
+
+def newest_verified(candidates: list[Path], stage: str, folder: Path, any_found: bool) -> str | None:
+    """The newest of `candidates` whose manifest verifies (`faults.verify_manifest`). A damaged one is removed with
+    a line naming the bad file and the previous one is tried; with none left (and `any_found`), a line says the
+    stage starts over. Every training stage's resume goes through here."""
     from prefopt.faults import verify_manifest
 
-    d = Path(output_dir)
-    if not d.is_dir():
-        return None
-    ckpts = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for ck in reversed(ckpts):
+    for ck in reversed(candidates):
         bad = verify_manifest(ck)
         if bad is None:
             return str(ck)
         print(f"[prefopt] {stage}: checkpoint {ck} cannot be resumed: {bad}; removed, trying the previous one",
               flush=True)
         shutil.rmtree(ck, ignore_errors=True)
-    if ckpts:
-        print(f"[prefopt] {stage}: no valid checkpoint to resume from in {d}: starting the stage over", flush=True)
+    if any_found:
+        print(f"[prefopt] {stage}: no valid checkpoint to resume from in {folder}: starting the stage over", flush=True)
     return None
+
+
+def decided_by_main(accelerator, pick) -> Path | None:
+    """`pick()` on the main process (it may remove folders), its answer broadcast to the others. Collective."""
+    choice = [None]
+    if accelerator.is_main_process:
+        choice[0] = pick()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(choice)
+    return Path(choice[0]) if choice[0] else None
