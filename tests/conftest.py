@@ -40,6 +40,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def other_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A second random init of the tiny model (same tokenizer): a reference whose log-probs differ from the
+    policy's."""
+    from prefopt.dist import seed_everything
+    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    seed_everything(7)
+    model = build_tiny_llama(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=64)
+    return save_model(model, tok, tmp_path_factory.mktemp("other") / "model")
+
+
 def pytest_collection_modifyitems(config, items):
     if not SHARED_DATA.exists():
         skip = pytest.mark.skip(reason=f"{SHARED_DATA} not present")

@@ -17,19 +17,6 @@ TRAIN = {"per_device_train_batch_size": 8, "lr_scheduler_type": "constant", "max
          "logging_steps": 1, "save_steps": 100, "max_length": 256}
 
 
-@pytest.fixture(scope="module")
-def other_model_dir(tiny_model_dir, tmp_path_factory):
-    """A second random init of the tiny model: a reference whose log-probs differ from the policy's."""
-    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
-
-    tok = load_tokenizer(str(tiny_model_dir))
-    seed_everything(7)
-    model = build_tiny_llama(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                             intermediate_size=64)
-    return save_model(model, tok, tmp_path_factory.mktemp("other") / "model")
-
-
 def test_dpo_smoke_lowers_loss_on_training_pairs(tmp_path, tiny_model_dir):
     """4 steps (2 epochs of 16 pairs): the saved policy has a DPO loss below log 2 against its start."""
     pairs = write_pairs(tmp_path / "pairs.jsonl")

@@ -31,19 +31,6 @@ CACHE_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def other_model_dir(tiny_model_dir, tmp_path_factory):
-    """A second random init of the tiny model (same tokenizer): a `ref_model` whose log-probs differ."""
-    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
-
-    tok = load_tokenizer(str(tiny_model_dir))
-    seed_everything(7)
-    model = build_tiny_llama(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                             intermediate_size=64)
-    return save_model(model, tok, tmp_path_factory.mktemp("other") / "model")
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", n=N_PAIRS)
 
