@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def tiny_model(out: Path, hidden: int, layers: int) -> str:
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     texts = ["Below is an instruction that describes a task. Sort the numbers 3 1 2 in ascending order. 1 2 3"] * 50

@@ -79,8 +79,8 @@ def hh_pairs(n: int, max_chars: int = 1500) -> list[dict]:
 
 def build(workdir: Path, n_alpaca: int, n_hh: int) -> None:
     """The model, its tokenizer and both pairs files in workdir (once; reused by every run)."""
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     if (workdir / "model" / "model.safetensors").exists():
         return
@@ -106,7 +106,7 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
 
     from prefopt.experiment import load_config
     from prefopt.stage import run_stage
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     stage = "simpo" if "simpo" in system else "dpo"
     sec = {"model": str(workdir / "model"), "pairs": str(workdir / f"{job}.jsonl"), "learning_rate": LR,
@@ -128,8 +128,8 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
 def run_trl(system: str, job: str, workdir: Path) -> dict:
     from datasets import Dataset
 
-    from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.preference_data import load_pairs
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.preference.data import load_pairs
 
     tok = load_tokenizer(str(workdir / "model"))
     rows = load_pairs(str(workdir / f"{job}.jsonl"), "alpaca", tok)
@@ -186,7 +186,7 @@ def one(system: str, job: str, workdir: Path, threads: int) -> dict:
 
 def print_lengths(workdir: Path) -> None:
     """Mean tokens per job: prompt, prompt + chosen, prompt + rejected (what a padded batch row holds)."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(workdir / "model"))
     for job in ("alpaca", "hh"):

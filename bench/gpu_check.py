@@ -3,7 +3,7 @@
     bash bench/gpu_check.sh            # one H100/H200, bf16 (the shell script's header says how to bring TRL)
     bash bench/gpu_check.sh --tiny     # the same code on CPU at tiny sizes, fp32, in seconds (tests/test_gpu_check.py)
 
-Nothing is downloaded. A byte-level BPE is trained here on docs/*.md (prefopt.models.build_tokenizer: about 4,600
+Nothing is downloaded. A byte-level BPE is trained here on docs/*.md (prefopt.models.loading.build_tokenizer: about 4,600
 tokens at full size) and padded with reserved added tokens (`<|reserved_N|>`, as Llama-3 reserves special tokens)
 to each family's real vocabulary, so the lm_head and the log-softmax are as large as in the real models: Llama-3
 128,256, Gemma-2 256,000. A reserved token decodes to its own text and encodes back to itself, so sampled
@@ -23,7 +23,7 @@ alarm and the total wall-time budget:
   setup, reward_model
   <family>/build        the model in bf16 (fp32 with --tiny)
   <family>/generate     candidates from the transformers backend (prefopt.generation.hf; vLLM is absent there)
-  <family>/score        the reward model's scores (prefopt.reward.score.ClassifierScorer)
+  <family>/score        the reward model's scores (prefopt.scoring.scorer.ClassifierScorer)
   <family>/pairs        best vs worst per prompt (prefopt.pairs.strategies), tokenized as the stages do
   <family>/parity       summed completion log-probs of every layout (prefopt.preference.batching.collate /
                         pair_logps) against the padded layout and against log_softmax(model(ids).logits) of each
@@ -257,7 +257,7 @@ def corpus() -> list[str]:
 
 def family_tokenizer(texts: list[str], size: Size, family: str):
     """prefopt's byte-level BPE, padded with reserved added tokens to the family's vocabulary size."""
-    from prefopt.models import build_tokenizer
+    from prefopt.models.loading import build_tokenizer
 
     tok = build_tokenizer(texts, vocab_size=size.bpe_vocab)
     base = len(tok)
@@ -325,7 +325,7 @@ def setup(run: Run) -> dict:
 
 
 def reward_model(run: Run) -> dict:
-    from prefopt.reward.score import ClassifierScorer
+    from prefopt.scoring.scorer import ClassifierScorer
 
     tok = run.state["llama/tok"]
     rm = build_model("reward", tok, run.size, seed=2).eval()
@@ -365,7 +365,7 @@ def generate(run: Run, family: str) -> dict:
 
 def score(run: Run, family: str) -> dict:
     from prefopt.data.templates import encode
-    from prefopt.reward.score import reward_text
+    from prefopt.scoring.scorer import reward_text
 
     scorer = run.state["rm"]
     outs = run.state[f"{family}/candidates"]
@@ -387,7 +387,7 @@ def score(run: Run, family: str) -> dict:
 
 def pairs(run: Run, family: str) -> dict:
     from prefopt.pairs.strategies import select_pairs
-    from prefopt.preference_data import tokenize_pairs
+    from prefopt.preference.data import tokenize_pairs
 
     outs, scores = run.state[f"{family}/candidates"], run.state[f"{family}/scores"]
     rows, k = [], 0

@@ -141,7 +141,7 @@ def rm_format_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
         return None
     if not Path(ref).expanduser().is_dir():
         return None
-    from prefopt.reward.score import rm_input_format
+    from prefopt.scoring.scorer import rm_input_format
 
     try:
         rm_input_format("chat", str(Path(ref).expanduser()), key,

@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 from prefopt.config import ConfigError
-from prefopt.exits import log_file, run_reported
+from prefopt.runtime.exits import log_file, run_reported
 
 STAGE_HELP = {
     "task": "write the task's data files (gold-reward task: SFT demos, prompts, annotated preferences)",

@@ -18,24 +18,24 @@ from prefopt.base.config import BaseConfig
 from prefopt.config import FieldError, apply_overrides, check_choice, check_range, from_dict, load_yaml, parse_overrides
 from prefopt.dpo.config import DPOStageConfig
 from prefopt.evaluate.config import EvaluateConfig
-from prefopt.generation.config import GenerateConfig
+from prefopt.generate.config import GenerateConfig
 from prefopt.pairs.config import PairsConfig
 from prefopt.ppo.config import PPOConfig
 from prefopt.reward.config import RewardStageConfig, ScoreConfig
-from prefopt.selfinstruct.config import SelfInstructConfig
+from prefopt.self_instruct.config import SelfInstructConfig
 from prefopt.sft.config import SFTStageConfig
 from prefopt.simpo.config import SimPOConfig
-from prefopt.tasks.config import TaskConfig
+from prefopt.task.config import TaskConfig
 
 # Stage name -> (module with `run(ctx)`, launched through `accelerate launch` when the launcher says so)
 STAGES: dict[str, tuple[str, bool]] = {
-    "task": ("prefopt.tasks.recipe", False),
-    "self_instruct": ("prefopt.selfinstruct.recipe", False),
+    "task": ("prefopt.task.recipe", False),
+    "self_instruct": ("prefopt.self_instruct.recipe", False),
     "base": ("prefopt.base.recipe", False),
     "sft": ("prefopt.sft.recipe", True),
-    "generate": ("prefopt.generation.recipe", False),
+    "generate": ("prefopt.generate.recipe", False),
     "reward": ("prefopt.reward.recipe", True),
-    "score": ("prefopt.reward.score", False),
+    "score": ("prefopt.score.recipe", False),
     "pairs": ("prefopt.pairs.recipe", False),
     "dpo": ("prefopt.dpo.recipe", True),
     "simpo": ("prefopt.simpo.recipe", True),

@@ -479,7 +479,7 @@ def stage_plan(cfg, stage: str, b: Backend, gpu_gb: float) -> StagePlan | None:
         if sizes:
             big = max(sizes, key=lambda m: m.params)
             plan.phases.append(_generation_phase(sec, big, gpu_gb, "generation (largest policy)"))
-            # response log-probs project 512 tokens at a time (evaluate.metrics.response_logps); a row is the prompt
+            # response log-probs project 512 tokens at a time (training.logps.response_logps); a row is the prompt
             # and the response, counted as max_new_tokens (the prompt's length is not bounded by the config)
             plan.phases.append(_inference_phase("log-probs (largest policy)", big, 2, sec.batch_size,
                                                 sec.max_new_tokens, min(512, sec.batch_size * sec.max_new_tokens)))

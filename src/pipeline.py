@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from prefopt.runtime.exits import StageFailed
 from prefopt.experiment import (ORDER, ROUND_STAGES, STAGES, ExperimentConfig, for_seed, replicated_stage,
                                  stage_dir)
 from prefopt.stage import (FINGERPRINT, MARKER, fingerprint, next_dir, recover_swap, run_stage, stage_status,
@@ -32,14 +33,6 @@ class LockedError(RuntimeError):
 
     exit_code = 4
     kind = "lock error"
-
-
-class StageFailed(RuntimeError):
-    """A launched stage process failed; `exit_code` is its own (a user error's code passes through accelerate)."""
-
-    def __init__(self, exit_code: int, message: str = ""):
-        self.exit_code = exit_code
-        super().__init__(message)
 
 
 # A stage process launched by `prefopt run` finds here the token of the lock its parent holds, and does not wait
@@ -253,7 +246,7 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
                                       if cfg.launch.srun else 1)
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads
-        from prefopt.faults import PreemptedError, forward_signals
+        from prefopt.runtime.faults import PreemptedError, forward_signals
 
         # its own session: a signal to this process reaches the stage through forward_signals, once
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
@@ -345,9 +338,9 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
 
 
 def replicate_table(cfg: ExperimentConfig) -> Path | None:
-    """After a replicated run: every seed's final evaluate summary aggregated (prefopt.replicates) into
+    """After a replicated run: every seed's final evaluate summary aggregated (prefopt.analysis.replicates) into
     `<root>/replicates.json` and `replicates.md`, and the table printed. None when no seed has finished."""
-    from prefopt.replicates import aggregate, table_lines
+    from prefopt.analysis.replicates import aggregate, table_lines
 
     summaries = {}
     for seed in cfg.seed_list:

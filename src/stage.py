@@ -417,8 +417,8 @@ def prepare_dir(cfg: ExperimentConfig, stage: str, round_: int, is_main: bool = 
 def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = False) -> dict:
     """Run one stage in this process (under `accelerate launch`, in every process) and record it. `fresh`: reuse
     nothing of a finished result (`prefopt run --from`)."""
-    from prefopt.tracking import NullTracker, Tracker
-    from prefopt.dist import dist_barrier, is_main_process
+    from prefopt.runtime.tracking import NullTracker, Tracker
+    from prefopt.dist.process import dist_barrier, is_main_process
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")

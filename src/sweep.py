@@ -411,8 +411,8 @@ def rebuild_table(sweep: Sweep, values: list[dict], trials: list, out_dir: Path)
 
 def run_trial(argv: list[str]) -> int:
     """`prefopt run CONFIG OVERRIDES...` in this process, its errors reported as the CLI reports them (one line and
-    an exit code, `prefopt.exits`), so a trial fails exactly as the command would."""
-    from prefopt.exits import log_file, run_reported
+    an exit code, `prefopt.runtime.exits`), so a trial fails exactly as the command would."""
+    from prefopt.runtime.exits import log_file, run_reported
     from prefopt.pipeline import run_experiment
 
     holder: dict = {}

@@ -28,8 +28,8 @@ TINY_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama (2 layers, hidden 32) and its byte-level BPE tokenizer, randomly initialised."""
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS, vocab_size=300)
@@ -44,8 +44,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def other_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A second random init of the tiny model (same tokenizer): a reference whose log-probs differ from the
     policy's."""
-    from prefopt.dist import seed_everything
-    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
+    from prefopt.models.loading import build_tiny_llama, load_tokenizer, save_model
 
     tok = load_tokenizer(str(tiny_model_dir))
     seed_everything(7)

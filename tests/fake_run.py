@@ -1,4 +1,4 @@
-"""A synthetic finished run directory in the exact record formats the stages write (prefopt.tracking, the
+"""A synthetic finished run directory in the exact record formats the stages write (prefopt.runtime.tracking, the
 pairs and evaluate stages), so the report and notebook tests need no training."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ its real chat template (the public template, written here as a fixture) and its 
 byte-level BPE tokenizer trained here (no downloads). Sizes are tiny, but every window is smaller than the test
 sequences so the sliding-window layers really slide.
 
-`prefopt.architectures.CHECKED` says what the conformance suite (tests/test_architectures.py) checks for each
+`prefopt.models.architectures.CHECKED` says what the conformance suite (tests/test_architectures.py) checks for each
 family; `test_every_checked_family_is_built_here` keeps the two in step.
 """
 
@@ -59,7 +59,7 @@ PHI3_TEMPLATE = (  # microsoft/Phi-3-mini-4k-instruct
 class Family:
     """One model family: its transformers config class and tiny settings, tokens and chat template."""
 
-    name: str            # as `prefopt.architectures.CHECKED` and the README table name it
+    name: str            # as `prefopt.models.architectures.CHECKED` and the README table name it
     model_type: str      # config.model_type
     config_class: str    # transformers config class
     config: dict         # tiny settings; the family's own switches (soft-capping, windows, layer types) kept
@@ -163,7 +163,7 @@ def build_model(fam: Family, tokenizer, attn: str = "eager", hidden_size: int = 
 
 def save_family(fam: Family, out: Path, attn: str = "eager", **kw) -> Path:
     """Build and save the family's tiny model and tokenizer as a checkpoint folder (stages read folders)."""
-    from prefopt.models import save_model
+    from prefopt.models.loading import save_model
 
     tok = build_tokenizer(fam)
     save_model(build_model(fam, tok, attn, **kw), tok, out)

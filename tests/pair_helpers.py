@@ -50,9 +50,9 @@ def run_prefopt(*args: str, launcher: list[str] | None = None, timeout: int = 30
 
 def pair_logps(model_dir, pairs_file) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed log-probs (chosen, rejected) and completion lengths (chosen, rejected) of every pair in the file."""
-    from prefopt.logps import sequence_logps
-    from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.preference_data import collate_pairs, load_pairs, tokenize_pairs
+    from prefopt.training.logps import sequence_logps
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.preference.data import collate_pairs, load_pairs, tokenize_pairs
 
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), "float32").eval()

@@ -131,7 +131,7 @@ def test_labels_resume_and_load_as_preferences(tmp_path):
     for row, got in zip(rows, loaded):
         assert (got["prompt"], got["chosen"], got["rejected"]) == (row["prompt"], row["chosen"], row["rejected"])
     # the dpo / simpo stages' reader (pairs given as a file: --dpo.pairs=<out>)
-    from prefopt.preference_data import load_pairs
+    from prefopt.preference.data import load_pairs
 
     assert [r["chosen"] for r in load_pairs(str(out), "alpaca", None)] == [r["chosen"] for r in rows]
     shown = s.shown(pairs[0])

@@ -1,4 +1,4 @@
-"""The architecture conformance suite: every family in `prefopt.architectures.CHECKED`, built tiny from its own
+"""The architecture conformance suite: every family in `prefopt.models.architectures.CHECKED`, built tiny from its own
 transformers config class (tests/families.py), against its own forward.
 
 The reference is the plainest thing there is: each sequence alone, unpadded, through `model(input_ids).logits`,
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from families import FAMILIES, build_model, build_tokenizer
-from prefopt.architectures import CHECKED, support_table, unchecked
+from prefopt.models.architectures import CHECKED, support_table, unchecked
 from prefopt.preference.batching import (LAYOUTS, LayoutError, _pair_logps_inside_forward, check_layout, collate,
                                          pair_logps)
 
@@ -155,7 +155,7 @@ def test_readme_table_is_what_the_suite_checks():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert support_table() in readme, "README's supported-models table differs from prefopt.architectures"
+    assert support_table() in readme, "README's supported-models table differs from prefopt.models.architectures"
 
 
 @pytest.mark.parametrize("stage", ["dpo", "simpo"])
@@ -183,7 +183,7 @@ def test_loading_an_unchecked_family_warns_and_a_checked_one_does_not(tmp_path, 
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from families import save_family
-    from prefopt.models import load_causal_lm, save_model
+    from prefopt.models.loading import load_causal_lm, save_model
 
     tok = tokenizers["llama3"]
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
@@ -204,8 +204,8 @@ def test_reward_model_scores_batched_equal_scores_alone(tmp_path, tokenizers, fa
     each text scored alone (no padding at all), whatever the family's pad token (none for Llama-3 and Mistral)."""
     import transformers
 
-    from prefopt.models import save_model
-    from prefopt.reward.score import load_scorer
+    from prefopt.models.loading import save_model
+    from prefopt.scoring.scorer import load_scorer
 
     tok = tokenizers[family]
     lm = build_model(FAMILIES[family], tok, FAMILIES[family].attn[-1], hidden_size=32)
@@ -229,7 +229,7 @@ def test_a_soft_capped_model_loads_with_the_attention_that_applies_its_soft_cap(
     import transformers
 
     from families import save_family
-    from prefopt.models import load_causal_lm, load_reward_model
+    from prefopt.models.loading import load_causal_lm, load_reward_model
 
     path = save_family(FAMILIES["gemma2"], tmp_path / "gemma2", hidden_size=32, layers=1)
     assert load_causal_lm(str(path)).config._attn_implementation == "eager"

@@ -349,8 +349,8 @@ def test_interrupt_and_crash_codes(tmp_path, monkeypatch, capsys):
 
 def test_long_prompts_are_cut_from_the_left_or_dropped_and_said(tiny_model_dir, capsys):
     """A prompt filling max_length=16 keeps BOS + its last 7 tokens (16 // 2 = 8 in all); with `drop` it goes."""
-    from prefopt.models import load_tokenizer
-    from prefopt.preference_data import tokenize_pairs
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.data import tokenize_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     long = {"prompt": "The quick brown fox jumps over the lazy dog. " * 4, "chosen": "1 2 3", "rejected": "3 2 1"}
@@ -499,8 +499,8 @@ def test_empty_answers_only_in_pairs_the_pipeline_built(tmp_path, tiny_model_dir
     """A sampled candidate may be empty (EOS first) in the pairs stage's file; in a user's pairs file it is a broken
     row, as is a whitespace-only one."""
     from prefopt.data.errors import DataError
-    from prefopt.models import load_tokenizer
-    from prefopt.preference_data import load_pairs
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.data import load_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     user = _jsonl(tmp_path / "mine.jsonl", [_pref(), _pref(chosen="  ")])

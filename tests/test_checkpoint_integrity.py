@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pair_helpers import write_config, write_pairs
-from prefopt.faults import verify_manifest
+from prefopt.runtime.faults import verify_manifest
 
 SECTION = {"max_steps": 6, "save_steps": 2, "save_total_limit": 2, "per_device_train_batch_size": 4,
            "learning_rate": 1e-3, "logging_steps": 1, "max_length": 128}
@@ -148,7 +148,7 @@ def test_reference_cache_with_20_values_overwritten_is_recomputed(finished, tmp_
     fine): its content hash no longer matches, so the next run recomputes it with a line, the file holds the
     first run's values again, and step 1 (policy = reference) has the DPO loss log 2, not another number."""
     from prefopt.stage import run_stage
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     root, pairs = finished
     shutil.copytree(root / "runs", tmp_path / "runs")

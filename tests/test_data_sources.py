@@ -200,7 +200,7 @@ def test_dpo_runs_on_a_local_mixture_and_its_summary_counts_each_part(tmp_path, 
 
 
 def test_dpo_pairs_accept_a_dataset_spec_and_a_hub_id(tmp_path, hf_cache):
-    from prefopt.preference_data import load_pairs, pairs_path
+    from prefopt.preference.data import load_pairs, pairs_path
 
     cache_as_hub(hub_repo(tmp_path / "src"), "prefopt-test/dpo_mini", hf_cache)
     want = [(r["chosen"], r["rejected"]) for r in PAIRS]
@@ -329,7 +329,7 @@ MEASURE = r"""
 import json, sys
 import datasets, torch  # noqa: F401  (imported on both paths, before the baseline)
 from prefopt.data.spec import DatasetSpec
-from prefopt.preference_data import load_pairs
+from prefopt.preference.data import load_pairs
 
 def status(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -9,7 +9,7 @@ import torch
 
 from pair_helpers import pair_logps, run_prefopt, state_dict, write_config, write_pairs
 from prefopt.dpo.loss import dpo_loss
-from prefopt.tracking import read_metrics
+from prefopt.runtime.tracking import read_metrics
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected"]
@@ -83,8 +83,8 @@ def test_dpo_stage_equals_trl_after_three_steps(tmp_path, tiny_model_dir, other_
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from prefopt.models import load_causal_lm, load_tokenizer
-    from prefopt.preference_data import load_pairs
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.preference.data import load_pairs
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=8)
     cfg = write_config(tmp_path, "dpo", {"model": str(tiny_model_dir), "ref_model": str(other_model_dir),
@@ -112,7 +112,7 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, o
     """A `ref_model` whose vocabulary differs from the policy's is refused before any training, naming the
     reference; a reference that shares the tokenizer (another init, same vocabulary) passes the same check."""
     from prefopt.experiment import load_config
-    from prefopt.models import build_tiny_llama, build_tokenizer, load_tokenizer, save_model
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, load_tokenizer, save_model
     from prefopt.preference.loop import check_same_tokenizer
     from prefopt.stage import run_stage
 

@@ -210,7 +210,7 @@ def test_nothing_configured_runs_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(tiny_model_dir), dtype="float32").eval(), load_tokenizer(str(tiny_model_dir))
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from prefopt.evaluate import metrics as M
 
+from prefopt.training import logps as L
 # ------------------------------------------------------------------------------------------------ pure figures
 
 
@@ -90,7 +91,7 @@ def test_multiple_choice_sum_vs_mean_forced():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     return load_causal_lm(str(tiny_model_dir), dtype="float32").eval(), load_tokenizer(str(tiny_model_dir))
 
@@ -111,7 +112,7 @@ def test_response_logps_match_direct_computation(tiny):
                  tok(" there, how can I help you today?", add_special_tokens=False)["input_ids"],
                  tok(" jumps", add_special_tokens=False)["input_ids"]]
     for T in (1.0, 0.7):
-        got = M.response_logps(model, prompts, responses, pad_id=tok.pad_token_id, temperature=T, batch_size=2)
+        got = L.response_logps(model, prompts, responses, pad_id=tok.pad_token_id, temperature=T, batch_size=2)
         want = [_direct_logp(model, p, r, T) for p, r in zip(prompts, responses)]
         assert got == pytest.approx(want, abs=1e-4)
 
@@ -150,9 +151,9 @@ def stage_run(tiny_model_dir, tmp_path_factory):
     whose stage is off must be dropped."""
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
-    from prefopt.models import load_tokenizer, save_model
+    from prefopt.models.loading import load_tokenizer, save_model
     from prefopt.stage import run_stage
-    from prefopt.dist import seed_everything
+    from prefopt.dist.process import seed_everything
     from transformers import AutoModelForSequenceClassification
 
     tmp = tmp_path_factory.mktemp("eval")
@@ -315,7 +316,7 @@ def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     from prefopt.analysis import curve_rows
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
-    from prefopt.models import load_tokenizer, save_model
+    from prefopt.models.loading import load_tokenizer, save_model
     from prefopt.stage import run_stage
     from transformers import AutoModelForSequenceClassification
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_experiment, write_yaml
 from prefopt.annotate.items import load_pair_file
 from prefopt.data.errors import DataError
-from prefopt.preference_data import load_pairs
+from prefopt.preference.data import load_pairs
 
 ROWS = [{"prompt": "Sort 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"},
         {"prompt": "Sort 5 4", "chosen": "", "rejected": "5 4"}]

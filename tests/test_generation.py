@@ -15,9 +15,9 @@ from prefopt.generation import Sampling, make_generator, resolve_backend
 from prefopt.generation import factory
 from prefopt.generation.base import generate_many
 from prefopt.generation.hf import TransformersGenerator, left_pad
-from prefopt.generation.recipe import all_identical, unique_prompts
+from prefopt.generate.recipe import all_identical, unique_prompts
 from prefopt.generation.vllm_backend import VLLMGenerator, llm_kwargs, sampling_params_kwargs, to_completions
-from prefopt.models import load_causal_lm, load_tokenizer
+from prefopt.models.loading import load_causal_lm, load_tokenizer
 from prefopt.io import read_jsonl, weights_sha256
 
 PROMPTS = ["### Instruction:\nSort 3 1 2\n\n### Response:\n", "hi", "The quick brown fox jumps over the lazy dog"]
@@ -222,7 +222,7 @@ def test_vllm_batch_invariant_mode_is_set_before_import_and_recorded(monkeypatch
 def test_vllm_gets_token_ids_with_one_bos(monkeypatch, tiny_model_dir):
     """Prompts reach vLLM as token ids made by `encode`: a prompt text that already starts with BOS (a chat
     template that writes it) gets no second one, and a plain Alpaca prompt gets the tokenizer's."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     calls = {"tokenizer": tok}
@@ -334,7 +334,7 @@ def _rows(d):
 def test_stage_killed_then_resumed(tmp_path, tiny_model_dir, monkeypatch):
     """Killed after the first shard: the rerun keeps that shard as it is and writes exactly the rest; the result
     equals an uninterrupted run's."""
-    import prefopt.generation.recipe as recipe
+    import prefopt.generate.recipe as recipe
     from prefopt.stage import run_stage
 
     cfg = _experiment(tmp_path, tiny_model_dir)

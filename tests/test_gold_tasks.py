@@ -11,13 +11,13 @@ from prefopt.config import from_dict
 from prefopt.data.loaders import load_preferences, load_prompts, load_sft
 from prefopt.data.spec import DatasetSpec
 from prefopt.experiment import ExperimentConfig
-from prefopt.reward.functions import load_reward_function
+from prefopt.scoring.functions import load_reward_function
 from prefopt.stage import run_stage
-from prefopt.tasks import TaskError, get_task
-from prefopt.tasks.base import FILES
-from prefopt.tasks.lookup import score_values
-from prefopt.tasks.reverse import MISTAKES as REVERSE_MISTAKES
-from prefopt.tasks.reverse import mistake, score_letters
+from prefopt.gold import TaskError, get_task
+from prefopt.gold.base import FILES
+from prefopt.gold.lookup import score_values
+from prefopt.gold.reverse import MISTAKES as REVERSE_MISTAKES
+from prefopt.gold.reverse import mistake, score_letters
 from prefopt.io import read_jsonl
 
 
@@ -75,8 +75,8 @@ def test_builtin_task_files(tmp_path, name):
     assert len(load_preferences(DatasetSpec(path=str(d / "preferences.jsonl")))) == 1000
     row = load_prompts(DatasetSpec(path=str(d / "test_prompts.jsonl"))).rows[0]
     # the gold scorer reads the input from the loaded row's meta, not from the rendered prompt
-    from prefopt.tasks.lookup import LookupTask
-    from prefopt.tasks.reverse import ReverseTask
+    from prefopt.gold.lookup import LookupTask
+    from prefopt.gold.reverse import ReverseTask
 
     right = {"reverse": ReverseTask, "lookup": LookupTask}[name].response_pool(row["meta"]["input"], random.Random(0))[0]
     assert "### Input" in row["prompt"] and task.gold_score(row, right) == 1.0
@@ -126,12 +126,12 @@ def test_reward_functions(tmp_path):
     import torch
 
     assert load_reward_function("plugins.bad_tasks:reward_length").fn({}, "a b") == 2.0
-    from prefopt.reward.functions import _one_number
+    from prefopt.scoring.functions import _one_number
 
     assert _one_number(torch.tensor(2.5)) == 2.5 and _one_number(torch.tensor([1.0])) is None
     # a 0-d tensor that is not finite is refused like a float one, naming the value and the prompt; a bool is not
     # a score (True would pass as 1.0)
-    from prefopt.reward.functions import RewardFunction
+    from prefopt.scoring.functions import RewardFunction
 
     for bad, shown in ((torch.tensor(float("inf")), "inf"), (torch.tensor(float("nan")), "nan")):
         with pytest.raises(TaskError, match=rf"reward function t:bad returned {shown} for prompt 'q0'"):

@@ -14,8 +14,8 @@ from conftest import TINY_TEXTS
 @pytest.fixture(scope="module")
 def bf16_model_dir(tmp_path_factory):
     """The tiny Llama of conftest's `tiny_model_dir`, saved in bfloat16 as hub chat models are."""
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS, vocab_size=300)
@@ -28,7 +28,7 @@ def test_ppo_reference_matches_policy_at_step_0_from_bf16_checkpoint(bf16_model_
     """The reference is loaded in float32 like the policy, so their log-probs agree exactly before any update
     (KL 0 at step 0). Loaded in the checkpoint's bf16 instead, it would not: that is checked too, so this test
     would catch the old behaviour."""
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import load_models
     from prefopt.ppo.rollout import build_batch, policy_forward

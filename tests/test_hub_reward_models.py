@@ -33,7 +33,7 @@ from families import GEMMA_TEMPLATE
 from test_remote_code_rm import LLAMA3_TEMPLATE, user
 
 from prefopt.config import ConfigError
-from prefopt.reward import score as score_module
+from prefopt.scoring import scorer as score_module
 
 # Skywork-Reward-Llama-3.1-8B ships Llama-3.1-Instruct's template: a system turn with the knowledge/today dates is
 # always written. Reduced to chats without tools; renders what the original renders for system/user/assistant.
@@ -479,7 +479,7 @@ def test_skywork_gemma2_batched_scores_equal_alone(skywork_gemma):
 def test_a_reward_model_without_its_head_weights_is_refused(skywork_llama, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from prefopt.models import load_reward_model
+    from prefopt.models.loading import load_reward_model
 
     headless = tmp_path / "headless"
     shutil.copytree(skywork_llama.path, headless)

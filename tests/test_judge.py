@@ -49,7 +49,7 @@ def test_swap_recovers_a_biased_judges_underlying_preference():
 
 def test_lm_judge_end_to_end(tiny_model_dir):
     """A real (random) tiny LM as judge: probabilities in (0, 1), batching does not change them, figures in range."""
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     judge = LMJudge(load_causal_lm(str(tiny_model_dir), dtype="float32"), tok, batch_size=3)

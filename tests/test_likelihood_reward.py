@@ -13,7 +13,8 @@ import torch
 
 from prefopt.config import from_dict
 from prefopt.experiment import ExperimentConfig
-from prefopt.reward.likelihood import META, LikelihoodScorer, likelihood_reward, objective, read_meta
+from prefopt.reward.loss import likelihood_objective as objective
+from prefopt.scoring.likelihood import META, LikelihoodScorer, likelihood_reward, read_meta
 from prefopt.stage import run_stage
 
 
@@ -36,9 +37,9 @@ def test_objective_is_bradley_terry_on_the_likelihood_rewards():
 def test_scorer_reads_what_the_loop_trains(tiny_model_dir):
     """The scorer's reward of (prompt, response) equals beta * (the preference loop's summed log-prob / length), and
     a direct forward of BOS + prompt + response + EOS by hand."""
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.preference.batching import collate, pair_logps
-    from prefopt.preference_data import tokenize_pairs
+    from prefopt.preference.data import tokenize_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
@@ -70,7 +71,7 @@ def test_bad_meta_is_named(tmp_path):
 def test_reward_stage_likelihood_keeps_the_best_checkpoint_and_scores_as_the_score_stage(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from prefopt.reward.score import load_scorer
+    from prefopt.scoring.scorer import load_scorer
 
     cfg = from_dict(ExperimentConfig, {
         "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "seed": 3,

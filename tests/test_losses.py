@@ -176,8 +176,8 @@ def _rows():
 @pytest.fixture(scope="module")
 def trl_setup(tiny_model_dir):
     """Policy = the tiny model; reference = another random init, so the log-ratios are far from 0."""
-    from prefopt.models import build_tiny_llama, load_tokenizer
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, load_tokenizer
+    from prefopt.dist.process import seed_everything
 
     tok = load_tokenizer(str(tiny_model_dir))
     seed_everything(1)
@@ -190,7 +190,7 @@ def _trl_dpo(policy_dir, ref_model, rows, tmp_path, loss: dict):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", beta=0.5, max_length=512, bf16=False,
                      gradient_checkpointing=False, per_device_train_batch_size=len(rows), use_cpu=True, **loss)
@@ -202,7 +202,7 @@ def _our_logps(model, tok, rows, layout="shared_prompt"):
     """Summed log-probs and lengths from our tokenization, collate and forward (the training path, default layout)."""
     from prefopt.preference.batching import collate, pair_logps
     from prefopt.preference.loop import PairLogps
-    from prefopt.preference_data import tokenize_pairs
+    from prefopt.preference.data import tokenize_pairs
 
     sums, lengths = pair_logps(model, collate(tokenize_pairs(rows, tok, 512), tok.pad_token_id, 512, layout))
     return PairLogps.split(sums, lengths)
@@ -213,7 +213,7 @@ def test_dpo_objectives_match_trl(trl_setup, tiny_model_dir, tmp_path, name):
     """TRL's DPOTrainer.compute_loss on one batch of 3 pairs equals dpo_loss on log-probs from our own tokenization
     and forward, to 1e-5; and our token ids are TRL's, exactly."""
     from prefopt.preference.batching import collate
-    from prefopt.preference_data import tokenize_pairs
+    from prefopt.preference.data import tokenize_pairs
 
     tok, ref, rows = trl_setup
     trainer = _trl_dpo(tiny_model_dir, ref, rows, tmp_path, TRL_LOSS[name])
@@ -260,7 +260,7 @@ def test_reference_free_objectives_match_trl(trl_setup, tiny_model_dir, tmp_path
     loss minus each side's own NLL."""
     from datasets import Dataset
 
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
 
     tok, _, rows = trl_setup
     model = load_causal_lm(str(tiny_model_dir), "float32").eval()

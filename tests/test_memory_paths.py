@@ -20,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from prefopt.evaluate import metrics as M
 
+
+from prefopt.training import logps as L
 V = 97  # a vocabulary size no other dimension of these models has
 
 
@@ -80,10 +82,10 @@ def plain_logps(model, temperature: float = 1.0) -> list[float]:
 
 def test_the_shape_recorder_sees_the_full_logits_of_a_plain_forward():
     """What the tests below rule out: the old path (`completion_logps`) makes (B, T, V) logits."""
-    from prefopt.logps import completion_logps
+    from prefopt.training.logps import completion_logps
 
     model = llama()
-    batch = M.response_batch(PROMPTS, RESPONSES)
+    batch = L.response_batch(PROMPTS, RESPONSES)
     comp = torch.zeros_like(batch["input_ids"]).flatten()
     comp[batch["source_index"] + 1] = 1
     with Shapes() as rec, torch.no_grad():
@@ -98,7 +100,7 @@ def test_evaluation_logps_are_exact_and_chunked(temperature):
     held more than CHUNK tokens' vocabulary rows (the decoder's forward projects none)."""
     model = llama()
     with Shapes() as rec:
-        got = M.response_logps(model, PROMPTS, RESPONSES, temperature=temperature, batch_size=3, chunk_size=CHUNK)
+        got = L.response_logps(model, PROMPTS, RESPONSES, temperature=temperature, batch_size=3, chunk_size=CHUNK)
     assert got == pytest.approx(plain_logps(model, temperature), abs=1e-5)
     assert 0 < rec.logits_rows(hidden=32) <= CHUNK
 
@@ -112,7 +114,7 @@ def test_evaluation_logps_of_a_soft_capped_model(temperature):
     want = plain_logps(model, temperature)
     assert max(abs(a - b) for a, b in zip(want, plain_logps(gemma2(softcap=None), temperature))) > 1e-2  # it bites
     with Shapes() as rec:
-        got = M.response_logps(model, PROMPTS, RESPONSES, temperature=temperature, batch_size=3, chunk_size=CHUNK)
+        got = L.response_logps(model, PROMPTS, RESPONSES, temperature=temperature, batch_size=3, chunk_size=CHUNK)
     assert got == pytest.approx(want, abs=1e-5)
     assert 0 < rec.logits_rows(hidden=32) <= max(CHUNK, max(len(r) for r in RESPONSES))
 
@@ -120,7 +122,7 @@ def test_evaluation_logps_of_a_soft_capped_model(temperature):
 def test_response_batch_layout():
     """The padded layout pair_logps reads: right padding, and the flat index r*T + t of the position predicting
     each response token."""
-    b = M.response_batch([[1, 5], [1]], [[7, 8], [9]], pad_id=0)
+    b = L.response_batch([[1, 5], [1]], [[7, 8], [9]], pad_id=0)
     assert b["input_ids"].tolist() == [[1, 5, 7, 8], [1, 9, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert b["source_index"].tolist() == [1, 2, 4]  # row 0 positions 1, 2; row 1 position 0 (4 * 1 + 0)
@@ -135,8 +137,8 @@ def test_response_batch_layout():
 def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny classifier reward model (the tiny Llama's backbone, a seeded head): max_position_embeddings 256, a
     tokenizer with no length of its own (model_max_length 1e30)."""
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(1)
     out = tmp_path_factory.mktemp("rm") / "rm"
@@ -146,8 +148,8 @@ def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_scoring_length_is_the_reward_models_own_limit(rm_dir, tmp_path):
     from prefopt.config import ConfigError
-    from prefopt.models import load_tokenizer
-    from prefopt.reward.score import scoring_length
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.scoring.scorer import scoring_length
 
     assert scoring_length(str(rm_dir), 0, "score.max_length") == 256  # the config's; the tokenizer's is no limit
     assert scoring_length(str(rm_dir), 100, "score.max_length") == 100  # fewer, as the config says
@@ -175,7 +177,7 @@ def test_evaluate_scores_at_the_reward_models_limit(rm_dir, monkeypatch):
     from prefopt.evaluate.config import EvaluateConfig
     from prefopt.evaluate.recipe import proxy_scorer
     from prefopt.generation.base import Completion
-    from prefopt.reward import score
+    from prefopt.scoring import scorer as score
 
     seen = []
     monkeypatch.setattr(score, "score_texts", lambda model, tok, texts, bs, max_length, progress=None:
@@ -224,7 +226,7 @@ def record_ppo(monkeypatch, device: str | None = None, stop: bool = False) -> di
     from accelerate import Accelerator
 
     from prefopt.ppo import recipe
-    from prefopt.reward import score
+    from prefopt.score import recipe as score
 
     seen: dict = {"events": [], "at_prepare": []}
 
@@ -294,7 +296,7 @@ def test_ppo_runs_with_frozen_models_in_the_launchs_bf16(tmp_path, tiny_model_di
     at step 1 is bf16 rounding: not 0, small. With `frozen_dtype: float32` it is 0."""
     from prefopt.experiment import load_config
     from prefopt.stage import run_stage
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` passes on from its config
     seen = record_ppo(monkeypatch)

@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "Sort the numbers in ascending order.\n\
 
 
 def make_tokenizer(flavour: str):
-    from prefopt.models import build_tokenizer
+    from prefopt.models.loading import build_tokenizer
 
     if flavour in FAMILIES:
         return build_family_tokenizer(FAMILIES[flavour])
@@ -60,8 +60,8 @@ def assert_one_bos(ids, tok) -> None:
 def setup(request, tmp_path_factory):
     """(flavour, tokenizer, saved tiny model folder, rendered prompt) for one template flavour: the family's own
     architecture for a family, a tiny Llama for prefopt's ChatML and Alpaca flavours."""
-    from prefopt.models import build_tiny_llama, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     tok = make_tokenizer(request.param)
@@ -127,7 +127,7 @@ def test_tokenizer_without_bos_adds_nothing():
 def test_generation_inputs(setup):
     from prefopt.generation.base import Sampling
     from prefopt.generation.hf import TransformersGenerator
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
 
     gen = TransformersGenerator(load_causal_lm(str(setup.path)), tokenizer=setup.tok, batch_size=2, device="cpu")
     seen = []
@@ -145,7 +145,7 @@ def test_generation_inputs(setup):
 
 
 def test_pairs_tokenization(setup):
-    from prefopt.preference_data import tokenize_pair
+    from prefopt.preference.data import tokenize_pair
 
     t = tokenize_pair({"prompt": setup.prompt, "chosen": "1 2 3", "rejected": "3 2 1"}, setup.tok, max_length=0)
     assert_one_bos(t["prompt_ids"], setup.tok)
@@ -156,7 +156,7 @@ def test_pairs_tokenization(setup):
 
 
 def test_pairs_truncated_prompt_keeps_its_one_bos(setup):
-    from prefopt.preference_data import tokenize_pair
+    from prefopt.preference.data import tokenize_pair
 
     t = tokenize_pair({"prompt": setup.prompt, "chosen": "1 2 3", "rejected": "3 2 1"}, setup.tok, max_length=8)
     assert t["truncated"] and len(t["prompt_ids"]) == 4
@@ -164,7 +164,7 @@ def test_pairs_truncated_prompt_keeps_its_one_bos(setup):
 
 
 def test_reward_classifier_scoring(setup):
-    from prefopt.reward.score import ClassifierScorer
+    from prefopt.scoring.scorer import ClassifierScorer
 
     spy = SpyLM(len(setup.tok), classifier=True)
     scores = ClassifierScorer(spy, setup.tok).score([setup.prompt] * 3, ["1 2 3", "3", "1 2 3 4 5 6"], batch_size=2)
@@ -175,7 +175,7 @@ def test_reward_classifier_scoring(setup):
 
 
 def test_reward_likelihood_scoring(setup):
-    from prefopt.reward.likelihood import LikelihoodScorer
+    from prefopt.scoring.likelihood import LikelihoodScorer
 
     spy = SpyLM(len(setup.tok))
     LikelihoodScorer(spy, setup.tok, beta=1.0).score([setup.prompt] * 2, ["1 2 3", "3"], batch_size=2)
@@ -186,6 +186,7 @@ def test_reward_likelihood_scoring(setup):
 
 def test_evaluation_logprob_batches(setup):
     from prefopt.evaluate import metrics as M
+    from prefopt.training import logps as L
     from prefopt.evaluate.config import EvaluateConfig
     from prefopt.evaluate.recipe import _flat, sample_policy
 
@@ -195,7 +196,7 @@ def test_evaluation_logprob_batches(setup):
     s = sample_policy("p", str(setup.path), rows, sec)
     assert s["rendered"] == [setup.prompt]
     spy = SpyLM(len(setup.tok))
-    M.response_logps(spy, *_flat(s), s["pad_id"])
+    L.response_logps(spy, *_flat(s), s["pad_id"])
     assert len(spy.seen) == 2
     for ids in spy.seen:
         assert_one_bos(ids, setup.tok)
@@ -204,7 +205,7 @@ def test_evaluation_logprob_batches(setup):
 def test_ppo_rollout_inputs(setup):
     from prefopt.generation.base import Sampling
     from prefopt.generation.hf import TransformersGenerator
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
     from prefopt.ppo.rollout import collect
 
     policy = load_causal_lm(str(setup.path))
@@ -282,7 +283,7 @@ def test_vllm_request_ids_equal_the_transformers_generators(setup, monkeypatch):
     from prefopt.generation.base import Sampling
     from prefopt.generation.hf import TransformersGenerator
     from prefopt.generation.vllm_backend import VLLMGenerator
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
 
     prompts = [setup.prompt, setup.prompt + " 4"]
     gen = TransformersGenerator(load_causal_lm(str(setup.path)), tokenizer=setup.tok, batch_size=2, device="cpu")

@@ -73,8 +73,8 @@ def generator_backend(monkeypatch):
 @pytest.fixture(scope="module")
 def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny reward model: the tiny Llama's backbone with a fresh (seeded) scalar head."""
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(1)
     out = tmp_path_factory.mktemp("rm") / "rm"
@@ -104,7 +104,7 @@ def write_config(tmp_path: Path, name: str, tiny_model_dir, rm_dir, prompts_file
 
 
 def metrics_by_step(run_dir: Path) -> dict[int, dict]:
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     # A resumed run appends; the last row of a step is the one the finished run stands on.
     return {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in read_metrics(run_dir)}
@@ -140,7 +140,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, rm_dir, prom
     summary = run_stage(resumed, "ppo")
     assert summary["iterations"] == 3 and summary["episodes"] == 24
 
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     # Resumed, not restarted: steps 1-2 were logged once (before the crash), step 3 once (after).
     assert [r["step"] for r in read_metrics(resumed.root / "ppo")] == [1, 2, 3]
@@ -186,11 +186,11 @@ def test_ppo_raises_a_learnable_reward(tiny_model_dir, tmp_path):
     """Reward = share of response tokens with an even id (about 0.5 for the random tiny model, with spread
     between samples). PPO must raise it: both in the rollouts and in the policy's own probability mass on even
     tokens at the first response position."""
-    from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import train
     from prefopt.ppo.rollout import ValueModel
-    from prefopt.dist import seed_everything
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     tok = load_tokenizer(str(tiny_model_dir))

@@ -74,7 +74,7 @@ def launch_env(fsdp: bool = False, **env) -> dict:
 
 
 def metrics(stage_dir: Path) -> dict[int, dict]:
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     return {r["step"]: {k: v for k, v in r.items() if k != "time"} for r in read_metrics(stage_dir)}
 
@@ -140,7 +140,7 @@ def test_two_processes_match_one_and_resume_after_kill(tmp_path, tiny_model_dir,
 
     summary = json.loads((d / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["iterations"] == 5 and summary["episodes"] == 60
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     assert [r["step"] for r in read_metrics(d)] == [1, 2, 3, 4, 5]  # resumed, not restarted
     assert_same_run(one_process, d, tiny_model_dir)
@@ -151,7 +151,7 @@ def test_fsdp2_matches_one_process_and_resumes_after_kill(tmp_path, tiny_model_d
     """The same run under FSDP2 on two CPU processes (policy, value model and reference sharded; synced
     generation; checkpoints written shard by shard), killed in the middle of iteration 4 and rerun: it ends where
     the one-process run does, within the same tolerances."""
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     two = ppo_experiment(tmp_path / "fsdp", tiny_model_dir, prompts_file)
     marker = tmp_path / "killed"
@@ -192,7 +192,7 @@ def test_rollouts_generate_synced_under_fsdp_only(tiny_model_dir):
 
     from accelerate.utils import DistributedType
 
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import rollout_generator
 
@@ -207,8 +207,8 @@ def test_fsdp2_shards_the_reference_and_reward_model_as_the_config_says(tmp_path
     """With a reward model (and the value model started from it), 2 iterations under FSDP2 on two CPU processes,
     once with the reference and reward model sharded and once with a full copy of each on every process: the
     stage says which it did, and both give the same run."""
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(1)
     rm = tmp_path / "rm"
@@ -352,11 +352,11 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
 
     from test_vllm_colocate import _stand_in_vllm
 
-    from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import make_accelerator, rollout_generator, train
     from prefopt.ppo.rollout import ValueModel
-    from prefopt.dist import seed_everything
+    from prefopt.dist.process import seed_everything
 
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
@@ -404,7 +404,7 @@ def test_colocated_vllm_on_each_process(tiny_model_dir, monkeypatch):
 
     from test_vllm_colocate import _stand_in_vllm
 
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import rollout_generator
 
@@ -429,7 +429,7 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, tiny_mod
     from types import SimpleNamespace
 
     from prefopt.config import ConfigError
-    from prefopt.models import load_causal_lm, load_reward_model
+    from prefopt.models.loading import load_causal_lm, load_reward_model
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import TRAINER_STATE, latest_checkpoint, train
     from prefopt.ppo.rollout import ValueModel

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.faults import verify_manifest
+from prefopt.runtime.faults import verify_manifest
 from test_preemption import Run, assert_bit_identical, logged_steps
 from test_ppo import prompts_file, rm_dir, write_config  # noqa: F401 - fixtures
 

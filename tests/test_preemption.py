@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pair_helpers import PY, REPO, write_pairs
-from prefopt.faults import verify_manifest
+from prefopt.runtime.faults import verify_manifest
 
 LINE = re.compile(r"^prefopt: (\w+) preempted at step (\d+) \(signal SIGTERM\); checkpoint-(\d+) saved; rerun the "
                   r"same command to resume$")
@@ -290,10 +290,10 @@ def test_sigterm_during_reward_saves_and_resumes(tmp_path, tiny_model_dir, monke
     """Both reward kinds (TRL's RewardTrainer; the preference loop), run in this process: a real SIGTERM to this
     process once step 3 of 8 is logged stops the stage at step 3 or 4 with a checkpoint of that step; the rerun
     resumes there and saves the weights an uninterrupted run saves, bit for bit."""
-    from prefopt import tracking
+    from prefopt.runtime import tracking
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
-    from prefopt.faults import PreemptedError
+    from prefopt.runtime.faults import PreemptedError
     from prefopt.stage import run_stage
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=32)
@@ -331,7 +331,7 @@ def test_sigterm_during_reward_saves_and_resumes(tmp_path, tiny_model_dir, monke
 def test_signal_during_an_error_report_waits_then_acts_as_before(monkeypatch):
     """A stage that leaves StopSignals with an error: a SIGUSR1 in the next REPORT_GRACE seconds is held (its
     report must not be cut short), one after it goes to the handler from before the stage, as after `reported`."""
-    from prefopt import faults
+    from prefopt.runtime import faults
 
     got = []
     old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
@@ -436,8 +436,8 @@ def test_sigterm_during_score_drops_the_shard_and_the_rerun_resumes_there(tmp_pa
     how many shards are written and where the rerun resumes. Only whole shards are on disk, no temporary file, and
     the score cache holds whole lines: exactly the texts of the shards written, the first lines of an uninterrupted
     run's cache. The rerun resumes there, and its shards and cache equal an uninterrupted run's, byte for byte."""
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     rm = tmp_path / "rm"

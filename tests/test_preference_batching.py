@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from prefopt.dpo.loss import dpo_loss
-from prefopt.logps import sequence_logps
+from prefopt.training.logps import sequence_logps
 from prefopt.preference.batching import collate, pair_logps
-from prefopt.preference_data import collate_pairs, tokenize_pairs
+from prefopt.preference.data import collate_pairs, tokenize_pairs
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir), "float32")
@@ -178,7 +178,7 @@ def test_another_objective_reuses_the_reference(tmp_path, tiny_model_dir):
 
 def _key(tiny_model_dir, tmp_path, **kw):
     """A reference cache key for the tiny model and 3 token-id pairs, with the given settings over fp32 defaults."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
     from prefopt.preference import reference as refcache
 
     pairs = tmp_path / "p.jsonl"
@@ -233,7 +233,7 @@ def test_attention_implementation_read_without_loading(tmp_path, tiny_model_dir)
     a soft-capping Gemma-2 (only its config.json exists here: no weights are read)."""
     from transformers import Gemma2Config
 
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
     from prefopt.preference.batching import attention_implementation as loaded_impl
     from prefopt.preference.reference import attention_implementation
 

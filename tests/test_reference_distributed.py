@@ -60,7 +60,7 @@ def cached(summary: dict) -> dict:
 
 
 def step1_loss(summary: dict) -> float:
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     return read_metrics(Path(summary["model"]).parent)[0]["loss"]
 
@@ -135,9 +135,9 @@ def test_batches_go_to_processes_in_turn_and_the_last_share_is_padded(tiny_model
     """refcache.compute on `world` stand-in processes (threads, each with its own copy of the model): every process
     runs ceil(5 / world) forward passes (the padded last share included), each pass sees a one-process batch, and
     the gathered tensor equals the one-process result bit for bit."""
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.preference import reference as refcache
-    from prefopt.preference_data import load_pairs, tokenize_pairs
+    from prefopt.preference.data import load_pairs, tokenize_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     examples = tokenize_pairs(load_pairs(str(pairs), "alpaca", tok), tok, 256)
@@ -173,10 +173,10 @@ def test_resume_without_the_cache_recomputes_it_from_the_starting_weights(tmp_pa
     checkpoint-2 and recomputes the cache from the policy's starting weights (the pass runs before the checkpoint is
     loaded), bit-identical to the first run's, not from the checkpoint's weights (which give log-probs 1e-1 away)."""
     from prefopt.experiment import load_config
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.preference import loop
     from prefopt.preference import reference as refcache
-    from prefopt.preference_data import load_pairs, tokenize_pairs
+    from prefopt.preference.data import load_pairs, tokenize_pairs
     from prefopt.stage import run_stage
 
     cfg = load_config(str(dpo_experiment(tmp_path, "killed", tiny_model_dir, pairs, max_steps=4, save_steps=2,

@@ -67,7 +67,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
     the rerun must score the new ones, not link the old shards in."""
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
-    from prefopt.reward import score
+    from prefopt.score import recipe as score
     from prefopt.stage import run_stage, stage_status
 
     monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False, **kw: FakeScorer(crc_score))
@@ -106,7 +106,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
 def test_non_finite_score_from_the_reward_model_is_a_data_error(tmp_path, monkeypatch, bad):
     """The reward model returns NaN (or inf) for one candidate: exit code 3, one line naming the shard, row,
     candidate, reward model and prompt_id; no score shard and no cache line is written."""
-    from prefopt.reward import score
+    from prefopt.score import recipe as score
 
     def fn(prompt, response):
         return bad if response == "z" else 0.5
@@ -187,8 +187,8 @@ def test_pipeline_pairs_may_differ_only_in_whitespace_a_users_may_not(tmp_path, 
     import json as _json
 
     from prefopt.data.errors import DataError
-    from prefopt.models import load_tokenizer
-    from prefopt.preference_data import load_pairs
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.data import load_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))
     row = {"prompt": "Value of k?", "chosen": "7", "rejected": " 7"}

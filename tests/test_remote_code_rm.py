@@ -25,7 +25,7 @@ import torch
 import yaml
 from tokenizers import AddedToken
 
-from prefopt.reward import score as score_module
+from prefopt.scoring import scorer as score_module
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -98,7 +98,7 @@ class GatedRMForSequenceClassification(LlamaPreTrainedModel):
 
 
 def rm_tokenizer():
-    from prefopt.models import build_tokenizer
+    from prefopt.models.loading import build_tokenizer
 
     tok = build_tokenizer(RM_TEXTS, vocab_size=290)
     tok.add_tokens([AddedToken(s, special=True, normalized=False)
@@ -257,9 +257,9 @@ def test_ppo_rewards_are_the_remote_models_score(tmp_path, tiny_model_dir, remot
     """Two PPO iterations against the remote-code reward model: each iteration's logged `reward` is the mean of
     the `score` field for that rollout's (raw prompt, response) in the reward model's own template, recomputed
     here by a direct forward."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
     from prefopt.stage import run_stage
-    from prefopt.tracking import read_metrics
+    from prefopt.runtime.tracking import read_metrics
 
     assert load_tokenizer(str(tiny_model_dir)).get_vocab() != load_tokenizer(str(remote_rm)).get_vocab()
     cfg = ppo_config(tmp_path, "remote", tiny_model_dir, remote_rm, prompts_file)
@@ -314,7 +314,7 @@ def test_value_model_from_a_reward_model_without_a_scalar_head_is_refused(tmp_pa
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import load_models
 
-    monkeypatch.setattr("prefopt.models.load_causal_lm", lambda *a, **k: torch.nn.Linear(1, 1))
+    monkeypatch.setattr("prefopt.models.loading.load_causal_lm", lambda *a, **k: torch.nn.Linear(1, 1))
     cfg = PPOConfig(policy="p", reward_model=str(remote_rm), value_init="reward", trust_remote_code=True,
                     total_episodes=4, rollout_batch_size=2, mini_batch_size=2)
     ctx = SimpleNamespace(resolve=lambda value, model=True: str(remote_rm) if value == "p" else value)

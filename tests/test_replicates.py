@@ -11,7 +11,7 @@ from conftest import tiny_experiment, write_yaml
 from prefopt.config import ConfigError, from_dict
 from prefopt.experiment import load_config
 from prefopt.experiment import ExperimentConfig, for_seed, replicated_stage, stage_dir
-from prefopt.replicates import aggregate, holm, paired_difference, seeds_needed, t_cdf, t_quantile
+from prefopt.analysis.replicates import aggregate, holm, paired_difference, seeds_needed, t_cdf, t_quantile
 
 
 def test_holm_adjusted_p_values_by_hand():
@@ -187,7 +187,7 @@ def test_tiny_experiment_with_two_replicates(tmp_path, capsys):
 def test_one_policy_across_replicated_runs(tmp_path, capsys):
     """Two runs that differ in a setting, compared seed by seed: dpo gold (0.80, 0.90) in run a and (0.85, 0.97) in
     run b: b - a = (0.05, 0.07), mean 0.06, sd 0.01414, se 0.01, t = 6 on 1 df, p = 1 - 2 atan(6) / pi = 0.1051."""
-    from prefopt.replicates import across_runs, main, seed_summaries
+    from prefopt.analysis.replicates import across_runs, main, seed_summaries
 
     for run, golds in (("a", (0.80, 0.90)), ("b", (0.85, 0.97))):
         for seed, g in zip((1, 2), golds):

@@ -24,8 +24,8 @@ from prefopt.config import ConfigError, from_dict
 from prefopt.data.templates import alpaca_prompt, prompt_messages
 from prefopt.experiment import ExperimentConfig
 from prefopt.generation.base import Completion
-from prefopt.reward import score
-from prefopt.reward.score import rm_input_format
+from prefopt.score import recipe as score
+from prefopt.scoring.scorer import rm_input_format
 from prefopt.stage import run_stage
 from prefopt.io import read_jsonl, write_jsonl
 
@@ -44,7 +44,7 @@ CHAT_TEXT = ("<s><|start_header_id|>user<|end_header_id|>\n\nSort the numbers in
 
 
 def rm_tokenizer(template: str | None = LLAMA3_TEMPLATE):
-    from prefopt.models import build_tokenizer
+    from prefopt.models.loading import build_tokenizer
 
     tok = build_tokenizer(RM_TEXTS, vocab_size=290)
     tok.add_tokens([AddedToken(s, special=True, normalized=False)
@@ -110,7 +110,7 @@ def score_stage(tmp_path: Path, rm_dir: Path, rm_format: str, rows=None) -> tupl
 
 def test_the_two_tokenizers_really_differ(tiny_model_dir, rms):
     """Policy token ids fed to this reward model would be other words: the tests below would see them."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     policy, rm = load_tokenizer(str(tiny_model_dir)), load_tokenizer(str(rms.hub))
     assert policy.get_vocab() != rm.get_vocab()
@@ -119,7 +119,7 @@ def test_the_two_tokenizers_really_differ(tiny_model_dir, rms):
 
 
 def test_chat_mode_gives_the_reward_model_its_own_template_with_one_bos(tmp_path, rms, spy):
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(rms.hub))
     summary, scores = score_stage(tmp_path, rms.hub, "chat")
@@ -136,7 +136,7 @@ def test_chat_mode_gives_the_reward_model_its_own_template_with_one_bos(tmp_path
 
 
 def test_policy_mode_keeps_the_policy_text(tmp_path, rms, spy):
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(rms.hub))
     summary, _ = score_stage(tmp_path, rms.hub, "policy")
@@ -155,7 +155,7 @@ def test_chat_and_policy_scores_are_cached_apart(tmp_path, rms):
 def test_ppo_scores_decoded_text_with_the_reward_models_tokenizer(tmp_path, tiny_model_dir, rms, spy):
     """PPO's score function gives the reward model the response text (never the policy's ids) in its own template,
     and agrees with the score stage on the same (prompt, response)."""
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
     from prefopt.ppo.config import PPOConfig
     from prefopt.ppo.recipe import rm_score_fn
 
@@ -181,7 +181,7 @@ def test_ppo_scores_decoded_text_with_the_reward_models_tokenizer(tmp_path, tiny
 
 
 def test_auto_tells_hub_reward_models_from_prefopt_ones(tmp_path, rms):
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
 
     assert rm_input_format("auto", str(rms.hub), "score.rm_format") == "chat"
     assert rm_input_format("auto", str(rms.bare), "score.rm_format") == "policy"  # no template: nothing else to do
@@ -203,7 +203,7 @@ def test_raw_prompt_comes_from_the_row_data():
 
 
 def test_generate_rows_keep_a_chat_prompts_turns():
-    from prefopt.generation.recipe import row_meta
+    from prefopt.generate.recipe import row_meta
 
     chat = [{"role": "user", "content": "Hi"}]
     assert row_meta({"prompt": chat, "meta": {}}) == {"messages": chat}
@@ -256,7 +256,7 @@ def test_ppo_value_model_from_a_reward_model_with_another_vocabulary_is_refused(
 
 def test_chat_with_a_likelihood_reward_model_is_refused(tmp_path):
     """A likelihood reward model is prefopt's own, trained on the policy's text: no template of its own to use."""
-    from prefopt.reward.likelihood import write_meta
+    from prefopt.scoring.likelihood import write_meta
 
     write_meta(tmp_path, beta=2.0)
     with pytest.raises(ConfigError) as e:

@@ -192,7 +192,7 @@ def test_two_generation_processes_write_what_one_writes(tmp_path, tiny_model_dir
 
 
 def test_generation_engine_is_released_before_the_next_stage(tmp_path, tiny_model_dir, monkeypatch):
-    import prefopt.generation.recipe as recipe
+    import prefopt.generate.recipe as recipe
     from prefopt.stage import run_stage
 
     closed = []
@@ -228,8 +228,8 @@ def score_rms(tiny_model_dir, tmp_path_factory):
     """Two tiny reward models (the tiny Llama with a one-label head): a working one, and one whose head is NaN."""
     import torch
 
-    from prefopt.models import load_reward_model, load_tokenizer, save_model
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     root = tmp_path_factory.mktemp("rms")
@@ -268,7 +268,7 @@ def test_two_scoring_processes_write_what_one_writes(tmp_path, score_rms):
     """score.data_parallel 2: two worker processes, each its own reward model and every other shard; the 4 output
     shards and the score cache equal one process's, value for value, and each (prompt, response) is scored and
     cached once: of 24 candidates 15 distinct texts (8 rows x 2, less P1's second "1 2 3")."""
-    from prefopt.reward.score import read_scores
+    from prefopt.score.recipe import read_scores
     from prefopt.stage import run_stage
 
     one = run_stage(from_dict(ExperimentConfig, _score_experiment(tmp_path, score_rms[0], "one")), "score")
@@ -315,7 +315,7 @@ def test_a_failed_scoring_worker_is_one_line_naming_it(tmp_path, score_rms):
 def test_score_cache_parts_and_cut_lines(tmp_path):
     """A killed run's worker part is merged when the cache opens, and an append after a line a kill cut short
     starts on a line of its own: no score is lost."""
-    from prefopt.reward.score import ScoreCache, read_scores
+    from prefopt.score.recipe import ScoreCache, read_scores
 
     path = tmp_path / "scores.jsonl"
     path.write_text('{"key": "a", "score": 1.5}\n{"key": "b", "sco')  # killed mid-line

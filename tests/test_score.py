@@ -7,10 +7,10 @@ import pytest
 
 from prefopt.config import from_dict
 from prefopt.experiment import ExperimentConfig
-from prefopt.models import load_reward_model, load_tokenizer, save_model
-from prefopt.reward.score import load_scorer, reward_text, score_texts
+from prefopt.models.loading import load_reward_model, load_tokenizer, save_model
+from prefopt.scoring.scorer import load_scorer, reward_text, score_texts
 from prefopt.stage import run_stage
-from prefopt.dist import seed_everything
+from prefopt.dist.process import seed_everything
 from prefopt.io import read_jsonl, weights_sha256, write_jsonl
 
 

@@ -14,9 +14,9 @@ from prefopt.data.loaders import load_sft
 from prefopt.data.spec import DatasetSpec
 from prefopt.experiment import ExperimentConfig
 from prefopt.generation.base import Completion, derive_seed
-from prefopt.selfinstruct import recipe
-from prefopt.selfinstruct.config import BLACKLIST
-from prefopt.selfinstruct.filters import (
+from prefopt.self_instruct import recipe
+from prefopt.self_instruct.config import BLACKLIST
+from prefopt.self_instruct.filters import (
     SimilarityPool,
     blacklisted_word,
     invalid_output,
@@ -27,7 +27,7 @@ from prefopt.selfinstruct.filters import (
     too_short,
     writes_a_program,
 )
-from prefopt.selfinstruct.prompt import encode_prompt, parse_completion
+from prefopt.self_instruct.prompt import encode_prompt, parse_completion
 from prefopt.stage import MARKER, fingerprint, run_stage
 
 SEEDS = TEST_DATA / "seed_tasks.jsonl"
@@ -326,9 +326,9 @@ def test_stage_is_opt_in_and_leaves_other_fingerprints_alone(tmp_path):
 def long_context_tiny_model(tmp_path_factory) -> Path:
     """A random tiny Llama whose positions reach past the ~1,500-token self-instruct prompt."""
     from conftest import TINY_TEXTS
-    from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-    from prefopt.selfinstruct.prompt import BRIEF
-    from prefopt.dist import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.self_instruct.prompt import BRIEF
+    from prefopt.dist.process import seed_everything
 
     seed_everything(0)
     tok = build_tokenizer(TINY_TEXTS + [BRIEF, SEEDS.read_text()], vocab_size=600)

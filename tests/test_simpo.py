@@ -9,7 +9,7 @@ import torch
 
 from pair_helpers import PY, pair_logps, run_prefopt, state_dict, write_config, write_pairs
 from prefopt.simpo.loss import simpo_loss
-from prefopt.tracking import read_metrics
+from prefopt.runtime.tracking import read_metrics
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected", "length/chosen"]

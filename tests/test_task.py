@@ -10,8 +10,8 @@ from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import alpaca_prompt
 from prefopt.experiment import ExperimentConfig
 from prefopt.stage import run_stage
-from prefopt.tasks import get_task
-from prefopt.tasks.sort import MISTAKES, annotate, gold_score, mistake, parse_input, score_numbers
+from prefopt.gold import get_task
+from prefopt.gold.sort import MISTAKES, annotate, gold_score, mistake, parse_input, score_numbers
 from prefopt.io import read_jsonl
 
 

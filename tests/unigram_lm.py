@@ -24,7 +24,7 @@ def letter_ids(tok) -> list[int]:
 def save_unigram_lm(tokenizer_dir: str | Path, out: Path, probs: tuple[float, ...]) -> Path:
     """Save a model sampling LETTERS with probabilities `probs` (at temperature 1) at every position."""
     import torch
-    from prefopt.models import load_tokenizer, save_model
+    from prefopt.models.loading import load_tokenizer, save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = load_tokenizer(str(tokenizer_dir))
@@ -50,7 +50,7 @@ def letter_distribution(model_dir: str | Path, temperature: float = 1.0) -> list
     """The saved model's own next-token probabilities of LETTERS at `temperature`, read from one forward pass (the
     closed-form figures use these, not the intended ones)."""
     import torch
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), dtype="float32").eval()

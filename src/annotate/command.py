@@ -95,7 +95,7 @@ def run_dir(sec: AnnotateConfig, cfg) -> Path:
 
 def start_tracker(sec: AnnotateConfig, cfg, session: Session):
     """The command's W&B run, with the label counts already in the files logged at its first step."""
-    from prefopt.tracking import Tracker
+    from prefopt.runtime.tracking import Tracker
 
     tracker = Tracker.start(cfg, "annotate", run_dir(sec, cfg),
                             extra={"pairs_served": len(session.pairs), "labels_out": str(session.store.out)})

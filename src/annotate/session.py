@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from prefopt.annotate.items import Pair, order
 from prefopt.annotate.store import LABELS, OTHER_LABELS, PREFERENCE_LABELS, LabelStore
-from prefopt.tracking import NullTracker
+from prefopt.runtime.tracking import NullTracker
 
 
 def label_row(pair: Pair, label: str, annotator: str, seed: int) -> dict:

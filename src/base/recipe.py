@@ -16,8 +16,8 @@ from pathlib import Path
 
 from prefopt.data.records import read_records
 from prefopt.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt
-from prefopt.models import build_tiny_llama, build_tokenizer, save_model
-from prefopt.dist import seed_everything
+from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+from prefopt.dist.process import seed_everything
 
 
 def row_text(row) -> str:

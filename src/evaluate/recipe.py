@@ -46,7 +46,7 @@ Outputs in the stage folder:
                            length, identical_pairs, ...}}, "sampling_seeds": {set: seed}, "best_of_n": [...]}
 
 Preemption: the stage keeps no partial results, so SIGTERM / SIGINT / SIGUSR1 stop it at once, wherever it is
-(sampling, log-probs, scoring, the suite, the final writes): one line, exit code 143 (prefopt.faults.StagePreempted),
+(sampling, log-probs, scoring, the suite, the final writes): one line, exit code 143 (prefopt.runtime.faults.StagePreempted),
 no completion marker, and the rerun starts it over (only lm-eval's results per policy, already written, are reused:
 suite.py). The table, the samples and every JSON file are written whole, by rename (a temporary file the signal
 cut is removed); a figure it cuts is a file of a stage not done, which the rerun draws again.
@@ -58,17 +58,18 @@ import gc
 import os
 from pathlib import Path
 
-from prefopt import faults
+from prefopt.runtime import faults
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import encode, prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
+from prefopt.training import logps as L
 from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.suite import check_files as check_suite_files
 from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.experiment import ref_stage
 from prefopt.generation.base import Sampling, derive_seed
 from prefopt.stage import atomic_write, write_json
-from prefopt.dist import seed_everything
+from prefopt.dist.process import seed_everything
 from prefopt.io import weights_sha256, write_jsonl
 from tqdm.auto import tqdm
 
@@ -94,7 +95,7 @@ def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
 
 def gold_scorer(cfg, task: str):
     """The task's checked `gold_score(example, response)`, or None when the experiment has no gold task."""
-    from prefopt.tasks import get_task, has_gold
+    from prefopt.gold import get_task, has_gold
 
     if task == "auto":
         return get_task(cfg.task).gold_score if has_gold(cfg.task) else None
@@ -118,7 +119,7 @@ def _device():
 
 
 def _load_lm(path: str, dtype: str, trust_remote_code: bool):
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
 
     if _device() == "cpu":
         dtype = "float32"  # half precision on CPU is slow and changes the log-probs
@@ -128,7 +129,7 @@ def _load_lm(path: str, dtype: str, trust_remote_code: bool):
 def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = None, seed: int | None = None) -> dict:
     """Rendered prompts, their token ids, and n (default sec.samples_per_prompt) completions per prompt."""
     from prefopt.generation import make_generator
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     tok = load_tokenizer(path, trust_remote_code=sec.trust_remote_code)
     rendered = [render_prompt(r["prompt"], tok) for r in rows]
@@ -253,7 +254,7 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     """(name, fn(rendered prompts, rows, completions) -> nested scores) for the reward model or reward function, or
     None. Loaded lazily, once; `evaluate.rm_format` is checked here, on `rows`, before anything is sampled."""
     if sec.reward_fn:
-        from prefopt.reward.functions import load_reward_function
+        from prefopt.scoring.functions import load_reward_function
 
         fn = load_reward_function(sec.reward_fn, ctx.cfg.task)
 
@@ -267,8 +268,8 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
     rm_ref = sec.reward_model
     if not rm_ref or (rm_ref.startswith("stage:") and ref_stage(rm_ref) not in ctx.cfg.stages):
         return None
-    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt, scoring_length
-    from prefopt.reward.score import reward_model_config
+    from prefopt.scoring.scorer import load_scorer, rm_input_format, rm_prompt, scoring_length
+    from prefopt.scoring.scorer import reward_model_config
 
     # A reward model that needs its own code is refused here, before any policy is sampled, not when it is loaded.
     reward_model_config(ctx.resolve(rm_ref), sec.trust_remote_code, "evaluate.trust_remote_code")
@@ -409,13 +410,13 @@ def _run(ctx) -> dict:
     logp_sets = [n for n in sets if n != "_bon"]
     for name in logp_sets:
         model = _load_lm(sets[name]["path"], sec.dtype, sec.trust_remote_code)
-        own[name] = M.response_logps(model, *_flat(samples[name]), pad_id=samples[name]["pad_id"], temperature=T,
+        own[name] = L.response_logps(model, *_flat(samples[name]), pad_id=samples[name]["pad_id"], temperature=T,
                                      batch_size=sec.batch_size, desc=f"log-probs {name}")
         if name == base:
             for other in logp_sets:
                 s = samples[other]
                 ref[other] = (own[name] if other == name else
-                              M.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
+                              L.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
                                                batch_size=sec.batch_size, desc=f"baseline log-probs {other}"))
         del model
         _free()
@@ -425,7 +426,7 @@ def _run(ctx) -> dict:
             model = _load_lm(policies[base], sec.dtype, sec.trust_remote_code)
             for other in missing:
                 s = samples[other]
-                ref[other] = M.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
+                ref[other] = L.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
                                               batch_size=sec.batch_size, desc=f"baseline log-probs {other}")
             del model
             _free()
@@ -439,7 +440,7 @@ def _run(ctx) -> dict:
             proxy[2].clear()
             _free()
     if gold_fn is not None:
-        from prefopt.tasks import example
+        from prefopt.gold import example
 
         for name, st in sets.items():
             exs = [example(r) for r in st["rows"]]
@@ -449,7 +450,7 @@ def _run(ctx) -> dict:
     judged = {}
     if sec.judge.model and base is not None:
         from prefopt.evaluate.judge import LMJudge, judge_pairs
-        from prefopt.models import load_tokenizer
+        from prefopt.models.loading import load_tokenizer
 
         jpath = ctx.resolve(sec.judge.model)
         judge = LMJudge(_load_lm(jpath, sec.dtype, sec.trust_remote_code),

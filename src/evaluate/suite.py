@@ -259,7 +259,7 @@ def model_figures(model, tok, cfg: SuiteConfig, texts: list[str] | None, mc: dic
 
 def _load_and_score(path: str, cfg: SuiteConfig, texts: list[str] | None, mc: dict[str, list[dict]]) -> dict:
     """`model_figures` of one policy folder, its model loaded once for perplexity and multiple choice."""
-    from prefopt.models import load_causal_lm, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
 
     dtype = "float32" if _device() == "cpu" else cfg.dtype  # half precision on CPU is slow and moves log-probs
     model = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(_device()).eval()

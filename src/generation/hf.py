@@ -32,7 +32,7 @@ class TransformersGenerator:
                  device: str | None = None, synced: bool = False):
         import torch
 
-        from prefopt.models import load_causal_lm, load_tokenizer
+        from prefopt.models.loading import load_causal_lm, load_tokenizer
 
         if isinstance(model_or_path, (str, Path)):
             self.path = str(model_or_path)

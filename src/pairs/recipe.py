@@ -55,7 +55,7 @@ def length_counter(generator_path: str | None):
     """(len function, unit): tokens with the generator's tokenizer when its folder is at hand, else characters."""
     if generator_path and Path(generator_path).is_dir():
         try:
-            from prefopt.models import load_tokenizer
+            from prefopt.models.loading import load_tokenizer
 
             tok = load_tokenizer(generator_path)
             return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), "tokens"
@@ -167,7 +167,7 @@ def run(ctx) -> dict:
         "length/gap_histogram": histogram(gaps),
         "plot": png.name,
     }
-    from prefopt.tasks import TaskError, get_task, has_gold
+    from prefopt.gold import TaskError, get_task, has_gold
 
     if has_gold(ctx.cfg.task):  # a task with a gold scorer: audit the reward model's choices on the policy's samples
         try:

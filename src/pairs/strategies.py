@@ -112,7 +112,7 @@ def gold_audit(rows: list[dict], pairs: list[dict], gold) -> dict:
     preference accuracy does not show). chosen_better: fraction of pairs whose chosen answer has the higher gold
     score (ties count 1/2). best_is_gold_best: when a prompt's candidates differ in gold, how often the reward
     model's top candidate is a gold-best one."""
-    from prefopt.tasks import example
+    from prefopt.gold import example
 
     right = total = top = tops = 0
     examples = {row["prompt_id"]: example(row) for row in rows}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.logps import masked_mean, masked_var, masked_whiten
+from prefopt.training.logps import masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "policy_loss",

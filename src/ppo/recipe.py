@@ -14,12 +14,12 @@ rollout.
 
 Outputs in the stage folder: `model/` (final policy + tokenizer), `checkpoints/iter-N/` every `save_every`
 iterations (policy, value, optimizers, KL controller, RNG and sampler state; the latest two are kept), each written
-as `.iter-N.partial/`, its files' SHA-256 recorded in `manifest.json` (prefopt.faults), then renamed into place. A
+as `.iter-N.partial/`, its files' SHA-256 recorded in `manifest.json` (prefopt.runtime.faults), then renamed into place. A
 killed run resumes from the newest checkpoint whose manifest verifies (the previous one, with a line naming the bad
 file, if the newest is damaged; the stage starts over, with a line, if none is) and continues exactly as an
 uninterrupted one would.
 
-Preemption (prefopt.faults): SIGTERM, SIGINT or SIGUSR1 let the current iteration finish its update; every process
+Preemption (prefopt.runtime.faults): SIGTERM, SIGINT or SIGUSR1 let the current iteration finish its update; every process
 agrees on the signal at the iteration's end, a checkpoint of that iteration is saved, and the stage ends with
 PreemptedError (exit 143, one line). A signal during the final save lets it finish.
 """
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from prefopt import faults
+from prefopt.runtime import faults
 from prefopt.config import ConfigError
 from prefopt.generation.base import Sampling
-from prefopt.logps import masked_mean
-from prefopt.models import place_frozen
+from prefopt.training.logps import masked_mean
+from prefopt.models.loading import place_frozen
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, policy_loss, value_loss
 from prefopt.ppo.rollout import ValueModel, collect, policy_forward, reward_model_scorer, trim
@@ -263,7 +263,7 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     optimizers, RNG (accelerate's state), KL controller and sampler continue from that checkpoint.
 
     SIGTERM, SIGINT and SIGUSR1 (held by `signals`, or by this call) end training after the current iteration's
-    update, with a checkpoint of that iteration: prefopt.faults.PreemptedError."""
+    update, with a checkpoint of that iteration: prefopt.runtime.faults.PreemptedError."""
     if signals is None:
         with faults.StopSignals("ppo") as signals:
             return train(policy, ref, value, tokenizer, prompts, score_fn, generator, cfg, seed, ckpt_dir, tracker,
@@ -352,7 +352,7 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
 
 def is_sharded(accelerator) -> bool:
     """FSDP: every process holds 1/N of each prepared model's weights; every forward pass is collective."""
-    from prefopt.models import sharded_weights
+    from prefopt.models.loading import sharded_weights
 
     return sharded_weights(accelerator) == "FSDP"
 
@@ -381,7 +381,7 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
     """The reward model's ScoreFn, given each prompt in its `rm_format` (checked before the model loads). Under
     FSDP the reward model is sharded when `ppo.shard_reward_model` (every process scores the same number of
     equal batches, so its collective forward passes line up)."""
-    from prefopt.reward.score import load_scorer, rm_input_format, rm_prompt, scoring_length
+    from prefopt.scoring.scorer import load_scorer, rm_input_format, rm_prompt, scoring_length
 
     rm_path = ctx.resolve(cfg.reward_model)
     fmt = rm_input_format(cfg.rm_format, rm_path, "ppo.rm_format", cfg.reward_model.startswith("stage:"),
@@ -435,7 +435,7 @@ def load_models(ctx, cfg):
     run's precision (`frozen_dtype`). Under FSDP2 with fsdp_cpu_ram_efficient_loading, processes other than 0 hold
     empty (meta) weights that sharding fills from process 0. A resumed run starts from these weights too;
     `accelerator.load_state` then puts the checkpoint's in."""
-    from prefopt.models import load_causal_lm, load_reward_model, load_tokenizer
+    from prefopt.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 
     policy_path = ctx.resolve(cfg.policy)
     tok = load_tokenizer(policy_path, padding_side="right")
@@ -503,15 +503,15 @@ def _run(ctx, signals: faults.StopSignals) -> dict:
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
     from prefopt.preference.loop import save_policy
-    from prefopt.dist import seed_everything
+    from prefopt.dist.process import seed_everything
 
     cfg = ctx.section
     accelerator = make_accelerator()
     check_distributed_type(accelerator)
     check_world(cfg, accelerator.num_processes)
     if not cfg.reward_fn:  # a reward model that needs its own code, found before any weights load
-        from prefopt.reward.score import reward_model_config
-        from prefopt.reward.likelihood import read_meta
+        from prefopt.scoring.scorer import reward_model_config
+        from prefopt.scoring.likelihood import read_meta
 
         rm_path = ctx.resolve(cfg.reward_model)
         if not (Path(rm_path).is_dir() and read_meta(rm_path)):
@@ -524,7 +524,7 @@ def _run(ctx, signals: faults.StopSignals) -> dict:
     rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
     prompts = [render_prompt(r["prompt"], tok) for r in rows]
     if cfg.reward_fn:
-        from prefopt.reward.functions import load_reward_function
+        from prefopt.scoring.functions import load_reward_function
 
         score_fn = function_scorer(load_reward_function(cfg.reward_fn, ctx.cfg.task), rows, prompts)
         accelerator.print(f"[ppo] reward: the function {cfg.reward_fn} (value model from the policy)", flush=True)

@@ -3,7 +3,7 @@
 Layout of a rollout batch: each row is `prompt tokens + response tokens`, right padded to T. Per-token tensors
 are (B, T-1): position t holds what belongs to the action input_ids[t+1] (its log-prob, the value of the state
 before it, its reward), and `mask` is 1 where input_ids[t+1] is a response token. Right padding keeps position
-ids natural, so prefopt.logps' conventions hold unchanged.
+ids natural, so prefopt.training.logps' conventions hold unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Sampling, derive_seed
-from prefopt.logps import token_logps
+from prefopt.training.logps import token_logps
 from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
 
 

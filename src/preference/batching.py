@@ -1,6 +1,6 @@
 """Batches of preference pairs, and the summed completion log-probs of each sequence in one forward pass.
 
-Three layouts of the same tokens (prefopt.preference_data: prompt + completion + EOS, TRL's token ids):
+Three layouts of the same tokens (prefopt.preference.data: prompt + completion + EOS, TRL's token ids):
 
   padded         2B right-padded rows, chosen rows [0, B) then rejected rows [B, 2B) (what TRL's DPOTrainer does)
   packed         padding-free: the 2B sequences packed first-fit into as few rows as fit the longest one; position

@@ -1,6 +1,6 @@
 """The training loop of every paired-preference objective (the `dpo` and `simpo` stages): plain accelerate.
 
-    setup   pairs tokenised as TRL does (prefopt.preference_data); the policy in fp32 with dropout off (LoRA via
+    setup   pairs tokenised as TRL does (prefopt.preference.data); the policy in fp32 with dropout off (LoRA via
             PEFT if asked); the reference: precomputed once and cached (reference.py), a frozen copy in memory
             (`loaded`), or the LoRA base with the adapter disabled (`lora_base`); AdamW; a transformers scheduler.
             The precomputed reference runs after `prepare` (each process its share of the batches through the
@@ -14,7 +14,7 @@
             newest two keep their `state/`. A killed run resumes from its newest checkpoint whose manifest verifies
             (an older one, with a line naming the bad file, if the newest is damaged; the stage starts over, with a
             line, if none is) and replays the same batch order. The final policy goes to `model/`.
-    stop    SIGTERM / SIGINT / SIGUSR1 (prefopt.faults): the step in progress finishes, every process agrees on
+    stop    SIGTERM / SIGINT / SIGUSR1 (prefopt.runtime.faults): the step in progress finishes, every process agrees on
             the signal at the step's end, a checkpoint of that step is saved, and PreemptedError ends the stage
 
 The batch order is a permutation drawn from (seed, epoch), consecutive slices of which go to the processes, so 2
@@ -39,15 +39,15 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from prefopt import faults
-from prefopt.models import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, place_frozen,
+from prefopt.runtime import faults
+from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, place_frozen,
                              save_model)
 from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
-from prefopt.preference_data import load_pairs, pairs_path, tokenize_pairs
+from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.training.lora import lora_config
-from prefopt.dist import seed_everything
+from prefopt.dist.process import seed_everything
 
 DONE = "checkpoint_complete"  # written into checkpoint-N after every process has saved its part
 TRAIN_STATE = "train_state.json"  # the last logged metrics, so a resumed run's summary still has them
@@ -201,7 +201,7 @@ def train(ctx, objective: Objective, reference: str | None = None, ref_model: st
     process after each checkpoint and at the last step (validation selection and early stopping).
 
     From here to the final save, SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current step with a
-    checkpoint (prefopt.faults.PreemptedError); a signal during the final save lets the save finish."""
+    checkpoint (prefopt.runtime.faults.PreemptedError); a signal during the final save lets the save finish."""
     with faults.StopSignals(ctx.stage) as signals:
         return _train(ctx, objective, reference, ref_model, rows, section, hook, signals)
 

@@ -90,7 +90,7 @@ def attention_implementation(model_or_path) -> str | None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prefopt.models import attention_kwargs
+    from prefopt.models.loading import attention_kwargs
     from prefopt.preference.batching import attention_implementation as implementation_of
 
     if not isinstance(model_or_path, (str, Path)):
@@ -178,7 +178,7 @@ def load(path: Path, key: dict, n: int) -> torch.Tensor | None:
 def save(path: Path, key: dict, logps: torch.Tensor) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    from prefopt.faults import writing
+    from prefopt.runtime.faults import writing
 
     with writing(tmp):
         torch.save({"key": key, "logps": logps, "sha256": values_sha256(logps)}, tmp)

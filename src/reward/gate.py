@@ -18,15 +18,18 @@ an SE over pairs too small and the gate too easy to pass.
 
 from __future__ import annotations
 
+from prefopt.runtime.exits import Reported
+
 EXIT_CODE = 5
 Z = 1.96
 """Standard errors below the measured accuracy that must still reach the floor (a two-sided 95% interval)."""
 
 
-class RewardGateError(RuntimeError):
+class RewardGateError(Reported):
     """The reward model is below the accuracy floor; `prefopt run` exits with EXIT_CODE."""
 
-    exit_code = EXIT_CODE
+    def __init__(self, message: str):
+        super().__init__(EXIT_CODE, message)
 
 
 def lower_bound(summary: dict) -> float | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prefopt.scoring.likelihood import likelihood_reward
+
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                        margin: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -21,3 +23,14 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     diff = diff.detach()
     return loss, {"rewards/chosen": chosen_rewards.detach().mean(), "rewards/rejected": rejected_rewards.detach().mean(),
                   "rewards/margins": diff.mean(), "rewards/accuracies": (diff > 0).float().mean()}
+
+
+def likelihood_objective(beta: float):
+    """The preference loop's objective for `reward.kind: likelihood`: Bradley-Terry on the likelihood rewards
+    (prefopt.scoring.likelihood.likelihood_reward) of chosen and rejected."""
+
+    def fn(pi, _ref=None):
+        return bradley_terry_loss(likelihood_reward(pi.chosen, pi.chosen_lengths, beta),
+                                  likelihood_reward(pi.rejected, pi.rejected_lengths, beta))
+
+    return fn

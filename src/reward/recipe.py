@@ -13,7 +13,7 @@ prompt (every pair of a prompt in one split).
 Train: `likelihood`: the start model (a causal LM) in the shared preference loop (prefopt.preference.loop);
 `classifier`: the start model with a new one-output head in TRL's RewardTrainer. Both resume from the last
 checkpoint in `checkpoints/` whose manifest verifies, and a SIGTERM, SIGINT or SIGUSR1 saves one at the current
-step and stops (prefopt.faults). Every `save_steps` the model is scored on the validation split by us (the same
+step and stops (prefopt.runtime.faults). Every `save_steps` the model is scored on the validation split by us (the same
 inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
 validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
 checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the marker keeps later stages giving it the
@@ -34,18 +34,18 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from prefopt import faults
+from prefopt.runtime import faults
 from prefopt.config import ConfigError
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
 from prefopt.data.templates import encode, render_prompt
-from prefopt.models import check_lora_mergeable, full_state_dict, load_reward_model, load_tokenizer, save_model
-from prefopt.reward.score import ClassifierScorer, reward_text
-from prefopt.tracking import trainer_callback
+from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_reward_model, load_tokenizer, save_model
+from prefopt.scoring.scorer import ClassifierScorer, reward_text
+from prefopt.runtime.tracking import trainer_callback
 from prefopt.training.checkpoints import last_checkpoint
 from prefopt.training.trainer import hf_training_kwargs
 from prefopt.training.lora import lora_config
-from prefopt.dist import seed_everything
+from prefopt.dist.process import seed_everything
 
 
 MIN_PROMPTS = 2
@@ -182,7 +182,7 @@ def gold_accuracy(rows: list[dict], chosen: list[float], rejected: list[float], 
 def gold_hits(rows: list[dict], chosen: list[float], rejected: list[float], task) -> list[tuple[float, str]] | None:
     """(1.0 if the reward model orders the pair as the gold score does else 0.0, the pair's prompt) for each pair
     whose gold scores differ; None when the rows are not the task's."""
-    from prefopt.tasks import TaskError, example
+    from prefopt.gold import TaskError, example
 
     out = []
     for row, rc, rr in zip(rows, chosen, rejected):
@@ -348,9 +348,10 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
     import shutil
     from types import SimpleNamespace
 
-    from prefopt.models import load_causal_lm
+    from prefopt.models.loading import load_causal_lm
     from prefopt.preference.loop import train
-    from prefopt.reward.likelihood import LikelihoodScorer, objective, write_meta
+    from prefopt.reward.loss import likelihood_objective
+    from prefopt.scoring.likelihood import LikelihoodScorer, write_meta
 
     def hook(step: int, model) -> bool:
         if not val_rows or selection.seen(step):
@@ -361,7 +362,7 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
     # shared-prompt layout, long prompts cut from the left as the aligners do
     sec = SimpleNamespace(**{**vars(cfg), "save_total_limit": 0, "layout": "shared_prompt", "logps_chunk_size": 0,
                              "long_prompts": "truncate", "pairs": ""})
-    out = train(ctx, objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
+    out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": out.get("loss"), "train/steps": out["steps"], "resumed_from": out["resumed_from"],
                "skipped_rows": data.skipped, "beta": cfg.beta}
@@ -408,7 +409,7 @@ def evaluate(scorer, rows: list[dict], cfg, ctx) -> dict:
     m = pairwise_metrics(chosen, rejected, [prompt_key(r) for r in rows])
     out = {f"eval/{k}": v for k, v in m.items()}
     gold_of = None
-    from prefopt.tasks import get_task, has_gold
+    from prefopt.gold import get_task, has_gold
 
     if has_gold(ctx.cfg.task):
         task = get_task(ctx.cfg.task)
@@ -422,7 +423,7 @@ def evaluate(scorer, rows: list[dict], cfg, ctx) -> dict:
     for r, c, j in zip(rows, chosen, rejected):
         rec = {"margin": c - j}
         if gold_of is not None:
-            from prefopt.tasks import example
+            from prefopt.gold import example
 
             ex = example(r)
             gc, gr = gold_of.gold_score(ex, r["chosen"]), gold_of.gold_score(ex, r["rejected"])

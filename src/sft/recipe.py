@@ -8,24 +8,24 @@ chat messages for the tokenizer's chat template) and tokenize them here with one
 and tokenizer, optional LoRA. Train: SFTTrainer with
 `completion_only_loss=True`, so prompt tokens carry no loss. Save: the final model (LoRA merged) as an HF folder
 with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N` whose
-manifest verifies (prefopt.faults); SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the current step and stops.
+manifest verifies (prefopt.runtime.faults); SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the current step and stops.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefopt import faults
+from prefopt.runtime import faults
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.data.templates import encode, render_prompt
-from prefopt.models import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
-from prefopt.preference_data import common_prefix
+from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
+from prefopt.preference.data import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
 from prefopt.training.trainer import hf_training_kwargs
 from prefopt.training.lora import lora_config
-from prefopt.dist import seed_everything
+from prefopt.dist.process import seed_everything
 
 
 def sft_example(prompt, completion: str, tokenizer) -> dict:
@@ -91,7 +91,7 @@ def run(ctx) -> dict:
 
 
 def _run(ctx, stop: faults.StopSignals) -> dict:
-    from prefopt.tracking import trainer_callback
+    from prefopt.runtime.tracking import trainer_callback
 
     sec = ctx.section
     data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False))

@@ -9,7 +9,7 @@ from pathlib import Path
 def last_checkpoint(output_dir, stage: str = "") -> str | None:
     """The newest `checkpoint-N` a stopped Trainer run left whose manifest verifies, or None.
 
-    The Trainer writes checkpoint-N in place; `prefopt.faults.trainer_callback` records every file's SHA-256 in its
+    The Trainer writes checkpoint-N in place; `prefopt.runtime.faults.trainer_callback` records every file's SHA-256 in its
     `manifest.json` after the Trainer has finished it. A checkpoint without one (a kill during the save), or with
     a file that no longer matches it (truncated, overwritten), is removed with a line naming the bad file and the
     previous one is tried (the Trainer keeps `save_total_limit` whole checkpoints, optimizer state included); with
@@ -42,7 +42,7 @@ def newest_verified(candidates: list[Path], stage: str, folder: Path, any_found:
     """The newest of `candidates` whose manifest verifies (`faults.verify_manifest`). A damaged one is removed with
     a line naming the bad file and the previous one is tried; with none left (and `any_found`), a line says the
     stage starts over. Every training stage's resume goes through here."""
-    from prefopt.faults import verify_manifest
+    from prefopt.runtime.faults import verify_manifest
 
     for ck in reversed(candidates):
         bad = verify_manifest(ck)

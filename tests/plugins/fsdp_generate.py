@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from prefopt.data.templates import encode
 from prefopt.generation.base import Sampling
 from prefopt.generation.hf import TransformersGenerator
-from prefopt.models import load_causal_lm, load_tokenizer
-from prefopt.models import place_frozen
+from prefopt.models.loading import load_causal_lm, load_tokenizer
+from prefopt.models.loading import place_frozen
 
 path = sys.argv[1]
 accelerator = Accelerator(cpu=True)

@@ -64,7 +64,7 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prefopt.architectures import warn_if_unchecked
+    from prefopt.models.architectures import warn_if_unchecked
 
     check_model_path(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -204,7 +204,7 @@ def build_tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attent
     return LlamaForCausalLM(config)
 
 
-REWARD_META = "reward_model.json"  # how a reward model prefopt saved reads its input (prefopt.reward.likelihood)
+REWARD_META = "reward_model.json"  # how a reward model prefopt saved reads its input (prefopt.scoring.likelihood)
 
 
 def write_classifier_meta(folder: str | Path) -> None:

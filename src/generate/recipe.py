@@ -18,7 +18,7 @@ what ran before, so a killed run redone gives exactly the candidates it would ha
 duplicated, finished shards untouched.
 Preemption: SIGTERM / SIGINT / SIGUSR1 drop the shard being sampled at once (nothing of it is on disk: shards are
 written whole, by rename) or stop before the next one, in this process and in its data-parallel workers; the stage
-ends with one line and exit code 143 (prefopt.faults.ShardsPreempted), and the rerun resumes at the dropped shard.
+ends with one line and exit code 143 (prefopt.runtime.faults.ShardsPreempted), and the rerun resumes at the dropped shard.
 
 The SimPO on-policy recipe (Meng et al., 2024, Sec. 3 / their on-policy data scripts): one sample per seed,
     generate: {seeds: [13, 21, 42, 79, 100], temperature: 0.8, top_p: 0.95, drop_identical: true}
@@ -30,13 +30,13 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from prefopt import faults
+from prefopt.runtime import faults
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import render_prompt
 from prefopt.generation.base import Completion, Sampling, derive_seed, generate_many
 from prefopt.generation.factory import make_generator, resolve_backend
-from prefopt.gpus import data_parallel_size, free_gpu_memory, run_workers
+from prefopt.dist.gpus import data_parallel_size, free_gpu_memory, run_workers
 from prefopt.io import read_jsonl, weights_sha256, write_jsonl
 
 
@@ -161,9 +161,9 @@ def run(ctx) -> dict:
 def _run(ctx, signals: faults.ShardSignals) -> dict:
     from tqdm.auto import tqdm
 
-    from prefopt.gpus import WorkerFailed
+    from prefopt.dist.gpus import WorkerFailed
 
-    from prefopt.models import load_tokenizer
+    from prefopt.models.loading import load_tokenizer
 
     sec = ctx.section
     backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
@@ -187,7 +187,7 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
     dp_seconds = 0.0
     if workers > 1:  # one process per engine, each its share of the shards; the loop below then finds them done
         t0 = time.time()
-        job = {"worker": "prefopt.generation.recipe:generate_worker", "model_path": model_path, "backend": backend,
+        job = {"worker": "prefopt.generate.recipe:generate_worker", "model_path": model_path, "backend": backend,
                "sec": sec, "base_seed": ctx.seed, "generator_info": generator_info,
                "shards": {k: shard(k) for k in todo}}
         try:
@@ -287,7 +287,7 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
 
 
 def generate_worker(job: dict, rank: int, world: int) -> None:
-    """One data-parallel worker (`prefopt.gpus.run_workers`): its engine, its shards, then the engine released."""
+    """One data-parallel worker (`prefopt.dist.gpus.run_workers`): its engine, its shards, then the engine released."""
     mine = sorted(job["shards"])[rank::world]
     sec, info = job["sec"], dict(job["generator_info"])
     with faults.ShardSignals(f"generate worker {rank}") as signals:  # the stage passes its signal on to us

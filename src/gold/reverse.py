@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from prefopt.tasks.base import pool_with_slips
+from prefopt.gold.base import pool_with_slips
 
 INSTRUCTIONS = [
     "Reverse the order of the letters.",

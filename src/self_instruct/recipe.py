@@ -33,8 +33,8 @@ from prefopt.config import ConfigError
 from prefopt.data.loaders import load_sft
 from prefopt.generation.base import Sampling, derive_seed
 from prefopt.generation.factory import make_generator, resolve_backend
-from prefopt.selfinstruct.filters import SimilarityPool, reject_reason
-from prefopt.selfinstruct.prompt import encode_prompt, parse_completion
+from prefopt.self_instruct.filters import SimilarityPool, reject_reason
+from prefopt.self_instruct.prompt import encode_prompt, parse_completion
 from prefopt.stage import write_json
 from prefopt.io import weights_sha256
 

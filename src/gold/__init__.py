@@ -9,7 +9,7 @@ never from the rendered prompt, so any prompt template or chat format scores the
 
 A task of your own is a module (docs/tasks.md has a complete example) with either
   - the GoldTask parts (`name`, `instructions`, `sample_input`, `score`, `demo_mistake`, `response_pool`, see
-    prefopt.tasks.base), from which the files are built as for the built-in tasks; or
+    prefopt.gold.base), from which the files are built as for the built-in tasks; or
   - `make_data(cfg, seed) -> dict of rows` and `gold_score(example, response) -> float` written by hand.
 """
 
@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-BUILTIN = {"sort": "prefopt.tasks.sort:SortTask", "reverse": "prefopt.tasks.reverse:ReverseTask",
-           "lookup": "prefopt.tasks.lookup:LookupTask"}
+BUILTIN = {"sort": "prefopt.gold.sort:SortTask", "reverse": "prefopt.gold.reverse:ReverseTask",
+           "lookup": "prefopt.gold.lookup:LookupTask"}
 
 
 class TaskError(ValueError):
@@ -33,13 +33,13 @@ class Task:
     """A loaded task: where it came from, its data builder and its checked gold scorer."""
 
     name: str
-    source: str  # "prefopt.tasks.sort:SortTask" or "mypkg.mytask"
+    source: str  # "prefopt.gold.sort:SortTask" or "mypkg.mytask"
     _make: Callable[[Any, int], dict]
     _score: Callable[[dict, str], float]
 
     def make_data(self, cfg, seed: int) -> dict[str, list[dict]]:
         data = self._make(cfg, seed)
-        from prefopt.tasks.base import FILES
+        from prefopt.gold.base import FILES
 
         missing = [f for f in FILES if f not in data]
         if missing:
@@ -92,7 +92,7 @@ def example(row: dict) -> dict:
 
 
 def _from_parts(source: str, obj) -> Task:
-    from prefopt.tasks.base import build_data
+    from prefopt.gold.base import build_data
 
     for part in ("name", "instructions", "sample_input", "score", "demo_mistake", "response_pool"):
         if not hasattr(obj, part):

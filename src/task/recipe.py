@@ -4,15 +4,15 @@
     prefopt task experiments/quickstart.yaml --task.name=reverse
     prefopt task experiments/quickstart.yaml --task.module=mypkg.mytask
 
-Files (Alpaca rows, see prefopt.tasks.base): sft.jsonl, prompts.jsonl (training prompts), val_prompts.jsonl
+Files (Alpaca rows, see prefopt.gold.base): sft.jsonl, prompts.jsonl (training prompts), val_prompts.jsonl
 (tuning), test_prompts.jsonl (reported figures), preferences.jsonl (annotated pairs with each answer's gold score).
 With `task.name: none` nothing is written (the experiment names real datasets).
 """
 
 from __future__ import annotations
 
-from prefopt.tasks import get_task, has_gold
-from prefopt.tasks.base import FILES
+from prefopt.gold import get_task, has_gold
+from prefopt.gold.base import FILES
 from prefopt.io import write_jsonl
 
 

@@ -4,7 +4,7 @@
     data = A.load_run("runs/quickstart")            # or A.load_runs([...]) for sweep trials side by side
     A.plot_frontier(data).savefig("frontier.png")
 
-`load_run` reads the local record every stage leaves (see prefopt.tracking): `<stage>/metrics.jsonl`,
+`load_run` reads the local record every stage leaves (see prefopt.runtime.tracking): `<stage>/metrics.jsonl`,
 `<stage>/summary.json`, `pairs/pairs.jsonl`, `evaluate/summary.json`, `round<k>/<stage>/` for later rounds, and
 `seed-<s>/[round<k>/]<stage>/` for the stages a replicated experiment ran once per seed (their rows carry `seed`).
 `load_wandb` reads the same runs from the W&B API instead (online only).
@@ -188,7 +188,7 @@ def sweep_runs(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[Path]]:
 def load_wandb(project: str, group: str, entity: str | None = None) -> dict[str, pd.DataFrame]:
     """The same tables from the W&B API (needs network and `wandb login`): one W&B run per stage, grouped by
     experiment (or sweep). Gives "metrics" (each run's history) and "summaries" (each run's summary)."""
-    from prefopt.tracking import wandb_mode
+    from prefopt.runtime.tracking import wandb_mode
 
     if wandb_mode("auto") != "online":
         raise RuntimeError("load_wandb needs W&B online (WANDB_API_KEY or `wandb login`); "

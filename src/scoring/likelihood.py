@@ -3,8 +3,8 @@
     r_phi(x, y) = beta / |y| * log pi_phi(y | x) = beta / |y| * sum_t log pi_phi(y_t | x, y_<t)
 
 (SimPO's implicit reward, Meng et al. 2024, Eq. 4; |y| counts the response tokens and EOS), trained from the SFT
-model with the Bradley-Terry loss on preference pairs (`bradley_terry_loss`, reward/loss.py) in the shared
-preference loop. `reward.kind: likelihood` selects it.
+model with the Bradley-Terry loss on preference pairs (`likelihood_objective`, reward/loss.py) in
+the shared preference loop. `reward.kind: likelihood` selects it.
 
 Why it exists: a classification head on the last token of a small model learns only what that one position can
 see. On the built-in reverse and lookup tasks the classifier stayed near 0.62 held-out accuracy while the SFT
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from prefopt.models import REWARD_META
-from prefopt.reward.loss import bradley_terry_loss
+from prefopt.models.loading import REWARD_META
 
 META = REWARD_META  # reward_model.json
 
@@ -35,20 +34,10 @@ def likelihood_reward(sum_logps: torch.Tensor, lengths: torch.Tensor, beta: floa
     return beta * sum_logps / lengths.clamp(min=1).to(sum_logps.dtype)
 
 
-def objective(beta: float):
-    """The preference loop's objective: Bradley-Terry on the likelihood rewards of chosen and rejected."""
-
-    def fn(pi, _ref=None):
-        return bradley_terry_loss(likelihood_reward(pi.chosen, pi.chosen_lengths, beta),
-                                  likelihood_reward(pi.rejected, pi.rejected_lengths, beta))
-
-    return fn
-
-
 def write_meta(folder: Path, beta: float) -> None:
     (Path(folder) / META).write_text(json.dumps(
         {"kind": "likelihood", "beta": beta,
-         "reward": "beta * mean log p(response tokens + EOS | prompt) (prefopt.reward.likelihood)"}, indent=2) + "\n")
+         "reward": "beta * mean log p(response tokens + EOS | prompt) (prefopt.scoring.likelihood)"}, indent=2) + "\n")
 
 
 def read_meta(folder: str | Path) -> dict | None:
@@ -72,7 +61,7 @@ def read_meta(folder: str | Path) -> dict | None:
 
 class LikelihoodScorer:
     """Scores (prompt, response) with `likelihood_reward`, tokenized exactly as the preference loop tokenizes
-    pairs (prefopt.preference_data.tokenize_pair), so the reward read here is the one trained."""
+    pairs (prefopt.preference.data.tokenize_pair), so the reward read here is the one trained."""
 
     kind = "likelihood"
 
@@ -81,8 +70,8 @@ class LikelihoodScorer:
 
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512,
               progress=None) -> list[float]:
-        from prefopt.evaluate.metrics import response_logps
-        from prefopt.preference_data import tokenize_pair
+        from prefopt.training.logps import response_logps
+        from prefopt.preference.data import tokenize_pair
 
         prompt_ids, response_ids = [], []
         for p, r in zip(prompts, responses):

@@ -15,7 +15,7 @@ import importlib
 import math
 from typing import Callable
 
-from prefopt.tasks import TaskError, example
+from prefopt.gold import TaskError, example
 
 
 class RewardFunction:
@@ -65,7 +65,7 @@ def _one_number(value) -> float | None:
 def load_reward_function(spec: str, task_cfg=None) -> RewardFunction:
     """`module:function`, or `task:gold` for the experiment task's gold scorer (needs `task_cfg`)."""
     if spec == "task:gold":
-        from prefopt.tasks import get_task, has_gold
+        from prefopt.gold import get_task, has_gold
 
         if task_cfg is None or not has_gold(task_cfg):
             raise TaskError("reward function task:gold needs an experiment with a gold task (task.name or task.module)")

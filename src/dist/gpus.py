@@ -2,7 +2,7 @@
 worker processes over them, and giving back what a stage held before the next stage loads its model.
 
 A data-parallel stage writes a job (a pickled dict naming its worker function, `"worker": "module:function"`) and
-starts `python -m prefopt.gpus JOB RANK WORLD` once per worker, each with its own GPUs in `CUDA_VISIBLE_DEVICES`.
+starts `python -m prefopt.dist.gpus JOB RANK WORLD` once per worker, each with its own GPUs in `CUDA_VISIBLE_DEVICES`.
 The worker function takes (job, rank, world) and does every `world`-th piece of the job from `rank`; the stage then
 finds the pieces done, as it finds a resumed run's.
 """
@@ -89,7 +89,7 @@ def run_workers(folder: Path, job: dict, workers: int, gpus_per_worker: int, wha
             env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
         log = folder / f".data_parallel_{rank}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "prefopt.gpus", str(job_file), str(rank), str(workers)],
+            proc = subprocess.Popen([sys.executable, "-m", "prefopt.dist.gpus", str(job_file), str(rank), str(workers)],
                                     env=env, stdout=out, stderr=subprocess.STDOUT)
         procs.append((rank, proc, log, mine))
     failed, code = [], 0

@@ -6,7 +6,7 @@ between policies with t-intervals and Holm-corrected verdicts, and the seeds a d
 
 Across runs (one policy of replicated runs that differ in a setting, paired by seed):
 
-    python -m prefopt.replicates worst=runs/a z=runs/b --policy dpo
+    python -m prefopt.analysis.replicates worst=runs/a z=runs/b --policy dpo
 
 Each seed is one replicate of the whole comparison: its evaluate stage scored every policy on the same prompts, so
 the difference between two policies is taken within a seed (paired) and its spread over seeds is the noise that a
@@ -324,11 +324,11 @@ def across_runs(runs: dict[str, dict[int, dict]], policy: str, baseline: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m prefopt.replicates RUN_A RUN_B [...] --policy dpo`: one policy across replicated runs."""
+    """`python -m prefopt.analysis.replicates RUN_A RUN_B [...] --policy dpo`: one policy across replicated runs."""
     import argparse
     from pathlib import Path
 
-    p = argparse.ArgumentParser(prog="python -m prefopt.replicates",
+    p = argparse.ArgumentParser(prog="python -m prefopt.analysis.replicates",
                                 description="Compare one policy across replicated runs (settings), paired by seed.")
     p.add_argument("runs", nargs="+", help="replicated run directories (runs/<name>), or LABEL=DIR")
     p.add_argument("--policy", default="dpo", help="the evaluated policy to compare (default dpo)")

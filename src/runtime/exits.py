@@ -17,7 +17,20 @@ from typing import Callable
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
-from prefopt.reward.gate import RewardGateError
+
+
+
+class Reported(RuntimeError):
+    """An error whose message is its whole line and that carries its exit code: a launched stage that failed (its
+    own error was printed by it already), the reward gate. `run_reported` prints `prefopt: <message>` and exits."""
+
+    def __init__(self, exit_code: int, message: str = ""):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+class StageFailed(Reported):
+    """A launched stage process failed; `exit_code` is its own (a user error's code passes through accelerate)."""
 
 
 def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], Path]) -> int:
@@ -27,21 +40,16 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         return body()
     except ConfigError as e:
         return user_error("config error", e, 2)
-    except RewardGateError as e:
-        print(f"prefopt: {e}", file=sys.stderr)
-        return RewardGateError.exit_code
+    except Reported as e:  # a launched stage's own failure, the reward gate: the message is the whole line
+        if str(e):
+            print(f"prefopt: {e}", file=sys.stderr)
+        return e.exit_code
     except DataError as e:
         return user_error("data error", e, 3)
     except KeyboardInterrupt:
         return user_error("interrupted", "finished stages are kept; rerun the same command to resume", 130)
     except Exception as e:  # noqa: BLE001
-        from prefopt.pipeline import StageFailed
-
-        if isinstance(e, StageFailed):  # a launched stage; a user error there was printed by it already
-            if str(e):
-                print(f"prefopt: {e}", file=sys.stderr)
-            return e.exit_code
-        from prefopt import faults
+        from prefopt.runtime import faults
 
         fault = faults.describe(e)  # a full disk, out of memory, a lost peer: one line, the traceback to a log
         if fault is not None:
@@ -59,7 +67,7 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         print(f"prefopt: {command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
         return 1
     finally:
-        from prefopt import faults
+        from prefopt.runtime import faults
 
         faults.reported()  # a training stage's error is reported: signals act as before it again
 

@@ -5,7 +5,7 @@
 Everything a CPU run needs to show that each stage really works:
   - SFT demonstrations that are right only `demo_accuracy` of the time; the rest carry the mistakes a weak policy
     makes (one adjacent swap, the input order copied, descending order, an element dropped or duplicated);
-  - candidates for the simulated annotator (`prefopt.tasks.base.annotate`): systematic mistakes and sampling slips;
+  - candidates for the simulated annotator (`prefopt.gold.base.annotate`): systematic mistakes and sampling slips;
   - `score_numbers`, the evaluation's ground truth.
 """
 
@@ -15,7 +15,7 @@ import random
 import re
 from collections import Counter
 
-from prefopt.tasks.base import annotate  # noqa: F401  (re-exported: every task's simulated annotator)
+from prefopt.gold.base import annotate  # noqa: F401  (re-exported: every task's simulated annotator)
 
 INSTRUCTIONS = [
     "Sort the numbers in ascending order.",
@@ -171,7 +171,7 @@ def response_pool(xs: list[int], rng: random.Random, slips: int = 6) -> list[str
 
 
 class SortTask:
-    """The sort task in the GoldTask form (`prefopt.tasks.base`); skill: ordering by value."""
+    """The sort task in the GoldTask form (`prefopt.gold.base`); skill: ordering by value."""
 
     name = "sort"
     instructions = INSTRUCTIONS
