@@ -122,7 +122,7 @@ def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: in
     `complete=True` (scoring): every weight must come from the checkpoint; a missing or reshaped tensor (a base LM
     named as a reward model, a head dropped from the files, a remote-code model read as a plain classifier) would be
     scored with random values, so it is a one-line error naming the checkpoint and the tensors. The pad id is then
-    left as the checkpoint has it: `reward.score.score_texts` chooses one per batch."""
+    left as the checkpoint has it: `scoring.scorer.score_texts` chooses one per batch."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_path(path)
@@ -214,7 +214,7 @@ def write_classifier_meta(folder: str | Path) -> None:
 
     (Path(folder) / REWARD_META).write_text(json.dumps(
         {"kind": "classifier", "input": "policy",
-         "reward": "the head's logit at the last token of rendered prompt + response + EOS (prefopt.reward.score)"},
+         "reward": "the head's logit at the last token of rendered prompt + response + EOS (prefopt.scoring.scorer)"},
         indent=2) + "\n")
 
 

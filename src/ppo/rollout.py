@@ -117,12 +117,12 @@ ScoreFn = Callable[[list[str], list[Completion]], torch.Tensor]
 
 def reward_model_scorer(scorer, batch_size: int = 64, max_length: int = 1024,
                         rm_prompts: dict[str, str | list[dict]] | None = None) -> ScoreFn:
-    """Scores (prompt, response) as the `score` stage does, with a `reward.score.load_scorer` scorer (a classifier
+    """Scores (prompt, response) as the `score` stage does, with a `scoring.scorer.load_scorer` scorer (a classifier
     or a likelihood reward model).
 
     The reward model gets the response as decoded text, never the policy's token ids: it tokenizes with its own
     tokenizer, whose vocabulary may differ. `rm_prompts` maps each rendered prompt to what the reward model is given
-    instead (`reward.score.rm_prompt`: the raw chat turns for `rm_format: chat`); None: the rendered prompt."""
+    instead (`scoring.scorer.rm_prompt`: the raw chat turns for `rm_format: chat`); None: the rendered prompt."""
 
     def score(prompts: list[str], completions: list[Completion]) -> torch.Tensor:
         given = prompts if rm_prompts is None else [rm_prompts[p] for p in prompts]

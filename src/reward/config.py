@@ -11,7 +11,7 @@ from prefopt.training.fields import LoraSpec, TrainFields
 @dataclass
 class RewardStageConfig(TrainFields):
     """The `reward` stage: a Bradley-Terry reward model, a classifier trained with TRL's RewardTrainer (any
-    trl.RewardConfig field passes through `trainer_args`) or a likelihood reward model (reward/likelihood.py)."""
+    trl.RewardConfig field passes through `trainer_args`) or a likelihood reward model (scoring/likelihood.py)."""
 
     TRL_CONFIG = "trl.RewardConfig"
 

@@ -5,7 +5,7 @@
     prefopt reward experiments/quickstart.yaml --reward.kind=classifier
 
 Loss (Bradley & Terry 1952; Ouyang et al. 2022, Eq. 1): -log sigmoid(r(x, y_chosen) - r(x, y_rejected)), with r
-either beta * mean log p(response + EOS | prompt) under the model itself (`kind: likelihood`, reward/likelihood.py)
+either beta * mean log p(response + EOS | prompt) under the model itself (`kind: likelihood`, scoring/likelihood.py)
 or a classification head's logit at the last token of prompt + response + EOS (`kind: classifier`).
 
 Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits by
@@ -344,7 +344,7 @@ def report_test(scorer, test_rows: list[dict], cfg, ctx, summary: dict, step: in
 
 def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Selection) -> dict:
     """`kind: likelihood`: the SFT model itself trained with Bradley-Terry on r = beta * mean log p(y|x)
-    (reward/likelihood.py) in the shared preference loop; validation selection and test report as above."""
+    (scoring/likelihood.py) in the shared preference loop; validation selection and test report as above."""
     import shutil
     from types import SimpleNamespace
 

@@ -206,7 +206,7 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
     dropped = False
     if workers > 1 and not signals.signum:  # one reward model per process and GPU; the loop below writes the shards
         try:
-            run_workers(ctx.dir, {**job, "worker": "prefopt.reward.score:score_worker", "cache": str(cache.path),
+            run_workers(ctx.dir, {**job, "worker": "prefopt.score.recipe:score_worker", "cache": str(cache.path),
                                   "shards": {s: plan[s] for s in todo if plan[s]}},
                         workers, 1, "scoring", "score.data_parallel")
         except WorkerFailed:

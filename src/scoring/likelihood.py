@@ -13,7 +13,7 @@ reads the answer token by token, where a mistake is a low-probability token. Len
 reward from preferring short answers, which a summed log-likelihood would.
 
 A saved likelihood reward model is a causal-LM folder plus `reward_model.json` ({"kind": "likelihood", "beta"});
-`reward.score.load_scorer` reads that file, so the `score`, `ppo` and `evaluate` stages use it as any reward model.
+`scoring.scorer.load_scorer` reads that file, so the `score`, `ppo` and `evaluate` stages use it as any reward model.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def load_scorer(path: str, trust_remote_code: bool = False, key: str = "trust_re
                 dtype=None):
     """A scorer (`.score(prompts, responses, batch_size, max_length)`, `.model`, `.tokenizer`) for a reward-model
     folder or hub id, eval mode: a likelihood reward model (a causal LM with `reward_model.json`,
-    reward/likelihood.py) or any AutoModelForSequenceClassification. By default on the GPU in bf16 if there is one
+    scoring/likelihood.py) or any AutoModelForSequenceClassification. By default on the GPU in bf16 if there is one
     (the score and evaluate stages); a caller that shards the model itself (PPO under FSDP) passes device="cpu" and
     its dtype, so the whole model never lands on one GPU before sharding.
 
