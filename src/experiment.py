@@ -21,7 +21,8 @@ from prefopt.evaluate.config import EvaluateConfig
 from prefopt.generate.config import GenerateConfig
 from prefopt.pairs.config import PairsConfig
 from prefopt.ppo.config import PPOConfig
-from prefopt.reward.config import RewardStageConfig, ScoreConfig
+from prefopt.reward.config import RewardStageConfig
+from prefopt.score.config import ScoreConfig
 from prefopt.self_instruct.config import SelfInstructConfig
 from prefopt.sft.config import SFTStageConfig
 from prefopt.simpo.config import SimPOConfig

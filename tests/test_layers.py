@@ -13,12 +13,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_import_contracts_hold():
     """import-linter's own command on the repo's `.importlinter`: the spine imports downward only, stages and
-    libraries never import the spine above the experiment, config modules import no runtime code."""
+    libraries never import the spine above the stage runner, no stage imports another, libraries import no stage,
+    config modules import no runtime code."""
     exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     run = subprocess.run([exe, "--config", str(REPO / ".importlinter")], cwd=REPO, capture_output=True, text=True)
     report = run.stdout[run.stdout.find("Contracts"):]
     assert run.returncode == 0, report
-    assert "BROKEN" not in report and report.count("KEPT") == 3, report
+    contracts = (REPO / ".importlinter").read_text().count("[importlinter:contract:")
+    assert "BROKEN" not in report and report.count("KEPT") == contracts >= 16, report
+
+
+def test_every_stage_and_stage_config_is_under_contract():
+    """A stage added to `experiment.STAGES` is covered: its package has its own independence contract, it is a
+    forbidden import for the libraries, and its config module is a config leaf."""
+    from prefopt.experiment import STAGES
+
+    text = (REPO / ".importlinter").read_text()
+    for name, (module, _) in STAGES.items():
+        package = module.rsplit(".", 1)[0]
+        assert package == f"prefopt.{name}", f"stage {name!r} lives in {package}, not a folder named as the stage"
+        assert f"[importlinter:contract:stage-{name}]" in text, f"no independence contract for stage {name}"
+        assert f"    {package}.config\n" in text, f"{package}.config is not under the config-leaf contract"
+        libs = text[text.index("[importlinter:contract:libraries-below-stages]"):]
+        libs = libs[libs.index("forbidden_modules"):libs.index("\n\n")]
+        assert f"    {package}\n" in libs + "\n", f"libraries may import stage {name}: add it to libraries-below-stages"
 
 
 def _cycles(graph) -> list[list[str]]:
