@@ -1,4 +1,4 @@
-"""DPO / IPO / cDPO / RPO / SimPO / ORPO / Bradley-Terry on hand-picked numbers, and each against TRL as the oracle."""
+"""DPO / IPO / cDPO / RPO / SimPO / ORPO / Bradley-Terry / PPO on hand-picked numbers, and each against TRL as the oracle."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from prefopt.dpo.loss import dpo_loss
+from prefopt.ppo.loss import ppo_loss
 from prefopt.preference.metrics import chosen_nll
 from prefopt.reward.loss import bradley_terry_loss
 from prefopt.simpo.loss import orpo_loss, simpo_loss
@@ -129,6 +130,39 @@ def test_bradley_terry_hand_computed():
     assert_close(m["rewards/margins"], torch.tensor(0.0))
     assert_close(bradley_terry_loss(c, r, margin=torch.tensor([1.0, 0.0]))[0], torch.tensor(1.00320), atol=1e-5,
                  rtol=0)
+
+
+def test_ppo_loss_hand_computed():
+    """Two response tokens and one padding position (mask 1, 1, 0); eps = eps_v = 0.2, vf_coef 0.1.
+    Policy, old log-probs 0, ratios r = (1.5, 0.9, 3), advantages A = (1, -1, 5):
+      token 1: max(-1 * 1.5, -1 * clip(1.5) = -1.2) = -1.2   (clipped: counts in clipfrac)
+      token 2: max( 1 * 0.9,   1 * clip(0.9) =  0.9) =  0.9
+      L^CLIP = (-1.2 + 0.9) / 2 = -0.15; clipfrac 1/2; ratio (1.5 + 0.9) / 2 = 1.2; padding (r = 3, A = 5) ignored.
+    Value, V_old = (0, 1, 0), V = (0.5, 1.1, 9), returns R = (1, 0, 7):
+      token 1: (0.5 - 1)^2 = 0.25; V_clip = 0 + clip(0.5, -0.2, 0.2) = 0.2, (0.2 - 1)^2 = 0.64 -> 0.64 (clipped)
+      token 2: (1.1 - 0)^2 = 1.21; V_clip = 1 + 0.1 = 1.1 -> 1.21 (equal: not clipped)
+      L^VF = 0.5 * (0.64 + 1.21) / 2 = 0.4625; value/clipfrac 1/2.
+    L = -0.15 + 0.1 * 0.4625 = -0.10375."""
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logps = torch.log(torch.tensor([[1.5, 0.9, 3.0]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, 5.0]])
+    values = torch.tensor([[0.5, 1.1, 9.0]], requires_grad=True)
+    old_values, returns = torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 7.0]])
+    loss, m = ppo_loss(logps, torch.zeros(1, 3), adv, values, old_values, returns, mask, cliprange=0.2,
+                       cliprange_value=0.2, vf_coef=0.1)
+    assert_close(loss, torch.tensor(-0.10375))
+    assert_close(m["loss/policy"], torch.tensor(-0.15))
+    assert_close(m["loss/value"], torch.tensor(0.4625))
+    assert_close(m["clipfrac"], torch.tensor(0.5))
+    assert_close(m["ratio"], torch.tensor(1.2))
+    assert_close(m["approx_kl"], torch.tensor(0.5 * (math.log(1.5) ** 2 + math.log(0.9) ** 2) / 2))
+    assert_close(m["value/clipfrac"], torch.tensor(0.5))
+    assert not any(v.requires_grad for v in m.values())
+    loss.backward()
+    # Only the unclipped tokens carry gradient: d/dlogp of r * -A / 2 at token 2 is 0.9 * 1 / 2 = 0.45; token 1 is
+    # clipped (0); d/dV at token 2 is 0.1 * 0.5 * 2 * (1.1 - 0) / 2 = 0.055, token 1's clipped value term gives 0.
+    assert_close(logps.grad, torch.tensor([[0.0, 0.45, 0.0]]))
+    assert_close(values.grad, torch.tensor([[0.0, 0.055, 0.0]]))
 
 
 @pytest.mark.parametrize("kwargs,match", [({"beta": 0.0}, "beta"), ({"beta": -1.0}, "beta"),

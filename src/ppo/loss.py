@@ -1,4 +1,5 @@
-"""PPO's parts as pure functions: clipped surrogate, clipped value loss, per-token KL penalty, GAE, KL controllers.
+"""PPO's parts as pure functions: the whole objective (`ppo_loss`: clipped surrogate + vf_coef * clipped value loss),
+its two terms, the per-token KL penalty, GAE, KL controllers.
 
 Tensors are (B, T) over positions of a padded batch, with `mask` 1 on response tokens (the actions); every mean
 is taken over masked tokens of the whole batch (token-level averaging, as in OpenAI's lm-human-preferences and
@@ -14,6 +15,7 @@ import torch
 from prefopt.training.logps import masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "ppo_loss",
     "policy_loss",
     "value_loss",
     "kl_penalty_rewards",
@@ -70,6 +72,28 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     with torch.no_grad():
         metrics = {"value/clipfrac": masked_mean((err_clipped > err).float(), mask)}
     return loss, metrics
+
+
+def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange: float = 0.2,
+             cliprange_value: float = 0.2, vf_coef: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """The whole PPO objective the `ppo` stage minimises: the clipped surrogate plus the weighted clipped value loss
+    (Schulman et al. 2017, Eq. 9, with a separate value model, so no shared-parameter entropy bonus: c2 = 0).
+
+        r_t   = exp(log pi(a_t|s_t) - log pi_old(a_t|s_t))
+        L^CLIP = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps))               (Eq. 7, negated)
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        L^VF  = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)       (OpenAI baselines ppo2; Ziegler et al. 2019)
+        L     = L^CLIP + c1 * L^VF,   c1 = vf_coef                                        (Eq. 9, negated, c2 = 0)
+
+    Means are over masked (response) tokens. Returns (L, metrics), metrics detached: `loss/policy` (L^CLIP),
+    `loss/value` (L^VF), and `policy_loss`'s and `value_loss`'s diagnostics (`clipfrac`, `approx_kl`, `ratio`,
+    `value/clipfrac`).
+    """
+    pg_loss, pg_metrics = policy_loss(logps, old_logps, advantages, mask, cliprange)
+    vf_loss, vf_metrics = value_loss(values, old_values, returns, mask, cliprange_value)
+    metrics = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_metrics, **vf_metrics}
+    return pg_loss + vf_coef * vf_loss, metrics
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

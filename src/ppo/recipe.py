@@ -40,7 +40,7 @@ from prefopt.generation.base import Sampling
 from prefopt.training.logps import masked_mean
 from prefopt.models.loading import place_frozen
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
-from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, policy_loss, value_loss
+from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, ppo_loss
 from prefopt.ppo.rollout import ValueModel, collect, policy_forward, reward_model_scorer, trim
 
 KEEP_CHECKPOINTS = 2
@@ -190,9 +190,9 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
             mb = trim(batch, mine)
             logps, _ = policy_forward(policy, mb["input_ids"], mb["attention_mask"], mb["mask"], cfg.temperature)
             values = value(mb["input_ids"], mb["attention_mask"])[:, :-1]
-            pg_loss, pg_metrics = policy_loss(logps, mb["logps"], mb["advantages"], mb["mask"], cfg.cliprange)
-            vf_loss, vf_metrics = value_loss(values, mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-            loss = (pg_loss + cfg.vf_coef * vf_loss) * weight
+            loss, step = ppo_loss(logps, mb["logps"], mb["advantages"], values, mb["values"], mb["returns"],
+                                  mb["mask"], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
+            loss = loss * weight
             opt_policy.zero_grad(set_to_none=True)
             opt_value.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -201,7 +201,6 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
                 accelerator.clip_grad_norm_(value.parameters(), cfg.max_grad_norm)
             opt_policy.step()
             opt_value.step()
-            step = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), **pg_metrics, **vf_metrics}
             for k, v in step.items():  # this process's share of the global minibatch's token mean
                 sums[k] = sums.get(k, 0.0) + v.detach().double() * weight.double() / world
             n += 1
