@@ -331,7 +331,7 @@ def test_the_reward_model_is_released_before_the_next_stage(tmp_path, score_rms,
     import gc
     import weakref
 
-    import prefopt.reward.score as score
+    import prefopt.score.recipe as score
     from prefopt.stage import run_stage
 
     refs, alive_at_free = [], []
