@@ -235,7 +235,7 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
     # one lock per experiment directory (rank 0 takes it for all ranks of a launch)
     with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
         summary = run_stage(cfg, args.command, args.round)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_rank() == 0:
         print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
               f"{stage_dir(cfg, args.command, args.round)}", flush=True)
         table = stage_dir(cfg, args.command, args.round) / "table.md"

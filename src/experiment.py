@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -314,7 +313,9 @@ def resolve(cfg: ExperimentConfig, value: str, round_: int = 1, *, model: bool =
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    from prefopt.dist.process import rank
+
+    return rank()
 
 
 def load_config(path: str | Path, overrides: list[str] | dict | None = None):

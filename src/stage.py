@@ -418,11 +418,11 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     """Run one stage in this process (under `accelerate launch`, in every process) and record it. `fresh`: reuse
     nothing of a finished result (`prefopt run --from`)."""
     from prefopt.runtime.tracking import NullTracker, Tracker
-    from prefopt.dist.process import dist_barrier, is_main_process
+    from prefopt.dist.process import dist_barrier, is_main_process, rank, world_size
 
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         from accelerate import PartialState
 
         import torch
@@ -437,7 +437,7 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     dist_barrier()
     if not main:  # after the main rank chose (and made) the working folder
         d = prepare_dir(cfg, stage, round_, False)
-    extra = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    extra = {"world_size": world_size()}
     if cfg.replicate_seed is not None and replicated_stage(cfg, stage, round_):
         extra["replicate_seed"] = cfg.replicate_seed  # in config.yaml, the W&B config and the summary
     sec = section(cfg, stage)
@@ -447,9 +447,8 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     ctx = StageContext(cfg=cfg, stage=stage, round=round_, dir=d, tracker=tracker, is_main=main)
     module = importlib.import_module(STAGES[stage][0])
     # every process leaves a note, so a multi-process run shows that each rank took part
-    rank = int(os.environ.get("RANK", "0"))
     (d / "_ranks").mkdir(exist_ok=True)
-    write_json(d / "_ranks" / f"rank-{rank}.json", {"rank": rank, "pid": os.getpid(), "world_size": extra["world_size"]})
+    write_json(d / "_ranks" / f"rank-{rank()}.json", {"rank": rank(), "pid": os.getpid(), "world_size": extra["world_size"]})
     t0 = time.time()
     inputs = read_inputs(cfg, stage, round_) if main else None  # the inputs as the stage reads them
     data_counts.take()  # counts noted from here on are this stage's

@@ -22,7 +22,6 @@ that do; a Hub id that is neither cached nor reachable is a DataError naming it.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
 from prefopt.data.records import read_records
 from prefopt.data.spec import DatasetSpec, MixturePart, is_json_file
+from prefopt.dist.process import is_main_process
 
 DATASET_SUFFIXES = (".parquet", ".arrow", ".csv", ".tsv")
 
@@ -304,7 +304,7 @@ def report_mixture(rows: Rows) -> list[dict]:
     """Each part's figures (label, weight, rows available, drawn, kept after the checks); printed once (rank 0)."""
     out = [{"source": p.label, "weight": p.weight, "available": len(p.rows), "drawn": p.taken, "kept": p.kept}
            for p in rows.parts]
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         lines = [f"  {d['kept']:,} from {d['source']} (weight {d['weight']:g}: {d['drawn']:,} of {d['available']:,} "
                  "drawn)" for d in out]
         print(f"[data] mixture of {len(out)} parts, {sum(d['kept'] for d in out):,} rows:\n" + "\n".join(lines),

@@ -19,8 +19,13 @@ def seed_everything(seed: int) -> None:
     transformers.set_seed(seed)
 
 
+def rank() -> int:
+    """This process's global rank in the launch (torchrun / accelerate set RANK; LOCAL_RANK alone on one node)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def world_size() -> int:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
+from prefopt.dist.process import is_main_process
 
 
 
@@ -100,7 +101,7 @@ def user_error(kind: str, error, code: int) -> int:
     _close_progress_bars()
     print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
     exit_file = os.environ.get("PREFOPT_EXIT_FILE")
-    if exit_file and int(os.environ.get("RANK", "0")) == 0:
+    if exit_file and is_main_process():
         try:
             with open(exit_file, "w") as f:
                 json.dump({"code": code, "message": msg}, f)

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefopt.io import sha256_file
+from prefopt.dist.process import rank as dist_rank, world_size
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended; here, after a checkpoint
 RESOURCE_EXIT = 6
@@ -391,7 +392,7 @@ def describe(e: BaseException) -> str | None:
     for x in _chain(e):
         dist_error = getattr(getattr(torch, "distributed", None), "DistError", ())
         if isinstance(x, dist_error) or (isinstance(x, RuntimeError) and any(s in str(x) for s in _PEER_LOST)):
-            rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+            rank, world = dist_rank(), world_size()
             return (f"lost a peer process: rank {rank} of {world} lost its connection to another process of the "
                     f"launch ({type(x).__name__}: {_first_line(x)}); that process died first (out of memory? "
                     "killed?): its own line, the kernel log (`dmesg`) or the scheduler says why; rerun the same "
