@@ -92,7 +92,8 @@ def _pack(lengths: list[int]) -> list[list[int]]:
 def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
     """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed layouts: input_ids,
     position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
-    num_sequences (2B); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
+    num_sequences (2B), num_tokens (the non-padding positions); ref_logps (B, 2) when the examples carry
+    precomputed reference log-probs."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     B = len(examples)
@@ -133,7 +134,8 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             start += n
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "source_index": torch.tensor(source),
            "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
-           "num_sequences": torch.tensor(2 * B)}
+           "num_sequences": torch.tensor(2 * B),
+           "num_tokens": torch.tensor(sum(len(s["ids"]) for s in segs))}  # non-padding positions (throughput)
     if layout != "padded":
         out["position_ids"] = position_ids
     if examples and "ref_logps" in examples[0]:

@@ -46,6 +46,7 @@ from prefopt.preference import reference as refcache
 from prefopt.preference.batching import check_layout, collate, pair_logps
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
+from prefopt.training import throughput
 from prefopt.training.lora import lora_config
 from prefopt.dist.process import seed_everything
 
@@ -136,7 +137,7 @@ def _lora(model, spec):
 
 
 def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_path: str, tokenizer, examples,
-                          pairs_file: str) -> dict:
+                          pairs_file: str, meter=None) -> dict:
     """Reference log-probs for every example, from the cache or computed and cached.
 
     Called after `prepare` and before `load_state`: `policy` is the prepared model with its starting weights. Every
@@ -165,7 +166,7 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
         with base, accelerator.autocast():
             logps = refcache.compute(ref, examples, tokenizer.pad_token_id, sec.max_length,
                                      sec.per_device_train_batch_size, sec.layout, sec.logps_chunk_size,
-                                     accelerator.device, accelerator=accelerator)
+                                     accelerator.device, accelerator=accelerator, meter=meter)
         if accelerator.is_main_process:
             refcache.save(path, key, logps)
         del ref
@@ -254,6 +255,9 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         if sec.lora.enabled:
             model.enable_input_require_grads()
 
+    n_params = throughput.param_counts(model)  # (non-embedding, trainable): the FLOPs of a token (throughput.py)
+    meter = throughput.start(getattr(sec, "peak_tflops", 0.0), accelerator.device,
+                             torch.bfloat16 if sec.bf16 else torch.float32, accelerator.num_processes)
     sampler = EpochShuffle(len(examples), ctx.seed)
     loader = DataLoader(examples, batch_size=sec.per_device_train_batch_size, sampler=sampler,
                         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length,
@@ -263,7 +267,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if reference == "precomputed":  # here: every process can run the prepared model, and it is still the start
         ref_info = _precompute_reference(ctx, sec, accelerator, model, model_path, ref_path, tokenizer, examples,
-                                         pairs_file)
+                                         pairs_file, meter)
 
     # Lengths after prepare: per-process micro-batches. The scheduler is stepped by hand once per optimizer step
     # (accelerate's prepared scheduler would step num_processes times per call).
@@ -317,7 +321,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         skip = (step % steps_per_epoch) * sec.gradient_accumulation_steps  # micro-batches done before the kill
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), meter.timed("train"):
                 with accelerator.autocast():
                     sums, lengths = pair_logps(model, batch, sec.logps_chunk_size)
                     ref = reference_logps(batch)
@@ -329,6 +333,10 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                     window["grad_norm"].append(float(grad_norm))
                 optimizer.step()
                 optimizer.zero_grad()
+            meter.count("train", batch, *n_params)
+            if reference in ("loaded", "lora_base"):  # the live reference's forward, in this phase's time
+                n_ref = meter.params(frozen_ref)[0] if frozen_ref is not None else n_params[0]
+                meter.add("train", 0, 0, throughput.forward_flops(n_ref, throughput.batch_tokens(batch)[1]))
             values = {"loss": loss.detach(), **metrics}
             gathered = accelerator.gather(torch.stack([v.float() for v in values.values()]).unsqueeze(0))
             for k, v in zip(values, gathered.mean(0).tolist()):
@@ -364,11 +372,14 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     if saved_at != step:
         save(step)
 
+    perf = meter.gathered_summary(accelerator)
+    ctx.tracker.log(perf, step=step)
+    accelerator.print(f"[prefopt] {ctx.stage}: {throughput.describe(perf)}", flush=True)
     out_dir = ctx.dir / "model"
     with faults.writing(out_dir):
         save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
     accelerator.wait_for_everyone()
-    return {"model": str(out_dir), "pairs": len(examples), "pairs_in": examples.stats["pairs_in"], "steps": step,
+    return {**perf, "model": str(out_dir), "pairs": len(examples), "pairs_in": examples.stats["pairs_in"], "steps": step,
             "resumed_from": str(resumed) if resumed is not None else None,
             **({"reference": reference} if reference else {}),
             **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -110,14 +111,15 @@ def key_name(key: dict) -> str:
 
 
 def compute(model, examples: list[dict], pad_token_id: int, max_length: int, batch_size: int, layout: str,
-            chunk_size: int = 0, device=None, accelerator=None) -> torch.Tensor:
+            chunk_size: int = 0, device=None, accelerator=None, meter=None) -> torch.Tensor:
     """(n, 2) float32: summed log-probs of chosen and rejected for every example, in order, without gradients.
 
     The batches are those of a one-process run (examples [i*batch_size, (i+1)*batch_size)). With an `accelerator`
     over several processes, batch i is computed by process i % world, so each batch has the same composition (and,
     on one kind of device, the same numbers) as on one process; the rows are gathered onto every process. Every
     process runs the same number of forward passes, because under FSDP, ZeRO-3 and DDP (which broadcasts buffers)
-    each forward is collective: a process whose share ran out runs batch 0 again and drops the result."""
+    each forward is collective: a process whose share ran out runs batch 0 again and drops the result. `meter`
+    (prefopt.training.throughput.Meter): the pass is timed and counted as its `forward` phase."""
     if not examples:
         return torch.zeros((0, 2))
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
@@ -132,7 +134,10 @@ def compute(model, examples: list[dict], pad_token_id: int, max_length: int, bat
             part = [{k: v for k, v in e.items() if k != "ref_logps"} for e in batches[b if b < len(batches) else 0]]
             batch = {k: v.to(device) if device is not None else v
                      for k, v in collate(part, pad_token_id, max_length, layout).items()}
-            sums, _ = pair_logps(model, batch, chunk_size)
+            with meter.timed("forward") if meter is not None else nullcontext():
+                sums, _ = pair_logps(model, batch, chunk_size)
+            if meter is not None:
+                meter.count("forward", batch, meter.params(model)[0])
             if b < len(batches):
                 mine[r, :len(part)] = torch.stack(sums.float().cpu().chunk(2), dim=1)
     model.train(was_training)

@@ -365,7 +365,8 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
     out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": out.get("loss"), "train/steps": out["steps"], "resumed_from": out["resumed_from"],
-               "skipped_rows": data.skipped, "beta": cfg.beta}
+               "skipped_rows": data.skipped, "beta": cfg.beta,
+               **{k: v for k, v in out.items() if k.startswith("perf/")}}  # the loop's throughput and MFU
     model_dir = ctx.dir / "model"
     best = selection.best()
     if best is not None:

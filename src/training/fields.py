@@ -55,13 +55,18 @@ class TrainFields:
     damaged newest checkpoint has one to fall back to."""
     recipe_global_batch: int = 0
     """The global batch the recipe (paper) states; `prefopt check` warns when the launch gives another. 0: none."""
+    peak_tflops: float = 0.0
+    """One device's peak TFLOP/s that the stage's MFU (`perf/mfu`) is measured against. 0: measured at the start
+    by a ~0.2 s matrix-product probe in the run's dtype (prefopt.training.throughput); a datasheet figure
+    (H100 SXM bf16 dense: 989) gives the conventional MFU."""
 
     def __post_init__(self):
         # a negative or NaN value here used to train silently (0 steps) or crash deep inside torch
         check_ranges(self, learning_rate=dict(gt=0), per_device_train_batch_size=dict(ge=1),
                      gradient_accumulation_steps=dict(ge=1), warmup_ratio=dict(ge=0, lt=1), weight_decay=dict(ge=0),
                      max_grad_norm=dict(ge=0), max_length=dict(ge=1), logging_steps=dict(ge=1), save_steps=dict(ge=1),
-                     save_total_limit=dict(ge=0), recipe_global_batch=dict(ge=0), max_steps=dict(ge=-1))
+                     save_total_limit=dict(ge=0), recipe_global_batch=dict(ge=0), max_steps=dict(ge=-1),
+                     peak_tflops=dict(ge=0))
         if self.max_steps <= 0:  # epochs decide the length only when max_steps does not
             check_range(self, "num_train_epochs", gt=0)
         else:

@@ -1,0 +1,268 @@
+"""Throughput and efficiency of a stage's model passes: tokens/s, padding, model FLOPs and MFU, one set of names.
+
+Every stage that runs a model feeds a `Meter` and reports its `summary()` under the same keys:
+
+    perf/tokens_per_s         token positions the model computed per second (padding included), all processes
+    perf/useful_tokens_per_s  the non-padding ones per second
+    perf/padding_fraction     1 - useful / computed
+    perf/tflops               model FLOPs per second achieved, all processes, in TFLOP/s
+    perf/mfu                  model FLOPs utilisation: perf/tflops / (perf/peak_tflops x processes)
+    perf/peak_tflops          the peak of one device the MFU is measured against (`probe_peak_tflops` or config)
+    perf/seconds              the time the passes took (the denominator of every rate above)
+    perf/<phase>/...          the same per phase: `train`, `forward` (reference pass, reward scoring, evaluation's
+                              log-probs), `generate` (sampling)
+
+Model FLOPs (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1: C ~ 6 N per training token,
+2 N per forward token):
+
+    forward-only token   2 N
+    training token       2 N (forward) + 2 N (gradient w.r.t. activations) + 2 N_trainable (w.r.t. weights)
+                         = 6 N with every weight trained; 4 N + 2 N_trainable with LoRA / frozen parts
+
+N is the non-embedding parameter count, as in Kaplan et al.: every parameter but the input embedding table and the
+output projection (lm_head, tied or not). Why not all parameters: the input embedding is a lookup (no
+multiply-adds), and how many positions reach the lm_head depends on the stage (the preference loop projects only
+completion positions, in chunks; the Trainer stages and generation project every position), so counting
+2 x d x V per token would credit the loop with work it skips; without it every stage's figure is the same lower
+bound. Attention's score and value products (2 x n_layer x T x d per token, Kaplan's context term) are left out for
+the same reason (they depend on the layout's mask, not on the tokens). "Model" FLOPs, as in PaLM's MFU: activation
+recomputation (gradient checkpointing, the chunked projection's backward) is not counted, so MFU says how much of
+the hardware went into the model's own arithmetic. They are counted on the useful (non-padding) positions only:
+a padded position is waste the padding fraction reports, so MFU is the share of the peak spent on real tokens.
+
+The peak is measured, not taken from a datasheet: `probe_peak_tflops` times square matrix products on the device in
+the run's dtype with the process's thread count (about 0.2 s) and keeps the fastest burst; `peak_tflops` in the
+training fields sets it instead (0: probe). On a shared CPU the probe sees what the other processes leave, as the
+stage does.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+PHASES = ("train", "forward", "generate")
+_PEAKS: dict[tuple, float] = {}  # (device, dtype, threads) -> TFLOP/s: one probe per process
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(N, N_trainable): non-embedding parameters (module docstring), each tensor counted once (tied weights)."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
+        inner = inner.module
+    skip = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            emb = getattr(inner, get)()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        if emb is not None:
+            skip |= {id(p) for p in emb.parameters()}
+    seen, n, trainable = set(), 0, 0
+    for p in inner.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        n += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return n, trainable
+
+
+def train_flops(n: int, n_trainable: int, tokens: int) -> float:
+    """Model FLOPs of training on `tokens` positions: (4 N + 2 N_trainable) per token (6 N when all are trained)."""
+    return float(4 * n + 2 * n_trainable) * tokens
+
+
+def forward_flops(n: int, tokens: int) -> float:
+    """Model FLOPs of a forward pass over `tokens` positions: 2 N per token."""
+    return 2.0 * n * tokens
+
+
+def mfu(flops: float, seconds: float, peak_tflops: float, devices: int = 1) -> float:
+    """Achieved FLOP/s over the peak of `devices` devices (0 when nothing was timed)."""
+    if seconds <= 0 or peak_tflops <= 0:
+        return 0.0
+    return flops / seconds / (peak_tflops * 1e12 * devices)
+
+
+def probe_peak_tflops(device=None, dtype=None, seconds: float = 0.2) -> float:
+    """The fastest square-matrix-product rate of this device in `dtype` (fp32 by default), in TFLOP/s.
+
+    Products of n x n matrices (512 on CPU, 4096 on a GPU: big enough to reach the BLAS kernels' rate, small enough
+    to repeat) in bursts of a few, for about `seconds` after one warm-up; the best burst is the peak. Cached per
+    (device, dtype, threads) for the process."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    dtype = dtype or torch.float32
+    key = (str(device), str(dtype), torch.get_num_threads())
+    if key in _PEAKS:
+        return _PEAKS[key]
+    cuda = device.type == "cuda"
+    n = 4096 if cuda else 512
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    reps = 8 if cuda else 2
+    torch.mm(a, b)
+    sync()
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync()
+        best = max(best, 2.0 * n ** 3 * reps / (time.perf_counter() - t0))
+    _PEAKS[key] = best / 1e12
+    return _PEAKS[key]
+
+
+class _Phase:
+    __slots__ = ("tokens", "useful", "flops", "seconds")
+
+    def __init__(self):
+        self.tokens, self.useful, self.flops, self.seconds = 0, 0, 0.0, 0.0
+
+
+class Meter:
+    """Tokens, model FLOPs and time of a stage's passes, per phase; `summary()` gives the perf/* figures.
+
+        meter = Meter(peak_tflops)                         # a probe's or the config's figure
+        with meter.timed("train"):
+            ... one optimizer step ...
+        meter.count("train", batch, n, n_trainable)        # or meter.add(phase, tokens, useful, flops)
+
+    Counts are this process's; `summary(totals)` takes the phase totals summed over processes when a launch has
+    several (`totals()` gives what to sum), and divides by the slowest process's seconds."""
+
+    def __init__(self, peak_tflops: float, processes: int = 1, sync=None):
+        self.peak_tflops = float(peak_tflops)
+        self.processes = processes
+        self.sync = sync  # a device synchronise, so a GPU's queued work lands in the timed span
+        self.phases: dict[str, _Phase] = {}
+        self._params: dict[int, tuple[int, int]] = {}
+
+    def params(self, model) -> tuple[int, int]:
+        """`param_counts(model)`, counted once per model."""
+        if id(model) not in self._params:
+            self._params[id(model)] = param_counts(model)
+        return self._params[id(model)]
+
+    def _phase(self, name: str) -> _Phase:
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; phases are {', '.join(PHASES)}")
+        return self.phases.setdefault(name, _Phase())
+
+    @contextmanager
+    def timed(self, phase: str):
+        p = self._phase(phase)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync is not None:
+                self.sync()
+            p.seconds += time.perf_counter() - t0
+
+    def add(self, phase: str, tokens: int, useful: int, flops: float) -> None:
+        p = self._phase(phase)
+        p.tokens += int(tokens)
+        p.useful += int(useful)
+        p.flops += float(flops)
+
+    def count(self, phase: str, batch: dict, n: int, n_trainable: int = 0) -> None:
+        """Add a model batch (`batch_tokens`) run through a model of `n` non-embedding parameters (`n_trainable` of
+        them trained, for phase `train`). Model FLOPs are counted on the useful positions: padding is waste, which
+        the padding fraction reports, not work the model needed."""
+        computed, useful = batch_tokens(batch)
+        flops = train_flops(n, n_trainable, useful) if phase == "train" else forward_flops(n, useful)
+        self.add(phase, computed, useful, flops)
+
+    def totals(self) -> list[float]:
+        """[tokens, useful, flops, seconds] per phase in PHASES order: what a launch sums (seconds: max) over ranks."""
+        out = []
+        for name in PHASES:
+            p = self.phases.get(name, _Phase())
+            out += [p.tokens, p.useful, p.flops, p.seconds]
+        return out
+
+    def summary(self, totals: list[float] | None = None, seconds_max: list[float] | None = None) -> dict:
+        """perf/* figures (module docstring). `totals`: `totals()` summed over processes; `seconds_max`: each
+        phase's seconds, the slowest process's (defaults: this process's own)."""
+        t = totals if totals is not None else self.totals()
+        out: dict[str, float] = {}
+        all_tokens = all_useful = all_flops = all_seconds = 0.0
+        for i, name in enumerate(PHASES):
+            tokens, useful, flops, _ = t[4 * i: 4 * i + 4]
+            seconds = seconds_max[i] if seconds_max is not None else self.phases.get(name, _Phase()).seconds
+            if tokens == 0:
+                continue
+            out.update(_figures(f"perf/{name}/", tokens, useful, flops, seconds, self.peak_tflops, self.processes))
+            all_tokens, all_useful, all_flops = all_tokens + tokens, all_useful + useful, all_flops + flops
+            all_seconds += seconds
+        if all_tokens:
+            out.update(_figures("perf/", all_tokens, all_useful, all_flops, all_seconds, self.peak_tflops,
+                                self.processes))
+        out["perf/peak_tflops"] = round(self.peak_tflops, 6)
+        return out
+
+    def gathered_summary(self, accelerator) -> dict:
+        """summary() with every process's counts summed and the slowest process's seconds (a collective: every
+        process calls it)."""
+        import torch
+
+        local = torch.tensor(self.totals(), dtype=torch.float64, device=accelerator.device)
+        if accelerator.num_processes == 1:
+            return self.summary()
+        sums = accelerator.reduce(local.clone(), reduction="sum").tolist()
+        maxes = accelerator.gather(local.unsqueeze(0)).max(0).values.tolist()
+        return self.summary(sums, [maxes[4 * i + 3] for i in range(len(PHASES))])
+
+
+def _figures(prefix: str, tokens: float, useful: float, flops: float, seconds: float, peak: float,
+             processes: int) -> dict:
+    rate = (lambda x: x / seconds) if seconds > 0 else (lambda x: 0.0)
+    return {f"{prefix}tokens": int(tokens), f"{prefix}seconds": round(seconds, 3),
+            f"{prefix}tokens_per_s": round(rate(tokens), 1), f"{prefix}useful_tokens_per_s": round(rate(useful), 1),
+            f"{prefix}padding_fraction": round(1 - useful / tokens, 4) if tokens else 0.0,
+            f"{prefix}tflops": round(rate(flops) / 1e12, 6),
+            f"{prefix}mfu": round(mfu(flops, seconds, peak, processes), 6)}
+
+
+def describe(figures: dict) -> str:
+    """The one line a stage prints at its end."""
+    if "perf/tokens" not in figures:
+        return "no model passes timed"
+    parts = [f"{figures['perf/tokens_per_s']:,.0f} tokens/s ({figures['perf/useful_tokens_per_s']:,.0f} useful, "
+             f"padding {figures['perf/padding_fraction']:.1%})",
+             f"{figures['perf/tflops'] * 1e3:.2f} GFLOP/s = MFU {figures['perf/mfu']:.1%} of "
+             f"{figures['perf/peak_tflops'] * 1e3:.1f} GFLOP/s peak"]
+    phases = [f"{name} {figures[f'perf/{name}/mfu']:.1%} over {figures[f'perf/{name}/seconds']:.1f} s"
+              for name in PHASES if f"perf/{name}/mfu" in figures]
+    return "; ".join(parts) + (f" (MFU by phase: {', '.join(phases)})" if phases else "")
+
+
+def start(peak_tflops: float = 0.0, device=None, dtype=None, processes: int = 1) -> Meter:
+    """A stage's meter: the configured peak (`peak_tflops` > 0) or a probe of `device` in `dtype`."""
+    import torch
+
+    device = torch.device(device if device is not None else "cpu")
+    peak = peak_tflops if peak_tflops > 0 else probe_peak_tflops(device, dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return Meter(peak, processes, sync)
+
+
+def batch_tokens(batch: dict) -> tuple[int, int]:
+    """(computed, useful) token positions of a model batch: every position of `input_ids`, and those that are not
+    padding: the batch's `num_tokens` (the packed layouts' count) or the sum of a 2D attention mask."""
+    ids = batch["input_ids"]
+    if "num_tokens" in batch:
+        return ids.numel(), int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return ids.numel(), int(mask.sum())
+    return ids.numel(), ids.numel()

@@ -1,0 +1,144 @@
+"""Throughput and MFU (prefopt.training.throughput): the FLOP and MFU arithmetic by hand, and a real DPO stage
+whose summary.json carries the perf/* figures with the token counts its batches hold."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from pair_helpers import run_prefopt, write_config, write_pairs
+from prefopt.training import throughput
+from prefopt.training.throughput import Meter, forward_flops, mfu, param_counts, train_flops
+
+
+def test_param_counts_leave_out_the_embeddings(tiny_model_dir):
+    """The conftest Llama (hidden 32, 2 layers, 2 heads of 16, 2 KV heads, MLP 64, tied): per layer q, k, v, o
+    4 x 32 x 32 = 4,096, gate/up/down 3 x 32 x 64 = 6,144, two RMSNorms 2 x 32 = 64: 10,304; two layers 20,608 plus
+    the final norm 32 = 20,640. The (tied) embedding table / lm_head is not counted."""
+    from prefopt.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32")
+    assert param_counts(model) == (20_640, 20_640)
+    everything = sum(p.numel() for p in model.parameters())
+    assert everything - 20_640 == model.get_input_embeddings().weight.numel()
+    for name, p in model.named_parameters():  # frozen parameters leave the trainable count only
+        if "mlp" in name:
+            p.requires_grad_(False)
+    assert param_counts(model) == (20_640, 20_640 - 2 * 6_144)
+
+
+def test_flops_and_mfu_by_hand():
+    """Training: (4 N + 2 N_trainable) per token; N = N_trainable = 1,000 and 7 tokens: 6 x 1,000 x 7 = 42,000.
+    LoRA-like N = 1,000, N_trainable = 10: (4,000 + 20) x 7 = 28,140. Forward: 2 x 1,000 x 7 = 14,000.
+    MFU: 3e12 FLOPs in 2 s on 2 devices of 1 TFLOP/s = 1.5e12 / 2e12 = 0.75."""
+    assert train_flops(1000, 1000, 7) == 42_000
+    assert train_flops(1000, 10, 7) == 28_140
+    assert forward_flops(1000, 7) == 14_000
+    assert mfu(3e12, 2.0, 1.0, devices=2) == pytest.approx(0.75)
+    assert mfu(3e12, 0.0, 1.0) == 0.0
+
+
+def test_meter_summary_by_hand():
+    """train: 1,000 positions of which 800 real, N = 100 all trained: 6 x 100 x 800 = 480,000 FLOPs in 2 s;
+    forward: 500 positions, all real, 2 x 100 x 500 = 100,000 FLOPs in 0.5 s. Peak 0.0001 TFLOP/s = 1e8 FLOP/s.
+    train: 500 tokens/s, 400 useful/s, padding 0.2, 240,000 FLOP/s = MFU 0.0024; forward: 1,000 tokens/s,
+    MFU 0.002; the stage: 1,500 tokens in 2.5 s = 600/s, 1,300 useful = 520/s, padding 200 / 1,500 = 0.1333,
+    580,000 FLOPs / 2.5 s = 232,000 FLOP/s = MFU 0.00232."""
+    m = Meter(peak_tflops=1e-4)
+    m.add("train", 1000, 800, train_flops(100, 100, 800))
+    m.add("forward", 500, 500, forward_flops(100, 500))
+    m.phases["train"].seconds, m.phases["forward"].seconds = 2.0, 0.5
+    s = m.summary()
+    assert s["perf/train/tokens_per_s"] == 500 and s["perf/train/useful_tokens_per_s"] == 400
+    assert s["perf/train/padding_fraction"] == 0.2 and s["perf/train/mfu"] == pytest.approx(0.0024)
+    assert s["perf/forward/tokens_per_s"] == 1000 and s["perf/forward/mfu"] == pytest.approx(0.002)
+    assert s["perf/tokens"] == 1500 and s["perf/seconds"] == 2.5
+    assert s["perf/tokens_per_s"] == 600 and s["perf/useful_tokens_per_s"] == 520
+    assert s["perf/padding_fraction"] == pytest.approx(0.1333, abs=1e-4)
+    assert s["perf/mfu"] == pytest.approx(0.00232) and s["perf/peak_tflops"] == 1e-4
+    assert "perf/generate/tokens" not in s
+    # several processes: counts summed, the slowest process's seconds, MFU over processes x peak
+    two = Meter(peak_tflops=1e-4, processes=2)
+    summed = [2 * x for x in m.totals()]
+    s2 = two.summary(summed, [2.0, 0.5, 0.0])
+    assert s2["perf/train/tokens_per_s"] == 1000 and s2["perf/train/mfu"] == pytest.approx(0.0024)
+    with pytest.raises(ValueError, match="unknown phase 'backward'"):
+        m.add("backward", 1, 1, 1)
+
+
+def test_meter_times_and_counts_a_batch():
+    """`timed` adds the span; `count` reads a padded batch's 2D mask and a packed batch's num_tokens."""
+    m = Meter(peak_tflops=1.0)
+    with m.timed("forward"):
+        time.sleep(0.02)
+    assert 0.02 <= m.phases["forward"].seconds < 0.5
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}
+    m.count("forward", padded, n=10)
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": torch.ones(1, 1, 6, 6, dtype=torch.bool),
+              "num_tokens": torch.tensor(4)}
+    m.count("train", packed, n=10, n_trainable=10)
+    assert (m.phases["forward"].tokens, m.phases["forward"].useful, m.phases["forward"].flops) == (10, 8, 160.0)
+    assert (m.phases["train"].tokens, m.phases["train"].useful, m.phases["train"].flops) == (6, 4, 240.0)
+
+
+def test_probe_is_short_and_plausible():
+    """The probe finishes in well under a second and gives a CPU fp32 rate between 1 GFLOP/s and 10 TFLOP/s; a
+    second call is the cached figure."""
+    throughput._PEAKS.clear()
+    t0 = time.perf_counter()
+    peak = throughput.probe_peak_tflops("cpu", torch.float32)
+    assert time.perf_counter() - t0 < 1.5
+    assert 1e-3 < peak < 10
+    t0 = time.perf_counter()
+    assert throughput.probe_peak_tflops("cpu", torch.float32) == peak and time.perf_counter() - t0 < 0.01
+    assert throughput.start(peak_tflops=312.0).peak_tflops == 312.0  # a configured peak is not probed
+
+
+def test_collate_counts_the_real_tokens(tiny_model_dir, tmp_path):
+    """num_tokens = every pair's prompt + chosen + rejected tokens (shared_prompt: the prompt once; padded and
+    packed: twice), whatever padding each layout adds."""
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.batching import collate
+    from prefopt.preference.data import load_pairs, tokenize_pairs
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ex = tokenize_pairs(load_pairs(str(write_pairs(tmp_path / "p.jsonl", n=6)), "alpaca", tok), tok, 256)
+    p, c, r = (sum(len(e[k]) for e in ex) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    for layout, want in (("padded", 2 * p + c + r), ("packed", 2 * p + c + r), ("shared_prompt", p + c + r)):
+        batch = collate(ex, tok.pad_token_id, 256, layout)
+        computed, useful = throughput.batch_tokens(batch)
+        assert useful == want and computed == batch["input_ids"].numel() >= want, layout
+
+
+def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
+    """A real `dpo` stage (16 pairs in one batch of 16, 2 epochs, shared_prompt, reference precomputed): the
+    summary's token counts are those of the batches collate builds from the same pairs (one reference pass, two
+    training passes), the padding fraction is theirs, and MFU is in (0, 1.5)."""
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.batching import collate
+    from prefopt.preference.data import load_pairs, tokenize_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=16)
+    cfg = write_config(tmp_path, "dpo", {"model": str(tiny_model_dir), "pairs": str(pairs), "max_steps": 2,
+                                         "per_device_train_batch_size": 16, "logging_steps": 1, "save_steps": 100,
+                                         "max_length": 256})
+    proc = run_prefopt("dpo", str(cfg))
+    summary = json.loads((tmp_path / "runs" / "t" / "dpo" / "summary.json").read_text())
+    tok = load_tokenizer(str(tiny_model_dir))
+    batch = collate(tokenize_pairs(load_pairs(str(pairs), "alpaca", tok), tok, 256), tok.pad_token_id, 256,
+                    "shared_prompt")
+    computed, useful = batch["input_ids"].numel(), int(batch["num_tokens"])  # one batch holds every pair
+    assert summary["perf/forward/tokens"] == computed and summary["perf/train/tokens"] == 2 * computed
+    assert summary["perf/tokens"] == 3 * computed
+    assert summary["perf/padding_fraction"] == pytest.approx(1 - useful / computed, abs=1e-4)
+    assert summary["perf/train/mfu"] == pytest.approx(
+        6 * 20_640 * 2 * useful / summary["perf/train/seconds"] / (summary["perf/peak_tflops"] * 1e12), rel=0.01)
+    for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
+        assert 0 < summary[key] < 1.5, (key, summary[key])
+    assert summary["perf/tokens_per_s"] > 0 and summary["perf/peak_tflops"] > 0
+    assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "t" / "dpo" / "metrics.jsonl").open()]
+    assert logged[-1]["perf/mfu"] == summary["perf/mfu"]
