@@ -142,3 +142,39 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
     assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout
     logged = [json.loads(line) for line in (tmp_path / "runs" / "t" / "dpo" / "metrics.jsonl").open()]
     assert logged[-1]["perf/mfu"] == summary["perf/mfu"]
+
+
+def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
+    """The Trainer stages' callback (training.trainer.throughput_callback), on the classifier reward model: one
+    step over the 24 training pairs in one batch. TRL's collator pads the 48 chosen and rejected sequences to the
+    longest, so the step computes 48 x that length positions, of which the pairs' own tokens are useful; the
+    validation pass (12 pairs, eval mode) is the forward phase. Counted as the recipe tokenizes the split."""
+    from prefopt.config import from_dict
+    from prefopt.data.loaders import load_preferences
+    from prefopt.data.templates import render_prompt
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.reward.recipe import classifier_rows, split
+    from prefopt.stage import StageContext, run_stage
+    from prefopt.runtime.tracking import NullTracker
+
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "seed": 3,
+        "task": {"num_sft": 10, "num_prompts": 4, "num_test_prompts": 4, "num_val_prompts": 4, "num_preferences": 48},
+        "reward": {"model": str(tiny_model_dir), "kind": "classifier", "max_steps": 1, "save_steps": 1,
+                   "per_device_train_batch_size": 24, "eval_fraction": 0.25, "test_fraction": 0.25,
+                   "logging_steps": 1}})
+    run_stage(cfg, "task")
+    summary = run_stage(cfg, "reward")
+    ctx = StageContext(cfg=cfg, stage="reward", round=1, dir=tmp_path / "x", tracker=NullTracker())
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    data = load_preferences(cfg.reward.dataset, cfg.reward.template, resolve=ctx.resolve)
+    rows = [{**r, "prompt": render_prompt(r["prompt"], tok)} for r in data.rows]
+    train, val, _ = split(rows, 0.25, ctx.seed, 0.25)
+    lengths = [len(ids) for r in classifier_rows(train, tok, cfg.reward.max_length) for ids in r.values()]
+    assert len(lengths) == 48
+    assert summary["perf/train/tokens"] == 48 * max(lengths)
+    assert summary["perf/train/padding_fraction"] == pytest.approx(1 - sum(lengths) / (48 * max(lengths)), abs=1e-4)
+    assert summary["perf/forward/tokens"] >= 2 * len(val) > 0
+    for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
+        assert 0 < summary[key] < 1.5, (key, summary[key])

@@ -43,7 +43,7 @@ from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_r
 from prefopt.scoring.scorer import ClassifierScorer, reward_text
 from prefopt.runtime.tracking import trainer_callback
 from prefopt.training.checkpoints import last_checkpoint
-from prefopt.training.trainer import hf_training_kwargs
+from prefopt.training.trainer import hf_training_kwargs, throughput_callback
 from prefopt.training.lora import lora_config
 from prefopt.dist.process import seed_everything
 
@@ -288,9 +288,10 @@ def _run(ctx, stop: faults.StopSignals) -> dict:
     args = reward_config(cfg, ctx)
     select = selection_callback(lambda m: ClassifierScorer(m, tok), val_rows, cfg, selection)
     preempt = faults.trainer_callback(stop)
+    perf = throughput_callback(ctx.tracker, ctx.stage, cfg.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=peft_config(cfg.lora),
-                            callbacks=[trainer_callback(ctx.tracker), select, preempt])
+                            callbacks=[trainer_callback(ctx.tracker), select, preempt, perf])
     if cfg.lora.enabled:
         check_lora_mergeable(trainer.accelerator, "reward.lora.enabled")
     last = last_checkpoint(args.output_dir, ctx.stage)
@@ -300,7 +301,7 @@ def _run(ctx, stop: faults.StopSignals) -> dict:
 
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": result.training_loss, "train/steps": trainer.state.global_step, "resumed_from": last,
-               "skipped_rows": data.skipped}
+               "skipped_rows": data.skipped, **perf.figures}
     best = selection.best()
     if best is not None:
         summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],

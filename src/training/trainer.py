@@ -45,3 +45,80 @@ def hf_training_kwargs(sec: TrainFields, output_dir, seed: int) -> dict:
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
+
+
+def throughput_callback(tracker, stage: str, peak_tflops: float = 0.0):
+    """A TrainerCallback that meters a Trainer stage's passes as the preference loop's are metered
+    (prefopt.training.throughput): a forward pre-hook on the model counts every batch's positions (input_ids) and
+    real tokens (the attention mask's sum), training forwards as phase `train` (timed from each optimizer step's
+    begin to its end: forward, backward, clipping, the optimizer; not saves, logs or evaluation) and evaluation
+    forwards as phase `forward` (each forward timed). At the end of training the perf/* figures, summed over
+    processes, are logged to `tracker`, printed in one line, and kept in `.figures` for the stage's summary."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    from prefopt.training import throughput
+
+    class ThroughputCallback(TrainerCallback):
+        figures: dict = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            device = args.device
+            self.meter = throughput.start(peak_tflops, device, torch.bfloat16 if args.bf16 else torch.float32,
+                                          args.world_size)
+            self.device = device
+            self.n = throughput.param_counts(model)
+            self.hooks = [model.register_forward_pre_hook(self._count, with_kwargs=True),
+                          model.register_forward_hook(self._timed_eval)]
+            self._t0 = None
+
+        def _count(self, module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if not isinstance(ids, torch.Tensor):
+                return
+            batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+            if module.training:
+                self.meter.count("train", batch, *self.n)
+            else:
+                self.meter.count("forward", batch, self.n[0])
+                self._t0 = time.perf_counter()
+
+        def _timed_eval(self, module, args, output):
+            if not module.training and self._t0 is not None:
+                if self.meter.sync is not None:
+                    self.meter.sync()
+                self.meter.phases["forward"].seconds += time.perf_counter() - self._t0
+                self._t0 = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._step = self.meter.timed("train")
+            self._step.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._step.__exit__(None, None, None)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for h in self.hooks:
+                h.remove()
+            self.figures = _gathered(self.meter, self.device)
+            if state.is_world_process_zero:
+                tracker.log(self.figures, step=state.global_step)
+                print(f"[prefopt] {stage}: {throughput.describe(self.figures)}", flush=True)
+
+    return ThroughputCallback()
+
+
+def _gathered(meter, device) -> dict:
+    """meter.summary() summed over the processes of a torch.distributed group (the Trainer's), if there is one."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return meter.summary()
+    local = torch.tensor(meter.totals(), dtype=torch.float64, device=device)
+    sums, maxes = local.clone(), local.clone()
+    dist.all_reduce(sums)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    return meter.summary(sums.tolist(), maxes.tolist()[3::4])
