@@ -178,3 +178,21 @@ def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
     assert summary["perf/forward/tokens"] >= 2 * len(val) > 0
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
+
+
+def test_response_logps_meters_its_batches(tiny_model_dir):
+    """Evaluation's log-prob passes (training.logps.response_logps): 3 (prompt, response) pairs of 2+3, 4+1 and 1+2
+    tokens in batches of 2: rows of 5 and 5 (batch 1: 10 positions, 10 real), then 3 (3 positions, 3 real): 13
+    positions, 13 useful; 2 x 20,640 x 13 = 536,640 FLOPs. The values are those of the unmetered call; a meter made
+    with peak 0 probes it on the first model it counts."""
+    from prefopt.models.loading import load_causal_lm
+    from prefopt.training.logps import response_logps
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
+    prompts, responses = [[5, 6], [7, 8, 9, 10], [11]], [[12, 13, 14], [15], [16, 17]]
+    meter = Meter(0.0)
+    metered = response_logps(model, prompts, responses, batch_size=2, meter=meter)
+    assert metered == response_logps(model, prompts, responses, batch_size=2)
+    f = meter.phases["forward"]
+    assert (f.tokens, f.useful, f.flops) == (13, 13, 536_640.0) and f.seconds > 0
+    assert meter.peak_tflops > 0 and 0 < meter.summary()["perf/mfu"] < 1.5

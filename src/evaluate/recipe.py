@@ -63,6 +63,7 @@ from prefopt.data.loaders import load_prompts
 from prefopt.data.templates import encode, prompt_text, render_prompt
 from prefopt.evaluate import metrics as M
 from prefopt.training import logps as L
+from prefopt.training import throughput
 from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.suite import check_files as check_suite_files
 from prefopt.evaluate.suite import merge_suite, run_suite
@@ -407,17 +408,19 @@ def _run(ctx) -> dict:
     # 2. Log-probs at the sampling temperature: each set on its own samples, the baseline on everyone's.
     T = sec.temperature if sec.temperature > 0 else 1.0  # greedy: no sampling distribution; report T=1 log-probs
     own, ref = {}, {}
+    meter = throughput.Meter(0.0)  # perf/*: the log-prob passes (peak probed on the first model's device)
     logp_sets = [n for n in sets if n != "_bon"]
     for name in logp_sets:
         model = _load_lm(sets[name]["path"], sec.dtype, sec.trust_remote_code)
         own[name] = L.response_logps(model, *_flat(samples[name]), pad_id=samples[name]["pad_id"], temperature=T,
-                                     batch_size=sec.batch_size, desc=f"log-probs {name}")
+                                     batch_size=sec.batch_size, desc=f"log-probs {name}", meter=meter)
         if name == base:
             for other in logp_sets:
                 s = samples[other]
                 ref[other] = (own[name] if other == name else
                               L.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
-                                               batch_size=sec.batch_size, desc=f"baseline log-probs {other}"))
+                                               batch_size=sec.batch_size, desc=f"baseline log-probs {other}",
+                                               meter=meter))
         del model
         _free()
     if base is not None and base in logp_sets:  # the baseline was loaded before some checkpoints: score them too
@@ -427,7 +430,8 @@ def _run(ctx) -> dict:
             for other in missing:
                 s = samples[other]
                 ref[other] = L.response_logps(model, *_flat(s), pad_id=s["pad_id"], temperature=T,
-                                              batch_size=sec.batch_size, desc=f"baseline log-probs {other}")
+                                              batch_size=sec.batch_size, desc=f"baseline log-probs {other}",
+                                              meter=meter)
             del model
             _free()
 
@@ -539,6 +543,9 @@ def _run(ctx) -> dict:
 
         plot_overoptimisation(curves, bon, ctx.dir / "overoptimisation.png")
         ctx.tracker.log_image("overoptimisation", ctx.dir / "overoptimisation.png")
+    perf = meter.summary()
+    ctx.tracker.log(perf)
+    print(f"[prefopt] evaluate: log-prob passes {throughput.describe(perf)}", flush=True)
     return {
         "policies": figures,
         "baseline": base,
@@ -552,6 +559,7 @@ def _run(ctx) -> dict:
         "curves": curves,
         "best_of_n": bon,
         "warnings": warnings,
+        **perf,
     }
 
 

@@ -9,6 +9,7 @@ here too, and the plain full-logits reference (`sequence_logps`) the tests hold 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,7 @@ def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
 @torch.no_grad()
 def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
-                   desc: str | None = None, chunk_size: int = 512) -> list[float]:
+                   desc: str | None = None, chunk_size: int = 512, meter=None) -> list[float]:
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t) for each (prompt ids, response ids) pair, as floats.
 
     Sequences are right-padded (positions need no shifting) and taken in the given order in fixed batches, so
@@ -117,7 +118,8 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     the sampling temperature to get the log-probs of the distribution the responses came from (divided after any
     soft-capping, as the model's forward ends). Through the preference loop's vocabulary projection (`pair_logps`):
     the decoder runs once and only the positions that predict a response token are projected, `chunk_size` at a
-    time, so the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model)."""
+    time, so the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model).
+    `meter` (prefopt.training.throughput.Meter): each batch is timed and counted as its `forward` phase."""
     from tqdm.auto import tqdm
 
     if len(prompt_ids) != len(response_ids):
@@ -133,13 +135,19 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
         batch = response_batch(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        if projectable:  # only the positions predicting a response token reach the vocabulary, in chunks
-            sums = pair_logps(model, batch, chunk_size, temperature)[0]
-        else:
-            comp = torch.zeros_like(batch["input_ids"]).flatten()
-            comp[batch["source_index"] + 1] = 1
-            sums = completion_logps(model, batch["input_ids"], batch["attention_mask"],
-                                    comp.view_as(batch["input_ids"]), temperature).sum(-1)
+        with meter.timed("forward") if meter is not None else nullcontext():
+            sums = _batch_sums(model, batch, projectable, chunk_size, temperature)
+        if meter is not None:
+            meter.count("forward", batch, meter.params(model)[0])
         out += sums.float().cpu().tolist()
     model.train(was_training)
     return out
+
+
+def _batch_sums(model, batch: dict, projectable: bool, chunk_size: int, temperature: float) -> torch.Tensor:
+    if projectable:  # only the positions predicting a response token reach the vocabulary, in chunks
+        return pair_logps(model, batch, chunk_size, temperature)[0]
+    comp = torch.zeros_like(batch["input_ids"]).flatten()
+    comp[batch["source_index"] + 1] = 1
+    return completion_logps(model, batch["input_ids"], batch["attention_mask"], comp.view_as(batch["input_ids"]),
+                            temperature).sum(-1)

@@ -147,9 +147,17 @@ class Meter:
         self._params: dict[int, tuple[int, int]] = {}
 
     def params(self, model) -> tuple[int, int]:
-        """`param_counts(model)`, counted once per model."""
+        """`param_counts(model)`, counted once per model. A meter made with peak 0 probes the peak here, on the
+        first model's device and in its dtype (a stage that loads its models later, like evaluate)."""
         if id(model) not in self._params:
             self._params[id(model)] = param_counts(model)
+            if self.peak_tflops <= 0:
+                import torch
+
+                p = next(model.parameters())
+                self.peak_tflops = probe_peak_tflops(p.device, p.dtype if p.is_floating_point() else None)
+                if p.device.type == "cuda":
+                    self.sync = lambda: torch.cuda.synchronize(p.device)
         return self._params[id(model)]
 
     def _phase(self, name: str) -> _Phase:
