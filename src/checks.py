@@ -85,7 +85,7 @@ def launch_processes(cfg: ExperimentConfig) -> int:
 
 
 def ppo_launch_problems(cfg: ExperimentConfig, sec) -> list[str]:
-    """What the ppo stage would refuse at start-up under this launch (ppo.recipe.check_world and
+    """What the ppo stage would refuse at start-up under this launch (ppo.setup.check_world and
     check_distributed_type), found before any process starts."""
     out = []
     n = launch_processes(cfg)

@@ -30,7 +30,7 @@ def test_ppo_reference_matches_policy_at_step_0_from_bf16_checkpoint(bf16_model_
     would catch the old behaviour."""
     from prefopt.models.loading import load_causal_lm
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import load_models
+    from prefopt.ppo.setup import load_models
     from prefopt.ppo.rollout import build_batch, policy_forward
 
     path = str(bf16_model_dir)

@@ -318,7 +318,7 @@ def test_ppo_runs_with_frozen_models_in_the_launchs_bf16(tmp_path, tiny_model_di
 
 def test_frozen_dtype_follows_the_launch(monkeypatch):
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import frozen_dtype
+    from prefopt.ppo.setup import frozen_dtype
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert frozen_dtype(PPOConfig()) is None  # fp32 reference, reward model as loaded

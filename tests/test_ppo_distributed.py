@@ -194,7 +194,7 @@ def test_rollouts_generate_synced_under_fsdp_only(tiny_model_dir):
 
     from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import rollout_generator
+    from prefopt.ppo.setup import rollout_generator
 
     tok, policy = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
     for kind, synced in ((DistributedType.FSDP, True), (DistributedType.MULTI_CPU, False), (DistributedType.NO, False)):
@@ -250,7 +250,7 @@ def test_launches_ppo_cannot_use_are_refused(tmp_path):
     from prefopt.config import ConfigError, from_dict
     from prefopt.experiment import ExperimentConfig
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import check_world
+    from prefopt.ppo.setup import check_world
 
     cfg = from_dict(ExperimentConfig, {
         "name": "x", "stages": ["ppo"], "launch": {"num_processes": 3},
@@ -268,7 +268,7 @@ def test_launches_ppo_cannot_use_are_refused(tmp_path):
 
     from accelerate.utils import DistributedType
 
-    from prefopt.ppo.recipe import check_distributed_type
+    from prefopt.ppo.setup import check_distributed_type
 
     def launch_of(kind, version=None):
         return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
@@ -354,7 +354,8 @@ def test_vllm_backend_is_given_the_policy_before_every_rollout(tiny_model_dir, t
 
     from prefopt.models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import make_accelerator, rollout_generator, train
+    from prefopt.ppo.recipe import train
+    from prefopt.ppo.setup import make_accelerator, rollout_generator
     from prefopt.ppo.rollout import ValueModel
     from prefopt.dist.process import seed_everything
 
@@ -406,7 +407,7 @@ def test_colocated_vllm_on_each_process(tiny_model_dir, monkeypatch):
 
     from prefopt.models.loading import load_tokenizer
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import rollout_generator
+    from prefopt.ppo.setup import rollout_generator
 
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
@@ -431,7 +432,8 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path, tiny_mod
     from prefopt.config import ConfigError
     from prefopt.models.loading import load_causal_lm, load_reward_model
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import TRAINER_STATE, latest_checkpoint, train
+    from prefopt.ppo.checkpoint import TRAINER_STATE, latest_checkpoint
+    from prefopt.ppo.recipe import train
     from prefopt.ppo.rollout import ValueModel
 
     ckpt = tmp_path / "ckpt" / "iter-2"

@@ -312,7 +312,7 @@ def test_value_model_from_a_reward_model_without_a_scalar_head_is_refused(tmp_pa
 
     from prefopt.config import ConfigError
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import load_models
+    from prefopt.ppo.setup import load_models
 
     monkeypatch.setattr("prefopt.models.loading.load_causal_lm", lambda *a, **k: torch.nn.Linear(1, 1))
     cfg = PPOConfig(policy="p", reward_model=str(remote_rm), value_init="reward", trust_remote_code=True,

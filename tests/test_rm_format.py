@@ -157,7 +157,7 @@ def test_ppo_scores_decoded_text_with_the_reward_models_tokenizer(tmp_path, tiny
     and agrees with the score stage on the same (prompt, response)."""
     from prefopt.models.loading import load_tokenizer
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import rm_score_fn
+    from prefopt.ppo.setup import rm_score_fn
 
     _, stage_scores = score_stage(tmp_path, rms.hub, "auto")
     stage_seen = list(spy)
@@ -246,7 +246,7 @@ def test_chat_without_a_raw_prompt_names_the_row(tmp_path, rms, spy):
 
 def test_ppo_value_model_from_a_reward_model_with_another_vocabulary_is_refused(tiny_model_dir, rms):
     from prefopt.ppo.config import PPOConfig
-    from prefopt.ppo.recipe import load_models
+    from prefopt.ppo.setup import load_models
 
     ctx = SimpleNamespace(resolve=lambda p, model=True: p)
     with pytest.raises(ConfigError, match=r"^ppo.value_init: reward, but the reward model .*hub has another "

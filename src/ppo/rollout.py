@@ -1,4 +1,5 @@
-"""PPO's data side: the value model, batching prompt + response tokens, and collecting one scored rollout.
+"""PPO's data side: the value model, the prompt sampler, batching prompt + response tokens, and collecting one scored
+rollout (gathered over processes).
 
 Layout of a rollout batch: each row is `prompt tokens + response tokens`, right padded to T. Per-token tensors
 are (B, T-1): position t holds what belongs to the action input_ids[t+1] (its log-prob, the value of the state
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -199,3 +201,38 @@ def score_rollout(t: dict[str, torch.Tensor], kl_coef: float, cfg) -> Rollout:
                    logps=t["logps"], ref_logps=t["ref_logps"], values=t["values"], entropy=t["entropy"],
                    scores=t["scores"], finished=finished, rewards=rewards, kl=kl, advantages=advantages,
                    returns=returns)
+
+
+class PromptSampler:
+    """Prompt indices without replacement, reshuffled each pass over the prompts; its position is checkpointed."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+
+    def _order(self) -> list[int]:
+        return np.random.default_rng(self.seed + self.epoch).permutation(self.n).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        order = self._order()
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = self._order()
+            take = min(k - len(out), self.n - self.pos)
+            out += order[self.pos: self.pos + take]
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def gather_rows(accelerator, t: torch.Tensor, pad) -> torch.Tensor:
+    """Every process's rows of a rollout tensor, in rank order, on every process (right padded to one width)."""
+    if t.dim() == 2:
+        t = accelerator.pad_across_processes(t, dim=1, pad_index=pad)
+    return accelerator.gather(t)
