@@ -55,11 +55,14 @@ def test_wrong_type_and_missing_required(tmp_path):
 
 
 def test_trl_passthrough_is_type_checked():
-    cfg = from_dict(ExperimentConfig, {"name": "x", "sft": {"packing": True, "eos_token": "</s>"}})
+    cfg = from_dict(ExperimentConfig, {"name": "x", "sft": {"backend": "trl", "packing": True, "eos_token": "</s>"}})
     assert cfg.sft.trainer_args == {"packing": True, "eos_token": "</s>"}
     assert to_dict(cfg)["sft"]["packing"] is True  # written back flat in the resolved config
     with pytest.raises(ConfigError, match="sft.packing: expected true/false"):
-        from_dict(ExperimentConfig, {"name": "x", "sft": {"packing": "maybe"}})
+        from_dict(ExperimentConfig, {"name": "x", "sft": {"backend": "trl", "packing": "maybe"}})
+    # the prefopt loop (the default backend) takes no TRL arguments: one would be silently ignored
+    with pytest.raises(ConfigError, match="sft.eos_token: is a trl.SFTConfig field: it applies with sft.backend=trl"):
+        from_dict(ExperimentConfig, {"name": "x", "sft": {"eos_token": "</s>"}})
 
 
 def test_references_resolve_and_feed_fingerprints(tmp_path):

@@ -142,7 +142,7 @@ def test_sigterm_to_prefopt_run_during_dpo_saves_and_resumes_bit_identically(tmp
 
 @pytest.mark.slow
 def test_sigterm_during_sft_saves_and_resumes_bit_identically(tmp_path, tiny_model_dir):
-    """`prefopt sft` (TRL's SFTTrainer) gets SIGTERM after 3 logged steps of 40: the preemption callback saves
+    """`prefopt sft` (the shared loop) gets SIGTERM after 3 logged steps of 40: the loop saves
     checkpoint-N at that step, the process exits 143 with one line, and the resumed run's final weights equal an
     uninterrupted run's bit for bit."""
     rows = [{"instruction": "Sort the numbers.", "input": " ".join(map(str, [(i * 7 + k * 3) % 10 for k in range(4)])),

@@ -127,7 +127,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "prefopt", "sft", str(exp)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (ckpt / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
+    while not (ckpt / "checkpoint_complete").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

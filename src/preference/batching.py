@@ -40,24 +40,36 @@ from torch.utils.checkpoint import checkpoint
 LAYOUTS = ("padded", "packed", "shared_prompt")
 
 
-def _truncate(ex: dict, max_length: int) -> tuple[list[int], list[int], list[int]]:
-    """prompt, chosen, rejected ids with each prompt + completion cut to max_length (keep the start, as TRL)."""
+COMPLETION_KEYS = (("chosen_ids", "rejected_ids"), ("completion_ids",))  # a pair, or one sequence (SFT)
+
+
+def _truncate(ex: dict, max_length: int) -> tuple[list[int], list[list[int]]]:
+    """prompt ids and the completions' ids (chosen and rejected of a pair, or an SFT example's one completion), each
+    prompt + completion cut to max_length (keep the start, as TRL)."""
     p = ex["prompt_ids"]
-    room = max_length - len(p) if max_length else None
-    return p, ex["chosen_ids"][:room], ex["rejected_ids"][:room]
+    room = max(max_length - len(p), 0) if max_length else None
+    keys = COMPLETION_KEYS[0] if "chosen_ids" in ex else COMPLETION_KEYS[1]
+    return p, [ex[k][:room] for k in keys]
+
+
+def num_targets(ex: dict, max_length: int) -> int:
+    """Completion tokens of an example that a batch trains on (after truncation): the tokens an SFT loss averages."""
+    return sum(len(c) for c in _truncate(ex, max_length)[1])
 
 
 def _segments(examples: list[dict], shared: bool, max_length: int) -> list[dict]:
     """One segment per sequence (or per pair when shared): tokens, positions, attention groups, completion targets.
 
     group[t]: 0 for prompt tokens, 1 chosen, 2 rejected; token t may attend token s <= t of its segment when
-    group[s] == 0 or group[s] == group[t]. targets: (position in segment of the predicting token, token, sequence)."""
+    group[s] == 0 or group[s] == group[t]. targets: (position in segment of the predicting token, token, sequence).
+    Sequence k of example i is numbered k * B + i: a pair's chosen i, its rejected B + i; an SFT example's i."""
     B = len(examples)
     segs = []
     for i, ex in enumerate(examples):
-        p, c, r = _truncate(ex, max_length)
+        p, comps = _truncate(ex, max_length)
         P = len(p)
         if shared:
+            c, r = comps
             ids = p + c + r
             pos = list(range(P + len(c))) + list(range(P, P + len(r)))
             group = [0] * P + [1] * len(c) + [2] * len(r)
@@ -65,7 +77,7 @@ def _segments(examples: list[dict], shared: bool, max_length: int) -> list[dict]
             targets += [(P - 1 if k == 0 else P + len(c) + k - 1, r[k], B + i) for k in range(len(r))]
             segs.append({"ids": ids, "pos": pos, "group": group, "targets": targets})
         else:
-            for seq, comp in ((i, c), (B + i, r)):
+            for seq, comp in ((k * B + i, comp) for k, comp in enumerate(comps)):
                 ids = p + comp
                 segs.append({"ids": ids, "pos": list(range(len(ids))), "group": [0] * len(ids),
                              "targets": [(P + k - 1, comp[k], seq) for k in range(len(comp))]})
@@ -92,14 +104,15 @@ def _pack(lengths: list[int]) -> list[list[int]]:
 def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
     """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed layouts: input_ids,
     position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
-    num_sequences (2B), num_tokens (the non-padding positions); ref_logps (B, 2) when the examples carry
-    precomputed reference log-probs."""
+    num_sequences (2B; B for SFT examples, which hold one `completion_ids`), num_tokens (the non-padding
+    positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     B = len(examples)
     if layout == "padded":
         segs = _segments(examples, False, max_length)
-        order = [j for j in range(0, 2 * B, 2)] + [j for j in range(1, 2 * B, 2)]  # chosen rows, then rejected
+        K = len(segs) // max(B, 1)  # sequences per example: 2 (a pair) or 1 (SFT)
+        order = [i * K + k for k in range(K) for i in range(B)]  # chosen rows, then rejected
         rows = [[j] for j in order]
     else:
         segs = _segments(examples, layout == "shared_prompt", max_length)
@@ -134,7 +147,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             start += n
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "source_index": torch.tensor(source),
            "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
-           "num_sequences": torch.tensor(2 * B),
+           "num_sequences": torch.tensor(len(segs) if layout != "shared_prompt" else 2 * B),
            "num_tokens": torch.tensor(sum(len(s["ids"]) for s in segs))}  # non-padding positions (throughput)
     if layout != "padded":
         out["position_ids"] = position_ids

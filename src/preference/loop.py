@@ -1,4 +1,8 @@
-"""The training loop of every paired-preference objective (the `dpo` and `simpo` stages): plain accelerate.
+"""The training loop of every paired-preference objective (the `dpo` and `simpo` stages) and of SFT: plain accelerate.
+
+SFT examples (one prompt and one completion each, the `sft` stage's) take the same path as pairs: batching lays
+them out (padded or packed), pair_logps sums each sequence's completion log-probs, and the objective (sft/loss.py)
+gets them with the step's completion-token count (`step_token_shares`), the normaliser TRL's SFTTrainer uses.
 
     setup   pairs tokenised as TRL does (prefopt.preference.data); the policy in fp32 with dropout off (LoRA via
             PEFT if asked); the reference: precomputed once and cached (reference.py), a frozen copy in memory
@@ -43,7 +47,7 @@ from prefopt.runtime import faults
 from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, place_frozen,
                              save_model)
 from prefopt.preference import reference as refcache
-from prefopt.preference.batching import check_layout, collate, pair_logps
+from prefopt.preference.batching import check_layout, collate, num_targets, pair_logps
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.training import throughput
@@ -72,8 +76,31 @@ class PairLogps:
         return cls(c, r, lc, lr)
 
 
+@dataclass
+class SequenceLogps:
+    """Summed completion log-probs and completion lengths of a batch's SFT sequences, (B,) each, and the completion
+    tokens of the whole optimizer step over (processes x accumulation steps): what a token-mean loss divides by."""
+
+    sums: torch.Tensor
+    lengths: torch.Tensor
+    tokens_per_share: torch.Tensor
+
+
 # objective(policy, reference or None) -> (loss, metrics); built by each recipe from its pure loss function
-Objective = Callable[[PairLogps, "PairLogps | None"], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+Objective = Callable[["PairLogps | SequenceLogps", "PairLogps | None"], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def step_token_shares(accelerator, loader, examples, max_length: int, accumulation: int) -> list[torch.Tensor]:
+    """For each of this process's micro-batches of the epoch, in order: the completion tokens of its optimizer step
+    (all its micro-batches, all processes) / (processes x accumulation steps). transformers' `num_items_in_batch`
+    without reading ahead: the epoch's batch indices come from the loader's batch sampler (no collation), and one
+    sum over the processes per epoch. Accumulation, not the micro-batches a short last step has, divides: that is
+    what `accelerator.backward` divides each micro-batch's loss by."""
+    local = [sum(num_targets(examples[j], max_length) for j in idx) for idx in loader.batch_sampler]
+    total = accelerator.reduce(torch.tensor(local, dtype=torch.long, device=accelerator.device), "sum").cpu()
+    steps = [total[k:k + accumulation].sum() for k in range(0, len(total), accumulation)]
+    share = accelerator.num_processes * accumulation
+    return [(steps[k // accumulation] / share).float().to(accelerator.device) for k in range(len(total))]
 
 
 class EpochShuffle(Sampler):
@@ -194,21 +221,22 @@ def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
 
 
 def train(ctx, objective: Objective, reference: str | None = None, ref_model: str = "", rows: list[dict] | None = None,
-          section=None, hook: Callable | None = None) -> dict:
+          section=None, hook: Callable | None = None, examples: list[dict] | None = None) -> dict:
     """Train ctx.section's policy on its pairs with `objective`; reference: None (reference-free) or a mode.
 
     The reward stage's likelihood reward model reuses this loop with its own `section` (the pair-stage fields),
     `rows` (its train split: rendered prompt, chosen, rejected) and `hook(step, model) -> stop`, called on every
     process after each checkpoint and at the last step (validation selection and early stopping).
+    The sft stage passes its tokenized `examples` ({"prompt_ids", "completion_ids"} each) instead of pairs.
 
     From here to the final save, SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current step with a
     checkpoint (prefopt.runtime.faults.PreemptedError); a signal during the final save lets the save finish."""
     with faults.StopSignals(ctx.stage) as signals:
-        return _train(ctx, objective, reference, ref_model, rows, section, hook, signals)
+        return _train(ctx, objective, reference, ref_model, rows, section, hook, signals, examples)
 
 
 def _train(ctx, objective: Objective, reference: str | None, ref_model: str, rows: list[dict] | None, section,
-           hook: Callable | None, signals: faults.StopSignals) -> dict:
+           hook: Callable | None, signals: faults.StopSignals, examples: list[dict] | None = None) -> dict:
     from accelerate import Accelerator
 
     from transformers import get_scheduler
@@ -225,11 +253,15 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     model_path = ctx.resolve(sec.model)
     ref_path = ctx.resolve(ref_model) if ref_model else model_path
     tokenizer = load_tokenizer(model_path)
-    pairs_file = (pairs_path(sec.pairs, lambda p: ctx.resolve(p, model=False)) if rows is None
-                  else "the reward stage's train split")
-    if rows is None:
-        rows = load_pairs(pairs_file, sec.template, tokenizer)
-    examples = tokenize_pairs(rows, tokenizer, sec.max_length, sec.long_prompts)
+    if examples is None:
+        pairs_file = (pairs_path(sec.pairs, lambda p: ctx.resolve(p, model=False)) if rows is None
+                      else "the reward stage's train split")
+        if rows is None:
+            rows = load_pairs(pairs_file, sec.template, tokenizer)
+        examples = tokenize_pairs(rows, tokenizer, sec.max_length, sec.long_prompts)
+    else:
+        pairs_file = f"the {ctx.stage} stage's examples"
+    sequences = bool(examples) and "completion_ids" in examples[0]  # SFT: one completion each, a token-mean loss
     if not examples:
         raise ValueError(f"no usable pairs in {pairs_file} (every prompt fills max_length={sec.max_length}?)")
 
@@ -320,12 +352,14 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         loader.set_epoch(epoch)
         skip = (step % steps_per_epoch) * sec.gradient_accumulation_steps  # micro-batches done before the kill
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in epoch_loader:
+        shares = (step_token_shares(accelerator, loader, examples, sec.max_length, sec.gradient_accumulation_steps)
+                  if sequences else None)
+        for micro, batch in enumerate(epoch_loader, start=skip):
             with accelerator.accumulate(model), meter.timed("train"):
                 with accelerator.autocast():
                     sums, lengths = pair_logps(model, batch, sec.logps_chunk_size)
                     ref = reference_logps(batch)
-                policy = PairLogps.split(sums, lengths)
+                policy = SequenceLogps(sums, lengths, shares[micro]) if sequences else PairLogps.split(sums, lengths)
                 loss, metrics = objective(policy, ref)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and sec.max_grad_norm > 0:
@@ -379,7 +413,9 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     with faults.writing(out_dir):
         save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
     accelerator.wait_for_everyone()
-    return {**perf, "model": str(out_dir), "pairs": len(examples), "pairs_in": examples.stats["pairs_in"], "steps": step,
+    counts = ({"examples": len(examples)} if sequences
+              else {"pairs": len(examples), "pairs_in": examples.stats["pairs_in"]})
+    return {**perf, "model": str(out_dir), **counts, "steps": step,
             "resumed_from": str(resumed) if resumed is not None else None,
             **({"reference": reference} if reference else {}),
             **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),

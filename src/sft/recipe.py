@@ -1,19 +1,26 @@
-"""The `sft` stage: supervised fine-tuning with TRL's SFTTrainer, loss on completion tokens only.
+"""The `sft` stage: supervised fine-tuning, loss on completion tokens only, in prefopt's training loop.
 
     prefopt sft experiments/quickstart.yaml --sft.learning_rate=1e-3
     accelerate launch --config_file experiments/accelerate/fsdp.yaml -m prefopt sft experiments/alpaca/llama7b.yaml
 
 Setup: load the instruction data into prompt/completion rows (Alpaca rows rendered with the Alpaca template, or
-chat messages for the tokenizer's chat template) and tokenize them here with one BOS (`sft_example`), the model
-and tokenizer, optional LoRA. Train: SFTTrainer with
-`completion_only_loss=True`, so prompt tokens carry no loss. Save: the final model (LoRA merged) as an HF folder
-with safetensors in `<run>/sft/model`. A killed run resumes from its last `checkpoints/checkpoint-N` whose
-manifest verifies (prefopt.runtime.faults); SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the current step and stops.
+chat messages for the tokenizer's chat template) and tokenize them here with one BOS (`sft_example`): prompt ids,
+and completion ids (the answer and the token that ends the family's turn / EOS: the tokens trained on).
+Train: the loop every preference objective uses (prefopt.preference.loop), packed without padding by default, with
+`sft_loss` (sft/loss.py: the NLL of the completion tokens over their count in the optimizer step, TRL's
+normalisation). Save: the final model (LoRA merged) as an HF folder with safetensors in `<run>/sft/model`; the
+loop's checkpoints, resume and preemption (a killed run resumes from its newest `checkpoints/checkpoint-N` whose
+manifest verifies; SIGTERM, SIGINT or SIGUSR1 saves a checkpoint at the current step and stops).
+
+`sft.backend: trl` trains with TRL's SFTTrainer instead (`completion_only_loss=True`, the same tokens), kept as the
+loop's oracle: tests/test_sft_loop.py trains both and compares their loss curves.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import random
 
 from prefopt.runtime import faults
 from prefopt.data.counts import note
@@ -25,7 +32,8 @@ from prefopt.preference.data import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
 from prefopt.training.trainer import hf_training_kwargs
 from prefopt.training.lora import lora_config
-from prefopt.dist.process import seed_everything
+from prefopt.dist.process import is_main_process, seed_everything, world_size
+from prefopt.sft.loss import sft_loss
 
 
 def sft_example(prompt, completion: str, tokenizer) -> dict:
@@ -84,13 +92,91 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
     )
 
 
+def sft_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
+    """Rows -> the loop's examples {"prompt_ids", "completion_ids"} (`sft_example`'s tokens split where its mask
+    starts), and how many were left out because the prompt alone fills max_length (no completion token to train on;
+    TRL drops those too). A longer completion is cut to fit (keep the start, as TRL)."""
+    out = []
+    for r in rows:
+        ex = sft_example(r["prompt"], r["completion"], tokenizer)
+        n = len(ex["input_ids"]) - sum(ex["completion_mask"])
+        if n < max_length and n < len(ex["input_ids"]):
+            out.append({"prompt_ids": ex["input_ids"][:n], "completion_ids": ex["input_ids"][n:max_length]})
+    return out, len(rows) - len(out)
+
+
+def objective(policy, _ref=None):
+    return sft_loss(policy.sums, policy.tokens_per_share)
+
+
+def eval_loss(model, examples: list[dict], sec, pad_token_id: int) -> float:
+    """Token-mean completion NLL of held-out examples (TRL's eval_loss), in batches as training lays them out."""
+    import torch
+
+    from prefopt.preference.batching import collate, pair_logps
+
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), sec.per_device_train_batch_size):
+            batch = collate(examples[i:i + sec.per_device_train_batch_size], pad_token_id, sec.max_length,
+                            sec.layout)
+            sums, lengths = pair_logps(model, {k: v.to(model.device) for k, v in batch.items()},
+                                       sec.logps_chunk_size)
+            total, tokens = total - float(sums.sum()), tokens + int(lengths.sum())
+    return total / max(tokens, 1)
+
+
 def run(ctx) -> dict:
-    # a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
-    with faults.StopSignals(ctx.stage) as stop:
-        return _run(ctx, stop)
+    if ctx.section.backend == "trl":
+        # a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
+        with faults.StopSignals(ctx.stage) as stop:
+            return _run_trl(ctx, stop)
+    return _run_loop(ctx)
 
 
-def _run(ctx, stop: faults.StopSignals) -> dict:
+def _run_loop(ctx) -> dict:
+    from prefopt.preference.loop import train
+
+    sec = ctx.section
+    data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
+    if data.skipped:
+        ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
+    tokenizer = load_tokenizer(ctx.resolve(sec.model))
+    examples, dropped = sft_examples(data.rows, tokenizer, sec.max_length)
+    if not examples:
+        raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
+                        "tokens, so no completion token is left to train on; raise sft.max_length")
+    note(f"examples dropped: the prompt fills max_length={sec.max_length} tokens", dropped)
+    held_out: list[dict] = []
+    if sec.eval_fraction > 0:  # a seeded split, the same on every process
+        random.Random(ctx.seed).shuffle(examples)
+        k = max(1, round(sec.eval_fraction * len(examples)))
+        held_out, examples = examples[:k], examples[k:]
+    out = train(ctx, objective, reference=None, examples=examples)
+    evaluated = {}
+    if held_out and is_main_process():  # the saved model, whole, on the main process (the summary's writer)
+        import torch
+
+        model = load_causal_lm(out["model"], dtype="float32").to("cuda" if torch.cuda.is_available() else "cpu")
+        evaluated["eval_loss"] = eval_loss(model, held_out, sec, tokenizer.pad_token_id)
+    summary = {
+        "train_rows": len(examples),
+        "eval_rows": len(held_out),
+        "skipped_rows": data.skipped,
+        "dropped_fully_truncated": dropped,  # prompts longer than max_length leave no completion
+        "skipped_examples": data.skipped_reasons[:5],
+        "dataset": data.stats(),  # rows kept; skipped, exact / near duplicates and other languages dropped
+        "train_loss": out.get("loss"),  # the last logging window's token-mean NLL
+        "processes": world_size(),
+        "lora": sec.lora.enabled,
+        **{k: v for k, v in out.items() if k not in ("examples", "loss")},
+        **evaluated,
+    }
+    return summary
+
+
+def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     from prefopt.runtime.tracking import trainer_callback
 
     sec = ctx.section
