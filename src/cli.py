@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="from_stage", choices=ORDER, help="rerun this stage and everything after it")
     sp.add_argument("--only", choices=ORDER, help="run only this stage (its inputs must exist)")
     sp.add_argument("--launcher", choices=["accelerate", "inline"], help="override launch.launcher")
+    sp.add_argument("--verbose", action="store_true", help="print every stage's whole output (Trainer logs, "
+                    "progress bars, library warnings) instead of a start and an end line per stage; those go to "
+                    "<experiment>/logs/<stage>.log otherwise (also PREFOPT_VERBOSE=1)")
     sp = sub.add_parser("check", help="resolve and validate a config, print the plan, run nothing",
                         description="Validate keys, types, paths and the global batch against the recipe's; "
                         "print each stage with its fingerprint and whether it would run or be skipped.")
@@ -221,7 +224,7 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
 
         if args.launcher:
             cfg.launch.launcher = args.launcher
-        run_experiment(cfg, from_stage=args.from_stage, only=args.only, overrides=rest)
+        run_experiment(cfg, from_stage=args.from_stage, only=args.only, overrides=rest, verbose=args.verbose)
         return 0
     from prefopt.stage import run_stage
 
@@ -236,7 +239,10 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
     with experiment_lock(cfg.root) if env_rank() == 0 else nullcontext():
         summary = run_stage(cfg, args.command, args.round)
     if env_rank() == 0:
-        print(f"[prefopt] {args.command} finished in {summary.get('wall_seconds')} s -> "
+        # launched by `prefopt run` (which has an exit file for it): that prints the stage's end line; this one is
+        # untagged, so it goes to the stage's log
+        tag = "" if os.environ.get("PREFOPT_EXIT_FILE") else "[prefopt] "
+        print(f"{tag}{args.command} finished in {summary.get('wall_seconds')} s -> "
               f"{stage_dir(cfg, args.command, args.round)}", flush=True)
         table = stage_dir(cfg, args.command, args.round) / "table.md"
         if args.command == "evaluate" and table.exists():  # with the suite's figures under it, when it ran

@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from prefopt.runtime.console import StageOutput, stage_log_path
+from prefopt.runtime.console import verbose as console_verbose
 from prefopt.runtime.exits import StageFailed
 from prefopt.experiment import (ORDER, ROUND_STAGES, STAGES, ExperimentConfig, for_seed, replicated_stage,
                                  stage_dir)
@@ -267,8 +269,12 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
 
 
 def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: str | None = None,
-                   overrides: list[str] | None = None) -> dict:
+                   overrides: list[str] | None = None, verbose: bool = False) -> dict:
+    """Every stage in order. The console gets a start and an end line per stage (what ran, where, its wall time
+    and key figures), the gate and the final table; the rest of a stage's output goes to its log
+    (runtime/console.py), unless `verbose` (or PREFOPT_VERBOSE=1)."""
     overrides = list(overrides or [])
+    loud = console_verbose(verbose)
     if cfg.launch.launcher == "accelerate" and not cfg.config_path:
         raise ValueError("launching stages through accelerate needs the experiment loaded from a YAML file")
     # `prefopt check`'s checks, before any stage: a problem stops here in one line, before a model loads
@@ -308,10 +314,14 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
                     reward_gate(scfg, r)
                 continue
             check_inputs(scfg, s, r)
-            print(f"[prefopt] {label}: running ({why}) -> {d}", flush=True)
+            log = stage_log_path(d)
+            print(f"[prefopt] {label}: running ({why}) -> {d}" + ("" if loud else f"; its output: {log}"),
+                  flush=True)
             t_stage = time.time()
-            run_one(scfg, s, r, overrides, fresh=d in forced)
+            with StageOutput(log, loud, header=f"{label} ({why})"):
+                run_one(scfg, s, r, overrides, fresh=d in forced)
             record_timing(scfg, s, r, time.time() - t_stage)
+            print(end_line(label, d, time.time() - t_stage), flush=True)
             if s == "reward":
                 reward_gate(scfg, r)
     wall = experiment_wall_seconds(cfg)
@@ -333,8 +343,64 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
               f"`prefopt report {cfg.root}` draws them", flush=True)
     print_counts(cfg)
+    line = wandb_line(cfg)
+    if line:
+        print(line, flush=True)
     print(f"[prefopt] experiment {cfg.name}: {wall:.0f} s of stage time in all; outputs under {cfg.root}/", flush=True)
     return result
+
+
+# The figures an end line shows per stage (summary.json keys; `<key>_se` is shown as ± when present). A stage not
+# named here shows none.
+KEY_FIGURES = {
+    "task": ["num_sft", "num_prompts", "num_preferences"],
+    "base": ["parameters", "vocab_size"],
+    "sft": ["train_loss", "steps"],
+    "generate": ["candidates", "finished_fraction", "tokens_per_second"],
+    "reward": ["eval/accuracy", "eval/gold_accuracy", "train/steps"],
+    "score": ["candidates", "score/mean", "score/std"],
+    "pairs": ["pairs", "gold/chosen_better", "margin/mean"],
+    "dpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
+    "simpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
+    "ppo": ["reward", "kl", "episodes"],
+    "self_instruct": ["kept", "generated"],
+}
+
+
+def key_figures(stage: str, summary: dict) -> str:
+    """`loss 0.092, rewards/accuracies 1.000, steps 126` from a stage's summary (evaluate: each policy's gold)."""
+    if stage == "evaluate":
+        return ", ".join(f"{name} gold {_cell(figs, 'gold_score')}"
+                         for name, figs in (summary.get("policies") or {}).items())
+    out = []
+    for key in KEY_FIGURES.get(stage, []):
+        v = summary.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out.append(f"{key} {v}" if isinstance(v, int) else f"{key} {_cell(summary, key)}")
+    return ", ".join(out)
+
+
+def end_line(label: str, d: Path, seconds: float) -> str:
+    """`[prefopt] dpo: done in 7.3 s -> runs/quickstart/dpo (loss 0.092, ...)`."""
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    figs = key_figures(label.split(" ")[0], summary)
+    return f"[prefopt] {label}: done in {seconds:.1f} s -> {d}" + (f" ({figs})" if figs else "")
+
+
+def wandb_line(cfg: ExperimentConfig) -> str | None:
+    """One line for the experiment's offline W&B runs (each stage has one) and the command that uploads them."""
+    runs = [p for p in sorted(cfg.root.glob("**/wandb/offline-run-*"))
+            if not any(part.startswith(".") for part in p.relative_to(cfg.root).parts)]
+    if not runs:
+        return None
+    depths = sorted({len(p.parent.parent.relative_to(cfg.root).parts) for p in runs})  # dpo: 1, round2/dpo: 2
+    globs = " ".join(str(cfg.root) + "/*" * depth + "/wandb/offline-run-*" for depth in depths)
+    return (f"[prefopt] W&B: {len(runs)} offline runs in group {cfg.wandb.group or cfg.name}; upload with: "
+            f"wandb sync {globs}")
 
 
 def replicate_table(cfg: ExperimentConfig) -> Path | None:

@@ -466,6 +466,9 @@ def run_stage(cfg: ExperimentConfig, stage: str, round_: int = 1, fresh: bool = 
     if main:
         check_inputs_unchanged(cfg, stage, round_, inputs, d)
         write_json(d / "summary.json", summary)
+        from prefopt.runtime.tracking import stage_tables
+
+        tracker.log_tables(stage_tables(stage, d, summary))  # pairs, evaluate's table and samples on the W&B page
         tracker.finish(summary)
         write_json(d / MARKER, completion_record(cfg, stage, round_, d, inputs))  # last: the stage is finished
         swap_in(d, final)

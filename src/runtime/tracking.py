@@ -99,7 +99,7 @@ class Tracker:
         if mode != "disabled":
             import wandb
 
-            name = f"{cfg.name}-{stage}" + (f"-r{round_}" if round_ > 1 else "")
+            name = run_name(cfg.name, stage, round_, (extra or {}).get("replicate_seed"))
             # Under `wandb agent` the trial process inherits the sweep's run id: only the final evaluate stage
             # (whose summary holds the sweep metric) reports to it; every other stage gets a run of its own.
             agent_run_id = None
@@ -113,8 +113,8 @@ class Tracker:
                 name=name,
                 tags=list(cfg.wandb.tags) + ([f"round{round_}"] if round_ > 1 else []),
                 dir=str(run_dir),
-                config={**to_dict(cfg), "_stage": stage, "_round": round_, "_versions": record["versions"],
-                        **(extra or {})},
+                config={**run_config(to_dict(cfg), stage), "_stage": stage, "_round": round_,
+                        "_versions": record["versions"], **(extra or {})},
                 mode=mode,
                 reinit="create_new",
                 settings={"silent": True, "console": "off"},
@@ -145,6 +145,14 @@ class Tracker:
                 art.add_file(str(p))
         self.run.log_artifact(art)
 
+    def log_tables(self, tables: dict[str, tuple[list[str], list[list]]]) -> None:
+        """{key: (columns, rows)} as W&B tables (each also a `run_table` artifact of the run)."""
+        if self.run is None or not tables:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
+
     def log_image(self, key: str, path: Path) -> None:
         if self.run is not None:
             import wandb
@@ -160,7 +168,8 @@ class Tracker:
             if self.mode == "offline":
                 # a rerun over a finished result works in `.<stage>.next`, renamed to `<stage>` once finished
                 final = re.sub(r"/\.([^/]+)\.next/", r"/\1/", str(run_path) + "/").rstrip("/")
-                print(f"[prefopt] W&B offline run saved; upload later with: wandb sync {final}", flush=True)
+                # untagged: under `prefopt run` it goes to the stage's log, and the run prints one line for all
+                print(f"W&B offline run saved; upload later with: wandb sync {final}", flush=True)
 
 
 class NullTracker:
@@ -178,8 +187,134 @@ class NullTracker:
     def log_image(self, key, path):
         pass
 
+    def log_tables(self, tables):
+        pass
+
     def finish(self, summary):
         pass
+
+
+def run_name(experiment: str, stage: str, round_: int = 1, seed: int | None = None) -> str:
+    """`quickstart/dpo`, `quickstart/dpo/round2`, `quickstart/dpo/seed43`: the run's name on the W&B page, where the
+    experiment's runs share a group and each stage is a job type."""
+    return "/".join([experiment, stage] + ([f"round{round_}"] if round_ > 1 else [])
+                    + ([f"seed{seed}"] if seed is not None else []))
+
+
+def run_config(experiment: dict, stage: str) -> dict:
+    """The W&B config of a stage's run: the experiment's own fields (name, seed, stages, iterations, launch, ...)
+    and the stage's section, not the other stages' sections (config.yaml in the stage folder keeps the whole
+    experiment)."""
+    return {k: v for k, v in experiment.items() if not isinstance(v, dict) or k == stage or k in EXPERIMENT_SECTIONS}
+
+
+# Sections of the experiment that are not a stage's: every stage's run carries them.
+EXPERIMENT_SECTIONS = ("wandb", "launch")
+TABLE_ROWS = 100  # rows of each W&B table: a sample to read, not the dataset (that is the stage's files)
+
+
+def stage_tables(stage: str, d: Path, summary: dict, max_rows: int = TABLE_ROWS) -> dict[str, tuple[list, list]]:
+    """The W&B tables a stage's run shows, from the files it wrote: `pairs` (the first `max_rows` pairs), and
+    evaluate's `evaluation` (the final table: a row per policy, each figure and its standard error) and `samples`
+    (prompt, each policy's response beside the baseline's to the same prompt and sample, their reward-model scores
+    and gold, `max_rows` per policy)."""
+    d = Path(d)
+    if stage == "pairs" and (d / "pairs.jsonl").exists():
+        cols = ["prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_len",
+                "rejected_len"]
+        return {"pairs": (cols, [[r.get(c) for c in cols] for r in _head_jsonl(d / "pairs.jsonl", max_rows)])}
+    if stage != "evaluate" or not summary.get("policies"):
+        return {}
+    policies = summary["policies"]
+    figures = sorted({k for figs in policies.values() for k, v in figs.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    out = {"evaluation": (["policy"] + figures, [[name] + [figs.get(k) for k in figures]
+                                                 for name, figs in policies.items()])}
+    baseline = summary.get("baseline")
+    base_path = d / f"samples_{baseline}.jsonl"
+    base = {(r["prompt_id"], r.get("sample")): r for r in _head_jsonl(base_path, None)} if base_path.exists() else {}
+    cols = ["policy", "prompt_id", "sample", "prompt", "response", "baseline_response", "rm", "baseline_rm", "gold",
+            "baseline_gold"]
+    rows = []
+    for name in policies:
+        path = d / f"samples_{name}.jsonl"
+        if name == baseline or not path.exists():
+            continue
+        for r in _head_jsonl(path, max_rows):
+            b = base.get((r.get("prompt_id"), r.get("sample")), {})
+            rows.append([name, r.get("prompt_id"), r.get("sample"), r.get("prompt"), r.get("response"),
+                         b.get("response"), r.get("rm"), b.get("rm"), r.get("gold"), b.get("gold")])
+    if rows:
+        out["samples"] = (cols, rows)
+    return out
+
+
+def _head_jsonl(path: Path, n: int | None) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if n is not None and len(out) >= n:
+                break
+            if line.strip():
+                out.append(json.loads(line))
+    return out
+
+
+def read_offline_run(run_dir: Path, wait: float = 30.0) -> dict:
+    """What an offline W&B run holds, read back from its `run-*.wandb` file (a LevelDB-log of wandb's protobuf
+    records; wandb ships no reader): {"name", "group", "job_type", "config", "summary", "tables"}; `tables` maps a
+    logged table's key to its {"columns", "data"} (from the run's files/media). For tests and for checking what
+    `wandb sync` would upload. wandb's service process may still be writing the file when `run.finish()` has
+    returned (seen on wandb 0.31: the header only, for a moment): up to `wait` seconds for the run's exit record."""
+    run_dir = Path(run_dir)
+    deadline = time.time() + wait
+    records = _wandb_records(next(run_dir.glob("run-*.wandb")))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.time() < deadline:
+        time.sleep(0.1)
+        records = _wandb_records(next(run_dir.glob("run-*.wandb")))
+    out: dict = {"config": {}, "summary": {}, "tables": {}}
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "summary":
+            for i in rec.summary.update:
+                key = i.key or "/".join(i.nested_key)
+                out["summary"][key] = json.loads(i.value_json)
+    for f in sorted(run_dir.glob("files/media/table/**/*.table.json")):
+        key = str(f.relative_to(run_dir / "files" / "media" / "table")).rsplit("_", 2)[0]
+        out["tables"][key] = json.loads(f.read_text())
+    return out
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a `.wandb` file: LevelDB's log format (32 KiB blocks of chunks, each
+    crc32 | length | type; a record is one FULL chunk or FIRST, MIDDLE..., LAST) after a 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    records, buf, pos, block = [], b"", 7, 32768  # 7: the file's own header (":W&B", magic, version)
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (n == 0 and kind == 0):  # the rest of a block is padding
+            pos += left
+            continue
+        if pos + 7 + n > len(data):  # a chunk still being written
+            break
+        buf += data[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,106 @@
+"""`prefopt run`'s console: a start and an end line per stage, the rest in the stage's log; errors reach it whole."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_experiment, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+CRASH_TASK = '''
+import random
+name = "crash"
+instructions = ["Copy the word."]
+
+def sample_input(rng, cfg):
+    raise RuntimeError("boom in sample_input")
+
+def score(input, response):
+    return 1.0
+
+def demo_mistake(input, rng):
+    return input
+
+def response_pool(input, rng):
+    return [input]
+'''
+
+
+def prefopt(*args, extra_env=None):
+    env = {k: v for k, v in os.environ.items() if k != "PREFOPT_VERBOSE"}
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(extra_env or {})})
+    return subprocess.run([sys.executable, "-m", "prefopt", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_prints_start_and_end_lines_and_logs_the_rest(tmp_path):
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task", "base"]))
+    root = tmp_path / "runs" / "tiny"
+    out = prefopt("run", exp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    # 2 stages x (start, end) + the W&B line + the experiment line; nothing on stderr (library warnings: the log)
+    assert len(lines) <= 6, out.stdout
+    assert out.stderr == ""
+    for stage in ("task", "base"):
+        log = root / "logs" / f"{stage}.log"
+        assert f"[prefopt] {stage}: running (not run yet) -> {root / stage}; its output: {log}" in lines
+        end = [ln for ln in lines if ln.startswith(f"[prefopt] {stage}: done in ")]
+        assert len(end) == 1 and end[0].split(" -> ")[1].startswith(str(root / stage)), lines
+    # the end lines carry the stage's figures from its summary.json
+    assert "(num_sft 64, num_prompts 12, num_preferences 64)" in out.stdout
+    assert "vocab_size 300" in out.stdout
+    # what W&B printed went to the log, one console line says how to upload all the runs
+    base_log = (root / "logs" / "base.log").read_text()
+    assert "W&B offline run saved; upload later with: wandb sync" in base_log
+    assert "W&B offline run saved" not in out.stdout
+    assert f"[prefopt] W&B: 2 offline runs in group tiny; upload with: wandb sync {root}/*/wandb/offline-run-*" \
+        in lines
+
+    # each stage's W&B run: the experiment's group, the stage as job type, named experiment/stage, its summary
+    from prefopt.runtime.tracking import read_offline_run
+
+    run = read_offline_run(next((root / "base" / "wandb").glob("offline-run-*")))
+    assert (run["group"], run["job_type"], run["name"]) == ("tiny", "base", "tiny/base")
+    assert run["summary"]["vocab_size"] == 300 and run["config"]["base"]["hidden_size"] == 32
+
+    # --verbose: the stage's whole output on the console again (and no log for it)
+    out = prefopt("run", exp, "--from", "base", "--verbose")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "W&B offline run saved; upload later with: wandb sync" in out.stdout
+    assert "its output:" not in out.stdout and "[prefopt] base: done in " in out.stdout
+    assert (root / "logs" / "base.log").read_text() == base_log
+
+
+def test_a_failing_stage_reaches_the_console(tmp_path):
+    """A data error: its one line, last on stderr, no log tail. A crash: the traceback, the log's last lines and
+    its path."""
+    (tmp_path / "crash_task.py").write_text(CRASH_TASK)
+    (tmp_path / "bad_row_task.py").write_text(CRASH_TASK.replace(
+        'raise RuntimeError("boom in sample_input")',
+        'print("noise from the task"); from prefopt.data.errors import DataError; '
+        'raise DataError("words.txt", 2, "word", "empty")'))
+    env = {"PYTHONPATH": str(tmp_path)}
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task"], task={"module": "bad_row_task"}))
+    out = prefopt("run", exp, extra_env=env)
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert out.stderr == "prefopt: data error: words.txt, row 2, field 'word': empty\n"
+    assert "[prefopt] task: running" in out.stdout and "task: done" not in out.stdout
+    assert "noise from the task" not in out.stdout
+    assert "noise from the task" in (tmp_path / "runs" / "tiny" / "logs" / "task.log").read_text()
+
+    exp = write_yaml(tmp_path / "c.yaml", tiny_experiment(tmp_path, name="crash", stages=["task"],
+                                                          task={"module": "crash_task"}))
+    out = prefopt("run", exp, extra_env=env)
+    log = tmp_path / "runs" / "crash" / "logs" / "task.log"
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "RuntimeError: boom in sample_input" in out.stderr and "Traceback" in out.stderr
+    assert f"[prefopt] its whole output: {log}" in out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith("prefopt: run crashed (RuntimeError)")
