@@ -85,7 +85,7 @@ def test_judge_figures_length_controlled_and_identical_pairs():
     error mean_se's over the 10 prompts; the GLM fits the three groups exactly with theta = 0 (the longer answer
     wins 0.9 from either side), so the length-controlled win rate is 0.5; identical pairs 1/10."""
     from prefopt.evaluate import metrics as M
-    from prefopt.evaluate.recipe import judge_figures
+    from prefopt.evaluate.figures import judge_figures
 
     def sample_set(*answers):
         return {"completions": [[SimpleNamespace(token_ids=list(ids), text="")] for ids in answers]}

@@ -175,7 +175,7 @@ def test_evaluate_scores_at_the_reward_models_limit(rm_dir, monkeypatch):
 
     from prefopt.config import ConfigError
     from prefopt.evaluate.config import EvaluateConfig
-    from prefopt.evaluate.recipe import proxy_scorer
+    from prefopt.evaluate.scorers import proxy_scorer
     from prefopt.generation.base import Completion
     from prefopt.scoring import scorer as score
 

@@ -188,7 +188,7 @@ def test_evaluation_logprob_batches(setup):
     from prefopt.evaluate import metrics as M
     from prefopt.training import logps as L
     from prefopt.evaluate.config import EvaluateConfig
-    from prefopt.evaluate.recipe import _flat, sample_policy
+    from prefopt.evaluate.samples import flat, sample_policy
 
     sec = EvaluateConfig(samples_per_prompt=2, max_new_tokens=3, batch_size=4, backend="transformers",
                          dtype="float32")
@@ -196,7 +196,7 @@ def test_evaluation_logprob_batches(setup):
     s = sample_policy("p", str(setup.path), rows, sec)
     assert s["rendered"] == [setup.prompt]
     spy = SpyLM(len(setup.tok))
-    L.response_logps(spy, *_flat(s), s["pad_id"])
+    L.response_logps(spy, *flat(s), s["pad_id"])
     assert len(spy.seen) == 2
     for ids in spy.seen:
         assert_one_bos(ids, setup.tok)

@@ -51,7 +51,7 @@ def test_best_of_n_picked_by_a_reward_function(monkeypatch):
     import types
     from types import SimpleNamespace
 
-    from prefopt.evaluate.recipe import proxy_scorer
+    from prefopt.evaluate.scorers import proxy_scorer
 
     mod = types.ModuleType("bon_rewards")
     mod.word_count = lambda example, response: -abs(len(response.split()) - int(example["input"]))

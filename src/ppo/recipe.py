@@ -14,13 +14,13 @@ rollout.
 
 Outputs in the stage folder: `model/` (final policy + tokenizer), `checkpoints/iter-N/` every `save_every`
 iterations (policy, value, optimizers, KL controller, RNG and sampler state; the latest two are kept), each written
-as `.iter-N.partial/`, its files' SHA-256 recorded in `manifest.json` (prefopt.runtime.faults), then renamed into place. A
-killed run resumes from the newest checkpoint whose manifest verifies (the previous one, with a line naming the bad
-file, if the newest is damaged; the stage starts over, with a line, if none is) and continues exactly as an
-uninterrupted one would.
+as `.iter-N.partial/`, its files' SHA-256 recorded in `manifest.json` (prefopt.runtime.faults), then renamed into
+place (ppo/checkpoint.py). A killed run resumes from the newest checkpoint whose manifest verifies (the previous
+one, with a line naming the bad file, if the newest is damaged; the stage starts over, with a line, if none is) and
+continues exactly as an uninterrupted one would.
 
-Preemption (prefopt.runtime.faults): SIGTERM, SIGINT or SIGUSR1 let the current iteration finish its update; every process
-agrees on the signal at the iteration's end, a checkpoint of that iteration is saved, and the stage ends with
+Preemption (prefopt.runtime.faults): SIGTERM, SIGINT or SIGUSR1 let the current iteration finish its update; every
+process agrees on the signal at the iteration's end, a checkpoint of that iteration is saved, and the stage ends with
 PreemptedError (exit 143, one line). A signal during the final save lets it finish.
 """
 

@@ -108,7 +108,8 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
                             "ppo.trust_remote_code")
     with whole_on_every_process():  # on the CPU in its run dtype: place_frozen moves (or shards) it
         scorer = load_scorer(rm_path, cfg.trust_remote_code, key="ppo.trust_remote_code", device="cpu",
-                             dtype=frozen_dtype(cfg) or (torch.bfloat16 if torch.cuda.is_available() else torch.float32))
+                             dtype=frozen_dtype(cfg) or (torch.bfloat16 if torch.cuda.is_available()
+                                                         else torch.float32))
     scorer.model = place_frozen(accelerator, scorer.model, cfg.shard_reward_model, "ppo.shard_reward_model")
     where = ""
     if is_sharded(accelerator):
