@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the trials' commands, run nothing")
     sp = sub.add_parser("report", help="write figures (PNG) and a markdown summary for a finished run directory")
     sp.add_argument("run_dir", help="runs/<experiment>")
+    sp = sub.add_parser("push", help="publish a finished stage on the Hugging Face Hub with a card: pairs / "
+                        "candidates as a dataset (parquet), a trained policy or reward model as a model",
+                        description="Publish a finished stage's result with a card carrying the run's provenance "
+                        "(generator and sampling, reward model and its hash, seeds, config, summary figures, the "
+                        "evaluation table). Needs HF_TOKEN (or `hf auth login`), unless --to-dir.")
+    sp.add_argument("stage_dir", help="a finished stage folder: runs/<experiment>/pairs, .../dpo, ...")
+    sp.add_argument("repo_id", help="the Hub repo, owner/name")
+    sp.add_argument("--to-dir", help="write exactly the folder that would be uploaded here; upload nothing")
+    sp.add_argument("--private", action="store_true", help="create the repo private")
+    sp.add_argument("--revision", help="upload to this branch (created if missing) instead of main")
+    sp.add_argument("--license", default="other", help="the card's license (the Hub's ids: apache-2.0, mit, "
+                    "gemma, llama3.1, ...; default other: say it in the card)")
     _annotate_parser(sub)
     return p
 
@@ -207,6 +219,12 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
         if not os.path.isdir(args.run_dir):
             raise ConfigError(f"no run directory {args.run_dir} (runs/<experiment>)")
         print(write_report(args.run_dir))
+        return 0
+    if args.command == "push":
+        from prefopt.push import push
+
+        push(args.stage_dir, args.repo_id, to_dir=args.to_dir, private=args.private, revision=args.revision,
+             license=args.license)
         return 0
     if args.command == "annotate":
         from prefopt.annotate.command import main as annotate
