@@ -14,6 +14,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in __all__:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    try:
         return getattr(importlib.import_module("prefopt.analysis.runs"), name)
-    raise AttributeError(f"module 'prefopt.analysis' has no attribute {name!r}")
+    except AttributeError:
+        raise AttributeError(f"module 'prefopt.analysis' has no attribute {name!r}") from None
