@@ -184,8 +184,10 @@ def build(d: Path, info: dict, repo_id: str, out: Path, license: str) -> None:
 def write_dataset(d: Path, stage: str, out: Path) -> dict[str, int]:
     """Parquet files per config and split: `pairs` (when the stage is pairs) and `candidates` (a prompt, its
     candidates and their scores). {config: rows}."""
+    import datasets
     from datasets import Dataset
 
+    datasets.disable_progress_bars()  # a bar per parquet file: noise on a command's console
     configs = {}
     if stage == "pairs":
         rows = _read_rows(d, "pairs.jsonl")

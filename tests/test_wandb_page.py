@@ -36,7 +36,10 @@ def test_evaluate_run_has_group_job_type_name_config_summary_and_tables(tmp_path
                                       "rm": 0.5 + i, "gold": 1.0} for i in range(3) for s in range(2)])
     summary = {"stage": "evaluate", "baseline": "sft", "split": "test",
                "policies": {"sft": {"gold_score": 0.25, "gold_score_se": 0.05, "model": "x"},
-                            "dpo": {"gold_score": 0.75, "gold_score_se": 0.04, "model": "y"}}}
+                            "dpo": {"gold_score": 0.75, "gold_score_se": 0.04, "model": "y"}},
+               "curves": {"dpo": [{"step": 0, "kl": 0.0, "gold": 0.25, "rm": -1.0},
+                                  {"step": 25, "kl": 0.8, "kl_se": 0.1, "gold": 0.7, "gold_se": 0.02, "rm": 0.5}]},
+               "best_of_n": [{"n": 4, "kl": 0.4, "kl_se": 0.01, "gold": 0.6, "gold_se": 0.03, "rm": 0.1}]}
     tracker = Tracker.start(cfg, "evaluate", d, 2, {"replicate_seed": 7})
     tables = stage_tables("evaluate", d, summary, max_rows=4)
     tracker.log_tables(tables)
@@ -59,6 +62,16 @@ def test_evaluate_run_has_group_job_type_name_config_summary_and_tables(tmp_path
     s = run["tables"]["samples"]
     rows = [dict(zip(s["columns"], r)) for r in s["data"]]
     assert len(rows) == 4 and {r["policy"] for r in rows} == {"dpo"}
+    # the over-optimisation curves (each aligner's checkpoints, best-of-n by n) and their line plots
+    c = run["tables"]["curves"]
+    assert c["columns"] == ["policy", "step", "kl", "kl_se", "gold", "gold_se", "rm", "rm_se"]
+    assert c["data"] == [["dpo", 0, 0.0, None, 0.25, None, -1.0, None], ["dpo", 25, 0.8, 0.1, 0.7, 0.02, 0.5, None],
+                         ["best_of_n", 4, 0.4, 0.01, 0.6, 0.03, 0.1, None]]
+    for y in ("gold", "rm"):
+        chart = run["config"][f"_wandb/visualize/{y}_vs_kl"]["panel_config"]
+        assert chart["panelDefId"] == "wandb/line/v0"
+        assert chart["fieldSettings"] == {"x": "kl", "y": y, "stroke": "policy"}
+        assert run["summary"][f"{y}_vs_kl_table/path"] == run["summary"]["curves/path"]  # the same table's file
     assert rows[3] == {"policy": "dpo", "prompt_id": "p1", "sample": 1, "prompt": "Sort 1 1.", "response": "dpo 1.1",
                        "baseline_response": "sft 1.1", "rm": 1.5, "baseline_rm": -2.0, "gold": 1.0,
                        "baseline_gold": 0.0}

@@ -151,7 +151,11 @@ class Tracker:
             return
         import wandb
 
-        self.run.log({key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()})
+        logged = {key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()}
+        for key, x, y, title in PLOTS:
+            if key in logged:
+                logged[f"{y}_vs_{x}"] = wandb.plot.line(logged[key], x, y, stroke="policy", title=title)
+        self.run.log(logged)
 
     def log_image(self, key: str, path: Path) -> None:
         if self.run is not None:
@@ -215,9 +219,9 @@ TABLE_ROWS = 100  # rows of each W&B table: a sample to read, not the dataset (t
 
 def stage_tables(stage: str, d: Path, summary: dict, max_rows: int = TABLE_ROWS) -> dict[str, tuple[list, list]]:
     """The W&B tables a stage's run shows, from the files it wrote: `pairs` (the first `max_rows` pairs), and
-    evaluate's `evaluation` (the final table: a row per policy, each figure and its standard error) and `samples`
+    evaluate's `evaluation` (the final table: a row per policy, each figure and its standard error), `samples`
     (prompt, each policy's response beside the baseline's to the same prompt and sample, their reward-model scores
-    and gold, `max_rows` per policy)."""
+    and gold, `max_rows` per policy) and `curves` (gold and RM score against KL, drawn as PLOTS)."""
     d = Path(d)
     if stage == "pairs" and (d / "pairs.jsonl").exists():
         cols = ["prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_len",
@@ -246,7 +250,20 @@ def stage_tables(stage: str, d: Path, summary: dict, max_rows: int = TABLE_ROWS)
                          b.get("response"), r.get("rm"), b.get("rm"), r.get("gold"), b.get("gold")])
     if rows:
         out["samples"] = (cols, rows)
+    # the over-optimisation curves: gold and RM score against KL to SFT for each aligner's checkpoints, and
+    # best-of-n from the SFT policy (its step is n), as `prefopt report` draws them
+    cols = ["policy", "step", "kl", "kl_se", "gold", "gold_se", "rm", "rm_se"]
+    curves = [[name, p.get("step")] + [p.get(c) for c in cols[2:]]
+              for name, points in (summary.get("curves") or {}).items() for p in points]
+    curves += [["best_of_n", p.get("n")] + [p.get(c) for c in cols[2:]] for p in summary.get("best_of_n") or []]
+    if curves:
+        out["curves"] = (cols, curves)
     return out
+
+
+# W&B line plots drawn from a table stage_tables makes: (table, x, y, title), one line per policy
+PLOTS = [("curves", "kl", "gold", "gold score against KL to SFT (over-optimisation)"),
+         ("curves", "kl", "rm", "reward-model score against KL to SFT")]
 
 
 def _head_jsonl(path: Path, n: int | None) -> list[dict]:
@@ -278,8 +295,9 @@ def read_offline_run(run_dir: Path, wait: float = 30.0) -> dict:
         if kind == "run":
             out.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
             out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "config":  # a later update; a nested one (a chart's spec) keyed by its path, `a/b/c`
+            out["config"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                  for i in rec.config.update})
         elif kind == "summary":
             for i in rec.summary.update:
                 key = i.key or "/".join(i.nested_key)
