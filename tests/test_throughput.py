@@ -196,3 +196,36 @@ def test_response_logps_meters_its_batches(tiny_model_dir):
     f = meter.phases["forward"]
     assert (f.tokens, f.useful, f.flops) == (13, 13, 536_640.0) and f.seconds > 0
     assert meter.peak_tflops > 0 and 0 < meter.summary()["perf/mfu"] < 1.5
+
+
+@pytest.mark.parametrize("backend", ["prefopt", "trl"])
+def test_sft_stage_reports_perf(tmp_path, tiny_model_dir, backend):
+    """The `sft` stage on its two backends, one step over 24 examples in one batch: the loop's packed batch
+    (positions = collate's rows x width) and TRL's SFTTrainer (positions = 24 x the longest example, through the
+    Trainer callback) both count the examples' own prompt + completion tokens as useful."""
+    from prefopt.config import from_dict
+    from prefopt.data.loaders import load_sft
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.models.loading import load_tokenizer
+    from prefopt.preference.batching import collate
+    from prefopt.sft.recipe import sft_examples
+    from prefopt.stage import run_stage
+
+    rows = [{"instruction": "Sort the numbers in ascending order.", "input": " ".join(map(str, range(i % 5 + 2))),
+             "output": " ".join(map(str, range(i % 5 + 2)))} for i in range(24)]
+    (tmp_path / "sft.json").write_text(json.dumps(rows))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "stages": ["sft"],
+        "sft": {"model": str(tiny_model_dir), "dataset": {"path": str(tmp_path / "sft.json")}, "max_steps": 1,
+                "per_device_train_batch_size": 24, "logging_steps": 1, "save_steps": 10, "max_length": 256,
+                "backend": backend}})
+    summary = run_stage(cfg, "sft")
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, _ = sft_examples(load_sft(cfg.sft.dataset, "alpaca").rows, tok, 256)
+    lengths = [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples]
+    assert len(lengths) == 24
+    computed = (collate(examples, tok.pad_token_id, 256, "packed")["input_ids"].numel() if backend == "prefopt"
+                else 24 * max(lengths))
+    assert summary["perf/train/tokens"] == computed
+    assert summary["perf/train/padding_fraction"] == pytest.approx(1 - sum(lengths) / computed, abs=1e-4)
+    assert 0 < summary["perf/mfu"] < 1.5 and summary["perf/peak_tflops"] > 0

@@ -30,7 +30,7 @@ from prefopt.data.templates import encode, render_prompt
 from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference.data import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
-from prefopt.training.trainer import hf_training_kwargs
+from prefopt.training.trainer import hf_training_kwargs, throughput_callback
 from prefopt.training.lora import lora_config
 from prefopt.dist.process import is_main_process, seed_everything, world_size
 from prefopt.sft.loss import sft_loss
@@ -184,8 +184,10 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     if data.skipped:
         ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
     preempt = faults.trainer_callback(stop)
+    perf = throughput_callback(ctx.tracker, ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
-                            callbacks=[trainer_callback(ctx.tracker), preempt], eval_fraction=sec.eval_fraction)
+                            callbacks=[trainer_callback(ctx.tracker), preempt, perf],
+                            eval_fraction=sec.eval_fraction)
     kept = len(trainer.train_dataset) + (len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0)
     if len(trainer.train_dataset) == 0:
         raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
@@ -209,6 +211,7 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
         "processes": trainer.accelerator.num_processes,
         "resumed_from": resume,
         "lora": sec.lora.enabled,
+        **perf.figures,
     }
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
