@@ -104,3 +104,36 @@ def test_a_failing_stage_reaches_the_console(tmp_path):
     assert "RuntimeError: boom in sample_input" in out.stderr and "Traceback" in out.stderr
     assert f"[prefopt] its whole output: {log}" in out.stderr
     assert out.stderr.rstrip().splitlines()[-1].startswith("prefopt: run crashed (RuntimeError)")
+
+
+def test_stage_output_keeps_tagged_lines_and_logs_everything(tmp_path, capfd):
+    """In this process: Python prints, raw writes to descriptors 1 and 2 and a child's output are all caught; the
+    tagged lines reach the console on their own stream, in order; the log has every byte."""
+    from prefopt.runtime.console import StageOutput
+
+    log = tmp_path / "logs" / "x.log"
+    with StageOutput(log, header="x (test)") as out:
+        print("[prefopt] kept 1")
+        print("{'loss': '0.5', 'epoch': '1'}")
+        os.write(1, b"raw noise\n")
+        subprocess.run(["sh", "-c", "echo '[prefopt] kept 2'; printf 'bar 1/2\\rbar 2/2\\r'; echo 'child noise' >&2"])
+        sys.stderr.write("[pairs] WARNING: kept 3\nsome library warning\n")
+        os.write(2, b"prefopt: data error: x.jsonl, row 2: bad\n")
+    cap = capfd.readouterr()
+    assert cap.out == "[prefopt] kept 1\n[prefopt] kept 2\n"
+    assert cap.err == "[pairs] WARNING: kept 3\nprefopt: data error: x.jsonl, row 2: bad\n"
+    assert out.error_shown and not out.crashed(RuntimeError("x"))
+    text = log.read_bytes().decode()  # (read_text would turn a progress bar's \r into \n)
+    assert text.startswith("==== ") and "x (test)" in text.splitlines()[0]
+    for piece in ("{'loss': '0.5', 'epoch': '1'}", "raw noise", "bar 1/2\rbar 2/2\r", "child noise",
+                  "some library warning", "[prefopt] kept 1"):
+        assert piece in text
+    # descriptors and streams are back: this reaches the test's capture, not the log
+    print("after")
+    os.write(2, b"after err\n")
+    assert capfd.readouterr() == ("after\n", "after err\n") and "after" not in log.read_text()
+
+    # verbose: nothing is caught, no log written
+    with StageOutput(tmp_path / "logs" / "v.log", verbose=True):
+        print("{'loss': 1}")
+    assert capfd.readouterr().out == "{'loss': 1}\n" and not (tmp_path / "logs" / "v.log").exists()

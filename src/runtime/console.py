@@ -56,8 +56,11 @@ class _Tee(threading.Thread):
             if not chunk:
                 break
             with self.lock:
-                self.log.write(chunk)
-                self.log.flush()
+                try:
+                    self.log.write(chunk)
+                    self.log.flush()
+                except ValueError:  # closed: a process the stage left running wrote after the stage ended
+                    pass
             pending += chunk
             *lines, pending = _split(pending)
             for line in lines:
@@ -125,9 +128,11 @@ class StageOutput:
         os.dup2(self._saved[1], 2)
         for t in self._threads:
             t.join(timeout=5)  # a child the stage left running may keep a pipe open: do not wait on it
-        for fd in self._saved:
-            os.close(fd)
-        self._log.close()
+        if not any(t.is_alive() for t in self._threads):
+            for fd in self._saved:  # (a reader still alive may echo through them: left open, never reused)
+                os.close(fd)
+        with self._threads[0].lock:
+            self._log.close()
         if exc is not None and self.crashed(exc):
             err = sys.stderr
             if self.tail:
