@@ -172,7 +172,7 @@ def build(d: Path, info: dict, repo_id: str, out: Path, license: str) -> None:
     prov = provenance(d, info)
     if info["stage"] in DATASET_STAGES:
         configs = write_dataset(d, info["stage"], out)
-        card = dataset_card(info, prov, repo_id, configs, license)
+        card = dataset_card(d, info, prov, repo_id, configs, license)
     else:
         for p in sorted((d / "model").iterdir()):
             if p.is_file() and not p.name.startswith("."):
@@ -225,8 +225,9 @@ def _evaluation(d: Path, stage: str) -> list[str]:
     if not table.exists():
         return []
     text = table.read_text().strip()
-    return ["## Evaluation", "", f"The run's final evaluation table (its `evaluate` stage; this {stage} result's "
-            "row is the one named after it):", "", text, ""]
+    whose = (f"this {stage} policy's row is the one named after it" if stage in MODEL_STAGES else
+             "the aligned policies were trained on these pairs" if stage == "pairs" else "from the same run")
+    return ["## Evaluation", "", f"The run's final evaluation table (its `evaluate` stage; {whose}):", "", text, ""]
 
 
 def _common_body(info: dict, prov: dict, d_evaluation: list[str]) -> list[str]:
@@ -251,7 +252,7 @@ def _common_body(info: dict, prov: dict, d_evaluation: list[str]) -> list[str]:
     return lines
 
 
-def dataset_card(info: dict, prov: dict, repo_id: str, configs: dict[str, int], license: str):
+def dataset_card(d: Path, info: dict, prov: dict, repo_id: str, configs: dict[str, int], license: str):
     from huggingface_hub import DatasetCard, DatasetCardData
 
     data = DatasetCardData(
@@ -268,7 +269,7 @@ def dataset_card(info: dict, prov: dict, repo_id: str, configs: dict[str, int], 
             "validation and test prompts have none.", "", "```python", "from datasets import load_dataset",
             f"pairs = load_dataset({repo_id!r}, split='train')" if "pairs" in configs else
             f"ds = load_dataset({repo_id!r}, 'candidates', split='train')", "```", ""]
-    body += _common_body(info, prov, [])
+    body += _common_body(info, prov, _evaluation(d, stage))
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 

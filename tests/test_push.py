@@ -56,7 +56,7 @@ def run(tmp_path, tiny_model_dir):
         {"prompt_id": pid, "scores": [0.5 * i, -1.0, 2.0], "reward_model": RM}) + "\n" for i, (pid, _) in
         enumerate(prompts)))
     pairs = _stage(root, "pairs", exp, {"pairs": 4, "margin/mean": 1.25, "gold/chosen_better": 0.75})
-    rows = [{"prompt_id": pid, "prompt": p, "chosen": f"{i}c", "rejected": "{i}b", "chosen_index": 2,
+    rows = [{"prompt_id": pid, "prompt": p, "chosen": f"{i}c", "rejected": f"{i}b", "chosen_index": 2,
              "rejected_index": 1, "chosen_score": 2.0, "rejected_score": -1.0, "chosen_len": 2, "rejected_len": 2,
              "generator_sha256": GEN["sha256"], "reward_model_sha256": RM["sha256"], "seed": 5}
             for i, (pid, p) in enumerate(prompts[:4])]
@@ -80,9 +80,10 @@ def test_pairs_folder_loads_back_with_its_provenance(run, tmp_path):
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "README.md", "data/candidates/train-00000-of-00001.parquet", "data/pairs/train-00000-of-00001.parquet"]
     # the default config is the pairs, split train, the same rows in the same order
-    ds = load_dataset(str(out))
+    cache = tmp_path / "hf-cache"  # not the shared datasets cache: a stale entry there must not answer for these files
+    ds = load_dataset(str(out), cache_dir=str(cache))
     assert list(ds) == ["train"] and [dict(r) for r in ds["train"]] == rows
-    cand = load_dataset(str(out), "candidates", split="train")
+    cand = load_dataset(str(out), "candidates", split="train", cache_dir=str(cache))
     assert cand[2]["candidates"] == ["2a", "2b", "2c"] and cand[2]["scores"] == [1.0, -1.0, 2.0]
     assert cand[2]["generator_sha256"] == GEN["sha256"]
 
@@ -93,6 +94,7 @@ def test_pairs_folder_loads_back_with_its_provenance(run, tmp_path):
     assert prov["seed"] == 1 and prov["experiment"] == "exp" and prov["stage"] == "pairs"
     assert prov["summary"]["pairs"] == 4 and prov["versions"]["transformers"] == "5.23.0"
     assert "- `gold/chosen_better`: 0.75" in card.text and "## Experiment config" in card.text
+    assert "| dpo | 0.700 ± 0.010 |" in card.text  # the run's evaluation table
     assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0])["dpo"]["beta"] == 0.1
 
 
