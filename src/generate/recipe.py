@@ -159,10 +159,8 @@ def run(ctx) -> dict:
 
 
 def _run(ctx, signals: faults.ShardSignals) -> dict:
-    from tqdm.auto import tqdm
-
-    from prefopt.dist.gpus import WorkerFailed
-
+    """Setup (backend, prompts, shards left to do), the data-parallel workers when there are several engines, the
+    shards sampled here, and the summary."""
     from prefopt.models.loading import load_tokenizer
 
     sec = ctx.section
@@ -175,7 +173,6 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
     generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend,
                       "batch_invariant": False}
     n_shards = (len(prompts) + sec.shard_size - 1) // sec.shard_size
-    passes = len(sec.seeds) or 1  # generate calls per shard
 
     def shard(k: int) -> tuple[list[dict], list[str], Path]:
         return (prompts[k * sec.shard_size:(k + 1) * sec.shard_size],
@@ -186,79 +183,10 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
     workers = min(data_parallel_size(sec.data_parallel, sec.tensor_parallel_size), len(todo))
     dp_seconds = 0.0
     if workers > 1:  # one process per engine, each its share of the shards; the loop below then finds them done
-        t0 = time.time()
-        job = {"worker": "prefopt.generate.recipe:generate_worker", "model_path": model_path, "backend": backend,
-               "sec": sec, "base_seed": ctx.seed, "generator_info": generator_info,
-               "shards": {k: shard(k) for k in todo}}
-        try:
-            run_workers(ctx.dir, job, workers, sec.tensor_parallel_size, "generation", "generate.data_parallel")
-        except WorkerFailed:
-            if signals.signum:  # the workers got the signal too (passed on by ShardSignals) and dropped their shard
-                raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
-            raise
-        dp_seconds = time.time() - t0
-
-    generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
-    new_tokens = new_prompts = resumed = 0
-    gen_seconds = 0.0
-    # With `seeds`, each prompt is sampled once per seed: the bar counts (prompt, seed) passes.
-    bar = tqdm(total=len(prompts) * passes, desc="generate", unit="prompt" if passes == 1 else "prompt·seed",
-               dynamic_ncols=True)
-    t_start = time.time()  # reset once the model is loaded: the speeds shown are sampling speeds
-    new_passes = 0
-
-    def progress(done: int, tokens: int) -> None:
-        nonlocal new_tokens, new_passes
-        new_tokens += tokens
-        new_passes += done
-        bar.update(done)
-        elapsed = max(time.time() - t_start, 1e-9)
-        bar.set_postfix({"prompts/s": f"{new_passes / passes / elapsed:.2f}",
-                         "tokens/s": f"{new_tokens / elapsed:.1f}"})
-
-    totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0}
-    try:
-        for k in range(n_shards):
-            chunk, texts, path = shard(k)
-            rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
-            if rows is not None and k in todo:  # written by a data-parallel worker: this run's work
-                new_prompts += len(chunk)
-                new_tokens += sum(sum(r["candidate_lengths"]) for r in rows)
-                generator_info["batch_invariant"] = rows[0]["generator"]["batch_invariant"] if rows else False
-                bar.update(len(chunk) * passes)
-            elif rows is not None:
-                resumed += 1
-                bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
-            else:
-                if signals.signum:  # came while a shard was written or the model loaded: stop before this one
-                    raise preempted(ctx.dir, n_shards, signals, dropped=False)
-                if generator is None:
-                    generator = build_generator(model_path, backend, sec)
-                    # what the engine really runs (vLLM's mode may also come from the environment), not what was
-                    # asked
-                    generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
-                    t_start = time.time()
-                t0 = time.time()
-                try:
-                    rows = sample_shard(generator, k, chunk, texts, sec, ctx.seed, generator_info, path, progress,
-                                        signals)
-                except faults.ShardDropped:
-                    raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
-                gen_seconds += time.time() - t0
-                new_prompts += len(chunk)
-                ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, len(prompts)),
-                                 "generate/tokens_per_second": new_tokens / max(gen_seconds, 1e-9)}, step=k)
-            totals["rows"] += len(rows)
-            totals["dropped"] += len(chunk) - len(rows)
-            totals["candidates"] += sum(len(r["candidates"]) for r in rows)
-            totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
-            totals["finished"] += sum(sum(r["finished"]) for r in rows)
-    finally:
-        bar.close()  # before the stage's line, if a signal ends it
-        if generator is not None:
-            release(generator)
-            generator = None
-    gen_seconds += dp_seconds
+        dp_seconds = generate_data_parallel(ctx, signals, model_path, backend, generator_info,
+                                            {k: shard(k) for k in todo}, workers, n_shards)
+    totals = sample_shards(ctx, signals, model_path, backend, generator_info, shard, n_shards, todo, len(prompts))
+    gen_seconds = totals["seconds"] + dp_seconds
 
     ctx.tracker.log_artifact(sorted(ctx.dir.glob("shard-*.jsonl")), name=f"{ctx.cfg.name}-candidates-r{ctx.round}",
                              type_="dataset")
@@ -273,14 +201,102 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
         "skipped_bad_rows": loaded.skipped,
         "tokens": totals["tokens"],
         "finished_fraction": round(totals["finished"] / max(totals["candidates"], 1), 4),
-        "prompts_per_second": round(new_prompts / gen_seconds, 3) if gen_seconds else None,
-        "tokens_per_second": round(new_tokens / gen_seconds, 1) if gen_seconds else None,
+        "prompts_per_second": round(totals["new_prompts"] / gen_seconds, 3) if gen_seconds else None,
+        "tokens_per_second": round(totals["new_tokens"] / gen_seconds, 1) if gen_seconds else None,
         "backend": backend,
         "generator": generator_info,
         "shards": n_shards,
-        "resumed_shards": resumed,
+        "resumed_shards": totals["resumed"],
         "data_parallel": max(workers, 1),
     }
+
+
+def generate_data_parallel(ctx, signals: faults.ShardSignals, model_path: str, backend: str, generator_info: dict,
+                           shards: dict, workers: int, n_shards: int) -> float:
+    """`shards` (index -> (prompts, rendered, path)) sampled by `workers` processes, one engine each; the seconds it
+    took."""
+    from prefopt.dist.gpus import WorkerFailed
+
+    sec = ctx.section
+    t0 = time.time()
+    job = {"worker": "prefopt.generate.recipe:generate_worker", "model_path": model_path, "backend": backend,
+           "sec": sec, "base_seed": ctx.seed, "generator_info": generator_info, "shards": shards}
+    try:
+        run_workers(ctx.dir, job, workers, sec.tensor_parallel_size, "generation", "generate.data_parallel")
+    except WorkerFailed:
+        if signals.signum:  # the workers got the signal too (passed on by ShardSignals) and dropped their shard
+            raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
+        raise
+    return time.time() - t0
+
+
+def sample_shards(ctx, signals: faults.ShardSignals, model_path: str, backend: str, generator_info: dict, shard,
+                  n_shards: int, todo: list[int], n_prompts: int) -> dict:
+    """Every shard in order: one finished already (resumed, or written by a data-parallel worker of this run) is
+    counted, one left is sampled here (the engine built at the first). Returns the totals over all shards, and this
+    run's new prompts, new tokens and sampling seconds."""
+    from tqdm.auto import tqdm
+
+    sec = ctx.section
+    passes = len(sec.seeds) or 1  # generate calls per shard
+    generator = None  # built only if some shard is left to do: loading a model for nothing is slow on vLLM
+    totals = {"rows": 0, "candidates": 0, "tokens": 0, "dropped": 0, "finished": 0, "new_prompts": 0,
+              "new_tokens": 0, "resumed": 0, "seconds": 0.0}
+    # With `seeds`, each prompt is sampled once per seed: the bar counts (prompt, seed) passes.
+    bar = tqdm(total=n_prompts * passes, desc="generate", unit="prompt" if passes == 1 else "prompt·seed",
+               dynamic_ncols=True)
+    speed = {"start": time.time(), "passes": 0}  # start reset once the model is loaded: sampling speeds are shown
+
+    def progress(done: int, tokens: int) -> None:
+        totals["new_tokens"] += tokens
+        speed["passes"] += done
+        bar.update(done)
+        elapsed = max(time.time() - speed["start"], 1e-9)
+        bar.set_postfix({"prompts/s": f"{speed['passes'] / passes / elapsed:.2f}",
+                         "tokens/s": f"{totals['new_tokens'] / elapsed:.1f}"})
+
+    try:
+        for k in range(n_shards):
+            chunk, texts, path = shard(k)
+            rows = finished_shard(path, [p["prompt_id"] for p in chunk], generator_info["sha256"])
+            if rows is not None and k in todo:  # written by a data-parallel worker: this run's work
+                totals["new_prompts"] += len(chunk)
+                totals["new_tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
+                generator_info["batch_invariant"] = rows[0]["generator"]["batch_invariant"] if rows else False
+                bar.update(len(chunk) * passes)
+            elif rows is not None:
+                totals["resumed"] += 1
+                bar.update(len(chunk) * passes)  # resumed: on the bar, not in this run's speeds
+            else:
+                if signals.signum:  # came while a shard was written or the model loaded: stop before this one
+                    raise preempted(ctx.dir, n_shards, signals, dropped=False)
+                if generator is None:
+                    generator = build_generator(model_path, backend, sec)
+                    # what the engine really runs (vLLM's mode may also come from the environment), not what was
+                    # asked
+                    generator_info["batch_invariant"] = bool(getattr(generator, "batch_invariant", False))
+                    speed["start"] = time.time()
+                t0 = time.time()
+                try:
+                    rows = sample_shard(generator, k, chunk, texts, sec, ctx.seed, generator_info, path, progress,
+                                        signals)
+                except faults.ShardDropped:
+                    raise preempted(ctx.dir, n_shards, signals, dropped=True) from None
+                totals["seconds"] += time.time() - t0
+                totals["new_prompts"] += len(chunk)
+                ctx.tracker.log({"generate/prompts_done": min((k + 1) * sec.shard_size, n_prompts),
+                                 "generate/tokens_per_second": totals["new_tokens"] / max(totals["seconds"], 1e-9)},
+                                step=k)
+            totals["rows"] += len(rows)
+            totals["dropped"] += len(chunk) - len(rows)
+            totals["candidates"] += sum(len(r["candidates"]) for r in rows)
+            totals["tokens"] += sum(sum(r["candidate_lengths"]) for r in rows)
+            totals["finished"] += sum(sum(r["finished"]) for r in rows)
+    finally:
+        bar.close()  # before the stage's line, if a signal ends it
+        if generator is not None:
+            release(generator)
+    return totals
 
 
 # ------------------------------------------------------------------------------- data parallel over a node's GPUs

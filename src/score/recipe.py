@@ -180,8 +180,8 @@ def run(ctx) -> dict:
 
 
 def _run(ctx, signals: faults.ShardSignals) -> dict:
-    from prefopt.dist.gpus import WorkerFailed
-
+    """Setup (the reward model, what it reads, the shards left and the cache), the data-parallel workers when there
+    are several GPUs, the shards scored and written here, and the summary."""
     cfg = ctx.section
     if cfg.reward_fn:
         return run_function(ctx, cfg, signals)
@@ -205,18 +205,7 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
     workers = min(data_parallel_size(cfg.data_parallel), sum(1 for s in todo if plan[s]))
     dropped = False
     if workers > 1 and not signals.signum:  # one reward model per process and GPU; the loop below writes the shards
-        try:
-            run_workers(ctx.dir, {**job, "worker": "prefopt.score.recipe:score_worker", "cache": str(cache.path),
-                                  "shards": {s: plan[s] for s in todo if plan[s]}},
-                        workers, 1, "scoring", "score.data_parallel")
-        except WorkerFailed:
-            if not signals.signum:
-                raise
-            # the workers got the signal too (passed on by ShardSignals) and dropped their shards: the loop below
-            # writes the shards whose scores are all in the cache and stops at the first that is not
-            dropped = True
-        finally:
-            cache.merge_parts()  # what every worker finished, also when one failed
+        dropped = score_data_parallel(ctx, job, cache, {s: plan[s] for s in todo if plan[s]}, workers, signals)
 
     scorer = None
     scored = cached = 0
@@ -254,23 +243,49 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
         scorer = None  # the last reference to the reward model: its GPU memory goes back before the next stage
         free_gpu_memory()
 
-    summary = {
-        "shards": len(shards),
-        "shards_skipped": len(shards) - len(todo),
+    return score_summary(len(shards), len(todo), all_scores, scored, cached,
+                         {"path": str(rm_path), "sha256": rm_sha}, fmt, max(workers, 1))
+
+
+def score_data_parallel(ctx, job: dict, cache, shards: dict, workers: int, signals: faults.ShardSignals) -> bool:
+    """`shards` (shard -> cache keys to score) scored by `workers` processes, one reward model each, into the cache;
+    True when a signal made them drop their shards."""
+    from prefopt.dist.gpus import WorkerFailed
+
+    try:
+        run_workers(ctx.dir, {**job, "worker": "prefopt.score.recipe:score_worker", "cache": str(cache.path),
+                              "shards": shards}, workers, 1, "scoring", "score.data_parallel")
+    except WorkerFailed:
+        if not signals.signum:
+            raise
+        # the workers got the signal too (passed on by ShardSignals) and dropped their shards: the loop below
+        # writes the shards whose scores are all in the cache and stops at the first that is not
+        return True
+    finally:
+        cache.merge_parts()  # what every worker finished, also when one failed
+    return False
+
+
+def score_summary(n_shards: int, n_todo: int, all_scores: list[float], scored: int, cached: int, reward_model: dict,
+                  fmt: str, workers: int) -> dict:
+    """The stage's summary: shards, candidates scored and cached, the reward model, and the scores' statistics."""
+    out = {
+        "shards": n_shards,
+        "shards_skipped": n_shards - n_todo,
         "candidates": len(all_scores),
         "scored": scored,
         "cached": cached,
-        "reward_model": {"path": str(rm_path), "sha256": rm_sha},
+        "reward_model": reward_model,
         "rm_format": fmt,
-        "data_parallel": max(workers, 1),
+        "data_parallel": workers,
     }
     if all_scores:
         import statistics
 
-        summary["score/mean"] = statistics.fmean(all_scores)
-        summary["score/std"] = statistics.pstdev(all_scores)
-        summary["score/min"], summary["score/max"] = min(all_scores), max(all_scores)
-    return summary
+        out["score/mean"] = statistics.fmean(all_scores)
+        out["score/std"] = statistics.pstdev(all_scores)
+        out["score/min"], out["score/max"] = min(all_scores), max(all_scores)
+    return out
 
 
 def shard_keys(shard: Path, job: dict) -> tuple[list[dict], list, list[list[str]]]:

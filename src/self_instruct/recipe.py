@@ -130,7 +130,26 @@ def judge_batch(completions, sec, pool: SimilarityPool) -> tuple[list[dict], Cou
     return accepted, skipped, examples
 
 
+def write_batch(k: int, generator, sec, run_seed: int, seeds: list[dict], generated: list[dict], pool,
+                generator_info: dict) -> dict:
+    """Batch k: `batch_size` prompts, each listing examples drawn from the seed and generated tasks, one completion
+    each, judged (`judge_batch`, which adds what it accepts to the pool). Returns the batch's record for
+    batches.jsonl."""
+    rng = random.Random(derive_seed(sec.seed, run_seed, k, 0))
+    prompts = [encode_prompt(sample_examples(rng, seeds, generated, sec.prompt_tasks, sec.prompt_generated),
+                             sec.list_length) for _ in range(sec.batch_size)]
+    sampling = Sampling(n=1, temperature=sec.temperature, top_p=sec.top_p, max_new_tokens=sec.max_new_tokens,
+                        seed=derive_seed(sec.seed, run_seed, k, 1))
+    completions = [c[0] for c in generator.generate(prompts, sampling)]
+    accepted, batch_skipped, batch_examples = judge_batch(completions, sec, pool)  # adds to the pool
+    return {"batch": k, "accepted": accepted, "candidates": len(accepted) + sum(batch_skipped.values()),
+            "skipped": dict(batch_skipped), "skip_examples": batch_examples, "generator": generator_info,
+            "finished": sum(c.finished for c in completions)}
+
+
 def run(ctx) -> dict:
+    """Setup (the model, the seed tasks, the batches a killed run left), batches until `num_instructions` tasks are
+    accepted (or `max_batches`), then data.json and the summary."""
     from tqdm.auto import tqdm
 
     sec = ctx.section
@@ -176,33 +195,20 @@ def run(ctx) -> dict:
                unit="task", dynamic_ncols=True)
     k = len(log.records)
     while len(generated) < sec.num_instructions and k < sec.max_batches:
-        rng = random.Random(derive_seed(sec.seed, ctx.seed, k, 0))
-        prompts = [encode_prompt(sample_examples(rng, seeds, generated, sec.prompt_tasks, sec.prompt_generated),
-                                 sec.list_length) for _ in range(sec.batch_size)]
         if generator is None:
             generator = make_generator(model_path, backend, batch_size=sec.batch_size, dtype=sec.dtype,
                                        tensor_parallel_size=sec.tensor_parallel_size,
                                        gpu_memory_utilization=sec.gpu_memory_utilization, seed=sec.seed)
-        sampling = Sampling(n=1, temperature=sec.temperature, top_p=sec.top_p, max_new_tokens=sec.max_new_tokens,
-                            seed=derive_seed(sec.seed, ctx.seed, k, 1))
-        completions = [c[0] for c in generator.generate(prompts, sampling)]
-        accepted, batch_skipped, batch_examples = judge_batch(completions, sec, pool)  # adds to the pool
-        rec = {"batch": k, "accepted": accepted, "candidates": len(accepted) + sum(batch_skipped.values()),
-               "skipped": dict(batch_skipped), "skip_examples": batch_examples, "generator": generator_info,
-               "finished": sum(c.finished for c in completions)}
+        rec = write_batch(k, generator, sec, ctx.seed, seeds, generated, pool, generator_info)
         log.append(rec)
         tally(rec, add_to_pool=False)
         bar.update(min(len(generated), sec.num_instructions) - bar.n)
         ctx.tracker.log({"self_instruct/accepted": len(generated), "self_instruct/candidates": candidates,
-                         "self_instruct/batch_accepted": len(accepted)}, step=k)
+                         "self_instruct/batch_accepted": len(rec["accepted"])}, step=k)
         k += 1
     bar.close()
 
-    rows = [{"instruction": t["instruction"], "input": t["input"], "output": t["output"]}
-            for t in (seeds if sec.include_seed_tasks else []) + generated]
-    out = ctx.dir / "data.json"
-    write_json(out, rows)
-    ctx.tracker.log_artifact(out, name=f"{ctx.cfg.name}-self-instruct", type_="dataset")
+    rows, out = save_tasks(ctx, (seeds if sec.include_seed_tasks else []) + generated)
 
     summary = {
         "seed_tasks": seed_report,
@@ -221,6 +227,15 @@ def run(ctx) -> dict:
     }
     print(report(summary), flush=True)
     return summary
+
+
+def save_tasks(ctx, tasks: list[dict]) -> tuple[list[dict], Path]:
+    """The tasks as Alpaca rows (instruction, input, output) in the stage's data.json, logged as a dataset."""
+    rows = [{"instruction": t["instruction"], "input": t["input"], "output": t["output"]} for t in tasks]
+    out = ctx.dir / "data.json"
+    write_json(out, rows)
+    ctx.tracker.log_artifact(out, name=f"{ctx.cfg.name}-self-instruct", type_="dataset")
+    return rows, out
 
 
 def report(summary: dict) -> str:
