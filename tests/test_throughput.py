@@ -229,3 +229,25 @@ def test_sft_stage_reports_perf(tmp_path, tiny_model_dir, backend):
     assert summary["perf/train/tokens"] == computed
     assert summary["perf/train/padding_fraction"] == pytest.approx(1 - sum(lengths) / computed, abs=1e-4)
     assert 0 < summary["perf/mfu"] < 1.5 and summary["perf/peak_tflops"] > 0
+
+
+def test_evaluate_stage_reports_its_logprob_passes(tmp_path, tiny_model_dir):
+    """The `evaluate` stage (one policy, its own baseline, gold as the reward function): its summary carries the
+    log-prob passes' perf/* figures as the forward phase, and nothing for training."""
+    from prefopt.config import from_dict
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.stage import run_stage
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": "Sort the numbers in ascending order.", "input": x}) + "\n"
+                               for x in ("3 1 2", "4 2 5", "2 0")))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "t", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "sort"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"sft": str(tiny_model_dir)}, "reward_fn": "task:gold", "task": "sort",
+                     "prompts": {"path": str(prompts)}, "samples_per_prompt": 2, "max_new_tokens": 6,
+                     "backend": "transformers"}})
+    summary = run_stage(cfg, "evaluate")
+    assert summary["perf/forward/tokens"] == summary["perf/tokens"] > 0 and "perf/train/tokens" not in summary
+    assert 0 <= summary["perf/padding_fraction"] < 1 and 0 < summary["perf/mfu"] < 1.5
+    assert json.loads((tmp_path / "t" / "evaluate" / "summary.json").read_text())["perf/mfu"] == summary["perf/mfu"]

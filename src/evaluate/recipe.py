@@ -74,6 +74,7 @@ from prefopt.io import weights_sha256, write_jsonl
 from prefopt.runtime import faults
 from prefopt.stage import atomic_write, write_json
 from prefopt.training import logps as L
+from prefopt.training import throughput
 
 
 def run(ctx) -> dict:
@@ -105,7 +106,8 @@ def _run(ctx) -> dict:
                      for name, st in sets.items()}, base)
     for name in policies:
         write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, d.samples[name]["completions"]))
-    d.own, d.ref = logprobs(sec, d, policies)
+    meter = throughput.Meter(0.0)  # perf/*: the log-prob passes (peak probed on the first model's device)
+    d.own, d.ref = logprobs(sec, d, policies, meter)
     d.rm, d.gold = scores(d, proxy, gold_fn)
     judged = judge(ctx, sec, rows, policies, d)
 
@@ -134,7 +136,15 @@ def _run(ctx) -> dict:
         "curves": curves,
         "best_of_n": bon,
         "warnings": warnings,
+        **perf_figures(ctx, meter),
     }
+
+
+def perf_figures(ctx, meter) -> dict:
+    perf = meter.summary()
+    ctx.tracker.log(perf)
+    print(f"[prefopt] evaluate: log-prob passes {throughput.describe(perf)}", flush=True)
+    return perf
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -186,7 +196,7 @@ def sample_sets(sec, policies: dict[str, str], base: str | None, rows: list[dict
 # ---------------------------------------------------------------------------------------------------- scoring
 
 
-def logprobs(sec, d: Draws, policies: dict[str, str]) -> tuple[dict, dict]:
+def logprobs(sec, d: Draws, policies: dict[str, str], meter=None) -> tuple[dict, dict]:
     """(own, ref): each set's log-probs of its own samples and the baseline's of everyone's, at the sampling
     temperature (greedy has no sampling distribution: T = 1 log-probs are reported instead). Each model is loaded
     once where it can be."""
@@ -197,7 +207,7 @@ def logprobs(sec, d: Draws, policies: dict[str, str]) -> tuple[dict, dict]:
     def of(model, name: str, desc: str) -> list[float]:
         s = d.samples[name]
         return L.response_logps(model, *flat(s), pad_id=s["pad_id"], temperature=T, batch_size=sec.batch_size,
-                                desc=desc)
+                                desc=desc, meter=meter)
 
     for name in logp_sets:
         model = load_lm(d.sets[name]["path"], sec.dtype, sec.trust_remote_code)
