@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pair_helpers import run_prefopt, write_config, write_pairs
+from test_ppo import prompts_file, rm_dir  # noqa: F401 - fixtures for the PPO stage test
 from prefopt.training import throughput
 from prefopt.training.throughput import Meter, forward_flops, mfu, param_counts, train_flops
 
@@ -140,8 +141,6 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
         assert 0 < summary[key] < 1.5, (key, summary[key])
     assert summary["perf/tokens_per_s"] > 0 and summary["perf/peak_tflops"] > 0
     assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout
-    logged = [json.loads(line) for line in (tmp_path / "runs" / "t" / "dpo" / "metrics.jsonl").open()]
-    assert logged[-1]["perf/mfu"] == summary["perf/mfu"]
 
 
 def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
@@ -251,3 +250,21 @@ def test_evaluate_stage_reports_its_logprob_passes(tmp_path, tiny_model_dir):
     assert summary["perf/forward/tokens"] == summary["perf/tokens"] > 0 and "perf/train/tokens" not in summary
     assert 0 <= summary["perf/padding_fraction"] < 1 and 0 < summary["perf/mfu"] < 1.5
     assert json.loads((tmp_path / "t" / "evaluate" / "summary.json").read_text())["perf/mfu"] == summary["perf/mfu"]
+
+
+def test_ppo_stage_reports_perf(tmp_path, tiny_model_dir, rm_dir, prompts_file):
+    """The `ppo` stage, 2 iterations of 8 rollouts: the rollouts are the forward phase (8 rows x their width
+    each), the minibatch updates the train phase (2 epochs x 2 minibatches of 4 rows, trimmed), every logged row is
+    an iteration's (the figures go to the summary, not to metrics.jsonl), MFU in (0, 1.5)."""
+    from test_ppo import write_config as ppo_config
+
+    cfg = ppo_config(tmp_path, "p", tiny_model_dir, rm_dir, prompts_file)
+    proc = run_prefopt("ppo", str(cfg))
+    d = tmp_path / "p" / "ppo"
+    summary = json.loads((d / "summary.json").read_text())
+    assert [json.loads(line)["step"] for line in (d / "metrics.jsonl").open()] == [1, 2]
+    assert summary["perf/forward/tokens"] % 8 == 0 and summary["perf/forward/tokens"] > 0
+    assert 0 < summary["perf/train/tokens"] <= 2 * summary["perf/forward/tokens"]  # trimmed rows, 2 epochs
+    for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
+        assert 0 < summary[key] < 1.5, (key, summary[key])
+    assert 0 <= summary["perf/padding_fraction"] < 1 and "[prefopt] ppo: " in proc.stdout

@@ -141,8 +141,7 @@ def _run(ctx) -> dict:
 
 
 def perf_figures(ctx, meter) -> dict:
-    perf = meter.summary()
-    ctx.tracker.log(perf)
+    perf = meter.summary()  # into summary.json, and W&B's run summary through the tracker
     print(f"[prefopt] evaluate: log-prob passes {throughput.describe(perf)}", flush=True)
     return perf
 

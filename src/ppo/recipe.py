@@ -40,6 +40,7 @@ from prefopt.ppo.rollout import PromptSampler, Rollout, collect, gather_rows, po
 from prefopt.ppo.setup import (check_distributed_type, check_reward_model_code, check_world, is_sharded,
                                load_models, make_accelerator, reward_scorer, rollout_generator)
 from prefopt.runtime import faults
+from prefopt.training import throughput
 from prefopt.training.logps import masked_mean
 
 
@@ -86,6 +87,7 @@ def _run(ctx, signals: faults.StopSignals) -> dict:
         "episodes": last["iterations"] * cfg.rollout_batch_size,
         "prompts": len(prompts),
         "processes": accelerator.num_processes,
+        **{k: v for k, v in last.items() if k.startswith("perf/")},
     }
 
 
@@ -124,14 +126,24 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         raise faults.PreemptedError("ppo", start, signum, str(resume) if resume is not None else None)
     for model in (policy, ref, value):
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
+    meter = throughput.start(0.0, accelerator.device, torch.float32, accelerator.num_processes)
+    n_policy, n_ref, n_value = (throughput.param_counts(m) for m in (policy, ref, value))
+    # the rollout's passes over its tokens: sampling (~ one policy forward), the policy's, the reference's and the
+    # value model's log-prob / value forwards (the reward model's pass over its own tokenization is not counted)
+    n_rollout = 2 * n_policy[0] + n_ref[0] + n_value[0]
 
     bar = tqdm(desc="ppo", initial=start, total=iterations, disable=not accelerator.is_main_process)
     for it in range(start + 1, iterations + 1):
-        ro = rollout(it, policy, ref, value, tokenizer, prompts, sampler, generator, score_fn, kl_ctl.value, cfg,
-                     seed, accelerator)
+        with meter.timed("forward"):  # PPO's forward phase: the whole rollout, sampling included
+            ro = rollout(it, policy, ref, value, tokenizer, prompts, sampler, generator, score_fn, kl_ctl.value, cfg,
+                         seed, accelerator)
+        useful = int(ro.attention_mask.sum())
+        meter.add("forward", ro.input_ids.numel(), useful, throughput.forward_flops(n_rollout, useful))
         metrics = rollout_metrics(ro, kl_ctl.value)
         shuffle = torch.Generator().manual_seed(seed * 100003 + it)
-        metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle, accelerator))
+        with meter.timed("train"):
+            metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle, accelerator,
+                                      meter=meter, n_params=(n_policy[0] + n_value[0], n_policy[1] + n_value[1])))
         kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
         metrics["episodes"] = it * cfg.rollout_batch_size
         tracker.log(metrics, step=it)
@@ -150,7 +162,9 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
             bar.close()
             raise faults.PreemptedError("ppo", it, signum, str(path))
     bar.close()
-    return {**metrics, "iterations": iterations}
+    perf = meter.gathered_summary(accelerator)  # into summary.json, and W&B's run summary through the tracker
+    accelerator.print(f"[prefopt] ppo: {throughput.describe(perf)}", flush=True)
+    return {**metrics, "iterations": iterations, **perf}
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -239,14 +253,16 @@ def rollout_metrics(ro, kl_coef: float) -> dict:
 # ---------------------------------------------------------------------------------------------------- update
 
 
-def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.Generator, accelerator) -> dict:
+def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.Generator, accelerator, meter=None,
+               n_params: tuple[int, int] = (0, 0)) -> dict:
     """`ppo_epochs` passes over shuffled minibatches of one (global, gathered) rollout; returns the mean of each
     loss metric over the global minibatches.
 
     Every process holds the whole rollout and draws the same permutation; of each minibatch of `mini_batch_size`
     rows, process r trains on the r-th equal share. Each process's loss is weighted by its share of the
     minibatch's response tokens, so the averaged gradient is that of the token mean over the whole minibatch,
-    what one process computes on the same rows."""
+    what one process computes on the same rows. `meter` counts each minibatch's tokens as trained by models of
+    `n_params` (non-embedding, trainable) parameters: the policy's and the value model's together."""
     batch, B = ro.batch(), ro.input_ids.shape[0]
     world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, torch.Tensor] = {}
@@ -259,6 +275,8 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
             mine = rows[rank * share: (rank + 1) * share]
             weight = global_token_weight(batch["mask"], mine, rows, world)
             mb = trim(batch, mine)
+            if meter is not None:
+                meter.count("train", mb, *n_params)
             logps, _ = policy_forward(policy, mb["input_ids"], mb["attention_mask"], mb["mask"], cfg.temperature)
             values = value(mb["input_ids"], mb["attention_mask"])[:, :-1]
             loss, step = ppo_loss(logps, mb["logps"], mb["advantages"], values, mb["values"], mb["returns"],

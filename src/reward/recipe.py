@@ -266,9 +266,6 @@ def run(ctx) -> dict:
 
 
 def _run(ctx, stop: faults.StopSignals) -> dict:
-    from datasets import Dataset
-    from trl import RewardTrainer
-
     cfg = ctx.section
     model_path = ctx.resolve(cfg.model)
     tok = load_tokenizer(model_path, padding_side="right")
@@ -280,6 +277,9 @@ def _run(ctx, stop: faults.StopSignals) -> dict:
     selection = Selection(ctx.dir / "selection.jsonl", cfg.early_stopping_patience, ctx.is_main)
     if cfg.kind == "likelihood":
         return run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection)
+    from datasets import Dataset  # here: the likelihood model (the quickstart's) needs neither (~3 s of imports)
+    from trl import RewardTrainer
+
     train_ds = Dataset.from_list(classifier_rows(train_rows, tok, cfg.max_length))
 
     seed_everything(ctx.seed)  # the new score head is random: seed before it exists
@@ -288,7 +288,7 @@ def _run(ctx, stop: faults.StopSignals) -> dict:
     args = reward_config(cfg, ctx)
     select = selection_callback(lambda m: ClassifierScorer(m, tok), val_rows, cfg, selection)
     preempt = faults.trainer_callback(stop)
-    perf = throughput_callback(ctx.tracker, ctx.stage, cfg.peak_tflops)  # perf/*: tokens/s, padding, MFU
+    perf = throughput_callback(ctx.stage, cfg.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=peft_config(cfg.lora),
                             callbacks=[trainer_callback(ctx.tracker), select, preempt, perf])

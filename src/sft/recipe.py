@@ -184,7 +184,7 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     if data.skipped:
         ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
     preempt = faults.trainer_callback(stop)
-    perf = throughput_callback(ctx.tracker, ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
+    perf = throughput_callback(ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
                             callbacks=[trainer_callback(ctx.tracker), preempt, perf],
                             eval_fraction=sec.eval_fraction)

@@ -50,7 +50,10 @@ def param_counts(model) -> tuple[int, int]:
     inner = model
     while hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
         inner = inner.module
-    skip = set()
+    import torch
+
+    # every embedding table (a wrapper such as PPO's value model has no get_input_embeddings of its own)
+    skip = {id(p) for m in inner.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for get in ("get_input_embeddings", "get_output_embeddings"):
         try:
             emb = getattr(inner, get)()

@@ -47,13 +47,14 @@ def hf_training_kwargs(sec: TrainFields, output_dir, seed: int) -> dict:
     )
 
 
-def throughput_callback(tracker, stage: str, peak_tflops: float = 0.0):
+def throughput_callback(stage: str, peak_tflops: float = 0.0):
     """A TrainerCallback that meters a Trainer stage's passes as the preference loop's are metered
     (prefopt.training.throughput): a forward pre-hook on the model counts every batch's positions (input_ids) and
     real tokens (the attention mask's sum), training forwards as phase `train` (timed from each optimizer step's
     begin to its end: forward, backward, clipping, the optimizer; not saves, logs or evaluation) and evaluation
     forwards as phase `forward` (each forward timed). At the end of training the perf/* figures, summed over
-    processes, are logged to `tracker`, printed in one line, and kept in `.figures` for the stage's summary."""
+    processes, are printed in one line and kept in `.figures` for the stage's summary (which the tracker sends to
+    W&B's run summary)."""
     import time
 
     import torch
@@ -103,8 +104,7 @@ def throughput_callback(tracker, stage: str, peak_tflops: float = 0.0):
             for h in self.hooks:
                 h.remove()
             self.figures = _gathered(self.meter, self.device)
-            if state.is_world_process_zero:
-                tracker.log(self.figures, step=state.global_step)
+            if state.is_world_process_zero:  # the stage's summary takes .figures (W&B's run summary too)
                 print(f"[prefopt] {stage}: {throughput.describe(self.figures)}", flush=True)
 
     return ThroughputCallback()
