@@ -38,7 +38,8 @@ def test_evaluate_run_has_group_job_type_name_config_summary_and_tables(tmp_path
                "policies": {"sft": {"gold_score": 0.25, "gold_score_se": 0.05, "model": "x"},
                             "dpo": {"gold_score": 0.75, "gold_score_se": 0.04, "model": "y"}},
                "curves": {"dpo": [{"step": 0, "kl": 0.0, "gold": 0.25, "rm": -1.0},
-                                  {"step": 25, "kl": 0.8, "kl_se": 0.1, "gold": 0.7, "gold_se": 0.02, "rm": 0.5}]},
+                                  {"step": 25, "kl": 0.8, "kl_se": 0.1, "gold": 0.7, "gold_se": 0.02, "rm": 0.5},
+                                  {"step": "final", "kl": 0.9, "gold": 0.75, "rm": 0.6}]},
                "best_of_n": [{"n": 4, "kl": 0.4, "kl_se": 0.01, "gold": 0.6, "gold_se": 0.03, "rm": 0.1}]}
     tracker = Tracker.start(cfg, "evaluate", d, 2, {"replicate_seed": 7})
     tables = stage_tables("evaluate", d, summary, max_rows=4)
@@ -66,6 +67,7 @@ def test_evaluate_run_has_group_job_type_name_config_summary_and_tables(tmp_path
     c = run["tables"]["curves"]
     assert c["columns"] == ["policy", "step", "kl", "kl_se", "gold", "gold_se", "rm", "rm_se"]
     assert c["data"] == [["dpo", 0, 0.0, None, 0.25, None, -1.0, None], ["dpo", 25, 0.8, 0.1, 0.7, 0.02, 0.5, None],
+                         ["dpo", "final", 0.9, None, 0.75, None, 0.6, None],  # the final model: step "final"
                          ["best_of_n", 4, 0.4, 0.01, 0.6, 0.03, 0.1, None]]
     for y in ("gold", "rm"):
         chart = run["config"][f"_wandb/visualize/{y}_vs_kl"]["panel_config"]
@@ -85,3 +87,13 @@ def test_pairs_table_is_capped(tmp_path):
     assert len(rows) == 100 and cols[:4] == ["prompt_id", "prompt", "chosen", "rejected"]
     assert rows[99][cols.index("rejected_score")] == -99.0
     assert stage_tables("sft", tmp_path, {}) == {}
+
+
+def test_a_table_wandb_refuses_is_a_warning_not_a_failed_stage(tmp_path, capsys):
+    class Refusing:
+        def log(self, data, step=None):
+            raise RuntimeError("upload refused")
+
+    tracker = Tracker(tmp_path, Refusing(), "offline")
+    tracker.log_tables({"pairs": (["a"], [[1]])})
+    assert capsys.readouterr().out == ("WARNING: W&B tables ['pairs'] not logged (RuntimeError: upload refused)\n")

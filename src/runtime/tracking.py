@@ -151,11 +151,15 @@ class Tracker:
             return
         import wandb
 
-        logged = {key: wandb.Table(columns=cols, data=rows) for key, (cols, rows) in tables.items()}
-        for key, x, y, title in PLOTS:
-            if key in logged:
-                logged[f"{y}_vs_{x}"] = wandb.plot.line(logged[key], x, y, stroke="policy", title=title)
-        self.run.log(logged)
+        try:  # rows read back from JSON may mix types in a column (a curve's step: 25, 50, "final")
+            logged = {key: wandb.Table(columns=cols, data=rows, allow_mixed_types=True)
+                      for key, (cols, rows) in tables.items()}
+            for key, x, y, title in PLOTS:
+                if key in logged:
+                    logged[f"{y}_vs_{x}"] = wandb.plot.line(logged[key], x, y, stroke="policy", title=title)
+            self.run.log(logged)
+        except Exception as e:  # noqa: BLE001 - the W&B page must never fail a finished stage
+            print(f"WARNING: W&B tables {sorted(tables)} not logged ({type(e).__name__}: {e})", flush=True)
 
     def log_image(self, key: str, path: Path) -> None:
         if self.run is not None:
