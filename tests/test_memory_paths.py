@@ -226,7 +226,7 @@ def record_ppo(monkeypatch, device: str | None = None, stop: bool = False) -> di
     from accelerate import Accelerator
 
     from prefopt.ppo import recipe
-    from prefopt.score import recipe as score
+    from prefopt.scoring import scorer as score
 
     seen: dict = {"events": [], "at_prepare": []}
 

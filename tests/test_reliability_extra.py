@@ -67,7 +67,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
     the rerun must score the new ones, not link the old shards in."""
     from prefopt.config import from_dict
     from prefopt.experiment import ExperimentConfig
-    from prefopt.score import recipe as score
+    from prefopt.scoring import scorer as score
     from prefopt.stage import run_stage, stage_status
 
     monkeypatch.setattr(score, "load_scorer", lambda path, trust_remote_code=False, **kw: FakeScorer(crc_score))
@@ -106,7 +106,7 @@ def test_rebuilt_generate_makes_score_redo_every_shard(tmp_path, tiny_model_dir,
 def test_non_finite_score_from_the_reward_model_is_a_data_error(tmp_path, monkeypatch, bad):
     """The reward model returns NaN (or inf) for one candidate: exit code 3, one line naming the shard, row,
     candidate, reward model and prompt_id; no score shard and no cache line is written."""
-    from prefopt.score import recipe as score
+    from prefopt.scoring import scorer as score
 
     def fn(prompt, response):
         return bad if response == "z" else 0.5

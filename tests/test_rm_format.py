@@ -24,7 +24,7 @@ from prefopt.config import ConfigError, from_dict
 from prefopt.data.templates import alpaca_prompt, prompt_messages
 from prefopt.experiment import ExperimentConfig
 from prefopt.generation.base import Completion
-from prefopt.score import recipe as score
+from prefopt.scoring import scorer as score
 from prefopt.scoring.scorer import rm_input_format
 from prefopt.stage import run_stage
 from prefopt.io import read_jsonl, write_jsonl

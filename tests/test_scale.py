@@ -331,7 +331,8 @@ def test_the_reward_model_is_released_before_the_next_stage(tmp_path, score_rms,
     import gc
     import weakref
 
-    import prefopt.score.recipe as score
+    import prefopt.score.recipe as stage
+    import prefopt.scoring.scorer as score
     from prefopt.stage import run_stage
 
     refs, alive_at_free = [], []
@@ -347,6 +348,6 @@ def test_the_reward_model_is_released_before_the_next_stage(tmp_path, score_rms,
         alive_at_free.append([r() is not None for r in refs])
 
     monkeypatch.setattr(score, "load_scorer", tracked)
-    monkeypatch.setattr(score, "free_gpu_memory", free)
+    monkeypatch.setattr(stage, "free_gpu_memory", free)
     run_stage(from_dict(ExperimentConfig, _score_experiment(tmp_path, score_rms[0], "rel")), "score")
     assert alive_at_free == [[False]]

@@ -36,7 +36,8 @@ from prefopt.data.errors import DataError
 from prefopt.dist.gpus import data_parallel_size, free_gpu_memory, run_workers
 from prefopt.io import content_hash, iter_jsonl, write_jsonl
 from prefopt.runtime import faults
-from prefopt.scoring.scorer import load_scorer, rm_input_format, rm_prompt, scorer_sha256, scoring_length
+from prefopt.scoring import scorer as scoring  # scoring.load_scorer: one name to replace in a test, for every stage
+from prefopt.scoring.scorer import rm_input_format, rm_prompt, scorer_sha256, scoring_length
 
 
 class ScoreCache:
@@ -221,7 +222,7 @@ def _run(ctx, signals: faults.ShardSignals) -> dict:
             if signals.signum:  # came while a shard was written, or the workers ran: no new scoring
                 raise preempted(ctx.dir, shards, signals, dropped)
             if scorer is None:  # loaded only when something needs scoring: a fully cached run loads nothing
-                scorer = load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
+                scorer = scoring.load_scorer(rm_path, cfg.trust_remote_code, key="score.trust_remote_code")
             try:
                 with signals.sampling():  # (also when the signal came while the reward model loaded)
                     new = score_missing(scorer, shard, rows, keys, missing, job, progress=bar)
@@ -341,7 +342,7 @@ def score_worker(job: dict, rank: int, world: int) -> None:
     part = ScoreCache.part(job["cache"], rank)
     mine = sorted(job["shards"])[rank::world]
     with faults.ShardSignals(f"score worker {rank}") as signals:
-        scorer = load_scorer(job["rm_path"], job["sec"].trust_remote_code, key="score.trust_remote_code")
+        scorer = scoring.load_scorer(job["rm_path"], job["sec"].trust_remote_code, key="score.trust_remote_code")
         for i, shard in enumerate(mine):
             rows, keys, missing = shard_work(shard, job, set(job["shards"][shard]))
             try:
