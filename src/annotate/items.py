@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.data.errors import DataError
-from prefopt.data.loaders import SKIP_HINT, load_preferences
-from prefopt.data.records import _BadRecord, read_records
+from prefopt.data.loaders import load_preferences
+from prefopt.data.records import json_object, read_records
 from prefopt.data.spec import DatasetSpec
 from prefopt.io import content_hash
 
@@ -66,12 +66,7 @@ def load_pair_file(path: str | Path, template: str = "alpaca", limit: int = 0) -
     (file, row, field) on the first bad row."""
     # The pipeline's pairs may hold an empty candidate (the model stopped at once): a valid row, skipped below.
     spec = DatasetSpec(path=str(path), allow_empty_answers=True)
-    try:
-        rows = load_preferences(spec, template).rows
-    except DataError as e:
-        if e.hint != SKIP_HINT:
-            raise
-        raise DataError(e.path, e.row, e.field, e.problem, PAIR_FILE_HINT) from None
+    rows = load_preferences(spec, template, bad_row_hint=PAIR_FILE_HINT).rows
     pairs, skipped = [], 0
     for n, r in enumerate(rows, start=1):
         if not judgeable(r["chosen"], r["rejected"]):
@@ -105,10 +100,7 @@ def load_candidates(folder: str | Path, seed: int = 0, limit: int = 0) -> tuple[
 
 
 def _candidate_pair(path: Path, n: int, rec: Any, seed: int) -> Pair | None:
-    if isinstance(rec, _BadRecord):
-        raise DataError(path, n, None, rec.problem)
-    if not isinstance(rec, dict):
-        raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
+    json_object(path, n, rec)
     for key in ("prompt_id", "prompt", "candidates"):
         if rec.get(key) is None:
             raise DataError(path, n, key, "missing")

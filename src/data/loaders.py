@@ -44,7 +44,7 @@ from typing import Any, Callable
 from prefopt.data.clean import NearDuplicates, dedup_key, in_languages, prompt_text, row_text
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
-from prefopt.data.records import _BadRecord, read_records  # noqa: F401 - read_records is this module's API too
+from prefopt.data.records import json_object, read_records  # noqa: F401 - read_records is this module's API too
 from prefopt.data.sources import open_rows, report_mixture
 from prefopt.data.spec import DatasetSpec
 from prefopt.data.templates import make_prompt, messages_to_prompt
@@ -357,10 +357,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
         path = part.label
         try:
             try:
-                if isinstance(rec, _BadRecord):
-                    raise DataError(path, n, None, rec.problem)
-                if not isinstance(rec, dict):
-                    raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
+                json_object(path, n, rec)
                 fmt = fmts.get(id(part)) or (None if part.format == "auto" else part.format)
                 row_fmt = fmt or detect_format(rec, part.field_prefix)
                 if row_fmt == "unknown":
@@ -431,11 +428,18 @@ def load_sft(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadR
 
 
 def load_preferences(spec: DatasetSpec, template: str = "alpaca", resolve=None,
-                     whitespace_pairs: bool = False) -> LoadResult:
+                     whitespace_pairs: bool = False, bad_row_hint: str = "") -> LoadResult:
     """`whitespace_pairs`: accept a chosen and rejected that differ only in surrounding whitespace (`7` and ` 7` are
     different tokens). Refused in human data, where it is a copy-paste slip; the pairs the pipeline builds accept
-    it, since the reward model scored such sampled candidates apart (seen on `lookup`: -1.8 against -8.2)."""
-    return _load(spec, "pair", template, resolve, whitespace_pairs)
+    it, since the reward model scored such sampled candidates apart (seen on `lookup`: -1.8 against -8.2).
+    `bad_row_hint`: for a file given as a bare path, whose reader cannot set `skip_bad_rows`, the advice a bad
+    row's error gives instead of the skip_bad_rows hint."""
+    try:
+        return _load(spec, "pair", template, resolve, whitespace_pairs)
+    except DataError as e:
+        if not bad_row_hint or e.hint != SKIP_HINT:
+            raise
+        raise DataError(e.path, e.row, e.field, e.problem, bad_row_hint) from None
 
 
 def load_prompts(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from prefopt.data.templates import encode
+from prefopt.training.padding import right_pad
 
 JUDGE_TEMPLATE = (
     "Below is an instruction and two responses to it. Decide which response follows the instruction better.\n\n"
@@ -103,12 +104,7 @@ class LMJudge:
         for s in range(0, len(triples), self.batch_size):
             # One BOS: the chat template's own when it writes one, else the tokenizer's (`encode`).
             ids = [encode(self.render(*t), self.tok) for t in triples[s:s + self.batch_size]]
-            width = max(len(x) for x in ids)
-            batch = torch.full((len(ids), width), pad, dtype=torch.long)
-            attn = torch.zeros_like(batch)
-            for i, x in enumerate(ids):  # right padding: positions need no shifting
-                batch[i, :len(x)] = torch.tensor(x)
-                attn[i, :len(x)] = 1
+            batch, attn = right_pad(ids, pad)  # right padding: positions need no shifting
             logits = self.model(input_ids=batch.to(device), attention_mask=attn.to(device)).logits  # (B, T, V)
             last = logits[torch.arange(len(ids)), attn.sum(1).to(device) - 1]  # (B, V) at each last real token
             pair = last[:, list(self.ids)].float()  # (B, 2): logit(A), logit(B)

@@ -115,6 +115,29 @@ def build_data(task: GoldTask, cfg, seed: int) -> dict[str, list[dict]]:
             "_repeats": inputs.repeats}
 
 
+def positional_credit(want: list, got: list) -> float:
+    """1.0 iff `got` is `want`; else 0.5 * (positions holding the right item) / the longer length (0 when empty)."""
+    if got == want:
+        return 1.0
+    if not got:
+        return 0.0
+    return 0.5 * sum(a == b for a, b in zip(want, got)) / max(len(want), len(got))
+
+
+def list_mistake(kind: str, right: list, rng: random.Random, mistakes: list[str]) -> list | None:
+    """The mistakes list tasks share, made of the right answer: `drop` (one item left out; None for fewer than 2
+    items) and `duplicate` (one item written twice). Another kind is an error naming the task's `mistakes`."""
+    if kind == "drop":
+        if len(right) < 2:
+            return None
+        i = rng.randrange(len(right))
+        return right[:i] + right[i + 1:]
+    if kind == "duplicate":
+        i = rng.randrange(len(right))
+        return right[: i + 1] + right[i:]
+    raise ValueError(f"unknown mistake {kind!r}; mistakes are {mistakes}")
+
+
 def slip(tokens: list[str], alphabet: list[str], rng: random.Random) -> list[str]:
     """A sampling slip of the kind a policy makes at temperature 1: one token replaced, inserted or deleted.
 

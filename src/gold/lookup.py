@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from prefopt.gold.base import pool_with_slips
+from prefopt.gold.base import pool_with_slips, positional_credit
 
 INSTRUCTIONS = [
     "Give the values of the keys asked for.",
@@ -70,13 +70,7 @@ def mistake(pairs, asked, kind: str, rng: random.Random) -> list[str] | None:
 
 def score_values(input: str, response: str) -> float:
     """1.0 iff `response` is the asked values in order; else 0.5 * (positions right) / max length."""
-    want = answer(*parse(input))
-    got = response.split()
-    if got == want:
-        return 1.0
-    if not got:
-        return 0.0
-    return 0.5 * sum(a == b for a, b in zip(want, got)) / max(len(want), len(got))
+    return positional_credit(answer(*parse(input)), response.split())
 
 
 class LookupTask:

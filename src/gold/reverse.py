@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from prefopt.gold.base import pool_with_slips
+from prefopt.gold.base import list_mistake, pool_with_slips, positional_credit
 
 INSTRUCTIONS = [
     "Reverse the order of the letters.",
@@ -39,29 +39,14 @@ def mistake(xs: list[str], kind: str, rng: random.Random) -> list[str] | None:
         i = rng.randrange(len(r) - 1)
         out = list(r)
         out[i], out[i + 1] = out[i + 1], out[i]
-    elif kind == "drop":
-        if len(r) < 2:
-            return None
-        i = rng.randrange(len(r))
-        out = r[:i] + r[i + 1:]
-    elif kind == "duplicate":
-        i = rng.randrange(len(r))
-        out = r[: i + 1] + r[i:]
-    else:
-        raise ValueError(f"unknown mistake {kind!r}; mistakes are {MISTAKES}")
+    else:  # drop, duplicate (None: not wrong for xs, passed on)
+        out = list_mistake(kind, r, rng, MISTAKES)
     return None if out == r else out
 
 
 def score_letters(xs: list[str], response: str) -> float:
     """1.0 iff `response` is the reversed list; else 0.5 * (positions holding the right letter) / max length."""
-    want = xs[::-1]
-    got = response.split()
-    if got == want:
-        return 1.0
-    if not got:
-        return 0.0
-    same = sum(a == b for a, b in zip(want, got))
-    return 0.5 * same / max(len(want), len(got))
+    return positional_credit(xs[::-1], response.split())
 
 
 class ReverseTask:

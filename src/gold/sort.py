@@ -16,6 +16,7 @@ import re
 from collections import Counter
 
 from prefopt.gold.base import annotate  # noqa: F401  (re-exported: every task's simulated annotator)
+from prefopt.gold.base import list_mistake
 
 INSTRUCTIONS = [
     "Sort the numbers in ascending order.",
@@ -111,16 +112,8 @@ def mistake(xs: list[int], kind: str, rng: random.Random) -> list[int] | None:
         out = list(xs)
     elif kind == "descending":
         out = s[::-1]
-    elif kind == "drop":
-        if len(s) < 2:
-            return None
-        i = rng.randrange(len(s))
-        out = s[:i] + s[i + 1:]
-    elif kind == "duplicate":
-        i = rng.randrange(len(s))
-        out = s[: i + 1] + s[i:]
-    else:
-        raise ValueError(f"unknown mistake {kind!r}; mistakes are {MISTAKES}")
+    else:  # drop, duplicate (None: not wrong for xs, passed on)
+        out = list_mistake(kind, s, rng, MISTAKES)
     return None if out == sorted(xs) else out
 
 

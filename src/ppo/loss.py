@@ -154,7 +154,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class FixedKLController:
-    """A constant KL coefficient beta."""
+    """A constant KL coefficient beta. Its state (checkpointed) is beta itself, for the adaptive one too."""
 
     def __init__(self, kl_coef: float):
         self.value = kl_coef
@@ -169,7 +169,7 @@ class FixedKLController:
         self.value = state["value"]
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(FixedKLController):
     """Adapts beta toward a target KL (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
     Sec. 2.2):
 
@@ -180,16 +180,10 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
+        super().__init__(init_kl_coef)
         self.target = target
         self.horizon = horizon
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]

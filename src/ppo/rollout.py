@@ -19,6 +19,7 @@ from torch import nn
 from prefopt.data.templates import encode
 from prefopt.generation.base import Completion, Sampling, derive_seed
 from prefopt.training.logps import token_logps
+from prefopt.training.padding import right_pad
 from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
 
 
@@ -55,14 +56,9 @@ class ValueModel(nn.Module):
 
 def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded prompt + response rows: input_ids, attention_mask (B, T) and the action mask (B, T-1)."""
-    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    response = torch.zeros((len(rows), T), dtype=torch.float32)
+    input_ids, attention_mask = right_pad([p + r for p, r in zip(prompt_ids, response_ids)], pad_id)
+    response = torch.zeros(input_ids.shape, dtype=torch.float32)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        attention_mask[i, : len(p) + len(r)] = 1
         response[i, len(p): len(p) + len(r)] = 1.0
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": response[:, 1:]}
 

@@ -266,6 +266,15 @@ def _is_fsdp(model) -> bool:
     return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
+def sequence_sums(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target-token log-probs (N,) -> (summed log-prob, completion length) per sequence, (num_sequences,) each:
+    token j counts for sequence `seq_index[j]`."""
+    n = int(batch["num_sequences"])
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
+    lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
+    return sums, lengths
+
+
 def _pair_logps_inside_forward(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """pair_logps for a sharded model: FSDP gathers a module's weights only inside its forward, so lm_head cannot
     be applied afterwards to captured hidden states. The model projects the positions that predict a completion
@@ -280,10 +289,7 @@ def _pair_logps_inside_forward(model, batch: dict, temperature: float = 1.0) -> 
     logits = logits[source // T, torch.searchsorted(positions, source % T)].float() / temperature  # (N, V)
     targets = batch["target_ids"]
     logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    n = int(batch["num_sequences"])
-    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
-    lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
-    return sums, lengths
+    return sequence_sums(logps, batch)
 
 
 def _target_logps(hidden: torch.Tensor, model, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -326,7 +332,4 @@ def pair_logps(model, batch: dict, chunk_size: int = 0, temperature: float = 1.0
         logps = torch.cat(parts)
     else:
         logps = _target_logps(hidden, inner, targets, temperature)
-    n = int(batch["num_sequences"])
-    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, batch["seq_index"], logps)
-    lengths = torch.bincount(batch["seq_index"], minlength=n).to(logps.dtype)
-    return sums, lengths
+    return sequence_sums(logps, batch)

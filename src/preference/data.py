@@ -17,6 +17,7 @@ import torch
 
 from prefopt.data.counts import note
 from prefopt.data.templates import encode, render_prompt
+from prefopt.training.padding import right_pad
 
 
 def _pairs_file(path: str) -> str:
@@ -52,8 +53,7 @@ def load_pairs(source, template: str, tokenizer) -> list[dict]:
     """Rows {"prompt", "chosen", "rejected"} as plain text, chat prompts rendered with the tokenizer's template.
     `source`: a path (as `pairs_path` gives it) or a DatasetSpec. A bad row is a DataError naming the file or
     dataset, row and field, with `PAIRS_FILE_HINT` as its advice for a bare path."""
-    from prefopt.data.errors import DataError
-    from prefopt.data.loaders import SKIP_HINT, load_preferences
+    from prefopt.data.loaders import load_preferences
     from prefopt.data.spec import DatasetSpec
 
     if isinstance(source, DatasetSpec):
@@ -64,13 +64,8 @@ def load_pairs(source, template: str, tokenizer) -> list[dict]:
         # in a user's own file (no stage marker beside it) either is a broken row
         path = pairs_path(source)
         built_here = (Path(path).parent / "_FINGERPRINT").exists()
-        try:
-            rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
-                                    whitespace_pairs=built_here).rows
-        except DataError as e:
-            if e.hint != SKIP_HINT:
-                raise
-            raise DataError(e.path, e.row, e.field, e.problem, PAIRS_FILE_HINT) from None
+        rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
+                                whitespace_pairs=built_here, bad_row_hint=PAIRS_FILE_HINT).rows
     # one row at a time, replaced as it is converted, so the loader's rows and these are not both held whole
     for i, r in enumerate(rows):
         rows[i] = {"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -154,12 +149,6 @@ def collate_pairs(examples: list[dict], pad_token_id: int, max_length: int) -> d
             mask = ([0] * len(ex["prompt_ids"]) + [1] * len(ex[key]))[:max_length or None]
             seqs.append(ids)
             masks.append(mask)
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
-        completion_mask[i, : len(m)] = torch.tensor(m)
+    input_ids, attention_mask = right_pad(seqs, pad_token_id)
+    completion_mask, _ = right_pad(masks, 0)  # each mask as long as its sequence
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}

@@ -173,11 +173,7 @@ class ShardSignals(StopSignals):
         first = not self.signum
         super()._handle(signum, frame)
         if first:
-            for pid in _children(os.getpid()):
-                try:
-                    os.kill(pid, signum)
-                except OSError:
-                    pass
+            signal_all(_children(os.getpid()), signum)
         if self._sampling:
             self._sampling = False
             raise ShardDropped(signal_name(signum))
@@ -207,6 +203,15 @@ def _live_processes(field: int, value: int) -> list[int]:
         if int(fields[field]) == value and fields[0] != "Z":
             out.append(int(d.name))
     return out
+
+
+def signal_all(pids, signum: int) -> None:
+    """Send `signum` to each process of `pids`; one that has already exited is passed over."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
 
 
 def _children(pid: int) -> list[int]:
@@ -432,11 +437,7 @@ def forward_signals(proc):
     def handle(signum, frame):
         stop.signum = stop.signum or signum
         targets = [p for p in _group(proc.pid) if p != proc.pid] or [proc.pid]
-        for pid in targets:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
+        signal_all(targets, signum)
 
     old = {s: signal.signal(s, handle) for s in SIGNALS}
     try:

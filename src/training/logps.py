@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from prefopt.preference.batching import pair_logps
+from prefopt.training.padding import right_pad
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -88,14 +89,10 @@ def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
     input_ids, attention_mask: (B, T); source_index, target_ids, seq_index: (N,), N response tokens in all. A
     response token at position 0 (an empty prompt) has no position predicting it and is left out."""
     B = len(prompt_ids)
-    T = max([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)] + [1])
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    input_ids, attention_mask = right_pad([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], pad_id)
+    T = input_ids.shape[1]
     source, target, seq = [], [], []
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        n = len(p) + len(r)
-        input_ids[i, :n] = torch.tensor(list(p) + list(r), dtype=torch.long)
-        attention_mask[i, :n] = 1
         for k, tok in enumerate(r):
             if len(p) + k > 0:
                 source.append(i * T + len(p) + k - 1)
