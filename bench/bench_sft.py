@@ -1,0 +1,196 @@
+"""SFT speed: the `sft` stage (prefopt's own loop) against TRL's SFTTrainer on the same locally built model and rows.
+
+    OMP_NUM_THREADS=2 python bench/bench_sft.py                      # both systems, once each
+    python bench/bench_sft.py --repeats 2                            # alternating order, best wall time kept
+
+The job (issue 24's shape, one the preference benchmark does not build; the model and data are made here, nothing
+is downloaded): a 19M-parameter Llama (hidden 512, 8 layers, 8 heads, MLP 1376) with a byte-level BPE vocabulary
+of 512 trained on the rows, and 512 prompt/completion rows, each with its own prompt of 20-60 words and an answer
+of 20-80 words (consecutive words of LLaMA-Factory's alpaca_en_demo, so no prompt is shared), batch 8, one epoch,
+lr 1e-5 constant, clipping at 1.0, fp32, dropout off, seed 0, 2 threads.
+Systems, each in its own process (one run = one whole process, as a user runs it, started back to back):
+  prefopt-sft         the `sft` stage with its defaults: the shared loop, layout packed (no padding computed),
+                      completion-only loss; it saves a checkpoint (model + optimizer, hashed) and the final model
+  prefopt-sft-padded  the same with layout padded (what packing is worth)
+  trl-sft             TRL SFTTrainer on the prompt/completion strings (it tokenizes them; completion_only_loss,
+                      padded batches, activation checkpointing off as in the stage), then save_model
+Printed: wall seconds of the whole process, examples/s, peak RSS, the mean loss over the first and the last quarter
+of the epoch (the two systems draw different batch orders, so curves are compared by quarter; tests/test_sft_loop.py
+compares them step by step in one order), and the ratio the issue's target is stated in (prefopt at most 0.8x
+TRL's wall time). Run by hand, not by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SYSTEMS = ["prefopt-sft", "prefopt-sft-padded", "trl-sft"]
+LR, BATCH, SEED = 1e-5, 8, 0
+
+
+def sft_rows(n: int) -> list[dict]:
+    """n rows {"prompt", "completion"}: 20-60 and 20-80 consecutive words of the alpaca demo's text, each row its
+    own stretch of the stream."""
+    data = json.loads((SHARED / "llama-factory" / "alpaca_en_demo.json").read_text())
+    words = " ".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in data).split()
+    rng, at, out = random.Random(0), 0, []
+    for _ in range(n):
+        k, m = rng.randint(20, 60), rng.randint(20, 80)
+        if at + k + m > len(words):
+            at = 0
+        out.append({"prompt": " ".join(words[at:at + k]) + "\n", "completion": " ".join(words[at + k:at + k + m])})
+        at += k + m
+    return out
+
+
+def build(workdir: Path, n: int) -> None:
+    """The model, its tokenizer and the rows in workdir (once; reused by every run)."""
+    from prefopt.dist.process import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+
+    if (workdir / "model" / "model.safetensors").exists():
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = sft_rows(n)
+    with open(workdir / "sft.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    seed_everything(0)
+    tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "completion")], vocab_size=512)
+    model = build_tiny_llama(tok, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                             intermediate_size=1376, max_position_embeddings=1024)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tok)}")
+    save_model(model, tok, workdir / "model")
+
+
+def run_prefopt(system: str, workdir: Path) -> dict:
+    import yaml
+
+    from prefopt.experiment import load_config
+    from prefopt.runtime.tracking import read_metrics
+    from prefopt.stage import run_stage
+
+    sec = {"model": str(workdir / "model"), "dataset": {"path": str(workdir / "sft.jsonl")}, "learning_rate": LR,
+           "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "num_train_epochs": 1,
+           "per_device_train_batch_size": BATCH, "max_length": 512, "logging_steps": 1, "save_steps": 100000,
+           "layout": "padded" if system.endswith("padded") else "packed"}
+    name = f"{system}-{os.getpid()}"
+    cfg_path = workdir / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump({"name": name, "seed": SEED, "output_dir": str(workdir / "runs"),
+                                        "wandb": {"mode": "disabled"}, "launch": {"launcher": "inline"},
+                                        "stages": ["sft"], "sft": sec}))
+    cfg = load_config(str(cfg_path))
+    summary = run_stage(cfg, "sft")
+    losses = [r["loss"] for r in read_metrics(cfg.root / "sft") if "loss" in r]
+    return {"train_seconds": summary["wall_seconds"], "losses": losses, "examples": summary["train_rows"]}
+
+
+def run_trl(workdir: Path) -> dict:
+    import dataclasses
+
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [json.loads(line) for line in open(workdir / "sft.jsonl")]
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    out = str(workdir / "trl" / f"trl-sft-{os.getpid()}")
+    t0 = time.perf_counter()
+    args = SFTConfig(output_dir=out, report_to="none", learning_rate=LR, lr_scheduler_type="constant",
+                     max_grad_norm=1.0, num_train_epochs=1, per_device_train_batch_size=BATCH, max_length=512,
+                     logging_steps=1, save_strategy="no", bf16=False, use_cpu=True, seed=SEED,
+                     dataloader_num_workers=0, completion_only_loss=True, **{ckpt: False})
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(workdir / "model"), dtype="float32"),
+                         args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(str(workdir / "model")))
+    trainer.train()
+    trainer.save_model(out + "/model")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_seconds": time.perf_counter() - t0, "losses": losses, "examples": len(trainer.train_dataset)}
+
+
+def child(system: str, workdir: Path) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    out = run_prefopt(system, workdir) if system.startswith("prefopt") else run_trl(workdir)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_mib"] = usage.ru_maxrss / 1024
+    out["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # less moved than wall time by other loads on the machine
+    print("BENCH_RESULT " + json.dumps(out), flush=True)
+
+
+def one(system: str, workdir: Path, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", system, "--workdir", str(workdir)],
+                          capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{system} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = json.loads(line[len("BENCH_RESULT "):])
+    out["wall_seconds"] = wall
+    return out
+
+
+def quarter_means(losses: list[float]) -> tuple[float, float]:
+    q = max(1, len(losses) // 4)
+    return sum(losses[:q]) / q, sum(losses[-q:]) / q
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--examples", type=int, default=512)
+    p.add_argument("--workdir", default="runs/bench_sft")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    if args.child:
+        child(args.child, workdir)
+        return 0
+
+    build(workdir, args.examples)
+    systems = [s for s in args.systems.split(",") if s]
+    results: dict[str, list[dict]] = {}
+    for rep in range(args.repeats):
+        for system in (systems if rep % 2 == 0 else systems[::-1]):
+            r = one(system, workdir, args.threads)
+            results.setdefault(system, []).append(r)
+            print(f"  {system:18s} wall {r['wall_seconds']:7.1f} s (training {r['train_seconds']:.1f} s)  "
+                  f"cpu {r['cpu_seconds']:7.1f} s  peak {r['peak_rss_mib']:6.0f} MiB", flush=True)
+
+    print("\n| system | examples | wall s | cpu s | examples/s | peak RSS MiB | loss 1st quarter | loss last quarter |")
+    print("|---|---|---|---|---|---|---|---|")
+    best = {}
+    for system, runs in results.items():
+        best[system] = (min(r["wall_seconds"] for r in runs), min(r["cpu_seconds"] for r in runs))
+        first, last = quarter_means(runs[0]["losses"])
+        print(f"| {system} | {runs[0]['examples']} | {best[system][0]:.1f} | {best[system][1]:.1f} | "
+              f"{runs[0]['examples'] / best[system][0]:.2f} | {max(r['peak_rss_mib'] for r in runs):.0f} | "
+              f"{first:.4f} | {last:.4f} |")
+    print()
+    for a in ("prefopt-sft", "prefopt-sft-padded"):
+        if a in best and "trl-sft" in best:
+            print(f"{a} / trl-sft: wall time x{best[a][0] / best['trl-sft'][0]:.2f} (target <= 0.80), "
+                  f"cpu time x{best[a][1] / best['trl-sft'][1]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
