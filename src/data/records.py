@@ -20,16 +20,6 @@ class _BadRecord:
         self.problem = problem
 
 
-def json_object(path, n: int, rec: Any) -> dict:
-    """Record n of `path` as the JSON object a row must be: DataError (file, row) for a line that could not be read
-    or a value of another type."""
-    if isinstance(rec, _BadRecord):
-        raise DataError(path, n, None, rec.problem)
-    if not isinstance(rec, dict):
-        raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
-    return rec
-
-
 def _read_bytes(path: Path) -> bytes:
     if path.suffix != ".gz":
         return path.read_bytes()
@@ -87,3 +77,13 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
         except RecursionError:
             out.append((n, _BadRecord("JSON nested too deeply to read")))
     return out
+
+
+def json_object(path, n: int, rec: Any) -> dict:
+    """Record n of `path` as the JSON object a row must be: DataError (file, row) for a line that could not be read
+    or a value of another type."""
+    if isinstance(rec, _BadRecord):
+        raise DataError(path, n, None, rec.problem)
+    if not isinstance(rec, dict):
+        raise DataError(path, n, None, f"expected a JSON object, got {type(rec).__name__}")
+    return rec

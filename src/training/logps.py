@@ -3,8 +3,9 @@
 `response_logps` is the one summed log-prob of (prompt, response) lists: evaluation (KL, best-of-n, suites), the
 likelihood reward model and the reference checks call it, and it goes through the preference loop's own
 `prefopt.preference.batching.pair_logps` (chunked vocabulary projection, any attention), the function DPO, SimPO
-and the likelihood reward model train through. PPO's per-token log-probs (`completion_logps`) and whitening are
-here too, and the plain full-logits reference (`sequence_logps`) the tests hold every faster path to."""
+and the likelihood reward model train through. PPO's per-token log-probs (`token_logps`), masked means and
+whitening are here too, and the plain full-logits references (`completion_logps`, `sequence_logps`) the tests hold
+every faster path to."""
 
 from __future__ import annotations
 
