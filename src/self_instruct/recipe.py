@@ -130,6 +130,20 @@ def judge_batch(completions, sec, pool: SimilarityPool) -> tuple[list[dict], Cou
     return accepted, skipped, examples
 
 
+def setup(ctx, sec) -> tuple[str, str, list[dict], dict]:
+    """(backend, model path, seed tasks, the seed file's report), each checked before any model loads."""
+    if not sec.model:
+        raise ConfigError("self_instruct.model: name the model that writes new tasks (a local folder or a hub id), "
+                          "e.g. --self_instruct.model=/models/Llama-3.1-8B")
+    backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
+    model_path = ctx.resolve(sec.model)
+    seeds, seed_report = load_seed_tasks(sec.seed_tasks, resolve=lambda p: ctx.resolve(p, model=False))
+    if len(seeds) < sec.prompt_tasks:
+        raise ConfigError(f"self_instruct.prompt_tasks: {sec.prompt_tasks} examples per prompt, but only "
+                          f"{len(seeds)} usable seed tasks in {sec.seed_tasks.path}")
+    return backend, model_path, seeds, seed_report
+
+
 def write_batch(k: int, generator, sec, run_seed: int, seeds: list[dict], generated: list[dict], pool,
                 generator_info: dict) -> dict:
     """Batch k: `batch_size` prompts, each listing examples drawn from the seed and generated tasks, one completion
@@ -153,15 +167,7 @@ def run(ctx) -> dict:
     from tqdm.auto import tqdm
 
     sec = ctx.section
-    if not sec.model:
-        raise ConfigError("self_instruct.model: name the model that writes new tasks (a local folder or a hub id), "
-                          "e.g. --self_instruct.model=/models/Llama-3.1-8B")
-    backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
-    model_path = ctx.resolve(sec.model)
-    seeds, seed_report = load_seed_tasks(sec.seed_tasks, resolve=lambda p: ctx.resolve(p, model=False))
-    if len(seeds) < sec.prompt_tasks:
-        raise ConfigError(f"self_instruct.prompt_tasks: {sec.prompt_tasks} examples per prompt, but only "
-                          f"{len(seeds)} usable seed tasks in {sec.seed_tasks.path}")
+    backend, model_path, seeds, seed_report = setup(ctx, sec)
     generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend}
 
     log = BatchLog(ctx.dir / "batches.jsonl")
