@@ -76,10 +76,11 @@ def test_meter_times_and_counts_a_batch():
     with m.timed("forward"):
         time.sleep(0.02)
     assert 0.02 <= m.phases["forward"].seconds < 0.5
-    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}
+    padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}
     m.count("forward", padded, n=10)
-    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "attention_mask": torch.ones(1, 1, 6, 6, dtype=torch.bool),
-              "num_tokens": torch.tensor(4)}
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long),
+              "attention_mask": torch.ones(1, 1, 6, 6, dtype=torch.bool), "num_tokens": torch.tensor(4)}
     m.count("train", packed, n=10, n_trainable=10)
     assert (m.phases["forward"].tokens, m.phases["forward"].useful, m.phases["forward"].flops) == (10, 8, 160.0)
     assert (m.phases["train"].tokens, m.phases["train"].useful, m.phases["train"].flops) == (6, 4, 240.0)
@@ -268,3 +269,32 @@ def test_ppo_stage_reports_perf(tmp_path, tiny_model_dir, rm_dir, prompts_file):
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
     assert 0 <= summary["perf/padding_fraction"] < 1 and "[prefopt] ppo: " in proc.stdout
+
+
+def test_scoring_passes_do_not_depend_on_the_batch_size(tiny_model_dir, rm_dir):
+    """Why evaluate may score in larger batches than it samples (evaluate.samples.scoring_batch_size): summed
+    log-probs (the likelihood reward model and the KL) and a classifier reward model's scores in batches of 2, 3 and
+    7 agree to float rounding (right padding: a row's positions do not see the others'; a batch's width changes only
+    the order the attention sums in), and to the bit when every batch has the same width (every sequence made as long
+    as the longest)."""
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.scoring.scorer import load_scorer
+    from prefopt.training.logps import response_logps
+
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(2, 30, (7,), generator=g)]
+    responses = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (7,), generator=g)]
+    logps = [response_logps(model, prompts, responses, batch_size=b) for b in (2, 3, 7)]
+    for other in logps[1:]:
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(logps[0]), rtol=1e-6, atol=1e-5)
+    same = [p + r for p, r in zip(prompts, responses)]
+    width = max(map(len, same))
+    padded = [s + [s[-1]] * (width - len(s)) for s in same]  # every sequence as long as the longest
+    even = [response_logps(model, [s[:1] for s in padded], [s[1:] for s in padded], batch_size=b) for b in (2, 3, 7)]
+    assert even[0] == even[1] == even[2]
+    tok, rm = load_tokenizer(str(tiny_model_dir)), load_scorer(str(rm_dir))
+    texts = ([tok.decode(p) for p in prompts], [tok.decode(r) for r in responses])
+    scores = [rm.score(*texts, batch_size=b) for b in (2, 3, 7)]
+    for other in scores[1:]:
+        torch.testing.assert_close(torch.tensor(other), torch.tensor(scores[0]), rtol=1e-6, atol=1e-5)

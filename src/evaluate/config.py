@@ -125,7 +125,10 @@ class EvaluateConfig:
     experiment's seed and its name (`sampling_seeds` in the summary), so no policy's samples share random numbers
     with the baseline's: shared ones made identical responses, ties that pulled win rates towards 1/2."""
     batch_size: int = 64
-    """Prompts per generate call; sequences per log-prob / reward-model batch."""
+    """Prompts per generate call (each batch samples under its own seed, so this changes the samples)."""
+    logprob_batch_size: int = 0
+    """Sequences per log-prob / reward-model pass (values change only by float rounding). 0: `batch_size` on a GPU,
+    4 x it on CPU."""
     backend: Literal["auto", "transformers", "vllm"] = "auto"
     """Generation backend; `auto` picks vLLM when it can run. Log-probs always use transformers."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -145,7 +148,7 @@ class EvaluateConfig:
     def __post_init__(self):
         check_ranges(self, samples_per_prompt=dict(ge=1), temperature=dict(ge=0), top_p=dict(gt=0, le=1),
                      max_new_tokens=dict(ge=1), batch_size=dict(ge=1), rm_max_length=dict(ge=0),
-                     checkpoint_prompts=dict(ge=0))
+                     logprob_batch_size=dict(ge=0), checkpoint_prompts=dict(ge=0))
         if any(n < 1 for n in self.best_of_n):
             raise ValueError(f"evaluate.best_of_n: every n must be >= 1, got {self.best_of_n}")
         # the limits vLLM samples within (`backend: auto` picks it on a GPU machine); best-of-n samples max(n)

@@ -64,7 +64,7 @@ from prefopt.dist.process import seed_everything
 from prefopt.evaluate.figures import Draws, best_of_n_points, best_of_n_rows, curve_point, fig_subset, judge_figures
 from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.samples import (alpaca_judge_instruction, alpaca_rows, find_checkpoints, flat, free_memory,
-                                      load_lm, sample_policy, sample_rows, sampling_seed, token_ids)
+                                      load_lm, sample_policy, sample_rows, sampling_seed, scoring_batch_size, token_ids)
 from prefopt.evaluate.scorers import gold_scorer, proxy_scorer
 from prefopt.evaluate.suite import check_files as check_suite_files
 from prefopt.evaluate.suite import merge_suite, run_suite
@@ -205,8 +205,8 @@ def logprobs(sec, d: Draws, policies: dict[str, str], meter=None) -> tuple[dict,
 
     def of(model, name: str, desc: str) -> list[float]:
         s = d.samples[name]
-        return L.response_logps(model, *flat(s), pad_id=s["pad_id"], temperature=T, batch_size=sec.batch_size,
-                                desc=desc, meter=meter)
+        return L.response_logps(model, *flat(s), pad_id=s["pad_id"], temperature=T,
+                                batch_size=scoring_batch_size(sec), desc=desc, meter=meter)
 
     for name in logp_sets:
         model = load_lm(d.sets[name]["path"], sec.dtype, sec.trust_remote_code)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefopt.evaluate.samples import nest
+from prefopt.evaluate.samples import nest, scoring_batch_size
 from prefopt.experiment import ref_stage
 
 
@@ -56,6 +56,6 @@ def proxy_scorer(ctx, sec, rows: list[dict] = ()):
         prompts = [rm_prompt(r, p, fmt, key) for r, p, comps in zip(rows, s["rendered"], s["completions"])
                    for _ in comps]
         responses = [c.text for comps in s["completions"] for c in comps]
-        return nest(holder["scorer"].score(prompts, responses, sec.batch_size, length), s)
+        return nest(holder["scorer"].score(prompts, responses, scoring_batch_size(sec), length), s)
 
     return rm_ref, score_fn, holder
