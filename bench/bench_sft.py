@@ -4,7 +4,7 @@
     python bench/bench_sft.py --repeats 2                            # alternating order, best wall time kept
 
 The job (issue 24's shape, one the preference benchmark does not build; the model and data are made here, nothing
-is downloaded): a 19M-parameter Llama (hidden 512, 8 layers, 8 heads, MLP 1376) with a byte-level BPE vocabulary
+is downloaded): a 19M-parameter Llama (hidden 512, 8 layers, 8 heads, MLP 832) with a byte-level BPE vocabulary
 of 512 trained on the rows, and 512 prompt/completion rows, each with its own prompt of 20-60 words and an answer
 of 20-80 words (consecutive words of LLaMA-Factory's alpaca_en_demo, so no prompt is shared), batch 8, one epoch,
 lr 1e-5 constant, clipping at 1.0, fp32, dropout off, seed 0, 2 threads.
@@ -67,7 +67,7 @@ def build(workdir: Path, n: int) -> None:
     seed_everything(0)
     tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "completion")], vocab_size=512)
     model = build_tiny_llama(tok, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=1376, max_position_embeddings=1024)
+                             intermediate_size=832, max_position_embeddings=1024)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tok)}")
     save_model(model, tok, workdir / "model")
 

@@ -146,7 +146,15 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path, tiny_model_dir):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU: both ranks take part and the global batch doubles."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: both ranks take part, the global batch doubles, and
+    the weights equal a one-process run with batch 8 (the loss is the token mean over both processes' completion
+    tokens, which differ in number: each process's share is divided by the step's count, not its own)."""
+    from safetensors.torch import load_file
+
+    one = write_experiment(tmp_path / "one", tiny_model_dir, {"max_steps": -1, "num_train_epochs": 1,
+                                                              "per_device_train_batch_size": 8}) if (
+        (tmp_path / "one").mkdir() or True) else None
+    assert run_cli(["sft", str(one), "--wandb.mode=disabled"]).returncode == 0
     exp = write_experiment(tmp_path, tiny_model_dir, {"max_steps": -1, "num_train_epochs": 1})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -161,3 +169,7 @@ def test_two_process_cpu_run(tmp_path, tiny_model_dir):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["world_size"] == 2 and summary["global_batch_size"] == 8
     assert summary["steps"] == 48 // 8  # 48 rows, 4 per process x 2 processes
+    a = load_file(d / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "runs" / "e" / "sft" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
