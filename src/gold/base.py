@@ -115,6 +115,18 @@ def build_data(task: GoldTask, cfg, seed: int) -> dict[str, list[dict]]:
             "_repeats": inputs.repeats}
 
 
+def random_mistake(make, kinds, rng: random.Random) -> tuple[list, str] | None:
+    """(wrong answer, kind) for a mistake kind drawn at random among those that are really wrong: `make(kind)`
+    gives the answer with that mistake, or None where it would equal the right one. None if no kind is wrong."""
+    kinds = list(kinds)
+    rng.shuffle(kinds)
+    for kind in kinds:
+        out = make(kind)
+        if out is not None:
+            return out, kind
+    return None
+
+
 def positional_credit(want: list, got: list) -> float:
     """1.0 iff `got` is `want`; else 0.5 * (positions holding the right item) / the longer length (0 when empty)."""
     if got == want:

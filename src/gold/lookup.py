@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from prefopt.gold.base import pool_with_slips, positional_credit
+from prefopt.gold.base import pool_with_slips, positional_credit, random_mistake
 
 INSTRUCTIONS = [
     "Give the values of the keys asked for.",
@@ -92,12 +92,9 @@ class LookupTask:
     @staticmethod
     def demo_mistake(input: str, rng: random.Random) -> str:
         pairs, asked = parse(input)
-        kinds = list(MISTAKES)
-        rng.shuffle(kinds)
-        for kind in kinds:
-            out = mistake(pairs, asked, kind, rng)
-            if out is not None:
-                return " ".join(out)
+        found = random_mistake(lambda kind: mistake(pairs, asked, kind, rng), MISTAKES, rng)
+        if found is not None:
+            return " ".join(found[0])
         # every kind can coincide with the answer (e.g. equal values): a slipped digit is always wrong
         right = answer(pairs, asked)
         return " ".join(right[:-1] + [str((int(right[-1]) + 1) % 10)])

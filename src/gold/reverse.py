@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import string
 
-from prefopt.gold.base import list_mistake, pool_with_slips, positional_credit
+from prefopt.gold.base import list_mistake, pool_with_slips, positional_credit, random_mistake
 
 INSTRUCTIONS = [
     "Reverse the order of the letters.",
@@ -66,13 +66,10 @@ class ReverseTask:
     @staticmethod
     def demo_mistake(input: str, rng: random.Random) -> str:
         xs = input.split()
-        kinds = list(MISTAKES)
-        rng.shuffle(kinds)
-        for kind in kinds:
-            out = mistake(xs, kind, rng)
-            if out is not None:
-                return " ".join(out)
-        raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
+        found = random_mistake(lambda kind: mistake(xs, kind, rng), MISTAKES, rng)
+        if found is None:
+            raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
+        return " ".join(found[0])
 
     @staticmethod
     def response_pool(input: str, rng: random.Random) -> list[str]:

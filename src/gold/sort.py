@@ -16,7 +16,7 @@ import re
 from collections import Counter
 
 from prefopt.gold.base import annotate  # noqa: F401  (re-exported: every task's simulated annotator)
-from prefopt.gold.base import list_mistake
+from prefopt.gold.base import list_mistake, random_mistake
 
 INSTRUCTIONS = [
     "Sort the numbers in ascending order.",
@@ -119,13 +119,10 @@ def mistake(xs: list[int], kind: str, rng: random.Random) -> list[int] | None:
 
 def wrong_answer(xs: list[int], rng: random.Random) -> tuple[str, str]:
     """(response, mistake kind) for a random mistake that is really wrong for `xs`."""
-    kinds = list(MISTAKES)
-    rng.shuffle(kinds)
-    for kind in kinds:
-        out = mistake(xs, kind, rng)
-        if out is not None:
-            return format_list(out), kind
-    raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
+    found = random_mistake(lambda kind: mistake(xs, kind, rng), MISTAKES, rng)
+    if found is None:
+        raise AssertionError(f"no wrong answer for {xs}")  # unreachable: `duplicate` is always wrong
+    return format_list(found[0]), found[1]
 
 
 def corrupt(ys: list[int], rng: random.Random) -> list[int]:
