@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "candidates as a dataset (parquet), a trained policy or reward model as a model",
                         description="Publish a finished stage's result with a card carrying the run's provenance "
                         "(generator and sampling, reward model and its hash, seeds, config, summary figures, the "
-                        "evaluation table). Needs HF_TOKEN (or `hf auth login`), unless --to-dir.")
+                        "evaluation table). Uploads with HF_TOKEN (or `hf auth login`); without a token, or with --to-dir, it writes the folder and prints the `hf upload` command.")
     sp.add_argument("stage_dir", help="a finished stage folder: runs/<experiment>/pairs, .../dpo, ...")
     sp.add_argument("repo_id", help="the Hub repo, owner/name")
     sp.add_argument("--to-dir", help="write exactly the folder that would be uploaded here; upload nothing")

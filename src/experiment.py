@@ -6,6 +6,8 @@ the reference both locates the input and makes NAME an input of the stage for fi
 
 from __future__ import annotations
 
+import re
+
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ STAGES: dict[str, tuple[str, bool]] = {
     "evaluate": ("prefopt.evaluate.recipe", False),
 }
 ORDER = list(STAGES)
+# Stages whose result `prefopt push` / `push_to_hub` publishes: a dataset or a model (push.py).
+PUSHABLE_STAGES = ["generate", "score", "pairs", "sft", "reward", "dpo", "simpo", "ppo"]
+# A Hub repo id: owner/name.
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # Stages an experiment runs only when its `stages` names them (the default list leaves them out).
 OPT_IN_STAGES = ["self_instruct"]
 # Stages that run again in every round of an iterative experiment (round i+1 samples from round i's policy).
@@ -129,6 +135,12 @@ class ExperimentConfig:
     """Rounds of generate -> score -> pairs -> align; round i+1 samples from round i's policy."""
     iterate_policy: str = "dpo"
     """Which aligned policy feeds the next round's generation."""
+    push_to_hub: dict[str, str] = field(default_factory=dict)
+    """Publish stages' results when `prefopt run` ends: `{pairs: alice/sort-pairs, dpo: alice/sort-dpo}` (a dataset
+    for generate/score/pairs, a model for sft/reward/dpo/simpo/ppo, each with its card; `prefopt push` does one by
+    hand). Without a Hugging Face token each is written under `<output_dir>/<name>/push/` with the upload command."""
+    push_private: bool = False
+    """Create the `push_to_hub` repos private."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -171,6 +183,15 @@ class ExperimentConfig:
         unknown = [s for s in self.replicate_stages if s not in STAGES]
         if unknown:
             raise FieldError("replicate_stages", f"names unknown stage(s) {unknown}; valid stages: {', '.join(ORDER)}")
+        for stage, repo_id in self.push_to_hub.items():
+            if stage not in PUSHABLE_STAGES:
+                raise FieldError(f"push_to_hub.{stage}", f"publishes nothing; stages with a result to publish: "
+                                                        f"{', '.join(PUSHABLE_STAGES)}")
+            if not isinstance(repo_id, str) or not REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id:
+                raise FieldError(f"push_to_hub.{stage}", f"{repo_id!r} is not a Hub repo id owner/name")
+            if self.replicated and stage in self.replicate_stages:
+                raise FieldError(f"push_to_hub.{stage}", f"{stage} runs once per seed: push one seed's result with "
+                                 f"`prefopt push {self.output_dir}/{self.name}/seed-<s>/{stage} {repo_id}`")
         if self.replicated and not any(replicated_stage(self, s, 1) for s in self.stages):
             raise FieldError("replicate_stages", f"{self.replicate_stages} replicates none of the stages run "
                                                  f"({self.stages}): the seeds would all give one result")

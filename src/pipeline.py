@@ -343,6 +343,10 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
         print(f"[prefopt] figures: {final_eval} (table: {final_eval.parent / 'table.md'}); "
               f"`prefopt report {cfg.root}` draws them", flush=True)
     print_counts(cfg)
+    if cfg.push_to_hub:
+        from prefopt.push import publish
+
+        result["pushed"] = [str(x) for x in publish(cfg)]
     line = wandb_line(cfg)
     if line:
         print(line, flush=True)

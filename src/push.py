@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ import yaml
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
+from prefopt.experiment import REPO_ID, ROUND_STAGES
 from prefopt.stage import MARKER, read_marker
 
 DATASET_STAGES = ("pairs", "score", "generate")
@@ -45,7 +45,6 @@ PAPERS = {
     "simpo": ("SimPO: Simple Preference Optimization with a Reference-Free Reward (Meng et al., 2024)", "2405.14734"),
     "ppo": ("Proximal Policy Optimization (Schulman et al., 2017), as in InstructGPT (2203.02155)", "1707.06347"),
 }
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def push(stage_dir: str, repo_id: str, to_dir: str | None = None, private: bool = False,
@@ -58,6 +57,11 @@ def push(stage_dir: str, repo_id: str, to_dir: str | None = None, private: bool 
     d = Path(stage_dir)
     info = read_stage(d)
     repo_type = "dataset" if info["stage"] in DATASET_STAGES else "model"
+    token = None if to_dir is not None else hub_token()
+    if to_dir is None and not token:  # offline or not logged in: the files here, and the command that sends them
+        to_dir = str(local_folder(d, repo_id))
+        shutil.rmtree(to_dir, ignore_errors=True)  # a folder an earlier push left: rebuilt from this result
+        print("[prefopt] push: no Hugging Face token (HF_TOKEN or `hf auth login`): nothing uploaded", flush=True)
     if to_dir is not None:
         out = Path(to_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -67,15 +71,29 @@ def push(stage_dir: str, repo_id: str, to_dir: str | None = None, private: bool 
               f"hf upload {repo_id} {out} . --repo-type={repo_type}" + (" --private" if private else "")
               + (f" --revision={revision}" if revision else ""), flush=True)
         return out
-    token = hub_token()
-    if not token:
-        raise ConfigError(f"push {repo_id}: no Hugging Face token (set HF_TOKEN or run `hf auth login`); or write "
-                          "the folder with --to-dir DIR and upload it later")
     with tempfile.TemporaryDirectory(prefix="prefopt-push-") as tmp:
         build(d, info, repo_id, Path(tmp) / "repo", license)
         url = hub_upload(Path(tmp) / "repo", repo_id, repo_type, private, revision, token)
     print(f"[prefopt] push: {info['stage']} -> {url}", flush=True)
     return url
+
+
+def local_folder(stage_dir: Path, repo_id: str) -> Path:
+    """Where a push without a token writes the repo: `<experiment>/push/<owner>__<name>`, beside the stage folders
+    (outside them, so it is no stage's output)."""
+    return Path(stage_dir).parent / "push" / repo_id.replace("/", "__")
+
+
+def publish(cfg) -> list:
+    """`push_to_hub: {stage: owner/name}`: push each named stage's result of the experiment's last round (after
+    evaluate, so a card carries the final table). Without a token each is written under `<experiment>/push/`."""
+    from prefopt.experiment import stage_dir
+
+    out = []
+    for stage, repo_id in cfg.push_to_hub.items():
+        d = stage_dir(cfg, stage, cfg.iterations if stage in ROUND_STAGES else 1)
+        out.append(push(str(d), repo_id, private=cfg.push_private))
+    return out
 
 
 def hub_token() -> str | None:

@@ -155,9 +155,10 @@ def test_bad_input_is_one_line(run, tmp_path, monkeypatch):
                               "'_', '.'), e.g. alice/quickstart-dpo\n")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
-    code, _, err = cli("push", root / "dpo", "alice/exp-dpo")
-    assert code == 2 and err.startswith("prefopt: config error: push alice/exp-dpo: no Hugging Face token (set "
-                                        "HF_TOKEN") and err.count("\n") == 1
+    code, out, err = cli("push", root / "dpo", "alice/exp-dpo")  # no token: written here, the command printed
+    local = root / "push" / "alice__exp-dpo"
+    assert (code, err) == (0, "") and (local / "README.md").is_file() and (local / "config.json").is_file()
+    assert f"hf upload alice/exp-dpo {local} . --repo-type=model" in out and "nothing uploaded" in out
     (root / "dpo" / "_DONE.json").unlink()
     code, _, err = cli("push", root / "dpo", "alice/exp-dpo", "--to-dir", tmp_path / "y")
     assert (code, err) == (3, f"prefopt: data error: {root / 'dpo'}: stage dpo has not finished (no valid "
@@ -165,3 +166,31 @@ def test_bad_input_is_one_line(run, tmp_path, monkeypatch):
     code, _, err = cli("push", root / "evaluate", "alice/exp-eval", "--to-dir", tmp_path / "z")
     assert code == 2 and "evaluate makes nothing to publish" in err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_push_to_hub_publishes_named_stages_when_the_run_ends(run, tmp_path, monkeypatch):
+    """`push_to_hub: {stage: repo}` pushes each named stage's result (offline: under <experiment>/push/ with the
+    upload command); a stage with nothing to publish, a malformed repo id or a replicated stage is a config error
+    naming the key."""
+    import huggingface_hub
+
+    from prefopt.config import ConfigError
+    from prefopt.push import publish
+
+    root, _ = run
+    exp = yaml.safe_load((root / "dpo" / "config.yaml").read_text())["experiment"]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    cfg = from_dict(ExperimentConfig, {**exp, "push_to_hub": {"pairs": "alice/exp-pairs", "dpo": "alice/exp-dpo"}})
+    out = publish(cfg)
+    assert out == [root / "push" / "alice__exp-pairs", root / "push" / "alice__exp-dpo"]
+    from datasets import load_dataset
+
+    rows = [json.loads(x) for x in (root / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    pushed = load_dataset(str(out[0]), "pairs", split="train", cache_dir=str(tmp_path / "cache"))
+    assert pushed["chosen"] == [r["chosen"] for r in rows]
+    for bad, key in (({"evaluate": "alice/x"}, "push_to_hub.evaluate"), ({"dpo": "x"}, "push_to_hub.dpo")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            from_dict(ExperimentConfig, {**exp, "push_to_hub": bad})
+    with pytest.raises(ConfigError, match="runs once per seed"):
+        from_dict(ExperimentConfig, {**exp, "replicates": 2, "push_to_hub": {"dpo": "alice/exp-dpo"}})
