@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,24 @@ def test_stage_output_keeps_tagged_lines_and_logs_everything(tmp_path, capfd):
     with StageOutput(tmp_path / "logs" / "v.log", verbose=True):
         print("{'loss': 1}")
     assert capfd.readouterr().out == "{'loss': 1}\n" and not (tmp_path / "logs" / "v.log").exists()
+
+
+def test_one_progress_line_per_stage_on_a_terminal(tmp_path, capfd):
+    """With a terminal (forced here), the stage's progress bars become one redrawn line on stderr (\\r, count,
+    elapsed, ETA), wiped before a line that stays and at the end; without one (a pipe, CI) nothing is redrawn."""
+    from prefopt.runtime.console import StageOutput
+
+    bars = "".join(f"sft:  {i * 10}%|#  | {i}/10 [00:{i:02d}<00:{10 - i:02d},  1.00it/s]\r" for i in range(1, 11))
+    with StageOutput(tmp_path / "logs" / "sft.log", header="sft (not run yet)", progress=True):
+        sys.stderr.write(bars)
+        sys.stderr.flush()
+        time.sleep(0.1)
+        print("[prefopt] kept")
+    cap = capfd.readouterr()
+    assert cap.out == "[prefopt] kept\n"
+    assert "\r[prefopt] sft: 1/10 (10%), 00:01 elapsed, ETA 00:09\x1b[K" in cap.err  # the first draw
+    assert "\r[prefopt] sft: 10/10 (100%), 00:10 elapsed, ETA 00:00\x1b[K" in cap.err  # 100% always drawn
+    assert cap.err.endswith("\r\x1b[K") and "5/10" not in cap.err  # throttled; wiped before the kept line
+    with StageOutput(tmp_path / "logs" / "sft2.log", header="sft (x)"):  # not a terminal: no redraws
+        sys.stderr.write(bars)
+    assert capfd.readouterr().err == ""

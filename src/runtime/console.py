@@ -25,6 +25,9 @@ VERBOSE_ENV = "PREFOPT_VERBOSE"
 # stage's one-line error (`prefopt: data error: ...`).
 CONSOLE_LINE = re.compile(rb"\[prefopt\]|prefopt:|WARNING|\[[\w-]+\] WARNING")
 TAIL_LINES = 20  # of the log, on stderr after a crash
+# A tqdm bar's count and times: "sft:  12%|#2  | 246/2000 [00:23<15:25,  1.90it/s]"
+PROGRESS = re.compile(rb"(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+PROGRESS_EVERY = 0.5  # seconds between redraws of the stage's one progress line
 
 
 def verbose(flag: bool = False) -> bool:
@@ -75,7 +78,12 @@ class _Tee(threading.Thread):
         if CONSOLE_LINE.match(line):
             if line.startswith(b"prefopt:"):
                 self.owner.error_shown = True
+            self.owner.clear_progress()
             self.echo(line + b"\n")
+        elif self.owner.show_progress:
+            m = PROGRESS.search(line)
+            if m:
+                self.owner.progress(*(g.decode() for g in m.groups()))
 
 
 def _split(data: bytes) -> list[bytes]:
@@ -86,8 +94,14 @@ def _split(data: bytes) -> list[bytes]:
 class StageOutput:
     """See the module docstring. `.error_shown`: the stage printed its own `prefopt:` line."""
 
-    def __init__(self, log: Path, verbose: bool = False, header: str = ""):
+    def __init__(self, log: Path, verbose: bool = False, header: str = "", progress: bool | None = None):
+        """`progress`: redraw one line on the console (\\r, no newline) from the stage's progress bars, whatever
+        phase they count, with its count, elapsed time and ETA; None: when the console's stderr is a terminal (a
+        log or a pipe gets no redrawn lines)."""
         self.log_path, self.verbose, self.header = Path(log), verbose, header
+        self.label = header.split(" (")[0]
+        self._progress_wanted, self.show_progress = progress, False
+        self._progress_shown, self._progress_at = False, 0.0
         self.error_shown = False
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
@@ -103,6 +117,9 @@ class StageOutput:
         self._streams = (sys.stdout, sys.stderr)
         self._saved = (os.dup(1), os.dup(2))
         lock = threading.Lock()
+        self.show_progress = (self._progress_wanted if self._progress_wanted is not None
+                              else os.isatty(self._saved[1]))
+        self._progress_echo = _echo_to(sys.stderr, 2, self._saved[1])
         self._threads = []
         for fd, stream, saved in ((1, sys.stdout, self._saved[0]), (2, sys.stderr, self._saved[1])):
             r, w = os.pipe()
@@ -133,6 +150,7 @@ class StageOutput:
                 os.close(fd)
         with self._threads[0].lock:
             self._log.close()
+        self.clear_progress()
         if exc is not None and self.crashed(exc):
             err = sys.stderr
             if self.tail:
@@ -140,6 +158,23 @@ class StageOutput:
                 err.writelines("    " + line + "\n" for line in self.tail)
             err.write(f"[prefopt] its whole output: {self.log_path}\n")
             err.flush()
+
+    def progress(self, done: str, total: str, elapsed: str, eta: str) -> None:
+        """Redraw the stage's one progress line (at most every PROGRESS_EVERY seconds, and at 100%)."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_EVERY and done != total:
+            return
+        self._progress_at = now
+        pct = 100 * int(done) // max(int(total), 1)
+        text = f"\r[prefopt] {self.label}: {done}/{total} ({pct}%), {elapsed} elapsed, ETA {eta}\x1b[K"
+        self._progress_echo(text.encode())
+        self._progress_shown = True
+
+    def clear_progress(self) -> None:
+        """Wipe the progress line before a line that stays (and when the stage ends)."""
+        if self._progress_shown:
+            self._progress_shown = False
+            self._progress_echo(b"\r\x1b[K")
 
     def crashed(self, exc: BaseException) -> bool:
         """A failure the console has not explained in one line: not a user error (config, data, lock, gate,
