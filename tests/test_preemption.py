@@ -287,7 +287,7 @@ def test_sbatch_script_passes_the_signal_on_and_requeues(tmp_path, sig):
 
 @pytest.mark.parametrize("kind", ["classifier", "likelihood"])
 def test_sigterm_during_reward_saves_and_resumes(tmp_path, tiny_model_dir, monkeypatch, kind):
-    """Both reward kinds (TRL's RewardTrainer; the preference loop), run in this process: a real SIGTERM to this
+    """Both reward kinds (both in the preference loop), run in this process: a real SIGTERM to this
     process once step 3 of 8 is logged stops the stage at step 3 or 4 with a checkpoint of that step; the rerun
     resumes there and saves the weights an uninterrupted run saves, bit for bit."""
     from prefopt.runtime import tracking

@@ -62,7 +62,8 @@ def test_split_is_seeded_and_disjoint():
 
 
 def test_reward_config_sets_trl_defaults_explicitly(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, max_length=77, center_rewards_coefficient=0.01, learning_rate=3e-4)
+    cfg = _cfg(tmp_path, tiny_model_dir, max_length=77, center_rewards_coefficient=0.01, learning_rate=3e-4,
+               backend="trl")  # trl.RewardConfig fields apply to the TRL backend only
     ctx = StageContext(cfg=cfg, stage="reward", round=1, dir=tmp_path / "r", tracker=NullTracker())
     args = reward_config(cfg.reward, ctx)
     assert args.learning_rate == cfg.reward.learning_rate != 1e-4  # TRL's RewardConfig default is 1e-4

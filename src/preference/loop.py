@@ -3,6 +3,8 @@
 SFT examples (one prompt and one completion each, the `sft` stage's) take the same path as pairs: batching lays
 them out (padded or packed), pair_logps sums each sequence's completion log-probs, and the objective (sft/loss.py)
 gets them with the step's completion-token count (`step_token_shares`), the normaliser TRL's SFTTrainer uses.
+The reward stage's classifier (`classifier=True`) takes whole texts instead: a sequence classifier's rewards of the
+chosen and rejected texts (prefopt.preference.rewards, padded only) go to its Bradley-Terry objective.
 
     setup   pairs tokenised as TRL does (prefopt.preference.data); the policy in fp32 with dropout off (LoRA via
             PEFT if asked); the reference: precomputed once and cached (reference.py), a frozen copy in memory
@@ -44,11 +46,12 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from prefopt.runtime import faults
-from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, place_frozen,
-                             save_model)
+from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_causal_lm, load_reward_model,
+                                    load_tokenizer, place_frozen, save_model)
 from prefopt.preference import reference as refcache
-from prefopt.preference.batching import check_layout, collate, num_targets, pair_logps
+from prefopt.preference.batching import LayoutError, check_layout, collate, num_targets, pair_logps
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
+from prefopt.preference.rewards import PairRewards, collate_texts, pair_rewards
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
 from prefopt.training import throughput
 from prefopt.training.lora import lora_config
@@ -87,7 +90,8 @@ class SequenceLogps:
 
 
 # objective(policy, reference or None) -> (loss, metrics); built by each recipe from its pure loss function
-Objective = Callable[["PairLogps | SequenceLogps", "PairLogps | None"], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+Objective = Callable[["PairLogps | SequenceLogps | PairRewards", "PairLogps | None"],
+                     "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
 def step_token_shares(accelerator, loader, examples, max_length: int, accumulation: int) -> list[torch.Tensor]:
@@ -157,10 +161,10 @@ def _newest_valid(ckpt_dir: Path, stage: str) -> str | None:
     return chosen
 
 
-def _lora(model, spec):
+def _lora(model, spec, task: str = "CAUSAL_LM"):
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec, "CAUSAL_LM"))
+    return get_peft_model(model, lora_config(spec, task))
 
 
 def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_path: str, tokenizer, examples,
@@ -221,22 +225,26 @@ def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
 
 
 def train(ctx, objective: Objective, reference: str | None = None, ref_model: str = "", rows: list[dict] | None = None,
-          section=None, hook: Callable | None = None, examples: list[dict] | None = None) -> dict:
+          section=None, hook: Callable | None = None, examples: list[dict] | None = None,
+          classifier: bool = False) -> dict:
     """Train ctx.section's policy on its pairs with `objective`; reference: None (reference-free) or a mode.
 
     The reward stage's likelihood reward model reuses this loop with its own `section` (the pair-stage fields),
     `rows` (its train split: rendered prompt, chosen, rejected) and `hook(step, model) -> stop`, called on every
     process after each checkpoint and at the last step (validation selection and early stopping).
-    The sft stage passes its tokenized `examples` ({"prompt_ids", "completion_ids"} each) instead of pairs.
+    The sft stage passes its tokenized `examples` ({"prompt_ids", "completion_ids"} each) instead of pairs; the
+    reward stage's classifier (`classifier=True`) its whole texts ({"chosen_ids", "rejected_ids"}), and the model is
+    then a one-output sequence classifier (a new head on the start model) whose objective gets PairRewards.
 
     From here to the final save, SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current step with a
     checkpoint (prefopt.runtime.faults.PreemptedError); a signal during the final save lets the save finish."""
     with faults.StopSignals(ctx.stage) as signals:
-        return _train(ctx, objective, reference, ref_model, rows, section, hook, signals, examples)
+        return _train(ctx, objective, reference, ref_model, rows, section, hook, signals, examples, classifier)
 
 
 def _train(ctx, objective: Objective, reference: str | None, ref_model: str, rows: list[dict] | None, section,
-           hook: Callable | None, signals: faults.StopSignals, examples: list[dict] | None = None) -> dict:
+           hook: Callable | None, signals: faults.StopSignals, examples: list[dict] | None = None,
+           classifier: bool = False) -> dict:
     from accelerate import Accelerator
 
     from transformers import get_scheduler
@@ -265,8 +273,15 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     if not examples:
         raise ValueError(f"no usable pairs in {pairs_file} (every prompt fills max_length={sec.max_length}?)")
 
-    seed_everything(ctx.seed)  # before the model exists (LoRA init draws random numbers)
-    model = load_causal_lm(model_path, dtype="float32")  # fp32 master weights; bf16 only as autocast
+    seed_everything(ctx.seed)  # before the model exists (LoRA init and a classifier's new head draw random numbers)
+    if classifier:  # the head is read at the last token that is not the pad id: the tokenizer's, as scoring pads
+        if sec.layout != "padded":
+            raise LayoutError(f"{ctx.stage}.layout={sec.layout}: a classifier trains padded only (its head reads "
+                              f"one last token per row)")
+        model = load_reward_model(model_path, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = load_causal_lm(model_path, dtype="float32")  # fp32 master weights; bf16 only as autocast
     disable_dropout(model)
     # a layout the attention implementation cannot compute exactly is a config error (a family the conformance
     # suite has not checked is a warning, from load_causal_lm)
@@ -280,7 +295,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         frozen_ref.to(accelerator.device)
     if sec.lora.enabled:
         check_lora_mergeable(accelerator, f"{ctx.stage}.lora.enabled")
-        model = _lora(model, sec.lora)
+        model = _lora(model, sec.lora, "SEQ_CLS" if classifier else "CAUSAL_LM")  # SEQ_CLS: the new head trains
     if sec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -291,9 +306,9 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     meter = throughput.start(getattr(sec, "peak_tflops", 0.0), accelerator.device,
                              torch.bfloat16 if sec.bf16 else torch.float32, accelerator.num_processes)
     sampler = EpochShuffle(len(examples), ctx.seed)
-    loader = DataLoader(examples, batch_size=sec.per_device_train_batch_size, sampler=sampler,
-                        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length,
-                                           layout=sec.layout))
+    collate_fn = (partial(collate_texts, pad_token_id=tokenizer.pad_token_id) if classifier else
+                  partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length, layout=sec.layout))
+    loader = DataLoader(examples, batch_size=sec.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: transformers' default (adamw_torch_fused); on CPU torch's default per-tensor loop took 1.7 s a step for
     # 19M parameters (bench/bench_sft.py), as long as the forward and backward
@@ -359,9 +374,13 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         for micro, batch in enumerate(epoch_loader, start=skip):
             with accelerator.accumulate(model), meter.timed("train"):
                 with accelerator.autocast():
-                    sums, lengths = pair_logps(model, batch, sec.logps_chunk_size)
+                    if classifier:
+                        policy = pair_rewards(model, batch)
+                    else:
+                        sums, lengths = pair_logps(model, batch, sec.logps_chunk_size)
+                        policy = (SequenceLogps(sums, lengths, shares[micro]) if sequences
+                                  else PairLogps.split(sums, lengths))
                     ref = reference_logps(batch)
-                policy = SequenceLogps(sums, lengths, shares[micro]) if sequences else PairLogps.split(sums, lengths)
                 loss, metrics = objective(policy, ref)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and sec.max_grad_norm > 0:
@@ -392,7 +411,11 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                 save(step)
             if hook is not None and (step % sec.save_steps == 0 or step >= total):
                 inner = accelerator.unwrap_model(model)
-                stop = hook(step, inner)
+                counting = inner.register_forward_pre_hook(partial(_count_forward, meter, n_params[0]),
+                                                           with_kwargs=True)
+                with meter.timed("forward"):  # the hook's passes (validation) as phase `forward`
+                    stop = hook(step, inner)
+                counting.remove()
                 inner.train()
                 if stop:
                     total = step  # ends both loops; the last checkpoint below is this step's
@@ -414,13 +437,20 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     with faults.writing(out_dir):
         save_policy(accelerator, model, tokenizer, out_dir, sec.lora.enabled)
     accelerator.wait_for_everyone()
-    counts = ({"examples": len(examples)} if sequences
-              else {"pairs": len(examples), "pairs_in": examples.stats["pairs_in"]})
+    counts = ({"examples": len(examples)} if sequences else
+              {"pairs": len(examples), "pairs_in": getattr(examples, "stats", {}).get("pairs_in", len(examples))})
     return {**perf, "model": str(out_dir), **counts, "steps": step,
             "resumed_from": str(resumed) if resumed is not None else None,
             **({"reference": reference} if reference else {}),
             **({"reference_cache": ref_info["file"], "reference_reused": ref_info["reused"]} if ref_info else {}),
             **{k: last_row[k] for k in ("loss", "rewards/margins", "rewards/accuracies") if k in last_row}}
+
+
+def _count_forward(meter, n: int, _module, args, kwargs) -> None:
+    """A forward pre-hook: the batch of a forward pass the hook runs, counted as phase `forward`."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor):
+        meter.count("forward", {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}, n)
 
 
 def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> None:

@@ -3,15 +3,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from prefopt.config import check_range
+from prefopt.config import FieldError, check_range
 from prefopt.data.spec import DatasetSpec
 from prefopt.training.fields import LoraSpec, TrainFields
 
 
 @dataclass
 class RewardStageConfig(TrainFields):
-    """The `reward` stage: a Bradley-Terry reward model, a classifier trained with TRL's RewardTrainer (any
-    trl.RewardConfig field passes through `trainer_args`) or a likelihood reward model (scoring/likelihood.py)."""
+    """The `reward` stage: a Bradley-Terry reward model, a likelihood reward model (scoring/likelihood.py) or a
+    classifier, both trained in prefopt's loop (prefopt.preference.loop); a classifier with `backend: trl` is trained
+    by TRL's RewardTrainer instead, whose every trl.RewardConfig field then passes through `trainer_args`."""
 
     TRL_CONFIG = "trl.RewardConfig"
 
@@ -22,8 +23,12 @@ class RewardStageConfig(TrainFields):
     kind: Literal["classifier", "likelihood"] = "likelihood"
     """`likelihood`: the start model itself, trained with Bradley-Terry on r = beta * mean log p(response | prompt)
     (SimPO's implicit reward): its language-model head reads the answer token by token, and on every built-in task
-    it learned where a classifier did not (docs/methods.md). `classifier`: a one-output head on the last token
-    (TRL's RewardTrainer; the usual hub reward-model format)."""
+    it learned where a classifier did not (docs/methods.md). `classifier`: a one-output head on the last token of
+    prompt + response + EOS (the usual hub reward-model format)."""
+    backend: Literal["prefopt", "trl"] = "prefopt"
+    """`kind: classifier` only. `prefopt`: the shared training loop (resumable, FSDP2, the same batches as the
+    preference stages; padded rows); `trl`: TRL's RewardTrainer, the oracle the loop is tested against
+    (tests/test_reward_loop.py: the same loss curve and weights)."""
     beta: float = 2.0
     """`kind: likelihood` only: the reward's scale, r = beta * mean log p (SimPO's beta; the Bradley-Terry loss's
     temperature)."""
@@ -62,6 +67,12 @@ class RewardStageConfig(TrainFields):
         check_range(self, "min_eval_accuracy", ge=0, le=1)
         check_range(self, "early_stopping_patience", ge=0)
         check_range(self, "beta", gt=0)
+        if self.backend == "trl" and self.kind != "classifier":
+            raise FieldError("backend", "trl is for kind classifier only (TRL has no likelihood reward model)")
+        if self.trainer_args and (self.kind, self.backend) != ("classifier", "trl"):
+            raise FieldError(sorted(self.trainer_args)[0], "is a trl.RewardConfig field: it applies with "
+                             "reward.kind=classifier and reward.backend=trl only (the prefopt loop sets its own "
+                             "training arguments)")
         if self.eval_fraction + self.test_fraction >= 1:
             raise ValueError(f"reward.eval_fraction + reward.test_fraction must be < 1, got "
                              f"{self.eval_fraction} + {self.test_fraction}")

@@ -1,5 +1,5 @@
-"""The reward model's objective as a pure function (the `reward` stage trains through TRL's RewardTrainer, whose
-loss is this one; tests/test_losses.py checks the arithmetic)."""
+"""The reward model's objective as a pure function, and the shared loop's objectives built on it for both kinds
+(TRL's RewardTrainer, the classifier's oracle, computes the same loss; tests/test_losses.py checks the arithmetic)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,9 @@ def likelihood_objective(beta: float):
                                   likelihood_reward(pi.rejected, pi.rejected_lengths, beta))
 
     return fn
+
+
+def classifier_objective(pi, _ref=None):
+    """The preference loop's objective for `reward.kind: classifier`: Bradley-Terry on the classifier's rewards of
+    chosen and rejected (prefopt.preference.rewards.PairRewards)."""
+    return bradley_terry_loss(pi.chosen, pi.rejected)

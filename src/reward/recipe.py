@@ -10,18 +10,20 @@ or a classification head's logit at the last token of prompt + response + EOS (`
 
 Setup: preferences -> canonical rows -> train / validation (`eval_fraction`) / test (`test_fraction`) splits by
 prompt (every pair of a prompt in one split).
-Train: `likelihood`: the start model (a causal LM) in the shared preference loop (prefopt.preference.loop);
-`classifier`: the start model with a new one-output head in TRL's RewardTrainer. Both resume from the last
-checkpoint in `checkpoints/` whose manifest verifies, and a SIGTERM, SIGINT or SIGUSR1 saves one at the current
-step and stops (prefopt.runtime.faults). Every `save_steps` the model is scored on the validation split by us (the same
-inputs as the `score` stage); the checkpoint with the best validation accuracy is kept (ties: the lower
-validation loss) and training stops after `early_stopping_patience` evaluations without a better one. Save: that
-checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the marker keeps later stages giving it the
-policy's text, `score.rm_format: auto`). Report on the test split, which nothing was chosen on: pairwise
-accuracy against the labels (`eval/accuracy` ± `eval/accuracy_se`), mean reward margin (`eval/margin` ±
-`eval/margin_se`) and, on a gold-reward task, accuracy against the gold score on pairs whose gold scores differ
-(`eval/gold_accuracy`, label noise removed), with standard errors clustered by prompt (`eval/prompts` of them).
-`test_margins.jsonl` keeps each test pair's margin: the pairs stage calibrates its label-quality estimate on it.
+Train: both kinds in the shared preference loop (prefopt.preference.loop): `likelihood` the start model (a causal
+LM) itself, `classifier` the start model with a new one-output head, on padded rows of the texts the `score` stage
+scores (`classifier_rows`). `backend: trl` trains the classifier with TRL's RewardTrainer instead, the loop's oracle
+(tests/test_reward_loop.py). Both resume from the last checkpoint in `checkpoints/` whose manifest verifies, and a
+SIGTERM, SIGINT or SIGUSR1 saves one at the current step and stops (prefopt.runtime.faults). Every `save_steps` the
+model is scored on the validation split by us (the same inputs as the `score` stage); the checkpoint with the best
+validation accuracy is kept (ties: the lower validation loss) and training stops after `early_stopping_patience`
+evaluations without a better one. Save: that checkpoint, merged, + tokenizer + `reward_model.json` in `model/` (the
+marker keeps later stages giving it the policy's text, `score.rm_format: auto`). Report on the test split, which
+nothing was chosen on: pairwise accuracy against the labels (`eval/accuracy` ± `eval/accuracy_se`), mean reward
+margin (`eval/margin` ± `eval/margin_se`) and, on a gold-reward task, accuracy against the gold score on pairs whose
+gold scores differ (`eval/gold_accuracy`, label noise removed), with standard errors clustered by prompt
+(`eval/prompts` of them). `test_margins.jsonl` keeps each test pair's margin: the pairs stage calibrates its
+label-quality estimate on it.
 `prefopt run` stops at the gate (`min_eval_accuracy`) after this stage.
 """
 
@@ -103,10 +105,11 @@ def _prompts_in(n: int, fraction: float, part: str, key: str) -> int:
 
 
 def classifier_rows(rows: list[dict], tok, max_length: int) -> list[dict]:
-    """Train rows for TRL's RewardTrainer, tokenized here as the `score` stage tokenizes (`score_texts`): prompt +
-    response + EOS through `encode` (one BOS, also for chat templates that write it) and cut to `max_length` from
-    the end. Given ids, TRL tokenizes nothing again, and its filter, which would drop a pair longer than
-    max_length without a word, finds none. The cut pairs are counted."""
+    """A classifier's train rows {"chosen_ids", "rejected_ids"}, for the loop (prefopt.preference.rewards) or TRL's
+    RewardTrainer, tokenized here as the `score` stage tokenizes (`score_texts`): prompt + response + EOS through
+    `encode` (one BOS, also for chat templates that write it) and cut to `max_length` from the end. Given ids, TRL
+    tokenizes nothing again, and its filter, which would drop a pair longer than max_length without a word, finds
+    none. The cut pairs are counted."""
     out, cut = [], 0
     for r in rows:
         ids = {f"{k}_ids": encode(reward_text(r["prompt"], r[k], tok.eos_token), tok) for k in ("chosen", "rejected")}
@@ -275,9 +278,16 @@ def _run(ctx, stop: faults.StopSignals) -> dict:
     rows = [{**r, "prompt": render_prompt(r["prompt"], tok)} for r in data.rows]
     train_rows, val_rows, test_rows = split(rows, cfg.eval_fraction, ctx.seed, cfg.test_fraction)
     selection = Selection(ctx.dir / "selection.jsonl", cfg.early_stopping_patience, ctx.is_main)
-    if cfg.kind == "likelihood":
-        return run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection)
-    from datasets import Dataset  # here: the likelihood model (the quickstart's) needs neither (~3 s of imports)
+    if cfg.kind == "likelihood" or cfg.backend == "prefopt":
+        return run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection)
+    return run_trl(ctx, stop, cfg, tok, data, train_rows, val_rows, test_rows, selection)
+
+
+def run_trl(ctx, stop: faults.StopSignals, cfg, tok, data, train_rows, val_rows, test_rows,
+            selection: Selection) -> dict:
+    """`kind: classifier`, `backend: trl`: TRL's RewardTrainer, with the same selection and test report."""
+    model_path = ctx.resolve(cfg.model)
+    from datasets import Dataset  # here: the loop's kinds (the quickstart's) need neither (~3 s of imports)
     from trl import RewardTrainer
 
     train_ds = Dataset.from_list(classifier_rows(train_rows, tok, cfg.max_length))
@@ -343,30 +353,41 @@ def report_test(scorer, test_rows: list[dict], cfg, ctx, summary: dict, step: in
           flush=True)
 
 
-def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Selection) -> dict:
-    """`kind: likelihood`: the SFT model itself trained with Bradley-Terry on r = beta * mean log p(y|x)
-    (scoring/likelihood.py) in the shared preference loop; validation selection and test report as above."""
+def run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Selection) -> dict:
+    """Bradley-Terry in the shared preference loop, on r = beta * mean log p(y|x) of the SFT model itself
+    (`kind: likelihood`, scoring/likelihood.py) or on a new one-output head's value at the last token of prompt +
+    response + EOS (`kind: classifier`); validation selection and test report as above."""
     import shutil
     from types import SimpleNamespace
 
     from prefopt.models.loading import load_causal_lm
     from prefopt.preference.loop import train
-    from prefopt.reward.loss import likelihood_objective
+    from prefopt.reward.loss import classifier_objective, likelihood_objective
     from prefopt.scoring.likelihood import LikelihoodScorer, write_meta
+
+    likelihood = cfg.kind == "likelihood"
+
+    def scorer_of(model):  # as the `score` stage scores this kind
+        return LikelihoodScorer(model, tok, cfg.beta) if likelihood else ClassifierScorer(model, tok)
 
     def hook(step: int, model) -> bool:
         if not val_rows or selection.seen(step):
             return False
-        return selection.record(step, evaluate_pairs(LikelihoodScorer(model, tok, cfg.beta), val_rows, cfg))
+        return selection.record(step, evaluate_pairs(scorer_of(model), val_rows, cfg))
 
-    # the loop's own fields for a pair stage: every checkpoint kept (the selected one must survive), the
-    # shared-prompt layout, long prompts cut from the left as the aligners do
-    sec = SimpleNamespace(**{**vars(cfg), "save_total_limit": 0, "layout": "shared_prompt", "logps_chunk_size": 0,
+    # the loop's own fields for a pair stage: every checkpoint kept (the selected one must survive); the likelihood
+    # model in the shared-prompt layout, long prompts cut from the left as the aligners do; the classifier padded
+    layout = "shared_prompt" if likelihood else "padded"
+    sec = SimpleNamespace(**{**vars(cfg), "save_total_limit": 0, "layout": layout, "logps_chunk_size": 0,
                              "long_prompts": "truncate", "pairs": ""})
-    out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
+    if likelihood:
+        out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
+    else:
+        out = train(ctx, classifier_objective, reference=None, section=sec, hook=hook, classifier=True,
+                    examples=classifier_rows(train_rows, tok, cfg.max_length))
     summary = {"train/pairs": len(train_rows), "select/pairs": len(val_rows), "eval/pairs": len(test_rows),
                "train/loss": out.get("loss"), "train/steps": out["steps"], "resumed_from": out["resumed_from"],
-               "skipped_rows": data.skipped, "beta": cfg.beta,
+               "skipped_rows": data.skipped, **({"beta": cfg.beta} if likelihood else {}),
                **{k: v for k, v in out.items() if k.startswith("perf/")}}  # the loop's throughput and MFU
     model_dir = ctx.dir / "model"
     best = selection.best()
@@ -380,10 +401,13 @@ def run_likelihood(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selecti
                                                                               "manifest.json", "train_state.json"))
             print(f"[reward] kept step {best['step']} (validation accuracy {best['accuracy']:.3f}) of "
                   f"{out['steps']}", flush=True)
-    if ctx.is_main:
-        write_meta(model_dir, cfg.beta)
-        model = load_causal_lm(str(model_dir), dtype="float32").eval()
-        report_test(LikelihoodScorer(model, tok, cfg.beta), test_rows, cfg, ctx, summary, out["steps"])
+    if ctx.is_main:  # the saved model, whole (a classifier's `reward_model.json` is written with it)
+        if likelihood:
+            write_meta(model_dir, cfg.beta)
+            model = load_causal_lm(str(model_dir), dtype="float32").eval()
+        else:
+            model = load_reward_model(str(model_dir), complete=True).eval()
+        report_test(scorer_of(model), test_rows, cfg, ctx, summary, out["steps"])
     return summary
 
 
