@@ -298,3 +298,16 @@ def test_scoring_passes_do_not_depend_on_the_batch_size(tiny_model_dir, rm_dir):
     scores = [rm.score(*texts, batch_size=b) for b in (2, 3, 7)]
     for other in scores[1:]:
         torch.testing.assert_close(torch.tensor(other), torch.tensor(scores[0]), rtol=1e-6, atol=1e-5)
+
+
+def test_the_end_line_says_when_mfu_is_above_one():
+    """An MFU over 100% is not hidden or capped: the line says what it means (the probe ran on a busier machine)."""
+    from prefopt.training.throughput import describe
+
+    f = {"perf/tokens": 10, "perf/tokens_per_s": 5.0, "perf/useful_tokens_per_s": 4.0, "perf/padding_fraction": 0.2,
+         "perf/tflops": 0.04, "perf/mfu": 0.5, "perf/peak_tflops": 0.08}
+    assert describe(f) == "5 tokens/s (4 useful, padding 20.0%); 40.00 GFLOP/s = MFU 50.0% of 80.0 GFLOP/s peak"
+    f.update({"perf/train/mfu": 1.3, "perf/train/seconds": 2.0})
+    assert describe(f).endswith("(MFU by phase: train 130.0% over 2.0 s); MFU above 100% means the peak probe at "
+                                "the stage's start ran slower than the stage (a busy machine): set peak_tflops to "
+                                "the machine's figure")

@@ -254,7 +254,10 @@ def describe(figures: dict) -> str:
              f"{figures['perf/peak_tflops'] * 1e3:.1f} GFLOP/s peak"]
     phases = [f"{name} {figures[f'perf/{name}/mfu']:.1%} over {figures[f'perf/{name}/seconds']:.1f} s"
               for name in PHASES if f"perf/{name}/mfu" in figures]
-    return "; ".join(parts) + (f" (MFU by phase: {', '.join(phases)})" if phases else "")
+    over = [k for k in figures if k.endswith("mfu") and figures[k] > 1.0]
+    warn = ("; MFU above 100% means the peak probe at the stage's start ran slower than the stage (a busy machine): "
+            "set peak_tflops to the machine's figure" if over else "")
+    return "; ".join(parts) + (f" (MFU by phase: {', '.join(phases)})" if phases else "") + warn
 
 
 def start(peak_tflops: float = 0.0, device=None, dtype=None, processes: int = 1) -> Meter:
