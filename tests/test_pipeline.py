@@ -148,7 +148,7 @@ def test_killed_experiment_resumes_to_same_figures(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "-m", "prefopt", "run", str(exp)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = root / "sft" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    ckpt = root / "sft" / "checkpoints" / "checkpoint-2" / "checkpoint_complete"  # the loop's last write
     deadline = time.time() + 300
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
