@@ -255,7 +255,7 @@ def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, m
                                                                  + ["generate", "score", "pairs"]]
     trial_runs = inits[7:]
     assert len(trial_runs) == 8 and all(i["group"] == "grid" and i["mode"] == "offline" for i in trial_runs)
-    assert sorted(i["name"] for i in trial_runs) == sorted(f"quickstart-grid-t{k}-{s}" for k in range(1, 5)
+    assert sorted(i["name"] for i in trial_runs) == sorted(f"quickstart-grid-t{k}/{s}" for k in range(1, 5)
                                                            for s in ("dpo", "evaluate"))
     assert all("sweep-grid" in i["tags"] for i in trial_runs)
 
