@@ -30,10 +30,11 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_child
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEMS = ["prefopt-dpo", "prefopt-dpo-padded", "trl-dpo", "prefopt-simpo", "trl-cpo-simpo"]
@@ -170,18 +171,7 @@ def child(system: str, job: str, workdir: Path) -> None:
 
 
 def one(system: str, job: str, workdir: Path, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", system, "--job", job, "--workdir", str(workdir)],
-                          capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"{system} on {job} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    out = json.loads(line[len("BENCH_RESULT "):])
-    out["wall_seconds"] = wall
-    return out
+    return run_child(__file__, [system, "--job", job, "--workdir", str(workdir)], threads, f"{system} on {job}")
 
 
 def print_lengths(workdir: Path) -> None:
