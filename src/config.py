@@ -83,6 +83,21 @@ MISSING = dataclasses.MISSING
 # ---------------------------------------------------------------------------------------------------------------
 
 
+
+def _number(tp: type, value: Any, key: str):
+    """An int or float field's value: the number, an integral float for an int, or a string that reads as one
+    (YAML 1.1 reads `1e-5`, with no dot, as a string); never a bool (YAML's true is not 1)."""
+    what = "an integer" if tp is int else "a number"
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+            return tp(value)
+        if isinstance(value, str):
+            try:
+                return tp(value)
+            except ValueError:
+                pass
+    raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
@@ -147,31 +162,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp in (int, float):
+        return _number(tp, value, key)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 import pandas as pd
 from matplotlib.figure import Figure
 
+from prefopt.runtime.tracking import flatten  # the W&B summary's naming, shared with the runs it reads
+
 # Stage order of the pipeline (kept here so reading a run needs no stage code)
 STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
 ALIGNERS = ["dpo", "simpo", "ppo"]
@@ -71,17 +73,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     except OSError:
         pass
     return rows
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a/b": 1}: the W&B run summary's naming."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _rounds(base: Path) -> list[tuple[int, Path]]:

@@ -35,16 +35,14 @@ def table(policies: dict[str, dict], split: str = "", n_prompts: int = 0) -> str
 
 def plot(policies: dict[str, dict], path: Path) -> bool:
     """Bars of the gold (else RM) score per policy, and that score against the KL to the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
 
     key = "gold_score" if any(p.get("gold_score") is not None for p in policies.values()) else "rm_score"
     names = [n for n, p in policies.items() if p.get(key) is not None]
     if not names:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     bars = ax1.bar(names, [policies[n][key] for n in names], color="tab:blue")
     ax1.bar_label(bars, fmt="%.3f")
     if key == "gold_score":  # gold scores lie in [0, 1]: a fixed axis makes runs comparable at a glance
@@ -55,10 +53,8 @@ def plot(policies: dict[str, dict], path: Path) -> bool:
     ax2.scatter([policies[n]["kl_to_sft"] for n in kl], [policies[n][key] for n in kl], color="tab:orange")
     for n in kl:
         ax2.annotate(n, (policies[n]["kl_to_sft"], policies[n][key]), textcoords="offset points", xytext=(4, 4))
-    ax2.set_xlabel("KL to baseline (nats; Monte-Carlo, best-of-n estimated from its samples)")
+    ax2.set_xlabel("KL to baseline (nats, Monte-Carlo estimate)")
     ax2.set_ylabel(key.replace("_", " "))
     ax2.set_title(f"{key.replace('_', ' ')} vs KL")
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True

@@ -152,15 +152,11 @@ def preempted(d: Path, n_shards: int, signals: faults.ShardSignals, dropped: boo
     return faults.ShardsPreempted("generate", signals.signum, len(done), n_shards, dropped, todo[0] if todo else None)
 
 
-def run(ctx) -> dict:
-    """From loading to the last shard, a signal drops the shard in progress (or stops before the next one)."""
-    with faults.ShardSignals(ctx.stage) as signals:
-        return _run(ctx, signals)
-
-
-def _run(ctx, signals: faults.ShardSignals) -> dict:
+@faults.handled(faults.ShardSignals)
+def run(ctx, signals: faults.ShardSignals) -> dict:
     """Setup (backend, prompts, shards left to do), the data-parallel workers when there are several engines, the
-    shards sampled here, and the summary."""
+    shards sampled here, and the summary. From loading to the last shard, a signal drops the shard in progress
+    (or stops before the next one)."""
     from prefopt.models.loading import load_tokenizer
 
     sec = ctx.section

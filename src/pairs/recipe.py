@@ -104,21 +104,17 @@ def histogram(values: list[float], bins: int = 10) -> dict:
 
 
 def plot(margins: list[float], gaps: list[float], unit: str, path: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    a, b = fig.subplots(1, 2)
     a.hist(margins, bins=20, color="tab:blue")
     a.set(title=f"score margin (n={len(margins)})", xlabel="chosen - rejected score", ylabel="pairs")
     b.hist(gaps, bins=20, color="tab:orange")
     b.axvline(0, color="k", lw=0.8)
     mean_gap = statistics.fmean(gaps) if gaps else 0.0
     b.set(title=f"length gap (mean {mean_gap:+.2f} {unit})", xlabel=f"chosen - rejected length ({unit})")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

@@ -46,13 +46,21 @@ def drop_reason(scores: list[float], margin: float, texts: list[str] | None = No
     return None
 
 
+def _best(scores: list[float], texts: list[str] | None, k: int) -> tuple[list[int], int] | None:
+    """The distinct candidates and the best of them (the first index on a tie, so the choice is deterministic), or
+    None when the prompt can give no pair (fewer than two distinct candidates, or k < 1)."""
+    idx = distinct(scores, texts)
+    if len(idx) < 2 or k < 1:
+        return None
+    return idx, max(idx, key=lambda i: (scores[i], -i))
+
+
 def best_vs_worst(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
                   rng: random.Random | None = None) -> list[tuple[int, int]]:
     """[(argmax, argmin)] when their gap exceeds `margin`, else []. One pair per prompt whatever k (k >= 1)."""
-    idx = distinct(scores, texts)
-    if len(idx) < 2 or k < 1:
+    if (found := _best(scores, texts, k)) is None:
         return []
-    best = max(idx, key=lambda i: (scores[i], -i))  # first index wins a tie, so the choice is deterministic
+    idx, best = found
     worst = min(idx, key=lambda i: (scores[i], i))
     return [(best, worst)] if scores[best] - scores[worst] > margin else []
 
@@ -60,11 +68,10 @@ def best_vs_worst(scores: list[float], margin: float = 0.0, k: int = 1, texts: l
 def best_vs_random(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[str] | None = None,
                    rng: random.Random | None = None) -> list[tuple[int, int]]:
     """The best against up to k distinct others drawn (with `rng`) among those scored more than `margin` below."""
-    idx = distinct(scores, texts)
-    if len(idx) < 2 or k < 1:
+    if (found := _best(scores, texts, k)) is None:
         return []
+    idx, best = found
     rng = rng or random.Random(0)
-    best = max(idx, key=lambda i: (scores[i], -i))
     eligible = [j for j in idx if scores[best] - scores[j] > margin]
     return [(best, j) for j in rng.sample(eligible, min(k, len(eligible)))]
 
@@ -84,10 +91,9 @@ def best_vs_z(scores: list[float], margin: float = 0.0, k: int = 1, texts: list[
     `margin`. mu and sigma (population, n in the denominator) are over all of the prompt's candidates, repeats
     included: they are the policy's reward distribution, as the paper's. A tie in distance goes to the lower score,
     then the lower index. One pair per prompt whatever k."""
-    idx = distinct(scores, texts)
-    if len(idx) < 2 or k < 1:
+    if (found := _best(scores, texts, k)) is None:
         return []
-    best = max(idx, key=lambda i: (scores[i], -i))
+    idx, best = found
     target = statistics.fmean(scores) + z * statistics.pstdev(scores)
     rejected = min((j for j in idx if j != best), key=lambda j: (abs(scores[j] - target), scores[j], j))
     return [(best, rejected)] if scores[best] - scores[rejected] > margin else []

@@ -44,16 +44,11 @@ from prefopt.training import throughput
 from prefopt.training.logps import masked_mean
 
 
-def run(ctx) -> dict:
-    """From the first load to the final save, SIGTERM / SIGINT / SIGUSR1 stop at an iteration's end (`train`); one
-    during the final save lets it finish."""
-    with faults.StopSignals(ctx.stage) as signals:
-        return _run(ctx, signals)
-
-
-def _run(ctx, signals: faults.StopSignals) -> dict:
+@faults.handled(faults.StopSignals)
+def run(ctx, signals: faults.StopSignals) -> dict:
     """Setup (the launch, the checkpoint to resume from, the models, the prompts and the reward), `train`, and the
-    final save."""
+    final save. From the first load to the final save, SIGTERM / SIGINT / SIGUSR1 stop at an iteration's end
+    (`train`); one during the final save lets it finish."""
     from prefopt.data.loaders import load_prompts
     from prefopt.data.templates import render_prompt
     from prefopt.dist.process import seed_everything

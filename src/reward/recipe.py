@@ -223,6 +223,11 @@ class Selection:
     def best(self) -> dict | None:
         return max(self.history, key=lambda h: (h["accuracy"], -h["loss"], -h["step"]), default=None)
 
+    def figures(self) -> dict:
+        """The summary's select/* entries: the best step, its validation accuracy, every evaluation."""
+        best = self.best()
+        return {"select/best_step": best["step"], "select/accuracy": best["accuracy"], "select/history": self.history}
+
     def record(self, step: int, m: dict) -> bool:
         """Add one evaluation; True when training should stop."""
         rec = {"step": step, "accuracy": m["accuracy"], "loss": m["loss"], "margin": m["margin"]}
@@ -262,13 +267,9 @@ def selection_callback(scorer_of, val_rows: list[dict], cfg, selection: Selectio
     return SelectCallback()
 
 
-def run(ctx) -> dict:
-    # a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
-    with faults.StopSignals(ctx.stage) as stop:
-        return _run(ctx, stop)
-
-
-def _run(ctx, stop: faults.StopSignals) -> dict:
+# a preemption signal from here on stops training with a checkpoint; during the final save it lets it finish
+@faults.handled(faults.StopSignals)
+def run(ctx, stop: faults.StopSignals) -> dict:
     cfg = ctx.section
     model_path = ctx.resolve(cfg.model)
     tok = load_tokenizer(model_path, padding_side="right")
@@ -314,8 +315,7 @@ def run_trl(ctx, stop: faults.StopSignals, cfg, tok, data, train_rows, val_rows,
                "skipped_rows": data.skipped, **perf.figures}
     best = selection.best()
     if best is not None:
-        summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],
-                        "select/history": selection.history})
+        summary.update(selection.figures())
         if best["step"] != trainer.state.global_step:
             ckpt = Path(args.output_dir) / f"checkpoint-{best['step']}"
             if ckpt.is_dir():
@@ -392,8 +392,7 @@ def run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Se
     model_dir = ctx.dir / "model"
     best = selection.best()
     if best is not None:
-        summary.update({"select/best_step": best["step"], "select/accuracy": best["accuracy"],
-                        "select/history": selection.history})
+        summary.update(selection.figures())
         ckpt = ctx.dir / "checkpoints" / f"checkpoint-{best['step']}"
         if best["step"] != out["steps"] and ctx.is_main and ckpt.is_dir():
             shutil.rmtree(model_dir)

@@ -156,6 +156,24 @@ class StopSignals:
         return int(t.item())
 
 
+def handled(signals: type[StopSignals]):
+    """A stage's `run(ctx, signals)` as the stage runner calls it, `run(ctx)`, with `signals` (StopSignals: stop at
+    a step's end with a checkpoint; ShardSignals: drop the shard in progress) held from its first line to its
+    return: a signal during the final save lets the save finish.
+
+        @faults.handled(faults.ShardSignals)
+        def run(ctx, signals) -> dict: ..."""
+    import functools
+
+    def wrap(run):
+        @functools.wraps(run)
+        def staged(ctx):
+            with signals(ctx.stage) as held:
+                return run(ctx, held)
+        return staged
+    return wrap
+
+
 class ShardSignals(StopSignals):
     """StopSignals for work in shards. Inside `sampling()` a signal raises ShardDropped at once: the shard being
     sampled is abandoned (a shard is only ever written whole, by rename, after sampling). Elsewhere (writing a

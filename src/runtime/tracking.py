@@ -170,7 +170,7 @@ class Tracker:
     def finish(self, summary: dict[str, Any]) -> None:
         self._metrics.close()
         if self.run is not None:
-            self.run.summary.update(_clean(_flatten(summary)))
+            self.run.summary.update(_clean(flatten(summary)))
             run_path = Path(self.run.dir).parent
             self.run.finish()
             if self.mode == "offline":
@@ -339,12 +339,13 @@ def _wandb_records(path: Path) -> list:
     return records
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a/b": 1}: the W&B run summary's naming (analysis.runs reads summaries with it too)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
+            out.update(flatten(v, key + "/"))
         else:
             out[key] = v
     return out

@@ -174,15 +174,11 @@ def preempted(out_dir: Path, shards: list[Path], signals: faults.ShardSignals,
                                   None if all(on_disk) else on_disk.index(False))
 
 
-def run(ctx) -> dict:
-    """From loading to the last shard, a signal drops the shard being scored (or stops before the next one)."""
-    with faults.ShardSignals(ctx.stage) as signals:
-        return _run(ctx, signals)
-
-
-def _run(ctx, signals: faults.ShardSignals) -> dict:
+@faults.handled(faults.ShardSignals)
+def run(ctx, signals: faults.ShardSignals) -> dict:
     """Setup (the reward model, what it reads, the shards left and the cache), the data-parallel workers when there
-    are several GPUs, the shards scored and written here, and the summary."""
+    are several GPUs, the shards scored and written here, and the summary. From loading to the last shard, a
+    signal drops the shard being scored (or stops before the next one)."""
     cfg = ctx.section
     if cfg.reward_fn:
         return run_function(ctx, cfg, signals)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from prefopt.models.loading import REWARD_META
+from prefopt.scoring.batches import by_length
 
 META = REWARD_META  # reward_model.json
 
@@ -78,16 +79,11 @@ class LikelihoodScorer:
             t = tokenize_pair({"prompt": p, "chosen": r, "rejected": r}, self.tokenizer, max_length)
             prompt_ids.append(t["prompt_ids"][:max_length])
             response_ids.append(t["chosen_ids"][:max(0, max_length - len(prompt_ids[-1]))])  # cut as the loop cuts
-        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
-        out = [0.0] * len(prompts)
-        for start in range(0, len(order), batch_size):  # one batch per call: the bar moves as batches finish
-            idx = order[start:start + batch_size]
+        def score_batch(idx: list[int]) -> list[float]:  # one batch per call: the bar moves as batches finish
             sums = response_logps(self.model, [prompt_ids[i] for i in idx], [response_ids[i] for i in idx],
                                   self.tokenizer.pad_token_id, batch_size=len(idx))
-            rewards = likelihood_reward(torch.tensor(sums), torch.tensor([len(response_ids[i]) for i in idx]),
-                                        self.beta)
-            for i, v in zip(idx, rewards.tolist()):
-                out[i] = v
-            if progress is not None:
-                progress.update(len(idx))
-        return out
+            lengths = torch.tensor([len(response_ids[i]) for i in idx])
+            return likelihood_reward(torch.tensor(sums), lengths, self.beta).tolist()
+
+        return by_length([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], batch_size, score_batch,
+                         progress)

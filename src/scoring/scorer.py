@@ -24,6 +24,7 @@ from pathlib import Path
 from prefopt.config import ConfigError
 from prefopt.data.templates import encode, prompt_messages
 from prefopt.io import content_hash, weights_sha256
+from prefopt.scoring.batches import by_length
 
 
 def reward_text(prompt: str, response: str, eos_token: str | None) -> str:
@@ -198,34 +199,28 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
         vocab = base.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
         vocab = len(tokenizer)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [0.0] * len(texts)
+    from prefopt.training.padding import right_pad
+
+    def score_batch(idx: list[int]) -> list[float]:
+        # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
+        ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
+        pad = batch_pad_id(own, ids, vocab)
+        if config is None and tokenizer.pad_token_id is not None:
+            pad = tokenizer.pad_token_id  # a model with no config to tell: padded as its tokenizer pads
+        input_ids, mask = right_pad(ids, pad)
+        if config is not None and pad != own:
+            config.pad_token_id = pad  # for this forward only: the model's lookup then finds each row's end
+        try:
+            res = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        finally:
+            if config is not None:
+                config.pad_token_id = own
+        # Some hub reward models (ArmoRM) return a `score` field beside their multi-objective logits.
+        scores = getattr(res, "score", None)
+        return (scores if scores is not None else res.logits[:, 0]).float().reshape(-1).cpu().tolist()
+
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
-            ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
-            pad = batch_pad_id(own, ids, vocab)
-            if config is None and tokenizer.pad_token_id is not None:
-                pad = tokenizer.pad_token_id  # a model with no config to tell: padded as its tokenizer pads
-            T = max(len(r) for r in ids)
-            input_ids = torch.tensor([r + [pad] * (T - len(r)) for r in ids], device=device)  # (B, T), right padded
-            mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in ids], device=device)
-            if config is not None and pad != own:
-                config.pad_token_id = pad  # for this forward only: the model's lookup then finds each row's end
-            try:
-                res = model(input_ids=input_ids, attention_mask=mask)
-            finally:
-                if config is not None:
-                    config.pad_token_id = own
-            # Some hub reward models (ArmoRM) return a `score` field beside their multi-objective logits.
-            scores = getattr(res, "score", None)
-            scores = (scores if scores is not None else res.logits[:, 0]).float().reshape(-1).cpu().tolist()
-            for i, s in zip(idx, scores):
-                out[i] = s
-            if progress is not None:
-                progress.update(len(idx))
-    return out
+        return by_length([len(t) for t in texts], batch_size, score_batch, progress)
 
 
 def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool = False,
