@@ -17,6 +17,7 @@ import torch
 
 from families import FAMILIES, build_model, build_tokenizer
 from prefopt.models.architectures import CHECKED, support_table, unchecked
+from prefopt.models import varlen
 from prefopt.preference.batching import (LAYOUTS, LayoutError, _pair_logps_inside_forward, check_layout, collate,
                                          pair_logps)
 
@@ -63,6 +64,19 @@ def _pad(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+def _runs(model):
+    """Each layout as the loop runs it on this model, and `packed` once more with the model switched to varlen
+    attention (each packed sequence computed alone: the loop's default for packed on SDPA and eager): yields the
+    layout's name after the model is set up for it, and restores it at the end."""
+    for layout in LAYOUTS:
+        yield layout, layout
+    if model.config._attn_implementation in varlen.SUPPORTED:
+        base = varlen.use_varlen(model)
+        check_layout(model, "packed")
+        yield "packed+varlen", "packed"
+        varlen.restore(model, base)
+
+
 def test_every_checked_family_is_built_here():
     assert {c["family"] for c in CHECKED.values()} == set(FAMILIES)
     for model_type, c in CHECKED.items():
@@ -78,15 +92,18 @@ def test_every_layout_and_path_gives_the_models_own_log_probs(tokenizers, family
     examples = _pairs(len(tok))
     ref = _plain(model, examples)
     lengths = torch.tensor([len(e["chosen_ids"]) for e in examples] + [len(e["rejected_ids"]) for e in examples])
-    for layout in LAYOUTS:
+    runs = []
+    for name, layout in _runs(model):
+        runs.append(name)
         check_layout(model, layout)
         batch = collate(examples, _pad(tok), 0, layout)
         with torch.no_grad():
             paths = {"hook": pair_logps(model, batch, 0), "chunked": pair_logps(model, batch, 7),
                      "in_forward": _pair_logps_inside_forward(model, batch)}
         for path, (sums, lens) in paths.items():
-            torch.testing.assert_close(sums, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"{layout}/{path}: {m}")
+            torch.testing.assert_close(sums, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}/{path}: {m}")
             torch.testing.assert_close(lens, lengths.to(lens.dtype))
+    assert ("packed+varlen" in runs) == (attn in varlen.SUPPORTED)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2.5"])
@@ -98,14 +115,14 @@ def test_gradients_of_every_layout_match_the_padded_layout(tokenizers, family):
     model = build_model(FAMILIES[family], tok, "eager")
     examples = _pairs(len(tok))
     grads = {}
-    for layout in LAYOUTS:
+    for name, layout in _runs(model):
         model.zero_grad()
         sums, _ = pair_logps(model, collate(examples, _pad(tok), 0, layout), 5)
         b = len(examples)
         loss, _ = dpo_loss(sums[:b], sums[b:], sums[:b].detach() - 1.0, sums[b:].detach() + 0.5, beta=0.1)
         loss.backward()
-        grads[layout] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for layout in ("packed", "shared_prompt"):
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for layout in ("packed", "shared_prompt", "packed+varlen"):
         for name, g in grads["padded"].items():
             torch.testing.assert_close(grads[layout][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{layout} {name}")
 
@@ -118,9 +135,9 @@ def test_bf16_autocast_layouts_agree_within_bf16_rounding(tokenizers, family):
     ref = _plain(model, examples)
     got = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for layout in LAYOUTS:
-            got[layout] = pair_logps(model, collate(examples, _pad(tok), 0, layout), 0)[0]
-    for layout in LAYOUTS:
+        for name, layout in _runs(model):
+            got[name] = pair_logps(model, collate(examples, _pad(tok), 0, layout), 0)[0]
+    for layout in got:
         torch.testing.assert_close(got[layout], ref, atol=0.0, rtol=BF16_VS_FP32_RTOL, msg=lambda m: f"{layout}: {m}")
         torch.testing.assert_close(got[layout], got["padded"], atol=0.0, rtol=BF16_LAYOUT_RTOL,
                                    msg=lambda m: f"{layout} vs padded: {m}")

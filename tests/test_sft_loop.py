@@ -109,15 +109,21 @@ def test_sft_batch_logps_equal_the_models_own_forward(tiny_model_dir, layout):
     from prefopt.preference.batching import collate, num_targets, pair_logps
 
     model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
+    from prefopt.models import varlen
+
+    base = varlen.use_varlen(model) if layout == "packed" else None  # as the loop runs it: each sequence alone
     examples = [{"prompt_ids": [1, 5, 6, 7], "completion_ids": [8, 9, 2]},
                 {"prompt_ids": [1, 10], "completion_ids": [11, 12, 13, 14, 2]},
                 {"prompt_ids": [1, 20, 21, 22, 23, 24], "completion_ids": [25, 26, 27, 2]}]  # cut to 8 tokens: 2 kept
     batch = collate(examples, pad_token_id=0, max_length=8, layout=layout)
     assert int(batch["num_sequences"]) == 3 and [num_targets(e, 8) for e in examples] == [3, 5, 2]
     if layout == "packed":
-        assert batch["input_ids"].numel() == 8 * 3  # 7 + 7 + 8 tokens in rows of 8: 2 padding positions
+        assert batch["input_ids"].shape == (1, 7 + 7 + 8)  # one row, no padding
+        assert batch["position_ids"][0].tolist() == [*range(7), *range(7), *range(8)]
     with torch.no_grad():
         sums, lengths = pair_logps(model, batch, chunk_size=4)
+        if base:
+            varlen.restore(model, base)  # the expected values: the model's own forward
         expected = []
         for ex in examples:
             ids = (ex["prompt_ids"] + ex["completion_ids"])[:8]

@@ -3,10 +3,12 @@
 Three layouts of the same tokens (prefopt.preference.data: prompt + completion + EOS, TRL's token ids):
 
   padded         2B right-padded rows, chosen rows [0, B) then rejected rows [B, 2B) (what TRL's DPOTrainer does)
-  packed         padding-free: the 2B sequences packed first-fit into as few rows as fit the longest one; position
-                 ids restart at 0 for each sequence and a block-diagonal causal mask (R, 1, T, T) keeps attention
-                 inside each sequence
-  shared_prompt  packed, and each pair is one segment prompt | chosen | rejected: the prompt is computed once, the
+  packed         padding-free: the 2B sequences side by side in one row, position ids restarting at 0 for each;
+                 the loop computes each sequence's attention on its own (prefopt.models.varlen on SDPA and eager,
+                 flash attention's varlen kernels on a GPU), so nothing is padding and no (T, T) mask is built; a
+                 model not switched to varlen gets the block-diagonal causal mask built from the position ids
+  shared_prompt  each pair is one segment prompt | chosen | rejected, packed first-fit into as few rows as fit the
+                 longest, with a (R, 1, T, T) mask: the prompt is computed once, the
                  chosen and the rejected tokens both attend to it (and to their own earlier tokens) but not to each
                  other; the rejected completion's position ids continue from the prompt as the chosen's do
                  (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing")
@@ -36,6 +38,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from prefopt.models.varlen import VARLEN
 
 LAYOUTS = ("padded", "packed", "shared_prompt")
 
@@ -102,8 +106,8 @@ def _pack(lengths: list[int]) -> list[list[int]]:
 
 
 def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
-    """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed layouts: input_ids,
-    position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
+    """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed: input_ids, position_ids (1, T).
+    Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
     num_sequences (2B; B for SFT examples, which hold one `completion_ids`), num_tokens (the non-padding
     positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
     if layout not in LAYOUTS:
@@ -114,17 +118,21 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
         K = len(segs) // max(B, 1)  # sequences per example: 2 (a pair) or 1 (SFT)
         order = [i * K + k for k in range(K) for i in range(B)]  # chosen rows, then rejected
         rows = [[j] for j in order]
+    elif layout == "packed":  # one row: nothing is padding (attention runs per sequence, models.varlen)
+        segs = _segments(examples, False, max_length)
+        rows = [list(range(len(segs)))]
     else:
-        segs = _segments(examples, layout == "shared_prompt", max_length)
+        segs = _segments(examples, True, max_length)
         rows = _pack([len(s["ids"]) for s in segs])
     T = max(sum(len(segs[j]["ids"]) for j in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
     source, target, seq = [], [], []
+    attention_mask = None  # packed: none (each sequence is found from its position ids)
     if layout == "padded":
         attention_mask = torch.zeros((R, T), dtype=torch.long)
-    else:
+    elif layout == "shared_prompt":
         attention_mask = torch.zeros((R, 1, T, T), dtype=torch.bool)
         attention_mask[:, 0] = torch.eye(T, dtype=torch.bool)  # padding attends to itself: no all-masked row (NaN)
     for r, row in enumerate(rows):
@@ -136,7 +144,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             position_ids[r, start:start + n] = torch.tensor(s["pos"])
             if layout == "padded":
                 attention_mask[r, :n] = 1
-            else:
+            elif layout == "shared_prompt":
                 g = torch.tensor(s["group"])
                 allowed = (g[None, :] == 0) | (g[None, :] == g[:, None])  # (query, key)
                 attention_mask[r, 0, start:start + n, start:start + n] = torch.tril(allowed)
@@ -145,10 +153,12 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
                 target.append(tok)
                 seq.append(sq)
             start += n
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "source_index": torch.tensor(source),
+    out = {"input_ids": input_ids, "source_index": torch.tensor(source),
            "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
            "num_sequences": torch.tensor(len(segs) if layout != "shared_prompt" else 2 * B),
            "num_tokens": torch.tensor(sum(len(s["ids"]) for s in segs))}  # non-padding positions (throughput)
+    if attention_mask is not None:
+        out["attention_mask"] = attention_mask
     if layout != "padded":
         out["position_ids"] = position_ids
     if examples and "ref_logps" in examples[0]:
@@ -179,7 +189,7 @@ def check_layout(model, layout: str, key: str = "layout") -> None:
     if layout == "padded":
         return
     impl = attention_implementation(model)
-    flash = impl.startswith(_FLASH_PREFIXES)
+    flash = impl.startswith(_FLASH_PREFIXES) or impl == VARLEN  # sequences from position ids, no mask
     if impl in _MASKED_IMPLS or (flash and layout == "packed"):
         types = set(getattr(_unwrap(model).config.get_text_config(), "layer_types", None) or ())
         unknown = types - {"full_attention", "sliding_attention"}
@@ -215,12 +225,20 @@ def attention_inputs(model, batch: dict) -> dict:
         return {"attention_mask": batch["attention_mask"]}
     impl = attention_implementation(model)
     pos = batch["position_ids"]
-    if impl.startswith(_FLASH_PREFIXES):  # packed: transformers reads the sequence starts from the position ids
+    if impl.startswith(_FLASH_PREFIXES) or impl == VARLEN:  # packed: the sequences are read from the position ids
+        if "attention_mask" in batch:
+            raise LayoutError(f"the shared-prompt layout cannot run with attn_implementation={impl!r}: it cannot "
+                              f"express a prompt shared by two completions")
         return {"attention_mask": None, "position_ids": pos}
     if impl not in _MASKED_IMPLS:
         raise LayoutError(f"layout with packed sequences cannot run with attn_implementation={impl!r}")
     config = _unwrap(model).config.get_text_config()
-    allowed = batch["attention_mask"]
+    allowed = batch.get("attention_mask")
+    if allowed is None:  # packed: each sequence (its position ids restart at 0) attends causally to itself
+        seq = (pos == 0).cumsum(-1)
+        T = pos.shape[-1]
+        causal = torch.ones((T, T), dtype=torch.bool, device=pos.device).tril()
+        allowed = (seq[:, None, :, None] == seq[:, None, None, :]) & causal
     dtype = _unwrap(model).dtype
     masks = {}
     for layer_type, window in _layer_windows(config).items():

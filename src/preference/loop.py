@@ -49,7 +49,9 @@ from prefopt.runtime import faults
 from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_causal_lm, load_reward_model,
                                     load_tokenizer, place_frozen, save_model)
 from prefopt.preference import reference as refcache
-from prefopt.preference.batching import LayoutError, check_layout, collate, num_targets, pair_logps
+from prefopt.models import varlen
+from prefopt.preference.batching import (LayoutError, attention_implementation, check_layout, collate, num_targets,
+                                         pair_logps)
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.preference.rewards import PairRewards, collate_texts, pair_rewards
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
@@ -191,7 +193,7 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
     found = accelerator.gather(torch.tensor([int(logps is not None)], device=accelerator.device))
     reused = bool(found.all())
     if not reused:
-        ref = policy if own else _frozen_reference(accelerator, ref_path, f"{ctx.stage}.ref_model")
+        ref = policy if own else _frozen_reference(accelerator, ref_path, f"{ctx.stage}.ref_model", sec.layout)
         # a LoRA policy's reference is its base: the adapter is off (it starts at zero, so this is exact either way)
         base = accelerator.unwrap_model(policy).disable_adapter() if own and sec.lora.enabled else nullcontext()
         with base, accelerator.autocast():
@@ -210,12 +212,20 @@ def _precompute_reference(ctx, sec, accelerator, policy, model_path: str, ref_pa
     return info
 
 
-def _frozen_reference(accelerator, ref_path: str, key: str):
+def _frozen_reference(accelerator, ref_path: str, key: str, layout: str):
     """A `ref_model` other than the policy, for the reference pass, placed as the policy is
     (`models.place_frozen`: sharded under FSDP2 and ZeRO-3, a whole copy otherwise)."""
     ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
     disable_dropout(ref)
+    packed_varlen(ref, layout)
     return place_frozen(accelerator, ref, True, key)
+
+
+def packed_varlen(model, layout: str) -> None:
+    """The packed layout's attention: each sequence of the packed row on its own (prefopt.models.varlen) when the
+    model runs SDPA or eager attention; flash attention does this itself from the position ids."""
+    if layout == "packed" and attention_implementation(model) in varlen.SUPPORTED:
+        varlen.use_varlen(model)
 
 
 def check_same_tokenizer(model_path: str, ref_path: str, tokenizer) -> None:
@@ -286,12 +296,14 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     # a layout the attention implementation cannot compute exactly is a config error (a family the conformance
     # suite has not checked is a warning, from load_causal_lm)
     check_layout(model, sec.layout, f"{ctx.stage}.layout")
+    packed_varlen(model, sec.layout)
     ref_info, frozen_ref = {}, None
     if reference is not None:
         check_same_tokenizer(model_path, ref_path, tokenizer)
     if reference == "loaded":
         frozen_ref = load_causal_lm(ref_path, dtype="float32").eval().requires_grad_(False)
         disable_dropout(frozen_ref)
+        packed_varlen(frozen_ref, sec.layout)
         frozen_ref.to(accelerator.device)
     if sec.lora.enabled:
         check_lora_mergeable(accelerator, f"{ctx.stage}.lora.enabled")
