@@ -30,9 +30,10 @@ class SFTStageConfig(TrainFields):
     reference the loop's loss curve is tested against: tests/test_sft_loop.py). Both train the same tokens with the
     same loss (NLL summed over the step's completion tokens over their count)."""
     layout: Literal["padded", "packed"] = "packed"
-    """Token layout of a batch (backend prefopt): `packed` puts the examples side by side in as few rows as fit the
-    longest, position ids restarting at 0 for each and attention kept inside each, so no compute goes to padding;
-    `padded` right-pads every example to the longest (what TRL does). Same loss and gradients to float rounding."""
+    """Token layout of a batch (backend prefopt): `packed` puts the examples side by side in one row, position ids
+    restarting at 0 for each, and computes each example's attention on its own (models/varlen.py; flash attention's
+    varlen kernels on a GPU), so no compute goes to padding; `padded` right-pads every example to the longest (what
+    TRL does). Same loss and gradients to float rounding."""
     logps_chunk_size: int = 512
     """Project hidden states to the vocabulary this many completion tokens at a time, recomputed in backward
     (backend prefopt; 0: in one piece): the (tokens x vocab) float32 logits never exist at once."""
