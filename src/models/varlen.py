@@ -33,14 +33,21 @@ BASE_ATTR = "_prefopt_varlen_base"  # on each module (not the config, which is s
 SUPPORTED = ("sdpa", "eager")
 
 
+_last: dict = {}  # the pieces of the last position ids read: every layer of a forward reads the same tensor
+
+
 def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each sequence of each row: a sequence starts where the position ids restart at 0."""
+    """(start, end) of each sequence of each row: a sequence starts where the position ids restart at 0. Read once
+    per forward (reading them moves them to the host: a GPU sync), then reused by the other layers."""
+    if _last.get("ids") is position_ids and _last["version"] == position_ids._version:  # held: not a reused address
+        return _last["pieces"]
     pieces = []
-    for row in position_ids.tolist():
+    for row in position_ids.reshape(-1, position_ids.shape[-1]).tolist():
         starts = [i for i, p in enumerate(row) if p == 0] or [0]
         if starts[0] != 0:
             starts = [0] + starts
         pieces.append(list(zip(starts, starts[1:] + [len(row)])))
+    _last.update(ids=position_ids, version=position_ids._version, pieces=pieces)
     return pieces
 
 
@@ -81,7 +88,10 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     fn = _family_eager(module) if eager else sdpa_attention_forward
     kwargs.pop("is_causal", None)
     rows = []
-    for b, pieces in enumerate(_pieces(position_ids.reshape(-1, query.shape[2]).expand(query.shape[0], -1))):
+    per_row = _pieces(position_ids)
+    if len(per_row) != query.shape[0]:  # position ids shared by every row
+        per_row = per_row[:1] * query.shape[0]
+    for b, pieces in enumerate(per_row):
         outs = []
         for s, e in pieces:
             mask = _piece_mask(e - s, sliding_window, eager, query.dtype, query.device)

@@ -1,0 +1,60 @@
+"""Varlen attention (prefopt.models.varlen): the packed row's sequences found from the position ids, each computed
+alone; nothing of the switch reaches a saved checkpoint. Its numbers against each family's own forward are in
+tests/test_architectures.py."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+
+from prefopt.models import varlen
+
+
+def _tiny(attn: str = "sdpa") -> LlamaForCausalLM:
+    set_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_pieces_are_read_from_each_new_position_tensor():
+    """Every layer of a forward reads the same position ids (read once, kept); the next batch's, of the same shape
+    and perhaps at the same address, are read again."""
+    a = torch.tensor([[0, 1, 2, 0, 1]])
+    assert varlen._pieces(a) == [[(0, 3), (3, 5)]]
+    assert varlen._pieces(a) is varlen._pieces(a)
+    b = torch.tensor([[0, 1, 0, 1, 2]])
+    assert varlen._pieces(b) == [[(0, 2), (2, 5)]]
+    b[0, 2] = 2  # written in place: read again
+    assert varlen._pieces(b) == [[(0, 5)]]
+
+
+def test_a_packed_row_gives_each_sequence_its_own_logits_and_the_saved_config_is_untouched(tmp_path):
+    model = _tiny()
+    a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 4))
+    with torch.no_grad():
+        alone = [model(a).logits, model(b).logits]
+        base = varlen.use_varlen(model)
+        packed = model(torch.cat([a, b], 1), position_ids=torch.tensor([[*range(6), *range(4)]])).logits
+    assert base == "sdpa" and model.config._attn_implementation == varlen.VARLEN
+    torch.testing.assert_close(packed[:, :6], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 6:], alone[1], atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not [k for k in saved if "varlen" in k or "attn_implementation" in k]
+    varlen.restore(model, base)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, varlen.BASE_ATTR) for m in model.modules())
+
+
+def test_an_unpacked_batch_through_a_switched_model_is_the_models_own_forward():
+    """Rows of one sequence each (the model makes position ids 0..T-1 itself): one piece per row, the same logits."""
+    model = _tiny("eager")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        own = model(ids).logits
+        varlen.use_varlen(model)
+        switched = model(ids).logits
+    torch.testing.assert_close(switched, own, atol=1e-5, rtol=1e-5)
