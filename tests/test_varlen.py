@@ -19,16 +19,27 @@ def _tiny(attn: str = "sdpa") -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def test_pieces_are_read_from_each_new_position_tensor():
-    """Every layer of a forward reads the same position ids (read once, kept); the next batch's, of the same shape
-    and perhaps at the same address, are read again."""
+def test_the_plan_is_read_from_each_new_position_tensor():
+    """Every layer of a forward reads the same position ids (planned once, kept); the next batch's, of the same
+    shape and perhaps at the same address, are planned again, as is a tensor written in place."""
     a = torch.tensor([[0, 1, 2, 0, 1]])
     assert varlen._pieces(a) == [[(0, 3), (3, 5)]]
-    assert varlen._pieces(a) is varlen._pieces(a)
+    assert varlen._plan(a, 1) is varlen._plan(a, 1)
     b = torch.tensor([[0, 1, 0, 1, 2]])
     assert varlen._pieces(b) == [[(0, 2), (2, 5)]]
-    b[0, 2] = 2  # written in place: read again
-    assert varlen._pieces(b) == [[(0, 5)]]
+    (gather, L), (scatter, _) = varlen._plan(b, 1)  # one bucket (16): pieces right-padded to the longest, 3
+    assert L == 3 and gather.tolist() == [[0, 1, 0], [2, 3, 4]] and scatter.tolist() == [0, 1, 3, 4, 5]
+    b[0, 2] = 2  # written in place: planned again
+    (gather, _), _ = varlen._plan(b, 1)
+    assert gather.tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_pieces_of_very_different_lengths_go_to_different_buckets():
+    pos = torch.tensor([[*range(3), *range(40), *range(5)]])
+    (short, ls), (long, ll), (scatter, _) = varlen._plan(pos, 1)
+    assert (ls, ll) == (5, 40) and short.shape == (2, 5) and long.shape == (1, 40)
+    # outputs laid end to end: the short bucket's 2 x 5 slots (pieces at 0 and 43), then the long one's 40
+    assert scatter.tolist() == [0, 1, 2, *range(10, 50), *range(5, 10)]
 
 
 def test_a_packed_row_gives_each_sequence_its_own_logits_and_the_saved_config_is_untouched(tmp_path):

@@ -33,27 +33,60 @@ BASE_ATTR = "_prefopt_varlen_base"  # on each module (not the config, which is s
 SUPPORTED = ("sdpa", "eager")
 
 
-_last: dict = {}  # the pieces of the last position ids read: every layer of a forward reads the same tensor
+_last: dict = {}  # the plan for the last position ids read: every layer of a forward reads the same tensor
 
 
 def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each sequence of each row: a sequence starts where the position ids restart at 0. Read once
-    per forward (reading them moves them to the host: a GPU sync), then reused by the other layers."""
-    if _last.get("ids") is position_ids and _last["version"] == position_ids._version:  # held: not a reused address
-        return _last["pieces"]
+    """(start, end) of each sequence of each row: a sequence starts where the position ids restart at 0."""
     pieces = []
     for row in position_ids.reshape(-1, position_ids.shape[-1]).tolist():
         starts = [i for i, p in enumerate(row) if p == 0] or [0]
         if starts[0] != 0:
             starts = [0] + starts
         pieces.append(list(zip(starts, starts[1:] + [len(row)])))
-    _last.update(ids=position_ids, version=position_ids._version, pieces=pieces)
     return pieces
 
 
+def _bucket(n: int) -> int:
+    """Pieces are batched with others of the same bucket, each right-padded to the bucket's longest: a power of
+    two (at least 16), so attention computes at most twice a piece's length and a step makes a few calls."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _plan(position_ids: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, int]]:
+    """For each bucket: `gather` (P, L), the flat (row * T + t) index of each piece's tokens, right-padded with
+    index 0 (any real token: a padding slot is attended by no real query, causal attention looks back only), and
+    the bucket's length L; then `scatter` (rows * T,), where each token's output lies in the buckets' outputs laid
+    end to end. Read once per forward (reading position ids moves them to the host: a GPU sync) and reused by every
+    layer; a new tensor, or one written in place, is read again."""
+    if _last.get("ids") is position_ids and _last["version"] == position_ids._version and _last["rows"] == rows:
+        return _last["plan"]
+    per_row = _pieces(position_ids)
+    if len(per_row) != rows:  # position ids shared by every row
+        per_row = per_row[:1] * rows
+    T = position_ids.shape[-1]
+    buckets: dict[int, list[tuple[int, int]]] = {}
+    for r, pieces in enumerate(per_row):
+        for s, e in pieces:
+            buckets.setdefault(_bucket(e - s), []).append((r * T + s, e - s))
+    device = position_ids.device
+    plan, slot, where = [], 0, torch.empty(rows * T, dtype=torch.long)
+    for L, members in sorted(buckets.items()):
+        longest = max(n for _, n in members)
+        gather = torch.zeros((len(members), longest), dtype=torch.long)
+        for i, (flat, n) in enumerate(members):
+            gather[i, :n] = torch.arange(flat, flat + n)
+            where[flat:flat + n] = torch.arange(slot + i * longest, slot + i * longest + n)
+        slot += len(members) * longest
+        plan.append((gather.to(device), longest))
+    plan.append((where.to(device), 0))  # the scatter, last
+    _last.update(ids=position_ids, version=position_ids._version, rows=rows, plan=plan)
+    return plan
+
+
 def _piece_mask(n: int, window: int | None, additive: bool, dtype, device) -> torch.Tensor | None:
-    """The causal (and sliding-window: key within the last `window` positions) mask of one piece of n tokens; None
-    when plain causal attention needs none (SDPA's is_causal)."""
+    """The causal (and sliding-window: key within the last `window` positions) mask of a piece of n tokens, shared
+    by every piece of a bucket (each starts at 0); None when plain causal attention needs none (SDPA's is_causal)."""
     if not additive and (not window or n <= window):
         return None
     i = torch.arange(n, device=device)
@@ -78,7 +111,8 @@ def _family_eager(module):
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                      position_ids: torch.Tensor | None = None, sliding_window: int | None = None, **kwargs):
     """An attention function (transformers' interface: query (B, H, T, D), key and value (B, Hkv, T, D) ->
-    (B, T, H, D), None) computing each packed sequence of each row on its own."""
+    (B, T, H, D), None) computing each packed sequence on its own: the pieces of a length bucket batched as rows
+    of their own, right-padded to the bucket's longest, one call per bucket."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if position_ids is None:
@@ -87,19 +121,18 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     eager = base == "eager" or kwargs.get("softcap") is not None  # SDPA cannot soft-cap
     fn = _family_eager(module) if eager else sdpa_attention_forward
     kwargs.pop("is_causal", None)
-    rows = []
-    per_row = _pieces(position_ids)
-    if len(per_row) != query.shape[0]:  # position ids shared by every row
-        per_row = per_row[:1] * query.shape[0]
-    for b, pieces in enumerate(per_row):
-        outs = []
-        for s, e in pieces:
-            mask = _piece_mask(e - s, sliding_window, eager, query.dtype, query.device)
-            out, _ = fn(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], mask,
-                        sliding_window=sliding_window, **kwargs)
-            outs.append(out)
-        rows.append(torch.cat(outs, dim=1))
-    return torch.cat(rows, dim=0), None
+    B, H, T, D = query.shape
+    *buckets, (scatter, _) = _plan(position_ids, B)
+    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value)]  # (B*T, heads, D)
+    outs = []
+    for gather, L in buckets:
+        # index_select: its backward is index_add (advanced indexing's, index_put with accumulate, is slower on CPU)
+        q, k, v = (x.index_select(0, gather.reshape(-1)).view(*gather.shape, *x.shape[1:]).transpose(1, 2)
+                   for x in flat)  # (P, heads, L, D)
+        mask = _piece_mask(L, sliding_window, eager, query.dtype, query.device)
+        out, _ = fn(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)  # (P, L, H, D)
+        outs.append(out.reshape(-1, H, out.shape[-1]))
+    return torch.cat(outs).index_select(0, scatter).reshape(B, T, H, -1), None
 
 
 def register() -> None:
