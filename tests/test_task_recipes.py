@@ -2,8 +2,10 @@
 over SFT on the task's test prompts, or the run stops at the reward-model gate with its message and exit code
 before any stage that uses the reward model. Never a silent degradation.
 
-Measured (seed 42, likelihood reward model; docs/methods.md), gold gain over SFT ± SE: reverse DPO +0.314 ± 0.015,
-SimPO +0.283 ± 0.013, PPO +0.256 ± 0.012 (SFT gold 0.53, RM test accuracy 0.828 ± 0.019); lookup stops at the
+Measured (seed 42, likelihood reward model, SFT on the shared loop; docs/methods.md), gold gain over SFT ± SE:
+reverse DPO +0.268 ± 0.018, SimPO +0.274 ± 0.017, PPO +0.253 ± 0.018 (SFT gold 0.489, RM test accuracy
+0.843 ± 0.018). Reverse's SFT policy is bimodal across seeds and float rounding (docs/methods.md): a change that
+moves the SFT trajectory can land it low (0.26), where the aligners gained about +0.06; lookup stops at the
 gate (RM 0.680 ± 0.023: not above 0.65 beyond noise; with the gate off the aligners gained +0.02 to +0.05). The
 curves and best-of-n are left off here (evaluation only)."""
 
