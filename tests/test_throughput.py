@@ -136,8 +136,10 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
     assert summary["perf/forward/tokens"] == computed and summary["perf/train/tokens"] == 2 * computed
     assert summary["perf/tokens"] == 3 * computed
     assert summary["perf/padding_fraction"] == pytest.approx(1 - useful / computed, abs=1e-4)
+    # the summary's seconds are rounded to 1 ms: on a train phase of a few tens of ms that alone moves MFU by ~1%
+    seconds = summary["perf/train/seconds"]
     assert summary["perf/train/mfu"] == pytest.approx(
-        6 * 20_640 * 2 * useful / summary["perf/train/seconds"] / (summary["perf/peak_tflops"] * 1e12), rel=0.01)
+        6 * 20_640 * 2 * useful / seconds / (summary["perf/peak_tflops"] * 1e12), rel=0.01 + 0.0005 / seconds)
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
     assert summary["perf/tokens_per_s"] > 0 and summary["perf/peak_tflops"] > 0
