@@ -83,7 +83,6 @@ MISSING = dataclasses.MISSING
 # ---------------------------------------------------------------------------------------------------------------
 
 
-
 def _number(tp: type, value: Any, key: str):
     """An int or float field's value: the number, an integral float for an int, or a string that reads as one
     (YAML 1.1 reads `1e-5`, with no dot, as a string); never a bool (YAML's true is not 1)."""
@@ -97,6 +96,7 @@ def _number(tp: type, value: Any, key: str):
             except ValueError:
                 pass
     raise ConfigError(f"{key}: expected {what}, got {value!r}")
+
 
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):

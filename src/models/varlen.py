@@ -1,15 +1,16 @@
-"""Padding-free attention over packed rows on any device: each packed sequence attends to itself alone, computed one
-sequence at a time by the model's own attention function, so no (T x T) mask is built and no position is padding.
+"""Padding-free attention over packed rows on any device: each packed sequence attends to itself alone, so no
+(T x T) mask is built and the linear layers compute no padding.
 
 Flash attention's varlen kernels do this on a GPU (transformers reads the sequence starts from the position ids);
 SDPA and eager attention have no varlen form, and the masked alternative (one boolean (T, T) mask over a packed row,
 prefopt.preference.batching's shared-prompt layout) computes every query against every key of the row and throws
-most of it away. Here a row is cut where its position ids restart at 0 and each piece goes through the attention
-function the model was loaded with:
+most of it away. Here a row is cut where its position ids restart at 0; the pieces of a length bucket (powers of
+two) are gathered as rows of their own, right-padded to the bucket's longest (causal attention never reads that
+padding), and each bucket goes through the attention function the model was loaded with, in one call:
 
-  sdpa    transformers' `sdpa_attention_forward` with no mask (is_causal: the fast kernels), or with the piece's
-          own causal sliding-window mask when the piece is longer than the window
-  eager   the family's own `eager_attention_forward` (Gemma-2's logit soft-capping lives there) with the piece's
+  sdpa    transformers' `sdpa_attention_forward` with no mask (is_causal: the fast kernels), or with the bucket's
+          causal sliding-window mask when the bucket is longer than the window
+  eager   the family's own `eager_attention_forward` (Gemma-2's logit soft-capping lives there) with the bucket's
           additive causal (and sliding-window) mask
 
 A piece computed alone is what a padded row holding only that sequence computes, so the log-probs are the padded

@@ -107,9 +107,9 @@ def _pack(lengths: list[int]) -> list[list[int]]:
 
 def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
     """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed: input_ids, position_ids (1, T).
-    Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids, seq_index (N,) and
-    num_sequences (2B; B for SFT examples, which hold one `completion_ids`), num_tokens (the non-padding
-    positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
+    Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids,
+    seq_index (N,) and num_sequences (2B; B for SFT examples, which hold one `completion_ids`), num_tokens (the
+    non-padding positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     B = len(examples)
