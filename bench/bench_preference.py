@@ -9,6 +9,10 @@ Jobs (the model and the data are built here, nothing is downloaded):
           another instruction's answer), batch 8, one epoch
   hh      the same model, 256 multi-turn Anthropic HH (harmless-base) transcripts: long prompts shared by a short
           chosen and a short rejected reply, batch 8, one epoch, max_length 512
+  separate  issue 24's job, of a shape the other two do not have: a 19M-parameter Llama (hidden 512, 8 layers,
+          MLP 832) with a BPE vocabulary of 512 (its own folder, `model-separate`), 512 pairs each with its own
+          prompt of 20-60 words and answers of 20-80 words (consecutive words of alpaca_en_demo; no prompt shared
+          across pairs), batch 8, one epoch
 Systems, each in its own process (one run = one whole process, as a user runs it; started back to back so the
 pairs compared ran under the same machine load; with --repeats the order alternates):
   prefopt-dpo         the `dpo` stage, defaults: reference precomputed (cached), layout shared_prompt
@@ -78,6 +82,45 @@ def hh_pairs(n: int, max_chars: int = 1500) -> list[dict]:
     return out[:n]
 
 
+def separate_pairs(n: int) -> list[dict]:
+    """n pairs, each its own stretch of alpaca_en_demo's word stream: a prompt of 20-60 words, a chosen answer of
+    20-80 words (the words that follow) and a rejected one of 20-80 (the next stretch's)."""
+    data = json.loads((SHARED / "llama-factory" / "alpaca_en_demo.json").read_text())
+    words = " ".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in data).split()
+    rng, at, out = random.Random(0), 0, []
+    for _ in range(n):
+        k, m, m2 = rng.randint(20, 60), rng.randint(20, 80), rng.randint(20, 80)
+        if at + k + m + m2 > len(words):
+            at = 0
+        out.append({"prompt": " ".join(words[at:at + k]) + "\n", "chosen": " ".join(words[at + k:at + k + m]),
+                    "rejected": " ".join(words[at + k + m:at + k + m + m2])})
+        at += k + m + m2
+    return out
+
+
+def model_dir(workdir: Path, job: str) -> Path:
+    return workdir / ("model-separate" if job == "separate" else "model")
+
+
+def build_separate(workdir: Path, n: int) -> None:
+    """Issue 24's model (19M, vocabulary 512) and its pairs, in their own folder."""
+    from prefopt.dist.process import seed_everything
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+
+    if (model_dir(workdir, "separate") / "model.safetensors").exists():
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = separate_pairs(n)
+    with open(workdir / "separate.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    seed_everything(0)
+    tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], vocab_size=512)
+    model = build_tiny_llama(tok, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                             intermediate_size=832, max_position_embeddings=1024)
+    save_model(model, tok, model_dir(workdir, "separate"))
+
+
 def build(workdir: Path, n_alpaca: int, n_hh: int) -> None:
     """The model, its tokenizer and both pairs files in workdir (once; reused by every run)."""
     from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
@@ -110,7 +153,7 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
     from prefopt.runtime.tracking import read_metrics
 
     stage = "simpo" if "simpo" in system else "dpo"
-    sec = {"model": str(workdir / "model"), "pairs": str(workdir / f"{job}.jsonl"), "learning_rate": LR,
+    sec = {"model": str(model_dir(workdir, job)), "pairs": str(workdir / f"{job}.jsonl"), "learning_rate": LR,
            "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "num_train_epochs": 1,
            "per_device_train_batch_size": BATCH, "max_length": 512, "logging_steps": 1, "save_steps": 100000,
            "layout": "padded" if system.endswith("padded") else "shared_prompt"}
@@ -132,18 +175,18 @@ def run_trl(system: str, job: str, workdir: Path) -> dict:
     from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.preference.data import load_pairs
 
-    tok = load_tokenizer(str(workdir / "model"))
+    tok = load_tokenizer(str(model_dir(workdir, job)))
     rows = load_pairs(str(workdir / f"{job}.jsonl"), "alpaca", tok)
     common = dict(output_dir=str(workdir / "trl" / f"{system}-{job}-{os.getpid()}"), report_to="none",
                   learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0, num_train_epochs=1,
                   per_device_train_batch_size=BATCH, max_length=512, logging_steps=1, save_strategy="no",
                   bf16=False, use_cpu=True, seed=SEED, dataloader_num_workers=0)
-    model = load_causal_lm(str(workdir / "model"), "float32")
+    model = load_causal_lm(str(model_dir(workdir, job)), "float32")
     t0 = time.perf_counter()
     if system == "trl-dpo":
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, ref_model=load_causal_lm(str(workdir / "model"), "float32"),
+        trainer = DPOTrainer(model=model, ref_model=load_causal_lm(str(model_dir(workdir, job)), "float32"),
                              args=DPOConfig(beta=0.1, gradient_checkpointing=False, **common),
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
     else:
@@ -174,12 +217,12 @@ def one(system: str, job: str, workdir: Path, threads: int) -> dict:
     return run_child(__file__, [system, "--job", job, "--workdir", str(workdir)], threads, f"{system} on {job}")
 
 
-def print_lengths(workdir: Path) -> None:
+def print_lengths(workdir: Path, jobs: list[str]) -> None:
     """Mean tokens per job: prompt, prompt + chosen, prompt + rejected (what a padded batch row holds)."""
     from prefopt.models.loading import load_tokenizer
 
-    tok = load_tokenizer(str(workdir / "model"))
-    for job in ("alpaca", "hh"):
+    for job in jobs:
+        tok = load_tokenizer(str(model_dir(workdir, job)))
         rows = [json.loads(line) for line in open(workdir / f"{job}.jsonl")]
         n = [sum(len(tok(r["prompt"] + (r[k] if k else ""))["input_ids"]) for r in rows) / len(rows)
              for k in ("", "chosen", "rejected")]
@@ -193,11 +236,12 @@ def quarter_means(losses: list[float]) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--job", default="all", choices=["alpaca", "hh", "all"])
+    p.add_argument("--job", default="all", choices=["alpaca", "hh", "separate", "all"],
+                   help="all: alpaca and hh (separate builds its own model: name it)")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--pairs", type=int, default=512, help="pairs in the alpaca job")
+    p.add_argument("--pairs", type=int, default=512, help="pairs in the alpaca and separate jobs")
     p.add_argument("--hh-pairs", type=int, default=256)
     p.add_argument("--workdir", default="runs/bench_preference")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -207,10 +251,13 @@ def main(argv=None) -> int:
         child(args.child, args.job, workdir)
         return 0
 
-    build(workdir, args.pairs, args.hh_pairs)
-    print_lengths(workdir)
-    systems = [s for s in args.systems.split(",") if s]
     jobs = ["alpaca", "hh"] if args.job == "all" else [args.job]
+    if "separate" in jobs:
+        build_separate(workdir, args.pairs)
+    else:
+        build(workdir, args.pairs, args.hh_pairs)
+    print_lengths(workdir, jobs)
+    systems = [s for s in args.systems.split(",") if s]
     results: dict[tuple[str, str], list[dict]] = {}
     for job in jobs:
         for rep in range(args.repeats):

@@ -38,7 +38,8 @@ STAGE_HELP = {
     "self_instruct": "grow Alpaca-format instruction data from seed tasks with a model (self-instruct; ROUGE-L, "
                      "keyword and length filters; resumable batches); runs only when `stages` names it",
     "base": "train a byte-level BPE tokenizer and build (optionally pretrain) a tiny Llama, or name a real model",
-    "sft": "supervised fine-tuning with TRL's SFTTrainer (loss on completion tokens only; optional LoRA)",
+    "sft": "supervised fine-tuning in prefopt's training loop, packed without padding (loss on completion tokens "
+           "only; optional LoRA; `backend: trl` trains with TRL's SFTTrainer instead)",
     "generate": "sample candidates per prompt (vLLM on GPUs, transformers here), in resumable shards",
     "reward": "train a Bradley-Terry reward model (the SFT model's own likelihood, or a classifier head)",
     "score": "score every candidate with a reward model (batched, cached, resumable)",

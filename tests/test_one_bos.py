@@ -155,6 +155,18 @@ def test_pairs_tokenization(setup):
         assert full == encode(setup.prompt + answer + setup.tok.eos_token, setup.tok)
 
 
+def test_encode_many_gives_encode_s_ids(setup):
+    """The batched tokenization the scorers and pair loaders use gives each text `encode`'s ids: texts with and
+    without the BOS written in (both BOS cases in one call), repeats, and truncation passed through."""
+    from prefopt.data.templates import encode_many
+
+    bos = setup.tok.bos_token or ""
+    texts = [setup.prompt, setup.prompt + "1 2 3", "3 2 1", setup.prompt, bos + "1 2", "", setup.prompt + "x" * 40]
+    assert encode_many(texts, setup.tok) == [encode(t, setup.tok) for t in texts]
+    cut = dict(truncation=True, max_length=6)
+    assert encode_many(texts, setup.tok, **cut) == [encode(t, setup.tok, **cut) for t in texts]
+
+
 def test_pairs_truncated_prompt_keeps_its_one_bos(setup):
     from prefopt.preference.data import tokenize_pair
 

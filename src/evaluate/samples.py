@@ -19,10 +19,13 @@ def sampling_seed(eval_seed: int, run_seed: int, name: str) -> int:
 
 
 def free_memory():
+    """Return a dropped model's GPU memory to the pool before the next one loads. On a CPU it does nothing: the
+    memory is the process's either way, and a full `gc.collect` over the stage's samples cost 0.19 s a call
+    (8.5 s of the quickstart's evaluate, 44 calls)."""
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()  # a model in a reference cycle holds its tensors until collected
         torch.cuda.empty_cache()
 
 

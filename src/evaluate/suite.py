@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gc
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from prefopt.evaluate.config import SuiteConfig
+from prefopt.evaluate.samples import free_memory
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import read_records
 
@@ -235,13 +235,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
 
 def model_figures(model, tok, cfg: SuiteConfig, texts: list[str] | None, mc: dict[str, list[dict]]) -> dict:
     """Perplexity (`texts`, None: none) and multiple-choice figures ({file stem: rows}) of one loaded model."""
@@ -265,7 +258,7 @@ def _load_and_score(path: str, cfg: SuiteConfig, texts: list[str] | None, mc: di
     model = load_causal_lm(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(_device()).eval()
     out = model_figures(model, load_tokenizer(path, trust_remote_code=cfg.trust_remote_code), cfg, texts, mc)
     del model
-    _free()
+    free_memory()
     return out
 
 
@@ -370,7 +363,7 @@ def run_lm_eval(path: str, cfg: SuiteConfig) -> tuple[dict[str, float], dict]:
             # a group's aggregate (mmlu) may sit under "groups" rather than "results", depending on the version
             raw[",".join(tasks)] = {k: res.get(k) for k in ("results", "groups", "n-shot", "versions", "configs")}
     del lm
-    _free()
+    free_memory()
     return raw_lm_eval_figures(raw), raw
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from prefopt.config import check_ranges
@@ -40,3 +40,12 @@ class PreferenceFields(TrainFields):
     def __post_init__(self):
         super().__post_init__()
         check_ranges(self, logps_chunk_size=dict(ge=0))
+
+
+def loop_fields(section: TrainFields, **loop) -> PreferenceFields:
+    """The loop's section for a stage that is not a pair stage (the `reward` stage): its training fields, its model,
+    template and LoRA, and the loop's own fields given in `loop` (layout, logps_chunk_size, long_prompts,
+    save_total_limit); a typed section the loop reads as it reads `dpo`'s, checked as one."""
+    copied = {f.name: getattr(section, f.name) for f in fields(TrainFields)}
+    copied.update({k: getattr(section, k) for k in ("model", "template", "lora") if hasattr(section, k)})
+    return PreferenceFields(**{**copied, "pairs": "", **loop})

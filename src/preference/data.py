@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prefopt.data.counts import note
-from prefopt.data.templates import encode, render_prompt
+from prefopt.data.templates import encode_many, render_prompt
 from prefopt.training.padding import right_pad
 
 
@@ -96,14 +96,24 @@ def keep_prompt_end(prompt_ids: list[int], keep: int, bos_id: int | None) -> lis
 def tokenize_pair(row: dict, tokenizer, max_length: int, long_prompts: str = "truncate") -> dict | None:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "truncated": True when the prompt was cut), or None when
     the prompt alone fills max_length and long_prompts is "drop"."""
+    return tokenized_pairs([row], tokenizer, max_length, long_prompts)[0]
+
+
+def tokenized_pairs(rows: list[dict], tokenizer, max_length: int, long_prompts: str = "truncate") -> list[dict | None]:
+    """`tokenize_pair` of every row, the texts tokenized in one batch (`encode_many`), with no notes or warnings:
+    what scorers call on every pass; `tokenize_pairs` is the training data's, and says what it cut."""
     eos = tokenizer.eos_token
-    prompt_ids = encode(row["prompt"], tokenizer)  # one BOS, whether the rendered prompt carries it or not
-    full = {}
-    for key in ("chosen", "rejected"):
-        text = row[key] if row[key].endswith(eos) else row[key] + eos
-        full[key] = encode(row["prompt"] + text, tokenizer)
-    n = min(common_prefix(prompt_ids, full["chosen"]), common_prefix(prompt_ids, full["rejected"]))
-    out = {"prompt_ids": prompt_ids[:n], "chosen_ids": full["chosen"][n:], "rejected_ids": full["rejected"][n:]}
+    prompts = encode_many([r["prompt"] for r in rows], tokenizer)  # one BOS, whether the prompt carries it or not
+    full = {key: encode_many([r["prompt"] + (r[key] if r[key].endswith(eos) else r[key] + eos) for r in rows],
+                             tokenizer) for key in ("chosen", "rejected")}
+    return [_split_pair(p, c, r, tokenizer, max_length, long_prompts)
+            for p, c, r in zip(prompts, full["chosen"], full["rejected"])]
+
+
+def _split_pair(prompt_ids: list[int], chosen: list[int], rejected: list[int], tokenizer, max_length: int,
+                long_prompts: str) -> dict | None:
+    n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
+    out = {"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
     if max_length and n >= max_length:
         if long_prompts == "drop":
             return None
@@ -122,8 +132,7 @@ class TokenizedPairs(list):
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, long_prompts: str = "truncate") -> TokenizedPairs:
     if long_prompts not in LONG_PROMPTS:
         raise ValueError(f"long_prompts must be one of {LONG_PROMPTS}, got {long_prompts!r}")
-    out = TokenizedPairs(t for t in (tokenize_pair(r, tokenizer, max_length, long_prompts) for r in rows)
-                         if t is not None)
+    out = TokenizedPairs(t for t in tokenized_pairs(rows, tokenizer, max_length, long_prompts) if t is not None)
     truncated = sum(1 for t in out if t.pop("truncated", False))
     out.stats = {"pairs_in": len(rows), "pairs": len(out), "prompts_truncated": truncated,
                  "dropped_long_prompt": len(rows) - len(out)}

@@ -40,7 +40,7 @@ from prefopt.runtime import faults
 from prefopt.config import ConfigError
 from prefopt.data.counts import note
 from prefopt.data.loaders import load_preferences
-from prefopt.data.templates import encode, render_prompt
+from prefopt.data.templates import encode_many, render_prompt
 from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_reward_model, load_tokenizer, save_model
 from prefopt.scoring.scorer import ClassifierScorer, reward_text
 from prefopt.runtime.tracking import trainer_callback
@@ -111,8 +111,10 @@ def classifier_rows(rows: list[dict], tok, max_length: int) -> list[dict]:
     tokenizes nothing again, and its filter, which would drop a pair longer than max_length without a word, finds
     none. The cut pairs are counted."""
     out, cut = [], 0
-    for r in rows:
-        ids = {f"{k}_ids": encode(reward_text(r["prompt"], r[k], tok.eos_token), tok) for k in ("chosen", "rejected")}
+    sides = {k: encode_many([reward_text(r["prompt"], r[k], tok.eos_token) for r in rows], tok)
+             for k in ("chosen", "rejected")}
+    for chosen, rejected in zip(sides["chosen"], sides["rejected"]):
+        ids = {"chosen_ids": chosen, "rejected_ids": rejected}
         if any(len(v) > max_length for v in ids.values()):
             cut += 1
             ids = {k: v[:max_length] for k, v in ids.items()}
@@ -358,9 +360,9 @@ def run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Se
     (`kind: likelihood`, scoring/likelihood.py) or on a new one-output head's value at the last token of prompt +
     response + EOS (`kind: classifier`); validation selection and test report as above."""
     import shutil
-    from types import SimpleNamespace
 
     from prefopt.models.loading import load_causal_lm
+    from prefopt.preference.config import loop_fields
     from prefopt.preference.loop import train
     from prefopt.reward.loss import classifier_objective, likelihood_objective
     from prefopt.scoring.likelihood import LikelihoodScorer, write_meta
@@ -377,9 +379,8 @@ def run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Se
 
     # the loop's own fields for a pair stage: every checkpoint kept (the selected one must survive); the likelihood
     # model in the shared-prompt layout, long prompts cut from the left as the aligners do; the classifier padded
-    layout = "shared_prompt" if likelihood else "padded"
-    sec = SimpleNamespace(**{**vars(cfg), "save_total_limit": 0, "layout": layout, "logps_chunk_size": 0,
-                             "long_prompts": "truncate", "pairs": ""})
+    sec = loop_fields(cfg, layout="shared_prompt" if likelihood else "padded", save_total_limit=0,
+                      logps_chunk_size=0, long_prompts="truncate")
     if likelihood:
         out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)
     else:

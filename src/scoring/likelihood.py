@@ -62,7 +62,7 @@ def read_meta(folder: str | Path) -> dict | None:
 
 class LikelihoodScorer:
     """Scores (prompt, response) with `likelihood_reward`, tokenized exactly as the preference loop tokenizes
-    pairs (prefopt.preference.data.tokenize_pair), so the reward read here is the one trained."""
+    pairs (prefopt.preference.data.tokenized_pairs), so the reward read here is the one trained."""
 
     kind = "likelihood"
 
@@ -72,11 +72,11 @@ class LikelihoodScorer:
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512,
               progress=None) -> list[float]:
         from prefopt.training.logps import response_logps
-        from prefopt.preference.data import tokenize_pair
+        from prefopt.preference.data import tokenized_pairs
 
         prompt_ids, response_ids = [], []
-        for p, r in zip(prompts, responses):
-            t = tokenize_pair({"prompt": p, "chosen": r, "rejected": r}, self.tokenizer, max_length)
+        rows = [{"prompt": p, "chosen": r, "rejected": r} for p, r in zip(prompts, responses)]
+        for t in tokenized_pairs(rows, self.tokenizer, max_length):
             prompt_ids.append(t["prompt_ids"][:max_length])
             response_ids.append(t["chosen_ids"][:max(0, max_length - len(prompt_ids[-1]))])  # cut as the loop cuts
         def score_batch(idx: list[int]) -> list[float]:  # one batch per call: the bar moves as batches finish

@@ -26,7 +26,7 @@ from prefopt.runtime import faults
 from prefopt.data.counts import note
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
-from prefopt.data.templates import encode, render_prompt
+from prefopt.data.templates import encode_many, render_prompt
 from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
 from prefopt.preference.data import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
@@ -48,16 +48,28 @@ def sft_example(prompt, completion: str, tokenizer) -> dict:
     As TRL builds them: an Alpaca prompt is followed by the completion and EOS; a chat prompt takes the completion
     as an assistant message and the whole conversation is rendered by the chat template (which ends the turn).
     The completion starts where the tokenized prompt and prompt + completion part (TRL's common prefix)."""
+    return sft_tokenized([{"prompt": prompt, "completion": completion}], tokenizer)[0]
+
+
+def sft_tokenized(rows: list[dict], tokenizer) -> list[dict]:
+    """`sft_example` of every row, the texts tokenized in one batch (`encode_many`)."""
+    texts = [_texts(r["prompt"], r["completion"], tokenizer) for r in rows]
+    prompts = encode_many([p for p, _ in texts], tokenizer)
+    fulls = encode_many([f for _, f in texts], tokenizer)
+    out = []
+    for prompt_ids, ids in zip(prompts, fulls):
+        n = common_prefix(prompt_ids, ids)
+        out.append({"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)})
+    return out
+
+
+def _texts(prompt, completion: str, tokenizer) -> tuple[str, str]:
+    """(prompt text, prompt + completion text) as TRL renders them (see `sft_example`)."""
     if isinstance(prompt, list):
-        prompt_text = render_prompt(prompt, tokenizer)
-        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
-                                                  tokenize=False)
-    else:
-        eos = tokenizer.eos_token
-        prompt_text, full_text = prompt, prompt + (completion if completion.endswith(eos) else completion + eos)
-    prompt_ids, ids = encode(prompt_text, tokenizer), encode(full_text, tokenizer)
-    n = common_prefix(prompt_ids, ids)
-    return {"input_ids": ids, "completion_mask": [0] * n + [1] * (len(ids) - n)}
+        return render_prompt(prompt, tokenizer), tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+    eos = tokenizer.eos_token
+    return prompt, prompt + (completion if completion.endswith(eos) else completion + eos)
 
 
 def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed: int, callbacks=(),
@@ -67,7 +79,7 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(model_path)
-    dataset = Dataset.from_list([sft_example(r["prompt"], r["completion"], tokenizer) for r in rows])
+    dataset = Dataset.from_list(sft_tokenized(rows, tokenizer))
     eval_dataset = None
     if eval_fraction > 0:
         split = dataset.train_test_split(test_size=eval_fraction, seed=seed)
@@ -97,8 +109,7 @@ def sft_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dic
     starts), and how many were left out because the prompt alone fills max_length (no completion token to train on;
     TRL drops those too). A longer completion is cut to fit (keep the start, as TRL)."""
     out = []
-    for r in rows:
-        ex = sft_example(r["prompt"], r["completion"], tokenizer)
+    for ex in sft_tokenized(rows, tokenizer):
         n = len(ex["input_ids"]) - sum(ex["completion_mask"])
         if n < max_length and n < len(ex["input_ids"]):
             out.append({"prompt_ids": ex["input_ids"][:n], "completion_ids": ex["input_ids"][n:max_length]})
