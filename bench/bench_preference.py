@@ -19,7 +19,7 @@ pairs compared ran under the same machine load; with --repeats the order alterna
   prefopt-dpo-padded  the same with layout padded (what the fewer-tokens layouts are worth)
   trl-dpo             TRL DPOTrainer, live reference model (TRL's default)
   prefopt-simpo       the `simpo` stage (SimPO), layout shared_prompt
-  trl-cpo-simpo       TRL CPOTrainer(loss_type="simpo", cpo_alpha=0)
+  trl-cpo-simpo       TRL CPOTrainer(loss_type="simpo", cpo_alpha=0), activation checkpointing off as for DPOTrainer
 All: lr 1e-5 constant, clipping at 1.0, beta 0.1 (DPO) / 2.0 with gamma/beta 0.5 (SimPO), fp32, dropout off,
 seed 0. Printed per system: wall seconds of the whole process, samples/s, peak RSS, mean loss over the first and
 the last quarter of the epoch (the two loop orders differ, so curves are compared by quarter, not by step), and the
@@ -192,8 +192,10 @@ def run_trl(system: str, job: str, workdir: Path) -> dict:
     else:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
+        # activation checkpointing off, as for DPOTrainer above: TRL 1.16 turns it on by default (CPOConfig too),
+        # which recomputes every layer in backward; before 2026-12-05 this run left it on (docs/performance.md)
         trainer = CPOTrainer(model=model, args=CPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0,
-                                                         **common),
+                                                         gradient_checkpointing=False, **common),
                              train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
     trainer.save_model(common["output_dir"] + "/model")

@@ -179,6 +179,29 @@ def _write_stderr(data: bytes) -> None:
 MACHINE_RANK = "__MACHINE_RANK__"  # replaced by $SLURM_NODEID, expanded on each node by srun's shell
 
 
+LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def simple_launch(cmd: list[str]) -> tuple[list[str], dict[str, str]] | None:
+    """The stage's own command and environment, when `accelerate launch` would start it with its simple launcher
+    (one process; no DeepSpeed, FSDP, Megatron, multi-GPU or TPU from the flags or the config file): made here by
+    accelerate's own code (`_validate_launch_command`, `prepare_simple_launcher_cmd_env`) from this process's
+    environment, which the launcher would inherit, so the stage starts directly. The launcher process did nothing
+    else, and its Python start and imports cost 1.5 s a stage (7.5 s of the quickstart). None: `cmd` runs as it
+    is (torchrun for several processes, srun across nodes)."""
+    if cmd[:len(LAUNCHER)] != LAUNCHER:
+        return None
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[len(LAUNCHER):]))
+    distributed = any((args.use_deepspeed, args.use_fsdp, args.use_megatron_lm, args.multi_gpu, args.tpu))
+    if (distributed and not args.cpu) or (defaults is not None and
+                                          defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER):
+        return None  # accelerate's launch_command would not take simple_launcher
+    return prepare_simple_launcher_cmd_env(args)
+
+
 def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]) -> list[str]:
     """`accelerate launch [--config_file F] [--num_processes N] -m prefopt STAGE CONFIG --round R overrides`;
     with `launch.srun`, that command once per node under `srun` (see `slurm_command`)."""
@@ -186,7 +209,7 @@ def launch_command(cfg: ExperimentConfig, stage: str, round_: int, overrides: li
     config_file = launch.accelerate_config
     processes = launch.num_processes
     srun = launch.srun
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = list(LAUNCHER)
     if config_file:
         cmd += ["--config_file", config_file]
     if processes > 1:
@@ -241,14 +264,20 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
     training = STAGES[stage][1]
     if training and cfg.launch.launcher == "accelerate":
         cmd = launch_command(cfg, stage, round_, overrides)
-        print(f"[prefopt] $ {shlex.join(cmd)}", flush=True)
         exit_file = cfg.root / f".exit-{stage}-{round_}-{os.getpid()}.json"
         exit_file.unlink(missing_ok=True)
-        env = {**os.environ, **held_lock_env(cfg.root), EXIT_FILE_ENV: str(exit_file)}
+        ours = {**held_lock_env(cfg.root), EXIT_FILE_ENV: str(exit_file)}
+        env = {**os.environ, **ours}
         threads = threads_per_process(env.get("OMP_NUM_THREADS"), cfg.launch.num_processes, cfg.launch.num_machines
                                       if cfg.launch.srun else 1)
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads
+        simple = simple_launch(cmd) if threads is None else None
+        # the accelerate command either way: what a user copies to run the stage alone
+        print(f"[prefopt] $ {shlex.join(cmd)}" + ("  (its simple launcher run here: the stage starts directly)"
+                                                   if simple is not None else ""), flush=True)
+        if simple is not None:
+            cmd, env = simple[0], {**simple[1], **ours}
         from prefopt.runtime.faults import PreemptedError, forward_signals
 
         # its own session: a signal to this process reaches the stage through forward_signals, once

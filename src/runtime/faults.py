@@ -446,9 +446,9 @@ def log_traceback(log_file: Path, command: str) -> Path | None:
 @contextmanager
 def forward_signals(proc):
     """While `prefopt run` waits for a launched stage, pass SIGTERM / SIGINT / SIGUSR1 on to the stage's processes
-    and remember it (`.signum`). `proc` was started in its own session. One process: accelerate's launcher and the
-    stage share that process group, and the signal goes to the stage only (the launcher would die of it, or turn a
-    SIGINT into a traceback). Several: torchrun starts each worker in a session of its own and passes a signal on to
+    and remember it (`.signum`). `proc` was started in its own session. One process: the stage leads its group (started
+    directly, `pipeline.simple_launch`), or shares it with accelerate's launcher, and the signal goes to the stage
+    only (the launcher would die of it, or turn a SIGINT into a traceback). Several: torchrun starts each worker in a session of its own and passes a signal on to
     them itself (then SIGKILL after 30 s), as `srun` does across nodes: the signal goes to the launcher."""
     stop = StopSignals()
 
