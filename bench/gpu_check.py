@@ -410,7 +410,8 @@ def pairs(run: Run, family: str) -> dict:
 @torch.no_grad()
 def layout_sums(model, examples: list[dict], pad_id: int, size: Size, layout: str) -> torch.Tensor:
     """pair_logps' summed completion log-probs (2B,): chosen of every pair, then rejected."""
-    from prefopt.preference.batching import collate, pair_logps
+    from prefopt.preference.batching import collate
+    from prefopt.training.forward import pair_logps
 
     batch = to_device(collate(examples, pad_id, size.max_length, layout), size.device)
     sums, _ = pair_logps(model, batch, size.chunk_size)
@@ -483,7 +484,8 @@ def train_section(run: Run, family: str, method: str, layout: str) -> dict:
     """`steps` optimizer steps of DPO or SimPO in `layout` from the initial weights, as the preference loop does
     each one: collate, pair_logps (chunked lm_head), the pure loss, backward, clip to 1.0, AdamW."""
     from prefopt.dpo.loss import dpo_loss
-    from prefopt.preference.batching import collate, pair_logps
+    from prefopt.preference.batching import collate
+    from prefopt.training.forward import pair_logps
     from prefopt.preference.loop import PairLogps, disable_dropout
     from prefopt.preference.reference import compute
     from prefopt.simpo.loss import simpo_loss

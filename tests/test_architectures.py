@@ -18,8 +18,8 @@ import torch
 from families import FAMILIES, build_model, build_tokenizer
 from prefopt.models.architectures import CHECKED, support_table, unchecked
 from prefopt.models import varlen
-from prefopt.preference.batching import (LAYOUTS, LayoutError, _pair_logps_inside_forward, check_layout, collate,
-                                         pair_logps)
+from prefopt.preference.batching import LAYOUTS, collate
+from prefopt.training.forward import LayoutError, _pair_logps_inside_forward, check_layout, pair_logps
 
 CASES = [(c["family"], attn) for c in CHECKED.values() for attn in c["attn"]]
 # fp32: sums of ~40 token log-probs of magnitude ~5 each; float32 summation in another order moves them ~1e-5

@@ -38,7 +38,8 @@ def test_scorer_reads_what_the_loop_trains(tiny_model_dir):
     """The scorer's reward of (prompt, response) equals beta * (the preference loop's summed log-prob / length), and
     a direct forward of BOS + prompt + response + EOS by hand."""
     from prefopt.models.loading import load_causal_lm, load_tokenizer
-    from prefopt.preference.batching import collate, pair_logps
+    from prefopt.preference.batching import collate
+    from prefopt.training.forward import pair_logps
     from prefopt.preference.data import tokenize_pairs
 
     tok = load_tokenizer(str(tiny_model_dir))

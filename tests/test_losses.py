@@ -234,7 +234,8 @@ def _trl_dpo(policy_dir, ref_model, rows, tmp_path, loss: dict):
 
 def _our_logps(model, tok, rows, layout="shared_prompt"):
     """Summed log-probs and lengths from our tokenization, collate and forward (the training path, default layout)."""
-    from prefopt.preference.batching import collate, pair_logps
+    from prefopt.preference.batching import collate
+    from prefopt.training.forward import pair_logps
     from prefopt.preference.loop import PairLogps
     from prefopt.preference.data import tokenize_pairs
 

@@ -9,7 +9,8 @@ import torch
 
 from prefopt.dpo.loss import dpo_loss
 from prefopt.training.logps import sequence_logps
-from prefopt.preference.batching import collate, pair_logps
+from prefopt.preference.batching import collate
+from prefopt.training.forward import pair_logps
 from prefopt.preference.data import collate_pairs, tokenize_pairs
 
 
@@ -57,7 +58,7 @@ def test_layout_matches_plain_padded_path(setup, layout, chunk):
 def test_the_sharded_models_path_matches(setup, layout):
     """Under FSDP the vocabulary projection runs inside the model's forward (`logits_to_keep` positions), not on
     hooked hidden states: same log-probs, lengths and gradients as the plain padded path, in every layout."""
-    from prefopt.preference.batching import _pair_logps_inside_forward
+    from prefopt.training.forward import _pair_logps_inside_forward
 
     tok, model, examples = setup
     plain = collate_pairs(examples, tok.pad_token_id, 200)
@@ -234,7 +235,7 @@ def test_attention_implementation_read_without_loading(tmp_path, tiny_model_dir)
     from transformers import Gemma2Config
 
     from prefopt.models.loading import load_causal_lm
-    from prefopt.preference.batching import attention_implementation as loaded_impl
+    from prefopt.training.forward import attention_implementation as loaded_impl
     from prefopt.preference.reference import attention_implementation
 
     assert attention_implementation(str(tiny_model_dir)) == loaded_impl(load_causal_lm(str(tiny_model_dir), "float32"))

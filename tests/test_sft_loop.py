@@ -106,7 +106,8 @@ def test_sft_batch_logps_equal_the_models_own_forward(tiny_model_dir, layout):
     each sequence's summed completion log-prob equals log_softmax(model(prompt + completion).logits) summed over its
     completion tokens, each example run alone; a completion cut by max_length counts only the tokens kept."""
     from prefopt.models.loading import load_causal_lm
-    from prefopt.preference.batching import collate, num_targets, pair_logps
+    from prefopt.preference.batching import collate, num_targets
+    from prefopt.training.forward import pair_logps
 
     model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
     from prefopt.models import varlen

@@ -11,7 +11,7 @@ chosen and rejected texts (prefopt.preference.rewards, padded only) go to its Br
             (`loaded`), or the LoRA base with the adapter disabled (`lora_base`); AdamW; a transformers scheduler.
             The precomputed reference runs after `prepare` (each process its share of the batches through the
             prepared, possibly sharded model) and before a resume loads its checkpoint
-    loop    per micro-batch: one forward of chosen and rejected (batching.pair_logps), the objective (a pure
+    loop    per micro-batch: one forward of chosen and rejected (training.forward.pair_logps), the objective (a pure
             function from dpo/loss.py or simpo/loss.py), backward; per optimizer step: clip, step, schedule; log
             every `logging_steps` (ctx.tracker: W&B + metrics.jsonl); every `save_steps` a checkpoint
     save    `checkpoints/checkpoint-<step>/`: a loadable HF model + tokenizer (LoRA merged) for the evaluate stage,
@@ -50,8 +50,8 @@ from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_
                                     load_tokenizer, place_frozen, save_model)
 from prefopt.preference import reference as refcache
 from prefopt.models import varlen
-from prefopt.preference.batching import (LayoutError, attention_implementation, check_layout, collate, num_targets,
-                                         pair_logps)
+from prefopt.preference.batching import collate, num_targets
+from prefopt.training.forward import LayoutError, attention_implementation, check_layout, pair_logps
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.preference.rewards import PairRewards, collate_texts, pair_rewards
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders

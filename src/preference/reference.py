@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from prefopt.io import content_hash, sha256_file, weights_sha256
-from prefopt.preference.batching import collate, pair_logps
+from prefopt.preference.batching import collate
+from prefopt.training.forward import pair_logps
 
 
 def file_sha256(path) -> str:
@@ -92,7 +93,7 @@ def attention_implementation(model_or_path) -> str | None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from prefopt.models.loading import attention_kwargs
-    from prefopt.preference.batching import attention_implementation as implementation_of
+    from prefopt.training.forward import attention_implementation as implementation_of
 
     if not isinstance(model_or_path, (str, Path)):
         return implementation_of(model_or_path)

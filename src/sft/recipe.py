@@ -124,7 +124,9 @@ def eval_loss(model, examples: list[dict], sec, pad_token_id: int) -> float:
     """Token-mean completion NLL of held-out examples (TRL's eval_loss), in batches as training lays them out."""
     import torch
 
-    from prefopt.preference.batching import collate, pair_logps
+    from prefopt.preference.batching import collate
+
+    from prefopt.training.forward import pair_logps
 
     total, tokens = 0.0, 0
     model.eval()

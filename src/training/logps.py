@@ -2,7 +2,7 @@
 
 `response_logps` is the one summed log-prob of (prompt, response) lists: evaluation (KL, best-of-n, suites), the
 likelihood reward model and the reference checks call it, and it goes through the preference loop's own
-`prefopt.preference.batching.pair_logps` (chunked vocabulary projection, any attention), the function DPO, SimPO
+`prefopt.training.forward.pair_logps` (chunked vocabulary projection, any attention), the function DPO, SimPO
 and the likelihood reward model train through. PPO's per-token log-probs (`token_logps`), masked means and
 whitening are here too, and the plain full-logits references (`completion_logps`, `sequence_logps`) the tests hold
 every faster path to."""
@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from prefopt.preference.batching import pair_logps
+from prefopt.training.forward import pair_logps
 from prefopt.training.padding import right_pad
 
 
@@ -83,7 +83,7 @@ def _device(model) -> torch.device:
 
 def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """(prompt, response) pairs as `prefopt.preference.batching.pair_logps` takes them (its padded layout): each
+    """(prompt, response) pairs as `prefopt.training.forward.pair_logps` takes them (`collate`'s padded layout): each
     prompt + response right-padded to one row, and for each response token the flat index r*T + t of the position
     t whose logits predict it (`source_index`), the token (`target_ids`) and its row (`seq_index`).
 
