@@ -6,7 +6,8 @@ Measured (seed 42, likelihood reward model, SFT on the shared loop; docs/methods
 reverse DPO +0.268 ± 0.018, SimPO +0.274 ± 0.017, PPO +0.253 ± 0.018 (SFT gold 0.489, RM test accuracy
 0.843 ± 0.018). Reverse's SFT policy is bimodal across seeds and float rounding (docs/methods.md): a change that
 moves the SFT trajectory can land it low (0.26), where the aligners gained about +0.06; lookup stops at the
-gate (RM 0.680 ± 0.023: not above 0.65 beyond noise; with the gate off the aligners gained +0.02 to +0.05). The
+gate (RMs at 0.68-0.70: not above the quickstart's floor, 0.70, beyond noise; with the gate off the aligners
+gained -0.01 to +0.05). The
 curves and best-of-n are left off here (evaluation only)."""
 
 from __future__ import annotations
