@@ -3,7 +3,7 @@
 "Supports model X" means a test ran model X's architecture: tests/test_architectures.py builds a tiny random-init
 instance of each family below from its transformers config class (tests/families.py: real chat template and
 special tokens, every sliding window shorter than the test sequences) and checks, for each attention
-implementation listed, what `CHECKS` names. The README's supported-models table is `support_table()`, and a test
+implementation listed, what `CHECKS` names. The README's supported-models table is `support_table(LAYOUTS)`, and a test
 keeps the two equal, so the table says what the suite checks and nothing more.
 """
 
@@ -40,15 +40,14 @@ CHECKED: dict[str, dict] = {
 }
 
 
-def support_table() -> str:
-    """The README's supported-models table, written from `CHECKED`."""
-    from prefopt.preference.batching import LAYOUTS  # late: models.py imports this module
-
+def support_table(layouts) -> str:
+    """The README's supported-models table, written from `CHECKED`, every family with the batch `layouts` the suite
+    runs it in (prefopt.preference.batching.LAYOUTS: models sit below the loop and do not import it)."""
     lines = ["| family (model_type) | stands for | attention checked | layouts | what differs |",
              "|---|---|---|---|---|"]
     for model_type, c in CHECKED.items():
         lines.append(f"| {c['family']} (`{model_type}`) | {c['models']} | {', '.join(c['attn'])} | "
-                     f"{', '.join(LAYOUTS)} | {c['notes']} |")
+                     f"{', '.join(layouts)} | {c['notes']} |")
     return "\n".join(lines)
 
 
