@@ -9,6 +9,7 @@ this process. A lock file makes a second `prefopt run` on the same run directory
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 from prefopt.runtime.console import StageOutput, stage_log_path
@@ -191,10 +192,14 @@ def simple_launch(cmd: list[str]) -> tuple[list[str], dict[str, str]] | None:
     is (torchrun for several processes, srun across nodes)."""
     if cmd[:len(LAUNCHER)] != LAUNCHER:
         return None
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
+    try:  # accelerate's own (private) launcher steps; any change in them, or a refusal, is accelerate's to report
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+        from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
 
-    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[len(LAUNCHER):]))
+        with redirect_stderr(io.StringIO()):  # argparse's complaint: accelerate launch prints it
+            args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[len(LAUNCHER):]))
+    except (Exception, SystemExit):
+        return None  # `accelerate launch` runs as before and says what it says
     distributed = any((args.use_deepspeed, args.use_fsdp, args.use_megatron_lm, args.multi_gpu, args.tpu))
     if (distributed and not args.cpu) or (defaults is not None and
                                           defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER):

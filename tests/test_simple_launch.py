@@ -44,3 +44,9 @@ def test_distributed_launches_are_left_to_accelerate():
     assert simple_launch(LAUNCHER + ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
                                      "no", "--dynamo_backend", "no", "-m", "prefopt", "sft", "x.yaml"]) is None
     assert simple_launch(["srun", "--nodes=2", "bash", "-c", "..."]) is None
+
+
+def test_flags_accelerate_refuses_are_left_to_accelerate_to_report():
+    """A command accelerate's own parser or checks refuse is run as it is, so `accelerate launch` prints its error."""
+    assert simple_launch(LAUNCHER + ["--no-such-flag", "-m", "prefopt", "sft", "x.yaml"]) is None
+    assert simple_launch(LAUNCHER + ["--multi_gpu", "--num_processes", "1", "-m", "prefopt", "sft", "x.yaml"]) is None
