@@ -38,9 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import run_child
+from common import SHARED, build_issue24_model, run_child, word_stretches
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEMS = ["prefopt-dpo", "prefopt-dpo-padded", "trl-dpo", "prefopt-simpo", "trl-cpo-simpo"]
 LR, BATCH, SEED = 1e-5, 8, 0
 
@@ -85,17 +84,8 @@ def hh_pairs(n: int, max_chars: int = 1500) -> list[dict]:
 def separate_pairs(n: int) -> list[dict]:
     """n pairs, each its own stretch of alpaca_en_demo's word stream: a prompt of 20-60 words, a chosen answer of
     20-80 words (the words that follow) and a rejected one of 20-80 (the next stretch's)."""
-    data = json.loads((SHARED / "llama-factory" / "alpaca_en_demo.json").read_text())
-    words = " ".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in data).split()
-    rng, at, out = random.Random(0), 0, []
-    for _ in range(n):
-        k, m, m2 = rng.randint(20, 60), rng.randint(20, 80), rng.randint(20, 80)
-        if at + k + m + m2 > len(words):
-            at = 0
-        out.append({"prompt": " ".join(words[at:at + k]) + "\n", "chosen": " ".join(words[at + k:at + k + m]),
-                    "rejected": " ".join(words[at + k + m:at + k + m + m2])})
-        at += k + m + m2
-    return out
+    return [{"prompt": p + "\n", "chosen": c, "rejected": r}
+            for p, c, r in word_stretches(n, [(20, 60), (20, 80), (20, 80)])]
 
 
 def model_dir(workdir: Path, job: str) -> Path:
@@ -104,21 +94,13 @@ def model_dir(workdir: Path, job: str) -> Path:
 
 def build_separate(workdir: Path, n: int) -> None:
     """Issue 24's model (19M, vocabulary 512) and its pairs, in their own folder."""
-    from prefopt.dist.process import seed_everything
-    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.io import write_jsonl
 
     if (model_dir(workdir, "separate") / "model.safetensors").exists():
         return
-    workdir.mkdir(parents=True, exist_ok=True)
     rows = separate_pairs(n)
-    with open(workdir / "separate.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    seed_everything(0)
-    tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], vocab_size=512)
-    model = build_tiny_llama(tok, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=832, max_position_embeddings=1024)
-    save_model(model, tok, model_dir(workdir, "separate"))
+    write_jsonl(workdir / "separate.jsonl", rows)
+    build_issue24_model([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], model_dir(workdir, "separate"))
 
 
 def build(workdir: Path, n_alpaca: int, n_hh: int) -> None:

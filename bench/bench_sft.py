@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import sys
 import time
 from pathlib import Path
 
-from common import run_child
+from common import build_issue24_model, run_child, word_stretches
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SYSTEMS = ["prefopt-sft", "prefopt-sft-padded", "trl-sft"]
 LR, BATCH, SEED = 1e-5, 8, 0
 
@@ -41,36 +39,18 @@ LR, BATCH, SEED = 1e-5, 8, 0
 def sft_rows(n: int) -> list[dict]:
     """n rows {"prompt", "completion"}: 20-60 and 20-80 consecutive words of the alpaca demo's text, each row its
     own stretch of the stream."""
-    data = json.loads((SHARED / "llama-factory" / "alpaca_en_demo.json").read_text())
-    words = " ".join(f"{r['instruction']} {r.get('input', '')} {r['output']}" for r in data).split()
-    rng, at, out = random.Random(0), 0, []
-    for _ in range(n):
-        k, m = rng.randint(20, 60), rng.randint(20, 80)
-        if at + k + m > len(words):
-            at = 0
-        out.append({"prompt": " ".join(words[at:at + k]) + "\n", "completion": " ".join(words[at + k:at + k + m])})
-        at += k + m
-    return out
+    return [{"prompt": p + "\n", "completion": c} for p, c in word_stretches(n, [(20, 60), (20, 80)])]
 
 
 def build(workdir: Path, n: int) -> None:
     """The model, its tokenizer and the rows in workdir (once; reused by every run)."""
-    from prefopt.dist.process import seed_everything
-    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.io import write_jsonl
 
     if (workdir / "model" / "model.safetensors").exists():
         return
-    workdir.mkdir(parents=True, exist_ok=True)
     rows = sft_rows(n)
-    with open(workdir / "sft.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    seed_everything(0)
-    tok = build_tokenizer([r[k] for r in rows for k in ("prompt", "completion")], vocab_size=512)
-    model = build_tiny_llama(tok, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                             intermediate_size=832, max_position_embeddings=1024)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tok)}")
-    save_model(model, tok, workdir / "model")
+    write_jsonl(workdir / "sft.jsonl", rows)
+    build_issue24_model([r[k] for r in rows for k in ("prompt", "completion")], workdir / "model")
 
 
 def run_prefopt(system: str, workdir: Path) -> dict:

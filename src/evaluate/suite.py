@@ -235,7 +235,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-
 def model_figures(model, tok, cfg: SuiteConfig, texts: list[str] | None, mc: dict[str, list[dict]]) -> dict:
     """Perplexity (`texts`, None: none) and multiple-choice figures ({file stem: rows}) of one loaded model."""
     from prefopt.evaluate import metrics as M  # torch: imported only when a model is scored, not with the config

@@ -103,11 +103,12 @@ def tokenized_pairs(rows: list[dict], tokenizer, max_length: int, long_prompts: 
     """`tokenize_pair` of every row, the texts tokenized in one batch (`encode_many`), with no notes or warnings:
     what scorers call on every pass; `tokenize_pairs` is the training data's, and says what it cut."""
     eos = tokenizer.eos_token
-    prompts = encode_many([r["prompt"] for r in rows], tokenizer)  # one BOS, whether the prompt carries it or not
-    full = {key: encode_many([r["prompt"] + (r[key] if r[key].endswith(eos) else r[key] + eos) for r in rows],
-                             tokenizer) for key in ("chosen", "rejected")}
-    return [_split_pair(p, c, r, tokenizer, max_length, long_prompts)
-            for p, c, r in zip(prompts, full["chosen"], full["rejected"])]
+    full = [r["prompt"] + (r[key] if r[key].endswith(eos) else r[key] + eos) for key in ("chosen", "rejected")
+            for r in rows]
+    # one call for prompts and both answers: a scorer's rows repeat texts (chosen == rejected), tokenized once
+    ids = encode_many([r["prompt"] for r in rows] + full, tokenizer)  # one BOS, whether a text carries it or not
+    n = len(rows)
+    return [_split_pair(ids[i], ids[n + i], ids[2 * n + i], tokenizer, max_length, long_prompts) for i in range(n)]
 
 
 def _split_pair(prompt_ids: list[int], chosen: list[int], rejected: list[int], tokenizer, max_length: int,

@@ -125,7 +125,6 @@ def eval_loss(model, examples: list[dict], sec, pad_token_id: int) -> float:
     import torch
 
     from prefopt.preference.batching import collate
-
     from prefopt.training.forward import pair_logps
 
     total, tokens = 0.0, 0
