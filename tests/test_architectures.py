@@ -65,16 +65,22 @@ def _pad(tok) -> int:
 
 
 def _runs(model):
-    """Each layout as the loop runs it on this model, and `packed` once more with the model switched to varlen
-    attention (each packed sequence computed alone: the loop's default for packed on SDPA and eager): yields the
-    layout's name after the model is set up for it, and restores it at the end."""
+    """Each layout with its masks; the shared prompt collated without masks (the mask built from its position ids);
+    and `packed` and `shared_prompt` once more with the model switched to varlen attention (each packed sequence,
+    each rejected answer with its prompt, computed alone: the loop's default on SDPA and eager). Yields the run's
+    name and `collate`'s (layout, masks) after the model is set up for it, and restores it at the end."""
     for layout in LAYOUTS:
-        yield layout, layout
+        yield layout, (layout, True)
+    yield "shared_prompt+positions", ("shared_prompt", False)
     if model.config._attn_implementation in varlen.SUPPORTED:
         base = varlen.use_varlen(model)
-        check_layout(model, "packed")
-        yield "packed+varlen", "packed"
+        for layout in ("packed", "shared_prompt"):
+            check_layout(model, layout)
+            yield f"{layout}+varlen", (layout, False)
         varlen.restore(model, base)
+
+
+VARLEN_RUNS = ("packed+varlen", "shared_prompt+varlen")
 
 
 def test_every_checked_family_is_built_here():
@@ -93,17 +99,17 @@ def test_every_layout_and_path_gives_the_models_own_log_probs(tokenizers, family
     ref = _plain(model, examples)
     lengths = torch.tensor([len(e["chosen_ids"]) for e in examples] + [len(e["rejected_ids"]) for e in examples])
     runs = []
-    for name, layout in _runs(model):
+    for name, (layout, masks) in _runs(model):
         runs.append(name)
         check_layout(model, layout)
-        batch = collate(examples, _pad(tok), 0, layout)
+        batch = collate(examples, _pad(tok), 0, layout, masks)
         with torch.no_grad():
             paths = {"hook": pair_logps(model, batch, 0), "chunked": pair_logps(model, batch, 7),
                      "in_forward": _pair_logps_inside_forward(model, batch)}
         for path, (sums, lens) in paths.items():
             torch.testing.assert_close(sums, ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"{name}/{path}: {m}")
             torch.testing.assert_close(lens, lengths.to(lens.dtype))
-    assert ("packed+varlen" in runs) == (attn in varlen.SUPPORTED)
+    assert all((run in runs) == (attn in varlen.SUPPORTED) for run in VARLEN_RUNS)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral", "qwen2.5"])
@@ -115,14 +121,15 @@ def test_gradients_of_every_layout_match_the_padded_layout(tokenizers, family):
     model = build_model(FAMILIES[family], tok, "eager")
     examples = _pairs(len(tok))
     grads = {}
-    for name, layout in _runs(model):
+    for name, (layout, masks) in _runs(model):
         model.zero_grad()
-        sums, _ = pair_logps(model, collate(examples, _pad(tok), 0, layout), 5)
+        sums, _ = pair_logps(model, collate(examples, _pad(tok), 0, layout, masks), 5)
         b = len(examples)
         loss, _ = dpo_loss(sums[:b], sums[b:], sums[:b].detach() - 1.0, sums[b:].detach() + 0.5, beta=0.1)
         loss.backward()
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    for layout in ("packed", "shared_prompt", "packed+varlen"):
+    assert set(VARLEN_RUNS) <= set(grads)
+    for layout in set(grads) - {"padded"}:
         for name, g in grads["padded"].items():
             torch.testing.assert_close(grads[layout][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{layout} {name}")
 
@@ -135,8 +142,8 @@ def test_bf16_autocast_layouts_agree_within_bf16_rounding(tokenizers, family):
     ref = _plain(model, examples)
     got = {}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for name, layout in _runs(model):
-            got[name] = pair_logps(model, collate(examples, _pad(tok), 0, layout), 0)[0]
+        for name, (layout, masks) in _runs(model):
+            got[name] = pair_logps(model, collate(examples, _pad(tok), 0, layout, masks), 0)[0]
     for layout in got:
         torch.testing.assert_close(got[layout], ref, atol=0.0, rtol=BF16_VS_FP32_RTOL, msg=lambda m: f"{layout}: {m}")
         torch.testing.assert_close(got[layout], got["padded"], atol=0.0, rtol=BF16_LAYOUT_RTOL,
@@ -151,6 +158,13 @@ def test_a_layout_the_attention_cannot_take_is_refused_by_key():
     with pytest.raises(LayoutError, match=r"dpo\.layout=shared_prompt cannot run with "
                                           r"attn_implementation='flash_attention_2'.*use dpo\.layout=padded"):
         check_layout(model, "shared_prompt", "dpo.layout")
+    # a shared prompt collated without masks still reaches no flash kernel: the branch is seen in the position ids
+    from prefopt.training.forward import attention_inputs
+
+    examples = _pairs(len(tok), n=2)
+    assert attention_inputs(model, collate(examples, _pad(tok), 0, "packed"))["attention_mask"] is None
+    with pytest.raises(LayoutError, match="cannot express a prompt shared by two completions"):
+        attention_inputs(model, collate(examples, _pad(tok), 0, "shared_prompt", masks=False))
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(LayoutError, match=r"simpo\.layout=packed .*'flex_attention'"):
         check_layout(model, "packed", "simpo.layout")

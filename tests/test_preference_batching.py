@@ -37,13 +37,22 @@ def _loss_and_grads(model, logps_fn):
 
 
 @pytest.mark.parametrize("layout,chunk", [("padded", 0), ("packed", 0), ("shared_prompt", 0), ("padded", 16),
-                                          ("shared_prompt", 16)])
+                                          ("shared_prompt", 16), ("packed+varlen", 0), ("shared_prompt+varlen", 16)])
 def test_layout_matches_plain_padded_path(setup, layout, chunk):
+    """+varlen: the model switched to varlen attention and the batch collated without masks, as the loop runs it."""
+    from prefopt.models import varlen
+
     tok, model, examples = setup
     plain = collate_pairs(examples, tok.pad_token_id, 200)
     ref = _loss_and_grads(model, lambda: sequence_logps(model, **plain))
-    batch = collate(examples, tok.pad_token_id, 200, layout)
-    got = _loss_and_grads(model, lambda: pair_logps(model, batch, chunk))
+    layout, switched = layout.removesuffix("+varlen"), layout.endswith("+varlen")
+    base = varlen.use_varlen(model) if switched else None
+    try:
+        batch = collate(examples, tok.pad_token_id, 200, layout, masks=not switched)
+        got = _loss_and_grads(model, lambda: pair_logps(model, batch, chunk))
+    finally:
+        if switched:
+            varlen.restore(model, base)
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(got[2], ref[2])
@@ -52,6 +61,9 @@ def test_layout_matches_plain_padded_path(setup, layout, chunk):
     if layout == "shared_prompt":  # the prompt once per pair: fewer token positions than padding
         assert batch["input_ids"].numel() < plain["input_ids"].numel()
         assert (batch["input_ids"] != tok.pad_token_id).sum() < plain["attention_mask"].sum()
+    if switched:  # one row, no padding, no mask
+        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].numel() == int(batch["num_tokens"])
+        assert "attention_mask" not in batch
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
@@ -86,6 +98,27 @@ def test_shared_prompt_mask_and_positions(setup):
     # chosen 4 is predicted at position 2 (last prompt token), rejected 6 also at position 2
     assert b["source_index"].tolist() == [2, 3, 2, 5, 6] and b["target_ids"].tolist() == [4, 5, 6, 7, 8]
     assert b["seq_index"].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_shared_prompt_without_masks_says_it_in_the_position_ids(setup):
+    """Collated without masks, the shared prompt is one row whose position ids carry the mask: a restart at 0 begins
+    a pair, a drop to P > 0 its rejected answer. The mask built from them is collate's, pair by pair, and varlen
+    cuts the same pieces (the rejected answer with its prompt's first P tokens)."""
+    from prefopt.models.varlen import _pieces
+    from prefopt.training.forward import allowed_from_positions
+
+    tok, _, examples = setup
+    ex = {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8]}
+    one = collate([ex], tok.pad_token_id, 0, "shared_prompt", masks=False)
+    assert "attention_mask" not in one and one["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    masked = collate([ex], tok.pad_token_id, 0, "shared_prompt")
+    assert torch.equal(allowed_from_positions(one["position_ids"]), masked["attention_mask"])
+    assert _pieces(one["position_ids"]) == [[(0, 0, 0, 5), (0, 3, 5, 8)]]  # (prefix start, prefix length, start, end)
+    row = collate(examples, tok.pad_token_id, 200, "shared_prompt", masks=False)
+    blocks = [collate([e], tok.pad_token_id, 200, "shared_prompt")["attention_mask"][0, 0] for e in examples]
+    assert torch.equal(allowed_from_positions(row["position_ids"])[0, 0], torch.block_diag(*blocks))
+    with pytest.raises(ValueError, match="position ids jump to 5 at index 3"):
+        _pieces(torch.tensor([[0, 1, 2, 5]]))
 
 
 def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir):
@@ -264,7 +297,8 @@ def test_reference_cache_from_an_older_key_is_refused_naming_it(tmp_path, tiny_m
 
 def test_bf16_fp32_and_layout_runs_keep_separate_reference_caches(tmp_path, tiny_model_dir):
     """A bf16 run and an fp32 run of the same reference and pairs do not share cached log-probs (each computes its
-    own, and they differ), the same run again reuses its file, and a layout change is a new key (only `layout`)."""
+    own, and they differ), the same run again reuses its file, and a layout change is a new key (`layout`, and the
+    attention that computes it)."""
     import json
 
     from pair_helpers import run_prefopt, write_config
@@ -285,7 +319,9 @@ def test_bf16_fp32_and_layout_runs_keep_separate_reference_caches(tmp_path, tiny
     a, b, p = (torch.load(s["reference_cache"], weights_only=True) for s in (fp32, bf16, padded))
     assert (a["key"]["precision"], b["key"]["precision"]) == ("fp32", "bf16")
     assert [k for k in a["key"] if a["key"][k] != b["key"][k]] == ["precision"]
-    assert [k for k in a["key"] if a["key"][k] != p["key"][k]] == ["layout"]
+    # the shared prompt runs on varlen attention (the rejected answer with its prompt), the padded layout on SDPA
+    assert [k for k in a["key"] if a["key"][k] != p["key"][k]] == ["layout", "attention"]
+    assert (a["key"]["attention"], p["key"]["attention"]) == ("prefopt_varlen", "sdpa")
     diff = (a["logps"] - b["logps"]).abs().max().item()
     print(f"\nmax |bf16 - fp32| reference log-prob: {diff:.3g} (log-probs about {a['logps'].mean():.1f})")
     assert diff > 1e-4  # measured 2.3e-3: what the shared file used to hand a bf16 run as its own reference

@@ -23,15 +23,26 @@ def test_the_plan_is_read_from_each_new_position_tensor():
     """Every layer of a forward reads the same position ids (planned once, kept); the next batch's, of the same
     shape and perhaps at the same address, are planned again, as is a tensor written in place."""
     a = torch.tensor([[0, 1, 2, 0, 1]])
-    assert varlen._pieces(a) == [[(0, 3), (3, 5)]]
+    assert varlen._pieces(a) == [[(0, 0, 0, 3), (3, 0, 3, 5)]]  # (prefix start, length, start, end)
     assert varlen._plan(a, 1) is varlen._plan(a, 1)
     b = torch.tensor([[0, 1, 0, 1, 2]])
-    assert varlen._pieces(b) == [[(0, 2), (2, 5)]]
+    assert varlen._pieces(b) == [[(0, 0, 0, 2), (2, 0, 2, 5)]]
     (gather, L), (scatter, _) = varlen._plan(b, 1)  # one bucket (16): pieces right-padded to the longest, 3
     assert L == 3 and gather.tolist() == [[0, 1, 0], [2, 3, 4]] and scatter.tolist() == [0, 1, 3, 4, 5]
-    b[0, 2] = 2  # written in place: planned again
+    b[0, 2:] = torch.tensor([2, 3, 4])  # written in place: planned again
     (gather, _), _ = varlen._plan(b, 1)
     assert gather.tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_a_branch_gathers_its_prompt_and_keeps_only_its_own_outputs():
+    """The shared prompt in one row: prompt 0-2, chosen 3-4, then the rejected answer whose positions drop back to 3.
+    Its piece is the prompt's three tokens then its own; the scatter takes the prompt's outputs from the first piece
+    and only the rejected tokens' from the second."""
+    pos = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5]])
+    assert varlen._pieces(pos) == [[(0, 0, 0, 5), (0, 3, 5, 8)]]
+    (gather, L), (scatter, _) = varlen._plan(pos, 1)
+    assert L == 6 and gather.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 5, 6, 7]]
+    assert scatter.tolist() == [0, 1, 2, 3, 4, 9, 10, 11]  # second piece's slots 6-11: its own outputs at 9-11
 
 
 def test_pieces_of_very_different_lengths_go_to_different_buckets():

@@ -6,7 +6,13 @@ SDPA and eager attention have no varlen form, and the masked alternative (one bo
 prefopt.preference.batching's shared-prompt layout) computes every query against every key of the row and throws
 most of it away. Here a row is cut where its position ids restart at 0; the pieces of a length bucket (powers of
 two) are gathered as rows of their own, right-padded to the bucket's longest (causal attention never reads that
-padding), and each bucket goes through the attention function the model was loaded with, in one call:
+padding), and each bucket goes through the attention function the model was loaded with, in one call.
+
+The shared prompt (prefopt.preference.batching, `collate(..., masks=False)`) is one packed row too: a drop of the
+position ids to p > 0 starts the rejected answer, which continues its pair's first p tokens (the prompt). Its piece
+gathers the prompt's keys and values, already rotated at their own positions, followed by its own tokens: an
+ordinary causal sequence whose prompt outputs are dropped (the chosen piece computes them). The prompt's linear
+layers run once; only its attention runs twice.
 
   sdpa    transformers' `sdpa_attention_forward` with no mask (is_causal: the fast kernels), or with the bucket's
           causal sliding-window mask when the bucket is longer than the window
@@ -19,8 +25,9 @@ tests/test_architectures.py).
 
 `use_varlen(model)` switches a loaded model to it (`VARLEN`, registered with transformers' AttentionInterface; the
 mask builders then make no mask: the implementation is not one of theirs). A model switched so reads packed rows
-only: a padded batch's mask would be ignored. The preference loop switches its policy (and a loaded reference) when
-its layout is `packed`; a saved config keeps the implementation it was loaded with (transformers does not save it).
+only: a padded batch's mask would be ignored (a shared-prompt batch's boolean mask is not needed: the position ids
+say the same). The preference loop switches its policy (and a loaded reference) when its layout is `packed` or
+`shared_prompt`; a saved config keeps the implementation it was loaded with (transformers does not save it).
 """
 
 from __future__ import annotations
@@ -37,14 +44,25 @@ SUPPORTED = ("sdpa", "eager")
 _last: dict = {}  # the plan for the last position ids read: every layer of a forward reads the same tensor
 
 
-def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """(start, end) of each sequence of each row: a sequence starts where the position ids restart at 0."""
+def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """(prefix start, prefix length, start, end) of each piece of each row. A sequence starts where the position
+    ids restart at 0 (a piece with no prefix). A drop to p > 0 inside a sequence starts a branch that continues the
+    sequence's first p tokens (the shared-prompt layout's rejected answer after the prompt | chosen piece): its
+    piece is those p tokens followed by its own, and only its own tokens' outputs are kept."""
     pieces = []
     for row in position_ids.reshape(-1, position_ids.shape[-1]).tolist():
-        starts = [i for i, p in enumerate(row) if p == 0] or [0]
-        if starts[0] != 0:
-            starts = [0] + starts
-        pieces.append(list(zip(starts, starts[1:] + [len(row)])))
+        cuts, seq = [], 0
+        for i, p in enumerate(row):
+            if i == 0 or p == 0:
+                seq = i
+                cuts.append((i, i, 0))
+            elif p != row[i - 1] + 1:
+                if p > i - seq:
+                    raise ValueError(f"position ids jump to {p} at index {i}, past the {i - seq} tokens of the "
+                                     f"sequence they would continue")
+                cuts.append((i, seq, p))
+        ends = [c[0] for c in cuts[1:]] + [len(row)]
+        pieces.append([(ps, pl, s, e) for (s, ps, pl), e in zip(cuts, ends)])
     return pieces
 
 
@@ -55,29 +73,32 @@ def _bucket(n: int) -> int:
 
 
 def _plan(position_ids: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, int]]:
-    """For each bucket: `gather` (P, L), the flat (row * T + t) index of each piece's tokens, right-padded with
-    index 0 (any real token: a padding slot is attended by no real query, causal attention looks back only), and
-    the bucket's length L; then `scatter` (rows * T,), where each token's output lies in the buckets' outputs laid
-    end to end. Read once per forward (reading position ids moves them to the host: a GPU sync) and reused by every
-    layer; a new tensor, or one written in place, is read again."""
+    """For each bucket: `gather` (P, L), the flat (row * T + t) index of each piece's tokens (a branch's prefix,
+    then its own), right-padded with index 0 (any real token: a padding slot is attended by no real query, causal
+    attention looks back only), and the bucket's length L; then `scatter` (rows * T,), where each token's output lies
+    in the buckets' outputs laid end to end (a prefix's outputs in a branch piece are computed and not kept). Read
+    once per forward (reading position ids moves them to the host: a GPU sync) and reused by every layer; a new
+    tensor, or one written in place, is read again."""
     if _last.get("ids") is position_ids and _last["version"] == position_ids._version and _last["rows"] == rows:
         return _last["plan"]
     per_row = _pieces(position_ids)
     if len(per_row) != rows:  # position ids shared by every row
         per_row = per_row[:1] * rows
     T = position_ids.shape[-1]
-    buckets: dict[int, list[tuple[int, int]]] = {}
+    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
     for r, pieces in enumerate(per_row):
-        for s, e in pieces:
-            buckets.setdefault(_bucket(e - s), []).append((r * T + s, e - s))
+        for ps, pl, s, e in pieces:
+            buckets.setdefault(_bucket(pl + e - s), []).append((r * T + ps, pl, r * T + s, e - s))
     device = position_ids.device
     plan, slot, where = [], 0, torch.empty(rows * T, dtype=torch.long)
     for L, members in sorted(buckets.items()):
-        longest = max(n for _, n in members)
+        longest = max(pl + n for _, pl, _, n in members)
         gather = torch.zeros((len(members), longest), dtype=torch.long)
-        for i, (flat, n) in enumerate(members):
-            gather[i, :n] = torch.arange(flat, flat + n)
-            where[flat:flat + n] = torch.arange(slot + i * longest, slot + i * longest + n)
+        for i, (prefix, pl, flat, n) in enumerate(members):
+            gather[i, :pl] = torch.arange(prefix, prefix + pl)
+            gather[i, pl:pl + n] = torch.arange(flat, flat + n)
+            own = slot + i * longest + pl
+            where[flat:flat + n] = torch.arange(own, own + n)
         slot += len(members) * longest
         plan.append((gather.to(device), longest))
     plan.append((where.to(device), 0))  # the scatter, last

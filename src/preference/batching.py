@@ -8,11 +8,14 @@ The layouts (prefopt.preference.data: prompt + completion + EOS, TRL's token ids
                  the loop computes each sequence's attention on its own (prefopt.models.varlen on SDPA and eager,
                  flash attention's varlen kernels on a GPU), so nothing is padding and no (T, T) mask is built; a
                  model not switched to varlen gets the block-diagonal causal mask built from the position ids
-  shared_prompt  each pair is one segment prompt | chosen | rejected, packed first-fit into as few rows as fit the
-                 longest, with a (R, 1, T, T) mask: the prompt is computed once, the
-                 chosen and the rejected tokens both attend to it (and to their own earlier tokens) but not to each
-                 other; the rejected completion's position ids continue from the prompt as the chosen's do
-                 (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing")
+  shared_prompt  each pair is one segment prompt | chosen | rejected: the prompt is computed once, the chosen and
+                 the rejected tokens both attend to it (and to their own earlier tokens) but not to each other; the
+                 rejected completion's position ids continue from the prompt as the chosen's do (Wang et al. 2024,
+                 "Accelerating Direct Preference Optimization with Prefix Sharing"). With `masks` (attention that
+                 reads a mask: SDPA, eager), the segments are packed first-fit into as few rows as fit the longest,
+                 with a (R, 1, T, T) boolean mask; without (a model switched to prefopt.models.varlen, as the loop
+                 does), they lie in one row with no padding and no mask: the position ids say it all (a restart at
+                 0 begins a pair, a drop to P > 0 its rejected answer, which continues the first P tokens)
 
 Every layout carries, for each completion token, the flat index of the position whose logits predict it
 (`source_index`), the token (`target_ids`) and the sequence it belongs to (`seq_index`: pair i's chosen is i, its
@@ -92,11 +95,13 @@ def _pack(lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded") -> dict:
+def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: str = "padded",
+            masks: bool = True) -> dict:
     """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed: input_ids, position_ids (1, T).
-    Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool. All: source_index, target_ids,
-    seq_index (N,) and num_sequences (2B; B for SFT examples, which hold one `completion_ids`), num_tokens (the
-    non-padding positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
+    Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool; with masks=False one row
+    (1, T) and no mask (for varlen attention: `prefopt.training.forward.reads_position_ids`). All: source_index,
+    target_ids, seq_index (N,) and num_sequences (2B; B for SFT examples, which hold one `completion_ids`),
+    num_tokens (the non-padding positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     B = len(examples)
@@ -110,7 +115,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
         rows = [list(range(len(segs)))]
     else:
         segs = _segments(examples, True, max_length)
-        rows = _pack([len(s["ids"]) for s in segs])
+        rows = _pack([len(s["ids"]) for s in segs]) if masks else [list(range(len(segs)))]
     T = max(sum(len(segs[j]["ids"]) for j in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
@@ -119,7 +124,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
     attention_mask = None  # packed: none (each sequence is found from its position ids)
     if layout == "padded":
         attention_mask = torch.zeros((R, T), dtype=torch.long)
-    elif layout == "shared_prompt":
+    elif layout == "shared_prompt" and masks:
         attention_mask = torch.zeros((R, 1, T, T), dtype=torch.bool)
         attention_mask[:, 0] = torch.eye(T, dtype=torch.bool)  # padding attends to itself: no all-masked row (NaN)
     for r, row in enumerate(rows):
@@ -131,7 +136,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             position_ids[r, start:start + n] = torch.tensor(s["pos"])
             if layout == "padded":
                 attention_mask[r, :n] = 1
-            elif layout == "shared_prompt":
+            elif attention_mask is not None:
                 g = torch.tensor(s["group"])
                 allowed = (g[None, :] == 0) | (g[None, :] == g[:, None])  # (query, key)
                 attention_mask[r, 0, start:start + n, start:start + n] = torch.tril(allowed)

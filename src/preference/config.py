@@ -22,7 +22,8 @@ class PreferenceFields(TrainFields):
     layout: Literal["padded", "packed", "shared_prompt"] = "shared_prompt"
     """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence), or
     shared_prompt (packed, each pair's prompt computed once for chosen and rejected). All give the same loss and
-    gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching)."""
+    gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching). On SDPA and
+    eager both packed layouts are one row with no padding and no mask (prefopt.models.varlen)."""
     logps_chunk_size: int = 512
     """Project hidden states to the vocabulary this many tokens at a time, recomputed in backward, so the full
     (tokens x vocab) float32 logits never exist at once (TRL #7244; exact: the same log-probs and gradients).

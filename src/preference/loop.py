@@ -51,7 +51,8 @@ from prefopt.models.loading import (check_lora_mergeable, full_state_dict, load_
 from prefopt.preference import reference as refcache
 from prefopt.models import varlen
 from prefopt.preference.batching import collate, num_targets
-from prefopt.training.forward import LayoutError, attention_implementation, check_layout, pair_logps
+from prefopt.training.forward import (LayoutError, attention_implementation, check_layout, pair_logps,
+                                     reads_position_ids)
 from prefopt.preference.data import load_pairs, pairs_path, tokenize_pairs
 from prefopt.preference.rewards import PairRewards, collate_texts, pair_rewards
 from prefopt.training.checkpoints import decided_by_main, newest_verified, numbered_folders
@@ -222,9 +223,10 @@ def _frozen_reference(accelerator, ref_path: str, key: str, layout: str):
 
 
 def packed_varlen(model, layout: str) -> None:
-    """The packed layout's attention: each sequence of the packed row on its own (prefopt.models.varlen) when the
-    model runs SDPA or eager attention; flash attention does this itself from the position ids."""
-    if layout == "packed" and attention_implementation(model) in varlen.SUPPORTED:
+    """The packed layouts' attention: each sequence of the packed row on its own, a shared prompt's rejected answer
+    with its prompt (prefopt.models.varlen), when the model runs SDPA or eager attention; flash attention does the
+    packed layout itself from the position ids (and cannot take the shared prompt: check_layout)."""
+    if layout in ("packed", "shared_prompt") and attention_implementation(model) in varlen.SUPPORTED:
         varlen.use_varlen(model)
 
 
@@ -319,7 +321,8 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                              torch.bfloat16 if sec.bf16 else torch.float32, accelerator.num_processes)
     sampler = EpochShuffle(len(examples), ctx.seed)
     collate_fn = (partial(collate_texts, pad_token_id=tokenizer.pad_token_id) if classifier else
-                  partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length, layout=sec.layout))
+                  partial(collate, pad_token_id=tokenizer.pad_token_id, max_length=sec.max_length, layout=sec.layout,
+                          masks=not reads_position_ids(model)))
     loader = DataLoader(examples, batch_size=sec.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: transformers' default (adamw_torch_fused); on CPU torch's default per-tensor loop took 1.7 s a step for

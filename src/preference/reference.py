@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from prefopt.io import content_hash, sha256_file, weights_sha256
 from prefopt.preference.batching import collate
-from prefopt.training.forward import pair_logps
+from prefopt.training.forward import pair_logps, reads_position_ids
 
 
 def file_sha256(path) -> str:
@@ -124,6 +124,7 @@ def compute(model, examples: list[dict], pad_token_id: int, max_length: int, bat
     if not examples:
         return torch.zeros((0, 2))
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    masks = not reads_position_ids(model)
     batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     rounds = math.ceil(len(batches) / world)
     mine = torch.full((rounds, batch_size, 2), float("nan"))  # this process's batches, rows past a short one NaN
@@ -134,7 +135,7 @@ def compute(model, examples: list[dict], pad_token_id: int, max_length: int, bat
             b = r * world + rank
             part = [{k: v for k, v in e.items() if k != "ref_logps"} for e in batches[b if b < len(batches) else 0]]
             batch = {k: v.to(device) if device is not None else v
-                     for k, v in collate(part, pad_token_id, max_length, layout).items()}
+                     for k, v in collate(part, pad_token_id, max_length, layout, masks=masks).items()}
             with meter.timed("forward") if meter is not None else nullcontext():
                 sums, _ = pair_logps(model, batch, chunk_size)
             if meter is not None:

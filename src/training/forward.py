@@ -8,13 +8,16 @@ to the vocabulary in chunks of `chunk_size` tokens, each chunk recomputed in bac
 float32 logits never exist at once (the large-vocabulary memory problem, TRL #7244).
 
 Two things make that true beyond one architecture:
-  masks        `collate` writes which key each query may see as a boolean (R, 1, T, T). transformers passes a 4D
-               mask to the attention function unchanged, and eager attention *adds* it to the scores, so a boolean
-               would mask nothing (True adds 1). `attention_inputs` turns it into what the model's attention
-               implementation applies: a boolean for SDPA, an additive float (0 / dtype min) for eager, one mask
-               per layer type (Gemma-2/3, Qwen2) with the sliding window measured in position ids, so a layer that
-               sees only the last W positions sees them in every layout. Flash attention takes the packed layout
-               from the position ids alone and refuses the shared prompt (it cannot express the mask).
+  masks        `collate` writes which key each query may see as a boolean (R, 1, T, T), or nothing when the
+               position ids say it (`allowed_from_positions`: a restart at 0 begins a sequence, a drop to P > 0 a
+               branch that continues its first P tokens). transformers passes a 4D mask to the attention function
+               unchanged, and eager attention *adds* it to the scores, so a boolean would mask nothing (True adds
+               1). `attention_inputs` turns it into what the model's attention implementation applies: a boolean
+               for SDPA, an additive float (0 / dtype min) for eager, one mask per layer type (Gemma-2/3, Qwen2)
+               with the sliding window measured in position ids, so a layer that sees only the last W positions
+               sees them in every layout. Varlen attention (prefopt.models.varlen) reads every layout from the
+               position ids and takes no mask; flash attention takes the packed layout from the position ids alone
+               and refuses the shared prompt (it cannot read a branch).
   projection   `project_logits` applies what the model's own forward applies after lm_head (Gemma-2's final
                logit soft-capping, Cohere's logit scale, Granite's logit divisor), so the chunked path optimises
                the same objective as the model's forward.
@@ -51,8 +54,8 @@ def check_layout(model, layout: str, key: str = "layout") -> None:
     if layout == "padded":
         return
     impl = attention_implementation(model)
-    flash = impl.startswith(_FLASH_PREFIXES) or impl == VARLEN  # sequences from position ids, no mask
-    if impl in _MASKED_IMPLS or (flash and layout == "packed"):
+    flash = impl.startswith(_FLASH_PREFIXES)  # sequences from position ids, no mask, no branch
+    if impl in _MASKED_IMPLS or impl == VARLEN or (flash and layout == "packed"):
         types = set(getattr(_unwrap(model).config.get_text_config(), "layer_types", None) or ())
         unknown = types - {"full_attention", "sliding_attention"}
         if unknown:
@@ -75,20 +78,56 @@ def _layer_windows(config) -> dict[str | None, int | None]:
     return {None: window}
 
 
+def reads_position_ids(model) -> bool:
+    """Whether the model's attention reads packed sequences from the position ids alone (flash attention's varlen
+    kernels, prefopt.models.varlen), so a collated batch needs no mask: `collate(..., masks=False)`."""
+    impl = attention_implementation(model)
+    return impl.startswith(_FLASH_PREFIXES) or impl == VARLEN
+
+
+def _branches(pos: torch.Tensor) -> torch.Tensor:
+    """(R, T) bool: where the position ids drop to p > 0, the start of a branch that continues its sequence's first
+    p tokens (the shared prompt's rejected answer)."""
+    out = torch.zeros_like(pos, dtype=torch.bool)
+    out[..., 1:] = (pos[..., 1:] != pos[..., :-1] + 1) & (pos[..., 1:] != 0)
+    return out
+
+
+def allowed_from_positions(pos: torch.Tensor) -> torch.Tensor:
+    """(R, 1, T, T) bool of allowed (query, key) pairs from position ids alone: a sequence starts where they restart
+    at 0 and attends causally to itself; a branch (a drop to p > 0) attends causally to itself and to its
+    sequence's first p tokens. What `collate` writes as the shared prompt's mask, for a batch collated without."""
+    T = pos.shape[-1]
+    idx = torch.arange(T, device=pos.device).expand_as(pos)
+    seq_start = pos == 0
+    seq_start[..., 0] = True
+    piece_start = seq_start | _branches(pos)
+    seq, piece = seq_start.cumsum(-1), piece_start.cumsum(-1)
+    base = pos.gather(-1, torch.where(piece_start, idx, 0).cummax(-1).values)  # position the token's piece starts at
+    causal = torch.ones((T, T), dtype=torch.bool, device=pos.device).tril()
+    same_seq = seq[:, None, :, None] == seq[:, None, None, :]
+    same_piece = piece[:, None, :, None] == piece[:, None, None, :]
+    prefix = (base[:, None, None, :] == 0) & (pos[:, None, None, :] < base[:, None, :, None])  # key in the prompt
+    return same_seq & causal & (same_piece | prefix)
+
+
 def attention_inputs(model, batch: dict) -> dict:
     """attention_mask (and position_ids) for the model's forward, as its attention implementation applies them.
 
     Padded batches carry a 2D mask the model turns into its own causal (and sliding) masks. Packed batches carry a
-    boolean (R, 1, T, T) of allowed (query, key) pairs; here each layer type gets it with the sliding window
-    (pos[q] - pos[k] < W, the model's own `kv_idx > q_idx - W` measured in positions, so a rejected completion
-    whose positions continue from the prompt sees the prompt tokens it would see when padded), as a boolean for
-    SDPA or an additive float for eager attention (which adds the mask to the scores)."""
+    boolean (R, 1, T, T) of allowed (query, key) pairs, or none (then it is built from the position ids); here each
+    layer type gets it with the sliding window (pos[q] - pos[k] < W, the model's own `kv_idx > q_idx - W` measured
+    in positions, so a rejected completion whose positions continue from the prompt sees the prompt tokens it would
+    see when padded), as a boolean for SDPA or an additive float for eager attention (which adds the mask to the
+    scores). Varlen attention reads everything from the position ids; flash attention cannot read a branch."""
     if "position_ids" not in batch:
         return {"attention_mask": batch["attention_mask"]}
     impl = attention_implementation(model)
     pos = batch["position_ids"]
-    if impl.startswith(_FLASH_PREFIXES) or impl == VARLEN:  # packed: the sequences are read from the position ids
-        if "attention_mask" in batch:
+    if impl == VARLEN:  # every layout's structure is in the position ids (a shared prompt's mask is redundant)
+        return {"attention_mask": None, "position_ids": pos}
+    if impl.startswith(_FLASH_PREFIXES):  # packed: the sequences are read from the position ids
+        if "attention_mask" in batch or bool(_branches(pos).any()):
             raise LayoutError(f"the shared-prompt layout cannot run with attn_implementation={impl!r}: it cannot "
                               f"express a prompt shared by two completions")
         return {"attention_mask": None, "position_ids": pos}
@@ -96,11 +135,8 @@ def attention_inputs(model, batch: dict) -> dict:
         raise LayoutError(f"layout with packed sequences cannot run with attn_implementation={impl!r}")
     config = _unwrap(model).config.get_text_config()
     allowed = batch.get("attention_mask")
-    if allowed is None:  # packed: each sequence (its position ids restart at 0) attends causally to itself
-        seq = (pos == 0).cumsum(-1)
-        T = pos.shape[-1]
-        causal = torch.ones((T, T), dtype=torch.bool, device=pos.device).tril()
-        allowed = (seq[:, None, :, None] == seq[:, None, None, :]) & causal
+    if allowed is None:  # packed (or a shared prompt collated without masks): from the position ids
+        allowed = allowed_from_positions(pos)
     dtype = _unwrap(model).dtype
     masks = {}
     for layer_type, window in _layer_windows(config).items():
