@@ -119,6 +119,10 @@ def test_shared_prompt_without_masks_says_it_in_the_position_ids(setup):
     assert torch.equal(allowed_from_positions(row["position_ids"])[0, 0], torch.block_diag(*blocks))
     with pytest.raises(ValueError, match="position ids jump to 5 at index 3"):
         _pieces(torch.tensor([[0, 1, 2, 5]]))
+    # a second branch continues the first piece (3 tokens), never the first branch
+    assert _pieces(torch.tensor([[0, 1, 2, 1, 2, 3, 2]]))[0][1:] == [(0, 1, 3, 6), (0, 2, 6, 7)]
+    with pytest.raises(ValueError, match="jump to 3 at index 6, past the 2 tokens"):
+        _pieces(torch.tensor([[0, 1, 1, 2, 3, 4, 3]]))
 
 
 def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir):

@@ -51,15 +51,16 @@ def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]
     piece is those p tokens followed by its own, and only its own tokens' outputs are kept."""
     pieces = []
     for row in position_ids.reshape(-1, position_ids.shape[-1]).tolist():
-        cuts, seq = [], 0
+        cuts, seq, main = [], 0, None  # main: the length of the sequence's first piece, once a branch ends it
         for i, p in enumerate(row):
             if i == 0 or p == 0:
-                seq = i
+                seq, main = i, None
                 cuts.append((i, i, 0))
             elif p != row[i - 1] + 1:
-                if p > i - seq:
-                    raise ValueError(f"position ids jump to {p} at index {i}, past the {i - seq} tokens of the "
-                                     f"sequence they would continue")
+                main = i - seq if main is None else main
+                if p > main:
+                    raise ValueError(f"position ids jump to {p} at index {i}, past the {main} tokens of the "
+                                     f"sequence's first piece that they would continue")
                 cuts.append((i, seq, p))
         ends = [c[0] for c in cuts[1:]] + [len(row)]
         pieces.append([(ps, pl, s, e) for (s, ps, pl), e in zip(cuts, ends)])
