@@ -26,8 +26,10 @@ alarm and the total wall-time budget:
   <family>/score        the reward model's scores (prefopt.scoring.scorer.ClassifierScorer)
   <family>/pairs        best vs worst per prompt (prefopt.pairs.strategies), tokenized as the stages do
   <family>/parity       summed completion log-probs of every layout (prefopt.preference.batching.collate /
-                        pair_logps) against the padded layout and against log_softmax(model(ids).logits) of each
-                        sequence alone, in the run's dtype (and in fp32 on the GPU)
+                        pair_logps), with the model's own attention and masks and, `<layout>+loop`, the packed
+                        layouts as the loop runs them (varlen attention, no masks), against the padded layout and
+                        against log_softmax(model(ids).logits) of each sequence alone, in the run's dtype (and in
+                        fp32 on the GPU)
   <family>/dpo_<layout>, <family>/simpo_<layout>
                         optimizer steps through collate, pair_logps and dpo_loss / simpo_loss (reference log-probs
                         precomputed by prefopt.preference.reference.compute), each layout from the same weights
@@ -58,6 +60,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -407,14 +410,33 @@ def pairs(run: Run, family: str) -> dict:
             "pair_tokens_mean": sum(pair_tokens(e, run.size.max_length) for e in examples) / n}
 
 
+@contextmanager
+def as_the_loop_runs(model, layout: str):
+    """The model's attention as the preference loop sets it for `layout` (prefopt.preference.loop.packed_varlen:
+    varlen attention for the packed layouts on SDPA and eager), restored after; yields collate's `masks`."""
+    from prefopt.models import varlen
+    from prefopt.preference.loop import packed_varlen
+    from prefopt.training.forward import attention_implementation, reads_position_ids
+
+    base = attention_implementation(model)
+    packed_varlen(model, layout)
+    try:
+        yield not reads_position_ids(model)
+    finally:
+        if attention_implementation(model) == varlen.VARLEN:
+            varlen.restore(model, base)
+
+
 @torch.no_grad()
-def layout_sums(model, examples: list[dict], pad_id: int, size: Size, layout: str) -> torch.Tensor:
-    """pair_logps' summed completion log-probs (2B,): chosen of every pair, then rejected."""
+def layout_sums(model, examples: list[dict], pad_id: int, size: Size, layout: str, loop: bool = False) -> torch.Tensor:
+    """pair_logps' summed completion log-probs (2B,): chosen of every pair, then rejected. loop: with the attention
+    the preference loop runs the layout with (varlen for the packed layouts), else the model's own with masks."""
     from prefopt.preference.batching import collate
     from prefopt.training.forward import pair_logps
 
-    batch = to_device(collate(examples, pad_id, size.max_length, layout), size.device)
-    sums, _ = pair_logps(model, batch, size.chunk_size)
+    with as_the_loop_runs(model, layout) if loop else nullcontext(True) as masks:
+        batch = to_device(collate(examples, pad_id, size.max_length, layout, masks), size.device)
+        sums, _ = pair_logps(model, batch, size.chunk_size)
     return sums.float().cpu()
 
 
@@ -434,11 +456,13 @@ def reference_sums(model, examples: list[dict], size: Size) -> torch.Tensor:
 def parity_figures(model, examples: list[dict], pad_id: int, size: Size) -> dict:
     ref = reference_sums(model, examples, size)
     sums, errors = {}, {}
-    for layout in LAYOUTS:
+    # each layout with the model's own attention and masks, and the packed ones as the loop runs them (varlen)
+    for name, layout, loop in [(lay, lay, False) for lay in LAYOUTS] + [
+            (f"{lay}+loop", lay, True) for lay in LAYOUTS if lay != "padded"]:
         try:
-            sums[layout] = layout_sums(model, examples, pad_id, size, layout)
+            sums[name] = layout_sums(model, examples, pad_id, size, layout, loop)
         except Exception as e:  # noqa: BLE001 - a refused or broken layout is a figure of its own
-            errors[layout] = f"{type(e).__name__}: {e}"[:300]
+            errors[name] = f"{type(e).__name__}: {e}"[:300]
     out = {"max_abs_vs_reference": {lay: float((s - ref).abs().max()) for lay, s in sums.items()},
            "max_rel_vs_reference": {lay: float(((s - ref).abs() / ref.abs()).max()) for lay, s in sums.items()},
            "max_abs_sum": float(ref.abs().max())}
@@ -482,7 +506,13 @@ def snapshot(run: Run, family: str) -> dict:
 
 def train_section(run: Run, family: str, method: str, layout: str) -> dict:
     """`steps` optimizer steps of DPO or SimPO in `layout` from the initial weights, as the preference loop does
-    each one: collate, pair_logps (chunked lm_head), the pure loss, backward, clip to 1.0, AdamW."""
+    each one: the loop's attention for the layout (varlen for the packed ones on SDPA and eager), collate,
+    pair_logps (chunked lm_head), the pure loss, backward, clip to 1.0, AdamW."""
+    with as_the_loop_runs(run.state[f"{family}/model"], layout) as masks:
+        return _train_section(run, family, method, layout, masks)
+
+
+def _train_section(run: Run, family: str, method: str, layout: str, masks: bool) -> dict:
     from prefopt.dpo.loss import dpo_loss
     from prefopt.preference.batching import collate
     from prefopt.training.forward import pair_logps
@@ -513,7 +543,7 @@ def train_section(run: Run, family: str, method: str, layout: str) -> dict:
     for part in used:
         sync(size.device)
         t0 = time.perf_counter()
-        batch = to_device(collate(part, tok.pad_token_id, size.max_length, layout), size.device)
+        batch = to_device(collate(part, tok.pad_token_id, size.max_length, layout, masks), size.device)
         pi = PairLogps.split(*pair_logps(model, batch, size.chunk_size))
         if method == "dpo":
             ref = batch["ref_logps"]
