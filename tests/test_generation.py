@@ -125,6 +125,8 @@ class _TextTokenizer:
     bos_token = "<s>"
 
     def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):  # a batch, as a real tokenizer takes it (`encode_many`)
+            return {"input_ids": [self(t, add_special_tokens)["input_ids"] for t in text]}
         return {"input_ids": (["<s>"] if add_special_tokens else []) + [text]}
 
 

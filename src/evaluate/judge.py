@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from prefopt.data.templates import encode
+from prefopt.data.templates import encode_many
 from prefopt.training.padding import right_pad
 
 JUDGE_TEMPLATE = (
@@ -103,7 +103,7 @@ class LMJudge:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for s in range(0, len(triples), self.batch_size):
             # One BOS: the chat template's own when it writes one, else the tokenizer's (`encode`).
-            ids = [encode(self.render(*t), self.tok) for t in triples[s:s + self.batch_size]]
+            ids = encode_many([self.render(*t) for t in triples[s:s + self.batch_size]], self.tok)
             batch, attn = right_pad(ids, pad)  # right padding: positions need no shifting
             logits = self.model(input_ids=batch.to(device), attention_mask=attn.to(device)).logits  # (B, T, V)
             last = logits[torch.arange(len(ids)), attn.sum(1).to(device) - 1]  # (B, V) at each last real token

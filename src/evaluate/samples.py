@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prefopt.data.templates import encode, prompt_text, render_prompt
+from prefopt.data.templates import encode_many, prompt_text, render_prompt
 from prefopt.generation.base import Sampling, derive_seed
 
 
@@ -60,7 +60,7 @@ def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = N
     tok = load_tokenizer(path, trust_remote_code=sec.trust_remote_code)
     rendered = [render_prompt(r["prompt"], tok) for r in rows]
     # Tokenized exactly as the generators do (one BOS, `encode`), so the log-probs are of what was sampled.
-    prompt_ids = [encode(t, tok) for t in rendered]
+    prompt_ids = encode_many(rendered, tok)
     seed = sec.seed if seed is None else seed
     gen = make_generator(path, backend=sec.backend, batch_size=sec.batch_size, dtype=sec.dtype, seed=seed)
     sampling = Sampling(n=n or sec.samples_per_prompt, temperature=sec.temperature, top_p=sec.top_p,

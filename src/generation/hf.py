@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefopt.data.templates import encode
+from prefopt.data.templates import encode_many
 from prefopt.generation.base import Completion, Progress, Sampling, derive_seed
 
 
@@ -69,7 +69,7 @@ class TransformersGenerator:
 
         # One BOS whether the prompt text carries it (Llama-3 / Gemma-2 chat templates) or the tokenizer adds it:
         # the sequence the model was trained on.
-        encoded = [encode(p, self.tokenizer) for p in prompts]
+        encoded = encode_many(prompts, self.tokenizer)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # stable: ties keep prompt order
         results: list[list[Completion] | None] = [None] * len(prompts)
         was_training = self.model.training

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from prefopt.data.templates import encode
+from prefopt.data.templates import encode_many
 from prefopt.generation.base import Completion, Progress, Sampling
 # what vLLM samples within, as pure checks the configs use without importing this module (or vllm)
 from prefopt.generation.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, temperature_problem  # noqa: F401
@@ -248,7 +248,7 @@ class VLLMGenerator:
         # BOS (Llama-3, Gemma-2) would then start with two. `encode` is what every other stage uses, so vLLM's
         # samples continue the very ids that evaluation and PPO score. (A dict is vLLM's TokensPrompt.)
         tok = self.llm.get_tokenizer()
-        ids = [encode(p, tok) for p in prompts]
+        ids = encode_many(prompts, tok)
         requests, params = requests_for(ids, samplings, self._vllm.SamplingParams)
         # vLLM schedules all requests itself (continuous batching): one call, its own progress bar.
         outputs = self.llm.generate(requests, params, use_tqdm=progress is None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prefopt.data.templates import encode
+from prefopt.data.templates import encode_many
 from prefopt.generation.base import Completion, Sampling, derive_seed
 from prefopt.training.logps import token_logps
 from prefopt.training.padding import right_pad
@@ -157,7 +157,7 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
     computed over the gathered global rollout, exactly as one process would compute them."""
     device = next(policy.parameters()).device
     completions = sample(generator, prompts, sampling, generation_chunk, first_chunk)
-    prompt_ids = [encode(p, tokenizer) for p in prompts]  # as the generator tokenized them: one BOS
+    prompt_ids = encode_many(prompts, tokenizer)  # as the generator tokenized them: one BOS
     # An empty response (a backend that drops a lone EOS) still needs one action to carry the score.
     response_ids = [list(c.token_ids)[: sampling.max_new_tokens] or [tokenizer.eos_token_id] for c in completions]
     batch = {k: v.to(device) for k, v in build_batch(prompt_ids, response_ids, tokenizer.pad_token_id).items()}

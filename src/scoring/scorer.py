@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefopt.config import ConfigError
-from prefopt.data.templates import encode, prompt_messages
+from prefopt.data.templates import encode_many, prompt_messages
 from prefopt.io import content_hash, weights_sha256
 from prefopt.scoring.batches import by_length
 
@@ -203,7 +203,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
 
     def score_batch(idx: list[int]) -> list[float]:
         # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
-        ids = [encode(texts[i], tokenizer, truncation=True, max_length=max_length) for i in idx]
+        ids = encode_many([texts[i] for i in idx], tokenizer, truncation=True, max_length=max_length)
         pad = batch_pad_id(own, ids, vocab)
         if config is None and tokenizer.pad_token_id is not None:
             pad = tokenizer.pad_token_id  # a model with no config to tell: padded as its tokenizer pads
