@@ -43,7 +43,7 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         return user_error("config error", e, 2)
     except Reported as e:  # a launched stage's own failure, the reward gate: the message is the whole line
         if str(e):
-            print(f"prefopt: {e}", file=sys.stderr)
+            error_line(f"prefopt: {e}")
         return e.exit_code
     except DataError as e:
         return user_error("data error", e, 3)
@@ -65,7 +65,7 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         if command not in ("check", "report", "sweep", "annotate"):  # a rerun resumes a stage, not these
             advice = ("fix the cause above, then rerun the same command: finished stages are kept and the "
                       "unfinished one resumes")
-        print(f"prefopt: {command} crashed ({type(e).__name__}); {advice}", file=sys.stderr)
+        error_line(f"prefopt: {command} crashed ({type(e).__name__}); {advice}")
         return 1
     finally:
         from prefopt.runtime import faults
@@ -73,6 +73,15 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         faults.reported()  # a training stage's error is reported: signals act as before it again
 
 
+
+
+def error_line(text: str) -> None:
+    """`text` and its newline to stderr in one write. Every rank of a launch reports its error, into one pipe;
+    torchrun starts the ranks with `python -u`, where `print` writes the text and the newline in two calls, and two
+    ranks' lines interleaved into one ("...resumeprefopt: ...", seen in CI). One write of under PIPE_BUF bytes
+    reaches the pipe whole."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def log_file(cfg, command: str):
@@ -99,7 +108,7 @@ def user_error(kind: str, error, code: int) -> int:
     also leaves the code for it."""
     msg = re.sub(r"\s*\n\s*", " ", str(error)).strip()
     _close_progress_bars()
-    print(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}", file=sys.stderr, flush=True)
+    error_line(f"prefopt: {kind}: {msg}" if kind else f"prefopt: {msg}")
     exit_file = os.environ.get("PREFOPT_EXIT_FILE")
     if exit_file and is_main_process():
         try:

@@ -119,8 +119,9 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum, self.t = signum, time.monotonic()
-            print(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: {self.notice}", file=sys.stderr,
-                  flush=True)
+            # one write: under torchrun (python -u) `print` writes text and newline apart, and ranks share stderr
+            sys.stderr.write(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: {self.notice}\n")
+            sys.stderr.flush()
 
     def __enter__(self) -> "StopSignals":
         import threading
