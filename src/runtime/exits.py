@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
 from prefopt.config import ConfigError
 from prefopt.data.errors import DataError
+from prefopt.runtime.faults import error_line
 from prefopt.dist.process import is_main_process
 
 
@@ -71,17 +71,6 @@ def run_reported(command: str, body: Callable[[], int], log_path: Callable[[], P
         from prefopt.runtime import faults
 
         faults.reported()  # a training stage's error is reported: signals act as before it again
-
-
-
-
-def error_line(text: str) -> None:
-    """`text` and its newline to stderr in one write. Every rank of a launch reports its error, into one pipe;
-    torchrun starts the ranks with `python -u`, where `print` writes the text and the newline in two calls, and two
-    ranks' lines interleaved into one ("...resumeprefopt: ...", seen in CI). One write of under PIPE_BUF bytes
-    reaches the pipe whole."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def log_file(cfg, command: str):

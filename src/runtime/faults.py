@@ -103,6 +103,15 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def error_line(text: str) -> None:
+    """`text` and its newline to stderr in one write. Every rank of a launch reports its error (and a signal's
+    notice) into one pipe; torchrun starts the ranks with `python -u`, where `print` writes the text and the newline
+    in two calls, and two ranks' lines interleaved into one ("...resumeprefopt: ...", seen in CI). One write of
+    under PIPE_BUF bytes reaches the pipe whole."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 class StopSignals:
     """While held (`with StopSignals(): ...`), SIGTERM, SIGINT and SIGUSR1 set `signum` instead of ending the
     process; the previous handlers come back on exit. A second SIGINT more than 2 s after the first is a
@@ -119,9 +128,7 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.signum:
             self.signum, self.t = signum, time.monotonic()
-            # one write: under torchrun (python -u) `print` writes text and newline apart, and ranks share stderr
-            sys.stderr.write(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: {self.notice}\n")
-            sys.stderr.flush()
+            error_line(f"\n[prefopt] {self.stage}: {signal_name(signum)} received: {self.notice}")
 
     def __enter__(self) -> "StopSignals":
         import threading
