@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
+from prefopt.runtime import forkserver
 from prefopt.runtime.console import StageOutput, stage_log_path
 from prefopt.runtime.console import verbose as console_verbose
 from prefopt.runtime.exits import StageFailed
@@ -278,15 +279,20 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
         if threads is not None:
             env["OMP_NUM_THREADS"] = threads
         simple = simple_launch(cmd) if threads is None else None
-        # the accelerate command either way: what a user copies to run the stage alone
-        print(f"[prefopt] $ {shlex.join(cmd)}" + ("  (its simple launcher run here: the stage starts directly)"
-                                                   if simple is not None else ""), flush=True)
         if simple is not None:
-            cmd, env = simple[0], {**simple[1], **ours}
+            simple = simple[0], {**simple[1], **ours}
+        warm = simple is not None and cfg.launch.preload and forkserver.fits(simple[1])
+        # the accelerate command either way: what a user copies to run the stage alone
+        print(f"[prefopt] $ {shlex.join(cmd)}" + ("" if simple is None else
+                                                   "  (its simple launcher run here: the stage starts directly"
+                                                   + (", forked with its imports done)" if warm else ")")), flush=True)
+        if simple is not None:
+            cmd, env = simple
         from prefopt.runtime.faults import PreemptedError, forward_signals
 
         # its own session: a signal to this process reaches the stage through forward_signals, once
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
+        proc = (forkserver.Stage(cmd, env) if warm else
+                subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True))
         with forward_signals(proc) as got:
             relay_stderr(proc.stderr)
             proc.wait()
@@ -301,6 +307,25 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
             raise PreemptedError(stage, None, got.signum, None)
     else:
         run_stage(cfg, stage, round_, fresh)  # (launched stages never reuse files: RESUMABLE_FILES are in-process)
+
+
+def start_forkserver(cfg: ExperimentConfig, stages: list[str]) -> None:
+    """Start the forkserver that one-process launched stages fork from with their imports done
+    (runtime/forkserver.py), in the environment accelerate's simple launcher would give them, while the stages
+    before them run. Nothing when no stage would use it."""
+    training = [s for s in stages if STAGES[s][1]]
+    if not (training and cfg.launch.launcher == "accelerate" and cfg.launch.preload and forkserver.available()):
+        return
+    import torch
+
+    if torch.cuda.is_available():  # see forkserver.py: a CUDA driver an import initialised does not survive a fork
+        return
+    if threads_per_process(os.environ.get("OMP_NUM_THREADS"), cfg.launch.num_processes,
+                           cfg.launch.num_machines if cfg.launch.srun else 1) is not None:
+        return
+    simple = simple_launch(launch_command(cfg, training[0], 1, []))
+    if simple is not None:
+        forkserver.start(simple[1])
 
 
 def shared_wandb_service(cfg: ExperimentConfig) -> None:
@@ -361,6 +386,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
                     reward_gate(scfg, r)
                 continue
             check_inputs(scfg, s, r)
+            start_forkserver(cfg, [x for x, _, _ in steps if not only or x == only])  # once; imports while this runs
             log = stage_log_path(d)
             print(f"[prefopt] {label}: running ({why}) -> {d}" + ("" if loud else f"; its output: {log}"),
                   flush=True)

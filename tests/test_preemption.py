@@ -132,6 +132,8 @@ def test_sigterm_to_prefopt_run_during_dpo_saves_and_resumes_bit_identically(tmp
 
     rc, err = Run(tmp_path / "b", "run", str(cut)).wait()
     assert rc == 0, err[-3000:]
+    # both runs' stage forked from the preloaded server (runtime/forkserver.py): what the signal reached
+    assert (tmp_path / "b" / "stdout.txt").read_text().count("forked with its imports done") == 2
     summary = json.loads((d / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["steps"] == total
     assert "loss" in summary and "rewards/margins" in summary  # kept across the resume

@@ -83,5 +83,7 @@ def test_quickstart_improves_gold_score_with_every_method(tmp_path):
     assert (root / "report" / "overoptimisation.png").stat().st_size > 10_000
     # training stages ran as accelerate subprocesses, each with its own offline W&B run
     assert "accelerate.commands.launch" in out.stdout
+    # each one forked from the server that imported torch, transformers and accelerate once (runtime/forkserver.py)
+    assert out.stdout.count("forked with its imports done") == 5, out.stdout[-3000:]
     for stage in ("sft", "reward", "dpo", "simpo", "ppo"):
         assert list((root / stage / "wandb").glob("offline-run-*")), stage
