@@ -291,8 +291,14 @@ def run_one(cfg: ExperimentConfig, stage: str, round_: int, overrides: list[str]
         from prefopt.runtime.faults import PreemptedError, forward_signals
 
         # its own session: a signal to this process reaches the stage through forward_signals, once
-        proc = (forkserver.Stage(cmd, env) if warm else
-                subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True))
+        proc = None
+        if warm:
+            try:
+                proc = forkserver.Stage(cmd, env)
+            except (OSError, EOFError) as e:  # the server failed (its log says why): start the stage the usual way
+                print(f"[prefopt] the forkserver did not start {stage} ({e}); starting it fresh", flush=True)
+        if proc is None:
+            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
         with forward_signals(proc) as got:
             relay_stderr(proc.stderr)
             proc.wait()
@@ -325,7 +331,9 @@ def start_forkserver(cfg: ExperimentConfig, stages: list[str]) -> None:
         return
     simple = simple_launch(launch_command(cfg, training[0], 1, []))
     if simple is not None:
-        forkserver.start(simple[1])
+        log = cfg.root / "logs" / "forkserver.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        forkserver.start(simple[1], str(log))
 
 
 def shared_wandb_service(cfg: ExperimentConfig) -> None:

@@ -38,7 +38,7 @@ from multiprocessing.reduction import DupFd
 
 PRELOAD = ["torch", "transformers", "accelerate", "peft", "wandb", "safetensors.torch",
            "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "prefopt.cli", "prefopt.stage",
-           "prefopt.preference.loop", "prefopt.models.loading"]
+           "prefopt.preference.loop", "prefopt.models.loading", "pandas", "wandb.sdk.launch.inputs.internal"]
 """Imported once in the server: what every launched stage imports before its clock starts (prefopt's own modules
 import the model, loop and tracking code; a model family's modeling file is still imported by the stage)."""
 
@@ -55,23 +55,32 @@ def available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def start(env: dict[str, str]) -> None:
-    """Start the server (if this process has none) with `env` as its environment; its imports run in the
-    background. Later stages whose environment matches it (`fits`) start from it."""
+def start(env: dict[str, str], log: str = os.devnull) -> None:
+    """Start the server (if this process has none) with `env` as its environment and its own output (what its
+    imports print) in `log`; its imports run in the background. Later stages whose environment matches it (`fits`)
+    start from it."""
     global _server_env
     if _server_env is not None or not available():
         return
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)  # the server inherits this process's environment when it is spawned
-    try:
-        forkserver.ensure_running()
-    finally:
+    saved_env, saved_fds = dict(os.environ), [os.dup(1), os.dup(2)]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with open(log, "ab") as out:
         os.environ.clear()
-        os.environ.update(saved)
+        os.environ.update(env)  # the server inherits this process's environment and descriptors when spawned
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            forkserver.ensure_running()
+        finally:
+            for fd, target in zip(saved_fds, (1, 2)):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.environ.clear()
+            os.environ.update(saved_env)
     _server_env = dict(env)
 
 
