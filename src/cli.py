@@ -70,13 +70,14 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe_section(cls, prefix: str) -> list[str]:
-    """Lines of `--prefix.key  TYPE  (default: X)  meaning` for every key, nested sections included."""
+def describe_section(cls, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Lines of `--prefix.key  TYPE  (default: X)  meaning` for every key, nested sections included (but those
+    named in `skip`)."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        if not f.init or f.name == "trainer_args":
+        if not f.init or f.name == "trainer_args" or f.name in skip:
             continue
         tp = hints[f.name]
         key = f"{prefix}.{f.name}" if prefix else f.name
@@ -109,6 +110,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
 
 
+EXPERIMENT_KEYS = ("Experiment keys (override with --KEY=VALUE; each stage's section: prefopt STAGE --help):\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prefopt.experiment import ORDER, ExperimentConfig
 
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference optimisation, one stage at a time or as a whole experiment. "
         "Every subcommand takes an experiment YAML followed by --section.key=value overrides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Top-level keys:\n" + "\n".join(describe_section(ExperimentConfig, "")[:40]),
+        epilog=EXPERIMENT_KEYS + "\n".join(describe_section(ExperimentConfig, "", skip=tuple(ORDER))),
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in ORDER:
@@ -136,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs this stage once per seed (replicates / seeds)")
     sp = sub.add_parser("run", help="run an experiment's stages in order, skipping finished ones",
                         description="Run every stage of the experiment in order. A finished stage whose "
-                        "fingerprint (config section + inputs) is unchanged is skipped; a killed run resumes.")
+                        "fingerprint (config section + inputs) is unchanged is skipped; a killed run resumes.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=EXPERIMENT_KEYS + "\n".join(describe_section(ExperimentConfig, "", skip=tuple(ORDER))))
     _common(sp)
     sp.add_argument("--from", dest="from_stage", choices=ORDER, help="rerun this stage and everything after it")
     sp.add_argument("--only", choices=ORDER, help="run only this stage (its inputs must exist)")

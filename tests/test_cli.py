@@ -30,3 +30,34 @@ def test_top_level_help_lists_stages_and_commands():
     assert "self-instruct" in lines["self_instruct"]
     assert "gradio" in lines["annotate"]
     assert "prefopt's own preference loop" in lines["dpo"] and "DPOTrainer" not in proc.stdout
+
+
+def test_run_help_explains_every_experiment_key():
+    """`prefopt run --help` (and `prefopt --help`) list every key of the experiment outside the stage sections
+    (top level, `wandb`, `launch`, ...) with its meaning; each stage's keys are in `prefopt STAGE --help`. The top
+    level's list used to stop after 40 lines, in the middle of `launch`."""
+    import dataclasses
+    import typing
+
+    from prefopt.experiment import ORDER, ExperimentConfig
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PY, "-m", "prefopt", "run", "--help"], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or (not prefix and f.name in ORDER):
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], prefix + f.name + ".")
+            else:
+                yield prefix + f.name
+
+    expected = list(keys(ExperimentConfig))
+    assert "launch.preload" in expected and "wandb.mode" in expected and "sft.learning_rate" not in expected
+    for key in expected:
+        assert f"  --{key}=" in proc.stdout, f"--{key} missing from prefopt run --help"
+    assert "  --sft." not in proc.stdout and "prefopt STAGE --help" in proc.stdout
