@@ -4,7 +4,7 @@ peft and wandb: Python's multiprocessing forkserver (stdlib), started once per `
 A launched stage is a fresh `python -m prefopt STAGE ...` (the command accelerate's simple launcher runs,
 `pipeline.simple_launch`). Before its own clock starts it spends ~4 s on 2 CPU cores importing the same libraries
 every other stage imports (torch 1.3 s; transformers, accelerate, peft, wandb the rest): ~18 s of the quickstart's
-270. The forkserver imports them once, in the background while the first stages run, and forks each stage from
+270 s. The forkserver imports them once, in the background while the first stages run, and forks each stage from
 that state: a new process (its own pid, session, memory, stdout and stderr, signal handlers, exit code), with the
 stage's command line, environment and working directory, that starts with the imports done.
 
@@ -12,9 +12,10 @@ Why it is safe to fork there: the server only imports, it never runs a tensor op
 no CUDA context, no W&B run exists to be copied (CUDA and OpenMP do not survive a fork; a fork of the pipeline
 process itself, which runs the in-process stages, would not be safe). Every random generator is seeded by the stage.
 
-CPU machines only (`pipeline.start_forkserver`): on a GPU machine any import that asks torch for the device count
-initialises the CUDA driver in the server, and a forked child cannot use it; there each stage starts fresh (its 4 s
-are nothing against a GPU stage's load and compile).
+Linux CPU machines only (`pipeline.start_forkserver`, `available`): on a GPU machine any import that asks torch for
+the device count initialises the CUDA driver in the server, and a forked child cannot use it; there each stage
+starts fresh (its 4 s are nothing against a GPU stage's load and compile). macOS's system frameworks are not safe
+to fork either.
 
 What the environment can change: the stage gets exactly its own environment (`os.environ` replaced before it
 runs), but the libraries read a few variables when they are imported (OMP_NUM_THREADS when torch's OpenMP loads,
@@ -52,7 +53,8 @@ _server_env: dict[str, str] | None = None
 
 
 def available() -> bool:
-    return "forkserver" in multiprocessing.get_all_start_methods()
+    """Linux only: macOS's system frameworks (which torch loads) are not safe to fork, Windows cannot fork."""
+    return sys.platform.startswith("linux") and "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def start(env: dict[str, str], log: str = os.devnull) -> None:
