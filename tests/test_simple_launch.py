@@ -65,6 +65,10 @@ if "--crash" in sys.argv:
 if "--hang" in sys.argv:
     import time
     time.sleep(60)
+if "--slow" in sys.argv:
+    import time
+    time.sleep(1.5)
+    open(sys.argv[1] + ".finished", "w").close()
 sys.exit(7)
 """
 
@@ -92,6 +96,17 @@ while not os.path.exists(cwd + "/hang.json"):
     time.sleep(0.05)
 os.killpg(s.pid, signal.SIGTERM)  # the pipeline signals the stage's group (faults.forward_signals)
 out["hang_rc"] = s.wait()
+from multiprocessing import forkserver as mp_forkserver
+server = mp_forkserver._forkserver._forkserver_pid
+os.kill(server, signal.SIGTERM)  # Slurm's preemption signals every process of the job: the server ignores it
+time.sleep(0.3)
+out["server_after_sigterm"] = os.waitpid(server, os.WNOHANG) == (0, 0)
+s = forkserver.Stage(cmd + [cwd + "/slow.json", "--slow"], stage_env, cwd)
+while not os.path.exists(cwd + "/slow.json"):
+    time.sleep(0.05)
+os.kill(server, signal.SIGKILL)  # the server dies while the stage is still working
+out["slow_rc"] = s.wait()
+out["slow_finished_before_wait_returned"] = os.path.exists(cwd + "/slow.json.finished")
 print("RESULT" + json.dumps(out))
 """
 
@@ -124,3 +139,7 @@ def test_a_forked_stage_gets_what_a_fresh_process_gets(tmp_path):
     assert forked["path0"] == forked["cwd"] == str(tmp_path) and forked["own_session"] and forked["sigterm"]
     assert out["crash_rc"] == 1 and "RuntimeError: boom" in out["crash_stderr"]
     assert out["hang_rc"] == -15
+    # the server outlives a SIGTERM to every process (Slurm), and were it killed, `wait` still returns only once the
+    # stage has ended (multiprocessing reports 255 at once: the pipeline then reads the stage's exit file)
+    assert out["server_after_sigterm"]
+    assert out["slow_finished_before_wait_returned"] and out["slow_rc"] == 255

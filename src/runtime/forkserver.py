@@ -33,6 +33,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 import traceback
 import types
 from multiprocessing.reduction import DupFd
@@ -70,6 +71,13 @@ def start(env: dict[str, str], log: str = os.devnull) -> None:
     saved_env, saved_fds = dict(os.environ), [os.dup(1), os.dup(2)]
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    # Slurm's preemption signals every process of the job: the server must outlive it, or the stages it forked
+    # (which save a checkpoint on that signal) would be reported as exit 255 before they finish. An ignored
+    # signal stays ignored across exec; the stages set their own handlers. The server ignores SIGINT itself.
+    try:
+        saved_signals = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    except ValueError:  # not the main thread, whose signals these are: the server dies with the others
+        saved_signals = {}
     with open(log, "ab") as out:
         os.environ.clear()
         os.environ.update(env)  # the server inherits this process's environment and descriptors when spawned
@@ -78,6 +86,8 @@ def start(env: dict[str, str], log: str = os.devnull) -> None:
         try:
             forkserver.ensure_running()
         finally:
+            for sig, handler in saved_signals.items():
+                signal.signal(sig, handler)
             for fd, target in zip(saved_fds, (1, 2)):
                 os.dup2(fd, target)
                 os.close(fd)
@@ -122,8 +132,22 @@ class Stage:
     def wait(self) -> int:
         self._process.join()
         self.returncode = self._process.exitcode
+        # The server reports the exit status; were it killed (SIGKILL, the OOM killer), multiprocessing says 255
+        # at once, while the stage may still be writing its checkpoint: wait for the stage itself to end (its
+        # exit file then says how). Normally it has been reaped before the status arrives.
+        while _running(self.pid):
+            time.sleep(0.1)
         self.stderr.close()
         return self.returncode
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an orphan's parent may be slow to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _run_stage(argv: list[str], env: dict[str, str], cwd: str, out: DupFd, err: DupFd) -> None:
