@@ -37,11 +37,12 @@ def write_yaml(path: Path, cfg: dict) -> Path:
 class Run:
     """A `prefopt` process whose stdout and stderr go to files (a pipe nobody reads could fill and stall it)."""
 
-    def __init__(self, log_dir: Path, *args: str):
+    def __init__(self, log_dir: Path, *args: str, session: bool = False):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.err_path = log_dir / f"stderr-{time.time_ns()}.txt"
         with open(log_dir / "stdout.txt", "a") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([PY, "-m", "prefopt", *args], cwd=REPO, env=ENV, stdout=out, stderr=err)
+            self.proc = subprocess.Popen([PY, "-m", "prefopt", *args], cwd=REPO, env=ENV, stdout=out, stderr=err,
+                                         start_new_session=session)
 
     def wait(self, timeout: float = 300) -> tuple[int, str]:
         rc = self.proc.wait(timeout=timeout)
@@ -58,13 +59,17 @@ def logged_steps(stage_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def sigterm_after(run: Run, stage_dir: Path, steps: int, timeout: float = 240) -> int:
-    """SIGTERM once the stage has logged `steps` steps; the number logged when the signal went."""
+def sigterm_after(run: Run, stage_dir: Path, steps: int, timeout: float = 240, group: bool = False) -> int:
+    """SIGTERM once the stage has logged `steps` steps (to the run's whole process group with `group`); the number
+    logged when the signal went."""
     deadline = time.time() + timeout
     while time.time() < deadline and run.proc.poll() is None:
         seen = logged_steps(stage_dir)
         if seen >= steps:
-            run.proc.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(run.proc.pid, signal.SIGTERM)
+            else:
+                run.proc.send_signal(signal.SIGTERM)
             return seen
         time.sleep(0.01)
     raise AssertionError(f"the stage never logged {steps} steps:\n{run.err_path.read_text()[-3000:]}")
@@ -108,10 +113,13 @@ def check_preempted(run: Run, stage: str, stage_dir: Path, seen: int, total: int
 
 @pytest.mark.slow
 def test_sigterm_to_prefopt_run_during_dpo_saves_and_resumes_bit_identically(tmp_path, tiny_model_dir):
-    """`prefopt run` (dpo launched through `accelerate launch`) gets SIGTERM after 3 logged steps of 60: it passes
-    the signal to the stage, which saves checkpoint-N at the step it was in (N = 3 or 4, not a multiple of
-    save_steps=25) and exits 143 with one line, shown once by `prefopt run`, which exits 143 too. The rerun resumes
-    from checkpoint-N and its final weights equal, bit for bit, those of a run nobody interrupted."""
+    """`prefopt run` (dpo launched through `accelerate launch`, forked from the preloaded server) gets SIGTERM
+    after 3 logged steps of 60, as Slurm sends it: to its whole process group, the forkserver included (that the
+    server outlives it is checked in test_simple_launch.py). It passes the signal to the stage (in a session of its
+    own), which
+    saves checkpoint-N at the step it was in (N = 3 or 4, not a multiple of save_steps=25) and exits 143 with one
+    line, shown once by `prefopt run`, which exits 143 too. The rerun resumes from checkpoint-N and its final
+    weights equal, bit for bit, those of a run nobody interrupted."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=16)
     total = 60
 
@@ -126,8 +134,8 @@ def test_sigterm_to_prefopt_run_during_dpo_saves_and_resumes_bit_identically(tmp
     straight, cut = cfg("a"), cfg("b")
     baseline = Run(tmp_path / "a", "dpo", str(straight))  # alongside: it shares nothing with the interrupted run
     d = tmp_path / "b" / "runs" / "e" / "dpo"
-    run = Run(tmp_path / "b", "run", str(cut))
-    seen = sigterm_after(run, d, 3)
+    run = Run(tmp_path / "b", "run", str(cut), session=True)
+    seen = sigterm_after(run, d, 3, group=True)
     step = check_preempted(run, "dpo", d, seen, total)
 
     rc, err = Run(tmp_path / "b", "run", str(cut)).wait()
