@@ -17,6 +17,10 @@ the device count initialises the CUDA driver in the server, and a forked child c
 starts fresh (its 4 s are nothing against a GPU stage's load and compile). macOS's system frameworks are not safe
 to fork either.
 
+Signals: the stage leads its own session, as `Popen(start_new_session=True)` made it, and `prefopt run` passes
+SIGTERM / SIGINT / SIGUSR1 on to it (faults.forward_signals). The server ignores them: Slurm signals every process
+of a job, and the server is what reports a stage's exit status.
+
 What the environment can change: the stage gets exactly its own environment (`os.environ` replaced before it
 runs), but the libraries read a few variables when they are imported (OMP_NUM_THREADS when torch's OpenMP loads,
 HF_HOME and the offline flags in huggingface_hub's constants). The server is started with the first stage's
