@@ -143,3 +143,35 @@ def test_a_forked_stage_gets_what_a_fresh_process_gets(tmp_path):
     # stage has ended (multiprocessing reports 255 at once: the pipeline then reads the stage's exit file)
     assert out["server_after_sigterm"]
     assert out["slow_finished_before_wait_returned"] and out["slow_rc"] == 255
+
+
+def test_the_server_starts_only_where_a_stage_would_fork_from_it(tmp_path, monkeypatch):
+    """`pipeline.start_forkserver`: a server for `launch.preload` on a CPU machine, launching one-process stages
+    through accelerate, started with the environment accelerate's simple launcher gives a stage; none with
+    `preload: false`, the inline launcher, several processes, a GPU, or no training stage to run."""
+    import torch
+    import yaml
+
+    from prefopt import pipeline
+    from prefopt.experiment import load_config
+    from prefopt.runtime import forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "start", lambda env, log=os.devnull: started.append((env, log)))
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"name": "e", "output_dir": str(tmp_path / "runs"), "stages": ["task", "sft"]}))
+
+    def starts(stages=("task", "sft"), **overrides) -> bool:
+        started.clear()
+        pipeline.start_forkserver(load_config(path, {f"launch.{k}": v for k, v in overrides.items()}), list(stages))
+        return bool(started)
+
+    assert starts()
+    env, log = started[0]
+    assert "ACCELERATE_USE_CPU" in env and log == str(tmp_path / "runs" / "e" / "logs" / "forkserver.log")
+    assert not starts(preload=False)
+    assert not starts(launcher="inline")
+    assert not starts(num_processes=2)
+    assert not starts(stages=("task", "base", "generate"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not starts()
