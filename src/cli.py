@@ -110,18 +110,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
 
 
-EXPERIMENT_KEYS = ("Experiment keys (override with --KEY=VALUE; each stage's section: prefopt STAGE --help):\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from prefopt.experiment import ORDER, ExperimentConfig
+
+    # every key outside the stage sections (top level, wandb, launch): `prefopt --help` and `prefopt run --help`
+    experiment_keys = ("Experiment keys (override with --KEY=VALUE; each stage's section: prefopt STAGE --help):\n"
+                       + "\n".join(describe_section(ExperimentConfig, "", skip=tuple(ORDER))))
 
     p = argparse.ArgumentParser(
         prog="prefopt",
         description="Preference optimisation, one stage at a time or as a whole experiment. "
         "Every subcommand takes an experiment YAML followed by --section.key=value overrides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXPERIMENT_KEYS + "\n".join(describe_section(ExperimentConfig, "", skip=tuple(ORDER))),
+        epilog=experiment_keys,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in ORDER:
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run every stage of the experiment in order. A finished stage whose "
                         "fingerprint (config section + inputs) is unchanged is skipped; a killed run resumes.",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog=EXPERIMENT_KEYS + "\n".join(describe_section(ExperimentConfig, "", skip=tuple(ORDER))))
+                        epilog=experiment_keys)
     _common(sp)
     sp.add_argument("--from", dest="from_stage", choices=ORDER, help="rerun this stage and everything after it")
     sp.add_argument("--only", choices=ORDER, help="run only this stage (its inputs must exist)")
