@@ -200,6 +200,7 @@ class ExperimentConfig:
         if self.replicated and not any(replicated_stage(self, s, 1) for s in self.stages):
             raise FieldError("replicate_stages", f"{self.replicate_stages} replicates none of the stages run "
                                                  f"({self.stages}): the seeds would all give one result")
+        check_templates(self)
 
     @property
     def replicated(self) -> bool:
@@ -214,6 +215,32 @@ class ExperimentConfig:
     @property
     def root(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+# Stages whose model learns from prompts rendered with their section's `template`.
+TRAINED_ON_PROMPTS = ("sft", "reward", "dpo", "simpo", "ppo")
+
+
+def check_templates(cfg: ExperimentConfig) -> None:
+    """A model is prompted as it was trained: a stage that reads another stage's model (generate samples
+    `stage:sft`, evaluate samples every policy, the reward model and the aligners start from `stage:sft`, score and
+    PPO read `stage:reward` with the policy's text) must render prompts with that stage's `template`. Otherwise an
+    SFT policy trained on Alpaca prompts samples chat-template prompts (or the reverse) and nothing fails: the
+    figures are just worse. Only stages both run here are compared; a model from outside the experiment carries no
+    template to compare with."""
+    for stage in cfg.stages:
+        mine = getattr(section(cfg, stage), "template", None)
+        if mine is None:
+            continue
+        for ref in references(section(cfg, stage)):
+            src = ref_stage(ref)
+            if src == stage or src not in TRAINED_ON_PROMPTS or src not in cfg.stages or "/" in ref:
+                continue
+            theirs = section(cfg, src).template
+            if theirs != mine:
+                raise FieldError(f"{stage}.template", f"is {mine!r}, but {stage} reads {ref}, which {src} trained "
+                                 f"with {src}.template {theirs!r}: a model must be prompted as it was trained (set "
+                                 f"both to the same)")
 
 
 def section(cfg: ExperimentConfig, stage: str):

@@ -82,3 +82,21 @@ def test_references_resolve_and_feed_fingerprints(tmp_path):
 def test_real_model_named_in_base(tmp_path):
     cfg = from_dict(ExperimentConfig, {"name": "x", "base": {"model": "google/gemma-2-9b-it"}})
     assert resolve(cfg, "stage:base") == "google/gemma-2-9b-it"
+
+
+def test_a_model_is_prompted_as_it_was_trained():
+    """A stage reading another stage's model must use that stage's template: mixing them fails nothing and only
+    makes the figures worse, so it is refused naming both keys."""
+    q = "experiments/quickstart.yaml"
+    with pytest.raises(ConfigError, match=r"generate\.template.*'chat'.*stage:sft.*sft\.template 'alpaca'"):
+        load_config(q, ["--generate.template=chat"])
+    with pytest.raises(ConfigError, match=r"evaluate\.template.*stage:dpo.*dpo\.template 'chat'"):
+        load_config(q, ["--stages=[dpo,evaluate]", "--dpo.template=chat"])
+    # PPO reads the reward model with the policy's text: the reward model must be trained on that text too
+    with pytest.raises(ConfigError, match=r"ppo\.template.*stage:reward.*reward\.template 'chat'"):
+        load_config(q, ["--stages=[reward,ppo]", "--reward.template=chat"])
+    # every stage on one template is the chat recipe; a model stage not run here is not compared
+    every = [f"--{s}.template=chat" for s in ("sft", "generate", "reward", "score", "dpo", "simpo", "ppo", "evaluate")]
+    assert load_config(q, every).evaluate.template == "chat"
+    assert load_config(q, ["--stages=[generate,evaluate]", "--generate.template=chat",
+                           "--evaluate.template=chat"]).generate.template == "chat"
