@@ -416,3 +416,29 @@ def test_alpaca_52k_has_49_empty_outputs():
         path=str(SHARED_DATA / "alpaca-chinese-dataset/alpaca_data_en_52k.from_44ce42a.json.gz"),
         skip_bad_rows=True, dedup=True), "alpaca")
     assert (len(res) + res.deduplicated, res.skipped) == (51953, 49)  # SOURCES.md: 49 rows have an empty output
+
+
+def test_kto_feedback_sft_keeps_desirable_answers_and_pair_readers_refuse_it(tmp_path):
+    """KTO's unpaired feedback (one answer and a boolean `label`): SFT imitates only the answers labelled true, and
+    says how many it left out; a reward model, DPO or SimPO reading it is told it needs pairs, naming the field."""
+    from prefopt.data import counts
+
+    rows = [{"prompt": "Sort 3 1 2", "completion": " 1 2 3", "label": True},
+            {"prompt": "Sort 3 1 2", "completion": " 3 2 1", "label": False},
+            {"prompt": "Sort 5 4", "completion": " 4 5", "label": True}]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts.take()
+    res = load_sft(DatasetSpec(path=str(path)))
+    assert [r["completion"] for r in res.rows] == [" 1 2 3", " 4 5"] and res.stats()["undesirable"] == 1
+    assert counts.take() == {"rows labelled undesirable (label: false, KTO feedback) not trained on in kto.jsonl": 1}
+    with pytest.raises(DataError, match=r"kto\.jsonl, row 1, field 'label': marks an unpaired answer"):
+        load_preferences(DatasetSpec(path=str(path)))
+    # LLaMA-Factory's demo (chat messages, `kto_tag: label`): half of its 300 answers are labelled undesirable
+    demo = DatasetSpec(path=str(SHARED_DATA / "llama-factory" / "kto_en_demo.json"))
+    res = load_sft(demo, "chat")
+    assert len(res.rows) == 150 and res.undesirable == 150
+    # a preference row that also carries a label is still a pair
+    pair = tmp_path / "pair.jsonl"
+    pair.write_text(json.dumps({"prompt": "Sort 2 1", "chosen": " 1 2", "rejected": " 2 1", "label": True}) + "\n")
+    assert load_preferences(DatasetSpec(path=str(pair))).rows[0]["chosen"] == " 1 2"

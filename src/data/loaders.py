@@ -60,6 +60,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 SKIP_HINT = "`skip_bad_rows: true` on this dataset skips such rows"
 
 
+KTO_LABEL = "label"
+"""KTO's unpaired feedback (TRL's `prompt`/`completion`/`label`, LLaMA-Factory's `kto_tag`): a boolean per answer.
+SFT keeps the answers labelled true; a pair reader refuses such a row, naming the field."""
+
+
 @dataclass
 class LoadResult:
     path: str
@@ -69,6 +74,8 @@ class LoadResult:
     deduplicated: int = 0
     near_duplicates: int = 0
     language_filtered: int = 0
+    undesirable: int = 0
+    """SFT rows labelled undesirable (KTO's `label: false`), which are not trained on."""
     parts: list[dict] = field(default_factory=list)
     """A mixture's parts: source, weight, rows available, drawn and kept (empty for one dataset)."""
 
@@ -79,6 +86,8 @@ class LoadResult:
         """What a stage writes to its summary and logs."""
         out = {"rows": len(self.rows), "skipped": self.skipped, "deduplicated": self.deduplicated,
                "near_duplicates": self.near_duplicates, "language_filtered": self.language_filtered}
+        if self.undesirable:
+            out["undesirable"] = self.undesirable
         return {**out, "parts": self.parts} if self.parts else out
 
 
@@ -364,6 +373,13 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
                     raise DataError(path, n, None, f"cannot tell the format from the keys {sorted(rec)}; set "
                                     "`format` (or map the dataset's columns with `columns`)")
                 r = _Row(rec, path, n, part.field_prefix, spec.allow_empty_answers, spec.max_chars)
+                kto = isinstance(rec.get(KTO_LABEL), bool)
+                if kto and need == "pair" and not ({"chosen", "rejected"} & set(rec)):
+                    raise r.error(KTO_LABEL, "marks an unpaired answer (KTO feedback: one answer, desirable or "
+                                  "not); reward models, DPO and SimPO learn from pairs (chosen / rejected)")
+                if kto and need == "completion" and not rec[KTO_LABEL]:
+                    result.undesirable += 1  # an answer marked bad: imitating it is the opposite of the label
+                    continue
                 row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
                 if need == "pair" and (row["chosen"] == row["rejected"] if whitespace_pairs
                                        else row["chosen"].strip() == row["rejected"].strip()):
@@ -399,6 +415,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
     note(f"duplicate rows dropped (dedup) in {name}", result.deduplicated)
     note(f"near-duplicate rows dropped (near_dedup) in {name}", result.near_duplicates)
     note(f"rows dropped as not in {spec.languages} (languages) in {name}", result.language_filtered)
+    note(f"rows labelled undesirable ({KTO_LABEL}: false, KTO feedback) not trained on in {name}", result.undesirable)
     if source.is_mixture:
         result.parts = report_mixture(source)
         for i, d in enumerate(result.parts, start=1):
