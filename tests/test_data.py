@@ -304,7 +304,10 @@ def test_bad_element_of_json_array_is_named_by_index(tmp_path):
     ({"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hey\n\nAssistant: b"}, load_preferences,
      "rejected"),
     ({"chosen": "no transcript here", "rejected": "b"}, load_preferences, "chosen"),
-    ({"text": "what format is this?"}, load_prompts, None),
+    ({"body": "what format is this?"}, load_prompts, None),
+    ({"text": "language-model text has no prompt to sample from"}, load_prompts, "text"),
+    ({"text": "nor a pair"}, load_preferences, "text"),
+    ({"text": 7}, load_sft, "text"),
 ])
 def test_bad_field_in_each_format(tmp_path, row, loader, field):
     s = write_lines(tmp_path / "d.jsonl", [enc(row)])
@@ -405,7 +408,7 @@ def test_full_shared_files_load_and_match_the_slices():
     dpo = load_preferences(DatasetSpec(path=str(SHARED_DATA / "llama-factory/dpo_en_demo.json")), "chat")
     assert len(dpo) == 300 and dpo.rows[10] == load_preferences(spec("dpo_en_demo.json"), "chat").rows[3]
     kto = load_sft(DatasetSpec(path=str(SHARED_DATA / "llama-factory/kto_en_demo.json")), "alpaca")
-    assert len(kto) == 300
+    assert (len(kto), kto.undesirable) == (150, 150)  # SFT keeps the answers KTO labels desirable
     alpaca = load_sft(DatasetSpec(path=str(SHARED_DATA / "llama-factory/alpaca_en_demo.json")), "alpaca")
     assert len(alpaca) == 999 and alpaca.rows[5] == load_sft(spec("alpaca_en_demo.json"), "alpaca").rows[5]
 

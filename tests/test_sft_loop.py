@@ -133,3 +133,66 @@ def test_sft_batch_logps_equal_the_models_own_forward(tiny_model_dir, layout):
             expected.append(sum(logps[t - 1, ids[t]] for t in range(P, len(ids))))
     torch.testing.assert_close(lengths, torch.tensor([3.0, 5.0, 2.0]))
     torch.testing.assert_close(sums, torch.stack(expected), rtol=0, atol=1e-5)
+
+
+def test_text_windows_train_every_token_but_the_first_once():
+    """A 10-token document at max_length 4: windows of at most 4 tokens, each reading the token before its own as
+    context, which together train tokens 1..9 once each (token 0, the BOS, has nothing to be predicted from)."""
+    from prefopt.sft.recipe import text_windows
+
+    ids = list(range(100, 110))
+    windows = text_windows(ids, 4)
+    assert windows == [{"prompt_ids": [100], "completion_ids": [101, 102, 103]},
+                       {"prompt_ids": [103], "completion_ids": [104, 105, 106]},
+                       {"prompt_ids": [106], "completion_ids": [107, 108, 109]}]
+    assert text_windows(ids[:3], 4) == [{"prompt_ids": [100], "completion_ids": [101, 102]}]
+
+
+def _text_rows(tmp_path, n):
+    """Language-model text of different lengths, the longer ones past max_length 32 (so they are windowed)."""
+    words = "the quick brown fox jumps over the lazy dog while numbers 3 1 2 7 sort into order".split()
+    rows = [{"text": " ".join(words[(i + k) % len(words)] for k in range(4 + 9 * (i % 4)))} for i in range(n)]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_text_rows_train_every_token_as_the_models_own_next_token_loss(tmp_path, tiny_model_dir):
+    """Continued pretraining through the `sft` stage: `text` rows (no prompt), long ones split into windows of
+    max_length. The first step's logged loss, over every window in one batch, is the token mean of the model's own
+    next-token NLL on each window by itself (its first token context only), and TRL's SFTTrainer given the same
+    rows logs the same losses and ends with the same weights."""
+    from prefopt.data.loaders import load_sft
+    from prefopt.data.spec import DatasetSpec
+    from prefopt.experiment import load_config
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.runtime.tracking import read_metrics
+    from prefopt.sft.recipe import sft_examples
+    from prefopt.stage import run_stage
+
+    data = _text_rows(tmp_path, 8)
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, dropped = sft_examples(load_sft(DatasetSpec(path=str(data))).rows, tok, 32)
+    assert dropped == 0 and len(examples) > 8  # the long rows became several windows
+    assert all(len(e["prompt_ids"]) == 1 and len(e["prompt_ids"] + e["completion_ids"]) <= 32 for e in examples)
+    model = load_causal_lm(str(tiny_model_dir), dtype="float32").eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids = e["prompt_ids"] + e["completion_ids"]
+            logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            nll -= float(sum(logps[t - 1, ids[t]] for t in range(1, len(ids))))
+            count += len(ids) - 1
+
+    sec = {"model": str(tiny_model_dir), "dataset": {"path": str(data)}, "max_steps": 3, "learning_rate": 1e-3,
+           "lr_scheduler_type": "constant", "per_device_train_batch_size": len(examples), "logging_steps": 1,
+           "save_steps": 100, "max_length": 32}
+    cfg = load_config(str(write_config(tmp_path, "sft", sec)))
+    run_stage(cfg, "sft")
+    ours = [r["loss"] for r in read_metrics(tmp_path / "runs" / "t" / "sft") if "loss" in r]
+    assert ours[0] == pytest.approx(nll / count, abs=1e-5)
+    theirs, trl_model = _trl_losses(cfg.sft, tiny_model_dir, data, tmp_path / "trl", cfg.seed)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=0, atol=5e-6)
+    mine = state_dict(tmp_path / "runs" / "t" / "sft" / "model")
+    for k, v in mine.items():
+        torch.testing.assert_close(v, trl_model.state_dict()[k], rtol=0, atol=1e-6)

@@ -75,6 +75,8 @@ def prompt_text(row: dict) -> str:
     meta = row.get("meta") or {}
     if isinstance(meta.get("instruction"), str):
         return "\n".join(t for t in (meta["instruction"], meta.get("input") or "") if t)
+    if row.get("prompt") == "" and isinstance(row.get("completion"), str):
+        return row["completion"]  # language-model text (`text` rows): no prompt, the text is all there is
     return _flat(row.get("prompt"))
 
 

@@ -19,6 +19,8 @@ Formats (DatasetSpec.format; `auto` decides from the first row's keys):
     hh                 chosen / rejected full transcripts with a shared prompt: Anthropic HH strings
                        ("\n\nHuman: ... \n\nAssistant: ...") or message lists (TRL's implicit-prompt form)
     prompt             prompt alone
+    text               text alone (`text`): language-model data for `sft`, an empty prompt and every token trained
+                       on (continued pretraining; a document longer than max_length is split, not cut)
 
 `prompt` is canonical (see templates.py): with template `alpaca` a rendered string, with `chat` a list of chat
 messages. A `prompt` that is already a string in the file is used verbatim: it is the text the model sees (files
@@ -254,6 +256,16 @@ def _conversation(msgs: list[dict], name: str, r: _Row, need: str, template: str
     return out
 
 
+def _parse_text(r: _Row, need: str, template: str) -> dict:
+    """Language-model text: no prompt, the whole text is what is trained on (the `sft` stage's continued
+    pretraining). A pair or a generation prompt cannot be read from it."""
+    if need != "completion":
+        what = "preference pairs (chosen / rejected)" if need == "pair" else "prompts to sample from"
+        raise r.error("text", f"is language-model text, which trains `sft` only (every token); {what} need "
+                      "another format")
+    return {"prompt": "", "completion": r.text("text"), "meta": {}}
+
+
 def _parse_messages(r: _Row, need: str, template: str) -> dict:
     return _conversation(_messages(r.data.get("messages"), "messages", r), "messages", r, need, template)
 
@@ -323,6 +335,7 @@ PARSERS: dict[str, Callable[[_Row, str, str], dict]] = {
     "messages": _parse_messages,
     "sharegpt": _parse_sharegpt,
     "hh": _parse_hh,
+    "text": _parse_text,
 }
 
 
@@ -343,6 +356,8 @@ def detect_format(row: Any, prefix: str = "") -> str:
         return "prompt_completion" if "completion" in keys else "prompt"
     if {"chosen", "rejected"} & keys:
         return "hh"
+    if "text" in keys:
+        return "text"
     return "unknown"
 
 

@@ -27,12 +27,13 @@ Format = Literal[
     "preference",  # prompt / chosen / rejected as strings or message lists
     "hh",  # chosen / rejected full transcripts ("\n\nHuman: ... \n\nAssistant: ..." or message lists), no prompt
     "prompt",  # prompt alone (generation)
+    "text",  # text alone: language-model data, every token trained on (continued pretraining through `sft`)
 ]
 
 
 # The fields the row formats read: what `columns` may map a dataset's own columns to.
 FIELDS = ("prompt", "completion", "chosen", "rejected", "instruction", "input", "output", "messages",
-          "conversations", "system", "prompt_id", "id", "instances")
+          "conversations", "system", "prompt_id", "id", "instances", "text")
 # Files read by prefopt's own JSON reader (row-exact errors); `split`, `name` and `revision` mean nothing there.
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 

@@ -73,13 +73,20 @@ def _texts(prompt, completion: str, tokenizer) -> tuple[str, str]:
 
 
 def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed: int, callbacks=(),
-                  eval_fraction: float = 0.0):
-    """SFTTrainer for canonical rows, with every training argument set from the section."""
+                  eval_fraction: float = 0.0, source: str = "sft.dataset"):
+    """SFTTrainer for canonical rows, with every training argument set from the section, on the loop's examples
+    (`sft_examples`: the same truncation, text windows and dropped rows); `trainer.prefopt_dropped` counts the rows
+    whose prompt fills max_length."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = load_tokenizer(model_path)
-    dataset = Dataset.from_list(sft_tokenized(rows, tokenizer))
+    examples, dropped = sft_examples(rows, tokenizer, sec.max_length)
+    if not examples:
+        raise nothing_to_train(source, sec.max_length)
+    dataset = Dataset.from_list([{"input_ids": e["prompt_ids"] + e["completion_ids"],
+                                  "completion_mask": [0] * len(e["prompt_ids"]) + [1] * len(e["completion_ids"])}
+                                 for e in examples])
     eval_dataset = None
     if eval_fraction > 0:
         split = dataset.train_test_split(test_size=eval_fraction, seed=seed)
@@ -93,7 +100,7 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
         eval_strategy="epoch" if eval_dataset is not None else "no",
         **sec.trainer_args,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -102,18 +109,40 @@ def build_trainer(sec, model_path: str, rows: list[dict], output_dir: Path, seed
         peft_config=lora_config(sec.lora, "CAUSAL_LM") if sec.lora.enabled else None,
         callbacks=list(callbacks),
     )
+    trainer.prefopt_dropped = dropped
+    return trainer
 
 
 def sft_examples(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
     """Rows -> the loop's examples {"prompt_ids", "completion_ids"} (`sft_example`'s tokens split where its mask
-    starts), and how many were left out because the prompt alone fills max_length (no completion token to train on;
-    TRL drops those too). A longer completion is cut to fit (keep the start, as TRL)."""
-    out = []
-    for ex in sft_tokenized(rows, tokenizer):
-        n = len(ex["input_ids"]) - sum(ex["completion_mask"])
-        if n < max_length and n < len(ex["input_ids"]):
-            out.append({"prompt_ids": ex["input_ids"][:n], "completion_ids": ex["input_ids"][n:max_length]})
-    return out, len(rows) - len(out)
+    starts), and how many rows were left out because the prompt alone fills max_length (no completion token to
+    train on; TRL drops those too). A longer completion is cut to fit (keep the start, as TRL); language-model text
+    (a `text` row: no prompt) is split into windows instead (`text_windows`), so none of it is lost."""
+    out, dropped = [], 0
+    for row, ex in zip(rows, sft_tokenized(rows, tokenizer)):
+        ids = ex["input_ids"]
+        n = len(ids) - sum(ex["completion_mask"])
+        if row["prompt"] == "":
+            out += text_windows(ids, max_length)
+        elif n < max_length and n < len(ids):
+            out.append({"prompt_ids": ids[:n], "completion_ids": ids[n:max_length]})
+        else:
+            dropped += 1
+    return out, dropped
+
+
+def nothing_to_train(source: str, max_length: int) -> DataError:
+    return DataError(source, None, None, f"every example's prompt fills sft.max_length={max_length} tokens, so no "
+                     "completion token is left to train on; raise sft.max_length")
+
+
+def text_windows(ids: list[int], max_length: int) -> list[dict]:
+    """A document of language-model text as examples of at most max_length tokens that together train every token
+    but the first (its BOS, or its first token where the tokenizer adds none: nothing precedes it to predict it
+    from): window k reads the token before its own as context. Each window's attention is its own (packed rows
+    restart per example), as in document-masked pretraining."""
+    step = max(1, max_length - 1)
+    return [{"prompt_ids": ids[s - 1:s], "completion_ids": ids[s:s + step]} for s in range(1, len(ids), step)]
 
 
 def objective(policy, _ref=None):
@@ -164,8 +193,7 @@ def _run_loop(ctx) -> dict:
     tokenizer = load_tokenizer(ctx.resolve(sec.model))
     examples, dropped = sft_examples(data.rows, tokenizer, sec.max_length)
     if not examples:
-        raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
-                        "tokens, so no completion token is left to train on; raise sft.max_length")
+        raise nothing_to_train(data.path, sec.max_length)
     note(f"examples dropped: the prompt fills max_length={sec.max_length} tokens", dropped)
     held_out: list[dict] = []
     if sec.eval_fraction > 0:  # a seeded split, the same on every process
@@ -204,12 +232,8 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     perf = throughput_callback(ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
                             callbacks=[trainer_callback(ctx.tracker), preempt, perf],
-                            eval_fraction=sec.eval_fraction)
-    kept = len(trainer.train_dataset) + (len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0)
-    if len(trainer.train_dataset) == 0:
-        raise DataError(data.path, None, None, f"every example's prompt fills sft.max_length={sec.max_length} "
-                        "tokens, so no completion token is left to train on; raise sft.max_length")
-    note(f"examples dropped by TRL: the prompt fills max_length={sec.max_length} tokens", len(data.rows) - kept)
+                            eval_fraction=sec.eval_fraction, source=data.path)
+    note(f"examples dropped: the prompt fills max_length={sec.max_length} tokens", trainer.prefopt_dropped)
     if sec.lora.enabled:
         check_lora_mergeable(trainer.accelerator, "sft.lora.enabled")
     resume = last_checkpoint(trainer.args.output_dir, ctx.stage)
@@ -220,7 +244,7 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         "skipped_rows": data.skipped,
-        "dropped_fully_truncated": len(data.rows) - kept,  # prompts longer than max_length leave no completion
+        "dropped_fully_truncated": trainer.prefopt_dropped,  # prompts longer than max_length leave no completion
         "skipped_examples": data.skipped_reasons[:5],
         "dataset": data.stats(),  # rows kept; skipped, exact / near duplicates and other languages dropped
         "train_loss": result.training_loss,
