@@ -20,7 +20,7 @@ def test_tiny_model_roundtrip(tiny_model_dir):
 def test_extend_vocabulary_adds_tokens_with_mean_embeddings(tiny_model_dir):
     import torch
 
-    from prefopt.models.loading import extend_vocabulary
+    from prefopt.models.vocab import extend_vocabulary
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = load_causal_lm(str(tiny_model_dir))

@@ -5,7 +5,9 @@
 No model can be downloaded on the CPU machines, so prefopt makes one: a byte-level BPE tokenizer trained on the
 experiment's own text (pad/bos/eos and a chat template included), a Llama from a config whose size the YAML sets,
 and optionally a short next-token pretraining on that text packed into fixed-length blocks. With `base.model` set
-to a real checkpoint (a folder or a hub id) this stage builds nothing and later stages load that model.
+to a real checkpoint (a folder or a hub id) this stage builds nothing and later stages load that model, unless
+its vocabulary is to be extended (`base.extend_vocab`, `base.new_tokens`; `extend` below, `models/vocab.py`):
+then the extended copy is saved here and later stages load it.
 """
 
 from __future__ import annotations
@@ -82,8 +84,10 @@ def pretrain(model, blocks: list[list[int]], steps: int, batch_size: int, lr: fl
 
 def run(ctx) -> dict:
     sec = ctx.section
-    if sec.model:
+    if sec.model and not sec.extends:
         return {"model": sec.model, "built": False}
+    if sec.model:
+        return extend(ctx, sec)
     seed_everything(ctx.seed)
     paths = [ctx.resolve(p, model=False) for p in sec.tokenizer_data]
     docs = corpus(paths)
@@ -114,4 +118,48 @@ def run(ctx) -> dict:
         json.dumps({"text": docs[-1][:200], "tokens": tok.convert_ids_to_tokens(tok(docs[-1][:200])["input_ids"])},
                    ensure_ascii=False, indent=1))
     summary["model"] = str(out)
+    return summary
+
+
+def extend(ctx, sec) -> dict:
+    """base.model with its vocabulary extended (`models.vocab`): learned BPE merges (`extend_vocab`, from
+    `tokenizer_data`, a tenth of whose documents is held out to measure what the new tokens save) and whole-word
+    tokens (`new_tokens`), embeddings grown to match; saved to `<run>/base/model` for the later stages."""
+    import random
+
+    from prefopt.config import ConfigError
+    from prefopt.models.loading import load_causal_lm, load_tokenizer
+    from prefopt.models.vocab import VocabError, add_words, grow_embeddings, learn_merges
+
+    seed_everything(ctx.seed)
+    out = Path(ctx.dir) / "model"
+    tok = load_tokenizer(sec.model)
+    summary: dict = {"built": True, "extended_from": sec.model, "vocab_size_before": len(tok)}
+    if sec.extend_vocab:
+        docs = [row_text(row) for p in sec.tokenizer_data for _, row in read_records(ctx.resolve(p, model=False))]
+        docs = [d for d in docs if d]
+        random.Random(ctx.seed).shuffle(docs)
+        held = docs[:max(1, len(docs) // 10)] if len(docs) > 1 else []
+        before = sum(len(ids) for ids in tok(held, add_special_tokens=False)["input_ids"]) if held else 0
+        try:
+            tok, learned = learn_merges(tok, docs[len(held):], sec.extend_vocab, out)
+        except VocabError as e:
+            raise ConfigError(f"base.extend_vocab: {sec.model}'s tokenizer: {e}") from None
+        summary["tokens_learned"] = len(learned)
+        if held:
+            after = sum(len(ids) for ids in tok(held, add_special_tokens=False)["input_ids"])
+            summary.update(held_out_documents=len(held), held_out_tokens_before=before, held_out_tokens_after=after,
+                           held_out_token_ratio=round(after / max(before, 1), 4))
+            print(f"[base] {len(learned)} tokens learned from {len(docs) - len(held)} documents: the {len(held)} "
+                  f"held-out documents take {after:,} tokens instead of {before:,} (x{after / max(before, 1):.3f})",
+                  flush=True)
+        sample = tok.convert_ids_to_tokens(tok(held[0][:200] if held else docs[0][:200])["input_ids"])
+        (Path(ctx.dir) / "tokenizer_sample.json").write_text(json.dumps({"learned": learned[:50], "tokens": sample},
+                                                                        ensure_ascii=False, indent=1))
+    if sec.new_tokens:
+        summary["words_added"] = len(add_words(tok, sec.new_tokens))
+    model = load_causal_lm(sec.model)
+    summary["rows_added"] = grow_embeddings(model, len(tok))
+    summary.update(vocab_size=len(tok), parameters=sum(p.numel() for p in model.parameters()),
+                   model=str(save_model(model, tok, out)))
     return summary

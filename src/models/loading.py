@@ -305,23 +305,3 @@ def check_lora_mergeable(accelerator, key: str) -> None:
     if kind is not None:
         raise ConfigError(f"{key}: true under {kind}, which shards the weights the LoRA adapter is merged into "
                           "at save time; train without LoRA there, or launch with DDP or DeepSpeed ZeRO-1/2")
-
-
-def extend_vocabulary(tokenizer, model, new_tokens: list[str]) -> int:
-    """Add tokens (e.g. domain words, another script's characters) to a trained tokenizer and grow the model's
-    embeddings. New rows start at the mean of the existing embeddings (Hewitt 2021, 'Initializing new word
-    embeddings'): a random row would dominate the softmax until trained. Returns the number of tokens added."""
-    import torch
-
-    added = tokenizer.add_tokens([t for t in new_tokens if t not in tokenizer.get_vocab()])
-    if added == 0:
-        return 0
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        emb[old:] = emb[:old].mean(0, keepdim=True)
-        out = model.get_output_embeddings()
-        if out is not None and out.weight.data_ptr() != emb.data_ptr():
-            out.weight[old:] = out.weight[:old].mean(0, keepdim=True)
-    return added
