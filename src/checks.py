@@ -167,7 +167,10 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                 problems.append(f"{stage}: reads stage '{name}' (a `stage:{name}` reference) but '{name}' is not in "
                                 "this experiment's stages")
         # dataset files that are neither produced here nor on disk (a Hub id: its form only, nothing is fetched)
-        for key, value in _paths_in(sec, stage):
+        paths = list(_paths_in(sec, stage))
+        if stage == "base" and (not cfg.base.model or cfg.base.extends):  # the text the tokenizer learns from
+            paths += [(f"base.tokenizer_data[{i}]", v) for i, v in enumerate(cfg.base.tokenizer_data)]
+        for key, value in paths:
             found = check_problem(value)
             if found:
                 (problems if found[0] == "problem" else warnings).append(f"{key}: {found[1]}")

@@ -129,3 +129,13 @@ def test_a_sentencepiece_style_bpe_gets_the_new_scripts_characters_with_its_merg
     assert after < 0.75 * before, (before, after)  # measured x0.67 (300 entries: characters, then merges)
     assert [new(t, add_special_tokens=False)["input_ids"] for t in ENGLISH] == old_ids
     assert all(new.decode(new(t, add_special_tokens=False)["input_ids"]) == t for t in held[:50])
+
+
+def test_check_names_a_missing_tokenizer_data_file():
+    from prefopt.checks import problems_and_warnings
+    from prefopt.experiment import load_config
+
+    cfg = load_config("experiments/quickstart.yaml", ["--base.model=Qwen/Qwen2.5-0.5B", "--base.extend_vocab=100",
+                                                      "--base.tokenizer_data=[/nowhere/zh.jsonl]"])
+    assert any(w.startswith("base.tokenizer_data[0]: file '/nowhere/zh.jsonl' does not exist")
+               for w in problems_and_warnings(cfg)[1])
