@@ -445,3 +445,18 @@ def test_kto_feedback_sft_keeps_desirable_answers_and_pair_readers_refuse_it(tmp
     pair = tmp_path / "pair.jsonl"
     pair.write_text(json.dumps({"prompt": "Sort 2 1", "chosen": " 1 2", "rejected": " 2 1", "label": True}) + "\n")
     assert load_preferences(DatasetSpec(path=str(pair))).rows[0]["chosen"] == " 1 2"
+
+
+def test_text_rows_for_continued_pretraining(tmp_path):
+    """`text` rows (wikitext's layout): SFT rows with no prompt and the text as what is trained on; a corpus's blank
+    lines are dropped and counted, not errors; the pair and prompt readers refuse such rows naming `text`."""
+    from prefopt.data import counts
+
+    path = tmp_path / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (" = Valkyria = \n", "", "  \n", "It is a game.")))
+    counts.take()
+    res = load_sft(DatasetSpec(path=str(path)))
+    assert [(r["prompt"], r["completion"]) for r in res.rows] == [("", " = Valkyria = \n"), ("", "It is a game.")]
+    assert res.stats()["blank_texts"] == 2 and counts.take() == {"blank text rows dropped in wiki.jsonl": 2}
+    with pytest.raises(DataError, match=r"wiki\.jsonl, row 1, field 'text': is language-model text"):
+        load_preferences(DatasetSpec(path=str(path)))

@@ -78,6 +78,8 @@ class LoadResult:
     language_filtered: int = 0
     undesirable: int = 0
     """SFT rows labelled undesirable (KTO's `label: false`), which are not trained on."""
+    blank_texts: int = 0
+    """`text` rows with no text (a corpus's blank lines, as in wikitext), dropped."""
     parts: list[dict] = field(default_factory=list)
     """A mixture's parts: source, weight, rows available, drawn and kept (empty for one dataset)."""
 
@@ -90,6 +92,8 @@ class LoadResult:
                "near_duplicates": self.near_duplicates, "language_filtered": self.language_filtered}
         if self.undesirable:
             out["undesirable"] = self.undesirable
+        if self.blank_texts:
+            out["blank_texts"] = self.blank_texts
         return {**out, "parts": self.parts} if self.parts else out
 
 
@@ -392,6 +396,10 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
                 if kto and need == "pair" and not ({"chosen", "rejected"} & set(rec)):
                     raise r.error(KTO_LABEL, "marks an unpaired answer (KTO feedback: one answer, desirable or "
                                   "not); reward models, DPO and SimPO learn from pairs (chosen / rejected)")
+                if row_fmt == "text" and need == "completion" and isinstance(rec.get("text"), str) \
+                        and not rec["text"].strip():
+                    result.blank_texts += 1  # a corpus's blank line: nothing to learn, nothing wrong
+                    continue
                 if kto and need == "completion" and not rec[KTO_LABEL]:
                     result.undesirable += 1  # an answer marked bad: imitating it is the opposite of the label
                     continue
@@ -431,6 +439,7 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
     note(f"near-duplicate rows dropped (near_dedup) in {name}", result.near_duplicates)
     note(f"rows dropped as not in {spec.languages} (languages) in {name}", result.language_filtered)
     note(f"rows labelled undesirable ({KTO_LABEL}: false, KTO feedback) not trained on in {name}", result.undesirable)
+    note(f"blank text rows dropped in {name}", result.blank_texts)
     if source.is_mixture:
         result.parts = report_mixture(source)
         for i, d in enumerate(result.parts, start=1):
