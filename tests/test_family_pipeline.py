@@ -67,7 +67,11 @@ def test_pipeline_on_the_chat_template_of(family, tmp_path):
         assert tok.bos_token_id is None
 
     # the aligners' reference log-probs are the SFT checkpoint's own forward on those chat-rendered pairs
-    model = AutoModelForCausalLM.from_pretrained(str(root / "sft" / "model"), dtype=torch.float32).eval()
+    # the family's own attention: Gemma-2's soft-capping lives in eager attention, which transformers 5.17 does
+    # not pick by default (its SDPA drops the cap)
+    attn = "sdpa" if "sdpa" in fam.attn else "eager"
+    model = AutoModelForCausalLM.from_pretrained(str(root / "sft" / "model"), dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
     cache = torch.load(json.loads((root / "dpo" / "reference.json").read_text())["file"])["logps"]
     pairs = [json.loads(line) for line in open(root / "pairs" / "pairs.jsonl")]
     assert len(pairs) == cache.shape[0] > 0
