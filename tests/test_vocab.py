@@ -139,3 +139,25 @@ def test_check_names_a_missing_tokenizer_data_file():
                                                       "--base.tokenizer_data=[/nowhere/zh.jsonl]"])
     assert any(w.startswith("base.tokenizer_data[0]: file '/nowhere/zh.jsonl' does not exist")
                for w in problems_and_warnings(cfg)[1])
+
+
+def test_a_tokenizer_without_bpe_merges_is_named(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from prefopt.models.vocab import VocabError, learn_merges
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.train_from_iterator(ENGLISH * 5, trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                                 show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
+    with pytest.raises(VocabError, match="learns BPE merges, but this tokenizer's model is WordPiece"):
+        learn_merges(tok, ["排序 排序"], 10, tmp_path / "tok")
+    # text the tokenizer already merges its own way adds nothing: a fresh BPE on it learns merges ('S'+'o', ...)
+    # that the old merges pre-empt, so their tokens would never be emitted, and they are dropped
+    from families import FAMILIES, build_tokenizer
+
+    bpe = build_tokenizer(FAMILIES["llama3"])
+    same, learned = learn_merges(bpe, ["Sort the numbers"] * 3, 10, tmp_path / "bpe")
+    assert learned == [] and len(same) == len(bpe)

@@ -146,6 +146,9 @@ def extend(ctx, sec) -> dict:
         except VocabError as e:
             raise ConfigError(f"base.extend_vocab: {sec.model}'s tokenizer: {e}") from None
         summary["tokens_learned"] = len(learned)
+        if len(learned) < sec.extend_vocab:
+            print(f"[base] {len(learned)} of base.extend_vocab={sec.extend_vocab} tokens learned: the text asks for "
+                  "no more merges than the tokenizer has (add text in base.tokenizer_data for more)", flush=True)
         if held:
             after = sum(len(ids) for ids in tok(held, add_special_tokens=False)["input_ids"])
             summary.update(held_out_documents=len(held), held_out_tokens_before=before, held_out_tokens_after=after,

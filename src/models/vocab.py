@@ -7,7 +7,8 @@ Two ways, both used by the `base` stage (`base.extend_vocab`, `base.new_tokens`)
   pipeline (normalizer, pre-tokenizer, byte-level or SentencePiece symbols) is trained on the text
   (`train_new_from_iterator`); its merges are walked in the order it learned them (most frequent first) and each
   one whose result the tokenizer lacks becomes a new vocabulary entry, with its merge appended **after** the
-  tokenizer's own (and, for a SentencePiece-style BPE, the new script's characters the merge is made of). BPE applies merges by rank, so every existing merge still wins: text the tokenizer already
+  tokenizer's own (and, for a SentencePiece-style BPE, the new script's characters the merge is made of); a
+  candidate the extended tokenizer never emits on the text is dropped. BPE applies merges by rank, so every existing merge still wins: text the tokenizer already
   handled tokenizes to the same ids as before, and only pieces it left split are merged further.
 - `add_words(tokenizer, words)`: whole strings as added tokens (matched before the tokenizer runs): domain words
   whose ids should be fixed, at the cost of splitting any word that contains one.
@@ -31,7 +32,12 @@ class VocabError(ValueError):
 def learn_merges(tokenizer, texts: Iterable[str], n: int, folder: str | Path):
     """`tokenizer` with up to `n` new BPE tokens learned from `texts`, written to `folder` (tokenizer files only)
     and loaded back from there, so its class, special tokens and chat template stay as they were. Returns the new
-    tokenizer and the tokens added (their vocabulary strings, in the order learned)."""
+    tokenizer and the tokens added (their vocabulary strings, in the order learned).
+
+    Twice n candidates are learned, then every one the extended tokenizer never emits on `texts` and no kept token
+    is merged from is dropped: a merge whose pieces the old merges consume first never fires, and its token would
+    be an embedding row no text reaches. The first n survivors are kept (in learned order, so each one's pieces
+    come with it)."""
     from transformers import AutoTokenizer
 
     if not getattr(tokenizer, "is_fast", False):
@@ -43,35 +49,54 @@ def learn_merges(tokenizer, texts: Iterable[str], n: int, folder: str | Path):
                          "Llama, Mistral, Qwen, Gemma, Phi, GPT-2); use base.new_tokens to add whole words")
     vocab, merges = model["vocab"], model["merges"]
     as_lists = not merges or isinstance(merges[0], list)
-    ids = list(vocab.values()) + [t["id"] for t in data.get("added_tokens", [])]
-    next_id = max(ids) + 1
+    first_id = max(list(vocab.values()) + [t["id"] for t in data.get("added_tokens", [])]) + 1
     # A generous target: many of the new tokenizer's merges rebuild tokens the old one has already, and a
     # character-level BPE spends one entry per distinct character of the text before its first merge.
     texts = list(texts)
     alphabet = len(set().union(*map(set, texts))) if texts else 0
-    fresh = tokenizer.train_new_from_iterator(texts, vocab_size=len(tokenizer) + 4 * n + alphabet)
-    added: list[str] = []
-    for merge in json.loads(fresh.backend_tokenizer.to_str())["model"]["merges"]:
-        if len(added) >= n:
-            break
-        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
-        # A SentencePiece-style BPE (Llama-2, Gemma: characters, byte fallback) lacks the new script's characters,
-        # which a merge needs as symbols: each is added first (a byte-level BPE has all 256 byte symbols already).
-        missing = [c for c in dict.fromkeys((a, b)) if c not in vocab and len(c) == 1]
-        if a + b in vocab or any(c not in vocab and len(c) > 1 for c in (a, b)) or len(added) + len(missing) + 1 > n:
-            continue  # already a token; a piece only the new tokenizer has (not reached here); or no room left
-        for token in missing + [a + b]:
-            vocab[token] = next_id
-            next_id += 1
-            added.append(token)
-        merges.append([a, b] if as_lists else f"{a} {b}")
+    fresh = tokenizer.train_new_from_iterator(texts, vocab_size=len(tokenizer) + 8 * n + alphabet)
+    candidates = _candidates(set(vocab), json.loads(fresh.backend_tokenizer.to_str())["model"]["merges"], 2 * n)
     folder = Path(folder)
     tokenizer.save_pretrained(folder)
-    path = folder / "tokenizer.json"
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    saved["model"]["vocab"], saved["model"]["merges"] = vocab, merges
-    path.write_text(json.dumps(saved, ensure_ascii=False), encoding="utf-8")
-    return AutoTokenizer.from_pretrained(folder), added
+
+    def write(entries: list[tuple[str, tuple[str, str] | None]]):
+        path = folder / "tokenizer.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved["model"]["vocab"] = {**vocab, **{t: first_id + i for i, (t, _) in enumerate(entries)}}
+        saved["model"]["merges"] = merges + [list(m) if as_lists else " ".join(m) for _, m in entries if m]
+        path.write_text(json.dumps(saved, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(folder)
+
+    trial = write(candidates)
+    emitted = {i for ids in trial(texts, add_special_tokens=False)["input_ids"] for i in ids if i >= first_id}
+    keep: set[str] = set()
+    for i in reversed(range(len(candidates))):  # a kept token keeps the pieces it is merged from
+        token, merge = candidates[i]
+        if first_id + i in emitted or token in keep:
+            keep.add(token)
+            keep.update(merge or ())
+    final = [e for e in candidates if e[0] in keep][:n]
+    return write(final), [t for t, _ in final]
+
+
+def _candidates(known: set[str], merges: list, limit: int) -> list[tuple[str, tuple[str, str] | None]]:
+    """New vocabulary entries from another BPE's merges, in the order it learned them: (token, its merge), or
+    (character, None) for a symbol a merge needs that a SentencePiece-style BPE (Llama-2, Gemma: characters, byte
+    fallback) lacks; a byte-level BPE has all 256 byte symbols already."""
+    known, out = set(known), []
+    for merge in merges:
+        if len(out) >= limit:
+            break
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        if a + b in known or any(c not in known and len(c) > 1 for c in (a, b)):
+            continue  # already a token, or a piece of it is a token only the other BPE has (not taken)
+        for c in dict.fromkeys((a, b)):
+            if c not in known:
+                out.append((c, None))
+                known.add(c)
+        out.append((a + b, (a, b)))
+        known.add(a + b)
+    return out
 
 
 def add_words(tokenizer, words: list[str]) -> list[str]:
