@@ -439,7 +439,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
 # named here shows none.
 KEY_FIGURES = {
     "task": ["num_sft", "num_prompts", "num_preferences"],
-    "base": ["parameters", "vocab_size"],
+    "base": ["parameters", "vocab_size", "tokens_learned", "words_added", "held_out_token_ratio"],
     "sft": ["train_loss", "steps"],
     "generate": ["candidates", "finished_fraction", "tokens_per_second"],
     "reward": ["eval/accuracy", "eval/gold_accuracy", "train/steps"],
