@@ -21,7 +21,8 @@ class BaseConfig:
     new_tokens: list[str] = field(default_factory=list)
     """With `model`: whole strings added as tokens (domain words), embeddings grown the same way."""
     tokenizer_data: list[str] = field(default_factory=lambda: ["stage:task/sft.jsonl"])
-    """Files whose text trains the byte-level BPE tokenizer (and the optional pretraining)."""
+    """Files whose text trains the byte-level BPE tokenizer (and the optional pretraining), or, with `model` and
+    `extend_vocab`, the text the new tokens are learned from (a tenth of its documents held out to measure them)."""
     vocab_size: int = 1024
     """Tokenizer vocabulary, special tokens included: an upper bound (BPE stops when no pair is left to merge). Too
     small a vocabulary stops merging midway, so one letter gets its own space token and the next does not, which a
