@@ -435,7 +435,7 @@ def test_kto_feedback_sft_keeps_desirable_answers_and_pair_readers_refuse_it(tmp
     res = load_sft(DatasetSpec(path=str(path)))
     assert [r["completion"] for r in res.rows] == [" 1 2 3", " 4 5"] and res.stats()["undesirable"] == 1
     assert counts.take() == {"rows labelled undesirable (label: false, KTO feedback) not trained on in kto.jsonl": 1}
-    with pytest.raises(DataError, match=r"kto\.jsonl, row 1, field 'label': marks an unpaired answer"):
+    with pytest.raises(DataError, match=r"kto\.jsonl, field 'label': marks unpaired answers \(KTO feedback, row 1"):
         load_preferences(DatasetSpec(path=str(path)))
     # LLaMA-Factory's demo (chat messages, `kto_tag: label`): half of its 300 answers are labelled undesirable
     demo = DatasetSpec(path=str(SHARED_DATA / "llama-factory" / "kto_en_demo.json"))

@@ -394,8 +394,10 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
                 r = _Row(rec, path, n, part.field_prefix, spec.allow_empty_answers, spec.max_chars)
                 kto = isinstance(rec.get(KTO_LABEL), bool)
                 if kto and need == "pair" and not ({"chosen", "rejected"} & set(rec)):
-                    raise r.error(KTO_LABEL, "marks an unpaired answer (KTO feedback: one answer, desirable or "
-                                  "not); reward models, DPO and SimPO learn from pairs (chosen / rejected)")
+                    # the whole dataset's format, not one bad row: no row number, no advice to fix or skip rows
+                    raise DataError(path, None, KTO_LABEL, f"marks unpaired answers (KTO feedback, row {n}: one "
+                                    "answer, desirable or not); reward models, DPO and SimPO learn from pairs "
+                                    "(chosen / rejected); SFT reads this file (the desirable answers)")
                 if row_fmt == "text" and need == "completion" and isinstance(rec.get("text"), str) \
                         and not rec["text"].strip():
                     result.blank_texts += 1  # a corpus's blank line: nothing to learn, nothing wrong
