@@ -168,7 +168,7 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
                                 "this experiment's stages")
         # dataset files that are neither produced here nor on disk (a Hub id: its form only, nothing is fetched)
         paths = list(_paths_in(sec, stage))
-        if stage == "base" and (not cfg.base.model or cfg.base.extends):  # the text the tokenizer learns from
+        if stage == "base" and not cfg.base.as_named:  # the text the tokenizer learns from
             paths += [(f"base.tokenizer_data[{i}]", v) for i, v in enumerate(cfg.base.tokenizer_data)]
         for key, value in paths:
             found = check_problem(value)

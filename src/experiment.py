@@ -322,7 +322,7 @@ def ref_stage(ref: str) -> str:
 def stage_inputs(cfg: ExperimentConfig, stage: str) -> list[str]:
     """The stages this stage reads, from the `stage:` references in its section (only those that will exist)."""
     names = []
-    if stage == "base" and cfg.base.model and not cfg.base.extends:
+    if stage == "base" and cfg.base.as_named:
         return names  # a named checkpoint: nothing is built, so no data is read
     for ref in references(section(cfg, stage)):
         name = ref_stage(ref)
@@ -358,7 +358,7 @@ def resolve(cfg: ExperimentConfig, value: str, round_: int = 1, *, model: bool =
     folder = stage_dir(cfg, name, round_)
     if rest:
         return str(folder / rest)
-    if model and name == "base" and cfg.base.model and not cfg.base.extends:
+    if model and name == "base" and cfg.base.as_named:
         return cfg.base.model  # a real checkpoint named in the config; nothing was built
     if model and name in MODEL_SUBDIR:
         return str(folder / MODEL_SUBDIR[name])

@@ -128,7 +128,7 @@ def outputs_digest(outputs: dict[str, list]) -> str:
 def external_inputs(cfg: ExperimentConfig, stage: str) -> list[Path]:
     """Files outside the experiment that the stage's section names (datasets, local models): every file of a
     named folder. Hub ids and `stage:` references are not files here."""
-    if stage == "base" and cfg.base.model and not cfg.base.extends and not Path(cfg.base.model).exists():
+    if stage == "base" and cfg.base.as_named and not Path(cfg.base.model).exists():
         return []
     files: list[Path] = []
     for value in _strings(section(cfg, stage)):

@@ -45,6 +45,11 @@ class BaseConfig:
         """A named model whose vocabulary this stage extends (and saves)."""
         return bool(self.model and (self.extend_vocab or self.new_tokens))
 
+    @property
+    def as_named(self) -> bool:
+        """A named model used as it is: the stage builds nothing, reads no text, and `stage:base` is that model."""
+        return bool(self.model) and not self.extends
+
     def __post_init__(self):
         check_ranges(self, extend_vocab=dict(ge=0), vocab_size=dict(ge=16), hidden_size=dict(ge=1), num_hidden_layers=dict(ge=1),
                      num_attention_heads=dict(ge=1), num_key_value_heads=dict(ge=1), intermediate_size=dict(ge=1),

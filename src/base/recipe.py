@@ -84,7 +84,7 @@ def pretrain(model, blocks: list[list[int]], steps: int, batch_size: int, lr: fl
 
 def run(ctx) -> dict:
     sec = ctx.section
-    if sec.model and not sec.extends:
+    if sec.as_named:
         return {"model": sec.model, "built": False}
     if sec.model:
         return extend(ctx, sec)

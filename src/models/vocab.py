@@ -8,8 +8,9 @@ Two ways, both used by the `base` stage (`base.extend_vocab`, `base.new_tokens`)
   (`train_new_from_iterator`); its merges are walked in the order it learned them (most frequent first) and each
   one whose result the tokenizer lacks becomes a new vocabulary entry, with its merge appended **after** the
   tokenizer's own (and, for a SentencePiece-style BPE, the new script's characters the merge is made of); a
-  candidate the extended tokenizer never emits on the text is dropped. BPE applies merges by rank, so every existing merge still wins: text the tokenizer already
-  handled tokenizes to the same ids as before, and only pieces it left split are merged further.
+  candidate the extended tokenizer never emits on the text is dropped. BPE applies merges by rank, so every
+  existing merge still wins: text the tokenizer already handled tokenizes to the same ids as before, and only
+  pieces it left split are merged further.
 - `add_words(tokenizer, words)`: whole strings as added tokens (matched before the tokenizer runs): domain words
   whose ids should be fixed, at the cost of splitting any word that contains one.
 
