@@ -161,3 +161,18 @@ def test_a_tokenizer_without_bpe_merges_is_named(tmp_path):
     bpe = build_tokenizer(FAMILIES["llama3"])
     same, learned = learn_merges(bpe, ["Sort the numbers"] * 3, 10, tmp_path / "bpe")
     assert learned == [] and len(same) == len(bpe)
+
+
+def test_extension_with_no_text_is_a_data_error(tmp_path):
+    from prefopt.data.errors import DataError
+    from prefopt.experiment import load_config
+    from prefopt.stage import run_stage
+
+    model_dir = save_family(FAMILIES["qwen2.5"], tmp_path / "qwen", attn="sdpa", hidden_size=32, layers=1)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    exp = load_config("experiments/quickstart.yaml", [f"--output_dir={tmp_path}", "--wandb.mode=disabled",
+                                                      f"--base.model={model_dir}", "--base.extend_vocab=10",
+                                                      f"--base.tokenizer_data=[{empty}]"])
+    with pytest.raises(DataError, match="no text to learn base.extend_vocab's tokens from"):
+        run_stage(exp, "base")

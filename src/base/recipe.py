@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from prefopt.data.errors import DataError
 from prefopt.data.records import read_records
 from prefopt.data.templates import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, alpaca_prompt
 from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
@@ -138,6 +139,9 @@ def extend(ctx, sec) -> dict:
     if sec.extend_vocab:
         docs = [row_text(row) for p in sec.tokenizer_data for _, row in read_records(ctx.resolve(p, model=False))]
         docs = [d for d in docs if d]
+        if not docs:
+            raise DataError(", ".join(sec.tokenizer_data), None, None, "no text to learn base.extend_vocab's tokens "
+                            "from (base.tokenizer_data)")
         random.Random(ctx.seed).shuffle(docs)
         held = docs[:max(1, len(docs) // 10)] if len(docs) > 1 else []
         before = sum(len(ids) for ids in tok(held, add_special_tokens=False)["input_ids"]) if held else 0
