@@ -421,6 +421,7 @@ def test_alpaca_52k_has_49_empty_outputs():
     assert (len(res) + res.deduplicated, res.skipped) == (51953, 49)  # SOURCES.md: 49 rows have an empty output
 
 
+@pytest.mark.shared_data
 def test_kto_feedback_sft_keeps_desirable_answers_and_pair_readers_refuse_it(tmp_path):
     """KTO's unpaired feedback (one answer and a boolean `label`): SFT imitates only the answers labelled true, and
     says how many it left out; a reward model, DPO or SimPO reading it is told it needs pairs, naming the field."""
