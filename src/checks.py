@@ -151,6 +151,30 @@ def rm_format_problem(cfg: ExperimentConfig, stage: str, sec) -> str | None:
     return None
 
 
+def unwritten_stage_file(cfg: ExperimentConfig, stage: str, sec, key: str, value: str) -> str | None:
+    """A `stage:NAME/FILE` dataset that no stage of this experiment writes and that is not on disk from an earlier
+    run: the defaults read the task's files, which `task.name: none` does not write, and evaluate's prompts are
+    read even when `task` is not among the stages. Found here, not when the stage opens the file hours later."""
+    from prefopt.experiment import resolve
+
+    if not value.startswith("stage:") or "/" not in value:
+        return None
+    if stage == "evaluate" and key.split(".")[1] != ("prompts" if sec.split == "test" else "validation_prompts"):
+        return None  # the other split's prompts are not read
+    name = ref_stage(value)
+    if stage != "evaluate" and name not in cfg.stages:
+        return None  # said once per stage above ("is not in this experiment's stages")
+    if name in cfg.stages and not (name == "task" and cfg.task.name == "none"):
+        return None
+    if Path(resolve(cfg, value, model=False)).exists():
+        return None
+    why = ("task.name is none, so the task stage writes no files" if name in cfg.stages else
+           f"'{name}' is not in this experiment's stages")
+    fix = (f"name your own data ({key[:-len('.path')]}: {{path: FILE}})" if key.endswith(".path") else
+           f"set {key.split('[')[0]} to your own files")
+    return f"{key}: reads {value}, but {why}: {fix}"
+
+
 def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     warnings: list[str] = []
@@ -171,6 +195,9 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         if stage == "base" and not cfg.base.as_named:  # the text the tokenizer learns from
             paths += [(f"base.tokenizer_data[{i}]", v) for i, v in enumerate(cfg.base.tokenizer_data)]
         for key, value in paths:
+            problem = unwritten_stage_file(cfg, stage, sec, key, value)
+            if problem:
+                problems.append(problem)
             found = check_problem(value)
             if found:
                 (problems if found[0] == "problem" else warnings).append(f"{key}: {found[1]}")

@@ -454,9 +454,11 @@ KEY_FIGURES = {
 
 def key_figures(stage: str, summary: dict) -> str:
     """`loss 0.092, rewards/accuracies 1.000, steps 126` from a stage's summary (evaluate: each policy's gold)."""
-    if stage == "evaluate":
-        return ", ".join(f"{name} gold {_cell(figs, 'gold_score')}"
-                         for name, figs in (summary.get("policies") or {}).items())
+    if stage == "evaluate":  # the gold score where the task has one, else the reward model's, else the KL
+        policies = summary.get("policies") or {}
+        key, name = next(((k, n) for k, n in (("gold_score", "gold"), ("rm_score", "rm"), ("kl_to_sft", "KL"))
+                          if any(k in f for f in policies.values())), (None, ""))
+        return ", ".join(f"{p} {name} {_cell(figs, key)}" for p, figs in policies.items() if key in figs)
     out = []
     for key in KEY_FIGURES.get(stage, []):
         v = summary.get(key)

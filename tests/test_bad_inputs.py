@@ -546,3 +546,29 @@ def test_check_reports_a_directory_as_data_path(tmp_path):
     assert out.returncode == 2
     assert out.stdout.splitlines()[-2:] == [f"ERROR: sft.dataset.path: '{tmp_path}' is a directory, not a data file",
                                             "1 problem(s)"]
+
+
+def test_check_names_a_stage_file_no_stage_writes(tmp_path):
+    """The defaults read the task's files: with `task.name: none` (or evaluate without `task` among the stages) the
+    file would be missing hours into a run; `check` (and so `run`, before any stage) names the key instead."""
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task", "base", "sft"]))
+    out = prefopt("check", exp, "--task.name=none")
+    none = "but task.name is none, so the task stage writes no files"
+    assert out.returncode == 2 and out.stdout.splitlines()[-3:] == [
+        f"ERROR: base.tokenizer_data[0]: reads stage:task/sft.jsonl, {none}: set base.tokenizer_data to your own "
+        "files", f"ERROR: sft.dataset.path: reads stage:task/sft.jsonl, {none}: name your own data (sft.dataset: "
+        "{path: FILE})", "2 problem(s)"]
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    exp = write_yaml(tmp_path / "e2.yaml", tiny_experiment(tmp_path, name="t2", stages=["base", "sft", "evaluate"],
+                                                           sft={"dataset": {"path": str(data)}},
+                                                           base={"tokenizer_data": [str(data)]}))
+    out = prefopt("check", exp)
+    assert out.returncode == 2 and "ERROR: evaluate.prompts.path: reads stage:task/test_prompts.jsonl, but 'task' " \
+                                   "is not in this experiment's stages" in out.stdout
+    # validation prompts are read only with split validation; files an earlier run left are there to read
+    (tmp_path / "runs" / "t2" / "task").mkdir(parents=True)
+    (tmp_path / "runs" / "t2" / "task" / "test_prompts.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
+    assert prefopt("check", exp).returncode == 0
+    out = prefopt("check", exp, "--evaluate.split=validation")
+    assert out.returncode == 2 and "evaluate.validation_prompts.path: reads stage:task/val_prompts.jsonl" in out.stdout

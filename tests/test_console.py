@@ -159,3 +159,18 @@ def test_one_progress_line_per_stage_on_a_terminal(tmp_path, capfd):
     with StageOutput(tmp_path / "logs" / "sft2.log", header="sft (x)"):  # not a terminal: no redraws
         sys.stderr.write(bars)
     assert capfd.readouterr().err == ""
+
+
+def test_evaluate_end_line_gives_gold_else_rm_else_kl():
+    """The evaluate end line's figure per policy: gold where the task has a gold scorer, else the reward model's
+    score, else the KL to the baseline (a run on one's own prompts with neither), never a row of dashes."""
+    from prefopt.pipeline import key_figures
+
+    gold = {"sft": {"gold_score": 0.7, "gold_score_se": 0.01, "rm_score": 1.0},
+            "dpo": {"gold_score": 0.9, "gold_score_se": 0.02, "rm_score": 2.0}}
+    assert key_figures("evaluate", {"policies": gold}) == "sft gold 0.700 ± 0.010, dpo gold 0.900 ± 0.020"
+    rm = {"sft": {"rm_score": 1.0, "kl_to_sft": 0.0}, "dpo": {"rm_score": 2.5, "rm_score_se": 0.1, "kl_to_sft": 0.2}}
+    assert key_figures("evaluate", {"policies": rm}) == "sft rm 1.000, dpo rm 2.500 ± 0.100"
+    kl = {"sft": {"kl_to_sft": 0.0}, "dpo": {"kl_to_sft": 0.02, "kl_to_sft_se": 0.012}}
+    assert key_figures("evaluate", {"policies": kl}) == "sft KL 0.000, dpo KL 0.020 ± 0.012"
+    assert key_figures("evaluate", {"policies": {"sft": {"length": 3}}}) == ""

@@ -49,7 +49,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.records import json_object, read_records  # noqa: F401 - read_records is this module's API too
 from prefopt.data.sources import open_rows, report_mixture
 from prefopt.data.spec import DatasetSpec
-from prefopt.data.templates import make_prompt, messages_to_prompt
+from prefopt.data.templates import ChatCheck, make_prompt, messages_to_prompt, system_message
 from prefopt.io import content_hash
 
 TEMPLATES = ("alpaca", "chat")
@@ -368,9 +368,11 @@ def detect_format(row: Any, prefix: str = "") -> str:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_pairs: bool = False) -> LoadResult:
+def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_pairs: bool = False,
+          tokenizer=None) -> LoadResult:
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    chat = ChatCheck(tokenizer) if tokenizer is not None and template == "chat" else None
     for fmt_key in [spec.format] + [m.format for m in spec.mixture]:
         if fmt_key != "auto" and fmt_key not in PARSERS:
             known = ", ".join(["auto", *PARSERS])
@@ -405,7 +407,12 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
                 if kto and need == "completion" and not rec[KTO_LABEL]:
                     result.undesirable += 1  # an answer marked bad: imitating it is the opposite of the label
                     continue
-                row = _canonical(PARSERS[row_fmt](r, need, template), rec, need)
+                parsed = PARSERS[row_fmt](r, need, template)
+                if isinstance(parsed["prompt"], list):
+                    parsed["prompt"] = system_message(parsed["prompt"], spec.system_message)
+                    if chat is not None:
+                        _check_chat(chat, parsed, need, r, row_fmt, spec.system_message)
+                row = _canonical(parsed, rec, need)
                 if need == "pair" and (row["chosen"] == row["rejected"] if whitespace_pairs
                                        else row["chosen"].strip() == row["rejected"].strip()):
                     raise r.error("rejected", "same text as 'chosen': a pair with no preference to learn")
@@ -454,6 +461,32 @@ def _load(spec: DatasetSpec, need: str, template: str, resolve=None, whitespace_
     return result
 
 
+# The field a format keeps its prompt's turns in: what a chat template's refusal of the conversation names.
+PROMPT_FIELD = {"sharegpt": "conversations", "messages": "messages", "hh": "chosen", "alpaca": "instruction"}
+
+
+def _check_chat(chat: ChatCheck, parsed: dict, need: str, r: _Row, fmt: str, system: str) -> None:
+    """A chat prompt the tokenizer's template refuses (with the generation prompt, as generation and the aligners
+    render it, and followed by the answer, as SFT renders it) is a bad row naming the template's reason."""
+    conversations = [(parsed["prompt"], True)]
+    if need == "completion":
+        conversations.append(([*parsed["prompt"], {"role": "assistant", "content": parsed["completion"]}], False))
+    for messages, generation_prompt in conversations:
+        if not getattr(chat.tokenizer, "chat_template", None):  # the stage's setting, not this row
+            raise DataError(r.path, None, None, f"holds chat turns (row {r.n}) for template: chat, but the "
+                            f"tokenizer of {getattr(chat.tokenizer, 'name_or_path', 'the model')} has no chat "
+                            "template; set the stage's `template: alpaca` or give the model a chat template")
+        problem = chat.problem(messages, generation_prompt)
+        if problem is None:
+            continue
+        roles = "/".join(m["role"] for m in messages)
+        if system == "keep" and any(m["role"] == "system" for m in messages):
+            problem += ("; this template may have no system role: `system_message: merge` on this dataset puts the "
+                        "system message at the head of the first user turn (`drop` leaves it out)")
+        raise r.error(PROMPT_FIELD.get(fmt, "prompt"), f"the chat template of "
+                      f"{getattr(chat.tokenizer, 'name_or_path', 'the model')} refuses these turns ({roles}): {problem}")
+
+
 def _canonical(parsed: dict, rec: dict, need: str) -> dict:
     """Key order and the prompt id: the row's own id if it has one, else a hash of the prompt."""
     if need == "completion":
@@ -466,24 +499,25 @@ def _canonical(parsed: dict, rec: dict, need: str) -> dict:
             "meta": parsed["meta"]}
 
 
-def load_sft(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:
-    return _load(spec, "completion", template, resolve)
+def load_sft(spec: DatasetSpec, template: str = "alpaca", resolve=None, tokenizer=None) -> LoadResult:
+    """`tokenizer`: with `template: chat`, each row's turns are checked against its chat template (`ChatCheck`)."""
+    return _load(spec, "completion", template, resolve, tokenizer=tokenizer)
 
 
 def load_preferences(spec: DatasetSpec, template: str = "alpaca", resolve=None,
-                     whitespace_pairs: bool = False, bad_row_hint: str = "") -> LoadResult:
+                     whitespace_pairs: bool = False, bad_row_hint: str = "", tokenizer=None) -> LoadResult:
     """`whitespace_pairs`: accept a chosen and rejected that differ only in surrounding whitespace (`7` and ` 7` are
     different tokens). Refused in human data, where it is a copy-paste slip; the pairs the pipeline builds accept
     it, since the reward model scored such sampled candidates apart (seen on `lookup`: -1.8 against -8.2).
     `bad_row_hint`: for a file given as a bare path, whose reader cannot set `skip_bad_rows`, the advice a bad
     row's error gives instead of the skip_bad_rows hint."""
     try:
-        return _load(spec, "pair", template, resolve, whitespace_pairs)
+        return _load(spec, "pair", template, resolve, whitespace_pairs, tokenizer)
     except DataError as e:
         if not bad_row_hint or e.hint != SKIP_HINT:
             raise
         raise DataError(e.path, e.row, e.field, e.problem, bad_row_hint) from None
 
 
-def load_prompts(spec: DatasetSpec, template: str = "alpaca", resolve=None) -> LoadResult:
-    return _load(spec, "prompt", template, resolve)
+def load_prompts(spec: DatasetSpec, template: str = "alpaca", resolve=None, tokenizer=None) -> LoadResult:
+    return _load(spec, "prompt", template, resolve, tokenizer=tokenizer)

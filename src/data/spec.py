@@ -144,6 +144,11 @@ class DatasetSpec:
     field_prefix: str = ""
     """Alpaca fields with a prefix, e.g. `zh_` reads zh_instruction / zh_input / zh_output (alpaca-chinese-dataset).
     Without one, `en_` fields are read where the plain ones are absent."""
+    system_message: Literal["keep", "merge", "drop"] = "keep"
+    """A chat row's system message with `template: chat`: `keep` hands it to the chat template (a template with no
+    system role, as Gemma-2's and Mistral-v0.1's, then refuses the row, naming this key); `merge` puts its text at
+    the head of the first user turn, then a blank line (where such a template can carry it); `drop` leaves it out.
+    With `template: alpaca` a system message is always text at the head of the prompt."""
     max_chars: int = 1_000_000
     """Refuse (or, with `skip_bad_rows`, skip) a row whose text fields hold more characters than this: a
     multi-megabyte prompt is a broken row, and tokenizing it can take tens of GB of memory."""

@@ -62,6 +62,53 @@ def render_prompt(prompt: Any, tokenizer=None) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
+SYSTEM_MESSAGE = ("keep", "merge", "drop")
+
+
+def system_message(messages: list[dict], how: str) -> list[dict]:
+    """A chat prompt's system messages as `DatasetSpec.system_message` says: `keep` them as they are, `merge` them
+    into the head of the first user turn (their text, then a blank line), or `drop` them. `merge` is for a chat
+    template with no system role (Gemma-2's and Mistral-v0.1's raise on one): the instruction reaches the model in
+    the only place such a template can put it, the first user turn, as Gemma's documentation advises."""
+    if how == "keep" or not any(m["role"] == "system" for m in messages):
+        return messages
+    turns = [m for m in messages if m["role"] != "system"]
+    if how == "drop":
+        return turns
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    first = next((i for i, m in enumerate(turns) if m["role"] == "user"), None)
+    if first is None:
+        return [{"role": "user", "content": system}, *turns]
+    return [*turns[:first], {**turns[first], "content": f"{system}\n\n{turns[first]['content']}"}, *turns[first + 1:]]
+
+
+class ChatCheck:
+    """Whether a tokenizer's chat template renders a conversation, asked once per sequence of roles.
+
+    Templates refuse conversations by their shape, not their text: Gemma-2's raises on a system role, Mistral's
+    when user and assistant turns do not alternate. The loaders ask this of every chat row when a stage hands them
+    its tokenizer, so a row the template refuses is a DataError naming the file, row and field (or skipped with
+    `skip_bad_rows`) instead of a crash deep inside a stage; caching by roles keeps a 60,000-row file at a few
+    renders."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, {}
+
+    def problem(self, messages: list[dict], generation_prompt: bool) -> str | None:
+        """The template's own message when it refuses `messages`, else None."""
+        from jinja2.exceptions import TemplateError
+
+        key = (tuple(m["role"] for m in messages), generation_prompt)
+        if key not in self.seen:
+            try:
+                render_prompt(messages, self.tokenizer) if generation_prompt else \
+                    self.tokenizer.apply_chat_template(messages, tokenize=False)
+                self.seen[key] = None
+            except TemplateError as e:
+                self.seen[key] = str(e.message or e)
+        return self.seen[key]
+
+
 def special_tokens_for(text: str, tokenizer) -> bool:
     """Whether `text` is tokenized with the tokenizer's special tokens (its BOS): not when it already starts with
     the BOS token.

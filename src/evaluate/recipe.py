@@ -167,7 +167,12 @@ def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict]]:
               "no win rates or KL", flush=True)
     check_suite_files(sec.suite)
     spec = sec.prompts if sec.split == "test" else sec.validation_prompts
-    rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
+    from prefopt.models.loading import load_tokenizer
+
+    # chat turns checked against the first policy's template (a stage's template matches its models': experiment.py)
+    tok = (load_tokenizer(next(iter(policies.values())), trust_remote_code=sec.trust_remote_code)
+           if sec.template == "chat" else None)
+    rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False), tokenizer=tok).rows
     print(f"[evaluate] {len(rows)} {sec.split} prompts from {ctx.resolve(spec.path, model=False)}", flush=True)
     return policies, base, rows
 

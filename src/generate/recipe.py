@@ -162,9 +162,10 @@ def run(ctx, signals: faults.ShardSignals) -> dict:
     sec = ctx.section
     backend = resolve_backend(sec.backend)  # a vLLM that cannot run fails here, before any work
     model_path = ctx.resolve(sec.model)
-    loaded = load_prompts(sec.prompts, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
-    prompts, duplicates = unique_prompts(loaded.rows)
     tokenizer = load_tokenizer(model_path)
+    loaded = load_prompts(sec.prompts, sec.template, resolve=lambda p: ctx.resolve(p, model=False),
+                          tokenizer=tokenizer)
+    prompts, duplicates = unique_prompts(loaded.rows)
     rendered = [render_prompt(p["prompt"], tokenizer) for p in prompts]
     generator_info = {"path": str(model_path), "sha256": weights_sha256(model_path), "backend": backend,
                       "batch_invariant": False}

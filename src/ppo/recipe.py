@@ -63,7 +63,7 @@ def run(ctx, signals: faults.StopSignals) -> dict:
     ckpt_dir = ctx.dir / "checkpoints"
     resume = resumable_checkpoint(accelerator, ckpt_dir)
     policy, ref, value, tok = load_models(ctx, cfg)
-    rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False)).rows
+    rows = load_prompts(cfg.prompts, cfg.template, resolve=lambda p: ctx.resolve(p, model=False), tokenizer=tok).rows
     prompts = [render_prompt(r["prompt"], tok) for r in rows]
     score_fn = reward_scorer(ctx, cfg, rows, prompts, accelerator)
 

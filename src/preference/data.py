@@ -57,7 +57,7 @@ def load_pairs(source, template: str, tokenizer) -> list[dict]:
     from prefopt.data.spec import DatasetSpec
 
     if isinstance(source, DatasetSpec):
-        rows = load_preferences(source, template).rows
+        rows = load_preferences(source, template, tokenizer=tokenizer).rows
     else:
         # pairs built from sampled candidates may hold an empty response (EOS first): a valid, usually rejected,
         # answer, and two answers that differ only in whitespace (different tokens the reward model scored apart);
@@ -65,7 +65,7 @@ def load_pairs(source, template: str, tokenizer) -> list[dict]:
         path = pairs_path(source)
         built_here = (Path(path).parent / "_FINGERPRINT").exists()
         rows = load_preferences(DatasetSpec(path=path, allow_empty_answers=built_here), template,
-                                whitespace_pairs=built_here, bad_row_hint=PAIRS_FILE_HINT).rows
+                                whitespace_pairs=built_here, bad_row_hint=PAIRS_FILE_HINT, tokenizer=tokenizer).rows
     # one row at a time, replaced as it is converted, so the loader's rows and these are not both held whole
     for i, r in enumerate(rows):
         rows[i] = {"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}

@@ -275,7 +275,7 @@ def run(ctx, stop: faults.StopSignals) -> dict:
     cfg = ctx.section
     model_path = ctx.resolve(cfg.model)
     tok = load_tokenizer(model_path, padding_side="right")
-    data = load_preferences(cfg.dataset, cfg.template, resolve=ctx.resolve)
+    data = load_preferences(cfg.dataset, cfg.template, resolve=ctx.resolve, tokenizer=tok)
     # Prompts are canonical (rendered strings, or chat messages rendered here by the tokenizer's chat template);
     # training on text keeps what the reward model sees identical to what the `score` stage feeds it.
     rows = [{**r, "prompt": render_prompt(r["prompt"], tok)} for r in data.rows]

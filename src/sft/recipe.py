@@ -176,10 +176,11 @@ def run(ctx) -> dict:
     return _run_loop(ctx)
 
 
-def _load_data(ctx):
-    """The section's instruction rows, the skipped-row count logged at step 0 (both backends)."""
+def _load_data(ctx, tokenizer):
+    """The section's instruction rows (chat turns checked against `tokenizer`'s template), the skipped-row count
+    logged at step 0 (both backends)."""
     sec = ctx.section
-    data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False))
+    data = load_sft(sec.dataset, sec.template, resolve=lambda p: ctx.resolve(p, model=False), tokenizer=tokenizer)
     if data.skipped:
         ctx.tracker.log({"data/skipped_rows": data.skipped}, step=0)
     return data
@@ -189,8 +190,8 @@ def _run_loop(ctx) -> dict:
     from prefopt.preference.loop import train
 
     sec = ctx.section
-    data = _load_data(ctx)
     tokenizer = load_tokenizer(ctx.resolve(sec.model))
+    data = _load_data(ctx, tokenizer)
     examples, dropped = sft_examples(data.rows, tokenizer, sec.max_length)
     if not examples:
         raise nothing_to_train(data.path, sec.max_length)
@@ -227,7 +228,7 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     from prefopt.runtime.tracking import trainer_callback
 
     sec = ctx.section
-    data = _load_data(ctx)
+    data = _load_data(ctx, load_tokenizer(ctx.resolve(sec.model)))
     preempt = faults.trainer_callback(stop)
     perf = throughput_callback(ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
