@@ -598,7 +598,9 @@ def _cell(figs: dict, key: str) -> str:
     v, se = figs.get(key), figs.get(key + "_se")
     if not isinstance(v, (int, float)):
         return "-"
-    return f"{v:.3f} ± {se:.3f}" if isinstance(se, (int, float)) and se > 0 else f"{v:.3f}"
+    if isinstance(se, (int, float)) and se > 0:
+        return f"{v:.3f} ± {se:.3f}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3f}"  # tokens/s: 5,120, not 5120.000
 
 
 def print_table(summary: dict, reward: dict | None = None) -> None:
@@ -610,9 +612,12 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
     cols = [(k, h) for k, h in TABLE_COLUMNS if any(isinstance(p.get(k), (int, float)) for p in policies.values())]
     rows = [[name] + [_cell(figs, k) for k, _ in cols] for name, figs in policies.items()]
     widths = [max(len(r[i]) for r in rows + [["policy"] + [h for _, h in cols]]) for i in range(len(cols) + 1)]
+    judges = [j for k, j in (("win_rate_vs_sft_gold", "gold"), ("win_rate_vs_sft", "the reward model"))
+              if k in dict(cols)]
+    wins = (f"; win rates against {summary.get('baseline') or 'the baseline'}, by {' and by '.join(judges)}"
+            if judges else "")
     print(f"Figures on {summary.get('num_prompts', '?')} {summary.get('split', '')} prompts x "
-          f"{summary.get('samples_per_prompt', '?')} samples (± one standard error over prompts; win rates against "
-          f"{summary.get('baseline') or 'the baseline'}, by gold and by the reward model):")
+          f"{summary.get('samples_per_prompt', '?')} samples (± one standard error over prompts{wins}):")
     head = "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(["policy"] + [h for _, h in cols],
                                                                                    widths)))
     print(head)

@@ -174,3 +174,5 @@ def test_evaluate_end_line_gives_gold_else_rm_else_kl():
     kl = {"sft": {"kl_to_sft": 0.0}, "dpo": {"kl_to_sft": 0.02, "kl_to_sft_se": 0.012}}
     assert key_figures("evaluate", {"policies": kl}) == "sft KL 0.000, dpo KL 0.020 ± 0.012"
     assert key_figures("evaluate", {"policies": {"sft": {"length": 3}}}) == ""
+    assert key_figures("generate", {"candidates": 96, "tokens_per_second": 5120.0}) == \
+        "candidates 96, tokens_per_second 5,120"
