@@ -448,7 +448,7 @@ KEY_FIGURES = {
     "dpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
     "simpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
     "ppo": ["reward", "kl", "episodes"],
-    "self_instruct": ["kept", "generated"],
+    "self_instruct": ["accepted", "candidates", "acceptance_rate", "rows_written"],
 }
 
 

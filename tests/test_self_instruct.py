@@ -247,6 +247,22 @@ def test_stage_stops_at_num_instructions(tmp_path, monkeypatch):
     assert s["batches"] == 1 and s["accepted"] == 2 and s["reached_target"] is True
 
 
+def test_a_writer_with_no_task_accepted_stops_the_stage_naming_why(tmp_path, monkeypatch):
+    """An untrained writer emits only noise: an empty data.json would fail the next stage with `no usable rows`;
+    the stage itself stops, naming the writer and the reasons, and is not marked done."""
+    from prefopt.data.errors import DataError
+
+    cfg = _cfg(tmp_path, max_batches=1)
+    model = ScriptedModel(cfg)
+    model.script = {seed: [(" \u0007 noise", False), ("", True)] for seed in model.script}
+    with pytest.raises(DataError) as e:
+        _run(cfg, monkeypatch, model)
+    assert str(e.value) == ("self_instruct.model scripted-model: no task accepted from the 2 pieces it wrote in 1 "
+                            "batches (1 truncated, 1 unparseable; an example of each reason is in the stage's log); "
+                            "try a stronger writer or more self_instruct.max_batches")
+    assert not (tmp_path / "si" / "self_instruct" / "_DONE.json").exists()
+
+
 def test_resume_after_a_kill_writes_what_an_uninterrupted_run_writes(tmp_path, monkeypatch):
     whole = _cfg(tmp_path / "whole")
     _run(whole, monkeypatch, ScriptedModel(whole))

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from prefopt.config import ConfigError
+from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.generation.base import Sampling, derive_seed
 from prefopt.generation.factory import make_generator, resolve_backend
@@ -232,6 +233,11 @@ def run(ctx) -> dict:
         "generator": generator_info,
     }
     print(report(summary), flush=True)
+    if not rows:  # the stage exists to write data: an empty data.json would fail the next stage, unexplained
+        why = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()) or "no pieces parsed"
+        raise DataError(f"self_instruct.model {model_path}", None, None, f"no task accepted from the {candidates} "
+                        f"pieces it wrote in {k} batches ({why}; an example of each reason is in the stage's log); "
+                        "try a stronger writer or more self_instruct.max_batches")
     return summary
 
 
