@@ -26,7 +26,7 @@ from prefopt.runtime import forkserver
 from prefopt.runtime.console import StageOutput, stage_log_path
 from prefopt.runtime.console import verbose as console_verbose
 from prefopt.runtime.exits import StageFailed
-from prefopt.runtime.tracking import wandb_mode
+from prefopt.runtime.tracking import HEADLINE_FIGURES, wandb_mode
 from prefopt.experiment import (ORDER, ROUND_STAGES, STAGES, ExperimentConfig, for_seed, replicated_stage,
                                  stage_dir)
 from prefopt.stage import (FINGERPRINT, MARKER, fingerprint, next_dir, recover_swap, run_stage, stage_status,
@@ -437,19 +437,6 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
 
 # The figures an end line shows per stage (summary.json keys; `<key>_se` is shown as ± when present). A stage not
 # named here shows none.
-KEY_FIGURES = {
-    "task": ["num_sft", "num_prompts", "num_preferences"],
-    "base": ["parameters", "vocab_size", "tokens_learned", "words_added", "held_out_token_ratio"],
-    "sft": ["train_loss", "steps"],
-    "generate": ["candidates", "finished_fraction", "tokens_per_second"],
-    "reward": ["eval/accuracy", "eval/gold_accuracy", "train/steps"],
-    "score": ["candidates", "score/mean", "score/std"],
-    "pairs": ["pairs", "gold/chosen_better", "margin/mean"],
-    "dpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
-    "simpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
-    "ppo": ["reward", "kl", "episodes"],
-    "self_instruct": ["accepted", "candidates", "acceptance_rate", "rows_written"],
-}
 
 
 def key_figures(stage: str, summary: dict) -> str:
@@ -460,7 +447,7 @@ def key_figures(stage: str, summary: dict) -> str:
                           if any(k in f for f in policies.values())), (None, ""))
         return ", ".join(f"{p} {name} {_cell(figs, key)}" for p, figs in policies.items() if key in figs)
     out = []
-    for key in KEY_FIGURES.get(stage, []):
+    for key in HEADLINE_FIGURES.get(stage, []):
         v = summary.get(key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue

@@ -183,7 +183,9 @@ def test_check_warns_on_missing_suite_files(tmp_path, capsys, monkeypatch):
     from prefopt.pipeline import check
 
     (tmp_path / "here.csv").write_text(MMLU)
-    cfg = from_dict(ExperimentConfig, {"name": "x", "stages": ["evaluate"], "evaluate": {"policies": {"a": "m"},
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    cfg = from_dict(ExperimentConfig, {"name": "x", "stages": ["evaluate"], "evaluate": {
+                    "policies": {"a": "m"}, "prompts": {"path": str(tmp_path / "p.jsonl")},
                     "suite": {"perplexity_file": str(tmp_path / "gone.txt"), "lm_eval_tasks": ["hellaswag"],
                               "multiple_choice": [str(tmp_path / "here.csv"), str(tmp_path / "absent.jsonl")]}}})
     real = iu.find_spec

@@ -56,7 +56,7 @@ def test_report_writes_markdown_and_figures(tmp_path):
     md = write_report(run)
     assert md == str(run / "report" / "report.md")
     text = open(md).read()
-    assert "| 1 | simpo | 0.51 | - | - | 0.7 | 0.65 | 6 | 12 |" in text  # gold_gain, gold win: not in this run
+    assert "| 1 | simpo | 0.51 | 0.7 | 0.65 | 6 | 12 |" in text  # gold_gain, gold win: in no row, no column
     assert "| sft | 1 | 1.5 | train_loss=1.2, eval_loss=1.1 |" in text
     assert "20 pairs" in text and "gap +" in text
     for name in A.FIGURES:

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import pandas as pd
 from matplotlib.figure import Figure
 
-from prefopt.runtime.tracking import flatten  # the W&B summary's naming, shared with the runs it reads
+from prefopt.runtime.tracking import HEADLINE_FIGURES, flatten  # the summary's naming, shared with the runs it reads
 
 # Stage order of the pipeline (kept here so reading a run needs no stage code)
 STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
@@ -418,8 +418,8 @@ def evaluate_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ev = data["evaluate"]
     seeded = "seed" in ev.columns and ev["seed"].notna().any()  # a replicated run: one row per seed
     cols = ["run", "round", "policy"] + (["seed"] if seeded else [])
-    for c in EVAL_FIGURES:
-        if c in ev.columns:
+    for c in EVAL_FIGURES:  # a figure no policy has (gold without a gold task) is no column
+        if c in ev.columns and ev[c].notna().any():
             cols += [c] + [b for b in BESIDE.get(c, []) if b in ev.columns and ev[b].notna().any()]
     # the evaluation suite's figures beside them (perplexity, multiple choice, lm-eval), no standard errors twice
     cols += [c for c in ev.columns if c == "ppl" or (c.startswith(SUITE_PREFIXES) and not c.endswith("stderr"))]
@@ -437,12 +437,16 @@ def stage_table(data: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def key_figures(row: dict[str, Any], limit: int = 8) -> dict[str, Any]:
-    """The scalar figures of a stage summary worth a glance (numbers; not bookkeeping or per-policy detail)."""
+    """The scalar figures of a stage summary worth a glance (numbers; not bookkeeping or per-policy detail): the
+    stage's headline figures (its console end line's), its throughput and MFU, then the rest in summary order,
+    without the per-phase throughput detail."""
     skip = {"run", "stage", "round", "wall_seconds", "path", "stage_wall_seconds", "world_size", "global_batch_size",
             "seed", "replicate_seed", "num_prompts", "samples_per_prompt", "temperature"}
+    first = [*HEADLINE_FIGURES.get(row.get("stage"), []), "perf/tokens_per_s", "perf/mfu"]
     out = {}
-    for k, v in row.items():
-        if k in skip or k.startswith("policies/") or isinstance(v, bool):
+    for k in first + [k for k in row if k not in first and not k.startswith("perf/")]:
+        v = row.get(k)
+        if k in skip or k.startswith(("policies/", "sampling_seeds/")) or isinstance(v, bool):
             continue
         if isinstance(v, (int, float)) and pd.notna(v):
             out[k] = v

@@ -31,6 +31,23 @@ from prefopt.config import to_dict
 PACKAGES = ["prefopt", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "tokenizers", "vllm"]
 
 
+# The summary.json figures that say most about each stage: its end line on the console (`prefopt run`) and the
+# first figures of its row in `prefopt report`'s stage table.
+HEADLINE_FIGURES = {
+    "task": ["num_sft", "num_prompts", "num_preferences"],
+    "base": ["parameters", "vocab_size", "tokens_learned", "words_added", "held_out_token_ratio"],
+    "sft": ["train_loss", "steps"],
+    "generate": ["candidates", "finished_fraction", "tokens_per_second"],
+    "reward": ["eval/accuracy", "eval/gold_accuracy", "train/steps"],
+    "score": ["candidates", "score/mean", "score/std"],
+    "pairs": ["pairs", "gold/chosen_better", "margin/mean"],
+    "dpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
+    "simpo": ["loss", "rewards/accuracies", "rewards/margins", "steps"],
+    "ppo": ["reward", "kl", "episodes"],
+    "self_instruct": ["accepted", "candidates", "acceptance_rate", "rows_written"],
+}
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
