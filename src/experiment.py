@@ -35,8 +35,10 @@ STAGES: dict[str, tuple[str, bool]] = {
     "self_instruct": ("prefopt.self_instruct.recipe", False),
     "base": ("prefopt.base.recipe", False),
     "sft": ("prefopt.sft.recipe", True),
-    "generate": ("prefopt.generate.recipe", False),
+    # the reward model before generation: it reads no candidates, and a reward model that fails its gate
+    # (reward.min_eval_accuracy) then stops the run before the sampling (vLLM hours on a GPU cluster) is spent
     "reward": ("prefopt.reward.recipe", True),
+    "generate": ("prefopt.generate.recipe", False),
     "score": ("prefopt.score.recipe", False),
     "pairs": ("prefopt.pairs.recipe", False),
     "dpo": ("prefopt.dpo.recipe", True),
@@ -56,7 +58,7 @@ ROUND_STAGES = ["generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
 # Stages that run once per seed in a replicated experiment (`replicates: N` or `seeds: [...]`) unless
 # `replicate_stages` says otherwise: the aligners' own randomness (data order, LoRA init, PPO's rollouts) and the
 # evaluation's samples, which is the noise a method comparison on a fixed SFT policy and reward model must beat.
-# Every stage that reads one of them is replicated with it; the rest (task, base, sft, generate, reward, score,
+# Every stage that reads one of them is replicated with it; the rest (task, base, sft, reward, generate, score,
 # pairs) run once, under `seed`, and every replicate reads them.
 REPLICATE_STAGES = ["dpo", "simpo", "ppo", "evaluate"]
 # Where a stage's model lands inside its folder.

@@ -10,7 +10,7 @@ The same file drives `wandb sweep` + `wandb agent` on a cluster. Locally:
   arguments and the ones given here apply to every trial;
 - each trial is its own experiment, `<experiment>-<sweep>-t<k>`, so its own run directory, with W&B group = the
   sweep name;
-- stages the swept keys do not reach (same fingerprint in every trial, e.g. task, base, sft, generate, reward) run
+- stages the swept keys do not reach (same fingerprint in every trial, e.g. task, base, sft, reward, generate) run
   once, in the parent experiment's run directory `runs/<experiment>`, and each trial links to them
   (`reuse_upstream`), so `prefopt run` skips them there: a trial trains only what its values change;
 - `runs/sweeps/<sweep>/trials.csv` and `trials.md` hold every trial's swept values, status and final evaluate

@@ -102,7 +102,7 @@ def test_check_reports_missing_input_stage(capsys):
     assert "dpo: reads stage 'sft'" in capsys.readouterr().out
 
 
-FULL = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "evaluate"]
+FULL = ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo", "evaluate"]
 
 
 @pytest.mark.slow

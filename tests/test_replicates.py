@@ -134,7 +134,7 @@ def test_tiny_experiment_with_two_replicates(tmp_path, capsys):
     from prefopt import cli
     from prefopt.pipeline import launch_command, run_experiment
 
-    stages = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "simpo", "evaluate"]
+    stages = ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo", "simpo", "evaluate"]
     exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(
         tmp_path, stages=stages, replicates=2,
         evaluate={"policies": {"sft": "stage:sft", "dpo": "stage:dpo", "simpo": "stage:simpo"}}))
@@ -143,7 +143,7 @@ def test_tiny_experiment_with_two_replicates(tmp_path, capsys):
     out = capsys.readouterr().out
     root = tmp_path / "runs" / "tiny"
     timings = json.loads((root / "timings.json").read_text())
-    for s in ["task", "base", "sft", "generate", "reward", "score", "pairs"]:
+    for s in ["task", "base", "sft", "reward", "generate", "score", "pairs"]:
         assert f"{s}@1" in timings and (root / s / "_DONE.json").exists()
         assert out.count(f"[prefopt] {s}: running") == 1
     assert not (root / "dpo").exists()

@@ -25,7 +25,7 @@ TINY = {
     "name": "tiny",
     "seed": 0,
     "output_dir": "runs",
-    "stages": ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "evaluate"],
+    "stages": ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo", "evaluate"],
     "wandb": {"mode": "offline"},
     "launch": {"launcher": "inline"},
     "task": {"num_sft": 64, "num_prompts": 16, "num_test_prompts": 8, "num_val_prompts": 8, "num_preferences": 64},
@@ -164,7 +164,7 @@ def test_dry_run_prints_one_command_per_trial(tiny, capsys):
 
 def test_reuse_upstream_links_only_unchanged_finished_stages(tiny):
     parent = load_config("tiny.yaml")
-    for s in ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo"]:  # pretend they finished
+    for s in ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo"]:  # pretend they finished
         d = stage_dir(parent, s)
         d.mkdir(parents=True)
         (d / "_DONE.json").write_text(json.dumps({"fingerprint": fingerprint(parent, s)}))
@@ -218,7 +218,7 @@ def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, m
                                                                          (0.5, 1e-3)}
     parent = load_config(REPO / "experiments" / "quickstart.yaml", extra)
     assert parent.name == "quickstart" and parent.root == Path("runs/quickstart")
-    shared = ["task", "base", "sft", "generate", "reward", "score", "pairs"]
+    shared = ["task", "base", "sft", "reward", "generate", "score", "pairs"]
     for k in range(1, 5):
         root = tiny / "runs" / f"quickstart-grid-t{k}"
         for s in shared:  # linked to the parent's folder, not retrained

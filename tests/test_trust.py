@@ -144,7 +144,8 @@ def test_gate_message():
 @pytest.mark.slow
 def test_gate_stops_a_run_whose_reward_model_learned_random_labels(tmp_path):
     """Labels drawn at random (annotator noise 0.5): `prefopt run` stops after the reward stage with exit code 5
-    and the one-line message, before any stage that uses the reward model; the reward stage's outputs stay."""
+    and the one-line message, before sampling candidates and any stage that uses the reward model; the reward
+    stage's outputs stay."""
     exp = tiny_experiment(tmp_path, task={"annotator_noise": 0.5, "num_preferences": 600},
                           reward={"max_steps": 30, "save_steps": 10, "test_fraction": 0.3, "learning_rate": 1e-3,
                                   "min_eval_accuracy": 0.65})  # the default (tiny_experiment turns it off)
@@ -159,12 +160,13 @@ def test_gate_stops_a_run_whose_reward_model_learned_random_labels(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"prefopt: reward model gate ({root / 'reward'}): held-out pairwise accuracy "
                            f"{summary['eval/accuracy']:.3f} ± ")
-    for stage in ("score", "pairs", "dpo", "simpo", "ppo", "evaluate"):
+    assert "before sampling candidates" in last
+    for stage in ("generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"):  # no candidates sampled either
         assert not (root / stage).exists(), stage
     assert (root / "reward" / "model" / "model.safetensors").exists()
     # the gate off: the same command goes on past it
     res = subprocess.run([sys.executable, "-m", "prefopt", "run", str(path), "--reward.min_eval_accuracy=0",
-                          "--stages=[task,base,sft,generate,reward,score]"], cwd=REPO, env=env,
+                          "--stages=[task,base,sft,reward,generate,score]"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (root / "score" / "_DONE.json").exists()

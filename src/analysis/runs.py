@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from prefopt.runtime.tracking import HEADLINE_FIGURES, flatten  # the summary's naming, shared with the runs it reads
 
 # Stage order of the pipeline (kept here so reading a run needs no stage code)
-STAGE_ORDER = ["task", "base", "sft", "generate", "reward", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
+STAGE_ORDER = ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
 ALIGNERS = ["dpo", "simpo", "ppo"]
 EVAL_FIGURES = ["gold_score", "gold_gain", "win_rate_vs_sft_gold", "rm_score", "win_rate_vs_sft", "kl_to_sft",
                 "length"]

@@ -56,7 +56,7 @@ def gate_message(summary: dict, floor: float, where: str = "") -> str | None:
     noise = "" if acc < floor else f" beyond noise (95% interval down to {low:.3f})"
     return (f"reward model gate{' (' + where + ')' if where else ''}: held-out pairwise accuracy {fig} {verdict} "
             f"reward.min_eval_accuracy={floor:g}{noise}: pairs built from its scores would be little better than "
-            "random and the aligners "
-            "would optimise noise, so the run stops before the stages that use it. Try more or cleaner preference "
-            "data, more epochs or another --reward.learning_rate, a larger reward model, or check the labels; "
-            "--reward.min_eval_accuracy=0 goes on anyway.")
+            "random and the aligners would optimise noise, so the run stops here, before sampling candidates and "
+            "the stages that use it. Try more or cleaner preference data, more epochs or another "
+            "--reward.learning_rate, a larger reward model, or check the labels; --reward.min_eval_accuracy=0 goes on "
+            "anyway.")
