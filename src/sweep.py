@@ -425,6 +425,21 @@ def run_trial(argv: list[str]) -> int:
     return run_reported("run", body, lambda: log_file(holder.get("cfg"), "run"))
 
 
+def check_trials(sweep: Sweep, trials: list, argvs: list[list[str]]) -> None:
+    """`prefopt check`'s problems of every trial, before any stage runs: a problem the sweep's fixed command gives
+    every trial (a prompts file no stage writes, a bad key) would otherwise fail each trial in turn after the shared
+    stages had run."""
+    import copy
+
+    from prefopt.checks import problems_and_warnings
+
+    for cfg, argv in zip(trials, argvs):
+        problems, _ = problems_and_warnings(copy.deepcopy(cfg))  # (the batch check adjusts a config in place)
+        if problems:
+            more = f" (and {len(problems) - 1} more: `prefopt check {shlex.join(argv)}`)" if len(problems) > 1 else ""
+            raise ConfigError(f"sweep {sweep.name}, trial {cfg.name}: {problems[0]}{more}")
+
+
 def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extra: list[str] | None = None,
               seed: int = 0) -> list[dict]:
     """Run every trial of the sweep file here, one after another; returns the table's rows."""
@@ -446,6 +461,7 @@ def run_sweep(path: str | Path, max_trials: int = 0, dry_run: bool = False, extr
         return [dict(v) for v in values]
 
     trials = [load_config(a[0], a[1:]) for a in argvs]
+    check_trials(sweep, trials, argvs)
     shared = shared_steps(parent, trials)
     out_dir = Path(parent.output_dir) / "sweeps" / sweep.name
     if shared:

@@ -143,6 +143,18 @@ def test_a_sweep_on_the_test_split_is_refused(tmp_path):
         run_sweep(tmp_path / "grid.yaml", dry_run=True)
 
 
+def test_a_problem_every_trial_has_stops_the_sweep_before_any_stage(tmp_path):
+    """A problem in the sweep's fixed command (here a data path that is a folder) is found in every trial's config
+    as `prefopt check` finds it, before the shared stages run, naming the trial and the key."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "r")}))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**GRID, "command": [
+        "prefopt", "run", str(tmp_path / "tiny.yaml"), f"--sft.dataset.path={tmp_path}", "${args}"]}))
+    with pytest.raises(ConfigError) as e:
+        run_sweep(tmp_path / "grid.yaml")
+    assert str(e.value) == f"sweep grid, trial tiny-grid-t1: sft.dataset.path: '{tmp_path}' is a directory, not a data file"
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
 def test_parse_command():
     assert parse_command(["${env}", "prefopt", "run", "e.yaml", "--stages=[a,b]", "${args}"], None) == (
         "e.yaml", ["--stages=[a,b]"])
