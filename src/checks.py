@@ -21,6 +21,30 @@ def _paths_in(obj, key=""):
         yield key, obj
 
 
+MODEL_FIELDS = ("model", "policy", "reward_model", "ref_model")
+
+
+def _models_in(obj, key=""):
+    """(key, value) for every field that names a model: a folder, a Hub id or `stage:NAME`."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            value, name = getattr(obj, f.name), f"{key}.{f.name}" if key else f.name
+            if f.name in MODEL_FIELDS and isinstance(value, str) and value:
+                yield name, value
+            elif f.name == "policies" and isinstance(value, dict):
+                yield from ((f"{name}.{k}", v) for k, v in value.items() if isinstance(v, str))
+            elif dataclasses.is_dataclass(value):
+                yield from _models_in(value, name)
+
+
+def missing_model(path: str) -> str | None:
+    """A local model path (absolute, or starting with . or ~, as `models.loading.check_model_path` reads it) that
+    is not here: the `{here}`-slot text of `data.sources.check_problem`'s "missing"."""
+    if path.startswith("stage:") or not path.startswith(("/", ".", "~")) or Path(path).expanduser().exists():
+        return None
+    return f"model folder {path!r} does not exist{{here}}"
+
+
 def keep_recipe_batch(cfg: ExperimentConfig) -> tuple[list[str], list[str], list[str]]:
     """Keep each training stage's global batch at its `recipe_global_batch` whatever the launch: the gradient
     accumulation becomes recipe_global_batch / (processes x per-device batch) when that divides, and the stage's
@@ -175,9 +199,19 @@ def unwritten_stage_file(cfg: ExperimentConfig, stage: str, sec, key: str, value
     return f"{key}: reads {value}, but {why}: {fix}"
 
 
-def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+def problems_and_warnings(cfg: ExperimentConfig, here: bool = False) -> tuple[list[str], list[str]]:
+    """What stops a run (problems) and what may (warnings). `here`: the run is on this machine (`prefopt run`), so
+    a data file or model folder missing here is a problem; `prefopt check` may check a config meant for another
+    machine, where it is a warning."""
     problems: list[str] = []
     warnings: list[str] = []
+
+    def missing(key: str, text: str) -> None:
+        if here:
+            problems.append(f"{key}: {text.replace('{here}', '')}")
+        else:
+            warnings.append(f"{key}: {text.replace('{here}', ' here (fine if the GPU machine has it)')}")
+
     for stage in cfg.stages:
         sec = section(cfg, stage)
         # inputs that no stage of this experiment produces
@@ -199,8 +233,15 @@ def problems_and_warnings(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
             if problem:
                 problems.append(problem)
             found = check_problem(value)
-            if found:
-                (problems if found[0] == "problem" else warnings).append(f"{key}: {found[1]}")
+            if found and found[0] == "missing":
+                missing(key, found[1])
+            elif found:
+                problems.append(f"{key}: {found[1]}")
+        models = [] if stage == "base" and not cfg.base.as_named else list(_models_in(sec, stage))
+        for key, value in models:
+            text = missing_model(value)
+            if text:
+                missing(key, text)
         for problem in (rm_format_problem(cfg, stage, sec), lora_launch_problem(cfg, stage, sec)):
             if problem:
                 problems.append(problem)

@@ -357,7 +357,7 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     if cfg.launch.launcher == "accelerate" and not cfg.config_path:
         raise ValueError("launching stages through accelerate needs the experiment loaded from a YAML file")
     # `prefopt check`'s checks, before any stage: a problem stops here in one line, before a model loads
-    notes, problems, warnings, _, derived = preflight(cfg)
+    notes, problems, warnings, _, derived = preflight(cfg, here=True)
     for n in notes:
         print(f"[prefopt] global batch: {n}", flush=True)
     for w in warnings:
@@ -629,14 +629,16 @@ def reward_line(reward: dict) -> str | None:
     return line
 
 
-def preflight(cfg: ExperimentConfig) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+def preflight(cfg: ExperimentConfig, here: bool = False) -> tuple[list[str], list[str], list[str], list[str],
+                                                                    list[str]]:
     """What `prefopt check` and `prefopt run` check before any stage: (notes, problems, warnings, memory plan lines,
     overrides). The global batch is kept at each recipe's value first (cfg is changed in place, and the overrides
-    carry the change to launched stages), so both print the same fingerprints."""
+    carry the change to launched stages), so both print the same fingerprints. `here` (`prefopt run`): a file or
+    model folder missing on this machine is a problem, not a warning."""
     from prefopt.checks import keep_recipe_batch, memory_plan, problems_and_warnings
 
     notes, _, overrides = keep_recipe_batch(cfg)
-    problems, warnings = problems_and_warnings(cfg)  # its problems include keep_recipe_batch's
+    problems, warnings = problems_and_warnings(cfg, here)  # its problems include keep_recipe_batch's
     try:
         plan_lines, over = memory_plan(cfg)
     except Exception as e:  # noqa: BLE001  an estimate must never stop a run: say why it is missing

@@ -434,7 +434,7 @@ def check_trials(sweep: Sweep, trials: list, argvs: list[list[str]]) -> None:
     from prefopt.checks import problems_and_warnings
 
     for cfg, argv in zip(trials, argvs):
-        problems, _ = problems_and_warnings(copy.deepcopy(cfg))  # (the batch check adjusts a config in place)
+        problems, _ = problems_and_warnings(copy.deepcopy(cfg), here=True)  # (the batch check edits a config)
         if problems:
             more = f" (and {len(problems) - 1} more: `prefopt check {shlex.join(argv)}`)" if len(problems) > 1 else ""
             raise ConfigError(f"sweep {sweep.name}, trial {cfg.name}: {problems[0]}{more}")

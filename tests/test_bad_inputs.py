@@ -548,6 +548,40 @@ def test_check_reports_a_directory_as_data_path(tmp_path):
                                             "1 problem(s)"]
 
 
+def test_a_hub_model_that_cannot_be_had_is_one_line(reward_yaml, monkeypatch):
+    """A Hub id not in the local cache with no network (or a typo, a gated repo): transformers' OSError traceback
+    becomes one line naming the id, the cache and how to get it, for tokenizer, causal LM and reward model."""
+    d, exp = reward_yaml
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network attempt here: the cache decides
+    path = _jsonl(d / "good.jsonl", [_pref()])
+    code, err = cli("reward", exp, f"--reward.dataset.path={path}", "--reward.model=prefopt-tests/no-such-model")
+    assert code == 3 and err.startswith("prefopt: data error: prefopt-tests/no-such-model: no local folder of that "
+                                        "name, and as a Hub model id it could not be loaded (")
+    assert err.count("\n") == 1 and "huggingface-cli download prefopt-tests/no-such-model" in err
+    from prefopt.data.errors import DataError
+    from prefopt.models.loading import load_causal_lm, load_reward_model
+
+    for load in (load_causal_lm, load_reward_model):
+        with pytest.raises(DataError, match="as a Hub model id it could not be loaded"):
+            load("prefopt-tests/no-such-model")
+
+
+def test_a_missing_model_folder_stops_run_before_any_stage_and_check_warns(tmp_path):
+    """`prefopt check` may check a config for another machine: a local model folder missing here is a warning;
+    `prefopt run` runs here, so it stops before the first stage, naming the key (not hours later, at the stage
+    that loads it)."""
+    exp = write_yaml(tmp_path / "e.yaml", tiny_experiment(tmp_path, stages=["task", "base", "sft"]))
+    gone = tmp_path / "gone"
+    out = prefopt("check", exp, f"--sft.model={gone}")
+    assert out.returncode == 0 and f"WARNING: sft.model: model folder '{gone}' does not exist here (fine if " \
+                                   "the GPU machine has it)" in out.stdout
+    line = one_line_error(prefopt("run", exp, f"--sft.model={gone}"), 2)
+    assert line == f"prefopt: config error: sft.model: model folder '{gone}' does not exist"
+    assert not (tmp_path / "runs" / "tiny" / "task").exists()
+    line = one_line_error(prefopt("run", exp, f"--sft.dataset.path={tmp_path / 'none.jsonl'}"), 2)
+    assert line == f"prefopt: config error: sft.dataset.path: file '{tmp_path / 'none.jsonl'}' does not exist"
+
+
 def test_check_names_a_stage_file_no_stage_writes(tmp_path):
     """The defaults read the task's files: with `task.name: none` (or evaluate without `task` among the stages) the
     file would be missing hours into a run; `check` (and so `run`, before any stage) names the key instead."""

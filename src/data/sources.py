@@ -61,8 +61,9 @@ def is_dataset_folder(p: Path) -> bool:
 
 
 def check_problem(path: str) -> tuple[str, str] | None:
-    """What `prefopt check` says about a dataset path, without reading or downloading it: ("warning", text),
-    ("problem", text) or None (a `stage:` reference, an existing file or dataset folder, or a Hub id)."""
+    """What `prefopt check` says about a dataset path, without reading or downloading it: ("problem", text),
+    ("missing", text with a `{here}` slot: a file not on this machine, which `checks` words for where the run
+    is) or None (a `stage:` reference, an existing file or dataset folder, or a Hub id)."""
     if not path or path.startswith("stage:"):
         return None
     p = Path(path).expanduser()
@@ -72,10 +73,9 @@ def check_problem(path: str) -> tuple[str, str] | None:
         return None  # a save_to_disk folder or a Hub-repo layout: what `datasets` finds in it is seen at run time
     if p.exists() or is_hub_id(path):
         return None  # a Hub id is checked for its form only: `check` downloads nothing
-    text = f"file {path!r} does not exist here (fine if the GPU machine has it)"
-    if not (is_json_file(path) or path.lower().endswith(DATASET_SUFFIXES)):
-        text += "; nor has it the form of a Hub dataset id (owner/name)"
-    return "warning", text
+    extra = "" if is_json_file(path) or path.lower().endswith(DATASET_SUFFIXES) else \
+        "; nor has it the form of a Hub dataset id (owner/name)"
+    return "missing", f"file {path!r} does not exist{{here}}{extra}"
 
 
 # ------------------------------------------------------------------------------------------------ one source

@@ -7,6 +7,7 @@ both go through `from_pretrained`. Stages pass models to each other only as save
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -32,11 +33,32 @@ def check_model_path(path: str, need_config: bool = True) -> None:
         raise DataError(path, None, None, "not a model folder (no config.json in it)")
 
 
+@contextmanager
+def hub_errors(path: str):
+    """A Hub model id that cannot be had (not in the local cache and no network, a typo, a gated repo): a one-line
+    data error naming it, instead of transformers' OSError traceback. Errors with an errno (a full disk, a file
+    that cannot be read) are left to the fault handling (exit 6)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None or Path(str(path)).expanduser().exists():
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        from prefopt.data.errors import DataError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(path, None, None, f"no local folder of that name, and as a Hub model id it could not be "
+                        f"loaded ({first}); the cache is {HF_HUB_CACHE}: download it where there is a network "
+                        f"(`huggingface-cli download {path}`) or name a local folder") from None
+
+
 def load_tokenizer(path: str, padding_side: str = "right", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_model_path(path, need_config=False)  # a tokenizer may be saved alone
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with hub_errors(path):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Llama-style tokenizers ship no pad token; EOS is the usual stand-in (masked out by attention).
         tok.pad_token = tok.eos_token
@@ -69,8 +91,9 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     check_model_path(path)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                 **attention_kwargs(path, trust_remote_code))
+    with hub_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **attention_kwargs(path, trust_remote_code))
     warn_if_unchecked(model.config, str(path))  # a family the conformance suite has not run: said, not refused
     return model
 
@@ -127,11 +150,12 @@ def load_reward_model(path: str, trust_remote_code: bool = False, num_labels: in
 
     check_model_path(path)
     kw = {"num_labels": num_labels} if num_labels is not None else {}
-    kw.update(attention_kwargs(path, trust_remote_code))
-    if dtype is not None:
-        kw["dtype"] = dtype
-    model, info = _from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
-                                   output_loading_info=True, **kw)
+    with hub_errors(path):
+        kw.update(attention_kwargs(path, trust_remote_code))
+        if dtype is not None:
+            kw["dtype"] = dtype
+        model, info = _from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code,
+                                       output_loading_info=True, **kw)
     if complete:
         absent = sorted(info["missing_keys"]) + sorted(k[0] if isinstance(k, tuple) else k
                                                        for k in info["mismatched_keys"])
