@@ -258,7 +258,11 @@ def problems_and_warnings(cfg: ExperimentConfig, here: bool = False) -> tuple[li
     if "evaluate" in cfg.stages:
         from prefopt.evaluate.suite import suite_warnings
 
-        warnings += suite_warnings(cfg.evaluate.suite)
+        for kind, key, text in suite_warnings(cfg.evaluate.suite):
+            if kind == "missing":
+                missing(key, text)
+            else:
+                warnings.append(f"{key}: {text}")
     if cfg.launch.accelerate_config and not Path(cfg.launch.accelerate_config).exists():
         problems.append(f"launch.accelerate_config: {cfg.launch.accelerate_config!r} does not exist")
     return problems, warnings

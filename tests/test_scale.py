@@ -4,6 +4,7 @@ first stage, launch configs that work for every architecture and on several node
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import re
 import subprocess
 import sys
@@ -67,21 +68,33 @@ def test_prefopt_run_refuses_before_any_stage(tmp_path):
                           f"--output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: dpo: the recipe's global batch 128")
-    assert "simpo: the recipe's global batch 128" in lines[0]  # both problems in the one line
+    # every problem in the one line: the recipe's evaluation prompts are a file of the cluster's, not here
+    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: evaluate.prompts.path: file "
+                                                   "'data/eval_prompts.jsonl' does not exist; dpo: the recipe's "
+                                                   "global batch 128")
+    assert "simpo: the recipe's global batch 128" in lines[0] and "(3 problems;" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
 def test_prefopt_run_prints_warnings_and_stops_on_a_problem(tmp_path, capsys):
     from prefopt.pipeline import run_experiment
 
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
     cfg = from_dict(ExperimentConfig, {
-        "name": "w", "output_dir": str(tmp_path / "runs"), "stages": ["sft"], "launch": {"launcher": "inline"},
+        "name": "w", "output_dir": str(tmp_path / "runs"), "stages": ["sft", "evaluate"],
+        "launch": {"launcher": "inline"},
         "sft": {"model": "nobody/model", "dataset": {"path": str(tmp_path / "absent.jsonl")},
-                "per_device_train_batch_size": 2, "recipe_global_batch": 3}})
-    with pytest.raises(ConfigError, match=r"sft: the recipe's global batch 3 \(sft.recipe_global_batch\)"):
+                "per_device_train_batch_size": 2, "recipe_global_batch": 3},
+        "evaluate": {"policies": {"sft": "stage:sft"}, "prompts": {"path": str(tmp_path / "p.jsonl")},
+                     "suite": {"lm_eval_tasks": ["hellaswag"]}}})
+    with pytest.raises(ConfigError) as e:
         run_experiment(cfg)
-    assert "WARNING: sft.dataset.path: file" in capsys.readouterr().out
+    # on the machine it runs on, a missing data file is a problem beside the others, all in one line
+    assert str(e.value).startswith(f"sft.dataset.path: file '{tmp_path / 'absent.jsonl'}' does not exist; sft: the "
+                                   "recipe's global batch 3 (sft.recipe_global_batch)")
+    if importlib.util.find_spec("lm_eval") is None:  # a warning is printed, and does not stop the run
+        assert "WARNING: evaluate.suite.lm_eval_tasks: lm-evaluation-harness is not installed here" \
+            in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
 
 

@@ -50,8 +50,9 @@ LM_EVAL_SETTINGS = "_prefopt"  # the key in lm_eval_<policy>.json, beside lm-eva
 MC_FIELDS = ("question", *LETTERS, "answer")  # MMLU's headerless CSV column order
 
 
-def suite_warnings(cfg: SuiteConfig) -> list[str]:
-    """What `prefopt check` can say about the suite before a GPU-hour is spent: files not here, lm-eval missing."""
+def suite_warnings(cfg: SuiteConfig) -> list[tuple[str, str, str]]:
+    """What `prefopt check` can say about the suite before a GPU-hour is spent, as (kind, key, text): files not
+    here ("missing", the text with `checks`' `{here}` slot), lm-eval not installed ("warning")."""
     import importlib.util
 
     out = []
@@ -59,10 +60,10 @@ def suite_warnings(cfg: SuiteConfig) -> list[str]:
                                                           for i, p in enumerate(cfg.multiple_choice)]
     for key, value in files:
         if value and not Path(value).exists():
-            out.append(f"evaluate.suite.{key}: file {value!r} does not exist here (fine if the GPU machine has it)")
+            out.append(("missing", f"evaluate.suite.{key}", f"file {value!r} does not exist{{here}}"))
     if cfg.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
-        out.append("evaluate.suite.lm_eval_tasks: lm-evaluation-harness is not installed here; the machine that "
-                   "runs evaluate needs `pip install 'prefopt[eval]'`")
+        out.append(("warning", "evaluate.suite.lm_eval_tasks", "lm-evaluation-harness is not installed here; the "
+                    "machine that runs evaluate needs `pip install 'prefopt[eval]'`"))
     return out
 
 
