@@ -107,6 +107,52 @@ def test_greedy_repeats_one_answer(gen):
 # ------------------------------------------------------------------------------------------------ vLLM and backend choice
 
 
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "qwen2.5", "mistral", "phi3", "gemma3"])
+def test_preallocated_cache_samples_what_transformers_own_cache_samples(family):
+    """The transformers backend's KV cache (generation.kvcache) is filled in place instead of regrown by
+    `torch.cat` each step: the same values in the same order, so every family samples the same tokens to the bit,
+    its sliding-window and soft-capped layers included; without it (the patched factory) the old path runs."""
+    from families import FAMILIES, build_model, build_tokenizer
+    from prefopt.generation import hf
+
+    fam = FAMILIES[family]
+    tok = build_tokenizer(fam)
+    model = build_model(fam, tok, attn=fam.attn[-1], hidden_size=64)
+    with torch.no_grad():  # sharper weights: samples that differ from row to row, so a stale cache would show
+        for p in model.parameters():  # (Gemma at init repeats one token: its weights are scaled down instead)
+            p.mul_(0.5 if family.startswith("gemma") else 4)
+    prompts = ["The quick brown fox", "Sort the numbers 3 1 2", "Hello", "system user assistant " * 6]
+    sampling = Sampling(n=3, temperature=1.0, max_new_tokens=40, seed=5)  # past gemma/qwen's window of 16
+    ours = TransformersGenerator(model, tok, batch_size=4).generate(prompts, sampling)
+    real = hf.preallocated_cache
+    try:
+        hf.preallocated_cache = lambda model, capacity: None  # generate's own DynamicCache
+        theirs = TransformersGenerator(model, tok, batch_size=4).generate(prompts, sampling)
+    finally:
+        hf.preallocated_cache = real
+    assert [[c.token_ids for c in cs] for cs in ours] == [[c.token_ids for c in cs] for cs in theirs]
+    assert len({tuple(c.token_ids) for cs in ours for c in cs}) > 6
+
+
+def test_preallocated_layer_copes_with_a_cache_changed_under_it():
+    """A layer whose keys transformers replaced (crop, reorder, reset) starts a new buffer from them, and one
+    whose capacity runs out grows: the returned keys are always the concatenation."""
+    from prefopt.generation.kvcache import preallocated_cache
+    from transformers import LlamaConfig
+
+    cache = preallocated_cache(types.SimpleNamespace(config=LlamaConfig(num_hidden_layers=1)), capacity=4)
+    layer, steps = cache.layers[0], [torch.randn(2, 3, m, 5) for m in (3, 1, 2)]
+    k, _ = layer.update(steps[0], steps[0] + 1)
+    assert torch.equal(k, steps[0]) and layer._buffers[0].shape[-2] == 4
+    k, v = layer.update(steps[1], steps[1] + 1)
+    assert torch.equal(k, torch.cat(steps[:2], -2)) and torch.equal(v, torch.cat(steps[:2], -2) + 1)
+    layer.keys, layer.values = layer.keys[..., :2, :].clone(), layer.values[..., :2, :].clone()  # a crop to 2
+    k, v = layer.update(steps[2], steps[2] + 1)  # 2 + 2 fits the old buffer, but the keys are not its view
+    assert torch.equal(k, torch.cat([steps[0][..., :2, :], steps[2]], -2))
+    k, _ = layer.update(steps[1], steps[1])  # 5 > 4: a larger buffer
+    assert k.shape[-2] == 5 and torch.equal(k[..., 4:, :], steps[1])
+
+
 def test_vllm_request_for_simpo_recipe():
     s = Sampling(n=1, temperature=0.8, top_p=0.95, max_new_tokens=2048, seed=13)
     assert sampling_params_kwargs(s) == {"n": 1, "temperature": 0.8, "top_p": 0.95, "max_tokens": 2048, "seed": 13}
