@@ -468,14 +468,14 @@ PROMPT_FIELD = {"sharegpt": "conversations", "messages": "messages", "hh": "chos
 def _check_chat(chat: ChatCheck, parsed: dict, need: str, r: _Row, fmt: str, system: str) -> None:
     """A chat prompt the tokenizer's template refuses (with the generation prompt, as generation and the aligners
     render it, and followed by the answer, as SFT renders it) is a bad row naming the template's reason."""
+    model = getattr(chat.tokenizer, "name_or_path", "the model")
+    if not getattr(chat.tokenizer, "chat_template", None):  # the stage's setting, not this row
+        raise DataError(r.path, None, None, f"holds chat turns (row {r.n}) for template: chat, but the tokenizer of "
+                        f"{model} has no chat template; set the stage's `template: alpaca` or give the model one")
     conversations = [(parsed["prompt"], True)]
     if need == "completion":
         conversations.append(([*parsed["prompt"], {"role": "assistant", "content": parsed["completion"]}], False))
     for messages, generation_prompt in conversations:
-        if not getattr(chat.tokenizer, "chat_template", None):  # the stage's setting, not this row
-            raise DataError(r.path, None, None, f"holds chat turns (row {r.n}) for template: chat, but the "
-                            f"tokenizer of {getattr(chat.tokenizer, 'name_or_path', 'the model')} has no chat "
-                            "template; set the stage's `template: alpaca` or give the model a chat template")
         problem = chat.problem(messages, generation_prompt)
         if problem is None:
             continue
@@ -483,8 +483,8 @@ def _check_chat(chat: ChatCheck, parsed: dict, need: str, r: _Row, fmt: str, sys
         if system == "keep" and any(m["role"] == "system" for m in messages):
             problem += ("; this template may have no system role: `system_message: merge` on this dataset puts the "
                         "system message at the head of the first user turn (`drop` leaves it out)")
-        raise r.error(PROMPT_FIELD.get(fmt, "prompt"), f"the chat template of "
-                      f"{getattr(chat.tokenizer, 'name_or_path', 'the model')} refuses these turns ({roles}): {problem}")
+        raise r.error(PROMPT_FIELD.get(fmt, "prompt"), f"the chat template of {model} refuses these turns "
+                      f"({roles}): {problem}")
 
 
 def _canonical(parsed: dict, rec: dict, need: str) -> dict:

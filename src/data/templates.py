@@ -62,9 +62,6 @@ def render_prompt(prompt: Any, tokenizer=None) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-SYSTEM_MESSAGE = ("keep", "merge", "drop")
-
-
 def system_message(messages: list[dict], how: str) -> list[dict]:
     """A chat prompt's system messages as `DatasetSpec.system_message` says: `keep` them as they are, `merge` them
     into the head of the first user turn (their text, then a blank line), or `drop` them. `merge` is for a chat
@@ -101,8 +98,7 @@ class ChatCheck:
         key = (tuple(m["role"] for m in messages), generation_prompt)
         if key not in self.seen:
             try:
-                render_prompt(messages, self.tokenizer) if generation_prompt else \
-                    self.tokenizer.apply_chat_template(messages, tokenize=False)
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
                 self.seen[key] = None
             except TemplateError as e:
                 self.seen[key] = str(e.message or e)
