@@ -435,12 +435,9 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
     return result
 
 
-# The figures an end line shows per stage (summary.json keys; `<key>_se` is shown as ± when present). A stage not
-# named here shows none.
-
-
 def key_figures(stage: str, summary: dict) -> str:
-    """`loss 0.092, rewards/accuracies 1.000, steps 126` from a stage's summary (evaluate: each policy's gold)."""
+    """`loss 0.092, rewards/accuracies 1.000, steps 126` from a stage's summary: its `HEADLINE_FIGURES`, each with
+    ± its `<key>_se` where the summary has one (evaluate: each policy's gold, else RM score, else KL)."""
     if stage == "evaluate":  # the gold score where the task has one, else the reward model's, else the KL
         policies = summary.get("policies") or {}
         key, name = next(((k, n) for k, n in (("gold_score", "gold"), ("rm_score", "rm"), ("kl_to_sft", "KL"))
