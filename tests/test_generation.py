@@ -147,10 +147,12 @@ def test_preallocated_layer_copes_with_a_cache_changed_under_it():
     k, v = layer.update(steps[1], steps[1] + 1)
     assert torch.equal(k, torch.cat(steps[:2], -2)) and torch.equal(v, torch.cat(steps[:2], -2) + 1)
     layer.keys, layer.values = layer.keys[..., :2, :].clone(), layer.values[..., :2, :].clone()  # a crop to 2
-    k, v = layer.update(steps[2], steps[2] + 1)  # 2 + 2 fits the old buffer, but the keys are not its view
-    assert torch.equal(k, torch.cat([steps[0][..., :2, :], steps[2]], -2))
-    k, _ = layer.update(steps[1], steps[1])  # 5 > 4: a larger buffer
-    assert k.shape[-2] == 5 and torch.equal(k[..., 4:, :], steps[1])
+    k, v = layer.update(steps[2], steps[2] + 1)  # 2 + 2 fits the old buffer, but the keys are not its view:
+    assert torch.equal(k, torch.cat([steps[0][..., :2, :], steps[2]], -2))  # a new one, twice what it holds
+    assert layer._buffers[0].shape[-2] == 8
+    k, _ = layer.update(steps[1], steps[1])  # past the planned 4 positions, into the room the rebuild left
+    assert k.shape[-2] == 5 and torch.equal(k[..., :4, :], torch.cat([steps[0][..., :2, :], steps[2]], -2))
+    assert torch.equal(k[..., 4:, :], steps[1]) and layer._buffers[0].shape[-2] == 8
 
 
 def test_vllm_request_for_simpo_recipe():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 
 def preallocated_cache(model, capacity: int):
-    """A DynamicCache for `model` whose full-attention layers hold `capacity` positions without copying."""
+    """A DynamicCache for `model` whose full-attention layers hold `capacity` positions without copying (None where
+    transformers cannot build one from the model's config: `generate` then makes its own)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -24,7 +25,8 @@ def preallocated_cache(model, capacity: int):
             n, m = self.get_seq_length(), key_states.shape[-2]
             if self._views is None or self.keys is not self._views[0] or n + m > self._buffers[0].shape[-2]:
                 # first step, or the cache was cropped, reordered or reset by transformers: one copy into a new buffer
-                size = max(capacity, n + m)
+                # (doubling past the capacity, so a longer run than planned still copies rarely)
+                size = max(capacity, n + m if self._views is None else 2 * (n + m))
                 self._buffers = tuple(s.new_empty(*s.shape[:-2], size, s.shape[-1])
                                       for s in (key_states, value_states))
                 for buf, old in zip(self._buffers, (self.keys, self.values)):
@@ -35,6 +37,9 @@ def preallocated_cache(model, capacity: int):
             self.keys, self.values = self._views = tuple(buf[..., :n + m, :] for buf in self._buffers)
             return self.keys, self.values
 
-    cache = DynamicCache(config=model.config)
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a remote-code config transformers cannot lay out: generate's own cache
+        return None
     cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
