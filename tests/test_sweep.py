@@ -283,7 +283,7 @@ def test_local_2x2_sweep_over_the_quickstart_trains_only_the_swept_stage(tiny, m
 
 @pytest.mark.slow
 def test_two_concurrent_agents_show_every_finished_trial_as_finished(tmp_path, monkeypatch):
-    """Two `prefopt sweep` processes of one file at once (3 trials over sft.max_steps: 40, 2, 40; task and base
+    """Two `prefopt sweep` processes of one file at once (3 trials over sft.max_steps: 120, 2, 120; task and base
     shared). One runs the shared stages while the other waits for their lock; a trial one agent is running is left
     to it by the other. The table, rebuilt from the trials' own records and written last by whichever agent ends
     last, shows all three finished ("ok", never "exit 4"); each trial trained once; a rerun agrees and trains
@@ -297,7 +297,8 @@ def test_two_concurrent_agents_show_every_finished_trial_as_finished(tmp_path, m
            "base": TINY["base"], "sft": {**TINY["sft"], "save_steps": 1000}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
-        "name": "grid", "method": "grid", "parameters": {"sft.max_steps": {"values": [40, 2, 40]}},
+        # t1 and t3 long enough (~3 s at 1 thread) that the second agent reaches t1 while the first still trains it
+        "name": "grid", "method": "grid", "parameters": {"sft.max_steps": {"values": [120, 2, 120]}},
         "command": ["${env}", "prefopt", "run", "tiny.yaml", "${args}"]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     agents = []
@@ -313,8 +314,8 @@ def test_two_concurrent_agents_show_every_finished_trial_as_finished(tmp_path, m
     with open(tmp_path / "runs" / "sweeps" / "grid" / "trials.csv") as f:
         table = list(csv.DictReader(f))
     assert [(r["trial"], r["status"], r["sft.max_steps"]) for r in table] == [
-        ("1", "ok", "40"), ("2", "ok", "2"), ("3", "ok", "40")]
-    for k, steps in [(1, 40), (2, 2), (3, 40)]:  # trained once: a second training would append its rows
+        ("1", "ok", "120"), ("2", "ok", "2"), ("3", "ok", "120")]
+    for k, steps in [(1, 120), (2, 2), (3, 120)]:  # trained once: a second training would append its rows
         rows = (tmp_path / "runs" / f"tiny-grid-t{k}" / "sft" / "metrics.jsonl").read_text().splitlines()
         assert len([r for r in rows if '"loss"' in r]) == steps
         assert json.loads((tmp_path / "runs" / f"tiny-grid-t{k}" / "sweep_trial.json").read_text())["status"] == "ok"
