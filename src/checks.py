@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from prefopt.data.sources import check_problem
-from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, section, stage_inputs
+from prefopt.experiment import STAGES, ExperimentConfig, ref_stage, resolve, section, stage_inputs
+from prefopt.models.loading import is_local_model_path
 
 
 def _paths_in(obj, key=""):
@@ -38,9 +39,9 @@ def _models_in(obj, key=""):
 
 
 def missing_model(path: str) -> str | None:
-    """A local model path (absolute, or starting with . or ~, as `models.loading.check_model_path` reads it) that
-    is not here: the `{here}`-slot text of `data.sources.check_problem`'s "missing"."""
-    if path.startswith("stage:") or not path.startswith(("/", ".", "~")) or Path(path).expanduser().exists():
+    """A local model path (as the loaders read it) that is not here: the `{here}`-slot text of
+    `data.sources.check_problem`'s "missing"."""
+    if path.startswith("stage:") or not is_local_model_path(path) or Path(path).expanduser().exists():
         return None
     return f"model folder {path!r} does not exist{{here}}"
 
@@ -179,8 +180,6 @@ def unwritten_stage_file(cfg: ExperimentConfig, stage: str, sec, key: str, value
     """A `stage:NAME/FILE` dataset that no stage of this experiment writes and that is not on disk from an earlier
     run: the defaults read the task's files, which `task.name: none` does not write, and evaluate's prompts are
     read even when `task` is not among the stages. Found here, not when the stage opens the file hours later."""
-    from prefopt.experiment import resolve
-
     if not value.startswith("stage:") or "/" not in value:
         return None
     if stage == "evaluate" and key.split(".")[1] != ("prompts" if sec.split == "test" else "validation_prompts"):

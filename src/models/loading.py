@@ -19,13 +19,18 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 
+def is_local_model_path(path: str) -> bool:
+    """Whether a model reference names a local folder (absolute, or starting with . or ~) rather than a Hub id."""
+    return Path(str(path)).expanduser().is_absolute() or str(path).startswith((".", "~"))
+
+
 def check_model_path(path: str, need_config: bool = True) -> None:
-    """A local model path (absolute, or starting with . or ~) that is not a model folder: a one-line data error
-    instead of transformers' traceback about repo ids. Hub ids (`org/name`) pass through."""
+    """A local model path (`is_local_model_path`) that is not a model folder: a one-line data error instead of
+    transformers' traceback about repo ids. Hub ids (`org/name`) pass through."""
     from prefopt.data.errors import DataError
 
     p = Path(str(path)).expanduser()
-    if not (p.is_absolute() or str(path).startswith((".", "~"))):
+    if not is_local_model_path(path):
         return
     if not p.exists():
         raise DataError(path, None, None, "model folder not found")
