@@ -45,7 +45,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--compare-cache", type=int, default=0, metavar="REPEATS",
+                   help="instead: the batched path with prefopt's preallocated KV cache against transformers' own "
+                        "(torch.cat each step), alternated REPEATS times; the samples must be identical")
     args = p.parse_args(argv)
+    if args.compare_cache:
+        return compare_cache(args)
 
     from prefopt.data.templates import alpaca_prompt
     from prefopt.generation import Sampling
@@ -73,6 +78,40 @@ def main(argv=None) -> int:
         print(f"{name:8s} {t:9.2f} {args.prompts / t:10.2f} {tok / t:10.1f}")
     print(f"speed-up (tokens/s): {(tok_b / t_b) / (tok_n / t_n):.1f}x")
     return 0
+
+
+def compare_cache(args) -> int:
+    """generation.kvcache's cache against transformers' DynamicCache on the same batches and seeds."""
+    from prefopt.data.templates import alpaca_prompt
+    from prefopt.generation import Sampling, hf
+
+    real = hf.preallocated_cache
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or tiny_model(Path(tmp), args.hidden, args.layers)
+        prompts = [alpaca_prompt(f"Sort the numbers {' '.join(str((i * 7 + k) % 10) for k in range(3 + i % 5))}.")
+                   for i in range(args.prompts)]
+        gen = hf.TransformersGenerator(path, batch_size=args.batch_size)
+        sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+        gen.generate(prompts[:2], sampling)  # warm-up
+        times: dict[str, list[float]] = {"transformers": [], "preallocated": []}
+        outs = {}
+        try:
+            for _ in range(args.compare_cache):
+                for name in times:
+                    hf.preallocated_cache = real if name == "preallocated" else (lambda model, capacity: None)
+                    t, outs[name] = timed(lambda: gen.generate(prompts, sampling))
+                    times[name].append(t)
+        finally:
+            hf.preallocated_cache = real
+    same = [[c.token_ids for c in o] for o in outs["transformers"]] == \
+        [[c.token_ids for c in o] for o in outs["preallocated"]]
+    print(f"{args.prompts} prompts x {args.n} samples, max_new_tokens={args.max_new_tokens}, batch "
+          f"{args.batch_size}, model={path}")
+    for name, ts in times.items():
+        print(f"{name:13s} " + " / ".join(f"{t:.2f}" for t in ts) + " s")
+    ratio = sum(times["preallocated"]) / sum(times["transformers"])
+    print(f"preallocated / transformers: x{ratio:.2f}; identical samples: {same}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
