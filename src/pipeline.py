@@ -575,7 +575,11 @@ def experiment_wall_seconds(cfg: ExperimentConfig) -> float:
 
 TABLE_COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold - SFT"), ("win_rate_vs_sft_gold", "win (gold)"),
                  ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("win_rate_vs_sft_lc", "LC win (RM)"),
-                 ("kl_to_sft", "KL to SFT"), ("kl_to_sft_bound", "KL bound"), ("length", "length")]
+                 ("kl_to_sft", "KL to SFT"), ("kl_to_sft_bound", "KL bound"), ("length", "length"),
+                 ("judge_win_rate", "judge win"), ("judge_win_rate_lc", "LC judge win"),
+                 ("win_rate_vs_ref_gold", "ref win (gold)"), ("win_rate_vs_ref", "ref win (RM)"),
+                 ("win_rate_vs_ref_lc", "LC ref win (RM)"), ("judge_win_rate_vs_ref", "ref win (judge)"),
+                 ("judge_win_rate_vs_ref_lc", "LC ref win (judge)")]
 
 
 def _cell(figs: dict, key: str) -> str:
@@ -596,8 +600,8 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
     cols = [(k, h) for k, h in TABLE_COLUMNS if any(isinstance(p.get(k), (int, float)) for p in policies.values())]
     rows = [[name] + [_cell(figs, k) for k, _ in cols] for name, figs in policies.items()]
     widths = [max(len(r[i]) for r in rows + [["policy"] + [h for _, h in cols]]) for i in range(len(cols) + 1)]
-    judges = [j for k, j in (("win_rate_vs_sft_gold", "gold"), ("win_rate_vs_sft", "the reward model"))
-              if k in dict(cols)]
+    judges = [j for k, j in (("win_rate_vs_sft_gold", "gold"), ("win_rate_vs_sft", "the reward model"),
+                             ("judge_win_rate", "the judge")) if k in dict(cols)]
     wins = (f"; win rates against {summary.get('baseline') or 'the baseline'}, by {' and by '.join(judges)}"
             if judges else "")
     print(f"Figures on {summary.get('num_prompts', '?')} {summary.get('split', '')} prompts x "
@@ -608,11 +612,21 @@ def print_table(summary: dict, reward: dict | None = None) -> None:
     print("-" * len(head))
     for r in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    line = reward_line(reward or {})
-    if line:
-        print(line)
+    for line in (reference_line(summary.get("reference") or {}), reward_line(reward or {})):
+        if line:
+            print(line)
     for w in summary.get("warnings") or []:
         print(f"WARNING: {w}")
+
+
+def reference_line(ref: dict) -> str | None:
+    """What the `ref win` columns compare with: the reference answers' file and their own figures."""
+    if not ref:
+        return None
+    own = [f"{label} {_cell(ref, key)}" for key, label in (("gold_score", "gold"), ("rm_score", "RM"),
+                                                          ("length", "length")) if ref.get(key) is not None]
+    return (f"ref win: each policy's samples against the reference answers of {ref.get('path')} "
+            f"({', '.join(own) or 'no figures'}), ties 1/2")
 
 
 def reward_line(reward: dict) -> str | None:

@@ -112,7 +112,8 @@ def _write_report(run_dir: Path) -> str:
                   "(AlpacaEval 2's regression, read at equal length); rm_score: the reward model's; kl_to_sft: "
                   "KL(policy || SFT) per response, Monte-Carlo (best-of-n: the exact KL under its samples, ties "
                   "counted; kl_to_sft_bound: the bound log n - (n-1)/n); length: mean response tokens; "
-                  "judge_win_rate(_lc): the pairwise judge's, raw and length-controlled. Each `*_se` column is the "
+                  "judge_win_rate(_lc): the pairwise judge's, raw and length-controlled; *_vs_ref: the same "
+                  "against the reference answers (evaluate.reference, AlpacaEval's way). Each `*_se` column is the "
                   "standard error over prompts.", ""]
     replicates = run_dir / "replicates.md"
     if replicates.exists():  # a replicated run: the figures over seeds, as `prefopt run` printed them

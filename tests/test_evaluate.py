@@ -380,3 +380,33 @@ def test_checkpoint_curves_and_best_of_n(tiny_model_dir, tmp_path):
     rows = curve_rows({"curves": on_disk["curves"], "best_of_n": on_disk["best_of_n"]})
     assert [r["step"] for r in rows if r["method"] == "dpo"] == [0, 3, 7, "final"]
     assert (d / "overoptimisation.png").stat().st_size > 0
+
+
+def test_a_policy_with_another_tokenizer_gets_no_kl(tiny_model_dir, tmp_path):
+    """The baseline scores each policy's token ids; for a policy whose tokenizer has another vocabulary those ids are
+    other text to the baseline (the KL came out at 227 nats between two tiny families): no KL for it, a warning
+    naming why, and the policy that shares the baseline's tokenizer keeps its KL of 0 against itself."""
+    from prefopt.config import from_dict
+    from prefopt.dist.process import seed_everything
+    from prefopt.experiment import ExperimentConfig
+    from prefopt.models.loading import build_tiny_llama, build_tokenizer, save_model
+    from prefopt.stage import run_stage
+
+    seed_everything(1)
+    tok = build_tokenizer(["Sort the numbers 9 8 7 then say the quick brown fox jumps"] * 30, vocab_size=280)
+    save_model(build_tiny_llama(tok, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, intermediate_size=64), tok, tmp_path / "other")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    cfg = from_dict(ExperimentConfig, {
+        "name": "v", "output_dir": str(tmp_path), "wandb": {"mode": "disabled"}, "task": {"name": "none"},
+        "stages": ["evaluate"],
+        "evaluate": {"policies": {"sft": str(tiny_model_dir), "same": str(tiny_model_dir),
+                                  "other": str(tmp_path / "other")},
+                     "reward_model": "", "task": "sort", "prompts": {"path": str(prompts)}, "max_new_tokens": 4,
+                     "backend": "transformers"}})
+    summary = run_stage(cfg, "evaluate")
+    figs = summary["policies"]
+    assert figs["same"]["kl_to_sft"] == 0.0 and "kl_to_sft" not in figs["other"]
+    assert figs["other"]["gold_score"] is not None and figs["other"]["logp"] < 0  # its own log-probs are there
+    assert any(w.startswith("other: no kl_to_sft (its tokenizer's vocabulary is not sft's") for w in summary["warnings"])

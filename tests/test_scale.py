@@ -68,11 +68,9 @@ def test_prefopt_run_refuses_before_any_stage(tmp_path):
                           f"--output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    # every problem in the one line: the recipe's evaluation prompts are a file of the cluster's, not here
-    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: evaluate.prompts.path: file "
-                                                   "'data/eval_prompts.jsonl' does not exist; dpo: the recipe's "
-                                                   "global batch 128")
-    assert "simpo: the recipe's global batch 128" in lines[0] and "(3 problems;" in lines[0]
+    # every problem in the one line
+    assert len(lines) == 1 and lines[0].startswith("prefopt: config error: dpo: the recipe's global batch 128")
+    assert "; simpo: the recipe's global batch 128" in lines[0] and "(2 problems;" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 

@@ -261,3 +261,17 @@ def test_report_and_notebook_tables_show_lc_beside_raw(models, independent):
     assert q["win_rate_vs_sft_lc"] == independent["policies"]["q"]["win_rate_vs_sft_lc"]
     text = open(write_report(run)).read()
     assert "| win_rate_vs_sft | win_rate_vs_sft_lc |" in text and "length-controlled" in text
+
+
+def test_lc_win_rate_is_not_extrapolated():
+    """Every policy answer shorter than the baseline's (24-token samples against 300-token reference answers): tanh
+    of the standardised difference is near -1 for every pair, the intercept and the length term cannot be told
+    apart, and the rate at equal length would be read far outside the data: no figure, and why."""
+    prefs = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    out = M.length_controlled_win_rate(prefs, [-300.0, -280.0, -320.0, -250.0, -310.0, -290.0])
+    assert out["win_rate"] is None and out["se"] is None and out["length_coef"] is None
+    assert out["raw"] == pytest.approx(1 / 3) and "every answer is shorter" in out["why"]
+    assert "-320 to -250 tokens" in out["why"]
+    # one pair at equal length brings the rate at 0 inside the data
+    assert M.length_controlled_win_rate(prefs + [1.0], [-300.0, -280.0, -320.0, -250.0, -310.0, -290.0, 0.0])[
+        "win_rate"] is not None

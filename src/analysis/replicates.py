@@ -32,9 +32,10 @@ from itertools import combinations
 
 # Figures summarised per policy, in table order (evaluate/summary.json's keys), and their table headings.
 FIGURES = [("gold_score", "gold"), ("gold_gain", "gold - SFT"), ("win_rate_vs_sft_gold", "win (gold)"),
-           ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("kl_to_sft", "KL to SFT"), ("length", "length")]
+           ("rm_score", "RM"), ("win_rate_vs_sft", "win (RM)"), ("kl_to_sft", "KL to SFT"), ("length", "length"),
+           ("win_rate_vs_ref", "ref win (RM)"), ("win_rate_vs_ref_lc", "LC ref win (RM)")]
 # Figures where higher is better: the ones a verdict "A beats B" is given for.
-COMPARED = ["gold_score", "rm_score", "win_rate_vs_sft_gold", "win_rate_vs_sft"]
+COMPARED = ["gold_score", "rm_score", "win_rate_vs_sft_gold", "win_rate_vs_sft", "win_rate_vs_ref"]
 ALPHA = 0.05
 
 

@@ -31,9 +31,11 @@ ALIGNERS = ["dpo", "simpo", "ppo"]
 EVAL_FIGURES = ["gold_score", "gold_gain", "win_rate_vs_sft_gold", "rm_score", "win_rate_vs_sft", "kl_to_sft",
                 "length"]
 # Figures some runs have, shown right after the figure they qualify when present: the length-controlled win rates,
-# best-of-n's KL bound (its `kl_to_sft` is the estimate), the judge's win rates
+# best-of-n's KL bound (its `kl_to_sft` is the estimate), the judge's win rates, the win rates against reference
+# answers (evaluate.reference)
 BESIDE = {"win_rate_vs_sft": ["win_rate_vs_sft_lc"], "kl_to_sft": ["kl_to_sft_bound"],
-          "length": ["judge_win_rate", "judge_win_rate_lc"]}
+          "length": ["judge_win_rate", "judge_win_rate_lc", "win_rate_vs_ref_gold", "win_rate_vs_ref",
+                     "win_rate_vs_ref_lc", "judge_win_rate_vs_ref", "judge_win_rate_vs_ref_lc"]}
 SUITE_PREFIXES = ("mc/", "lm_eval/")
 CURVE_COLUMNS = ["run", "round", "method", "step", "kl", "gold", "gold_se", "rm", "rm_se"]
 PAIR_COLUMNS = ["prompt_id", "chosen_score", "rejected_score", "chosen_len", "rejected_len"]

@@ -97,6 +97,12 @@ class EvaluateConfig:
     validation_prompts: DatasetSpec = field(
         default_factory=lambda: DatasetSpec(path="stage:task/val_prompts.jsonl"))
     """Validation prompts (split: validation)."""
+    reference: DatasetSpec = field(default_factory=DatasetSpec)
+    """Reference answers every policy is compared with, as AlpacaEval does (empty path: none): e.g. AlpacaEval's
+    `results/gpt4_1106_preview/model_outputs.json` (instruction, input, output) or any SFT-format rows. Each
+    evaluated prompt is matched to the row with the same prompt (instruction and input); one with no answer
+    stops the stage before any sampling. Adds `win_rate_vs_ref` (reward model), `_lc` (length-controlled),
+    `_gold` and, with a judge, `judge_win_rate_vs_ref` per policy (docs/evaluation.md)."""
     template: Literal["alpaca", "chat"] = "alpaca"
     reward_model: str = "stage:reward"
     """Scores responses ('rm_score', RM win rate); empty to skip."""

@@ -32,6 +32,8 @@ def figures_of(name: str, s: dict, gold, rm, own, ref, base_gold, base_rm, base_
                 lc = M.length_controlled_win_rate(*M.rm_preference_pairs(rm, base_rm, lengths(s), lengths(base_s)))
                 f["win_rate_vs_sft_lc"], f["win_rate_vs_sft_lc_se"] = lc["win_rate"], lc["se"]
                 f["rm_length_coef"] = lc["length_coef"]
+                if lc.get("why"):  # no LC figure: why, for the stage's warnings
+                    f["win_rate_vs_sft_lc_why"] = lc["why"]
     if base_s is not None and not is_baseline:
         put("identical_pairs", [M.prompt_identical_rate(a, b) for a, b in zip(token_ids(s), token_ids(base_s))])
     if own is not None and ref is not None:
@@ -52,9 +54,12 @@ def judge_figures(judged: dict, s: dict, base_s: dict, k: int) -> dict:
     lc = M.length_controlled_win_rate(p, d, clusters=range(len(p)))
     win, se = M.mean_se(p)
     same = [float(a[0].token_ids == b[0].token_ids) for a, b in zip(s["completions"][:k], base_s["completions"][:k])]
-    return {"judge_win_rate": win, "judge_win_rate_se": se, "judge_win_rate_lc": lc["win_rate"],
-            "judge_win_rate_lc_se": lc["se"], "judge_length_coef": lc["length_coef"],
-            "judge_order_disagreement": judged["disagreement"], "judge_identical_pairs": sum(same) / len(same)}
+    out = {"judge_win_rate": win, "judge_win_rate_se": se, "judge_win_rate_lc": lc["win_rate"],
+           "judge_win_rate_lc_se": lc["se"], "judge_length_coef": lc["length_coef"],
+           "judge_order_disagreement": judged["disagreement"], "judge_identical_pairs": sum(same) / len(same)}
+    if lc.get("why"):
+        out["judge_win_rate_lc_why"] = lc["why"]
+    return out
 
 
 def fig_subset(s: dict, gold, rm, k: int) -> dict:

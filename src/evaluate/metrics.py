@@ -220,6 +220,11 @@ def length_controlled_win_rate(preferences: Sequence[float], length_diffs: Seque
     no cross-validated L1 penalty (a ridge of `ridge` on (theta, phi) only keeps the fit finite when one side wins
     every pair); lengths are in tokens, not characters (the difference is standardised, so only its shape matters).
 
+    The rate at d = 0 is read inside the data only: when every pair's difference has one sign (every answer longer,
+    or every one shorter, than the baseline's, e.g. 24-token samples against GPT-4's 300-token reference answers,
+    where tanh saturates at -1 and theta and phi cannot be told apart) there is no LC figure: win_rate, se and
+    length_coef are None and "why" says so.
+
     Returns {"win_rate": LC, "se": its standard error, "length_coef": phi, "raw": mean(y)}. The error is the delta
     method on a sandwich covariance of theta clustered by `clusters` (the prompt of each pair: pairs of one prompt
     are not independent), with the small-sample factor C / (C - 1); with no length difference it equals `mean_se`
@@ -236,6 +241,11 @@ def length_controlled_win_rate(preferences: Sequence[float], length_diffs: Seque
     if len(groups) != len(y):
         raise ValueError(f"{len(groups)} cluster labels for {len(y)} preferences")
     sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    if sd > 0 and (d.min() > 0 or d.max() < 0):
+        side = "longer" if d.min() > 0 else "shorter"
+        return {"win_rate": None, "se": None, "length_coef": None, "raw": float(y.mean()),
+                "why": f"every answer is {side} than the one it is compared with ({d.min():+.0f} to "
+                       f"{d.max():+.0f} tokens): the win rate at equal length would be an extrapolation"}
     x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
     X = np.stack([np.ones_like(x), x], 1)  # (N, 2): intercept, length term
 

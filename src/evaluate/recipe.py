@@ -10,6 +10,10 @@ response length in tokens, and optionally an order-swapped pairwise judge's win 
 length-controlled). The reward model reads each sample as the `score` stage gives it one (`rm_format`: a hub reward
 model gets the raw prompt in its own chat template).
 
+Reference answers (`evaluate.reference`, AlpacaEval's way): every policy's samples, the baseline's included, against
+one fixed answer per prompt (e.g. gpt4_1106_preview's), by the reward model, gold and the judge, raw and
+length-controlled: `win_rate_vs_ref*`, `judge_win_rate_vs_ref*` (evaluate/reference.py).
+
 Independent samples. Every sample set (each policy, each checkpoint, the best-of-n draw) is sampled under its own
 seed, derived from (evaluate.seed, the experiment's seed, the set's name) and recorded in `sampling_seeds`. With one
 seed for all, sample j of a policy and sample j of the baseline shared their random numbers: a lightly tuned policy
@@ -41,6 +45,7 @@ Outputs in the stage folder:
   <policy>.json            AlpacaEval format, the first sample per prompt: [{instruction, input?, output, generator}]
   samples_<policy>.jsonl   every sample with its figures (gold, rm, logp, ref_logp, tokens)
   samples_best_of_n.jsonl  the max(n) baseline samples per prompt best-of-n picks from (rm, gold, tokens)
+  samples_reference.jsonl  the reference answers with their scores (with `evaluate.reference`)
   table.md, evaluate.png   the comparison table and figure
   summary.json             {"policies": {name: {gold_score, rm_score, win_rate_vs_sft, win_rate_vs_sft_lc, kl_to_sft,
                            length, identical_pairs, ...}}, "sampling_seeds": {set: seed}, "best_of_n": [...]}
@@ -62,6 +67,7 @@ from tqdm.auto import tqdm
 from prefopt.data.loaders import load_prompts
 from prefopt.dist.process import seed_everything
 from prefopt.evaluate.figures import Draws, best_of_n_points, best_of_n_rows, curve_point, fig_subset, judge_figures
+from prefopt.evaluate import reference as REF
 from prefopt.evaluate.overopt import curve_warnings, verdicts
 from prefopt.evaluate.samples import (alpaca_judge_instruction, alpaca_rows, find_checkpoints, flat, free_memory,
                                       load_lm, sample_policy, sample_rows, sampling_seed, scoring_batch_size, token_ids)
@@ -71,6 +77,7 @@ from prefopt.evaluate.suite import merge_suite, run_suite
 from prefopt.evaluate.table import plot, table
 from prefopt.experiment import ref_stage
 from prefopt.io import weights_sha256, write_jsonl
+from prefopt.models.loading import load_tokenizer
 from prefopt.runtime import faults
 from prefopt.stage import atomic_write, write_json
 from prefopt.training import logps as L
@@ -94,7 +101,7 @@ def _run(ctx) -> dict:
     """Setup, samples, log-probs, scores, the judge, figures and curves, then the table and files, in that order."""
     sec = ctx.section
     seed_everything(ctx.seed)
-    policies, base, rows = setup(ctx, sec)
+    policies, base, rows, ref_texts = setup(ctx, sec)
     gold_fn = gold_scorer(ctx.cfg, sec.task)
     proxy = proxy_scorer(ctx, sec, rows)
     k_ckpt = min(sec.checkpoint_prompts or len(rows), len(rows))
@@ -106,12 +113,15 @@ def _run(ctx) -> dict:
                      for name, st in sets.items()}, base)
     for name in policies:
         write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, d.samples[name]["completions"]))
+    if ref_texts is not None:
+        add_reference(sec, d, policies, rows, ref_texts)
     meter = throughput.Meter(0.0)  # perf/*: the log-prob passes (peak probed on the first model's device)
     d.own, d.ref = logprobs(sec, d, policies, meter)
     d.rm, d.gold = scores(d, proxy, gold_fn)
     judged = judge(ctx, sec, rows, policies, d)
 
     figures = policy_figures(ctx, sec, rows, policies, d, judged)
+    reference = reference_summary(ctx, sec, d, rows) if REF.NAME in d.samples else None
     curves = checkpoint_curves(sec, policies, d, k_ckpt)
     bon = []
     if "_bon" in d.samples and "_bon" in d.rm:
@@ -126,6 +136,7 @@ def _run(ctx) -> dict:
     return {
         "policies": figures,
         "baseline": base,
+        "reference": reference,
         "split": sec.split,
         "num_prompts": len(rows),
         "samples_per_prompt": sec.samples_per_prompt,
@@ -155,9 +166,10 @@ def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
             if not (isinstance(ref, str) and ref.startswith("stage:")) or ref_stage(ref) in cfg.stages}
 
 
-def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict]]:
-    """(policies by name -> model folder, the baseline's name or None, the prompt rows). The suite's files are
-    checked here: a bad multiple-choice or perplexity file stops the stage before any sampling."""
+def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict], list[str] | None]:
+    """(policies by name -> model folder, the baseline's name or None, the prompt rows, the reference answer to
+    each or None). The suite's files and the reference are read here: a bad multiple-choice or perplexity file, or
+    a prompt the reference does not answer, stops the stage before any sampling."""
     policies = {n: ctx.resolve(ref) for n, ref in active_policies(ctx.cfg, sec.policies).items()}
     if not policies:
         raise ValueError("evaluate: no policy to evaluate (every stage named in evaluate.policies is off)")
@@ -167,14 +179,19 @@ def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict]]:
               "no win rates or KL", flush=True)
     check_suite_files(sec.suite)
     spec = sec.prompts if sec.split == "test" else sec.validation_prompts
-    from prefopt.models.loading import load_tokenizer
-
     # chat turns checked against the first policy's template (a stage's template matches its models': experiment.py)
     tok = (load_tokenizer(next(iter(policies.values())), trust_remote_code=sec.trust_remote_code)
            if sec.template == "chat" else None)
-    rows = load_prompts(spec, sec.template, resolve=lambda p: ctx.resolve(p, model=False), tokenizer=tok).rows
-    print(f"[evaluate] {len(rows)} {sec.split} prompts from {ctx.resolve(spec.path, model=False)}", flush=True)
-    return policies, base, rows
+    where = lambda p: ctx.resolve(p, model=False)  # noqa: E731
+    loaded = load_prompts(spec, sec.template, resolve=where, tokenizer=tok)
+    rows = loaded.rows
+    print(f"[evaluate] {len(rows)} {sec.split} prompts from {loaded.path}", flush=True)
+    ref_texts = None
+    if sec.reference.path or sec.reference.mixture:
+        ref_texts = REF.answers(sec.reference, sec.template, rows, loaded.path, resolve=where, tokenizer=tok)
+        print(f"[evaluate] reference answers to the {len(rows)} prompts from "
+              f"{where(sec.reference.path) if sec.reference.path else 'a mixture'}", flush=True)
+    return policies, base, rows, ref_texts
 
 
 def sample_sets(sec, policies: dict[str, str], base: str | None, rows: list[dict], k_ckpt: int) -> dict[str, dict]:
@@ -197,6 +214,24 @@ def sample_sets(sec, policies: dict[str, str], base: str | None, rows: list[dict
     return sets
 
 
+def add_reference(sec, d: Draws, policies: dict[str, str], rows: list[dict], texts: list[str]) -> None:
+    """The reference answers as one more sample set (`reference.NAME`): not sampled, no log-probs, scored as the
+    policies' samples are, on the baseline's (else the first policy's) rendered prompts, in its tokens."""
+    like = d.base or next(iter(policies))
+    tok = load_tokenizer(policies[like], trust_remote_code=sec.trust_remote_code)
+    d.samples[REF.NAME] = REF.sample_set(texts, d.samples[like], tok)
+    d.sets[REF.NAME] = {"path": None, "rows": rows, "n": 1}
+
+
+def reference_summary(ctx, sec, d: Draws, rows: list[dict]) -> dict:
+    """The reference's own figures (the summary's `reference`), and its scored answers in
+    `samples_reference.jsonl`."""
+    write_jsonl(ctx.dir / "samples_reference.jsonl", sample_rows(REF.NAME, rows, d.samples[REF.NAME], d.gold, d.rm,
+                                                                 {}, {}))
+    where = ctx.resolve(sec.reference.path, model=False) if sec.reference.path else "a mixture"
+    return REF.own_figures(d.samples[REF.NAME], d.gold.get(REF.NAME), d.rm.get(REF.NAME), where)
+
+
 # ---------------------------------------------------------------------------------------------------- scoring
 
 
@@ -206,22 +241,24 @@ def logprobs(sec, d: Draws, policies: dict[str, str], meter=None) -> tuple[dict,
     once where it can be."""
     T = sec.temperature if sec.temperature > 0 else 1.0
     own, ref = {}, {}
-    logp_sets = [n for n in d.sets if n != "_bon"]
+    logp_sets = [n for n in d.sets if not n.startswith("_")]  # not best-of-n's draw nor the reference
 
     def of(model, name: str, desc: str) -> list[float]:
         s = d.samples[name]
         return L.response_logps(model, *flat(s), pad_id=s["pad_id"], temperature=T,
                                 batch_size=scoring_batch_size(sec), desc=desc, meter=meter)
 
+    # the baseline scores the other sets' token ids: only those that mean the same text to it (`kl_to_sft_why`)
+    base_reads = [n for n in logp_sets if d.base is not None and d.samples[n]["vocab"] == d.samples[d.base]["vocab"]]
     for name in logp_sets:
         model = load_lm(d.sets[name]["path"], sec.dtype, sec.trust_remote_code)
         own[name] = of(model, name, f"log-probs {name}")
         if name == d.base:
-            for other in logp_sets:
+            for other in base_reads:
                 ref[other] = own[name] if other == name else of(model, other, f"baseline log-probs {other}")
         del model
         free_memory()
-    missing = [n for n in logp_sets if n not in ref]
+    missing = [n for n in base_reads if n not in ref]
     if d.base is not None and d.base in logp_sets and missing:  # the baseline was loaded before some checkpoints
         model = load_lm(policies[d.base], sec.dtype, sec.trust_remote_code)
         for other in missing:
@@ -250,13 +287,13 @@ def scores(d: Draws, proxy, gold_fn) -> tuple[dict, dict]:
     return rm, gold
 
 
-def judge(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draws) -> dict:
-    """The optional order-swapped judge: each policy's first sample against the baseline's, per prompt."""
-    judged = {}
-    if not sec.judge.model or d.base is None:
+def judge(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draws) -> dict[str, dict]:
+    """The optional order-swapped judge: each policy's first sample against the baseline's, per prompt, and each
+    policy's against the reference answer. {opponent ("base" | "ref"): {policy: judge_pairs' result}}."""
+    judged: dict[str, dict] = {"base": {}, "ref": {}}
+    if not sec.judge.model or (d.base is None and REF.NAME not in d.samples):
         return judged
     from prefopt.evaluate.judge import LMJudge, judge_pairs
-    from prefopt.models.loading import load_tokenizer
 
     jpath = ctx.resolve(sec.judge.model)
     lm_judge = LMJudge(load_lm(jpath, sec.dtype, sec.trust_remote_code),
@@ -264,10 +301,12 @@ def judge(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draws) -> dic
                        chat=sec.judge.chat, batch_size=sec.judge.batch_size)
     k = min(sec.judge.max_prompts, len(rows))
     instructions = [alpaca_judge_instruction(r) for r in rows[:k]]
-    for name in tqdm([n for n in policies if n != d.base], desc="judge", unit="policy"):
-        judged[name] = judge_pairs(lm_judge.prob_a, instructions,
-                                   [c[0].text for c in d.samples[name]["completions"][:k]],
-                                   [c[0].text for c in d.samples[d.base]["completions"][:k]])
+    games = [("base", n, d.base) for n in policies if d.base is not None and n != d.base]
+    games += [("ref", n, REF.NAME) for n in policies if REF.NAME in d.samples]
+    for against, name, other in tqdm(games, desc="judge", unit="policy"):
+        judged[against][name] = judge_pairs(lm_judge.prob_a, instructions,
+                                            [c[0].text for c in d.samples[name]["completions"][:k]],
+                                            [c[0].text for c in d.samples[other]["completions"][:k]])
     del lm_judge
     free_memory()
     return judged
@@ -280,11 +319,20 @@ def policy_figures(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draw
     """Figures per policy, with standard errors over prompts (logged, and each sample's written to
     `samples_<policy>.jsonl`)."""
     figures: dict[str, dict] = {}
+    k = min(sec.judge.max_prompts, len(rows))
     for name in policies:
         f = {"model": policies[name], **d.figures(name)}
-        if name in judged:
-            f.update(judge_figures(judged[name], d.samples[name], d.samples[d.base],
-                                   min(sec.judge.max_prompts, len(rows))))
+        if d.base is not None and name not in d.ref:
+            f["kl_to_sft_why"] = (f"its tokenizer's vocabulary is not {d.base}'s, whose log-probs of its token ids "
+                                  "would be of other text")
+        if name in judged["base"]:
+            f.update(judge_figures(judged["base"][name], d.samples[name], d.samples[d.base], k))
+        if REF.NAME in d.samples:
+            ref = REF.NAME
+            f.update(REF.figures(d.samples[name], d.gold.get(name), d.rm.get(name), d.samples[ref], d.gold.get(ref),
+                                 d.rm.get(ref)))
+            if name in judged["ref"]:
+                f.update(REF.judge_keys(judge_figures(judged["ref"][name], d.samples[name], d.samples[ref], k)))
         figures[name] = f
         ctx.tracker.log({f"{name}/{k}": v for k, v in f.items() if isinstance(v, (int, float))})
         write_jsonl(ctx.dir / f"samples_{name}.jsonl", sample_rows(name, rows, d.samples[name], d.gold, d.rm, d.own,
@@ -318,6 +366,8 @@ def save(ctx, sec, figures: dict[str, dict], curves: dict, bon: list[dict], base
     bon_curve = [{"step": f"n={p['n']}", "kl": p["kl"], "gold": p.get("gold"), "gold_se": p.get("gold_se"),
                   "rm": p.get("rm")} for p in bon]
     warnings = verdicts(figures, base) + curve_warnings({**curves, "best-of-n": bon_curve} if bon else curves)
+    warnings += [f"{name}: no {key[:-len('_why')]} ({why})" for name, f in figures.items()
+                 for key, why in f.items() if key.endswith("_why")]
     for w in warnings:
         print(f"[evaluate] WARNING {w}", flush=True)
     md = table(figures, sec.split, n_prompts) + "".join(f"\n- **warning**: {w}" for w in warnings)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from prefopt.data.templates import encode_many, prompt_text, render_prompt
 from prefopt.generation.base import Sampling, derive_seed
+from prefopt.io import content_hash
 
 
 def sampling_seed(eval_seed: int, run_seed: int, name: str) -> int:
@@ -76,7 +77,14 @@ def sample_policy(name: str, path: str, rows: list[dict], sec, n: int | None = N
         gen.close()
     del gen
     free_memory()
-    return {"rendered": rendered, "prompt_ids": prompt_ids, "completions": outs, "pad_id": tok.pad_token_id or 0}
+    return {"rendered": rendered, "prompt_ids": prompt_ids, "completions": outs, "pad_id": tok.pad_token_id or 0,
+            "vocab": vocab_digest(tok)}
+
+
+def vocab_digest(tokenizer) -> str:
+    """What token ids mean to this tokenizer: one model's log-probs of another's token ids (the KL to the
+    baseline) are log-probs of other text unless the two digests agree."""
+    return content_hash(sorted(tokenizer.get_vocab().items()))
 
 
 def flat(s: dict) -> tuple[list, list]:

@@ -9,7 +9,10 @@ COLUMNS = [("gold_score", "gold"), ("gold_gain", "gold − SFT"), ("win_rate_vs_
            ("rm_score", "RM"), ("win_rate_vs_sft", "win vs SFT (RM)"), ("win_rate_vs_sft_lc", "LC win vs SFT (RM)"),
            ("kl_to_sft", "KL to SFT"), ("kl_to_sft_bound", "KL bound (best-of-n)"), ("length", "length"),
            ("judge_win_rate", "judge win"), ("judge_win_rate_lc", "LC judge win"),
-           ("judge_order_disagreement", "judge order disagree")]
+           ("judge_order_disagreement", "judge order disagree"),
+           ("win_rate_vs_ref_gold", "win vs ref (gold)"), ("win_rate_vs_ref", "win vs ref (RM)"),
+           ("win_rate_vs_ref_lc", "LC win vs ref (RM)"), ("judge_win_rate_vs_ref", "judge win vs ref"),
+           ("judge_win_rate_vs_ref_lc", "LC judge win vs ref")]
 
 
 def fmt(v, se=None) -> str:
