@@ -437,10 +437,12 @@ def run_experiment(cfg: ExperimentConfig, from_stage: str | None = None, only: s
 
 def key_figures(stage: str, summary: dict) -> str:
     """`loss 0.092, rewards/accuracies 1.000, steps 126` from a stage's summary: its `HEADLINE_FIGURES`, each with
-    ± its `<key>_se` where the summary has one (evaluate: each policy's gold, else RM score, else KL)."""
-    if stage == "evaluate":  # the gold score where the task has one, else the reward model's, else the KL
+    ± its `<key>_se` where the summary has one (evaluate: each policy's gold, else win rate against the reference
+    answers, else RM score, else KL)."""
+    if stage == "evaluate":  # the gold score where the task has one, else AlpacaEval's figure, else RM score, KL
         policies = summary.get("policies") or {}
-        key, name = next(((k, n) for k, n in (("gold_score", "gold"), ("rm_score", "rm"), ("kl_to_sft", "KL"))
+        key, name = next(((k, n) for k, n in (("gold_score", "gold"), ("win_rate_vs_ref", "ref win"),
+                                              ("rm_score", "rm"), ("kl_to_sft", "KL"))
                           if any(k in f for f in policies.values())), (None, ""))
         return ", ".join(f"{p} {name} {_cell(figs, key)}" for p, figs in policies.items() if key in figs)
     out = []

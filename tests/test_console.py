@@ -162,8 +162,8 @@ def test_one_progress_line_per_stage_on_a_terminal(tmp_path, capfd):
 
 
 def test_evaluate_end_line_gives_gold_else_rm_else_kl():
-    """The evaluate end line's figure per policy: gold where the task has a gold scorer, else the reward model's
-    score, else the KL to the baseline (a run on one's own prompts with neither), never a row of dashes."""
+    """The evaluate end line's figure per policy: gold where the task has a gold scorer, else the win rate against
+    reference answers (AlpacaEval's figure) where there are some, else the reward model's score, else the KL to the baseline (a run on one's own prompts with neither), never a row of dashes."""
     from prefopt.pipeline import key_figures
 
     gold = {"sft": {"gold_score": 0.7, "gold_score_se": 0.01, "rm_score": 1.0},
@@ -171,6 +171,8 @@ def test_evaluate_end_line_gives_gold_else_rm_else_kl():
     assert key_figures("evaluate", {"policies": gold}) == "sft gold 0.700 ± 0.010, dpo gold 0.900 ± 0.020"
     rm = {"sft": {"rm_score": 1.0, "kl_to_sft": 0.0}, "dpo": {"rm_score": 2.5, "rm_score_se": 0.1, "kl_to_sft": 0.2}}
     assert key_figures("evaluate", {"policies": rm}) == "sft rm 1.000, dpo rm 2.500 ± 0.100"
+    ref = {p: {**f, "win_rate_vs_ref": w, "win_rate_vs_ref_se": 0.03} for (p, f), w in zip(rm.items(), (0.25, 0.4))}
+    assert key_figures("evaluate", {"policies": ref}) == "sft ref win 0.250 ± 0.030, dpo ref win 0.400 ± 0.030"
     kl = {"sft": {"kl_to_sft": 0.0}, "dpo": {"kl_to_sft": 0.02, "kl_to_sft_se": 0.012}}
     assert key_figures("evaluate", {"policies": kl}) == "sft KL 0.000, dpo KL 0.020 ± 0.012"
     assert key_figures("evaluate", {"policies": {"sft": {"length": 3}}}) == ""

@@ -319,20 +319,21 @@ def policy_figures(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draw
     """Figures per policy, with standard errors over prompts (logged, and each sample's written to
     `samples_<policy>.jsonl`)."""
     figures: dict[str, dict] = {}
-    k = min(sec.judge.max_prompts, len(rows))
+    judged_prompts = min(sec.judge.max_prompts, len(rows))
     for name in policies:
         f = {"model": policies[name], **d.figures(name)}
         if d.base is not None and name not in d.ref:
             f["kl_to_sft_why"] = (f"its tokenizer's vocabulary is not {d.base}'s, whose log-probs of its token ids "
                                   "would be of other text")
         if name in judged["base"]:
-            f.update(judge_figures(judged["base"][name], d.samples[name], d.samples[d.base], k))
+            f.update(judge_figures(judged["base"][name], d.samples[name], d.samples[d.base], judged_prompts))
         if REF.NAME in d.samples:
             ref = REF.NAME
             f.update(REF.figures(d.samples[name], d.gold.get(name), d.rm.get(name), d.samples[ref], d.gold.get(ref),
                                  d.rm.get(ref)))
             if name in judged["ref"]:
-                f.update(REF.judge_keys(judge_figures(judged["ref"][name], d.samples[name], d.samples[ref], k)))
+                f.update(REF.judge_keys(judge_figures(judged["ref"][name], d.samples[name], d.samples[ref],
+                                                      judged_prompts)))
         figures[name] = f
         ctx.tracker.log({f"{name}/{k}": v for k, v in f.items() if isinstance(v, (int, float))})
         write_jsonl(ctx.dir / f"samples_{name}.jsonl", sample_rows(name, rows, d.samples[name], d.gold, d.rm, d.own,
