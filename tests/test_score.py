@@ -48,6 +48,22 @@ def test_batched_scores_match_single(tiny_rm_dir):
     assert len(set(round(s, 6) for s in batched)) == 3
 
 
+def test_a_text_cut_at_the_reward_models_limit_is_said(tiny_rm_dir, capsys, monkeypatch):
+    """The reward model reads at most max_length tokens of prompt + response; a longer text is scored cut, which
+    the scorer says (with how many), and a text that fits is not counted."""
+    import prefopt.scoring.scorer as module
+
+    monkeypatch.setattr(module, "_CUT_WARNINGS", [0])  # said five times a process: this test's own count
+    scorer = load_scorer(str(tiny_rm_dir))
+    texts = [reward_text("P: 3 1 2\n", r, scorer.tokenizer.eos_token) for r in ["1 2 3", " ".join(["9 8 7"] * 20)]]
+    lengths = [len(scorer.tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths[0] < 24 < lengths[1]
+    score_texts(scorer.model, scorer.tokenizer, texts, batch_size=2, max_length=24)
+    assert "[reward model] WARNING 1 of 2 texts reach the 24 tokens the reward model reads" in capsys.readouterr().out
+    score_texts(scorer.model, scorer.tokenizer, texts[:1], batch_size=2, max_length=24)
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_causal_lm_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="not a reward model"):
         load_scorer(str(tiny_model_dir))

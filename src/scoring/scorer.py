@@ -201,9 +201,13 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
         vocab = len(tokenizer)
     from prefopt.training.padding import right_pad
 
+    cut = 0  # texts at the limit: the reward model read their first max_length tokens only
+
     def score_batch(idx: list[int]) -> list[float]:
+        nonlocal cut
         # One BOS per text (`encode`): a prompt rendered by a chat template that writes BOS already has it.
         ids = encode_many([texts[i] for i in idx], tokenizer, truncation=True, max_length=max_length)
+        cut += sum(len(x) >= max_length for x in ids)
         pad = batch_pad_id(own, ids, vocab)
         if config is None and tokenizer.pad_token_id is not None:
             pad = tokenizer.pad_token_id  # a model with no config to tell: padded as its tokenizer pads
@@ -220,7 +224,16 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 64, max_le
         return (scores if scores is not None else res.logits[:, 0]).float().reshape(-1).cpu().tolist()
 
     with torch.no_grad():
-        return by_length([len(t) for t in texts], batch_size, score_batch, progress)
+        scores = by_length([len(t) for t in texts], batch_size, score_batch, progress)
+    if cut and _CUT_WARNINGS[0] < 5:  # said, not silent: a cut answer's score is not the answer's (its end and the
+        _CUT_WARNINGS[0] += 1         # EOS read last are gone); five times a process (PPO scores every iteration)
+        print(f"[reward model] WARNING {cut} of {len(texts)} texts reach the {max_length} tokens the reward model "
+              "reads and were cut there: their scores are of the cut text (a reward model with a longer context, or "
+              "shorter answers)" + ("; not said again in this process" if _CUT_WARNINGS[0] == 5 else ""), flush=True)
+    return scores
+
+
+_CUT_WARNINGS = [0]  # how many times this process has said so
 
 
 def scoring_length(path: str, configured: int, key: str, trust_remote_code: bool = False,
