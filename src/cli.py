@@ -70,9 +70,19 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe_section(cls, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def describe_section(cls, prefix: str, skip: tuple[str, ...] = (), defaults=None) -> list[str]:
     """Lines of `--prefix.key  TYPE  (default: X)  meaning` for every key, nested sections included (but those
-    named in `skip`)."""
+    named in `skip`): a nested section's own meaning first, then its keys with the defaults the enclosing field
+    gives them (`evaluate.prompts.path` defaults to the task's test prompts, not to the empty path of a bare
+    DatasetSpec). `defaults`: the instance whose values are the defaults (None: the class's own)."""
     lines = []
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -81,15 +91,13 @@ def describe_section(cls, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
             continue
         tp = hints[f.name]
         key = f"{prefix}.{f.name}" if prefix else f.name
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
         if dataclasses.is_dataclass(tp):
-            lines += describe_section(tp, key)
+            if f.name in docs:
+                lines.append(f"  --{key}.<key>  (the keys below)")
+                lines += ["      " + ln for ln in textwrap.wrap(docs[f.name], 100)]
+            lines += describe_section(tp, key, defaults=default if dataclasses.is_dataclass(default) else None)
             continue
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
         tname = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
         lines.append(f"  --{key}={default!r}  [{tname}]")
         if f.name in docs:

@@ -61,3 +61,16 @@ def test_run_help_explains_every_experiment_key():
     for key in expected:
         assert f"  --{key}=" in proc.stdout, f"--{key} missing from prefopt run --help"
     assert "  --sft." not in proc.stdout and "prefopt STAGE --help" in proc.stdout
+
+
+def test_stage_help_gives_a_nested_sections_meaning_and_its_real_defaults():
+    """A dataset key is a section of its own: `--help` says what it is for, then its keys with the defaults the
+    stage gives them (evaluate reads the task's test prompts by default, not an empty path)."""
+    from prefopt.cli import _section_class, describe_section
+
+    text = "\n".join(describe_section(_section_class("evaluate"), "evaluate"))
+    assert "  --evaluate.prompts.path='stage:task/test_prompts.jsonl'  [str]" in text
+    assert "  --evaluate.validation_prompts.path='stage:task/val_prompts.jsonl'  [str]" in text
+    assert "  --evaluate.reference.path=''  [str]" in text
+    head = text.index("  --evaluate.reference.<key>")
+    assert "Reference answers every policy is compared with" in text[head:text.index("--evaluate.reference.path")]
