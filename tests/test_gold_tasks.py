@@ -95,6 +95,22 @@ def test_a_users_task_module_runs_through_the_task_stage(tmp_path):
     assert task.gold_score({"meta": {"input": "abc"}}, "ABX") == pytest.approx(0.5 * 2 / 3)
 
 
+def test_the_rotate_task_of_the_recipe_check_builds_its_data(tmp_path):
+    """`plugins.rotate_task` (docs/methods.md's unseen-task check) builds its files; its demonstrations are right
+    where marked, and its gold gives partial credit by position."""
+    cfg = experiment(tmp_path, module="plugins.rotate_task", num_sft=60, num_prompts=5, num_val_prompts=5,
+                     num_test_prompts=5, num_preferences=30, min_len=3, max_len=6)
+    assert run_stage(cfg, "task")["task"] == "rotate"
+    task = get_task(cfg.task)
+    rows = read_jsonl(tmp_path / "t" / "task" / "sft.jsonl")
+    gold = [task.gold_score({"input": r["input"]}, r["output"]) for r in rows]
+    assert all(g == 1.0 for g, r in zip(gold, rows) if r["correct"])
+    wrong = [g for g, r in zip(gold, rows) if not r["correct"]]
+    assert wrong and sum(g < 1.0 for g in wrong) >= 0.8 * len(wrong)  # a copied `5 5 5` is still right
+    assert task.gold_score({"input": "3 8 1 4"}, "8 1 4 3") == 1.0
+    assert task.gold_score({"input": "3 8 1 4"}, "8 1 3 4") == pytest.approx(0.5 * 2 / 4)
+
+
 def test_broken_task_modules_name_module_function_and_row(tmp_path):
     with pytest.raises(TaskError, match="task module 'plugins.nope' cannot be imported"):
         get_task(experiment(tmp_path, module="plugins.nope").task)
