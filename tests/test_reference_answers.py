@@ -44,7 +44,8 @@ def _prompt_rows(tmp_path):
 def test_each_prompt_gets_its_own_reference(tmp_path):
     """Matched by instruction and input, whatever the order, duplicates that agree and rows not evaluated."""
     rows = _prompt_rows(tmp_path)
-    got = REF.answers(DatasetSpec(path=str(_json(tmp_path / "ref.json", REFERENCES))), "alpaca", rows, "prompts.json")
+    got, _ = REF.answers(DatasetSpec(path=str(_json(tmp_path / "ref.json", REFERENCES))), "alpaca", rows,
+                         "prompts.json")
     assert got == ["x", LONG, "x"]
 
 

@@ -101,7 +101,7 @@ def _run(ctx) -> dict:
     """Setup, samples, log-probs, scores, the judge, figures and curves, then the table and files, in that order."""
     sec = ctx.section
     seed_everything(ctx.seed)
-    policies, base, rows, ref_texts = setup(ctx, sec)
+    policies, base, rows, ref = setup(ctx, sec)
     gold_fn = gold_scorer(ctx.cfg, sec.task)
     proxy = proxy_scorer(ctx, sec, rows)
     k_ckpt = min(sec.checkpoint_prompts or len(rows), len(rows))
@@ -113,15 +113,15 @@ def _run(ctx) -> dict:
                      for name, st in sets.items()}, base)
     for name in policies:
         write_json(ctx.dir / f"{name}.json", alpaca_rows(name, rows, d.samples[name]["completions"]))
-    if ref_texts is not None:
-        add_reference(sec, d, policies, rows, ref_texts)
+    if ref is not None:
+        add_reference(sec, d, policies, rows, ref[0])
     meter = throughput.Meter(0.0)  # perf/*: the log-prob passes (peak probed on the first model's device)
     d.own, d.ref = logprobs(sec, d, policies, meter)
     d.rm, d.gold = scores(d, proxy, gold_fn)
     judged = judge(ctx, sec, rows, policies, d)
 
     figures = policy_figures(ctx, sec, rows, policies, d, judged)
-    reference = reference_summary(ctx, sec, d, rows) if REF.NAME in d.samples else None
+    reference = reference_summary(ctx, d, rows, ref[1]) if ref is not None else None
     curves = checkpoint_curves(sec, policies, d, k_ckpt)
     bon = []
     if "_bon" in d.samples and "_bon" in d.rm:
@@ -166,9 +166,9 @@ def active_policies(cfg, policies: dict[str, str]) -> dict[str, str]:
             if not (isinstance(ref, str) and ref.startswith("stage:")) or ref_stage(ref) in cfg.stages}
 
 
-def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict], list[str] | None]:
-    """(policies by name -> model folder, the baseline's name or None, the prompt rows, the reference answer to
-    each or None). The suite's files and the reference are read here: a bad multiple-choice or perplexity file, or
+def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict], tuple[list[str], str] | None]:
+    """(policies by name -> model folder, the baseline's name or None, the prompt rows, (the reference answer to
+    each, where they were read) or None). The suite's files and the reference are read here: a bad multiple-choice or perplexity file, or
     a prompt the reference does not answer, stops the stage before any sampling."""
     policies = {n: ctx.resolve(ref) for n, ref in active_policies(ctx.cfg, sec.policies).items()}
     if not policies:
@@ -186,12 +186,11 @@ def setup(ctx, sec) -> tuple[dict[str, str], str | None, list[dict], list[str] |
     loaded = load_prompts(spec, sec.template, resolve=where, tokenizer=tok)
     rows = loaded.rows
     print(f"[evaluate] {len(rows)} {sec.split} prompts from {loaded.path}", flush=True)
-    ref_texts = None
+    ref = None
     if sec.reference.path or sec.reference.mixture:
-        ref_texts = REF.answers(sec.reference, sec.template, rows, loaded.path, resolve=where, tokenizer=tok)
-        print(f"[evaluate] reference answers to the {len(rows)} prompts from "
-              f"{where(sec.reference.path) if sec.reference.path else 'a mixture'}", flush=True)
-    return policies, base, rows, ref_texts
+        ref = REF.answers(sec.reference, sec.template, rows, loaded.path, resolve=where, tokenizer=tok)
+        print(f"[evaluate] reference answers to the {len(rows)} prompts from {ref[1]}", flush=True)
+    return policies, base, rows, ref
 
 
 def sample_sets(sec, policies: dict[str, str], base: str | None, rows: list[dict], k_ckpt: int) -> dict[str, dict]:
@@ -223,16 +222,21 @@ def add_reference(sec, d: Draws, policies: dict[str, str], rows: list[dict], tex
     d.sets[REF.NAME] = {"path": None, "rows": rows, "n": 1}
 
 
-def reference_summary(ctx, sec, d: Draws, rows: list[dict]) -> dict:
-    """The reference's own figures (the summary's `reference`), and its scored answers in
+def reference_summary(ctx, d: Draws, rows: list[dict], source: str) -> dict:
+    """The reference's own figures (the summary's `reference`, read from `source`), and its scored answers in
     `samples_reference.jsonl`."""
     write_jsonl(ctx.dir / "samples_reference.jsonl", sample_rows(REF.NAME, rows, d.samples[REF.NAME], d.gold, d.rm,
                                                                  {}, {}))
-    where = ctx.resolve(sec.reference.path, model=False) if sec.reference.path else "a mixture"
-    return REF.own_figures(d.samples[REF.NAME], d.gold.get(REF.NAME), d.rm.get(REF.NAME), where)
+    return REF.own_figures(d.samples[REF.NAME], d.gold.get(REF.NAME), d.rm.get(REF.NAME), source)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
+
+
+def base_reads_ids(d: Draws, name: str) -> bool:
+    """Whether the baseline can score set `name`'s token ids (its KL to the baseline): only where they mean the same
+    text to it, i.e. the two tokenizers have one vocabulary (`kl_to_sft_why` where not)."""
+    return d.base is not None and d.samples[name]["vocab"] == d.samples[d.base]["vocab"]
 
 
 def logprobs(sec, d: Draws, policies: dict[str, str], meter=None) -> tuple[dict, dict]:
@@ -248,8 +252,7 @@ def logprobs(sec, d: Draws, policies: dict[str, str], meter=None) -> tuple[dict,
         return L.response_logps(model, *flat(s), pad_id=s["pad_id"], temperature=T,
                                 batch_size=scoring_batch_size(sec), desc=desc, meter=meter)
 
-    # the baseline scores the other sets' token ids: only those that mean the same text to it (`kl_to_sft_why`)
-    base_reads = [n for n in logp_sets if d.base is not None and d.samples[n]["vocab"] == d.samples[d.base]["vocab"]]
+    base_reads = [n for n in logp_sets if base_reads_ids(d, n)]
     for name in logp_sets:
         model = load_lm(d.sets[name]["path"], sec.dtype, sec.trust_remote_code)
         own[name] = of(model, name, f"log-probs {name}")
@@ -322,7 +325,7 @@ def policy_figures(ctx, sec, rows: list[dict], policies: dict[str, str], d: Draw
     judged_prompts = min(sec.judge.max_prompts, len(rows))
     for name in policies:
         f = {"model": policies[name], **d.figures(name)}
-        if d.base is not None and name not in d.ref:
+        if d.base is not None and not base_reads_ids(d, name):
             f["kl_to_sft_why"] = (f"its tokenizer's vocabulary is not {d.base}'s, whose log-probs of its token ids "
                                   "would be of other text")
         if name in judged["base"]:

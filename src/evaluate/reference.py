@@ -23,8 +23,8 @@ import json
 
 from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
-from prefopt.data.templates import prompt_text
 from prefopt.evaluate.figures import figures_of
+from prefopt.evaluate.samples import alpaca_judge_instruction
 from prefopt.generation.base import Completion
 
 NAME = "_ref"  # the reference's sample set (not a policy: never sampled, no log-probs, not a table row)
@@ -42,11 +42,13 @@ def _key(prompt) -> str:
 
 def _shown(row: dict) -> str:
     """A prompt as an error shows it: its instruction (the Alpaca template's preamble says nothing), else its text."""
-    return ((row.get("meta") or {}).get("instruction") or prompt_text(row["prompt"]))[:80]
+    return alpaca_judge_instruction(row)[:80]
 
 
-def answers(spec, template: str, rows: list[dict], prompts_label: str, resolve=None, tokenizer=None) -> list[str]:
-    """The reference answer to each of `rows` (the evaluated prompts), read from `spec` as SFT rows are read.
+def answers(spec, template: str, rows: list[dict], prompts_label: str, resolve=None,
+            tokenizer=None) -> tuple[list[str], str]:
+    """(the reference answer to each of `rows`, the evaluated prompts; where they were read), read from `spec` as
+    SFT rows are read.
 
     A prompt the reference does not answer, or one it answers twice with different texts, is a DataError naming
     the file and `evaluate.reference`: a figure on the prompts that happen to match is not the figure asked for."""
@@ -67,7 +69,7 @@ def answers(spec, template: str, rows: list[dict], prompts_label: str, resolve=N
                         f"{_shown(first)!r} (prompt_id {first['prompt_id']}); prompts are "
                         "matched by their instruction and input (or their turns): give an answer to every prompt, "
                         "or evaluate on the prompts the reference answers")
-    return [found[_key(r["prompt"])][1] for r in rows]
+    return [found[_key(r["prompt"])][1] for r in rows], loaded.path
 
 
 def sample_set(texts: list[str], like: dict, tokenizer) -> dict:
