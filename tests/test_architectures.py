@@ -37,14 +37,22 @@ def tokenizers():
 
 
 def _pairs(vocab: int, n: int = 4, seed: int = 0) -> list[dict]:
-    """Pairs of very different lengths (prompts 3..24 tokens, completions 2..17), all ids outside the specials."""
+    """Pairs of very different lengths (prompts 8..29 tokens, completions 2..19), all ids outside the specials, that
+    share what real batches share (what the prefix tree computes once): every prompt starts with the same 5 tokens
+    (a template's or system prompt's head), the third pair asks the first one's question again, and the second
+    pair's rejected answer starts as its chosen one does."""
     g = torch.Generator().manual_seed(seed)
 
     def ids(k):
         return torch.randint(10, vocab, (k,), generator=g).tolist()
 
-    return [{"prompt_ids": ids(3 + 7 * k), "chosen_ids": ids(2 + 5 * k), "rejected_ids": ids(12 - 3 * k)}
-            for k in range(n)]
+    head = ids(5)
+    pairs = [{"prompt_ids": head + ids(3 + 7 * k), "chosen_ids": ids(2 + 5 * k), "rejected_ids": ids(12 - 3 * k)}
+             for k in range(n)]
+    if n >= 3:
+        pairs[2]["prompt_ids"] = pairs[0]["prompt_ids"]
+        pairs[1]["rejected_ids"] = pairs[1]["chosen_ids"][:2] + pairs[1]["rejected_ids"]
+    return pairs
 
 
 def _plain(model, examples) -> torch.Tensor:
@@ -65,22 +73,23 @@ def _pad(tok) -> int:
 
 
 def _runs(model):
-    """Each layout with its masks; the shared prompt collated without masks (the mask built from its position ids);
-    and `packed` and `shared_prompt` once more with the model switched to varlen attention (each packed sequence,
-    each rejected answer with its prompt, computed alone: the loop's default on SDPA and eager). Yields the run's
+    """Each layout with its masks (the prefix tree's built from its position ids); the shared prompt collated without
+    masks (the mask built from its position ids); and `packed`, `shared_prompt` and `prefix_tree` once more with the
+    model switched to varlen attention (each packed sequence, each branch with its prefix, computed alone: the
+    loop's default on SDPA and eager). Yields the run's
     name and `collate`'s (layout, masks) after the model is set up for it, and restores it at the end."""
     for layout in LAYOUTS:
         yield layout, (layout, True)
     yield "shared_prompt+positions", ("shared_prompt", False)
     if model.config._attn_implementation in varlen.SUPPORTED:
         base = varlen.use_varlen(model)
-        for layout in ("packed", "shared_prompt"):
+        for layout in ("packed", "shared_prompt", "prefix_tree"):
             check_layout(model, layout)
             yield f"{layout}+varlen", (layout, False)
         varlen.restore(model, base)
 
 
-VARLEN_RUNS = ("packed+varlen", "shared_prompt+varlen")
+VARLEN_RUNS = ("packed+varlen", "shared_prompt+varlen", "prefix_tree+varlen")
 
 
 def test_every_checked_family_is_built_here():

@@ -36,8 +36,9 @@ def _loss_and_grads(model, logps_fn):
     return loss.detach(), sums.detach(), lengths, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("layout,chunk", [("padded", 0), ("packed", 0), ("shared_prompt", 0), ("padded", 16),
-                                          ("shared_prompt", 16), ("packed+varlen", 0), ("shared_prompt+varlen", 16)])
+@pytest.mark.parametrize("layout,chunk", [("padded", 0), ("packed", 0), ("shared_prompt", 0), ("prefix_tree", 0),
+                                          ("padded", 16), ("shared_prompt", 16), ("packed+varlen", 0),
+                                          ("shared_prompt+varlen", 16), ("prefix_tree+varlen", 16)])
 def test_layout_matches_plain_padded_path(setup, layout, chunk):
     """+varlen: the model switched to varlen attention and the batch collated without masks, as the loop runs it."""
     from prefopt.models import varlen
@@ -61,12 +62,15 @@ def test_layout_matches_plain_padded_path(setup, layout, chunk):
     if layout == "shared_prompt":  # the prompt once per pair: fewer token positions than padding
         assert batch["input_ids"].numel() < plain["input_ids"].numel()
         assert (batch["input_ids"] != tok.pad_token_id).sum() < plain["attention_mask"].sum()
+    if layout == "prefix_tree":  # also "Sort the numbers 3 1 2 ..." once across the pairs
+        shared = collate(examples, tok.pad_token_id, 200, "shared_prompt", masks=False)
+        assert int(batch["num_tokens"]) < int(shared["num_tokens"]) and "attention_mask" not in batch
     if switched:  # one row, no padding, no mask
         assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].numel() == int(batch["num_tokens"])
         assert "attention_mask" not in batch
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prompt", "prefix_tree"])
 def test_the_sharded_models_path_matches(setup, layout):
     """Under FSDP the vocabulary projection runs inside the model's forward (`logits_to_keep` positions), not on
     hooked hidden states: same log-probs, lengths and gradients as the plain padded path, in every layout."""
@@ -104,7 +108,7 @@ def test_shared_prompt_without_masks_says_it_in_the_position_ids(setup):
     """Collated without masks, the shared prompt is one row whose position ids carry the mask: a restart at 0 begins
     a pair, a drop to P > 0 its rejected answer. The mask built from them is collate's, pair by pair, and varlen
     cuts the same pieces (the rejected answer with its prompt's first P tokens)."""
-    from prefopt.models.varlen import _pieces
+    from prefopt.models.varlen import pieces
     from prefopt.training.forward import allowed_from_positions
 
     tok, _, examples = setup
@@ -113,16 +117,33 @@ def test_shared_prompt_without_masks_says_it_in_the_position_ids(setup):
     assert "attention_mask" not in one and one["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
     masked = collate([ex], tok.pad_token_id, 0, "shared_prompt")
     assert torch.equal(allowed_from_positions(one["position_ids"]), masked["attention_mask"])
-    assert _pieces(one["position_ids"]) == [[(0, 0, 0, 5), (0, 3, 5, 8)]]  # (prefix start, prefix length, start, end)
+    assert pieces(one["position_ids"]) == [[((), 0, 5), ((0, 1, 2), 5, 8)]]  # (prefix, start, end)
     row = collate(examples, tok.pad_token_id, 200, "shared_prompt", masks=False)
     blocks = [collate([e], tok.pad_token_id, 200, "shared_prompt")["attention_mask"][0, 0] for e in examples]
     assert torch.equal(allowed_from_positions(row["position_ids"])[0, 0], torch.block_diag(*blocks))
-    with pytest.raises(ValueError, match="position ids jump to 5 at index 3"):
-        _pieces(torch.tensor([[0, 1, 2, 5]]))
-    # a second branch continues the first piece (3 tokens), never the first branch
-    assert _pieces(torch.tensor([[0, 1, 2, 1, 2, 3, 2]]))[0][1:] == [(0, 1, 3, 6), (0, 2, 6, 7)]
-    with pytest.raises(ValueError, match="jump to 3 at index 6, past the 2 tokens"):
-        _pieces(torch.tensor([[0, 1, 1, 2, 3, 4, 3]]))
+
+
+def test_prefix_tree_lays_down_each_shared_prefix_once(setup):
+    """SFT examples by hand: a b | c d, a b | c e (the same prompt, answers that share c), a | f, and a b | c d again.
+    Sorted, each is laid down from the end of what it shares with the one before: a b c d, then e at position 3,
+    then f at position 1; the repeat adds nothing. Every target is read from the one position that computes it,
+    and the mask from the position ids lets each token see exactly its own sequence's earlier tokens."""
+    from prefopt.training.forward import allowed_from_positions
+
+    tok, _, _ = setup
+    a, b, c, d, e, f = 11, 12, 13, 14, 15, 16
+    examples = [{"prompt_ids": [a, b], "completion_ids": [c, d]}, {"prompt_ids": [a, b], "completion_ids": [c, e]},
+                {"prompt_ids": [a], "completion_ids": [f]}, {"prompt_ids": [a, b], "completion_ids": [c, d]}]
+    batch = collate(examples, tok.pad_token_id, 0, "prefix_tree")
+    assert batch["input_ids"].tolist() == [[a, b, c, d, e, f]] and batch["position_ids"].tolist() == [[0, 1, 2, 3, 3, 1]]
+    assert int(batch["num_tokens"]) == 6 and int(batch["num_sequences"]) == 4
+    by_seq = {}
+    for src, tgt, sq in zip(*(batch[k].tolist() for k in ("source_index", "target_ids", "seq_index"))):
+        by_seq.setdefault(sq, []).append((src, tgt))
+    assert by_seq == {0: [(1, c), (2, d)], 1: [(1, c), (2, e)], 2: [(0, f)], 3: [(1, c), (2, d)]}
+    allowed = allowed_from_positions(batch["position_ids"])[0, 0].int().tolist()
+    assert allowed[4] == [1, 1, 1, 0, 1, 0]  # e (a b c e) sees a b c and itself, not d
+    assert allowed[5] == [1, 0, 0, 0, 0, 1]  # f (a f) sees a and itself
 
 
 def test_reference_cache_reused_recomputed_and_refused(tmp_path, tiny_model_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
@@ -23,32 +24,51 @@ def test_the_plan_is_read_from_each_new_position_tensor():
     """Every layer of a forward reads the same position ids (planned once, kept); the next batch's, of the same
     shape and perhaps at the same address, are planned again, as is a tensor written in place."""
     a = torch.tensor([[0, 1, 2, 0, 1]])
-    assert varlen._pieces(a) == [[(0, 0, 0, 3), (3, 0, 3, 5)]]  # (prefix start, length, start, end)
+    assert varlen.pieces(a) == [[((), 0, 3), ((), 3, 5)]]  # (prefix, start, end)
     assert varlen._plan(a, 1) is varlen._plan(a, 1)
     b = torch.tensor([[0, 1, 0, 1, 2]])
-    assert varlen._pieces(b) == [[(0, 0, 0, 2), (2, 0, 2, 5)]]
-    (gather, L), (scatter, _) = varlen._plan(b, 1)  # one bucket (16): pieces right-padded to the longest, 3
-    assert L == 3 and gather.tolist() == [[0, 1, 0], [2, 3, 4]] and scatter.tolist() == [0, 1, 3, 4, 5]
+    assert varlen.pieces(b) == [[((), 0, 2), ((), 2, 5)]]
+    [bucket], scatter = varlen._plan(b, 1)  # one bucket (16): pieces right-padded to the longest, 3
+    assert bucket.keys.tolist() == [[0, 1, 0], [2, 3, 4]] and bucket.queries is bucket.keys
+    assert bucket.offsets is None and scatter.tolist() == [0, 1, 3, 4, 5]
     b[0, 2:] = torch.tensor([2, 3, 4])  # written in place: planned again
-    (gather, _), _ = varlen._plan(b, 1)
-    assert gather.tolist() == [[0, 1, 2, 3, 4]]
+    [bucket], _ = varlen._plan(b, 1)
+    assert bucket.keys.tolist() == [[0, 1, 2, 3, 4]]
 
 
-def test_a_branch_gathers_its_prompt_and_keeps_only_its_own_outputs():
+def test_a_branch_computes_only_its_own_queries_against_its_prompts_keys():
     """The shared prompt in one row: prompt 0-2, chosen 3-4, then the rejected answer whose positions drop back to 3.
-    Its piece is the prompt's three tokens then its own; the scatter takes the prompt's outputs from the first piece
-    and only the rejected tokens' from the second."""
+    Its piece's keys are the prompt's three tokens then its own; its queries only its own, each at key position 3 +
+    j, so it sees the prompt and its own earlier tokens and never the chosen answer."""
     pos = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5]])
-    assert varlen._pieces(pos) == [[(0, 0, 0, 5), (0, 3, 5, 8)]]
-    (gather, L), (scatter, _) = varlen._plan(pos, 1)
-    assert L == 6 and gather.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 5, 6, 7]]
-    assert scatter.tolist() == [0, 1, 2, 3, 4, 9, 10, 11]  # second piece's slots 6-11: its own outputs at 9-11
+    assert varlen.pieces(pos) == [[((), 0, 5), ((0, 1, 2), 5, 8)]]
+    (root, branch), scatter = varlen._plan(pos, 1)
+    assert root.keys.tolist() == [[0, 1, 2, 3, 4]] and root.offsets is None
+    assert branch.keys.tolist() == [[0, 1, 2, 5, 6, 7]] and branch.queries.tolist() == [[5, 6, 7]]
+    assert branch.offsets.tolist() == [3]
+    assert scatter.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # the root's 5 output slots, then the branch's 3
+    mask = varlen._piece_mask(branch, None, False, torch.float32)
+    assert mask[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    window = varlen._piece_mask(branch, 2, False, torch.float32)  # the last 2 positions only
+    assert window[0, 0].int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
+
+
+def test_a_branch_continues_the_sequence_before_it_so_a_prefix_can_span_pieces():
+    """The prefix tree's rule: a drop to p continues the first p tokens of the sequence before (its prefix, then
+    its own tokens). Sequences a b c | a b d e | a b d f laid down as 0 1 2 | 2 3 | 3: the last one's prefix is
+    a b (from the first piece) and d (from the second)."""
+    pos = torch.tensor([[0, 1, 2, 2, 3, 3]])
+    assert varlen.pieces(pos) == [[((), 0, 3), ((0, 1), 3, 5), ((0, 1, 3), 5, 6)]]
+    with pytest.raises(ValueError, match="position ids jump to 5 at index 3, past the 3 tokens"):
+        varlen.pieces(torch.tensor([[0, 1, 2, 5]]))
+    with pytest.raises(ValueError, match="jump to 4 at index 5, past the 3 tokens"):  # the branch before holds 3
+        varlen.pieces(torch.tensor([[0, 1, 2, 1, 2, 4]]))
 
 
 def test_pieces_of_very_different_lengths_go_to_different_buckets():
     pos = torch.tensor([[*range(3), *range(40), *range(5)]])
-    (short, ls), (long, ll), (scatter, _) = varlen._plan(pos, 1)
-    assert (ls, ll) == (5, 40) and short.shape == (2, 5) and long.shape == (1, 40)
+    (short, long), scatter = varlen._plan(pos, 1)
+    assert short.keys.shape == (2, 5) and long.keys.shape == (1, 40)
     # outputs laid end to end: the short bucket's 2 x 5 slots (pieces at 0 and 43), then the long one's 40
     assert scatter.tolist() == [0, 1, 2, *range(10, 50), *range(5, 10)]
 

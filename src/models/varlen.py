@@ -33,6 +33,7 @@ say the same). The preference loop switches its policy (and a loaded reference) 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 
@@ -44,26 +45,28 @@ SUPPORTED = ("sdpa", "eager")
 _last: dict = {}  # the plan for the last position ids read: every layer of a forward reads the same tensor
 
 
-def _pieces(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
-    """(prefix start, prefix length, start, end) of each piece of each row. A sequence starts where the position
-    ids restart at 0 (a piece with no prefix). A drop to p > 0 inside a sequence starts a branch that continues the
-    sequence's first p tokens (the shared-prompt layout's rejected answer after the prompt | chosen piece): its
-    piece is those p tokens followed by its own, and only its own tokens' outputs are kept."""
+def pieces(position_ids: torch.Tensor) -> list[list[tuple[tuple[int, ...], int, int]]]:
+    """(prefix, start, end) of each piece of each row: `prefix` the row indices of the tokens the piece continues.
+
+    A sequence starts where the position ids restart at 0 (a piece with no prefix). A drop to p > 0 starts a
+    branch that continues the first p tokens of the sequence before it (the previous piece's prefix and its own
+    tokens): its piece is those p tokens followed by its own, and only its own tokens' outputs are kept. One rule
+    gives both batch layouts that share tokens: the shared prompt's rejected answer continues the prompt of the
+    prompt | chosen piece before it, and the prefix tree's sorted sequences each continue the longest prefix they
+    share with the one before (a prefix tree in depth-first order, so a prefix can span several pieces)."""
     pieces = []
     for row in position_ids.reshape(-1, position_ids.shape[-1]).tolist():
-        cuts, seq, main = [], 0, None  # main: the length of the sequence's first piece, once a branch ends it
-        for i, p in enumerate(row):
-            if i == 0 or p == 0:
-                seq, main = i, None
-                cuts.append((i, i, 0))
-            elif p != row[i - 1] + 1:
-                main = i - seq if main is None else main
-                if p > main:
-                    raise ValueError(f"position ids jump to {p} at index {i}, past the {main} tokens of the "
-                                     f"sequence's first piece that they would continue")
-                cuts.append((i, seq, p))
-        ends = [c[0] for c in cuts[1:]] + [len(row)]
-        pieces.append([(ps, pl, s, e) for (s, ps, pl), e in zip(cuts, ends)])
+        starts = [i for i, p in enumerate(row) if i == 0 or p == 0 or p != row[i - 1] + 1]
+        out, path = [], []  # path: the row indices of the previous piece's sequence, prefix then own tokens
+        for s, e in zip(starts, starts[1:] + [len(row)]):
+            p = row[s] if s else 0
+            if p > len(path):
+                raise ValueError(f"position ids jump to {p} at index {s}, past the {len(path)} tokens of the "
+                                 f"sequence before it that they would continue")
+            prefix = tuple(path[:p])
+            out.append((prefix, s, e))
+            path = [*prefix, *range(s, e)]
+        pieces.append(out)
     return pieces
 
 
@@ -73,53 +76,80 @@ def _bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def _plan(position_ids: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, int]]:
-    """For each bucket: `gather` (P, L), the flat (row * T + t) index of each piece's tokens (a branch's prefix,
-    then its own), right-padded with index 0 (any real token: a padding slot is attended by no real query, causal
-    attention looks back only), and the bucket's length L; then `scatter` (rows * T,), where each token's output lies
-    in the buckets' outputs laid end to end (a prefix's outputs in a branch piece are computed and not kept). Read
-    once per forward (reading position ids moves them to the host: a GPU sync) and reused by every layer; a new
-    tensor, or one written in place, is read again."""
+@dataclass
+class Bucket:
+    """Pieces computed in one attention call. `keys` (P, Lk): the flat (row * T + t) index of each piece's keys, its
+    prefix's then its own tokens'; `queries` (P, Lq): its own tokens' (the same tensor when no piece has a prefix).
+    Both are right-padded with index 0 (any real token: a padding key is seen by no real query, causal attention
+    looks back only; a padding query's output is not kept). `offsets` (P,): each piece's prefix length, so its
+    query j sits at key position offsets[i] + j (None: no prefix, plain causal attention)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    offsets: torch.Tensor | None
+
+
+def _plan(position_ids: torch.Tensor, rows: int) -> tuple[list[Bucket], torch.Tensor]:
+    """The buckets, and `scatter` (rows * T,): where each token's output lies in the buckets' outputs laid end to
+    end. A piece with a prefix computes only its own queries, against its prefix's keys and its own (a branch's
+    prefix is computed, queries and all, by the piece that owns those tokens), so it is bucketed by both lengths.
+    Read once per forward (reading position ids moves them to the host: a GPU sync) and reused by every layer; a
+    new tensor, or one written in place, is read again."""
     if _last.get("ids") is position_ids and _last["version"] == position_ids._version and _last["rows"] == rows:
         return _last["plan"]
-    per_row = _pieces(position_ids)
+    per_row = pieces(position_ids)
     if len(per_row) != rows:  # position ids shared by every row
         per_row = per_row[:1] * rows
     T = position_ids.shape[-1]
-    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
-    for r, pieces in enumerate(per_row):
-        for ps, pl, s, e in pieces:
-            buckets.setdefault(_bucket(pl + e - s), []).append((r * T + ps, pl, r * T + s, e - s))
+    grouped: dict[tuple[int, int], list[tuple[list[int], int, int]]] = {}
+    for r, row in enumerate(per_row):
+        for prefix, s, e in row:
+            n, pl = e - s, len(prefix)
+            grouped.setdefault((_bucket(n), _bucket(pl + n) if pl else 0), []).append(
+                ([r * T + i for i in prefix], r * T + s, n))
     device = position_ids.device
-    plan, slot, where = [], 0, torch.empty(rows * T, dtype=torch.long)
-    for L, members in sorted(buckets.items()):
-        longest = max(pl + n for _, pl, _, n in members)
-        gather = torch.zeros((len(members), longest), dtype=torch.long)
-        for i, (prefix, pl, flat, n) in enumerate(members):
-            gather[i, :pl] = torch.arange(prefix, prefix + pl)
-            gather[i, pl:pl + n] = torch.arange(flat, flat + n)
-            own = slot + i * longest + pl
-            where[flat:flat + n] = torch.arange(own, own + n)
-        slot += len(members) * longest
-        plan.append((gather.to(device), longest))
-    plan.append((where.to(device), 0))  # the scatter, last
+    buckets, slot, where = [], 0, torch.empty(rows * T, dtype=torch.long)
+    for _, members in sorted(grouped.items()):
+        lq = max(n for _, _, n in members)
+        lk = max(len(prefix) + n for prefix, _, n in members)
+        queries = torch.zeros((len(members), lq), dtype=torch.long)
+        keys = torch.zeros((len(members), lk), dtype=torch.long)
+        for i, (prefix, flat, n) in enumerate(members):
+            own = torch.arange(flat, flat + n)
+            queries[i, :n] = own
+            keys[i, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            keys[i, len(prefix):len(prefix) + n] = own
+            where[flat:flat + n] = torch.arange(slot + i * lq, slot + i * lq + n)
+        slot += len(members) * lq
+        offsets = torch.tensor([len(prefix) for prefix, _, _ in members])
+        if offsets.any():
+            buckets.append(Bucket(queries.to(device), keys.to(device), offsets.to(device)))
+        else:
+            q = queries.to(device)
+            buckets.append(Bucket(q, q, None))
+    plan = (buckets, where.to(device))
     _last.update(ids=position_ids, version=position_ids._version, rows=rows, plan=plan)
     return plan
 
 
-def _piece_mask(n: int, window: int | None, additive: bool, dtype, device) -> torch.Tensor | None:
-    """The causal (and sliding-window: key within the last `window` positions) mask of a piece of n tokens, shared
-    by every piece of a bucket (each starts at 0); None when plain causal attention needs none (SDPA's is_causal)."""
-    if not additive and (not window or n <= window):
+def _piece_mask(bucket: Bucket, window: int | None, additive: bool, dtype) -> torch.Tensor | None:
+    """The bucket's causal (and sliding-window: key within the last `window` positions) mask, (P | 1, 1, Lq, Lk):
+    query j of piece i sees key k <= offsets[i] + j. None when plain causal attention needs none (SDPA's is_causal:
+    no prefix, and no window that the bucket's length reaches)."""
+    lq, lk = bucket.queries.shape[1], bucket.keys.shape[1]
+    device = bucket.keys.device
+    if bucket.offsets is None and not additive and (not window or lk <= window):
         return None
-    i = torch.arange(n, device=device)
-    allowed = i[None, :] <= i[:, None]
+    offsets = bucket.offsets if bucket.offsets is not None else torch.zeros(1, dtype=torch.long, device=device)
+    at = offsets[:, None, None] + torch.arange(lq, device=device)[None, :, None]  # (P, Lq, 1): each query's key position
+    k = torch.arange(lk, device=device)[None, None, :]
+    allowed = k <= at
     if window:
-        allowed &= (i[:, None] - i[None, :]) < window
+        allowed &= (at - k) < window
+    allowed = allowed[:, None]
     if not additive:
-        return allowed[None, None]
-    return torch.zeros((1, 1, n, n), dtype=dtype, device=device).masked_fill_(~allowed[None, None],
-                                                                              torch.finfo(dtype).min)
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _family_eager(module):
@@ -145,15 +175,15 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     fn = _family_eager(module) if eager else sdpa_attention_forward
     kwargs.pop("is_causal", None)
     B, H, T, D = query.shape
-    *buckets, (scatter, _) = _plan(position_ids, B)
+    buckets, scatter = _plan(position_ids, B)
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value)]  # (B*T, heads, D)
     outs = []
-    for gather, L in buckets:
+    for bucket in buckets:
         # index_select: its backward is index_add (advanced indexing's, index_put with accumulate, is slower on CPU)
-        q, k, v = (x.index_select(0, gather.reshape(-1)).view(*gather.shape, *x.shape[1:]).transpose(1, 2)
-                   for x in flat)  # (P, heads, L, D)
-        mask = _piece_mask(L, sliding_window, eager, query.dtype, query.device)
-        out, _ = fn(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)  # (P, L, H, D)
+        q, k, v = (x.index_select(0, at.reshape(-1)).view(*at.shape, *x.shape[1:]).transpose(1, 2)
+                   for x, at in zip(flat, (bucket.queries, bucket.keys, bucket.keys)))  # (P, heads, L, D)
+        mask = _piece_mask(bucket, sliding_window, eager, query.dtype)
+        out, _ = fn(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)  # (P, Lq, H, D)
         outs.append(out.reshape(-1, H, out.shape[-1]))
     return torch.cat(outs).index_select(0, scatter).reshape(B, T, H, -1), None
 

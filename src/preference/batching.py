@@ -1,4 +1,4 @@
-"""Batches of preference pairs (and SFT sequences) in three layouts of the same tokens; their forward is
+"""Batches of preference pairs (and SFT sequences) in four layouts of the same tokens; their forward is
 prefopt.training.forward.
 
 The layouts (prefopt.preference.data: prompt + completion + EOS, TRL's token ids):
@@ -16,10 +16,16 @@ The layouts (prefopt.preference.data: prompt + completion + EOS, TRL's token ids
                  with a (R, 1, T, T) boolean mask; without (a model switched to prefopt.models.varlen, as the loop
                  does), they lie in one row with no padding and no mask: the position ids say it all (a restart at
                  0 begins a pair, a drop to P > 0 its rejected answer, which continues the first P tokens)
+  prefix_tree    every sequence of the batch (chosen and rejected answers, or SFT examples) in one row, sorted, each
+                 computing only what follows the longest prefix it shares with the one before: a prompt shared by a
+                 pair, a template or system prompt shared by every example, a question asked twice are each
+                 computed once (the batch's prefix tree, depth first). The position ids say it (a drop to p
+                 continues the first p tokens of the sequence before); no mask. Where the prompts share nothing
+                 but the pair's, it computes what shared_prompt does
 
 Every layout carries, for each completion token, the flat index of the position whose logits predict it
 (`source_index`), the token (`target_ids`) and the sequence it belongs to (`seq_index`: pair i's chosen is i, its
-rejected B + i). All three give the padded path's
+rejected B + i). Every layout gives the padded path's
 log-probs and gradients to float rounding (tests/test_preference_batching.py), on every architecture the
 conformance suite builds (tests/test_architectures.py: Llama-3, Gemma-2, Qwen2.5, Mistral, Phi-3, Gemma-3).
 
@@ -31,7 +37,9 @@ from __future__ import annotations
 
 import torch
 
-LAYOUTS = ("padded", "packed", "shared_prompt")
+from prefopt.preference.data import common_prefix
+
+LAYOUTS = ("padded", "packed", "shared_prompt", "prefix_tree")
 
 
 COMPLETION_KEYS = (("chosen_ids", "rejected_ids"), ("completion_ids",))  # a pair, or one sequence (SFT)
@@ -78,6 +86,25 @@ def _segments(examples: list[dict], shared: bool, max_length: int) -> list[dict]
     return segs
 
 
+def _tree(segs: list[dict]) -> dict:
+    """The prefix tree's one row: the sequences sorted, each laid down from the end of the longest prefix it shares
+    with the one before (its positions starting there), so every token the tree holds is computed once: a
+    depth-first order of the tree of the batch's sequences, which varlen attention and `allowed_from_positions`
+    read back from the position ids (a drop to p continues the first p tokens of the sequence before). A target
+    predicted by a shared token is read from the one position that computes it."""
+    ids, pos, path, targets = [], [], [], []
+    prev: list[int] = []
+    for s in sorted(segs, key=lambda s: s["ids"]):
+        shared = common_prefix(prev, s["ids"])
+        own = s["ids"][shared:]
+        path = path[:shared] + list(range(len(ids), len(ids) + len(own)))  # row index of each of the sequence's tokens
+        ids += own
+        pos += range(shared, len(s["ids"]))
+        targets += [(path[src], tok, sq) for src, tok, sq in s["targets"]]
+        prev = s["ids"]
+    return {"ids": ids, "pos": pos, "targets": targets}
+
+
 def _pack(lengths: list[int]) -> list[list[int]]:
     """First-fit decreasing into rows of the longest segment's length: segment indices per row."""
     cap = max(lengths)
@@ -99,12 +126,14 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             masks: bool = True) -> dict:
     """Tensors for `pair_logps`. Padded: input_ids, attention_mask (2B, T). Packed: input_ids, position_ids (1, T).
     Shared prompt: input_ids, position_ids (R, T), attention_mask (R, 1, T, T) bool; with masks=False one row
-    (1, T) and no mask (for varlen attention: `prefopt.training.forward.reads_position_ids`). All: source_index,
+    (1, T) and no mask (for varlen attention: `prefopt.training.forward.reads_position_ids`). Prefix tree: one row
+    (1, T) and no mask, always (a model that reads masks gets them from the position ids). All: source_index,
     target_ids, seq_index (N,) and num_sequences (2B; B for SFT examples, which hold one `completion_ids`),
     num_tokens (the non-padding positions); ref_logps (B, 2) when the examples carry precomputed reference log-probs."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     B = len(examples)
+    sequences = None  # the prefix tree's, counted below
     if layout == "padded":
         segs = _segments(examples, False, max_length)
         K = len(segs) // max(B, 1)  # sequences per example: 2 (a pair) or 1 (SFT)
@@ -113,6 +142,9 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
     elif layout == "packed":  # one row: nothing is padding (attention runs per sequence, models.varlen)
         segs = _segments(examples, False, max_length)
         rows = [list(range(len(segs)))]
+    elif layout == "prefix_tree":  # one row, each shared prefix once; its targets carry their row positions
+        sequences = _segments(examples, False, max_length)
+        segs, rows = [_tree(sequences)], [[0]]
     else:
         segs = _segments(examples, True, max_length)
         rows = _pack([len(s["ids"]) for s in segs]) if masks else [list(range(len(segs)))]
@@ -147,7 +179,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             start += n
     out = {"input_ids": input_ids, "source_index": torch.tensor(source),
            "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
-           "num_sequences": torch.tensor(len(segs) if layout != "shared_prompt" else 2 * B),
+           "num_sequences": torch.tensor(2 * B if layout == "shared_prompt" else len(sequences or segs)),
            "num_tokens": torch.tensor(sum(len(s["ids"]) for s in segs))}  # non-padding positions (throughput)
     if attention_mask is not None:
         out["attention_mask"] = attention_mask

@@ -19,7 +19,7 @@ class PreferenceFields(TrainFields):
     mapping for a split, columns or a mixture ({path: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs})."""
     template: Literal["alpaca", "chat"] = "alpaca"
     """How prompts are rendered: the Alpaca template, or the tokenizer's chat template."""
-    layout: Literal["padded", "packed", "shared_prompt"] = "shared_prompt"
+    layout: Literal["padded", "packed", "shared_prompt", "prefix_tree"] = "shared_prompt"
     """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence), or
     shared_prompt (packed, each pair's prompt computed once for chosen and rejected). All give the same loss and
     gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching). On SDPA and

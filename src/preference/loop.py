@@ -226,7 +226,7 @@ def packed_varlen(model, layout: str) -> None:
     """The packed layouts' attention: each sequence of the packed row on its own, a shared prompt's rejected answer
     with its prompt (prefopt.models.varlen), when the model runs SDPA or eager attention; flash attention does the
     packed layout itself from the position ids (and cannot take the shared prompt: check_layout)."""
-    if layout in ("packed", "shared_prompt") and attention_implementation(model) in varlen.SUPPORTED:
+    if layout in ("packed", "shared_prompt", "prefix_tree") and attention_implementation(model) in varlen.SUPPORTED:
         varlen.use_varlen(model)
 
 

@@ -29,7 +29,7 @@ class SFTStageConfig(TrainFields):
     """`prefopt`: the shared training loop (padding-free, resumable, FSDP2); `trl`: TRL's SFTTrainer (padded, the
     reference the loop's loss curve is tested against: tests/test_sft_loop.py). Both train the same tokens with the
     same loss (NLL summed over the step's completion tokens over their count)."""
-    layout: Literal["padded", "packed"] = "packed"
+    layout: Literal["padded", "packed", "prefix_tree"] = "packed"
     """Token layout of a batch (backend prefopt): `packed` puts the examples side by side in one row, position ids
     restarting at 0 for each, and computes each example's attention on its own (models/varlen.py; flash attention's
     varlen kernels on a GPU), so no compute goes to padding; `padded` right-pads every example to the longest (what

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prefopt.models.varlen import VARLEN
+from prefopt.models.varlen import VARLEN, pieces
 
 
 class LayoutError(ValueError):
@@ -62,7 +62,7 @@ def check_layout(model, layout: str, key: str = "layout") -> None:
             raise LayoutError(f"{key}={layout} is not supported for layer types {sorted(unknown)} "
                               f"(only full and sliding attention); use {key}=padded")
         return
-    why = "it cannot express a prompt shared by two completions" if flash else "prefopt writes no masks for it"
+    why = "it cannot express a shared prefix (a branch)" if flash else "prefopt writes no masks for it"
     raise LayoutError(f"{key}={layout} cannot run with attn_implementation={impl!r}: {why}; use {key}=padded"
                       + ("" if flash else " or attn_implementation eager/sdpa"))
 
@@ -94,21 +94,19 @@ def _branches(pos: torch.Tensor) -> torch.Tensor:
 
 
 def allowed_from_positions(pos: torch.Tensor) -> torch.Tensor:
-    """(R, 1, T, T) bool of allowed (query, key) pairs from position ids alone: a sequence starts where they restart
-    at 0 and attends causally to itself; a branch (a drop to p > 0) attends causally to itself and to its
-    sequence's first p tokens. What `collate` writes as the shared prompt's mask, for a batch collated without."""
-    T = pos.shape[-1]
-    idx = torch.arange(T, device=pos.device).expand_as(pos)
-    seq_start = pos == 0
-    seq_start[..., 0] = True
-    piece_start = seq_start | _branches(pos)
-    seq, piece = seq_start.cumsum(-1), piece_start.cumsum(-1)
-    base = pos.gather(-1, torch.where(piece_start, idx, 0).cummax(-1).values)  # position the token's piece starts at
-    causal = torch.ones((T, T), dtype=torch.bool, device=pos.device).tril()
-    same_seq = seq[:, None, :, None] == seq[:, None, None, :]
-    same_piece = piece[:, None, :, None] == piece[:, None, None, :]
-    prefix = (base[:, None, None, :] == 0) & (pos[:, None, None, :] < base[:, None, :, None])  # key in the prompt
-    return same_seq & causal & (same_piece | prefix)
+    """(R, 1, T, T) bool of allowed (query, key) pairs from position ids alone, by the rule varlen attention reads
+    them with (`prefopt.models.varlen.pieces`): a sequence starts where they restart at 0 and attends causally to
+    itself; a branch (a drop to p > 0) attends causally to itself and to the first p tokens of the sequence before
+    it. What `collate` writes as the shared prompt's mask, for a batch collated without."""
+    R, T = pos.shape
+    allowed = torch.zeros((R, 1, T, T), dtype=torch.bool)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    for r, row in enumerate(pieces(pos.cpu())):
+        for prefix, s, e in row:
+            allowed[r, 0, s:e, s:e] = causal[:e - s, :e - s]
+            if prefix:
+                allowed[r, 0, s:e, list(prefix)] = True
+    return allowed.to(pos.device)
 
 
 def attention_inputs(model, batch: dict) -> dict:
