@@ -30,7 +30,7 @@ Per GPU, for a model of P parameters of which T train, over n processes (`launch
                hold their own copy on their own GPU, so the figure does not change with their number.
 
 Tokens per micro-batch: sft b*s; a preference pair stage 2*b*s (chosen and rejected; packed layouts carry at most
-that many), in rows of s (padded, packed) or of 2s (shared_prompt: prompt, chosen and rejected in one row);
+that many), in rows of s (padded, packed, prefix_tree) or of 2s (shared_prompt: prompt, chosen and rejected in one row);
 PPO mini_batch_size/n responses of max_new_tokens (prompt tokens are not bounded by the config, so not counted).
 Not counted: CUDA context and allocator fragmentation (a few GB), the attention masks of the packed layouts.
 """

@@ -54,14 +54,14 @@ def llama(vocab: int = V):
                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
 
 
-def gemma2(softcap: float = 0.5):
+def gemma2(softcap: float = 0.5, window: int = 4096):
     """Gemma-2 with a final-logit soft-cap small enough to matter at random init (the real one is 30)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, set_seed
 
     set_seed(0)
     return Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0,
-                                          final_logit_softcapping=softcap)).eval()
+                                          final_logit_softcapping=softcap, sliding_window=window)).eval()
 
 
 PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 10, 11]]
@@ -326,3 +326,42 @@ def test_frozen_dtype_follows_the_launch(monkeypatch):
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch)
         assert frozen_dtype(PPOConfig()) == want
         assert frozen_dtype(PPOConfig(frozen_dtype="float32")) == torch.float32  # the stage's own setting wins
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_prompt_sampled_n_times_is_computed_once(family):
+    """Evaluation scores n samples of each prompt: read as a prefix tree, the batch computes the shared template
+    head once, each prompt once, and each sample's own tokens, with every sample's log-prob that of its own
+    unpadded forward (Gemma-2: soft-capped logits, and a sliding window of 4 that a 12-token prompt reaches). The
+    model's attention is switched for the call only."""
+    from prefopt.training.throughput import Meter
+
+    model = llama() if family == "llama" else gemma2(window=4)
+    impl = model.config._attn_implementation
+    head = [1, 30, 31, 32]  # a template's start, in every prompt
+    prompts = [head + [40 + i, 41 + i, 42, 43, 44, 45, 46, 47] for i in range(2) for _ in range(4)]
+    responses = [[50 + k, 60 + i, 2][: 1 + (k + i) % 3] for i in range(2) for k in range(4)]
+    want = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float(), -1)
+            want.append(sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(r)))
+    meter = Meter(1.0)
+    got = L.response_logps(model, prompts, responses, batch_size=8, meter=meter)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert model.config._attn_implementation == impl
+    # the head once, each prompt's own 8 tokens once, every response token (no two share a first token): 35 of 111
+    assert meter.phases["forward"].tokens == len(head) + 2 * 8 + sum(map(len, responses)) == 35
+    assert sum(len(p) + len(r) for p, r in zip(prompts, responses)) == 111
+
+
+def test_response_tree_batch_layout():
+    """The prefix-tree form of the same lists: one row, each shared prefix once, each target read where its
+    predicting token was computed; a response with an empty prompt loses its first token's target (nothing predicts
+    it), as in the padded form."""
+    b = L.response_tree_batch([[1, 5], [1, 5], [], [1]], [[7, 8], [7, 9], [3], [9]])
+    # sorted: 1 5 7 8 | 1 5 7 9 (9 at position 3) | 1 9 (9 at position 1) | 3 (a new tree: position 0)
+    assert b["input_ids"].tolist() == [[1, 5, 7, 8, 9, 9, 3]] and b["position_ids"].tolist() == [[0, 1, 2, 3, 3, 1, 0]]
+    assert int(b["num_tokens"]) == 7 and int(b["num_sequences"]) == 4
+    got = list(zip(*(b[k].tolist() for k in ("seq_index", "source_index", "target_ids"))))
+    assert got == [(0, 1, 7), (0, 2, 8), (1, 1, 7), (1, 2, 9), (3, 0, 9)]  # sequence 2's one token has no predictor

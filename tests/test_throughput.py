@@ -116,11 +116,12 @@ def test_collate_counts_the_real_tokens(tiny_model_dir, tmp_path):
 
 
 def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
-    """A real `dpo` stage (16 pairs in one batch of 16, 2 epochs, shared_prompt, reference precomputed): the
-    summary's token counts are those of the batches collate builds from the same pairs (one reference pass, two
-    training passes), the padding fraction is theirs, and MFU is in (0, 1.5)."""
+    """A real `dpo` stage (16 pairs in one batch of 16, 2 epochs, its default layout, reference precomputed): the
+    summary's token counts are those of the batch collate builds from the same pairs as the loop does (one
+    reference pass, two training passes), the padding fraction is theirs, and MFU is in (0, 1.5)."""
     from prefopt.models.loading import load_tokenizer
     from prefopt.preference.batching import collate
+    from prefopt.preference.config import PreferenceFields
     from prefopt.preference.data import load_pairs, tokenize_pairs
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", n=16)
@@ -131,7 +132,7 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
     summary = json.loads((tmp_path / "runs" / "t" / "dpo" / "summary.json").read_text())
     tok = load_tokenizer(str(tiny_model_dir))
     batch = collate(tokenize_pairs(load_pairs(str(pairs), "alpaca", tok), tok, 256), tok.pad_token_id, 256,
-                    "shared_prompt")
+                    PreferenceFields().layout, masks=False)  # the model is switched to varlen attention
     computed, useful = batch["input_ids"].numel(), int(batch["num_tokens"])  # one batch holds every pair
     assert summary["perf/forward/tokens"] == computed and summary["perf/train/tokens"] == 2 * computed
     assert summary["perf/tokens"] == 3 * computed
@@ -202,9 +203,10 @@ def test_response_logps_meters_its_batches(tiny_model_dir):
 
 @pytest.mark.parametrize("backend", ["prefopt", "trl"])
 def test_sft_stage_reports_perf(tmp_path, tiny_model_dir, backend):
-    """The `sft` stage on its two backends, one step over 24 examples in one batch: the loop's packed batch
-    (positions = collate's rows x width) and TRL's SFTTrainer (positions = 24 x the longest example, through the
-    Trainer callback) both count the examples' own prompt + completion tokens as useful."""
+    """The `sft` stage on its two backends, one step over 24 examples in one batch: the loop's batch in its
+    default layout (the prefix tree: positions = the distinct prefixes' tokens, every one useful) and TRL's
+    SFTTrainer (positions = 24 x the longest example, through the Trainer callback, the examples' own tokens
+    useful)."""
     from prefopt.config import from_dict
     from prefopt.data.loaders import load_sft
     from prefopt.experiment import ExperimentConfig
@@ -226,10 +228,13 @@ def test_sft_stage_reports_perf(tmp_path, tiny_model_dir, backend):
     examples, _ = sft_examples(load_sft(cfg.sft.dataset, "alpaca").rows, tok, 256)
     lengths = [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in examples]
     assert len(lengths) == 24
-    computed = (collate(examples, tok.pad_token_id, 256, "packed")["input_ids"].numel() if backend == "prefopt"
-                else 24 * max(lengths))
+    if backend == "prefopt":
+        computed = useful = collate(examples, tok.pad_token_id, 256, cfg.sft.layout, masks=False)["input_ids"].numel()
+        assert cfg.sft.layout == "prefix_tree" and computed < sum(lengths) / 2  # the instruction is shared
+    else:
+        computed, useful = 24 * max(lengths), sum(lengths)
     assert summary["perf/train/tokens"] == computed
-    assert summary["perf/train/padding_fraction"] == pytest.approx(1 - sum(lengths) / computed, abs=1e-4)
+    assert summary["perf/train/padding_fraction"] == pytest.approx(1 - useful / computed, abs=1e-4)
     assert 0 < summary["perf/mfu"] < 1.5 and summary["perf/peak_tflops"] > 0
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.preference.data import common_prefix
+from prefopt.training.prefix_tree import lay_down
 
 LAYOUTS = ("padded", "packed", "shared_prompt", "prefix_tree")
 
@@ -86,25 +86,6 @@ def _segments(examples: list[dict], shared: bool, max_length: int) -> list[dict]
     return segs
 
 
-def _tree(segs: list[dict]) -> dict:
-    """The prefix tree's one row: the sequences sorted, each laid down from the end of the longest prefix it shares
-    with the one before (its positions starting there), so every token the tree holds is computed once: a
-    depth-first order of the tree of the batch's sequences, which varlen attention and `allowed_from_positions`
-    read back from the position ids (a drop to p continues the first p tokens of the sequence before). A target
-    predicted by a shared token is read from the one position that computes it."""
-    ids, pos, path, targets = [], [], [], []
-    prev: list[int] = []
-    for s in sorted(segs, key=lambda s: s["ids"]):
-        shared = common_prefix(prev, s["ids"])
-        own = s["ids"][shared:]
-        path = path[:shared] + list(range(len(ids), len(ids) + len(own)))  # row index of each of the sequence's tokens
-        ids += own
-        pos += range(shared, len(s["ids"]))
-        targets += [(path[src], tok, sq) for src, tok, sq in s["targets"]]
-        prev = s["ids"]
-    return {"ids": ids, "pos": pos, "targets": targets}
-
-
 def _pack(lengths: list[int]) -> list[list[int]]:
     """First-fit decreasing into rows of the longest segment's length: segment indices per row."""
     cap = max(lengths)
@@ -144,7 +125,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
         rows = [list(range(len(segs)))]
     elif layout == "prefix_tree":  # one row, each shared prefix once; its targets carry their row positions
         sequences = _segments(examples, False, max_length)
-        segs, rows = [_tree(sequences)], [[0]]
+        segs, rows = [lay_down([(s["ids"], s["targets"]) for s in sequences])], [[0]]
     else:
         segs = _segments(examples, True, max_length)
         rows = _pack([len(s["ids"]) for s in segs]) if masks else [list(range(len(segs)))]

@@ -19,11 +19,14 @@ class PreferenceFields(TrainFields):
     mapping for a split, columns or a mixture ({path: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs})."""
     template: Literal["alpaca", "chat"] = "alpaca"
     """How prompts are rendered: the Alpaca template, or the tokenizer's chat template."""
-    layout: Literal["padded", "packed", "shared_prompt", "prefix_tree"] = "shared_prompt"
-    """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence), or
-    shared_prompt (packed, each pair's prompt computed once for chosen and rejected). All give the same loss and
-    gradients (float rounding); shared_prompt computes the fewest tokens (prefopt.preference.batching). On SDPA and
-    eager both packed layouts are one row with no padding and no mask (prefopt.models.varlen)."""
+    layout: Literal["padded", "packed", "shared_prompt", "prefix_tree"] = "prefix_tree"
+    """Token layout of a batch: padded (as TRL), packed (padding-free, attention kept inside each sequence),
+    shared_prompt (packed, each pair's prompt computed once for chosen and rejected), or prefix_tree (every chosen
+    and rejected sequence of the batch sorted in one row, each computed from the end of the longest prefix it
+    shares with the one before: a pair's prompt, a template or system prompt every pair shares, a common start of
+    the two answers, each computed once). All give the same loss and gradients (float rounding); prefix_tree
+    computes the fewest tokens (prefopt.preference.batching). On SDPA and eager the packed layouts are one row with
+    no padding and no mask (prefopt.models.varlen); flash attention takes `packed` only."""
     logps_chunk_size: int = 512
     """Project hidden states to the vocabulary this many tokens at a time, recomputed in backward, so the full
     (tokens x vocab) float32 logits never exist at once (TRL #7244; exact: the same log-probs and gradients).

@@ -18,6 +18,7 @@ import torch
 from prefopt.data.counts import note
 from prefopt.data.templates import encode_many, render_prompt
 from prefopt.training.padding import right_pad
+from prefopt.training.prefix_tree import common_prefix
 
 
 def _pairs_file(path: str) -> str:
@@ -70,15 +71,6 @@ def load_pairs(source, template: str, tokenizer) -> list[dict]:
     for i, r in enumerate(rows):
         rows[i] = {"prompt": render_prompt(r["prompt"], tokenizer), "chosen": r["chosen"], "rejected": r["rejected"]}
     return rows
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 LONG_PROMPTS = ("truncate", "drop")

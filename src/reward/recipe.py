@@ -378,8 +378,8 @@ def run_loop(ctx, cfg, tok, data, train_rows, val_rows, test_rows, selection: Se
         return selection.record(step, evaluate_pairs(scorer_of(model), val_rows, cfg))
 
     # the loop's own fields for a pair stage: every checkpoint kept (the selected one must survive); the likelihood
-    # model in the shared-prompt layout, long prompts cut from the left as the aligners do; the classifier padded
-    sec = loop_fields(cfg, layout="shared_prompt" if likelihood else "padded", save_total_limit=0,
+    # model in the prefix-tree layout, long prompts cut from the left as the aligners do; the classifier padded
+    sec = loop_fields(cfg, layout="prefix_tree" if likelihood else "padded", save_total_limit=0,
                       logps_chunk_size=0, long_prompts="truncate")
     if likelihood:
         out = train(ctx, likelihood_objective(cfg.beta), reference=None, rows=train_rows, section=sec, hook=hook)

@@ -28,7 +28,7 @@ from prefopt.data.errors import DataError
 from prefopt.data.loaders import load_sft
 from prefopt.data.templates import encode_many, render_prompt
 from prefopt.models.loading import check_lora_mergeable, full_state_dict, load_causal_lm, load_tokenizer, save_model
-from prefopt.preference.data import common_prefix
+from prefopt.training.prefix_tree import common_prefix
 from prefopt.training.checkpoints import last_checkpoint
 from prefopt.training.trainer import hf_training_kwargs, throughput_callback
 from prefopt.training.lora import lora_config

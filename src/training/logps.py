@@ -15,8 +15,10 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from prefopt.training.forward import pair_logps
+from prefopt.models import varlen
+from prefopt.training.forward import attention_implementation, pair_logps
 from prefopt.training.padding import right_pad
+from prefopt.training.prefix_tree import lay_down
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -105,14 +107,40 @@ def response_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[S
             "num_sequences": torch.tensor(B)}
 
 
+def response_tree_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> dict:
+    """`response_batch` as a prefix tree (prefopt.training.prefix_tree): the (prompt, response) sequences in one row
+    (1, T) with their position ids and no padding, every prefix they share computed once (a prompt sampled n
+    times, a template every prompt starts with), for a model that reads the tree from the position ids (varlen
+    attention). Same keys, plus position_ids and num_tokens."""
+    row = lay_down([(list(p) + list(r), [(len(p) + k - 1, int(tok), i) for k, tok in enumerate(r)])
+                    for i, (p, r) in enumerate(zip(prompt_ids, response_ids))])
+    source, target, seq = zip(*row["targets"]) if row["targets"] else ((), (), ())
+    long = dict(dtype=torch.long)
+    return {"input_ids": torch.tensor([row["ids"]], **long), "position_ids": torch.tensor([row["pos"]], **long),
+            "source_index": torch.tensor(source, **long), "target_ids": torch.tensor(target, **long),
+            "seq_index": torch.tensor(seq, **long), "num_sequences": torch.tensor(len(prompt_ids)),
+            "num_tokens": torch.tensor(len(row["ids"]))}
+
+
+def _tree_attention(model, projectable: bool) -> str | None:
+    """How `response_logps` reads a model in the prefix-tree layout: "varlen" (already switched), the SDPA or eager
+    implementation to switch from (and back to afterwards), or None: padded rows (flash attention cannot read a
+    shared prefix; a stand-in model is run through its own forward)."""
+    if not projectable:
+        return None
+    impl = attention_implementation(model)
+    return "varlen" if impl == varlen.VARLEN else impl if impl in varlen.SUPPORTED else None
+
+
 @torch.no_grad()
 def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
                    desc: str | None = None, chunk_size: int = 512, meter=None) -> list[float]:
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t) for each (prompt ids, response ids) pair, as floats.
 
-    Sequences are right-padded (positions need no shifting) and taken in the given order in fixed batches, so
-    two models scored on the same lists see exactly the same batches. `temperature` divides the logits: pass
+    Sequences are taken in the given order in fixed batches, so two models scored on the same lists see exactly
+    the same batches; a model with SDPA or eager attention reads each batch as a prefix tree (switched to varlen
+    attention for the call), so a prompt shared by a batch's responses is computed once; others right-padded. `temperature` divides the logits: pass
     the sampling temperature to get the log-probs of the distribution the responses came from (divided after any
     soft-capping, as the model's forward ends). Through the preference loop's vocabulary projection (`pair_logps`):
     the decoder runs once and only the positions that predict a response token are projected, `chunk_size` at a
@@ -130,14 +158,22 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     projectable = hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")
     out: list[float] = []
     starts = range(0, len(prompt_ids), batch_size)
-    for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
-        batch = response_batch(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with meter.timed("forward") if meter is not None else nullcontext():
-            sums = _batch_sums(model, batch, projectable, chunk_size, temperature)
-        if meter is not None:
-            meter.count("forward", batch, meter.params(model)[0])
-        out += sums.float().cpu().tolist()
+    tree = _tree_attention(model, projectable)
+    switched = varlen.use_varlen(model) if tree not in (None, "varlen") else None
+    try:
+        for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
+            part = prompt_ids[s:s + batch_size], response_ids[s:s + batch_size]
+            batch = response_tree_batch(*part) if tree else response_batch(*part, pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with meter.timed("forward") if meter is not None else nullcontext():
+                sums = (_batch_sums(model, batch, projectable, chunk_size, temperature) if batch["input_ids"].numel()
+                        else torch.zeros(len(part[0])))  # nothing to read: empty prompts and responses
+            if meter is not None:
+                meter.count("forward", batch, meter.params(model)[0])
+            out += sums.float().cpu().tolist()
+    finally:
+        if switched is not None:
+            varlen.restore(model, switched)
     model.train(was_training)
     return out
 
