@@ -131,7 +131,7 @@ def test_what_does_not_fit_is_said(tmp_path, capsys):
     assert check(cfg) == 0  # an estimate warns; it does not stop a run
     out = capsys.readouterr().out
     assert "simpo     training step" in out and "DOES NOT FIT" in out
-    assert "WARNING: simpo: training step needs about 27.9 GB per GPU, more than launch.gpu_memory_gb 24" in out
+    assert "WARNING: simpo: training step needs about 26.6 GB per GPU, more than launch.gpu_memory_gb 24" in out
 
 
 def test_unknown_model_is_size_unknown(capsys):
