@@ -261,9 +261,10 @@ def test_evaluate_stage_reports_its_logprob_passes(tmp_path, tiny_model_dir):
 
 
 def test_ppo_stage_reports_perf(tmp_path, tiny_model_dir, rm_dir, prompts_file):
-    """The `ppo` stage, 2 iterations of 8 rollouts: the rollouts are the forward phase (8 rows x their width
-    each), the minibatch updates the train phase (2 epochs x 2 minibatches of 4 rows, trimmed), every logged row is
-    an iteration's (the figures go to the summary, not to metrics.jsonl), MFU in (0, 1.5)."""
+    """The `ppo` stage, 2 iterations of 8 rollouts: the rollouts are the forward phase, the minibatch updates the
+    train phase (2 epochs x 2 minibatches of 4 rows), both read as prefix trees (every position computed is a real
+    token: no padding; what they count is checked in tests/test_ppo_tree.py), every logged row is an iteration's
+    (the figures go to the summary, not to metrics.jsonl), MFU in (0, 1.5)."""
     from test_ppo import write_config as ppo_config
 
     cfg = ppo_config(tmp_path, "p", tiny_model_dir, rm_dir, prompts_file)
@@ -271,11 +272,10 @@ def test_ppo_stage_reports_perf(tmp_path, tiny_model_dir, rm_dir, prompts_file):
     d = tmp_path / "p" / "ppo"
     summary = json.loads((d / "summary.json").read_text())
     assert [json.loads(line)["step"] for line in (d / "metrics.jsonl").open()] == [1, 2]
-    assert summary["perf/forward/tokens"] % 8 == 0 and summary["perf/forward/tokens"] > 0
-    assert 0 < summary["perf/train/tokens"] <= 2 * summary["perf/forward/tokens"]  # trimmed rows, 2 epochs
+    assert summary["perf/forward/tokens"] > 0 and summary["perf/train/tokens"] > 0
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
-    assert 0 <= summary["perf/padding_fraction"] < 1 and "[prefopt] ppo: " in proc.stdout
+    assert summary["perf/padding_fraction"] == 0 and "[prefopt] ppo: " in proc.stdout
 
 
 def test_scoring_passes_do_not_depend_on_the_batch_size(tiny_model_dir, rm_dir):

@@ -33,6 +33,7 @@ say the same). The preference loop switches its policy (and a loaded reference) 
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -221,3 +222,34 @@ def restore(model, base: str) -> None:
     for module in model.modules():
         if hasattr(module, BASE_ATTR):
             delattr(module, BASE_ATTR)
+
+
+@contextmanager
+def switched(model):
+    """For the duration, the model (under any DDP / DeepSpeed wrapper) reads packed and prefix-tree rows: yields
+    True when it does (already switched, or SDPA / eager switched now and restored after, so a model that also
+    generates, as PPO's policy does, is back to its own attention for that), False when its attention cannot (flash
+    attention cannot read a shared prefix: pass padded rows)."""
+    inner = _unwrapped(model)
+    base = _configs(inner)[-1]._attn_implementation
+    if base == VARLEN or base not in SUPPORTED:
+        yield base == VARLEN
+        return
+    use_varlen(inner)
+    try:
+        yield True
+    finally:
+        restore(inner, base)
+
+
+def reads_pieces(model) -> bool:
+    """Whether `switched(model)` makes the model read packed and prefix-tree rows (SDPA, eager, or already varlen)."""
+    base = _configs(_unwrapped(model))[-1]._attn_implementation
+    return base == VARLEN or base in SUPPORTED
+
+
+def _unwrapped(model):
+    """The model under DDP / DeepSpeed wrappers (PEFT forwards attribute lookups itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

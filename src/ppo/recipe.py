@@ -36,7 +36,9 @@ from prefopt.generation.base import Sampling
 from prefopt.models.loading import place_frozen
 from prefopt.ppo.checkpoint import load_trainer_state, resumable_checkpoint, save_checkpoint
 from prefopt.ppo.loss import AdaptiveKLController, FixedKLController, explained_variance, ppo_loss
-from prefopt.ppo.rollout import PromptSampler, Rollout, collect, gather_rows, policy_forward, trim
+from prefopt.models import varlen
+from prefopt.ppo.rollout import (PromptSampler, Rollout, collect, gather_rows, policy_forward, trim, tree_batch,
+                                 value_forward)
 from prefopt.ppo.setup import (check_distributed_type, check_reward_model_code, check_world, is_sharded,
                                load_models, make_accelerator, reward_scorer, rollout_generator)
 from prefopt.runtime import faults
@@ -123,17 +125,19 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
     meter = throughput.start(0.0, accelerator.device, torch.float32, accelerator.num_processes)
     n_policy, n_ref, n_value = (throughput.param_counts(m) for m in (policy, ref, value))
-    # the rollout's passes over its tokens: sampling (~ one policy forward), the policy's, the reference's and the
-    # value model's log-prob / value forwards (the reward model's pass over its own tokenization is not counted)
-    n_rollout = 2 * n_policy[0] + n_ref[0] + n_value[0]
+    # the rollout's passes: sampling (~ one policy forward over this process's real tokens), then the policy's, the
+    # reference's and the value model's forwards over what they computed (the reward model's pass over its own
+    # tokenization is not counted)
+    n_passes = n_policy[0] + n_ref[0] + n_value[0]
 
     bar = tqdm(desc="ppo", initial=start, total=iterations, disable=not accelerator.is_main_process)
     for it in range(start + 1, iterations + 1):
         with meter.timed("forward"):  # PPO's forward phase: the whole rollout, sampling included
             ro = rollout(it, policy, ref, value, tokenizer, prompts, sampler, generator, score_fn, kl_ctl.value, cfg,
                          seed, accelerator)
-        useful = int(ro.attention_mask.sum())
-        meter.add("forward", ro.input_ids.numel(), useful, throughput.forward_flops(n_rollout, useful))
+        c = ro.computed
+        meter.add("forward", c["positions"], c["useful"], throughput.forward_flops(n_policy[0], c["tokens"])
+                  + throughput.forward_flops(n_passes, c["useful"]))
         metrics = rollout_metrics(ro, kl_ctl.value)
         shuffle = torch.Generator().manual_seed(seed * 100003 + it)
         with meter.timed("train"):
@@ -274,10 +278,12 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
             mine = rows[rank * share: (rank + 1) * share]
             weight = global_token_weight(batch["mask"], mine, rows, world)
             mb = trim(batch, mine)
+            rows = mb["input_ids"], mb["attention_mask"], mb["mask"]
+            tree = tree_batch(*rows) if varlen.reads_pieces(policy) else None  # shared prompt tokens once
             if meter is not None:
-                meter.count("train", mb, *n_params)
-            logps, _ = policy_forward(policy, mb["input_ids"], mb["attention_mask"], mb["mask"], cfg.temperature)
-            values = value(mb["input_ids"], mb["attention_mask"])[:, :-1]
+                meter.count("train", tree if tree is not None else mb, *n_params)
+            logps, _ = policy_forward(policy, *rows, cfg.temperature, tree)
+            values = value_forward(value, *rows, tree)
             loss, step = ppo_loss(logps, mb["logps"], mb["advantages"], values, mb["values"], mb["returns"],
                                   mb["mask"], cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
             loss = loss * weight

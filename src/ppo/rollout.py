@@ -5,11 +5,17 @@ Layout of a rollout batch: each row is `prompt tokens + response tokens`, right 
 are (B, T-1): position t holds what belongs to the action input_ids[t+1] (its log-prob, the value of the state
 before it, its reward), and `mask` is 1 where input_ids[t+1] is a response token. Right padding keeps position
 ids natural, so prefopt.training.logps' conventions hold unchanged.
+
+The policy, reference and value passes read those rows as a prefix tree (`tree_batch`, when the model's attention
+is SDPA or eager: prefopt.models.varlen): the rows in one row, each prompt token the rollout's prompts share (a
+template, a system prompt) computed once, and the vocabulary projected at the actions only; what they return is
+laid back into the (B, T-1) tensors, the same numbers as the padded forward's to float rounding.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -18,8 +24,10 @@ from torch import nn
 
 from prefopt.data.templates import encode_many
 from prefopt.generation.base import Completion, Sampling, derive_seed
+from prefopt.models import varlen
 from prefopt.training.logps import token_logps
 from prefopt.training.padding import right_pad
+from prefopt.training.prefix_tree import lay_down
 from prefopt.ppo.loss import gae, kl_penalty_rewards, whiten
 
 
@@ -46,8 +54,10 @@ class ValueModel(nn.Module):
     def head(self) -> nn.Module:
         return self.model.score  # Linear(hidden, 1): the reward head, read at every position
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()  # (B, T)
 
     def save_pretrained(self, path, **kwargs) -> None:
@@ -63,18 +73,68 @@ def build_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": response[:, 1:]}
 
 
+def tree_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Right-padded rows and their action mask (B, T-1) as one prefix-tree row (prefopt.training.prefix_tree):
+    input_ids, position_ids (1, N); `keep` the row positions that predict an action (sorted, each once), and for
+    each action, `pick` (its row in `keep`), `target_ids` and `flat` (its index b * (T-1) + t in a (B, T-1)
+    tensor); num_tokens N (what the throughput meter counts)."""
+    B, T = input_ids.shape
+    rows, lengths, actions = input_ids.tolist(), attention_mask.sum(1).tolist(), mask.nonzero().tolist()
+    targets: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]
+    for b, t in actions:
+        targets[b].append((t, rows[b][t + 1], b * (T - 1) + t))
+    row = lay_down([(rows[b][:lengths[b]], targets[b]) for b in range(B)])
+    source, tokens, flat = zip(*row["targets"]) if row["targets"] else ((), (), ())
+    keep = sorted(set(source))
+    where = {p: i for i, p in enumerate(keep)}
+    device, long = input_ids.device, dict(dtype=torch.long, device=input_ids.device)
+    return {"input_ids": torch.tensor([row["ids"]], **long), "position_ids": torch.tensor([row["pos"]], **long),
+            "keep": torch.tensor(keep, **long), "pick": torch.tensor([where[p] for p in source], **long),
+            "target_ids": torch.tensor(tokens, **long), "flat": torch.tensor(flat, **long),
+            "num_tokens": torch.tensor(len(row["ids"]), device=device)}
+
+
+def _laid_back(values: torch.Tensor, tree: dict, shape: torch.Size) -> torch.Tensor:
+    """Per-action values (A,) into a zero (B, T-1) tensor at each action's place."""
+    out = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
+    return out.index_put((tree["flat"],), values).view(shape)
+
+
 def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float, tree: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies (B, T-1) of the response tokens, at the sampling temperature.
 
     The logits are divided by the temperature the responses were sampled at, so log pi is the log-prob of the
-    distribution that produced them (Huang et al. 2024); zero outside `mask`."""
+    distribution that produced them (Huang et al. 2024); zero outside `mask`. With `tree` (`tree_batch` of the same
+    rows) a model that reads it runs once over the prefix tree and projects the action positions only."""
+    with varlen.switched(model) if tree is not None else nullcontext(False) as reads:
+        if reads:
+            logits = model(input_ids=tree["input_ids"], position_ids=tree["position_ids"], use_cache=False,
+                           logits_to_keep=tree["keep"]).logits[0].float() / temperature  # (K, V): each once
+            log_p = torch.log_softmax(logits, dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)[tree["pick"]]
+            logps = log_p[tree["pick"]].gather(-1, tree["target_ids"].unsqueeze(-1)).squeeze(-1)
+            return _laid_back(logps, tree, mask.shape), _laid_back(entropy, tree, mask.shape)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
     logits = logits / temperature
     logps = token_logps(logits, input_ids[:, 1:]) * mask
     log_p = torch.log_softmax(logits, dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1) * mask
     return logps, entropy
+
+
+def value_forward(value, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                  tree: dict | None = None) -> torch.Tensor:
+    """V(s_t) of the state before each action (B, T-1), zero outside `mask`; over the prefix tree with `tree`
+    when the value model's attention reads it."""
+    inner = value
+    while hasattr(inner, "module"):  # a prepared (DDP) ValueModel; its transformers model is `.model`
+        inner = inner.module
+    with varlen.switched(inner.model) if tree is not None else nullcontext(False) as reads:
+        if reads:
+            v = value(tree["input_ids"], position_ids=tree["position_ids"])[0]  # (N,)
+            return _laid_back(v[tree["keep"]][tree["pick"]], tree, mask.shape)
+    return value(input_ids, attention_mask)[:, :-1] * mask
 
 
 def trim(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,9 +165,14 @@ class Rollout:
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    computed: dict = field(default_factory=dict)
+    """This process's share, for the throughput meter: `tokens` (its rows' real tokens, what sampling produced and
+    read), `positions` and `useful` (what each of the policy, reference and value passes computed: padded rows and
+    their real tokens, or the prefix tree's positions, all real)."""
 
     def batch(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name).dim() == 2}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).dim() == 2}
 
 
 ScoreFn = Callable[[list[str], list[Completion]], torch.Tensor]
@@ -164,22 +229,31 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
     finished = torch.tensor([c.finished for c in completions], dtype=torch.float32, device=device)
     scores = score_fn(prompts, completions).float().to(device)
 
-    # Forward passes in chunks of mini_batch_size rows: the rollout can be larger than fits at once.
+    # Forward passes in chunks of mini_batch_size rows: the rollout can be larger than fits at once. Each chunk is
+    # read as a prefix tree where the policy's attention can (its prompts' shared tokens computed once)
     chunks = {k: [] for k in ("logps", "ref_logps", "entropy", "values")}
+    passes = {"positions": 0, "useful": 0}  # what each of the three passes computed (for the throughput meter)
     for start in range(0, len(prompts), cfg.mini_batch_size):
         idx = torch.arange(start, min(start + cfg.mini_batch_size, len(prompts)), device=device)
         ids, am, m = batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"][idx]
-        logps, entropy = policy_forward(policy, ids, am, m, sampling.temperature)
-        ref_logps, _ = policy_forward(ref, ids, am, m, sampling.temperature)
+        tree = tree_batch(ids, am, m) if varlen.reads_pieces(policy) else None
+        logps, entropy = policy_forward(policy, ids, am, m, sampling.temperature, tree)
+        ref_logps, _ = policy_forward(ref, ids, am, m, sampling.temperature, tree)
         chunks["logps"].append(logps)
         chunks["entropy"].append(entropy)
         chunks["ref_logps"].append(ref_logps)
-        chunks["values"].append(value(ids, am)[:, :-1] * m)
+        chunks["values"].append(value_forward(value, ids, am, m, tree))
+        n = int(tree["num_tokens"]) if tree is not None else None
+        passes["positions"] += n if n is not None else ids.numel()
+        passes["useful"] += n if n is not None else int(am.sum())
     t = {k: torch.cat(v) for k, v in chunks.items()}
     t.update(batch, scores=scores, finished=finished)
+    local_tokens = int(batch["attention_mask"].sum())
     if gather is not None:
         t = {k: gather(v, tokenizer.pad_token_id if k == "input_ids" else 0) for k, v in t.items()}
-    return score_rollout(t, kl_coef, cfg)
+    ro = score_rollout(t, kl_coef, cfg)
+    ro.computed = {"tokens": local_tokens, **passes}
+    return ro
 
 
 def score_rollout(t: dict[str, torch.Tensor], kl_coef: float, cfg) -> Rollout:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prefopt.models import varlen
-from prefopt.training.forward import attention_implementation, pair_logps
+from prefopt.training.forward import pair_logps
 from prefopt.training.padding import right_pad
 from prefopt.training.prefix_tree import lay_down
 
@@ -122,16 +122,6 @@ def response_tree_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Seque
             "num_tokens": torch.tensor(len(row["ids"]))}
 
 
-def _tree_attention(model, projectable: bool) -> str | None:
-    """How `response_logps` reads a model in the prefix-tree layout: "varlen" (already switched), the SDPA or eager
-    implementation to switch from (and back to afterwards), or None: padded rows (flash attention cannot read a
-    shared prefix; a stand-in model is run through its own forward)."""
-    if not projectable:
-        return None
-    impl = attention_implementation(model)
-    return "varlen" if impl == varlen.VARLEN else impl if impl in varlen.SUPPORTED else None
-
-
 @torch.no_grad()
 def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
                    pad_id: int = 0, temperature: float = 1.0, batch_size: int = 16,
@@ -154,13 +144,11 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     model.eval()  # dropout off: log-probs must be deterministic
     device = _device(model)
     # A model that is not a transformers LM (no decoder / lm_head to reach, e.g. a test's stand-in) is run
-    # through its own forward, whole logits and all.
+    # padded, through its own forward, whole logits and all.
     projectable = hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")
     out: list[float] = []
     starts = range(0, len(prompt_ids), batch_size)
-    tree = _tree_attention(model, projectable)
-    switched = varlen.use_varlen(model) if tree not in (None, "varlen") else None
-    try:
+    with varlen.switched(model) if projectable else nullcontext(False) as tree:
         for s in tqdm(starts, desc=desc or "log-probs", disable=desc is None, leave=False):
             part = prompt_ids[s:s + batch_size], response_ids[s:s + batch_size]
             batch = response_tree_batch(*part) if tree else response_batch(*part, pad_id)
@@ -171,9 +159,6 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
             if meter is not None:
                 meter.count("forward", batch, meter.params(model)[0])
             out += sums.float().cpu().tolist()
-    finally:
-        if switched is not None:
-            varlen.restore(model, switched)
     model.train(was_training)
     return out
 
