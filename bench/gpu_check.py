@@ -68,7 +68,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "gemma2")
-LAYOUTS = ("padded", "packed", "shared_prompt")
+LAYOUTS = ("padded", "packed", "shared_prompt", "prefix_tree")
 FAMILY_SECTIONS = ("build", "generate", "score", "pairs", "parity",
                    *(f"{m}_{lay}" for m in ("dpo", "simpo") for lay in LAYOUTS), "trl_dpo")
 SECTIONS = ("setup", "reward_model", *(f"{f}/{s}" for f in FAMILIES for s in FAMILY_SECTIONS), "ppo")
@@ -301,8 +301,8 @@ def make_prompts(size: Size, paras: list[str]) -> list[str]:
 
 def pair_tokens(ex: dict, max_length: int) -> int:
     """Tokens of a pair as two sequences (prompt + chosen, prompt + rejected), after collate's truncation: the
-    work a step is asked to do whatever the layout (shared_prompt computes the prompt once, so it gets more
-    tokens per second for the same work)."""
+    work a step is asked to do whatever the layout (shared_prompt and prefix_tree compute a shared prompt once, so
+    they get more tokens per second for the same work)."""
     p = len(ex["prompt_ids"])
     room = max_length - p
     return 2 * p + len(ex["chosen_ids"][:room]) + len(ex["rejected_ids"][:room])
@@ -617,10 +617,10 @@ def trl_dpo(run: Run, family: str) -> dict:
     examples = run.state[f"{family}/examples"]
     pairs_done = size.steps * size.batch
     tokens = pairs_done * sum(pair_tokens(e, size.max_length) for e in examples) / len(examples)  # epochs: mean
-    ours = run.sections.get(f"{family}/dpo_shared_prompt", {})
+    ours = run.sections.get(f"{family}/dpo_prefix_tree", {})
     out = {"trl": trl.__version__, "steps": size.steps, "train_s": wall, "samples_per_s": pairs_done / wall,
            "tokens_per_s": tokens / wall, "loss_first": losses[0] if losses else float("nan")}
-    if ours.get("status") == "ok":  # prefopt's default: shared_prompt, reference precomputed (its time counted)
+    if ours.get("status") == "ok":  # prefopt's default: prefix_tree, reference precomputed (its time counted)
         ours_rate = ours["samples_per_s_with_reference"]
         out["prefopt_samples_per_s_with_reference"] = ours_rate
         out["ratio_tokens_per_s"] = ours_rate / out["samples_per_s"]
@@ -728,7 +728,7 @@ def print_table(run: Run) -> None:
                   f"vs reference {fmt(par['fp32']['max_abs_vs_reference'])}")
         t = run.sections.get(f"{family}/trl_dpo", {})
         if t.get("status") == "ok" and "ratio_tokens_per_s" in t:
-            print(f"{family}: prefopt DPO (shared_prompt, reference pass counted) "
+            print(f"{family}: prefopt DPO (prefix_tree, reference pass counted) "
                   f"{t['prefopt_samples_per_s_with_reference']:.2f} pairs/s vs TRL DPOTrainer "
                   f"{t['samples_per_s']:.2f} pairs/s: x{t['ratio_tokens_per_s']:.2f}")
         elif t.get("status") == "skipped":

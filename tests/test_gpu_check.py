@@ -60,7 +60,7 @@ def test_every_section_runs_with_finite_figures(tiny):
             rec = s[f"{family}/{name}"]
             if name.startswith(("generate", "score", "dpo", "simpo", "trl")) and rec["status"] == "ok":
                 assert rec["tokens_per_s"] > 0, name
-    assert "| llama/parity | ok |" in stdout and "prefopt DPO (shared_prompt" in stdout
+    assert "| llama/parity | ok |" in stdout and "prefopt DPO (prefix_tree" in stdout
 
 
 def test_llama_layouts_equal_padded_and_the_models_own_forward_in_fp32(tiny):
@@ -71,8 +71,8 @@ def test_llama_layouts_equal_padded_and_the_models_own_forward_in_fp32(tiny):
     par = data["sections"]["llama/parity"]
     tol = gpu_check.FP32_ATOL + gpu_check.FP32_RTOL * par["max_abs_sum"]
     # each layout with the model's own masks, and the packed ones as the loop runs them (varlen, no masks)
-    loop = {"packed+loop", "shared_prompt+loop"}
-    assert set(par["max_abs_vs_padded"]) == {"packed", "shared_prompt"} | loop
+    loop = {"packed+loop", "shared_prompt+loop", "prefix_tree+loop"}
+    assert set(par["max_abs_vs_padded"]) == {"packed", "shared_prompt", "prefix_tree"} | loop
     assert set(par["max_abs_vs_reference"]) == set(gpu_check.LAYOUTS) | loop
     assert max(par["max_abs_vs_padded"].values()) <= tol
     assert max(par["max_abs_vs_reference"].values()) <= tol
