@@ -8,14 +8,16 @@ most of it away. Here a row is cut where its position ids restart at 0; the piec
 two) are gathered as rows of their own, right-padded to the bucket's longest (causal attention never reads that
 padding), and each bucket goes through the attention function the model was loaded with, in one call.
 
-The shared prompt (prefopt.preference.batching, `collate(..., masks=False)`) is one packed row too: a drop of the
-position ids to p > 0 starts the rejected answer, which continues its pair's first p tokens (the prompt). Its piece
-gathers the prompt's keys and values, already rotated at their own positions, followed by its own tokens: an
-ordinary causal sequence whose prompt outputs are dropped (the chosen piece computes them). The prompt's linear
-layers run once; only its attention runs twice.
+The layouts that share tokens (prefopt.preference.batching's shared prompt collated without masks, and the prefix
+tree, prefopt.training.prefix_tree) are one packed row too: a drop of the position ids to p > 0 starts a branch
+that continues the first p tokens of the sequence before it (`pieces`: a rejected answer continues its pair's
+prompt; a prefix tree's sequence the longest prefix it shares with the one before, which may span several earlier
+pieces). A branch's piece computes only its own queries, against its prefix's keys and values (already rotated at
+their own positions) followed by its own: query j sits at key position p + j, a lower-right causal mask. The
+prefix's tokens are computed once, linear layers and attention rows alike, by the pieces that own them.
 
-  sdpa    transformers' `sdpa_attention_forward` with no mask (is_causal: the fast kernels), or with the bucket's
-          causal sliding-window mask when the bucket is longer than the window
+  sdpa    transformers' `sdpa_attention_forward` with no mask (is_causal: the fast kernels) for a bucket of pieces
+          without a prefix, else with the bucket's boolean causal (and sliding-window) mask
   eager   the family's own `eager_attention_forward` (Gemma-2's logit soft-capping lives there) with the bucket's
           additive causal (and sliding-window) mask
 
@@ -26,8 +28,10 @@ tests/test_architectures.py).
 `use_varlen(model)` switches a loaded model to it (`VARLEN`, registered with transformers' AttentionInterface; the
 mask builders then make no mask: the implementation is not one of theirs). A model switched so reads packed rows
 only: a padded batch's mask would be ignored (a shared-prompt batch's boolean mask is not needed: the position ids
-say the same). The preference loop switches its policy (and a loaded reference) when its layout is `packed` or
-`shared_prompt`; a saved config keeps the implementation it was loaded with (transformers does not save it).
+say the same). The preference loop switches its policy (and a loaded reference) when its layout is `packed`,
+`shared_prompt` or `prefix_tree`; `switched(model)` does it for one call (evaluation's log-probs, PPO's passes,
+whose policy also generates); a saved config keeps the implementation it was loaded with (transformers does not
+save it).
 """
 
 from __future__ import annotations
