@@ -165,15 +165,18 @@ def test_a_layout_the_attention_cannot_take_is_refused_by_key():
     model.config._attn_implementation = "flash_attention_2"  # only the check reads it: nothing runs
     check_layout(model, "packed", "dpo.layout")  # flash reads the packing from the position ids
     with pytest.raises(LayoutError, match=r"dpo\.layout=shared_prompt cannot run with "
-                                          r"attn_implementation='flash_attention_2'.*use dpo\.layout=padded"):
+                                          r"attn_implementation='flash_attention_2'.*use dpo\.layout=packed"):
         check_layout(model, "shared_prompt", "dpo.layout")
-    # a shared prompt collated without masks still reaches no flash kernel: the branch is seen in the position ids
+    with pytest.raises(LayoutError, match=r"sft\.layout=prefix_tree cannot run .*use sft\.layout=packed"):
+        check_layout(model, "prefix_tree", "sft.layout")
+    # a shared prefix collated without masks still reaches no flash kernel: the branch is seen in the position ids
     from prefopt.training.forward import attention_inputs
 
     examples = _pairs(len(tok), n=2)
     assert attention_inputs(model, collate(examples, _pad(tok), 0, "packed"))["attention_mask"] is None
-    with pytest.raises(LayoutError, match="cannot express a prompt shared by two completions"):
-        attention_inputs(model, collate(examples, _pad(tok), 0, "shared_prompt", masks=False))
+    for layout in ("shared_prompt", "prefix_tree"):
+        with pytest.raises(LayoutError, match="cannot express a branch back into a prefix"):
+            attention_inputs(model, collate(examples, _pad(tok), 0, layout, masks=False))
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(LayoutError, match=r"simpo\.layout=packed .*'flex_attention'"):
         check_layout(model, "packed", "simpo.layout")

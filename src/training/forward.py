@@ -62,9 +62,11 @@ def check_layout(model, layout: str, key: str = "layout") -> None:
             raise LayoutError(f"{key}={layout} is not supported for layer types {sorted(unknown)} "
                               f"(only full and sliding attention); use {key}=padded")
         return
-    why = "it cannot express a shared prefix (a branch)" if flash else "prefopt writes no masks for it"
-    raise LayoutError(f"{key}={layout} cannot run with attn_implementation={impl!r}: {why}; use {key}=padded"
-                      + ("" if flash else " or attn_implementation eager/sdpa"))
+    if flash:  # it reads packed sequences from the position ids, not a branch back into a shared prefix
+        raise LayoutError(f"{key}={layout} cannot run with attn_implementation={impl!r}: it cannot express a shared "
+                          f"prefix (a branch); use {key}=packed (padding-free under flash attention) or padded")
+    raise LayoutError(f"{key}={layout} cannot run with attn_implementation={impl!r}: prefopt writes no masks for it; "
+                      f"use {key}=padded or attn_implementation eager/sdpa")
 
 
 def _layer_windows(config) -> dict[str | None, int | None]:
@@ -126,8 +128,8 @@ def attention_inputs(model, batch: dict) -> dict:
         return {"attention_mask": None, "position_ids": pos}
     if impl.startswith(_FLASH_PREFIXES):  # packed: the sequences are read from the position ids
         if "attention_mask" in batch or bool(_branches(pos).any()):
-            raise LayoutError(f"the shared-prompt layout cannot run with attn_implementation={impl!r}: it cannot "
-                              f"express a prompt shared by two completions")
+            raise LayoutError(f"a batch with a shared prefix (shared_prompt, prefix_tree) cannot run with "
+                              f"attn_implementation={impl!r}: it cannot express a branch back into a prefix")
         return {"attention_mask": None, "position_ids": pos}
     if impl not in _MASKED_IMPLS:
         raise LayoutError(f"layout with packed sequences cannot run with attn_implementation={impl!r}")
