@@ -233,9 +233,9 @@ def switched(model):
     """For the duration, the model (under any DDP / DeepSpeed wrapper) reads packed and prefix-tree rows: yields
     True when it does (already switched, or SDPA / eager switched now and restored after, so a model that also
     generates, as PPO's policy does, is back to its own attention for that), False when its attention cannot (flash
-    attention cannot read a shared prefix: pass padded rows)."""
+    attention cannot read a shared prefix; a module that is no transformers model: pass padded rows)."""
     inner = _unwrapped(model)
-    base = _configs(inner)[-1]._attn_implementation
+    base = _implementation(inner)
     if base == VARLEN or base not in SUPPORTED:
         yield base == VARLEN
         return
@@ -248,8 +248,16 @@ def switched(model):
 
 def reads_pieces(model) -> bool:
     """Whether `switched(model)` makes the model read packed and prefix-tree rows (SDPA, eager, or already varlen)."""
-    base = _configs(_unwrapped(model))[-1]._attn_implementation
+    base = _implementation(_unwrapped(model))
     return base == VARLEN or base in SUPPORTED
+
+
+def _implementation(model) -> str | None:
+    """The attention implementation a model's (text) config names; None for a module that is no transformers
+    model (a test's stand-in, a function): it is given padded rows."""
+    if getattr(model, "config", None) is None:
+        return None
+    return _configs(model)[-1]._attn_implementation
 
 
 def _unwrapped(model):

@@ -130,7 +130,8 @@ def value_forward(value, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     inner = value
     while hasattr(inner, "module"):  # a prepared (DDP) ValueModel; its transformers model is `.model`
         inner = inner.module
-    with varlen.switched(inner.model) if tree is not None else nullcontext(False) as reads:
+    hf = getattr(inner, "model", None)
+    with varlen.switched(hf) if tree is not None and hf is not None else nullcontext(False) as reads:
         if reads:
             v = value(tree["input_ids"], position_ids=tree["position_ids"])[0]  # (N,)
             return _laid_back(v[tree["keep"]][tree["pick"]], tree, mask.shape)
