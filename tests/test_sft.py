@@ -151,11 +151,14 @@ def test_two_process_cpu_run(tmp_path, tiny_model_dir):
     tokens, which differ in number: each process's share is divided by the step's count, not its own)."""
     from safetensors.torch import load_file
 
-    one = write_experiment(tmp_path / "one", tiny_model_dir, {"max_steps": -1, "num_train_epochs": 1,
-                                                              "per_device_train_batch_size": 8}) if (
+    # packed: each example computed alone, so the two runs differ only in how the gradient is summed. (The default
+    # prefix tree computes a prefix shared by 8 examples once where two processes compute it once each: the same
+    # weights to float rounding, 1.03e-5 at worst here, past this test's 1e-5, which a wrong normaliser exceeds.)
+    layout = {"max_steps": -1, "num_train_epochs": 1, "layout": "packed"}
+    one = write_experiment(tmp_path / "one", tiny_model_dir, {**layout, "per_device_train_batch_size": 8}) if (
         (tmp_path / "one").mkdir() or True) else None
     assert run_cli(["sft", str(one), "--wandb.mode=disabled"]).returncode == 0
-    exp = write_experiment(tmp_path, tiny_model_dir, {"max_steps": -1, "num_train_epochs": 1})
+    exp = write_experiment(tmp_path, tiny_model_dir, layout)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
