@@ -15,10 +15,11 @@ Jobs (the model and the data are built here, nothing is downloaded):
           across pairs), batch 8, one epoch
 Systems, each in its own process (one run = one whole process, as a user runs it; started back to back so the
 pairs compared ran under the same machine load; with --repeats the order alternates):
-  prefopt-dpo         the `dpo` stage, defaults: reference precomputed (cached), layout shared_prompt
+  prefopt-dpo         the `dpo` stage, defaults: reference precomputed (cached), layout prefix_tree
   prefopt-dpo-padded  the same with layout padded (what the fewer-tokens layouts are worth)
+  prefopt-dpo-shared  the same with layout shared_prompt (each pair's prompt once; not run unless named)
   trl-dpo             TRL DPOTrainer, live reference model (TRL's default)
-  prefopt-simpo       the `simpo` stage (SimPO), layout shared_prompt
+  prefopt-simpo       the `simpo` stage (SimPO), its default layout (prefix_tree)
   trl-cpo-simpo       TRL CPOTrainer(loss_type="simpo", cpo_alpha=0), activation checkpointing off as for DPOTrainer
 All: lr 1e-5 constant, clipping at 1.0, beta 0.1 (DPO) / 2.0 with gamma/beta 0.5 (SimPO), fp32, dropout off,
 seed 0. Printed per system: wall seconds of the whole process, samples/s, peak RSS, mean loss over the first and
@@ -138,7 +139,8 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
     sec = {"model": str(model_dir(workdir, job)), "pairs": str(workdir / f"{job}.jsonl"), "learning_rate": LR,
            "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "num_train_epochs": 1,
            "per_device_train_batch_size": BATCH, "max_length": 512, "logging_steps": 1, "save_steps": 100000,
-           "layout": "padded" if system.endswith("padded") else "shared_prompt"}
+           **({"layout": "padded"} if system.endswith("padded") else
+              {"layout": "shared_prompt"} if system.endswith("shared") else {})}  # else the stage's default
     sec.update({"beta": 0.1} if stage == "dpo" else {"beta": 2.0, "gamma_beta_ratio": 0.5})
     name = f"{system}-{job}-{os.getpid()}"
     cfg_path = workdir / f"{name}.yaml"
