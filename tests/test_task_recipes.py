@@ -2,13 +2,14 @@
 over SFT on the task's test prompts, or the run stops at the reward-model gate with its message and exit code
 before any stage that uses the reward model. Never a silent degradation.
 
-Measured (seed 42, likelihood reward model, SFT 12 epochs on the shared loop, 2 threads; docs/methods.md), gold
-gain over SFT ± SE: reverse DPO +0.167 ± 0.019, SimPO +0.125 ± 0.019, PPO +0.149 ± 0.017 (SFT gold 0.587, RM test
-accuracy 0.795 ± 0.020). With 8 SFT epochs reverse's SFT policy was bimodal across seeds and float rounding
-(docs/methods.md): on one CI machine it landed at 0.36 and the aligners gained +0.07-0.09, failing this test;
-12 epochs learned to reverse on each of four seeds. Lookup stops at the gate (RMs at 0.63-0.70: not above the
-quickstart's floor, 0.70, beyond noise; with the gate off the aligners gained -0.01 to +0.05). The
-curves and best-of-n are left off here (evaluation only)."""
+Measured (seed 42, likelihood reward model, SFT 12 epochs on the shared loop, every pass in the prefix tree,
+2 threads; docs/methods.md), gold gain over SFT ± SE: reverse DPO +0.245 ± 0.017, SimPO +0.212 ± 0.018, PPO +0.210
+± 0.017 (SFT gold 0.580, RM test accuracy 0.815 ± 0.019; before the prefix tree +0.167, +0.125, +0.149). With 8
+SFT epochs reverse's SFT policy was bimodal across seeds and float rounding (docs/methods.md): on one CI machine it
+landed at 0.36 and the aligners gained +0.07-0.09, failing this test; 12 epochs learned to reverse on each of four
+seeds. Lookup stops at the gate (RMs at 0.63-0.70, 0.653 ± 0.024 with the prefix tree: not above the quickstart's
+floor, 0.70, beyond noise; with the gate off the aligners gained -0.01 to +0.05). The curves and best-of-n are left
+off here (evaluation only)."""
 
 from __future__ import annotations
 
