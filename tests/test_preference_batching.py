@@ -135,7 +135,8 @@ def test_prefix_tree_lays_down_each_shared_prefix_once(setup):
     examples = [{"prompt_ids": [a, b], "completion_ids": [c, d]}, {"prompt_ids": [a, b], "completion_ids": [c, e]},
                 {"prompt_ids": [a], "completion_ids": [f]}, {"prompt_ids": [a, b], "completion_ids": [c, d]}]
     batch = collate(examples, tok.pad_token_id, 0, "prefix_tree")
-    assert batch["input_ids"].tolist() == [[a, b, c, d, e, f]] and batch["position_ids"].tolist() == [[0, 1, 2, 3, 3, 1]]
+    assert batch["input_ids"].tolist() == [[a, b, c, d, e, f]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 3, 1]]
     assert int(batch["num_tokens"]) == 6 and int(batch["num_sequences"]) == 4
     by_seq = {}
     for src, tgt, sq in zip(*(batch[k].tolist() for k in ("source_index", "target_ids", "seq_index"))):

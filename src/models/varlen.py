@@ -146,7 +146,8 @@ def _piece_mask(bucket: Bucket, window: int | None, additive: bool, dtype) -> to
     if bucket.offsets is None and not additive and (not window or lk <= window):
         return None
     offsets = bucket.offsets if bucket.offsets is not None else torch.zeros(1, dtype=torch.long, device=device)
-    at = offsets[:, None, None] + torch.arange(lq, device=device)[None, :, None]  # (P, Lq, 1): each query's key position
+    # (P, Lq, 1): the key position of each query
+    at = offsets[:, None, None] + torch.arange(lq, device=device)[None, :, None]
     k = torch.arange(lk, device=device)[None, None, :]
     allowed = k <= at
     if window:

@@ -160,7 +160,8 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int, layout: st
             start += n
     out = {"input_ids": input_ids, "source_index": torch.tensor(source),
            "target_ids": torch.tensor(target), "seq_index": torch.tensor(seq),
-           "num_sequences": torch.tensor(2 * B if layout == "shared_prompt" else len(sequences or segs)),
+           "num_sequences": torch.tensor(2 * B if layout == "shared_prompt" else
+                                         len(sequences if sequences is not None else segs)),
            "num_tokens": torch.tensor(sum(len(s["ids"]) for s in segs))}  # non-padding positions (throughput)
     if attention_mask is not None:
         out["attention_mask"] = attention_mask
