@@ -12,8 +12,8 @@ from __future__ import annotations
 import warnings
 
 CHECKS = {
-    "logps": "log-probs of every batching layout (padded, packed, shared_prompt; hook, chunked and in-forward "
-             "projection) equal log_softmax(model(input_ids).logits) within 1e-5 (fp32)",
+    "logps": "log-probs of every batching layout (padded, packed, shared_prompt, prefix_tree; hook, chunked and "
+             "in-forward projection) equal log_softmax(model(input_ids).logits) within 1e-5 (fp32)",
     "bf16": "the same under bf16 autocast, within the stated bf16 tolerance",
     "bos": "exactly the family's BOS (or none) in generation, pairs, reward scoring, evaluation, PPO, SFT, judge",
     "sft_mask": "SFT trains on the completion and its EOS only",
