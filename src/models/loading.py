@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
+
+def unwrapped(model):
+    """The model under DDP / DeepSpeed wrappers (PEFT forwards attribute lookups itself)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
 # A small chat template (ChatML-style) so chat-format data works with the tokenizer built here.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefopt.models.loading import unwrapped
+
 VARLEN = "prefopt_varlen"
 BASE_ATTR = "_prefopt_varlen_base"  # on each module (not the config, which is saved): what computes each piece
 SUPPORTED = ("sdpa", "eager")
@@ -235,9 +237,9 @@ def switched(model):
     True when it does (already switched, or SDPA / eager switched now and restored after, so a model that also
     generates, as PPO's policy does, is back to its own attention for that), False when its attention cannot (flash
     attention cannot read a shared prefix; a module that is no transformers model: pass padded rows)."""
-    inner = _unwrapped(model)
+    inner = unwrapped(model)
     base = _implementation(inner)
-    if base == VARLEN or base not in SUPPORTED:
+    if base not in SUPPORTED:  # already varlen (True), or it cannot be (False)
         yield base == VARLEN
         return
     use_varlen(inner)
@@ -249,7 +251,7 @@ def switched(model):
 
 def reads_pieces(model) -> bool:
     """Whether `switched(model)` makes the model read packed and prefix-tree rows (SDPA, eager, or already varlen)."""
-    base = _implementation(_unwrapped(model))
+    base = _implementation(unwrapped(model))
     return base == VARLEN or base in SUPPORTED
 
 
@@ -259,10 +261,3 @@ def _implementation(model) -> str | None:
     if getattr(model, "config", None) is None:
         return None
     return _configs(model)[-1]._attn_implementation
-
-
-def _unwrapped(model):
-    """The model under DDP / DeepSpeed wrappers (PEFT forwards attribute lookups itself)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model

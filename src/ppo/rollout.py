@@ -25,6 +25,7 @@ from torch import nn
 from prefopt.data.templates import encode_many
 from prefopt.generation.base import Completion, Sampling, derive_seed
 from prefopt.models import varlen
+from prefopt.models.loading import unwrapped
 from prefopt.training.logps import token_logps
 from prefopt.training.padding import right_pad
 from prefopt.training.prefix_tree import lay_down
@@ -127,10 +128,7 @@ def value_forward(value, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   tree: dict | None = None) -> torch.Tensor:
     """V(s_t) of the state before each action (B, T-1), zero outside `mask`; over the prefix tree with `tree`
     when the value model's attention reads it."""
-    inner = value
-    while hasattr(inner, "module"):  # a prepared (DDP) ValueModel; its transformers model is `.model`
-        inner = inner.module
-    hf = getattr(inner, "model", None)
+    hf = getattr(unwrapped(value), "model", None)  # a (prepared) ValueModel's transformers model
     with varlen.switched(hf) if tree is not None and hf is not None else nullcontext(False) as reads:
         if reads:
             v = value(tree["input_ids"], position_ids=tree["position_ids"])[0]  # (N,)

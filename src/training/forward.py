@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from prefopt.models.loading import unwrapped
 from prefopt.models.varlen import VARLEN, pieces
 
 
@@ -45,7 +46,7 @@ _FLASH_PREFIXES = ("flash_attention", "kernels-community/flash", "kernels-commun
 
 
 def attention_implementation(model) -> str:
-    config = _unwrap(model).config
+    config = unwrapped(model).config
     return str(getattr(config.get_text_config(), "_attn_implementation", None) or "eager")
 
 
@@ -56,7 +57,7 @@ def check_layout(model, layout: str, key: str = "layout") -> None:
     impl = attention_implementation(model)
     flash = impl.startswith(_FLASH_PREFIXES)  # sequences from position ids, no mask, no branch
     if impl in _MASKED_IMPLS or impl == VARLEN or (flash and layout == "packed"):
-        types = set(getattr(_unwrap(model).config.get_text_config(), "layer_types", None) or ())
+        types = set(getattr(unwrapped(model).config.get_text_config(), "layer_types", None) or ())
         unknown = types - {"full_attention", "sliding_attention"}
         if unknown:
             raise LayoutError(f"{key}={layout} is not supported for layer types {sorted(unknown)} "
@@ -133,11 +134,11 @@ def attention_inputs(model, batch: dict) -> dict:
         return {"attention_mask": None, "position_ids": pos}
     if impl not in _MASKED_IMPLS:
         raise LayoutError(f"layout with packed sequences cannot run with attn_implementation={impl!r}")
-    config = _unwrap(model).config.get_text_config()
+    config = unwrapped(model).config.get_text_config()
     allowed = batch.get("attention_mask")
     if allowed is None:  # packed (or a shared prompt collated without masks): from the position ids
         allowed = allowed_from_positions(pos)
-    dtype = _unwrap(model).dtype
+    dtype = unwrapped(model).dtype
     masks = {}
     for layer_type, window in _layer_windows(config).items():
         m = allowed
@@ -153,7 +154,7 @@ def project_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """lm_head(hidden) and whatever the model's own forward applies to the logits after it: Gemma-2's final logit
     soft-capping (cap * tanh(logits / cap)), Cohere's `logit_scale` (multiply), Granite's `logits_scaling`
     (divide). The chunked projection must optimise the objective the model's forward defines."""
-    inner = _unwrap(model)
+    inner = unwrapped(model)
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config.get_text_config()
     scale = getattr(config, "logit_scale", None)
@@ -166,13 +167,6 @@ def project_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def _unwrap(model):
-    """The transformers model under DDP / DeepSpeed wrappers (PEFT forwards attribute lookups itself)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _is_fsdp(model) -> bool:
@@ -225,7 +219,7 @@ def pair_logps(model, batch: dict, chunk_size: int = 0, temperature: float = 1.0
     soft-capping): the log-probs of the distribution responses sampled at that temperature came from."""
     if _is_fsdp(model):
         return _pair_logps_inside_forward(model, batch, temperature)
-    inner = _unwrap(model)
+    inner = unwrapped(model)
     decoder = inner.get_decoder()
     captured = {}
 

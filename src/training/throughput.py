@@ -41,15 +41,15 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from prefopt.models.loading import unwrapped
+
 PHASES = ("train", "forward", "generate")
 _PEAKS: dict[tuple, float] = {}  # (device, dtype, threads) -> TFLOP/s: one probe per process
 
 
 def param_counts(model) -> tuple[int, int]:
     """(N, N_trainable): non-embedding parameters (module docstring), each tensor counted once (tied weights)."""
-    inner = model
-    while hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
-        inner = inner.module
+    inner = unwrapped(model)
     import torch
 
     # every embedding table (a wrapper such as PPO's value model has no get_input_embeddings of its own)
