@@ -13,7 +13,6 @@ Run by hand, not by the tests.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from prefopt.data.templates import alpaca_prompt
+    from prefopt.data.loaders import load_sft
+    from prefopt.data.spec import DatasetSpec
     from prefopt.models.loading import load_causal_lm, load_tokenizer
     from prefopt.preference.batching import collate
     from prefopt.preference.loop import SequenceLogps, disable_dropout, packed_varlen
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     base = str(run / "base" / "model")
     tok = load_tokenizer(base)
     n = args.batch_size * args.blocks * args.steps
-    raw = [json.loads(line) for line in (run / "task" / "sft.jsonl").open()][:n]
-    rows = [{"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "completion": r["output"]} for r in raw]
+    rows = load_sft(DatasetSpec(path=str(run / "task" / "sft.jsonl")), "alpaca").rows[:n]  # as the stage reads them
     examples, _ = sft_examples(rows, tok, args.max_length)
     layouts = args.layouts.split(",")
     setups = {}
