@@ -111,7 +111,8 @@ def test_greedy_repeats_one_answer(gen):
 def test_preallocated_cache_samples_what_transformers_own_cache_samples(family):
     """The transformers backend's KV cache (generation.kvcache) is filled in place instead of regrown by
     `torch.cat` each step: the same values in the same order, so every family samples the same tokens to the bit,
-    its sliding-window and soft-capped layers included; without it (the patched factory) the old path runs."""
+    its sliding-window and soft-capped layers included; without it (the patched factory) the old path runs (and
+    with it, transformers' num_return_sequences: the prompt computed n times)."""
     from families import FAMILIES, build_model, build_tokenizer
     from prefopt.generation import hf
 
@@ -123,7 +124,7 @@ def test_preallocated_cache_samples_what_transformers_own_cache_samples(family):
             p.mul_(0.5 if family.startswith("gemma") else 4)
     prompts = ["The quick brown fox", "Sort the numbers 3 1 2", "Hello", "system user assistant " * 6]
     sampling = Sampling(n=3, temperature=1.0, max_new_tokens=40, seed=5)  # past gemma/qwen's window of 16
-    ours = TransformersGenerator(model, tok, batch_size=4).generate(prompts, sampling)
+    ours = TransformersGenerator(model, tok, batch_size=4, share_prompts=False).generate(prompts, sampling)
     real = hf.preallocated_cache
     try:
         hf.preallocated_cache = lambda model, capacity: None  # generate's own DynamicCache
@@ -132,6 +133,35 @@ def test_preallocated_cache_samples_what_transformers_own_cache_samples(family):
         hf.preallocated_cache = real
     assert [[c.token_ids for c in cs] for cs in ours] == [[c.token_ids for c in cs] for cs in theirs]
     assert len({tuple(c.token_ids) for cs in ours for c in cs}) > 6
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "qwen2.5", "mistral", "phi3", "gemma3"])
+def test_shared_prefill_samples_what_num_return_sequences_samples(family, monkeypatch):
+    """A prompt's n samples continue from one computation of it (`shared_prefill`: the prompt but its last token
+    at batch B, the cache repeated to B * n rows): every family samples the tokens transformers'
+    `num_return_sequences` samples, with prompts of different lengths (left padding) and one longer than the
+    sliding window of 16, and the prompt really went through the model at B rows, not B * n."""
+    from families import FAMILIES, build_model, build_tokenizer
+    from prefopt.generation import hf
+
+    fam = FAMILIES[family]
+    tok = build_tokenizer(fam)
+    model = build_model(fam, tok, attn=fam.attn[-1], hidden_size=64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5 if family.startswith("gemma") else 4)
+    prompts = ["The quick brown fox", "Sort the numbers 3 1 2", "Hello", "system user assistant " * 6]
+    sampling = Sampling(n=3, temperature=1.0, max_new_tokens=20, seed=11)
+    prefills = []
+    real = hf.shared_prefill
+    monkeypatch.setattr(hf, "shared_prefill", lambda model, cache, ids, am, n: (
+        prefills.append(tuple(ids.shape)), real(model, cache, ids, am, n))[1])
+    shared = TransformersGenerator(model, tok, batch_size=4).generate(prompts, sampling)
+    assert len(prefills) == 1 and prefills[0][0] == 4
+    own = TransformersGenerator(model, tok, batch_size=4, share_prompts=False).generate(prompts, sampling)
+    assert len(prefills) == 1
+    assert [[c.token_ids for c in cs] for cs in shared] == [[c.token_ids for c in cs] for cs in own]
+    assert len({tuple(c.token_ids) for cs in shared for c in cs}) > 6
 
 
 def test_preallocated_layer_copes_with_a_cache_changed_under_it():
