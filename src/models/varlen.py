@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,6 +94,8 @@ class Bucket:
     queries: torch.Tensor
     keys: torch.Tensor
     offsets: torch.Tensor | None
+    masks: dict = field(default_factory=dict, repr=False)
+    """(window, additive, dtype) -> its mask: built by the first layer that asks, read by the others."""
 
 
 def _plan(position_ids: torch.Tensor, rows: int) -> tuple[list[Bucket], torch.Tensor]:
@@ -115,26 +117,26 @@ def _plan(position_ids: torch.Tensor, rows: int) -> tuple[list[Bucket], torch.Te
             grouped.setdefault((_bucket(n), _bucket(pl + n) if pl else 0), []).append(
                 ([r * T + i for i in prefix], r * T + s, n))
     device = position_ids.device
-    buckets, slot, where = [], 0, torch.empty(rows * T, dtype=torch.long)
+    # index lists built in Python and made tensors once per bucket (a tensor op per piece cost ~1 ms a step)
+    buckets, slot, where = [], 0, [0] * (rows * T)
     for _, members in sorted(grouped.items()):
         lq = max(n for _, _, n in members)
         lk = max(len(prefix) + n for prefix, _, n in members)
-        queries = torch.zeros((len(members), lq), dtype=torch.long)
-        keys = torch.zeros((len(members), lk), dtype=torch.long)
+        queries, keys = [], []
         for i, (prefix, flat, n) in enumerate(members):
-            own = torch.arange(flat, flat + n)
-            queries[i, :n] = own
-            keys[i, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-            keys[i, len(prefix):len(prefix) + n] = own
-            where[flat:flat + n] = torch.arange(slot + i * lq, slot + i * lq + n)
+            own = list(range(flat, flat + n))
+            queries.append(own + [0] * (lq - n))
+            keys.append(prefix + own + [0] * (lk - len(prefix) - n))
+            where[flat:flat + n] = range(slot + i * lq, slot + i * lq + n)
         slot += len(members) * lq
-        offsets = torch.tensor([len(prefix) for prefix, _, _ in members])
-        if offsets.any():
-            buckets.append(Bucket(queries.to(device), keys.to(device), offsets.to(device)))
+        offsets = [len(prefix) for prefix, _, _ in members]
+        q = torch.tensor(queries, dtype=torch.long, device=device)
+        if any(offsets):
+            buckets.append(Bucket(q, torch.tensor(keys, dtype=torch.long, device=device),
+                                  torch.tensor(offsets, dtype=torch.long, device=device)))
         else:
-            q = queries.to(device)
             buckets.append(Bucket(q, q, None))
-    plan = (buckets, where.to(device))
+    plan = (buckets, torch.tensor(where, dtype=torch.long, device=device))
     _last.update(ids=position_ids, version=position_ids._version, rows=rows, plan=plan)
     return plan
 
@@ -190,7 +192,10 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         # index_select: its backward is index_add (advanced indexing's, index_put with accumulate, is slower on CPU)
         q, k, v = (x.index_select(0, at.reshape(-1)).view(*at.shape, *x.shape[1:]).transpose(1, 2)
                    for x, at in zip(flat, (bucket.queries, bucket.keys, bucket.keys)))  # (P, heads, L, D)
-        mask = _piece_mask(bucket, sliding_window, eager, query.dtype)
+        key = (sliding_window, eager, query.dtype)
+        if key not in bucket.masks:
+            bucket.masks[key] = _piece_mask(bucket, sliding_window, eager, query.dtype)
+        mask = bucket.masks[key]
         out, _ = fn(module, q, k, v, mask, sliding_window=sliding_window, **kwargs)  # (P, Lq, H, D)
         outs.append(out.reshape(-1, H, out.shape[-1]))
     return torch.cat(outs).index_select(0, scatter).reshape(B, T, H, -1), None
