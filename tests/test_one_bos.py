@@ -223,7 +223,7 @@ def test_ppo_rollout_inputs(setup):
     policy = load_causal_lm(str(setup.path))
     spy = SpyLM(len(setup.tok))
     gen = TransformersGenerator(policy, tokenizer=setup.tok, batch_size=2, device="cpu")
-    cfg = SimpleNamespace(missing_eos_penalty=0.0, whiten_rewards=False, gamma=1.0, lam=0.95, mini_batch_size=2)
+    cfg = SimpleNamespace(missing_eos_penalty=0.0, whiten_rewards=False, gamma=1.0, lam=0.95, forward_batch_size=2)
     ro = collect(policy, spy, lambda ids, am: torch.zeros(ids.shape), setup.tok, gen,
                  lambda prompts, comps: torch.zeros(len(prompts)), [setup.prompt] * 2,
                  Sampling(n=1, temperature=1.0, max_new_tokens=3, seed=0), kl_coef=0.1, cfg=cfg)

@@ -120,7 +120,7 @@ def test_the_rollout_counts_what_its_trees_computed(tiny_model_dir):
     generator = TransformersGenerator(policy, tok)
     prompts = [alpaca_prompt("Sort the numbers.", f"{i} 3 1") for i in range(6)]
     cfg = PPOConfig(policy=str(tiny_model_dir), reward_model=str(tiny_model_dir), rollout_batch_size=6,
-                    mini_batch_size=3, total_episodes=6)
+                    mini_batch_size=3, forward_batch_size=3, total_episodes=6)
     sampling = Sampling(n=1, temperature=1.0, max_new_tokens=5, seed=0)
     ro = collect(policy, ref, value, tok, generator, lambda p, c: torch.zeros(len(p)), prompts, sampling, 0.1, cfg)
     trees = [tree_batch(ro.input_ids[i:i + 3], ro.attention_mask[i:i + 3], ro.mask[i:i + 3]) for i in (0, 3)]

@@ -43,7 +43,11 @@ class PPOConfig:
     """Prompts per rollout (one response each), over all processes: each of N processes samples 1/N of them."""
     mini_batch_size: int = 16
     """Responses per optimiser step inside a PPO epoch, over all processes (each trains on 1/N of them and the
-    gradients are averaged); also the chunk size of the rollout's forward passes."""
+    gradients are averaged)."""
+    forward_batch_size: int = 64
+    """Responses per no-grad forward pass of the rollout on each process (the reward model's scoring, and the
+    policy's, reference's and value model's passes over the samples): TRL's `local_rollout_forward_batch_size`,
+    whose default this is. Larger: fewer, fuller passes; the logits of a pass's responses must fit at once."""
     generation_chunk: int = 0
     """Prompts per generation call, each call seeded by its index in the global rollout. 0: each process's whole
     share in one call (fastest). A fixed value that divides rollout_batch_size / N makes the samples, and so the
@@ -117,7 +121,7 @@ class PPOConfig:
 
     def __post_init__(self):
         check_ranges(self, rollout_batch_size=dict(ge=1), mini_batch_size=dict(ge=1), total_episodes=dict(ge=1),
-                     ppo_epochs=dict(ge=1), learning_rate=dict(gt=0), value_learning_rate=dict(gt=0),
+                     forward_batch_size=dict(ge=1), ppo_epochs=dict(ge=1), learning_rate=dict(gt=0), value_learning_rate=dict(gt=0),
                      max_new_tokens=dict(ge=1), temperature=dict(gt=0), top_p=dict(gt=0, le=1), kl_coef=dict(ge=0),
                      kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
                      vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),

@@ -215,7 +215,7 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
             gather: Gather | None = None) -> Rollout:
     """Sample one response per prompt, score it, and compute log-probs, values, rewards and advantages.
 
-    `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, mini_batch_size). With `gather`
+    `cfg` is the PPOConfig (missing_eos_penalty, whiten_rewards, gamma, lam, forward_batch_size). With `gather`
     (several processes: `gather(tensor, pad_value)` returns every process's rows, in rank order), this process
     samples, scores and runs the forward passes for its own prompts, and the rewards, GAE and whitening are
     computed over the gathered global rollout, exactly as one process would compute them."""
@@ -228,12 +228,12 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
     finished = torch.tensor([c.finished for c in completions], dtype=torch.float32, device=device)
     scores = score_fn(prompts, completions).float().to(device)
 
-    # Forward passes in chunks of mini_batch_size rows: the rollout can be larger than fits at once. Each chunk is
-    # read as a prefix tree where the policy's attention can (its prompts' shared tokens computed once)
+    # Forward passes in chunks of forward_batch_size rows: the rollout can be larger than fits at once. Each chunk
+    # is read as a prefix tree where the policy's attention can (its prompts' shared tokens computed once)
     chunks = {k: [] for k in ("logps", "ref_logps", "entropy", "values")}
     passes = {"positions": 0, "useful": 0}  # what each of the three passes computed (for the throughput meter)
-    for start in range(0, len(prompts), cfg.mini_batch_size):
-        idx = torch.arange(start, min(start + cfg.mini_batch_size, len(prompts)), device=device)
+    for start in range(0, len(prompts), cfg.forward_batch_size):
+        idx = torch.arange(start, min(start + cfg.forward_batch_size, len(prompts)), device=device)
         ids, am, m = batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"][idx]
         tree = tree_batch(ids, am, m) if varlen.reads_pieces(policy) else None
         logps, entropy = policy_forward(policy, ids, am, m, sampling.temperature, tree)

@@ -117,7 +117,7 @@ def rm_score_fn(ctx, cfg, rows: list[dict], rendered: list[str], accelerator):
     accelerator.print(f"[ppo] reward: the reward model {rm_path}, reading the "
                       f"{'policy' if fmt == 'policy' else 'its own chat'} format (ppo.rm_format: {cfg.rm_format})"
                       f"{where}", flush=True)
-    return reward_model_scorer(scorer, batch_size=cfg.mini_batch_size, max_length=length, rm_prompts=rm_prompts)
+    return reward_model_scorer(scorer, batch_size=cfg.forward_batch_size, max_length=length, rm_prompts=rm_prompts)
 
 
 def frozen_dtype(cfg) -> torch.dtype | None:
