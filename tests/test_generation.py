@@ -14,6 +14,7 @@ import torch
 from prefopt.generation import Sampling, make_generator, resolve_backend
 from prefopt.generation import factory
 from prefopt.generation.base import generate_many
+from prefopt.data.templates import encode_many
 from prefopt.generation.hf import TransformersGenerator, left_pad
 from prefopt.generate.recipe import all_identical, unique_prompts
 from prefopt.generation.vllm_backend import VLLMGenerator, llm_kwargs, sampling_params_kwargs, to_completions
@@ -135,14 +136,16 @@ def test_preallocated_cache_samples_what_transformers_own_cache_samples(family):
     assert len({tuple(c.token_ids) for cs in ours for c in cs}) > 6
 
 
+@pytest.mark.parametrize("path", ["tree_prefill", "shared_prefill"])
 @pytest.mark.parametrize("family", ["llama3", "gemma2", "qwen2.5", "mistral", "phi3", "gemma3"])
-def test_shared_prefill_samples_what_num_return_sequences_samples(family, monkeypatch):
-    """A prompt's n samples continue from one computation of it (`shared_prefill`: the prompt but its last token
-    at batch B, the cache repeated to B * n rows): every family samples the tokens transformers'
-    `num_return_sequences` samples, with prompts of different lengths (left padding) and one longer than the
-    sliding window of 16, and the prompt really went through the model at B rows, not B * n."""
+def test_prefill_samples_what_transformers_own_prefill_samples(family, path, monkeypatch):
+    """The prompts' shared tokens computed once (generation.prefill: the batch's prompts as one prefix tree read by
+    varlen attention, or, for an attention that cannot read one, the B prompts once for their B * n rows): every
+    family samples the tokens transformers' own prefill (each prompt n times) samples, with prompts of different
+    lengths (left padding), two that share a start, and one longer than the sliding window of 16. The prefill
+    really ran (once per batch), and the tree computed each shared token once."""
     from families import FAMILIES, build_model, build_tokenizer
-    from prefopt.generation import hf
+    from prefopt.generation import prefill
 
     fam = FAMILIES[family]
     tok = build_tokenizer(fam)
@@ -150,18 +153,28 @@ def test_shared_prefill_samples_what_num_return_sequences_samples(family, monkey
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5 if family.startswith("gemma") else 4)
-    prompts = ["The quick brown fox", "Sort the numbers 3 1 2", "Hello", "system user assistant " * 6]
+    prompts = ["The quick brown fox", "Sort the numbers 3 1 2", "Sort the numbers 9 8", "Hello",
+               "system user assistant " * 6]
     sampling = Sampling(n=3, temperature=1.0, max_new_tokens=20, seed=11)
-    prefills = []
-    real = hf.shared_prefill
-    monkeypatch.setattr(hf, "shared_prefill", lambda model, cache, ids, am, n: (
-        prefills.append(tuple(ids.shape)), real(model, cache, ids, am, n))[1])
-    shared = TransformersGenerator(model, tok, batch_size=4).generate(prompts, sampling)
-    assert len(prefills) == 1 and prefills[0][0] == 4
-    own = TransformersGenerator(model, tok, batch_size=4, share_prompts=False).generate(prompts, sampling)
-    assert len(prefills) == 1
-    assert [[c.token_ids for c in cs] for cs in shared] == [[c.token_ids for c in cs] for cs in own]
-    assert len({tuple(c.token_ids) for cs in shared for c in cs}) > 6
+    calls = []
+    real = getattr(prefill, path)
+    monkeypatch.setattr(prefill, "can_tree", lambda model: path == "tree_prefill")
+    monkeypatch.setattr(prefill, path, lambda model, cache, ids, am, n: (
+        calls.append(tuple(ids.shape)), real(model, cache, ids, am, n))[1])
+    positions = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: positions.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    ours = TransformersGenerator(model, tok, batch_size=5).generate(prompts, sampling)
+    handle.remove()
+    assert len(calls) == 1 and calls[0][0] == 5
+    heads = [ids[:-1] for ids in encode_many(prompts, tok)]  # each prompt but its last token
+    trie = {tuple(h[:k]) for h in heads for k in range(1, len(h) + 1)}  # a token per distinct prefix
+    assert positions[0] == (len(trie) if path == "tree_prefill" else 5 * max(len(h) for h in heads))
+    assert len(trie) < sum(len(h) for h in heads) - 2  # the two "Sort the numbers" prompts share a start
+    own = TransformersGenerator(model, tok, batch_size=5, share_prompts=False).generate(prompts, sampling)
+    assert len(calls) == 1
+    assert [[c.token_ids for c in cs] for cs in ours] == [[c.token_ids for c in cs] for cs in own]
+    assert len({tuple(c.token_ids) for cs in ours for c in cs}) > 8
 
 
 def test_preallocated_layer_copes_with_a_cache_changed_under_it():

@@ -1,4 +1,5 @@
-"""The transformers backend: batched `model.generate` with left padding, the KV cache and one prefill per prompt.
+"""The transformers backend: batched `model.generate` with left padding, the KV cache, and the prompts' shared
+tokens computed once.
 
     gen = TransformersGenerator("runs/quickstart/sft/model", batch_size=64)
     outs = gen.generate(prompts, Sampling(n=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0))
@@ -9,9 +10,10 @@ The model is switched to eval mode while it generates and put back in the mode i
 Why each piece:
 - left padding: a decoder continues from the last position, so every prompt must end at the same column;
   the attention mask (and the position ids transformers derives from it) make the padding invisible.
-- one prefill per prompt (`shared_prefill`): a prompt's keys and values are computed once and repeated to its n
-  sample rows, which then continue from them in one batch (transformers' `num_return_sequences` would compute the
-  prompt n times); with the KV cache each new token costs one position, not the whole sequence.
+- the prompts' shared tokens computed once (`generation.prefill`): a batch's prompts are laid down as one prefix
+  tree (SDPA and eager attention; else a batch of B prompts) and each sample row continues from its prompt's keys
+  and values (transformers' `num_return_sequences` would compute a prompt n times, and each prompt its template);
+  with the KV cache each new token costs one position, not the whole sequence.
 - prompts are sorted by length before batching, so a batch holds prompts of similar length (less padding).
 - each batch runs under its own seed, derived from (sampling.seed, batch index), inside `torch.random.fork_rng`:
   the same call gives the same candidates whatever ran before it, and the caller's RNG stream is left as it was.
@@ -56,8 +58,8 @@ class TransformersGenerator:
         # batch has ended keeps stepping until all have (transformers' synced_gpus). Each process must make the
         # same number of generate calls.
         self.synced = synced
-        # share_prompts: a prompt's n samples read one computation of it (shared_prefill); False: transformers'
-        # num_return_sequences, which computes it n times (the same samples: tests/test_generation.py)
+        # share_prompts: what the batch's prompts share is computed once (generation.prefill); False: transformers'
+        # own prefill, each prompt n times (the same samples: tests/test_generation.py)
         self.share_prompts = share_prompts
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
@@ -105,8 +107,13 @@ class TransformersGenerator:
         # the cache filled in place, not regrown every step: the same samples, ~10% less sampling time on CPU
         cache = preallocated_cache(self.model, input_ids.shape[1] + sampling.max_new_tokens)
         # (not when sharded: every process must make the same forward calls, and a batch of one-token prompts skips it)
-        if self.share_prompts and n_gen > 1 and cache is not None and input_ids.shape[1] > 1 and not self.synced:
-            input_ids, attention_mask = shared_prefill(self.model, cache, input_ids, attention_mask, n_gen)
+        if self.share_prompts and cache is not None and input_ids.shape[1] > 1 and not self.synced:
+            from prefopt.generation import prefill
+
+            if prefill.can_tree(self.model):
+                input_ids, attention_mask = prefill.tree_prefill(self.model, cache, input_ids, attention_mask, n_gen)
+            elif n_gen > 1:
+                input_ids, attention_mask = prefill.shared_prefill(self.model, cache, input_ids, attention_mask, n_gen)
             config.num_return_sequences = 1
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -163,23 +170,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("neither the model nor the tokenizer names an EOS token")
     return ids
-
-
-def shared_prefill(model, cache, input_ids, attention_mask, n: int):
-    """Compute each prompt's keys and values once for its n samples (vLLM's prefix caching, for this backend):
-    every prompt token but the last goes through the model at batch B, the cache is repeated to B * n rows (row
-    i * n + j: sample j of prompt i, `num_return_sequences`' order), and `generate` continues from it with the
-    expanded prompts, computing only their last token before it samples. The prompt is computed once where
-    `num_return_sequences` computes it n times; the logits are the same up to float rounding (the last prompt
-    token is a one-token step against the cache, not a row of the full prefill). Returns the expanded
-    (input_ids, attention_mask)."""
-    am = attention_mask[:, :-1]
-    # the position ids generate derives from the mask (left padding: each prompt's first token at 0)
-    positions = (am.long().cumsum(-1) - 1).clamp(min=0)
-    model(input_ids=input_ids[:, :-1], attention_mask=am, position_ids=positions, past_key_values=cache,
-          use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(n)
-    return input_ids.repeat_interleave(n, dim=0), attention_mask.repeat_interleave(n, dim=0)
 
 
 def left_pad(batch: list[list[int]], pad_id: int):
