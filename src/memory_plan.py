@@ -31,7 +31,8 @@ Per GPU, for a model of P parameters of which T train, over n processes (`launch
 
 Tokens per micro-batch: sft b*s; a preference pair stage 2*b*s (chosen and rejected; packed layouts carry at most
 that many), in rows of s (padded, packed, prefix_tree) or of 2s (shared_prompt: prompt, chosen and rejected in one row);
-PPO mini_batch_size/n responses of max_new_tokens (prompt tokens are not bounded by the config, so not counted).
+PPO mini_batch_size/n responses of max_new_tokens in a step, forward_batch_size per process in a rollout pass
+(prompt tokens are not bounded by the config, so not counted).
 Not counted: CUDA context and allocator fragmentation (a few GB), the attention masks of the packed layouts.
 """
 
@@ -531,6 +532,17 @@ def _ppo(cfg, sec, b: Backend, gpu_gb: float, plan: StagePlan) -> None:
                          f"{gpu_gb:g} GB{', asleep between rollouts' if sec.vllm_sleep else ''})",
                          sec.vllm_gpu_memory_utilization * gpu_gb * GB))
     plan.phases.append(ph)
+    # The rollout's no-grad passes, the same models resident: forward_batch_size responses per process at once, and
+    # the policy pass's float logits with their log-softmax and the entropy's product (3 x tokens x vocab).
+    fwd, tokens = sec.forward_batch_size, sec.forward_batch_size * sec.max_new_tokens
+    roll = Phase("PPO rollout pass", [it for it in ph.items if not it[0].startswith(("activations", "logits"))])
+    roll.items.append((f"forward activations ({fwd} x {sec.max_new_tokens} tokens, fp32)",
+                       forward_bytes(policy, fwd, sec.max_new_tokens, 4)))
+    if not policy.classifier:
+        roll.items.append((f"logits ({tokens} tokens x {policy.vocab} x 4 B, x3 with log-softmax and entropy)",
+                           tokens * policy.vocab * 4 * 3))
+    roll.notes = list(ph.notes)
+    plan.phases.append(roll)
 
 
 def experiment_plans(cfg, n: int, conf: dict, gpu_gb: float) -> tuple[Backend, list[StagePlan]]:

@@ -142,3 +142,31 @@ def test_unknown_model_is_size_unknown(capsys):
                                                     "prompts": {"path": "p.jsonl"}}})
     check(cfg)
     assert "someone/not-a-known-model: size unknown" in capsys.readouterr().out
+
+
+def test_ppo_rollout_pass_by_hand(tmp_path):
+    """PPO on TINY (P = 2792, fp32 on one process, a reward function: no reward model; the value model sized as the
+    policy), forward_batch_size 4 responses of max_new_tokens 6. The rollout pass holds what the step holds but its
+    activations and logits:
+      policy weights, gradients, AdamW   2792 * (4 + 4 + 8)        = 44672
+      reference (fp32, whole)            2792 * 4                  = 11168
+      value model weights, grads, AdamW  2792 * (4 + 4 + 8)        = 44672
+      forward activations                6 * 4 * (4 * 8 + 3 * 16) * 4 B = 7680
+      logits, log-softmax, entropy       24 tokens * 100 * 4 B * 3 = 28800
+      total                                                        = 136992 bytes
+    and with forward_batch_size 64 (the default), 16x the last two: the pass, not the step, is the stage's peak."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY))
+    ppo = dict(policy=str(folder), reward_fn="task:gold", forward_batch_size=4, max_new_tokens=6, mini_batch_size=2,
+               rollout_batch_size=4, total_episodes=4)
+    cfg = from_dict(ExperimentConfig, {"name": "m", "stages": ["ppo"], "ppo": ppo})
+    one = backend_of({"distributed_type": "MULTI_GPU"}, 1)
+    plan = stage_plan(cfg, "ppo", one, 80)
+    roll = [p for p in plan.phases if p.name == "PPO rollout pass"]
+    assert len(roll) == 1 and [v for _, v in roll[0].items] == [11168, 11168, 22336, 11168, 11168, 11168, 22336,
+                                                                  7680, 28800]
+    assert roll[0].total == 136992
+    cfg.ppo.forward_batch_size = 64
+    plan = stage_plan(cfg, "ppo", one, 80)
+    assert plan.peak == 136992 - 7680 - 28800 + 16 * (7680 + 28800)

@@ -121,7 +121,8 @@ class PPOConfig:
 
     def __post_init__(self):
         check_ranges(self, rollout_batch_size=dict(ge=1), mini_batch_size=dict(ge=1), total_episodes=dict(ge=1),
-                     forward_batch_size=dict(ge=1), ppo_epochs=dict(ge=1), learning_rate=dict(gt=0), value_learning_rate=dict(gt=0),
+                     forward_batch_size=dict(ge=1), ppo_epochs=dict(ge=1), learning_rate=dict(gt=0),
+                     value_learning_rate=dict(gt=0),
                      max_new_tokens=dict(ge=1), temperature=dict(gt=0), top_p=dict(gt=0, le=1), kl_coef=dict(ge=0),
                      kl_target=dict(ge=0), kl_horizon=dict(ge=1), cliprange=dict(gt=0), cliprange_value=dict(gt=0),
                      vf_coef=dict(ge=0), gamma=dict(ge=0, le=1), lam=dict(ge=0, le=1), missing_eos_penalty=dict(),
