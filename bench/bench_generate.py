@@ -1,10 +1,13 @@
-"""Generation speed of the transformers backend: batched with `num_return_sequences` against a naive loop.
+"""Generation speed of the transformers backend: batched against a naive loop, and its parts against what they
+replaced.
 
     OMP_NUM_THREADS=2 python bench/bench_generate.py                      # a tiny Llama built here
     python bench/bench_generate.py --model runs/quickstart/sft/model --prompts 128 --n 4 --batch-size 32
+    python bench/bench_generate.py --model runs/quickstart/sft/model --prompts 256 --n 8 --max-new-tokens 16 \
+        --batch-size 64 --compare-prefill 2
 
-Batched: prompts sorted by length, `batch_size` prompts per `model.generate` call, each expanded to n sequences
-(one tokenization, one padded batch, the KV cache). Naive: one `generate` call per prompt and per sample, as a
+Batched: prompts sorted by length, `batch_size` prompts per `model.generate` call, each sampled n times
+(one tokenization, one padded batch, the prompts' shared tokens prefilled once, the KV cache). Naive: one `generate` call per prompt and per sample, as a
 first attempt would write it. Both sample the same number of tokens at most; EOS can end either early, so speeds
 are compared in tokens/s as well as prompts/s. Run by hand, not by the tests.
 """
@@ -48,18 +51,22 @@ def main(argv=None) -> int:
     p.add_argument("--compare-cache", type=int, default=0, metavar="REPEATS",
                    help="instead: the batched path with prefopt's preallocated KV cache against transformers' own "
                         "(torch.cat each step), alternated REPEATS times; the samples must be identical")
+    p.add_argument("--compare-prefill", type=int, default=0, metavar="REPEATS",
+                   help="instead: the batched path with the prompts prefilled once (generation.prefill: a prefix "
+                        "tree on SDPA / eager) against transformers' own prefill (each prompt n times), alternated "
+                        "REPEATS times; the samples must be identical")
     args = p.parse_args(argv)
     if args.compare_cache:
         return compare_cache(args)
+    if args.compare_prefill:
+        return compare_prefill(args)
 
-    from prefopt.data.templates import alpaca_prompt
     from prefopt.generation import Sampling
     from prefopt.generation.hf import TransformersGenerator
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_model(Path(tmp), args.hidden, args.layers)
-        prompts = [alpaca_prompt(f"Sort the numbers {' '.join(str((i * 7 + k) % 10) for k in range(3 + i % 5))}.")
-                   for i in range(args.prompts)]
+        prompts = prompts_of(args.prompts)
         batched = TransformersGenerator(path, batch_size=args.batch_size)
         naive = TransformersGenerator(batched.model, batched.tokenizer, batch_size=1)
         sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
@@ -80,38 +87,75 @@ def main(argv=None) -> int:
     return 0
 
 
-def compare_cache(args) -> int:
-    """generation.kvcache's cache against transformers' DynamicCache on the same batches and seeds."""
+def prompts_of(n: int) -> list[str]:
     from prefopt.data.templates import alpaca_prompt
-    from prefopt.generation import Sampling, hf
 
-    real = hf.preallocated_cache
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or tiny_model(Path(tmp), args.hidden, args.layers)
-        prompts = [alpaca_prompt(f"Sort the numbers {' '.join(str((i * 7 + k) % 10) for k in range(3 + i % 5))}.")
-                   for i in range(args.prompts)]
-        gen = hf.TransformersGenerator(path, batch_size=args.batch_size)
-        sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
-        gen.generate(prompts[:2], sampling)  # warm-up
-        times: dict[str, list[float]] = {"transformers": [], "preallocated": []}
-        outs = {}
-        try:
-            for _ in range(args.compare_cache):
-                for name in times:
-                    hf.preallocated_cache = real if name == "preallocated" else (lambda model, capacity: None)
-                    t, outs[name] = timed(lambda: gen.generate(prompts, sampling))
-                    times[name].append(t)
-        finally:
-            hf.preallocated_cache = real
-    same = [[c.token_ids for c in o] for o in outs["transformers"]] == \
-        [[c.token_ids for c in o] for o in outs["preallocated"]]
+    return [alpaca_prompt(f"Sort the numbers {' '.join(str((i * 7 + k) % 10) for k in range(3 + i % 5))}.")
+            for i in range(n)]
+
+
+def alternate(args, repeats: int, variants: dict) -> int:
+    """`variants` {name: (generator, setup)}: each generates the same prompts under the same seed, `setup()` run
+    before each of its turns, the variants alternated `repeats` times (a machine whose speed drifts slows them
+    alike). Prints each turn's seconds and the ratio of the second variant to the first; exit 1 if the samples
+    differ."""
+    from prefopt.generation import Sampling
+
+    prompts = prompts_of(args.prompts)
+    sampling = Sampling(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outs = {}
+    for name, (gen, setup) in variants.items():  # warm-up
+        setup()
+        gen.generate(prompts[:2], sampling)
+    for _ in range(repeats):
+        for name, (gen, setup) in variants.items():
+            setup()
+            t, out = timed(lambda: gen.generate(prompts, sampling))
+            times[name].append(t)
+            outs[name] = [[c.token_ids for c in o] for o in out]
+    first, second = list(variants)
+    same = outs[first] == outs[second]
     print(f"{args.prompts} prompts x {args.n} samples, max_new_tokens={args.max_new_tokens}, batch "
-          f"{args.batch_size}, model={path}")
+          f"{args.batch_size}")
     for name, ts in times.items():
         print(f"{name:13s} " + " / ".join(f"{t:.2f}" for t in ts) + " s")
-    ratio = sum(times["preallocated"]) / sum(times["transformers"])
-    print(f"preallocated / transformers: x{ratio:.2f}; identical samples: {same}")
+    print(f"{second} / {first}: x{sum(times[second]) / sum(times[first]):.2f}; identical samples: {same}")
     return 0 if same else 1
+
+
+def compare_cache(args) -> int:
+    """generation.kvcache's cache against transformers' DynamicCache on the same batches and seeds."""
+    from prefopt.generation import hf
+
+    real = hf.preallocated_cache
+
+    def use(cache):
+        return lambda: setattr(hf, "preallocated_cache", cache)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or tiny_model(Path(tmp), args.hidden, args.layers)
+        gen = hf.TransformersGenerator(path, batch_size=args.batch_size, share_prompts=False)
+        print(f"model={path}")
+        try:
+            return alternate(args, args.compare_cache, {"transformers": (gen, use(lambda model, capacity: None)),
+                                                        "preallocated": (gen, use(real))})
+        finally:
+            hf.preallocated_cache = real
+
+
+def compare_prefill(args) -> int:
+    """generation.prefill against transformers' own prefill (num_return_sequences), on one model."""
+    from prefopt.generation import hf, prefill
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or tiny_model(Path(tmp), args.hidden, args.layers)
+        own = hf.TransformersGenerator(path, batch_size=args.batch_size, share_prompts=False)
+        ours = hf.TransformersGenerator(own.model, own.tokenizer, batch_size=args.batch_size)
+        how = "a prefix tree" if prefill.can_tree(own.model) else "each prompt once"
+        print(f"model={path}; prefilled once: {how}")
+        return alternate(args, args.compare_prefill, {"transformers": (own, lambda: None),
+                                                      "prefilled": (ours, lambda: None)})
 
 
 if __name__ == "__main__":
