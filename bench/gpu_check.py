@@ -22,7 +22,8 @@ alarm and the total wall-time budget:
 
   setup, reward_model
   <family>/build        the model in bf16 (fp32 with --tiny)
-  <family>/generate     candidates from the transformers backend (prefopt.generation.hf; vLLM is absent there)
+  <family>/generate     candidates from the transformers backend (prefopt.generation.hf; vLLM is absent there),
+                        the prompts prefilled once, against transformers' own prefill (speed, same samples)
   <family>/score        the reward model's scores (prefopt.scoring.scorer.ClassifierScorer)
   <family>/pairs        best vs worst per prompt (prefopt.pairs.strategies), tokenized as the stages do
   <family>/parity       summed completion log-probs of every layout (prefopt.preference.batching.collate /
@@ -354,16 +355,28 @@ def generate(run: Run, family: str) -> dict:
                                 batch_size=size.gen_batch)
     prompts = run.state["prompts"]
     sampling = Sampling(n=size.candidates, temperature=1.0, top_p=1.0, max_new_tokens=size.max_new_tokens, seed=0)
-    sync(size.device)
-    t0 = time.perf_counter()
-    outs = gen.generate(prompts, sampling)
-    sync(size.device)
-    wall = time.perf_counter() - t0
+    own = TransformersGenerator(gen.model, tokenizer=gen.tokenizer, batch_size=size.gen_batch, share_prompts=False)
+
+    def timed_generate(g):
+        sync(size.device)
+        t0 = time.perf_counter()
+        result = g.generate(prompts, sampling)
+        sync(size.device)
+        return result, time.perf_counter() - t0
+
+    outs, wall = timed_generate(gen)  # the prompts prefilled once (generation.prefill)
+    own_outs, own_wall = timed_generate(own)  # transformers' own prefill: each prompt n times
     run.state[f"{family}/candidates"] = outs
     tokens = sum(len(c.token_ids) for comps in outs for c in comps)
+    own_tokens = sum(len(c.token_ids) for comps in own_outs for c in comps)
+    same = sum(a.token_ids == b.token_ids for x, y in zip(outs, own_outs) for a, b in zip(x, y))
     return {"backend": "transformers", "auto_backend_here": resolve_backend("auto"), "prompts": len(prompts),
             "candidates": sum(len(c) for c in outs), "generated_tokens": tokens,
-            "tokens_per_s": tokens / wall, "finished": sum(c.finished for comps in outs for c in comps)}
+            "tokens_per_s": tokens / wall, "finished": sum(c.finished for comps in outs for c in comps),
+            # the same call with transformers' prefill: its speed, and how many samples came out the same (all
+            # in fp32 on CPU; in bf16 a rounding difference in the prompt's last logits can change a draw)
+            "tokens_per_s_own_prefill": own_tokens / own_wall, "seconds_ratio_to_own_prefill": wall / own_wall,
+            "same_samples_as_own_prefill": same}
 
 
 def score(run: Run, family: str) -> dict:

@@ -55,6 +55,8 @@ def test_every_section_runs_with_finite_figures(tiny):
         s = data["sections"]
         assert s[f"{family}/generate"]["candidates"] == 6 * 3  # 6 prompts x 3 candidates, at most 12 tokens each
         assert 0 < s[f"{family}/generate"]["generated_tokens"] <= 6 * 3 * 12
+        # fp32: the prompts prefilled once sample what transformers' own prefill samples (tests/test_generation.py)
+        assert s[f"{family}/generate"]["same_samples_as_own_prefill"] == 6 * 3, family
         assert s[f"{family}/pairs"]["pairs"] == 6  # best vs worst: one pair per prompt
         for name in gpu_check.FAMILY_SECTIONS:
             rec = s[f"{family}/{name}"]
