@@ -132,9 +132,10 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
     the same batches; a model with SDPA or eager attention reads each batch as a prefix tree (switched to varlen
     attention for the call), so a prompt shared by a batch's responses is computed once; others right-padded.
     `temperature` divides the logits: pass the sampling temperature to get the log-probs of the distribution the
-    responses came from (divided after any soft-capping, as the model's forward ends). Through the preference loop's vocabulary projection (`pair_logps`):
-    the decoder runs once and only the positions that predict a response token are projected, `chunk_size` at a
-    time, so the (B, T, V) float32 logits never exist (at a 256K vocabulary they do not fit beside a 9B model).
+    responses came from (divided after any soft-capping, as the model's forward ends). Through the preference
+    loop's vocabulary projection (`pair_logps`): the decoder runs once and only the positions that predict a
+    response token are projected, `chunk_size` at a time, so the (B, T, V) float32 logits never exist (at a 256K
+    vocabulary they do not fit beside a 9B model).
     `meter` (prefopt.training.throughput.Meter): each batch is timed and counted as its `forward` phase."""
     from tqdm.auto import tqdm
 
