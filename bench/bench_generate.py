@@ -8,8 +8,9 @@ replaced.
 
 Batched: prompts sorted by length, `batch_size` prompts per `model.generate` call, each sampled n times
 (one tokenization, one padded batch, the prompts' shared tokens prefilled once, the KV cache). Naive: one
-`generate` call per prompt and per sample, as a first attempt would write it. Both sample the same number of tokens at most; EOS can end either early, so speeds
-are compared in tokens/s as well as prompts/s. Run by hand, not by the tests.
+`generate` call per prompt and per sample, as a first attempt would write it. Both sample the same number of
+tokens at most; EOS can end either early, so speeds are compared in tokens/s as well as prompts/s. Run by hand,
+not by the tests.
 """
 
 from __future__ import annotations
