@@ -247,8 +247,10 @@ def _dispatch(args, rest: list[str], holder: dict) -> int:
 
         return annotate(args, rest)
     from prefopt.experiment import load_config
+    from prefopt.runtime.tracking import offline_process
 
     cfg = holder["cfg"] = load_config(args.config, rest)
+    offline_process(cfg.wandb.mode)  # before any W&B call, in this process and the stages it launches
     if args.command == "check":
         from prefopt.pipeline import check
 

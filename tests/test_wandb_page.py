@@ -97,3 +97,33 @@ def test_a_table_wandb_refuses_is_a_warning_not_a_failed_stage(tmp_path, capsys)
     tracker = Tracker(tmp_path, Refusing(), "offline")
     tracker.log_tables({"pairs": (["a"], [[1]])})
     assert capsys.readouterr().out == ("WARNING: W&B tables ['pairs'] not logged (RuntimeError: upload refused)\n")
+
+
+def test_an_offline_command_makes_its_whole_process_offline_for_wandb(tmp_path, monkeypatch):
+    """`auto` without credentials, or `offline`: the CLI sets WANDB_MODE=offline for itself and the stages it
+    launches (W&B starts its analytics from the process-wide mode, not the run's). A mode the environment already
+    names, an online run and a disabled one are left as they are."""
+    import os
+    import yaml
+
+    from prefopt.cli import main
+    from prefopt.runtime.tracking import offline_process
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with W&B credentials
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for requested, preset, expected in [("auto", None, "offline"), ("offline", None, "offline"),
+                                        ("online", None, None), ("disabled", None, None),
+                                        ("auto", "online", "online"), ("offline", "disabled", "disabled")]:
+        if preset is None:
+            monkeypatch.delenv("WANDB_MODE", raising=False)
+        else:
+            monkeypatch.setenv("WANDB_MODE", preset)
+        offline_process(requested)
+        assert os.environ.get("WANDB_MODE") == expected, (requested, preset)
+
+    # through the CLI: `prefopt check` on an experiment with the default `auto` mode and no key
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({**tiny_experiment(tmp_path), "wandb": {"mode": "auto"}}))
+    main(["check", str(cfg)])
+    assert os.environ.get("WANDB_MODE") == "offline"
