@@ -33,10 +33,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
 from compare_runs import compare
 
+from prefopt.runtime.tracking import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["task", "base", "sft", "reward", "generate", "score", "pairs", "dpo", "simpo", "ppo", "evaluate"]
+STAGES = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())["stages"]
 
 
 def snapshot(rev: str, into: Path) -> Path:
@@ -82,8 +85,8 @@ def outside_clock(root: Path, secs: dict) -> float:
 
 def sft_windows(root: Path) -> list[float]:
     """ms a step in each window between two of SFT's logged rows (metrics.jsonl's `time`)."""
-    rows = [json.loads(line) for line in (root / "sft" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    marks = [(r["step"], r["time"]) for r in rows if "time" in r and isinstance(r.get("step"), int)]
+    marks = [(r["step"], r["time"]) for r in read_metrics(root / "sft")
+             if "time" in r and isinstance(r.get("step"), int)]
     return [(t1 - t0) / (s1 - s0) * 1000 for (s0, t0), (s1, t1) in zip(marks, marks[1:]) if s1 > s0]
 
 
