@@ -235,8 +235,8 @@ def free(device: str) -> None:
 def brief(rec: dict) -> str:
     if rec["status"] != "ok":
         return rec.get("reason") or rec.get("error", "")
-    keys = ("tokens_per_s", "params_m", "pairs", "max_abs_vs_padded", "max_abs_vs_reference", "ratio_tokens_per_s",
-            "rollout_tokens_per_s")
+    keys = ("tokens_per_s", "mfu", "mfu_with_attention", "params_m", "pairs", "max_abs_vs_padded",
+            "max_abs_vs_reference", "ratio_tokens_per_s", "rollout_tokens_per_s")
     return "  ".join(f"{k}={fmt(rec[k])}" for k in keys if k in rec)
 
 
@@ -532,6 +532,7 @@ def _train_section(run: Run, family: str, method: str, layout: str, masks: bool)
     from prefopt.preference.loop import PairLogps, disable_dropout
     from prefopt.preference.reference import compute
     from prefopt.simpo.loss import simpo_loss
+    from prefopt.training import throughput
 
     size, model, tok = run.size, run.state[f"{family}/model"], run.state[f"{family}/tok"]
     model.load_state_dict(snapshot(run, family))
@@ -552,6 +553,9 @@ def _train_section(run: Run, family: str, method: str, layout: str, masks: bool)
             e["ref_logps"] = [c, r]
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=size.lr)
+    # MFU as the stages report it (perf/*), over a matrix-product probe in the run's dtype on this device
+    meter = throughput.Meter(throughput.probe_peak_tflops(size.device, size.dtype))
+    counts, shape = throughput.param_counts(model), throughput.attention_shape(model)
     losses, step_s, positions = [], [], 0
     for part in used:
         sync(size.device)
@@ -572,6 +576,9 @@ def _train_section(run: Run, family: str, method: str, layout: str, masks: bool)
         sync(size.device)
         step_s.append(time.perf_counter() - t0)
         positions += batch["input_ids"].numel()
+        meter.count("train", batch, *counts, shape)
+    meter.phases["train"].seconds = sum(step_s)
+    perf = meter.summary()
     del opt
     model.eval()
     tokens = sum(pair_tokens(e, size.max_length) for b in used for e in b)
@@ -580,7 +587,8 @@ def _train_section(run: Run, family: str, method: str, layout: str, masks: bool)
     out = {"steps": len(used), "pairs_per_step": size.batch, "tokens": tokens,
            "tokens_per_s": tokens / sum(step_s), "samples_per_s": pairs_done / sum(step_s),
            "computed_positions": positions, "loss_first": losses[0], "loss_last": losses[-1],
-           "step_s_first": step_s[0], "train_s": sum(step_s)}
+           "step_s_first": step_s[0], "train_s": sum(step_s), "peak_tflops": perf["perf/peak_tflops"],
+           "mfu": perf["perf/mfu"], "mfu_with_attention": perf["perf/mfu_with_attention"]}
     if len(used) > 1:  # without the first step (allocator growth, kernel choice)
         out["tokens_per_s_after_first"] = later / sum(step_s[1:])
     if method == "dpo":

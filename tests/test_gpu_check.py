@@ -62,6 +62,8 @@ def test_every_section_runs_with_finite_figures(tiny):
             rec = s[f"{family}/{name}"]
             if name.startswith(("generate", "score", "dpo", "simpo", "trl")) and rec["status"] == "ok":
                 assert rec["tokens_per_s"] > 0, name
+            if name.startswith(("dpo", "simpo")) and rec["status"] == "ok":  # MFU as the stages report it
+                assert 0 < rec["mfu"] < rec["mfu_with_attention"] and rec["peak_tflops"] > 0, name
     assert "| llama/parity | ok |" in stdout and "prefopt DPO (prefix_tree" in stdout
 
 

@@ -125,6 +125,8 @@ def test_the_rollout_counts_what_its_trees_computed(tiny_model_dir):
     ro = collect(policy, ref, value, tok, generator, lambda p, c: torch.zeros(len(p)), prompts, sampling, 0.1, cfg)
     trees = [tree_batch(ro.input_ids[i:i + 3], ro.attention_mask[i:i + 3], ro.mask[i:i + 3]) for i in (0, 3)]
     computed = sum(int(t["num_tokens"]) for t in trees)
-    assert ro.computed == {"tokens": int(ro.attention_mask.sum()), "positions": computed, "useful": computed}
+    assert {k: ro.computed[k] for k in ("tokens", "positions", "useful")} == {
+        "tokens": int(ro.attention_mask.sum()), "positions": computed, "useful": computed}
+    assert [int(b["num_tokens"]) for b in ro.computed["batches"]] == [int(t["num_tokens"]) for t in trees]
     assert computed < ro.computed["tokens"] / 2  # the Alpaca preamble once per chunk
     assert len(generator.generate(prompts[:2], sampling)) == 2

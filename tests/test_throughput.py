@@ -109,10 +109,19 @@ def test_collate_counts_the_real_tokens(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(tiny_model_dir))
     ex = tokenize_pairs(load_pairs(str(write_pairs(tmp_path / "p.jsonl", n=6)), "alpaca", tok), tok, 256)
     p, c, r = (sum(len(e[k]) for e in ex) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    keys = {}
     for layout, want in (("padded", 2 * p + c + r), ("packed", 2 * p + c + r), ("shared_prompt", p + c + r)):
         batch = collate(ex, tok.pad_token_id, 256, layout)
         computed, useful = throughput.batch_tokens(batch)
         assert useful == want and computed == batch["input_ids"].numel() >= want, layout
+        keys[layout] = throughput.attention_keys(batch, (None,))
+    # attention's keys: the same sequences the same keys in any layout; the shared prompt's keys once, not twice
+    # (a prompt of P tokens attends to 1 + 2 + ... + P keys); the prefix tree shares more (the template's start)
+    assert keys["padded"] == keys["packed"]
+    assert keys["padded"] - keys["shared_prompt"] == sum(len(e["prompt_ids"]) * (len(e["prompt_ids"]) + 1) // 2
+                                                         for e in ex)
+    tree = throughput.attention_keys(collate(ex, tok.pad_token_id, 256, "prefix_tree"), (None,))
+    assert 0 < tree < keys["shared_prompt"]
 
 
 def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
@@ -143,8 +152,13 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
         6 * 20_640 * 2 * useful / seconds / (summary["perf/peak_tflops"] * 1e12), rel=0.01 + 0.0005 / seconds)
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
+    # with attention: the two steps' 3 x 4 x width (32) x keys (2 layers, no window) on top
+    keys = throughput.attention_keys(batch, (None, None))
+    assert summary["perf/train/mfu_with_attention"] == pytest.approx(
+        (6 * 20_640 * useful + 12 * 32 * keys) * 2 / seconds / (summary["perf/peak_tflops"] * 1e12),
+        rel=0.01 + 0.0005 / seconds)
     assert summary["perf/tokens_per_s"] > 0 and summary["perf/peak_tflops"] > 0
-    assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout
+    assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout and "with attention's products" in proc.stdout
 
 
 def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
@@ -181,12 +195,13 @@ def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
     assert summary["perf/forward/tokens"] >= 2 * len(val) > 0
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
+        assert summary[key.replace("mfu", "mfu_with_attention")] > summary[key]  # the Trainer's batches too
 
 
 def test_response_logps_meters_its_batches(tiny_model_dir):
     """Evaluation's log-prob passes (training.logps.response_logps): 3 (prompt, response) pairs of 2+3, 4+1 and 1+2
     tokens in batches of 2: rows of 5 and 5 (batch 1: 10 positions, 10 real), then 3 (3 positions, 3 real): 13
-    positions, 13 useful; 2 x 20,640 x 13 = 536,640 FLOPs. The values are those of the unmetered call; a meter made
+    positions, 13 useful; 2 x 20,640 x 13 = 536,640 FLOPs, and attention's 4 x width x keys. The values are those of the unmetered call; a meter made
     with peak 0 probes it on the first model it counts."""
     from prefopt.models.loading import load_causal_lm
     from prefopt.training.logps import response_logps
@@ -198,6 +213,8 @@ def test_response_logps_meters_its_batches(tiny_model_dir):
     assert metered == response_logps(model, prompts, responses, batch_size=2)
     f = meter.phases["forward"]
     assert (f.tokens, f.useful, f.flops) == (13, 13, 536_640.0) and f.seconds > 0
+    # attention: sequences of 5, 5 and 3 tokens attend to 15 + 15 + 6 keys a layer, 2 layers: 4 x 32 x 72
+    assert f.attention == 9_216.0
     assert meter.peak_tflops > 0 and 0 < meter.summary()["perf/mfu"] < 1.5
 
 
@@ -275,6 +292,7 @@ def test_ppo_stage_reports_perf(tmp_path, tiny_model_dir, rm_dir, prompts_file):
     assert summary["perf/forward/tokens"] > 0 and summary["perf/train/tokens"] > 0
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
+        assert summary[key.replace("mfu", "mfu_with_attention")] > summary[key]  # policy, reference and value
     assert summary["perf/padding_fraction"] == 0 and "[prefopt] ppo: " in proc.stdout
 
 
@@ -318,3 +336,90 @@ def test_the_end_line_says_when_mfu_is_above_one():
     assert describe(f).endswith("(MFU by phase: train 130.0% over 2.0 s); MFU above 100% means the peak probe at "
                                 "the stage's start ran slower than the stage (a busy machine): set peak_tflops to "
                                 "the machine's figure")
+
+
+def test_attention_keys_by_hand():
+    """Keys the real tokens attend to, summed over layers (throughput.attention_keys). Rows of 3 and 2 real tokens
+    (positions 0-2 and 0-1): 1+2+3 + 1+2 = 9 keys a full layer; a layer with a window of 2: 1+2+2 + 1+2 = 8. The same
+    rows right- or left-padded, or packed into one row with a padding position (position 0, one key, taken off with
+    num_tokens), give the same count; a prefix tree of two branches at position 2 over a shared 0-1: 1+2+3+3 = 9."""
+    from prefopt.training.throughput import attention_keys
+
+    right = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    left = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])}
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]),
+              "num_tokens": torch.tensor(5)}
+    for batch in (right, left, packed):
+        assert attention_keys(batch, (None,)) == 9 and attention_keys(batch, (None, 2)) == 9 + 8
+        assert attention_keys(batch, (None, None, None)) == 27
+    tree = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 2]]),
+            "num_tokens": torch.tensor(4)}
+    assert attention_keys(tree, (None,)) == 9
+    plain = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}  # no mask, no positions: one sequence of 4
+    assert attention_keys(plain, (None,)) == 10 and attention_keys(plain, (3,)) == 1 + 2 + 3 + 3
+
+
+def test_attention_flops_and_the_with_attention_mfu_by_hand():
+    """Forward: 4 x width a key (q.k and the weighted values, 2 x width each); training 3 x that. Width 64, 9 keys:
+    2,304 forward, 6,912 training. A meter's train phase of 480,000 model FLOPs and 120,000 attention FLOPs in 2 s
+    at 1e8 FLOP/s: MFU 0.0024, with attention (600,000 / 2) / 1e8 = 0.003; totals() carries five fields a phase and
+    seconds_of reads them back."""
+    from prefopt.training.throughput import FIELDS, AttentionShape, attention_flops
+
+    shape = AttentionShape(64, (None,))
+    assert attention_flops(shape, 9) == 2_304 and attention_flops(shape, 9, train=True) == 6_912
+    assert attention_flops(None, 9) == 0.0
+    m = Meter(peak_tflops=1e-4)
+    m.add("train", 1000, 800, train_flops(100, 100, 800), 120_000)
+    m.phases["train"].seconds = 2.0
+    s = m.summary()
+    assert s["perf/train/mfu"] == pytest.approx(0.0024) and s["perf/mfu"] == pytest.approx(0.0024)
+    assert s["perf/train/mfu_with_attention"] == pytest.approx(0.003)
+    assert s["perf/mfu_with_attention"] == pytest.approx(0.003)
+    assert FIELDS == 5 and Meter.seconds_of(m.totals()) == [2.0, 0.0, 0.0]
+    two = Meter(peak_tflops=1e-4, processes=2)  # two processes' counts, the slowest one's seconds
+    assert two.summary([2 * x for x in m.totals()], [2.0, 0.0, 0.0])["perf/mfu_with_attention"] == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma2", "qwen2.5", "mistral", "phi3", "gemma3"])
+def test_attention_flops_match_the_models_own_products(name):
+    """Each family's eager attention, run on one sequence of T = 7 tokens (shorter than every window) under torch's
+    FLOP counter: its attention modules' batched products (q.k and the weighted values) cost 4 x width x T^2 a
+    layer, every query against every key, the masked half included. Causal attention needs the keys up to each
+    query: T (T + 1) / 2 of the T^2, so the meter's count x 2T / (T + 1) must equal the model's. Hidden 96 makes
+    Gemma's width (4 heads x head_dim 16 = 64) differ from its hidden size, as at full size (8 x 256 vs 2,304)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from families import FAMILIES, build_model, build_tokenizer
+    from prefopt.training.throughput import attention_flops, attention_keys, attention_shape
+
+    fam = FAMILIES[name]
+    model = build_model(fam, build_tokenizer(fam), "eager", hidden_size=96, layers=2)
+    T = 7
+    ids = torch.randint(3, 300, (1, T))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=ids)
+    products = sum(ops.get(torch.ops.aten.bmm, 0) for module, ops in counter.get_flop_counts().items()
+                   if module.endswith("self_attn"))
+    shape = attention_shape(model)
+    assert shape.width == (64 if name.startswith("gemma") else 96) and len(shape.windows) == 2
+    ours = attention_flops(shape, attention_keys({"input_ids": ids}, shape.windows))
+    assert products > 0 and ours * 2 * T == products * (T + 1)
+
+
+def test_attention_shape_reads_each_layers_window():
+    """Which layers slide, from the config as the model's masks are built: Gemma-2 alternates (sliding first),
+    Mistral and Phi-3 slide in every layer, Qwen2.5 from `max_window_layers` on (here 1), Llama never; PPO's value
+    model (a wrapper with no config of its own) is read through its `model`."""
+    from families import FAMILIES, WINDOW, build_model, build_tokenizer
+    from prefopt.ppo.rollout import ValueModel
+    from prefopt.training.throughput import attention_shape
+
+    want = {"llama3": (None, None), "gemma2": (WINDOW, None), "mistral": (WINDOW, WINDOW),
+            "phi3": (WINDOW, WINDOW), "qwen2.5": (None, WINDOW), "gemma3": (WINDOW, None)}
+    for name, windows in want.items():
+        fam = FAMILIES[name]
+        model = build_model(fam, build_tokenizer(fam), "eager", layers=2)
+        assert attention_shape(model).windows == windows, name
+    assert attention_shape(ValueModel(model)) == attention_shape(model)

@@ -124,25 +124,20 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
     for model in (policy, ref, value):
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
     meter = throughput.start(0.0, accelerator.device, torch.float32, accelerator.num_processes)
-    n_policy, n_ref, n_value = (throughput.param_counts(m) for m in (policy, ref, value))
-    # the rollout's passes: sampling (~ one policy forward over this process's real tokens), then the policy's, the
-    # reference's and the value model's forwards over what they computed (the reward model's pass over its own
-    # tokenization is not counted)
-    n_passes = n_policy[0] + n_ref[0] + n_value[0]
+    n_policy, n_value = (meter.params(m) for m in (policy, value))
 
     bar = tqdm(desc="ppo", initial=start, total=iterations, disable=not accelerator.is_main_process)
     for it in range(start + 1, iterations + 1):
         with meter.timed("forward"):  # PPO's forward phase: the whole rollout, sampling included
             ro = rollout(it, policy, ref, value, tokenizer, prompts, sampler, generator, score_fn, kl_ctl.value, cfg,
                          seed, accelerator)
-        c = ro.computed
-        meter.add("forward", c["positions"], c["useful"], throughput.forward_flops(n_policy[0], c["tokens"])
-                  + throughput.forward_flops(n_passes, c["useful"]))
+        count_rollout(meter, ro.computed, policy, ref, value)
         metrics = rollout_metrics(ro, kl_ctl.value)
         shuffle = torch.Generator().manual_seed(seed * 100003 + it)
         with meter.timed("train"):
             metrics.update(ppo_update(policy, value, opt_policy, opt_value, ro, cfg, shuffle, accelerator,
-                                      meter=meter, n_params=(n_policy[0] + n_value[0], n_policy[1] + n_value[1])))
+                                      meter=meter, n_params=(n_policy[0] + n_value[0], n_policy[1] + n_value[1]),
+                                      attention=[meter.attention(policy), meter.attention(value)]))
         kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
         metrics["episodes"] = it * cfg.rollout_batch_size
         tracker.log(metrics, step=it)
@@ -256,8 +251,20 @@ def rollout_metrics(ro, kl_coef: float) -> dict:
 # ---------------------------------------------------------------------------------------------------- update
 
 
+def count_rollout(meter, computed: dict, policy, ref, value) -> None:
+    """A rollout's passes as the meter's `forward` phase: the positions each of the policy's, the reference's and
+    the value model's passes computed (`Rollout.computed`), and the FLOPs of sampling (about one policy forward over
+    this process's real tokens) and of those three passes. The reward model's pass over its own tokenization is
+    not counted."""
+    meter.add("forward", computed["positions"], computed["useful"], 0.0)
+    meter.count_flops("forward", computed["sampled"], policy)
+    for batch in computed["batches"]:
+        for model in (policy, ref, value):
+            meter.count_flops("forward", batch, model)
+
+
 def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.Generator, accelerator, meter=None,
-               n_params: tuple[int, int] = (0, 0)) -> dict:
+               n_params: tuple[int, int] = (0, 0), attention: list | None = None) -> dict:
     """`ppo_epochs` passes over shuffled minibatches of one (global, gathered) rollout; returns the mean of each
     loss metric over the global minibatches.
 
@@ -265,7 +272,8 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
     rows, process r trains on the r-th equal share. Each process's loss is weighted by its share of the
     minibatch's response tokens, so the averaged gradient is that of the token mean over the whole minibatch,
     what one process computes on the same rows. `meter` counts each minibatch's tokens as trained by models of
-    `n_params` (non-embedding, trainable) parameters: the policy's and the value model's together."""
+    `n_params` (non-embedding, trainable) parameters: the policy's and the value model's together; `attention`
+    their attention's shapes (`Meter.attention`)."""
     batch, B = ro.batch(), ro.input_ids.shape[0]
     world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, torch.Tensor] = {}
@@ -281,7 +289,7 @@ def ppo_update(policy, value, opt_policy, opt_value, ro, cfg, generator: torch.G
             rows = mb["input_ids"], mb["attention_mask"], mb["mask"]
             tree = tree_batch(*rows) if varlen.reads_pieces(policy) else None  # shared prompt tokens once
             if meter is not None:
-                meter.count("train", tree if tree is not None else mb, *n_params)
+                meter.count("train", tree if tree is not None else mb, *n_params, attention)
             logps, _ = policy_forward(policy, *rows, cfg.temperature, tree)
             values = value_forward(value, *rows, tree)
             loss, step = ppo_loss(logps, mb["logps"], mb["advantages"], values, mb["values"], mb["returns"],

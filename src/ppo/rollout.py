@@ -166,8 +166,9 @@ class Rollout:
     returns: torch.Tensor
     computed: dict = field(default_factory=dict)
     """This process's share, for the throughput meter: `tokens` (its rows' real tokens, what sampling produced and
-    read), `positions` and `useful` (what each of the policy, reference and value passes computed: padded rows and
-    their real tokens, or the prefix tree's positions, all real)."""
+    read) and `sampled` (those rows, padded), `positions` and `useful` (what each of the policy, reference and value
+    passes computed: padded rows and their real tokens, or the prefix tree's positions, all real) and `batches`
+    (what those passes read: each chunk's tree or padded rows)."""
 
     def batch(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -231,7 +232,7 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
     # Forward passes in chunks of forward_batch_size rows: the rollout can be larger than fits at once. Each chunk
     # is read as a prefix tree where the policy's attention can (its prompts' shared tokens computed once)
     chunks = {k: [] for k in ("logps", "ref_logps", "entropy", "values")}
-    passes = {"positions": 0, "useful": 0}  # what each of the three passes computed (for the throughput meter)
+    passes = {"positions": 0, "useful": 0, "batches": []}  # what each of the three passes computed (the meter's)
     for start in range(0, len(prompts), cfg.forward_batch_size):
         idx = torch.arange(start, min(start + cfg.forward_batch_size, len(prompts)), device=device)
         ids, am, m = batch["input_ids"][idx], batch["attention_mask"][idx], batch["mask"][idx]
@@ -245,13 +246,15 @@ def collect(policy, ref, value, tokenizer, generator, score_fn: ScoreFn, prompts
         n = int(tree["num_tokens"]) if tree is not None else None
         passes["positions"] += n if n is not None else ids.numel()
         passes["useful"] += n if n is not None else int(am.sum())
+        passes["batches"].append(tree if tree is not None else {"input_ids": ids, "attention_mask": am})
     t = {k: torch.cat(v) for k, v in chunks.items()}
     t.update(batch, scores=scores, finished=finished)
     local_tokens = int(batch["attention_mask"].sum())
     if gather is not None:
         t = {k: gather(v, tokenizer.pad_token_id if k == "input_ids" else 0) for k, v in t.items()}
     ro = score_rollout(t, kl_coef, cfg)
-    ro.computed = {"tokens": local_tokens, **passes}
+    ro.computed = {"tokens": local_tokens, **passes,
+                   "sampled": {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}}
     return ro
 
 

@@ -317,6 +317,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
             model.enable_input_require_grads()
 
     n_params = throughput.param_counts(model)  # (non-embedding, trainable): the FLOPs of a token (throughput.py)
+    attention = throughput.attention_shape(model)  # and of its attention's products
     meter = throughput.start(getattr(sec, "peak_tflops", 0.0), accelerator.device,
                              torch.bfloat16 if sec.bf16 else torch.float32, accelerator.num_processes)
     sampler = EpochShuffle(len(examples), ctx.seed)
@@ -403,10 +404,9 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                     window["grad_norm"].append(float(grad_norm))
                 optimizer.step()
                 optimizer.zero_grad()
-            meter.count("train", batch, *n_params)
+            meter.count("train", batch, *n_params, attention)
             if reference in ("loaded", "lora_base"):  # the live reference's forward, in this phase's time
-                n_ref = meter.params(frozen_ref)[0] if frozen_ref is not None else n_params[0]
-                meter.add("train", 0, 0, throughput.forward_flops(n_ref, throughput.batch_tokens(batch)[1]))
+                meter.count_flops("train", batch, frozen_ref if frozen_ref is not None else model)
             values = {"loss": loss.detach(), **metrics}
             gathered = accelerator.gather(torch.stack([v.float() for v in values.values()]).unsqueeze(0))
             for k, v in zip(values, gathered.mean(0).tolist()):
@@ -426,7 +426,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
                 save(step)
             if hook is not None and (step % sec.save_steps == 0 or step >= total):
                 inner = accelerator.unwrap_model(model)
-                counting = inner.register_forward_pre_hook(partial(_count_forward, meter, n_params[0]),
+                counting = inner.register_forward_pre_hook(partial(_count_forward, meter, n_params[0], attention),
                                                            with_kwargs=True)
                 with meter.timed("forward"):  # the hook's passes (validation) as phase `forward`
                     stop = hook(step, inner)
@@ -461,11 +461,12 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
             **{k: last_row[k] for k in ("loss", "rewards/margins", "rewards/accuracies") if k in last_row}}
 
 
-def _count_forward(meter, n: int, _module, args, kwargs) -> None:
+def _count_forward(meter, n: int, attention, _module, args, kwargs) -> None:
     """A forward pre-hook: the batch of a forward pass the hook runs, counted as phase `forward`."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if isinstance(ids, torch.Tensor):
-        meter.count("forward", {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}, n)
+        meter.count("forward", {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
+                                "position_ids": kwargs.get("position_ids")}, n, attention=attention)
 
 
 def save_policy(accelerator, model, tokenizer, out_dir: Path, lora: bool) -> None:

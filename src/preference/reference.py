@@ -139,7 +139,7 @@ def compute(model, examples: list[dict], pad_token_id: int, max_length: int, bat
             with meter.timed("forward") if meter is not None else nullcontext():
                 sums, _ = pair_logps(model, batch, chunk_size)
             if meter is not None:
-                meter.count("forward", batch, meter.params(model)[0])
+                meter.count("forward", batch, meter.params(model)[0], attention=meter.attention(model))
             if b < len(batches):
                 mine[r, :len(part)] = torch.stack(sums.float().cpu().chunk(2), dim=1)
     model.train(was_training)

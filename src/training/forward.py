@@ -75,10 +75,17 @@ def _layer_windows(config) -> dict[str | None, int | None]:
     `layer_types` (Gemma-2/3, Qwen2/3) take a dict keyed by layer type; the others one mask for every layer, with
     the sliding window when the config has one (Mistral, Phi-3) and none otherwise (Llama)."""
     types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
     if types:
-        return {t: (window if t == "sliding_attention" else None) for t in sorted(set(types))}
-    return {None: window}
+        return {t: w for t, w in sorted(set(zip(types, layer_windows(config))), key=lambda tw: tw[0])}
+    return {None: getattr(config, "sliding_window", None)}
+
+
+def layer_windows(config) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: the whole prefix), by `_layer_windows`' rule: a `sliding_attention` layer
+    of `layer_types` has the config's `sliding_window`, the others none; without `layer_types` every layer has it."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+    return tuple(window if t in (None, "sliding_attention") else None for t in types)
 
 
 def reads_position_ids(model) -> bool:

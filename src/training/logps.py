@@ -158,7 +158,7 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
                 sums = (_batch_sums(model, batch, projectable, chunk_size, temperature) if batch["input_ids"].numel()
                         else torch.zeros(len(part[0])))  # nothing to read: empty prompts and responses
             if meter is not None:
-                meter.count("forward", batch, meter.params(model)[0])
+                meter.count("forward", batch, meter.params(model)[0], attention=meter.attention(model))
             out += sums.float().cpu().tolist()
     model.train(was_training)
     return out

@@ -7,6 +7,7 @@ Every stage that runs a model feeds a `Meter` and reports its `summary()` under 
     perf/padding_fraction     1 - useful / computed
     perf/tflops               model FLOPs per second achieved, all processes, in TFLOP/s
     perf/mfu                  model FLOPs utilisation: perf/tflops / (perf/peak_tflops x processes)
+    perf/mfu_with_attention   the same with attention's score and value products counted too (PaLM's convention)
     perf/peak_tflops          the peak of one device the MFU is measured against (`probe_peak_tflops` or config)
     perf/seconds              the time the passes took (the denominator of every rate above)
     perf/<phase>/...          the same per phase: `train`, `forward` (reference pass, reward scoring, evaluation's
@@ -24,11 +25,23 @@ output projection (lm_head, tied or not). Why not all parameters: the input embe
 multiply-adds), and how many positions reach the lm_head depends on the stage (the preference loop projects only
 completion positions, in chunks; the Trainer stages and generation project every position), so counting
 2 x d x V per token would credit the loop with work it skips; without it every stage's figure is the same lower
-bound. Attention's score and value products (2 x n_layer x T x d per token, Kaplan's context term) are left out for
-the same reason (they depend on the layout's mask, not on the tokens). "Model" FLOPs, as in PaLM's MFU: activation
-recomputation (gradient checkpointing, the chunked projection's backward) is not counted, so MFU says how much of
-the hardware went into the model's own arithmetic. They are counted on the useful (non-padding) positions only:
-a padded position is waste the padding fraction reports, so MFU is the share of the peak spent on real tokens.
+bound. "Model" FLOPs, as in PaLM's MFU: activation recomputation (gradient checkpointing, the chunked projection's
+backward) is not counted, so MFU says how much of the hardware went into the model's own arithmetic. They are
+counted on the useful (non-padding) positions only: a padded position is waste the padding fraction reports, so MFU
+is the share of the peak spent on real tokens.
+
+Attention's score and value products (Kaplan's context term) are not in `perf/mfu`, the figure issue 24 set the
+targets in; `perf/mfu_with_attention` adds them, as PaLM (Chowdhery et al. 2022, appendix B), Megatron and
+torchtitan count MFU. Counted exactly rather than as PaLM's 12 x layers x width x T a token (every token attending
+to all T): a token at position p of its sequence attends to min(p + 1, window) keys in each layer, and each key costs
+2 x width for q.k and 2 x width for the weighted sum of values (width = query heads x head dim), so
+
+    forward      4 x width x sum over layers and real tokens of min(p + 1, window)
+    training     3 x that (the backward's four products: d scores, d values, d queries, d keys)
+
+A position's keys follow from its position in its own sequence, so every layout of the same sequences (padded,
+packed, shared prompt, prefix tree) gives the same count per computed token; flash attention's recomputation in
+backward is, again, not counted.
 
 The peak is measured, not taken from a datasheet: `probe_peak_tflops` times square matrix products on the device in
 the run's dtype with the process's thread count (about 0.2 s) and keeps the fastest burst; `peak_tflops` in the
@@ -39,7 +52,9 @@ stage does.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from prefopt.models.loading import unwrapped
 
@@ -79,6 +94,59 @@ def train_flops(n: int, n_trainable: int, tokens: int) -> float:
 def forward_flops(n: int, tokens: int) -> float:
     """Model FLOPs of a forward pass over `tokens` positions: 2 N per token."""
     return 2.0 * n * tokens
+
+
+class AttentionShape(NamedTuple):
+    """What attention's products cost in a model: `width` = query heads x head dim, `windows` = each layer's sliding
+    window (None: the whole prefix)."""
+    width: int
+    windows: tuple
+
+
+def attention_shape(model) -> AttentionShape | None:
+    """The model's AttentionShape from its (text) config; None where the config names no attention heads. A wrapper
+    without a config of its own (PPO's value model) is read through its `model`."""
+    from prefopt.training.forward import layer_windows
+
+    inner = unwrapped(model)
+    config = getattr(inner, "config", None) or getattr(getattr(inner, "model", None), "config", None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, layers = getattr(config, "num_attention_heads", None), getattr(config, "num_hidden_layers", None)
+    if not heads or not layers:
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return AttentionShape(heads * head_dim, layer_windows(config))
+
+
+def attention_keys(batch: dict, windows: tuple) -> int:
+    """Keys the batch's real tokens attend to, summed over layers: sum of min(p + 1, window) over real positions p
+    (module docstring). Positions are the batch's `position_ids`, or counted along a 2D attention mask (left or
+    right padding); a padding position of a layout without a 2D mask sits at position 0 (`collate`), one key,
+    taken off per layer with the batch's `num_tokens`."""
+    import torch
+
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    pos = batch.get("position_ids")
+    real = mask.bool() if mask is not None and mask.dim() == 2 else None
+    if pos is None:
+        pos = ((mask.long().cumsum(-1) - 1).clamp(min=0) if real is not None
+               else torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
+    computed, useful = batch_tokens(batch)
+    keys = 0
+    for window, layers in Counter(windows).items():
+        k = pos + 1 if window is None else (pos + 1).clamp(max=window)
+        n = int(k[real].sum()) if real is not None else int(k.sum()) - (computed - useful)
+        keys += layers * n
+    return keys
+
+
+def attention_flops(shape: AttentionShape | None, keys: int, train: bool = False) -> float:
+    """FLOPs of attention's products over `keys` (attention_keys): 4 x width a key forward, 3 x that to train."""
+    if shape is None:
+        return 0.0
+    return (12.0 if train else 4.0) * shape.width * keys
 
 
 def mfu(flops: float, seconds: float, peak_tflops: float, devices: int = 1) -> float:
@@ -125,10 +193,16 @@ def probe_peak_tflops(device=None, dtype=None, seconds: float = 0.2) -> float:
 
 
 class _Phase:
-    __slots__ = ("tokens", "useful", "flops", "seconds")
+    __slots__ = ("tokens", "useful", "flops", "attention", "seconds")
 
     def __init__(self):
-        self.tokens, self.useful, self.flops, self.seconds = 0, 0, 0.0, 0.0
+        self.tokens, self.useful, self.flops, self.attention, self.seconds = 0, 0, 0.0, 0.0, 0.0
+
+    def totals(self) -> list[float]:
+        return [self.tokens, self.useful, self.flops, self.attention, self.seconds]
+
+
+FIELDS = len(_Phase.__slots__)  # totals() per phase; seconds last
 
 
 class Meter:
@@ -137,7 +211,7 @@ class Meter:
         meter = Meter(peak_tflops)                         # a probe's or the config's figure
         with meter.timed("train"):
             ... one optimizer step ...
-        meter.count("train", batch, n, n_trainable)        # or meter.add(phase, tokens, useful, flops)
+        meter.count("train", batch, n, n_trainable, meter.attention(model))   # or meter.add(phase, ...)
 
     Counts are this process's; `summary(totals)` takes the phase totals summed over processes when a launch has
     several (`totals()` gives what to sum), and divides by the slowest process's seconds."""
@@ -148,6 +222,7 @@ class Meter:
         self.sync = sync  # a device synchronise, so a GPU's queued work lands in the timed span
         self.phases: dict[str, _Phase] = {}
         self._params: dict[int, tuple[int, int]] = {}
+        self._attention: dict[int, AttentionShape | None] = {}
 
     def params(self, model) -> tuple[int, int]:
         """`param_counts(model)`, counted once per model. A meter made with peak 0 probes the peak here, on the
@@ -162,6 +237,12 @@ class Meter:
                 if p.device.type == "cuda":
                     self.sync = lambda: torch.cuda.synchronize(p.device)
         return self._params[id(model)]
+
+    def attention(self, model) -> AttentionShape | None:
+        """`attention_shape(model)`, read once per model."""
+        if id(model) not in self._attention:
+            self._attention[id(model)] = attention_shape(model)
+        return self._attention[id(model)]
 
     def _phase(self, name: str) -> _Phase:
         if name not in PHASES:
@@ -179,45 +260,59 @@ class Meter:
                 self.sync()
             p.seconds += time.perf_counter() - t0
 
-    def add(self, phase: str, tokens: int, useful: int, flops: float) -> None:
+    def add(self, phase: str, tokens: int, useful: int, flops: float, attention: float = 0.0) -> None:
+        """Add positions, model FLOPs and attention's FLOPs (`attention_flops`) to a phase."""
         p = self._phase(phase)
         p.tokens += int(tokens)
         p.useful += int(useful)
         p.flops += float(flops)
+        p.attention += float(attention)
 
-    def count(self, phase: str, batch: dict, n: int, n_trainable: int = 0) -> None:
+    def count(self, phase: str, batch: dict, n: int, n_trainable: int = 0,
+              attention: AttentionShape | list | None = None) -> None:
         """Add a model batch (`batch_tokens`) run through a model of `n` non-embedding parameters (`n_trainable` of
-        them trained, for phase `train`). Model FLOPs are counted on the useful positions: padding is waste, which
-        the padding fraction reports, not work the model needed."""
+        them trained, for phase `train`) and attention shaped `attention` (`Meter.attention`; a list: several
+        models over the same batch, as PPO's policy and value model; None: not counted). Model FLOPs are counted on
+        the useful positions: padding is waste, which the padding fraction reports, not work the model needed."""
         computed, useful = batch_tokens(batch)
-        flops = train_flops(n, n_trainable, useful) if phase == "train" else forward_flops(n, useful)
-        self.add(phase, computed, useful, flops)
+        train = phase == "train"
+        flops = train_flops(n, n_trainable, useful) if train else forward_flops(n, useful)
+        shapes = [attention] if isinstance(attention, AttentionShape) else [s for s in attention or () if s]
+        attn = sum(attention_flops(s, attention_keys(batch, s.windows), train) for s in shapes)
+        self.add(phase, computed, useful, flops, attn)
+
+    def count_flops(self, phase: str, batch: dict, model) -> None:
+        """Another forward pass over `batch` in `phase`'s time (a live reference model's): its FLOPs, attention's
+        included, but not its positions, which the phase's own passes count."""
+        shape = self.attention(model)
+        attention = attention_flops(shape, attention_keys(batch, shape.windows)) if shape else 0.0
+        self.add(phase, 0, 0, forward_flops(self.params(model)[0], batch_tokens(batch)[1]), attention)
 
     def totals(self) -> list[float]:
-        """[tokens, useful, flops, seconds] per phase in PHASES order: what a launch sums (seconds: max) over ranks."""
-        out = []
-        for name in PHASES:
-            p = self.phases.get(name, _Phase())
-            out += [p.tokens, p.useful, p.flops, p.seconds]
-        return out
+        """[tokens, useful, flops, attention, seconds] per phase in PHASES order (FIELDS each): what a launch sums
+        (seconds: max) over ranks."""
+        return [x for name in PHASES for x in self.phases.get(name, _Phase()).totals()]
+
+    @staticmethod
+    def seconds_of(totals: list[float]) -> list[float]:
+        """Each phase's seconds out of a totals() list."""
+        return list(totals[FIELDS - 1::FIELDS])
 
     def summary(self, totals: list[float] | None = None, seconds_max: list[float] | None = None) -> dict:
         """perf/* figures (module docstring). `totals`: `totals()` summed over processes; `seconds_max`: each
         phase's seconds, the slowest process's (defaults: this process's own)."""
         t = totals if totals is not None else self.totals()
         out: dict[str, float] = {}
-        all_tokens = all_useful = all_flops = all_seconds = 0.0
+        seconds = seconds_max if seconds_max is not None else self.seconds_of(self.totals())
+        every = [0.0] * FIELDS
         for i, name in enumerate(PHASES):
-            tokens, useful, flops, _ = t[4 * i: 4 * i + 4]
-            seconds = seconds_max[i] if seconds_max is not None else self.phases.get(name, _Phase()).seconds
-            if tokens == 0:
+            phase = [*t[FIELDS * i: FIELDS * (i + 1) - 1], seconds[i]]
+            if phase[0] == 0:
                 continue
-            out.update(_figures(f"perf/{name}/", tokens, useful, flops, seconds, self.peak_tflops, self.processes))
-            all_tokens, all_useful, all_flops = all_tokens + tokens, all_useful + useful, all_flops + flops
-            all_seconds += seconds
-        if all_tokens:
-            out.update(_figures("perf/", all_tokens, all_useful, all_flops, all_seconds, self.peak_tflops,
-                                self.processes))
+            out.update(_figures(f"perf/{name}/", *phase, self.peak_tflops, self.processes))
+            every = [a + b for a, b in zip(every, phase)]
+        if every[0]:
+            out.update(_figures("perf/", *every, self.peak_tflops, self.processes))
         out["perf/peak_tflops"] = round(self.peak_tflops, 6)
         return out
 
@@ -231,17 +326,18 @@ class Meter:
             return self.summary()
         sums = accelerator.reduce(local.clone(), reduction="sum").tolist()
         maxes = accelerator.gather(local.unsqueeze(0)).max(0).values.tolist()
-        return self.summary(sums, [maxes[4 * i + 3] for i in range(len(PHASES))])
+        return self.summary(sums, self.seconds_of(maxes))
 
 
-def _figures(prefix: str, tokens: float, useful: float, flops: float, seconds: float, peak: float,
-             processes: int) -> dict:
+def _figures(prefix: str, tokens: float, useful: float, flops: float, attention: float, seconds: float,
+             peak: float, processes: int) -> dict:
     rate = (lambda x: x / seconds) if seconds > 0 else (lambda x: 0.0)
     return {f"{prefix}tokens": int(tokens), f"{prefix}seconds": round(seconds, 3),
             f"{prefix}tokens_per_s": round(rate(tokens), 1), f"{prefix}useful_tokens_per_s": round(rate(useful), 1),
             f"{prefix}padding_fraction": round(1 - useful / tokens, 4) if tokens else 0.0,
             f"{prefix}tflops": round(rate(flops) / 1e12, 6),
-            f"{prefix}mfu": round(mfu(flops, seconds, peak, processes), 6)}
+            f"{prefix}mfu": round(mfu(flops, seconds, peak, processes), 6),
+            f"{prefix}mfu_with_attention": round(mfu(flops + attention, seconds, peak, processes), 6)}
 
 
 def describe(figures: dict) -> str:
@@ -251,10 +347,12 @@ def describe(figures: dict) -> str:
     parts = [f"{figures['perf/tokens_per_s']:,.0f} tokens/s ({figures['perf/useful_tokens_per_s']:,.0f} useful, "
              f"padding {figures['perf/padding_fraction']:.1%})",
              f"{figures['perf/tflops'] * 1e3:.2f} GFLOP/s = MFU {figures['perf/mfu']:.1%} of "
-             f"{figures['perf/peak_tflops'] * 1e3:.1f} GFLOP/s peak"]
+             f"{figures['perf/peak_tflops'] * 1e3:.1f} GFLOP/s peak"
+             + (f" ({figures['perf/mfu_with_attention']:.1%} with attention's products)"
+                if figures.get("perf/mfu_with_attention", 0) > figures["perf/mfu"] else "")]
     phases = [f"{name} {figures[f'perf/{name}/mfu']:.1%} over {figures[f'perf/{name}/seconds']:.1f} s"
               for name in PHASES if f"perf/{name}/mfu" in figures]
-    over = [k for k in figures if k.endswith("mfu") and figures[k] > 1.0]
+    over = [k for k in figures if k.rsplit("/", 1)[-1].startswith("mfu") and figures[k] > 1.0]
     warn = ("; MFU above 100% means the peak probe at the stage's start ran slower than the stage (a busy machine): "
             "set peak_tflops to the machine's figure" if over else "")
     return "; ".join(parts) + (f" (MFU by phase: {', '.join(phases)})" if phases else "") + warn

@@ -71,6 +71,7 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
                                           args.world_size)
             self.device = device
             self.n = throughput.param_counts(model)
+            self.attention = throughput.attention_shape(model)
             self.hooks = [model.register_forward_pre_hook(self._count, with_kwargs=True),
                           model.register_forward_hook(self._timed_eval)]
             self._t0 = None
@@ -79,11 +80,12 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
             ids = kwargs.get("input_ids", args[0] if args else None)
             if not isinstance(ids, torch.Tensor):
                 return
-            batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask")}
+            batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
+                     "position_ids": kwargs.get("position_ids")}
             if module.training:
-                self.meter.count("train", batch, *self.n)
+                self.meter.count("train", batch, *self.n, self.attention)
             else:
-                self.meter.count("forward", batch, self.n[0])
+                self.meter.count("forward", batch, self.n[0], attention=self.attention)
                 self._t0 = time.perf_counter()
 
         def _timed_eval(self, module, args, output):
@@ -121,4 +123,4 @@ def _gathered(meter, device) -> dict:
     sums, maxes = local.clone(), local.clone()
     dist.all_reduce(sums)
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    return meter.summary(sums.tolist(), maxes.tolist()[3::4])
+    return meter.summary(sums.tolist(), meter.seconds_of(maxes.tolist()))
