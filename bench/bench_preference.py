@@ -150,7 +150,8 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
     cfg = load_config(str(cfg_path))
     summary = run_stage(cfg, stage)
     losses = [r["loss"] for r in read_metrics(cfg.root / stage) if "loss" in r]
-    return {"train_seconds": summary["wall_seconds"], "losses": losses, "pairs": summary["pairs"]}
+    return {"train_seconds": summary["wall_seconds"], "losses": losses, "pairs": summary["pairs"],
+            "mfu": {k: summary[f"perf/train/{k}"] for k in ("mfu", "mfu_with_attention") if f"perf/train/{k}" in summary}}
 
 
 def run_trl(system: str, job: str, workdir: Path) -> dict:
@@ -250,8 +251,9 @@ def main(argv=None) -> int:
             for system in (systems if rep % 2 == 0 else systems[::-1]):
                 r = one(system, job, workdir, args.threads)
                 results.setdefault((job, system), []).append(r)
-                print(f"  {job:6s} {system:18s} wall {r['wall_seconds']:7.1f} s  peak {r['peak_rss_mib']:6.0f} MiB",
-                      flush=True)
+                mfu = "".join(f"  train {k} {v:.1%}" for k, v in r.get("mfu", {}).items())  # prefopt's stages
+                print(f"  {job:6s} {system:18s} wall {r['wall_seconds']:7.1f} s  peak {r['peak_rss_mib']:6.0f} MiB"
+                      f"{mfu}", flush=True)
 
     print(f"\n| job | system | pairs | wall s | samples/s | peak RSS MiB | loss 1st quarter | loss last quarter |")
     print("|---|---|---|---|---|---|---|---|")
