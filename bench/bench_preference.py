@@ -151,7 +151,8 @@ def run_prefopt(system: str, job: str, workdir: Path) -> dict:
     summary = run_stage(cfg, stage)
     losses = [r["loss"] for r in read_metrics(cfg.root / stage) if "loss" in r]
     return {"train_seconds": summary["wall_seconds"], "losses": losses, "pairs": summary["pairs"],
-            "mfu": {k: summary[f"perf/train/{k}"] for k in ("mfu", "mfu_with_attention") if f"perf/train/{k}" in summary}}
+            "mfu": {k: summary[f"perf/train/{k}"] for k in ("mfu", "mfu_with_attention")
+                    if f"perf/train/{k}" in summary}}
 
 
 def run_trl(system: str, job: str, workdir: Path) -> dict:

@@ -201,8 +201,8 @@ def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
 def test_response_logps_meters_its_batches(tiny_model_dir):
     """Evaluation's log-prob passes (training.logps.response_logps): 3 (prompt, response) pairs of 2+3, 4+1 and 1+2
     tokens in batches of 2: rows of 5 and 5 (batch 1: 10 positions, 10 real), then 3 (3 positions, 3 real): 13
-    positions, 13 useful; 2 x 20,640 x 13 = 536,640 FLOPs, and attention's 4 x width x keys. The values are those of the unmetered call; a meter made
-    with peak 0 probes it on the first model it counts."""
+    positions, 13 useful; 2 x 20,640 x 13 = 536,640 FLOPs, and attention's 4 x width x keys. The values are those
+    of the unmetered call; a meter made with peak 0 probes it on the first model it counts."""
     from prefopt.models.loading import load_causal_lm
     from prefopt.training.logps import response_logps
 
@@ -345,8 +345,9 @@ def test_attention_keys_by_hand():
     num_tokens), give the same count; a prefix tree of two branches at position 2 over a shared 0-1: 1+2+3+3 = 9."""
     from prefopt.training.throughput import attention_keys
 
-    right = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
-    left = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])}
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    left = {"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])}
     packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]]),
               "num_tokens": torch.tensor(5)}
     for batch in (right, left, packed):
