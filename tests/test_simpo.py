@@ -90,6 +90,8 @@ def test_simpo_ddp_two_processes(tmp_path, tiny_model_dir):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    # each row's throughput: both processes' counts (a collective every process reaches, or this run would hang)
+    assert all(r["perf/tokens_per_s"] > 0 and 0 < r["perf/mfu"] < r["perf/mfu_with_attention"] for r in rows)
     assert (out / "model" / "model.safetensors").exists()
     # 2 processes x 2 pairs see the same 4 pairs per step as 1 process x 4 (consecutive slices of one permutation);
     # DDP averages the two halves' gradients, so the weights match a single-process run with batch 4.

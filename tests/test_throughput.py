@@ -11,6 +11,7 @@ import torch
 
 from pair_helpers import run_prefopt, write_config, write_pairs
 from test_ppo import prompts_file, rm_dir  # noqa: F401 - fixtures for the PPO stage test
+from prefopt.runtime.tracking import read_metrics
 from prefopt.training import throughput
 from prefopt.training.throughput import Meter, forward_flops, mfu, param_counts, train_flops
 
@@ -159,6 +160,15 @@ def test_dpo_stage_reports_perf(tmp_path, tiny_model_dir):
         rel=0.01 + 0.0005 / seconds)
     assert summary["perf/tokens_per_s"] > 0 and summary["perf/peak_tflops"] > 0
     assert "[prefopt] dpo: " in proc.stdout and "MFU" in proc.stdout and "with attention's products" in proc.stdout
+    # each logged row: its own step's throughput (the reference pass before training is in none), so the row's
+    # padding and its FLOPs per useful token are the batch's
+    rows = [r for r in read_metrics(tmp_path / "runs" / "t" / "dpo") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["perf/useful_tokens_per_s"] / r["perf/tokens_per_s"] == pytest.approx(useful / computed, rel=1e-3)
+        assert r["perf/mfu"] / r["perf/useful_tokens_per_s"] == pytest.approx(
+            6 * 20_640 / (summary["perf/peak_tflops"] * 1e12), rel=2e-3)
+        assert r["perf/mfu_with_attention"] > r["perf/mfu"]
 
 
 def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
@@ -424,3 +434,26 @@ def test_attention_shape_reads_each_layers_window():
         model = build_model(fam, build_tokenizer(fam), "eager", layers=2)
         assert attention_shape(model).windows == windows, name
     assert attention_shape(ValueModel(model)) == attention_shape(model)
+
+
+def test_a_window_is_what_was_counted_since_the_last_one():
+    """Meter.window (a metrics row's live figures): window 1 = 1,000 train positions (800 real, 480,000 FLOPs, 20,000
+    of attention) in 2 s: 500 tokens/s, 400 useful/s, MFU 240,000 / 1e8 = 0.0024, with attention 0.0025; window 2
+    adds 500 forward positions (100,000 FLOPs) in 0.5 s: only those, 1,000 tokens/s, MFU 0.002. With two processes'
+    counts gathered: the sums over the slowest process's seconds, MFU over two peaks."""
+    m = Meter(peak_tflops=1e-4)
+    m.add("train", 1000, 800, 480_000, 20_000)
+    m.phases["train"].seconds = 2.0
+    assert m.window() == {"perf/tokens_per_s": 500.0, "perf/useful_tokens_per_s": 400.0, "perf/mfu": 0.0024,
+                          "perf/mfu_with_attention": 0.0025}
+    m.add("forward", 500, 500, 100_000)
+    m.phases["forward"].seconds = 0.5
+    assert m.window() == {"perf/tokens_per_s": 1000.0, "perf/useful_tokens_per_s": 1000.0, "perf/mfu": 0.002,
+                          "perf/mfu_with_attention": 0.002}
+    assert m.summary()["perf/tokens"] == 1500  # the stage's figures are untouched by windows
+    two = Meter(peak_tflops=1e-4, processes=2)
+    two.add("train", 1000, 800, 480_000)
+    two.phases["train"].seconds = 2.0
+    other = torch.tensor([[1000, 800, 480_000, 0, 4.0]], dtype=torch.float64)  # the other process: slower
+    w = two.window(lambda mine: torch.cat([mine, other]))
+    assert w["perf/tokens_per_s"] == 500.0 and w["perf/mfu"] == pytest.approx(960_000 / 4.0 / 2e8)

@@ -370,6 +370,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         return PairLogps.split(sums.detach(), lengths)
 
     window: dict[str, list[float]] = defaultdict(list)
+    gather = (lambda t: accelerator.gather(t.to(accelerator.device)).cpu()) if accelerator.num_processes > 1 else None
     saved_at = step if resumed is not None else -1
 
     def save(at: int) -> Path:
@@ -380,6 +381,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
 
     progress = tqdm(total=total, initial=step, desc=ctx.stage, disable=not accelerator.is_main_process)
     model.train()
+    meter.mark()  # the metrics rows' throughput windows start with training (not the reference pass)
     while step < total:
         epoch = step // steps_per_epoch
         loader.set_epoch(epoch)
@@ -420,7 +422,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
             if step % sec.logging_steps == 0 or step == total:
                 last_row = {k: sum(v) / len(v) for k, v in window.items()}
                 last_row.update(learning_rate=lr, epoch=step / steps_per_epoch)
-                ctx.tracker.log(last_row, step=step)
+                ctx.tracker.log({**last_row, **meter.window(gather)}, step=step)  # the window's throughput too
                 window.clear()
             if step % sec.save_steps == 0 and step < total:
                 save(step)

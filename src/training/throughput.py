@@ -13,6 +13,10 @@ Every stage that runs a model feeds a `Meter` and reports its `summary()` under 
     perf/<phase>/...          the same per phase: `train`, `forward` (reference pass, reward scoring, evaluation's
                               log-probs), `generate` (sampling)
 
+The preference loop's and PPO's metrics rows carry tokens/s (computed and useful) and both MFUs of each logging
+window (`Meter.window`): the same names and meanings over the rows' span, so W&B charts throughput as it goes and its run
+summary holds the whole stage's.
+
 Model FLOPs (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1: C ~ 6 N per training token,
 2 N per forward token):
 
@@ -203,6 +207,7 @@ class _Phase:
 
 
 FIELDS = len(_Phase.__slots__)  # totals() per phase; seconds last
+WINDOW_FIGURES = ("tokens_per_s", "useful_tokens_per_s", "mfu", "mfu_with_attention")  # Meter.window's, per row
 
 
 class Meter:
@@ -223,6 +228,7 @@ class Meter:
         self.phases: dict[str, _Phase] = {}
         self._params: dict[int, tuple[int, int]] = {}
         self._attention: dict[int, AttentionShape | None] = {}
+        self._mark: list[float] = []  # totals() at the last window()
 
     def params(self, model) -> tuple[int, int]:
         """`param_counts(model)`, counted once per model. A meter made with peak 0 probes the peak here, on the
@@ -315,6 +321,28 @@ class Meter:
             out.update(_figures("perf/", *every, self.peak_tflops, self.processes))
         out["perf/peak_tflops"] = round(self.peak_tflops, 6)
         return out
+
+    def mark(self) -> None:
+        """Start the next `window` here (what was counted before, such as a reference pass, is not in it)."""
+        self._mark = self.totals()
+
+    def window(self, gather=None) -> dict[str, float]:
+        """A metrics row's live figures: perf/tokens_per_s, perf/useful_tokens_per_s, perf/mfu and
+        perf/mfu_with_attention over what the meter counted since the last call (every phase), where `summary()`
+        gives the whole stage's under the same names. `gather` (`accelerator.gather`, given with several processes):
+        every process's counts summed and the slowest one's seconds, as `gathered_summary`; a collective, so every
+        process calls it."""
+        import torch
+
+        before = self._mark or [0.0] * len(self.totals())
+        self.mark()
+        delta = [a - b for a, b in zip(self._mark, before)]
+        fields = [sum(delta[i::FIELDS]) for i in range(FIELDS)]  # the phases together; seconds last
+        if gather is not None:
+            every = gather(torch.tensor([fields], dtype=torch.float64))
+            fields = [*every[:, :-1].sum(0).tolist(), float(every[:, -1].max())]
+        figures = _figures("perf/", *fields, self.peak_tflops, self.processes)
+        return {f"perf/{k}": figures[f"perf/{k}"] for k in WINDOW_FIGURES}
 
     def gathered_summary(self, accelerator) -> dict:
         """summary() with every process's counts summed and the slowest process's seconds (a collective: every
