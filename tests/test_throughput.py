@@ -206,6 +206,9 @@ def test_classifier_reward_stage_reports_perf(tmp_path, tiny_model_dir):
     for key in ("perf/mfu", "perf/train/mfu", "perf/forward/mfu"):
         assert 0 < summary[key] < 1.5, (key, summary[key])
         assert summary[key.replace("mfu", "mfu_with_attention")] > summary[key]  # the Trainer's batches too
+    row = next(r for r in read_metrics(tmp_path / "t" / "reward") if "loss" in r)  # the step's own window
+    assert 1 - row["perf/useful_tokens_per_s"] / row["perf/tokens_per_s"] == pytest.approx(
+        summary["perf/train/padding_fraction"], abs=2e-3)
 
 
 def test_response_logps_meters_its_batches(tiny_model_dir):
@@ -263,6 +266,10 @@ def test_sft_stage_reports_perf(tmp_path, tiny_model_dir, backend):
     assert summary["perf/train/tokens"] == computed
     assert summary["perf/train/padding_fraction"] == pytest.approx(1 - useful / computed, abs=1e-4)
     assert 0 < summary["perf/mfu"] < 1.5 and summary["perf/peak_tflops"] > 0
+    # the step's logged row carries the step's own throughput (the loop's window, or the Trainer callback's)
+    row = next(r for r in read_metrics(tmp_path / "t" / "sft") if "loss" in r)
+    assert row["perf/useful_tokens_per_s"] / row["perf/tokens_per_s"] == pytest.approx(useful / computed, rel=1e-3)
+    assert 0 < row["perf/mfu"] < row["perf/mfu_with_attention"]
 
 
 def test_evaluate_stage_reports_its_logprob_passes(tmp_path, tiny_model_dir):

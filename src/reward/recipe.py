@@ -304,7 +304,7 @@ def run_trl(ctx, stop: faults.StopSignals, cfg, tok, data, train_rows, val_rows,
     perf = throughput_callback(ctx.stage, cfg.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=peft_config(cfg.lora),
-                            callbacks=[trainer_callback(ctx.tracker), select, preempt, perf])
+                            callbacks=[perf, trainer_callback(ctx.tracker), select, preempt])
     if cfg.lora.enabled:
         check_lora_mergeable(trainer.accelerator, "reward.lora.enabled")
     last = last_checkpoint(args.output_dir, ctx.stage)

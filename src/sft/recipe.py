@@ -232,7 +232,7 @@ def _run_trl(ctx, stop: faults.StopSignals) -> dict:
     preempt = faults.trainer_callback(stop)
     perf = throughput_callback(ctx.stage, sec.peak_tflops)  # perf/*: tokens/s, padding, MFU
     trainer = build_trainer(sec, ctx.resolve(sec.model), data.rows, Path(ctx.dir) / "checkpoints", ctx.seed,
-                            callbacks=[trainer_callback(ctx.tracker), preempt, perf],
+                            callbacks=[perf, trainer_callback(ctx.tracker), preempt],
                             eval_fraction=sec.eval_fraction, source=data.path)
     note(f"examples dropped: the prompt fills max_length={sec.max_length} tokens", trainer.prefopt_dropped)
     if sec.lora.enabled:

@@ -54,7 +54,8 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
     begin to its end: forward, backward, clipping, the optimizer; not saves, logs or evaluation) and evaluation
     forwards as phase `forward` (each forward timed). At the end of training the perf/* figures, summed over
     processes, are printed in one line and kept in `.figures` for the stage's summary (which the tracker sends to
-    W&B's run summary)."""
+    W&B's run summary). Each log the Trainer writes gets the window's figures (`Meter.window`); listed before the
+    callback that records the logs, it adds them to what that one records."""
     import time
 
     import torch
@@ -75,6 +76,11 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
             self.hooks = [model.register_forward_pre_hook(self._count, with_kwargs=True),
                           model.register_forward_hook(self._timed_eval)]
             self._t0 = None
+            self.gather = _gather(device)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None:  # every process logs (the gather is a collective); the main one records
+                logs.update(self.meter.window(self.gather))
 
         def _count(self, module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -110,6 +116,22 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
                 print(f"[prefopt] {stage}: {throughput.describe(self.figures)}", flush=True)
 
     return ThroughputCallback()
+
+
+def _gather(device):
+    """`Meter.window`'s gather over a torch.distributed group (the Trainer's): every process's row; None alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def gather(t):
+        rows = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, t.to(device))
+        return torch.cat(rows).cpu()
+
+    return gather
 
 
 def _gathered(meter, device) -> dict:
