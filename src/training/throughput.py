@@ -14,8 +14,8 @@ Every stage that runs a model feeds a `Meter` and reports its `summary()` under 
                               log-probs), `generate` (sampling)
 
 Every training stage's metrics rows (the preference loop's, the Trainer stages', PPO's) carry tokens/s (computed
-and useful) and both MFUs of each logging window (`Meter.window`): the same names and meanings over the rows' span, so W&B charts throughput as it goes and its run
-summary holds the whole stage's.
+and useful) and both MFUs of each logging window (`Meter.window`): the same names and meanings over the rows' span,
+so W&B charts throughput as it goes and its run summary holds the whole stage's.
 
 Model FLOPs (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1: C ~ 6 N per training token,
 2 N per forward token):
