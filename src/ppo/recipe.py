@@ -125,7 +125,7 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
         model.eval()  # dropout off: the update's log-probs must be those of the rollout (and generation)
     meter = throughput.start(0.0, accelerator.device, torch.float32, accelerator.num_processes)
     n_policy, n_value = (meter.params(m) for m in (policy, value))
-    gather = (lambda t: accelerator.gather(t.to(accelerator.device)).cpu()) if accelerator.num_processes > 1 else None
+    gather = throughput.accelerator_gather(accelerator)  # the rows' throughput windows, over every process
 
     bar = tqdm(desc="ppo", initial=start, total=iterations, disable=not accelerator.is_main_process)
     for it in range(start + 1, iterations + 1):

@@ -370,7 +370,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
         return PairLogps.split(sums.detach(), lengths)
 
     window: dict[str, list[float]] = defaultdict(list)
-    gather = (lambda t: accelerator.gather(t.to(accelerator.device)).cpu()) if accelerator.num_processes > 1 else None
+    gather = throughput.accelerator_gather(accelerator)  # the rows' throughput windows, over every process
     saved_at = step if resumed is not None else -1
 
     def save(at: int) -> Path:

@@ -329,9 +329,9 @@ class Meter:
     def window(self, gather=None) -> dict[str, float]:
         """A metrics row's live figures: perf/tokens_per_s, perf/useful_tokens_per_s, perf/mfu and
         perf/mfu_with_attention over what the meter counted since the last call (every phase), where `summary()`
-        gives the whole stage's under the same names. `gather` (`accelerator.gather`, given with several processes):
-        every process's counts summed and the slowest one's seconds, as `gathered_summary`; a collective, so every
-        process calls it."""
+        gives the whole stage's under the same names. `gather` (`accelerator_gather`, or the Trainer callback's,
+        with several processes): every process's counts summed and the slowest one's seconds, as
+        `gathered_summary`; a collective, so every process calls it."""
         import torch
 
         before = self._mark or [0.0] * len(self.totals())
@@ -355,6 +355,14 @@ class Meter:
         sums = accelerator.reduce(local.clone(), reduction="sum").tolist()
         maxes = accelerator.gather(local.unsqueeze(0)).max(0).values.tolist()
         return self.summary(sums, self.seconds_of(maxes))
+
+
+def accelerator_gather(accelerator):
+    """`Meter.window`'s gather for an accelerate launch: every process's row (on the device its backend needs);
+    None for one process."""
+    if accelerator.num_processes == 1:
+        return None
+    return lambda t: accelerator.gather(t.to(accelerator.device)).cpu()
 
 
 def _figures(prefix: str, tokens: float, useful: float, flops: float, attention: float, seconds: float,
