@@ -76,7 +76,8 @@ def _layer_windows(config) -> dict[str | None, int | None]:
     the sliding window when the config has one (Mistral, Phi-3) and none otherwise (Llama)."""
     types = getattr(config, "layer_types", None)
     if types:
-        return {t: w for t, w in sorted(set(zip(types, layer_windows(config))), key=lambda tw: tw[0])}
+        windows = dict(zip(types, layer_windows(config)))
+        return {t: windows[t] for t in sorted(windows)}
     return {None: getattr(config, "sliding_window", None)}
 
 

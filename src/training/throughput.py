@@ -137,11 +137,14 @@ def attention_keys(batch: dict, windows: tuple) -> int:
     if pos is None:
         pos = ((mask.long().cumsum(-1) - 1).clamp(min=0) if real is not None
                else torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
-    computed, useful = batch_tokens(batch)
+    padding = 0
+    if real is None:  # padding sits at position 0: one key a position, taken off below
+        computed, useful = batch_tokens(batch)
+        padding = computed - useful
     keys = 0
     for window, layers in Counter(windows).items():
         k = pos + 1 if window is None else (pos + 1).clamp(max=window)
-        n = int(k[real].sum()) if real is not None else int(k.sum()) - (computed - useful)
+        n = int(k[real].sum()) if real is not None else int(k.sum()) - padding
         keys += layers * n
     return keys
 
