@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_quickstart-"))
+    work.mkdir(parents=True, exist_ok=True)  # a --workdir not made yet
     codes: dict[str, Path | None] = {"this": None}
     if args.against:
         codes[args.against] = snapshot(args.against, work / "code" / args.against)
