@@ -157,7 +157,7 @@ def train(policy, ref, value, tokenizer, prompts: list[str], score_fn, generator
             bar.close()
             raise faults.PreemptedError("ppo", it, signum, str(path))
     bar.close()
-    perf = meter.gathered_summary(accelerator)  # into summary.json, and W&B's run summary through the tracker
+    perf = meter.gathered_summary(gather)  # into summary.json, and W&B's run summary through the tracker
     accelerator.print(f"[prefopt] ppo: {throughput.describe(perf)}", flush=True)
     return {**metrics, "iterations": iterations, **perf}
 

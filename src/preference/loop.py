@@ -448,7 +448,7 @@ def _train(ctx, objective: Objective, reference: str | None, ref_model: str, row
     if saved_at != step:
         save(step)
 
-    perf = meter.gathered_summary(accelerator)  # into summary.json, and W&B's run summary through the tracker
+    perf = meter.gathered_summary(gather)  # into summary.json, and W&B's run summary through the tracker
     accelerator.print(f"[prefopt] {ctx.stage}: {throughput.describe(perf)}", flush=True)
     out_dir = ctx.dir / "model"
     with faults.writing(out_dir):

@@ -347,22 +347,20 @@ class Meter:
         figures = _figures("perf/", *fields, self.peak_tflops, self.processes)
         return {f"perf/{k}": figures[f"perf/{k}"] for k in WINDOW_FIGURES}
 
-    def gathered_summary(self, accelerator) -> dict:
-        """summary() with every process's counts summed and the slowest process's seconds (a collective: every
-        process calls it)."""
+    def gathered_summary(self, gather=None) -> dict:
+        """summary() with every process's counts summed and the slowest process's seconds. `gather` as `window`'s
+        (None for one process); a collective, so every process calls it."""
         import torch
 
-        local = torch.tensor(self.totals(), dtype=torch.float64, device=accelerator.device)
-        if accelerator.num_processes == 1:
+        if gather is None:
             return self.summary()
-        sums = accelerator.reduce(local.clone(), reduction="sum").tolist()
-        maxes = accelerator.gather(local.unsqueeze(0)).max(0).values.tolist()
-        return self.summary(sums, self.seconds_of(maxes))
+        every = gather(torch.tensor([self.totals()], dtype=torch.float64))
+        return self.summary(every.sum(0).tolist(), self.seconds_of(every.max(0).values.tolist()))
 
 
 def accelerator_gather(accelerator):
-    """`Meter.window`'s gather for an accelerate launch: every process's row (on the device its backend needs);
-    None for one process."""
+    """`Meter.window`'s and `gathered_summary`'s gather for an accelerate launch: every process's row (on the
+    device its backend needs); None for one process."""
     if accelerator.num_processes == 1:
         return None
     return lambda t: accelerator.gather(t.to(accelerator.device)).cpu()

@@ -70,7 +70,6 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
             device = args.device
             self.meter = throughput.start(peak_tflops, device, torch.bfloat16 if args.bf16 else torch.float32,
                                           args.world_size)
-            self.device = device
             self.n = throughput.param_counts(model)
             self.attention = throughput.attention_shape(model)
             self.hooks = [model.register_forward_pre_hook(self._count, with_kwargs=True),
@@ -111,7 +110,7 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
         def on_train_end(self, args, state, control, **kwargs):
             for h in self.hooks:
                 h.remove()
-            self.figures = _gathered(self.meter, self.device)
+            self.figures = self.meter.gathered_summary(self.gather)
             if state.is_world_process_zero:  # the stage's summary takes .figures (W&B's run summary too)
                 print(f"[prefopt] {stage}: {throughput.describe(self.figures)}", flush=True)
 
@@ -119,7 +118,8 @@ def throughput_callback(stage: str, peak_tflops: float = 0.0):
 
 
 def _gather(device):
-    """`Meter.window`'s gather over a torch.distributed group (the Trainer's): every process's row; None alone."""
+    """`Meter.window`'s and `gathered_summary`'s gather over a torch.distributed group (the Trainer's): every
+    process's row; None alone."""
     import torch
     import torch.distributed as dist
 
@@ -132,17 +132,3 @@ def _gather(device):
         return torch.cat(rows).cpu()
 
     return gather
-
-
-def _gathered(meter, device) -> dict:
-    """meter.summary() summed over the processes of a torch.distributed group (the Trainer's), if there is one."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return meter.summary()
-    local = torch.tensor(meter.totals(), dtype=torch.float64, device=device)
-    sums, maxes = local.clone(), local.clone()
-    dist.all_reduce(sums)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    return meter.summary(sums.tolist(), meter.seconds_of(maxes.tolist()))
